@@ -1,0 +1,57 @@
+//! Trace events: one record per packet in the `DP_TRACE` ring buffer while
+//! tracing is enabled.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Address family of a `FlowTuple`, as in `AF_INET` / `AF_INET6`.
+pub const FAMILY_IPV4: u8 = 2;
+pub const FAMILY_IPV6: u8 = 10;
+
+/// A flow's addresses and ports. Addresses are stored as 16 bytes in network
+/// order so IPv6 fits; an IPv4 address uses the first 4 bytes. Ports are in
+/// host order. All zero when the packet had no such header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowTuple {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    /// IP protocol number (6 TCP, 17 UDP, 1 ICMP); 0 when not IP.
+    pub protocol: u8,
+    /// `FAMILY_IPV4`, `FAMILY_IPV6` or 0 (not IP).
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// One datapath decision about one packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TraceEvent {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub timestamp_ns: u64,
+    /// Interface the program ran on.
+    pub ifindex: u32,
+    /// Length of the packet as seen by the program.
+    pub packet_len: u32,
+    /// `Reason` number.
+    pub reason: u32,
+    /// `Hook` number.
+    pub hook: u8,
+    /// `Verdict` number.
+    pub verdict: u8,
+    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10), 0 otherwise.
+    pub tcp_flags: u8,
+    pub _pad: u8,
+    /// The packet as it arrived.
+    pub original: FlowTuple,
+}
+
+/// Ethertype and protocol numbers the datapath and its tests share.
+pub mod proto {
+    pub const ETH_P_IP: u16 = 0x0800;
+    pub const ETH_P_IPV6: u16 = 0x86dd;
+    pub const IPPROTO_ICMP: u8 = 1;
+    pub const IPPROTO_TCP: u8 = 6;
+    pub const IPPROTO_UDP: u8 = 17;
+}

@@ -1,0 +1,27 @@
+//! Builds the eBPF object and puts it in OUT_DIR for `include_bytes_aligned!`.
+
+#[path = "../xtask/src/ebpf.rs"]
+mod ebpf;
+
+use std::{env, fs, path::PathBuf};
+
+fn main() {
+    let manifest_dir =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let workspace = manifest_dir
+        .parent()
+        .expect("controller/ has a parent")
+        .to_path_buf();
+    for dir in ["dataplane-ebpf", "common", "xtask/src/ebpf.rs"] {
+        println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
+    }
+    println!("cargo:rerun-if-changed={}", ebpf::EBPF_RUSTC);
+    let cargo = PathBuf::from(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    let object = match ebpf::build_ebpf(&workspace, &cargo) {
+        Ok(object) => object,
+        Err(e) => panic!("building the eBPF object: {e}"),
+    };
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR")).join(ebpf::EBPF_BIN);
+    fs::copy(&object, &out)
+        .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", object.display(), out.display()));
+}

@@ -1,0 +1,288 @@
+//! The dp eBPF object: load, attach, and access its maps.
+
+use std::{collections::BTreeMap, ffi::CString};
+
+use aya::{
+    include_bytes_aligned,
+    maps::{Array, MapData, PerCpuArray, RingBuf},
+    programs::{
+        links::LinkOrder,
+        tc::{SchedClassifierLinkId, TcAttachOptions},
+        xdp::XdpLinkId,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
+    Ebpf, EbpfLoader,
+};
+use common::{map_names, program_names, DatapathConfig, Hook, Reason, ReasonCounter};
+
+use crate::{
+    error::{Error, Result},
+    trace::TraceReader,
+};
+
+/// The object built from `dataplane-ebpf` by `build.rs`.
+static DATAPLANE_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane"));
+
+/// A loaded dp object: its programs (verified, not yet attached) and maps.
+///
+/// Attachments are tcx/XDP links owned by this value: dropping it (or
+/// [`Datapath::detach_all`]) detaches every program.
+pub struct Datapath {
+    ebpf: Ebpf,
+    attachments: Vec<Attachment>,
+    /// ifindex -> name of the interfaces this datapath is attached to, in the
+    /// namespace it attached in (for rendering trace events).
+    interfaces: BTreeMap<u32, String>,
+}
+
+enum Attachment {
+    Tc(&'static str, SchedClassifierLinkId),
+    Xdp(XdpLinkId),
+}
+
+impl Datapath {
+    /// Loads the embedded object and its programs into the kernel.
+    pub fn load() -> Result<Self> {
+        let mut ebpf = EbpfLoader::new().load(DATAPLANE_OBJECT)?;
+        for name in [program_names::TC_INGRESS, program_names::TC_EGRESS] {
+            tc_program_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|source| Error::Program { name, source })?;
+        }
+        xdp_program_mut(&mut ebpf)?
+            .load()
+            .map_err(|source| Error::Program {
+                name: program_names::XDP,
+                source,
+            })?;
+        Ok(Datapath {
+            ebpf,
+            attachments: Vec::new(),
+            interfaces: BTreeMap::new(),
+        })
+    }
+
+    /// Attaches the tc program for `hook` (ingress or egress) to `ifname` in
+    /// the calling thread's network namespace, as the last tcx program.
+    pub fn attach_tc(&mut self, ifname: &str, hook: Hook) -> Result<()> {
+        let Some(name) = tc_program_name(hook) else {
+            return self.attach_xdp(ifname);
+        };
+        let attach_type = match hook {
+            Hook::TcEgress => TcAttachType::Egress,
+            _ => TcAttachType::Ingress,
+        };
+        let ifindex = ifindex(ifname)?;
+        let link = tc_program_mut(&mut self.ebpf, name)?
+            .attach_with_options(
+                ifname,
+                attach_type,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|source| Error::Program { name, source })?;
+        self.attachments.push(Attachment::Tc(name, link));
+        self.interfaces.insert(ifindex, ifname.to_string());
+        Ok(())
+    }
+
+    /// Attaches the XDP program to `ifname` (driver mode where the device
+    /// supports it, generic otherwise) in the calling thread's namespace.
+    pub fn attach_xdp(&mut self, ifname: &str) -> Result<()> {
+        let ifindex = ifindex(ifname)?;
+        let link = xdp_program_mut(&mut self.ebpf)?
+            .attach_to_if_index(ifindex, XdpMode::default())
+            .map_err(|source| Error::Program {
+                name: program_names::XDP,
+                source,
+            })?;
+        self.attachments.push(Attachment::Xdp(link));
+        self.interfaces.insert(ifindex, ifname.to_string());
+        Ok(())
+    }
+
+    /// Detaches every program this datapath attached.
+    pub fn detach_all(&mut self) -> Result<()> {
+        for attachment in self.attachments.drain(..) {
+            match attachment {
+                Attachment::Tc(name, link) => tc_program_mut(&mut self.ebpf, name)?
+                    .detach(link)
+                    .map_err(|source| Error::Program { name, source })?,
+                Attachment::Xdp(link) => {
+                    xdp_program_mut(&mut self.ebpf)?
+                        .detach(link)
+                        .map_err(|source| Error::Program {
+                            name: program_names::XDP,
+                            source,
+                        })?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Names of the interfaces attached to, by ifindex.
+    pub fn interfaces(&self) -> &BTreeMap<u32, String> {
+        &self.interfaces
+    }
+
+    pub fn config(&self) -> Result<DatapathConfig> {
+        let map: Array<&MapData, DatapathConfig> = self.map_ref(map_names::CONFIG)?;
+        map.get(&0, 0).map_err(|source| Error::Map {
+            name: map_names::CONFIG,
+            source,
+        })
+    }
+
+    pub fn set_config(&mut self, config: DatapathConfig) -> Result<()> {
+        let mut map: Array<&mut MapData, DatapathConfig> = self.map_mut(map_names::CONFIG)?;
+        map.set(0, config, 0).map_err(|source| Error::Map {
+            name: map_names::CONFIG,
+            source,
+        })
+    }
+
+    /// Turns per-packet trace events on or off.
+    pub fn set_tracing(&mut self, enabled: bool) -> Result<()> {
+        let config = DatapathConfig {
+            trace_enabled: u32::from(enabled),
+            ..self.config()?
+        };
+        self.set_config(config)
+    }
+
+    /// The per-reason counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters> {
+        let map: PerCpuArray<&MapData, ReasonCounter> = self.map_ref(map_names::COUNTERS)?;
+        let mut counters = Counters::default();
+        for hook in Hook::ALL {
+            for reason in Reason::ALL {
+                let index = common::counter_index(hook, reason);
+                let per_cpu = map.get(&index, 0).map_err(|source| Error::Map {
+                    name: map_names::COUNTERS,
+                    source,
+                })?;
+                let sum = per_cpu
+                    .iter()
+                    .fold(ReasonCounter::default(), |a, c| ReasonCounter {
+                        packets: a.packets + c.packets,
+                        bytes: a.bytes + c.bytes,
+                    });
+                if sum.packets > 0 {
+                    counters.by_reason.insert((hook, reason), sum);
+                }
+            }
+        }
+        Ok(counters)
+    }
+
+    /// Trace events that did not fit in the ring buffer, summed over CPUs.
+    pub fn trace_lost(&self) -> Result<u64> {
+        let map: PerCpuArray<&MapData, u64> = self.map_ref(map_names::TRACE_LOST)?;
+        let per_cpu = map.get(&0, 0).map_err(|source| Error::Map {
+            name: map_names::TRACE_LOST,
+            source,
+        })?;
+        Ok(per_cpu.iter().sum())
+    }
+
+    /// Takes the trace ring buffer out of the object (one reader at a time).
+    pub fn trace_reader(&mut self) -> Result<TraceReader> {
+        let map = self
+            .ebpf
+            .take_map(map_names::TRACE_EVENTS)
+            .ok_or(Error::MissingMap(map_names::TRACE_EVENTS))?;
+        let ring = RingBuf::try_from(map).map_err(|source| Error::Map {
+            name: map_names::TRACE_EVENTS,
+            source,
+        })?;
+        TraceReader::new(ring)
+    }
+
+    /// The tc program for `hook`, e.g. for `TestRun`.
+    pub fn tc_program(&self, hook: Hook) -> Result<&SchedClassifier> {
+        let name = tc_program_name(hook).ok_or(Error::NotTcHook(hook))?;
+        self.ebpf
+            .program(name)
+            .ok_or(Error::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| Error::Program { name, source })
+    }
+
+    pub fn xdp_program(&self) -> Result<&Xdp> {
+        let name = program_names::XDP;
+        self.ebpf
+            .program(name)
+            .ok_or(Error::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| Error::Program { name, source })
+    }
+
+    fn map_ref<'a, T>(&'a self, name: &'static str) -> Result<T>
+    where
+        T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self.ebpf.map(name).ok_or(Error::MissingMap(name))?;
+        T::try_from(map).map_err(|source| Error::Map { name, source })
+    }
+
+    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T>
+    where
+        T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self.ebpf.map_mut(name).ok_or(Error::MissingMap(name))?;
+        T::try_from(map).map_err(|source| Error::Map { name, source })
+    }
+}
+
+/// Packet counters per (hook, reason); only non-zero entries are present.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub by_reason: BTreeMap<(Hook, Reason), ReasonCounter>,
+}
+
+impl Counters {
+    pub fn packets(&self, hook: Hook, reason: Reason) -> u64 {
+        self.by_reason.get(&(hook, reason)).map_or(0, |c| c.packets)
+    }
+
+    pub fn bytes(&self, hook: Hook, reason: Reason) -> u64 {
+        self.by_reason.get(&(hook, reason)).map_or(0, |c| c.bytes)
+    }
+
+    pub fn total_packets(&self) -> u64 {
+        self.by_reason.values().map(|c| c.packets).sum()
+    }
+}
+
+fn tc_program_name(hook: Hook) -> Option<&'static str> {
+    match hook {
+        Hook::TcIngress => Some(program_names::TC_INGRESS),
+        Hook::TcEgress => Some(program_names::TC_EGRESS),
+        Hook::Xdp => None,
+    }
+}
+
+fn tc_program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+    ebpf.program_mut(name)
+        .ok_or(Error::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
+}
+
+fn xdp_program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+    let name = program_names::XDP;
+    ebpf.program_mut(name)
+        .ok_or(Error::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
+}
+
+/// ifindex of `ifname` in the calling thread's network namespace.
+pub fn ifindex(ifname: &str) -> Result<u32> {
+    let c = CString::new(ifname).map_err(|_| Error::NoSuchInterface(ifname.to_string()))?;
+    // SAFETY: a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(Error::NoSuchInterface(ifname.to_string())),
+        i => Ok(i),
+    }
+}

@@ -1,0 +1,15 @@
+//! dp: the agent and CLI of an eBPF dataplane that replaces kube-proxy.
+//!
+//! - [`datapath`]: loads the embedded eBPF object, attaches its programs,
+//!   reads and writes its maps.
+//! - [`trace`]: reads trace events from the ring buffer and renders them.
+//! - [`demo`]: the README's main command for now: the datapath in a
+//!   throwaway namespace pair, counting and tracing real traffic.
+
+pub mod datapath;
+pub mod demo;
+pub mod error;
+pub mod trace;
+
+pub use datapath::{Counters, Datapath};
+pub use error::Error;

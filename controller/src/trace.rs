@@ -1,0 +1,154 @@
+//! Reading trace events from the `DP_TRACE` ring buffer and rendering them.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, RingBuf};
+use common::{
+    trace::{proto, FAMILY_IPV4, FAMILY_IPV6},
+    FlowTuple, Hook, Reason, TraceEvent, Verdict,
+};
+
+use crate::error::{Error, Result};
+
+/// Reads `TraceEvent`s as the datapath submits them.
+pub struct TraceReader {
+    ring: RingBuf<MapData>,
+}
+
+impl TraceReader {
+    pub(crate) fn new(ring: RingBuf<MapData>) -> Result<Self> {
+        Ok(TraceReader { ring })
+    }
+
+    /// The next event already in the buffer, without waiting.
+    pub fn try_next(&mut self) -> Option<TraceEvent> {
+        let item = self.ring.next()?;
+        // Records are written by the datapath as whole `TraceEvent`s.
+        Some(bytemuck::pod_read_unaligned(
+            &item[..std::mem::size_of::<TraceEvent>()],
+        ))
+    }
+
+    /// The next event, waiting up to `timeout` for one to be submitted
+    /// (poll(2) on the ring buffer: woken by the kernel, no busy loop).
+    pub fn next_timeout(&mut self, timeout: Duration) -> Result<Option<TraceEvent>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(event) = self.try_next() {
+                return Ok(Some(event));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            let mut fds = libc::pollfd {
+                fd: self.ring.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+            // SAFETY: one valid pollfd.
+            let rc = unsafe { libc::poll(&mut fds, 1, ms) };
+            if rc < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(Error::Io {
+                        context: "poll trace ring buffer".into(),
+                        source: err,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Every event currently in the buffer.
+    pub fn drain(&mut self) -> Vec<TraceEvent> {
+        std::iter::from_fn(|| self.try_next()).collect()
+    }
+}
+
+/// An address of a `FlowTuple`.
+pub fn tuple_addr(family: u8, bytes: &[u8; 16]) -> Option<IpAddr> {
+    match family {
+        FAMILY_IPV4 => Some(IpAddr::V4(Ipv4Addr::new(
+            bytes[0], bytes[1], bytes[2], bytes[3],
+        ))),
+        FAMILY_IPV6 => Some(IpAddr::V6(Ipv6Addr::from(*bytes))),
+        _ => None,
+    }
+}
+
+pub fn protocol_name(protocol: u8) -> String {
+    match protocol {
+        proto::IPPROTO_TCP => "TCP".into(),
+        proto::IPPROTO_UDP => "UDP".into(),
+        proto::IPPROTO_ICMP => "ICMP".into(),
+        p => format!("proto-{p}"),
+    }
+}
+
+/// TCP flags as `SYN`, `SYN|ACK`, ...; empty when none are set.
+pub fn tcp_flags_names(flags: u8) -> String {
+    const NAMES: [(u8, &str); 6] = [
+        (0x02, "SYN"),
+        (0x10, "ACK"),
+        (0x08, "PSH"),
+        (0x01, "FIN"),
+        (0x04, "RST"),
+        (0x20, "URG"),
+    ];
+    NAMES
+        .iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, n)| *n)
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
+/// `10.0.0.1:41234 -> 10.0.0.2:8080 TCP SYN`, or `non-IP` when not IP.
+pub fn describe_tuple(t: &FlowTuple, tcp_flags: u8) -> String {
+    let (Some(src), Some(dst)) = (
+        tuple_addr(t.family, &t.saddr),
+        tuple_addr(t.family, &t.daddr),
+    ) else {
+        return "non-IP".into();
+    };
+    let with_port = |a: IpAddr, p: u16| match (a, t.protocol) {
+        (_, proto::IPPROTO_TCP | proto::IPPROTO_UDP) => match a {
+            IpAddr::V4(_) => format!("{a}:{p}"),
+            IpAddr::V6(_) => format!("[{a}]:{p}"),
+        },
+        _ => a.to_string(),
+    };
+    let mut s = format!(
+        "{} -> {} {}",
+        with_port(src, t.sport),
+        with_port(dst, t.dport),
+        protocol_name(t.protocol)
+    );
+    if t.protocol == proto::IPPROTO_TCP && tcp_flags != 0 {
+        s.push(' ');
+        s.push_str(&tcp_flags_names(tcp_flags));
+    }
+    s
+}
+
+/// One line for a trace event:
+/// `xdp eth0 10.0.0.1:41234 -> 10.0.0.2:8080 TCP SYN passed: no service for this destination`.
+pub fn describe_event(e: &TraceEvent, ifname: Option<&str>) -> String {
+    let hook = Hook::from_u8(e.hook).map_or("hook?", Hook::name);
+    let verdict = Verdict::from_u8(e.verdict).map_or("verdict?", Verdict::name);
+    let reason = Reason::from_u32(e.reason).map_or_else(
+        || format!("unknown reason {}", e.reason),
+        |r| r.describe().to_string(),
+    );
+    let ifname = ifname.map_or_else(|| format!("if{}", e.ifindex), str::to_string);
+    format!(
+        "{hook} {ifname} {} {verdict}: {reason}",
+        describe_tuple(&e.original, e.tcp_flags)
+    )
+}

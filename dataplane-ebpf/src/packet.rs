@@ -1,0 +1,94 @@
+//! The packet as the programs see it, the same for tc (skb) and XDP.
+
+use aya_ebpf::programs::{TcContext, XdpContext};
+
+use crate::parse::MAX_HEADERS_LEN;
+
+/// Direct packet access to a frame's linear bytes `[data, data_end)`.
+pub trait Packet {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// Whole frame length (may exceed `data_end - data` for an skb).
+    fn len(&self) -> u32;
+    fn ifindex(&self) -> u32;
+    /// The headers were not in the linear area and could not be pulled in.
+    fn pull_failed(&self) -> bool {
+        false
+    }
+}
+
+pub struct SkbPacket<'a> {
+    ctx: &'a TcContext,
+    pull_failed: bool,
+}
+
+impl<'a> SkbPacket<'a> {
+    /// Makes sure the headers the datapath reads are in the linear area, so the
+    /// parser never mistakes a paged skb for a truncated packet.
+    #[inline(always)]
+    pub fn new(ctx: &'a TcContext) -> Self {
+        let linear = ctx.data_end().saturating_sub(ctx.data());
+        let len = ctx.len() as usize;
+        let want = if len < MAX_HEADERS_LEN {
+            len
+        } else {
+            MAX_HEADERS_LEN
+        };
+        let pull_failed = linear < want && ctx.pull_data(want as u32).is_err();
+        Self { ctx, pull_failed }
+    }
+}
+
+impl Packet for SkbPacket<'_> {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.ctx.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.ctx.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        self.ctx.len()
+    }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: `skb` is the context pointer the kernel passed in.
+        unsafe { (*self.ctx.skb.skb).ifindex }
+    }
+    #[inline(always)]
+    fn pull_failed(&self) -> bool {
+        self.pull_failed
+    }
+}
+
+pub struct XdpPacket<'a> {
+    ctx: &'a XdpContext,
+}
+
+impl<'a> XdpPacket<'a> {
+    #[inline(always)]
+    pub fn new(ctx: &'a XdpContext) -> Self {
+        Self { ctx }
+    }
+}
+
+impl Packet for XdpPacket<'_> {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.ctx.data()
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.ctx.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (self.ctx.data_end() - self.ctx.data()) as u32
+    }
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        self.ctx.ingress_ifindex() as u32
+    }
+}

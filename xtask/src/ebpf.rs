@@ -1,0 +1,63 @@
+//! How the eBPF object is built. One recipe, used by `cargo xtask build-ebpf`
+//! and by `controller/build.rs` (which includes this file by path, since a
+//! build script cannot depend on the xtask binary crate).
+//!
+//! Debian's `rustc-web` (`/usr/bin/rustc`) ships a prebuilt `core` for
+//! `bpfel-unknown-none`, so no `-Z build-std` and no rust-src are needed;
+//! `RUSTC_BOOTSTRAP=1` lets aya-ebpf use the unstable `asm_experimental_arch`.
+//! The target's linker is `bpf-linker` (from `cargo xtask setup`).
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+pub const EBPF_TARGET: &str = "bpfel-unknown-none";
+pub const EBPF_PACKAGE: &str = "dataplane-ebpf";
+/// Name of the object (the eBPF crate's `[[bin]]`).
+pub const EBPF_BIN: &str = "dataplane";
+/// Debian's rustc-web: the compiler with a `core` for the BPF target.
+pub const EBPF_RUSTC: &str = "/usr/bin/rustc";
+
+/// Builds the eBPF object in `<workspace>/target/ebpf` and returns its path.
+pub fn build_ebpf(workspace: &Path, cargo: &Path) -> Result<PathBuf, String> {
+    if !Path::new(EBPF_RUSTC).exists() {
+        return Err(format!(
+            "{EBPF_RUSTC} not found: the eBPF toolchain is not installed; run `cargo xtask setup`"
+        ));
+    }
+    let target_dir = workspace.join("target").join("ebpf");
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace)
+        .args(["build", "--release", "--package", EBPF_PACKAGE])
+        .args(["--target", EBPF_TARGET, "--target-dir"])
+        .arg(&target_dir);
+    // Called from a build script or clippy, the environment carries the outer
+    // build's compiler, wrappers and flags; none of them apply to this build.
+    for (key, _) in env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let outer = key.starts_with("CARGO_") && key != "CARGO_HOME";
+        if outer || key.starts_with("RUSTC") || key == "RUSTFLAGS" || key == "RUSTDOCFLAGS" {
+            cmd.env_remove(key);
+        }
+    }
+    // bpf_target_arch: aya-ebpf's cfg for the kernel's architecture.
+    // --btf: bpf-linker emits BTF, so the verifier and bpftool show source lines.
+    let rustflags = [
+        format!("--cfg=bpf_target_arch=\"{}\"", env::consts::ARCH),
+        "-Cdebuginfo=2".to_string(),
+        "-Clink-arg=--btf".to_string(),
+    ]
+    .join("\x1f");
+    cmd.env("RUSTC", EBPF_RUSTC)
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("CARGO_ENCODED_RUSTFLAGS", rustflags);
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run {}: {e}", cargo.display()))?;
+    if !status.success() {
+        return Err(format!("eBPF build failed ({status}): {cmd:?}"));
+    }
+    Ok(target_dir.join(EBPF_TARGET).join("release").join(EBPF_BIN))
+}

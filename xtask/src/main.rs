@@ -1,0 +1,195 @@
+//! `cargo xtask`: the project's own commands.
+//!
+//! - `setup`: installs every package the build and the tests need (Debian
+//!   packages, bpf-linker). Idempotent; the other commands run it first.
+//! - `build-ebpf`: builds the eBPF object.
+//! - `test`: the whole suite: setup, fmt, clippy, build, all tests.
+//! - `demo`: the README's main command.
+
+mod ebpf;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+/// Debian packages the project needs on a fresh Debian 12 machine.
+const DEBIAN_PACKAGES: &[&str] = &[
+    // eBPF toolchain: rustc with a prebuilt `core` for bpfel-unknown-none,
+    // and the LLVM that bpf-linker is built against.
+    "rustc-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    // What the tests and the demo call: namespaces and links (ip), and the
+    // tools kube-proxy's modes use (for the comparisons in later work).
+    "iproute2",
+    "procps",
+    "iptables",
+    "nftables",
+    "conntrack",
+    "bpftool",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+#[derive(Parser)]
+#[command(about = "dp project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain and tools (apt packages, bpf-linker).
+    Setup,
+    /// Build the eBPF object and print its path.
+    BuildEbpf,
+    /// Run the whole test suite (setup, fmt, clippy, tests). Needs root.
+    Test,
+    /// Set up, build, and run `dp demo`. Needs root.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup(),
+        Task::BuildEbpf => {
+            let object = build_ebpf()?;
+            println!("{}", object.display());
+            Ok(())
+        }
+        Task::Test => test(),
+        Task::Demo => demo(),
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask/ is in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> PathBuf {
+    std::env::var_os("CARGO").map_or_else(|| "cargo".into(), PathBuf::from)
+}
+
+fn step(what: &str) {
+    println!("==> {what}");
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}").replace('"', "");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // `id -u` avoids an unsafe libc call for one number.
+    let out = Command::new("id").arg("-u").output().context("id -u")?;
+    if String::from_utf8_lossy(&out.stdout).trim() != "0" {
+        bail!("{what} needs root (apt-get, network namespaces, BPF); run it as root");
+    }
+    Ok(())
+}
+
+fn setup() -> Result<()> {
+    require_root("cargo xtask setup")?;
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !deb_installed(p))
+        .collect();
+    if missing.is_empty() {
+        step("Debian packages: all installed");
+    } else {
+        step(&format!(
+            "installing Debian packages: {}",
+            missing.join(" ")
+        ));
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing))?;
+    }
+    if bpf_linker_version().as_deref() == Some(BPF_LINKER_VERSION) {
+        step(&format!("bpf-linker {BPF_LINKER_VERSION}: installed"));
+    } else {
+        step(&format!(
+            "installing bpf-linker {BPF_LINKER_VERSION} (LLVM 22)"
+        ));
+        run(Command::new(cargo())
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .args(["install", "bpf-linker", "--locked", "--force"])
+            .args(["--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22"]))?;
+    }
+    Ok(())
+}
+
+fn deb_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${db:Status-Abbrev}", package])
+        .output()
+        .is_ok_and(|o| o.status.success() && o.stdout.starts_with(b"ii"))
+}
+
+/// `bpf-linker --version` prints `bpf-linker 0.13.0`.
+fn bpf_linker_version() -> Option<String> {
+    let out = Command::new("bpf-linker").arg("--version").output().ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    text.split_whitespace().nth(1).map(str::to_string)
+}
+
+fn build_ebpf() -> Result<PathBuf> {
+    step("building the eBPF object");
+    ebpf::build_ebpf(&workspace(), &cargo()).map_err(anyhow::Error::msg)
+}
+
+fn test() -> Result<()> {
+    require_root("cargo xtask test")?;
+    setup()?;
+    let ws = workspace();
+    step("cargo fmt --check");
+    run(Command::new(cargo())
+        .current_dir(&ws)
+        .args(["fmt", "--all", "--", "--check"]))?;
+    build_ebpf()?;
+    step("cargo clippy -D warnings (userspace crates)");
+    run(Command::new(cargo()).current_dir(&ws).args([
+        "clippy",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("cargo test");
+    run(Command::new(cargo()).current_dir(&ws).args(["test"]))?;
+    Ok(())
+}
+
+fn demo() -> Result<()> {
+    require_root("cargo xtask demo")?;
+    setup()?;
+    let ws = workspace();
+    step("building dp");
+    run(Command::new(cargo())
+        .current_dir(&ws)
+        .args(["build", "--bin", "dp"]))?;
+    step("dp demo");
+    run(Command::new(ws.join("target/debug/dp")).arg("demo"))
+}
