@@ -4,7 +4,7 @@
 //! All are `#[repr(C)]` with bytemuck `Pod`/`Zeroable` derives, so the compiler
 //! proves they have no hidden padding: the kernel and userspace see the same
 //! bytes. With the `user` feature they also implement `aya::Pod`.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 pub mod config;
 pub mod reason;

@@ -122,3 +122,48 @@ impl Reason {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The numbers are an ABI (pinned maps, trace consumers): this list only
+    /// ever grows.
+    #[test]
+    fn reason_numbers_are_stable() {
+        let expected = [
+            (Reason::NotIpv4, 1, "not_ipv4"),
+            (Reason::NoService, 2, "no_service"),
+            (Reason::UnsupportedProtocol, 3, "unsupported_protocol"),
+            (Reason::Malformed, 4, "malformed"),
+            (Reason::Fragment, 5, "fragment"),
+            (Reason::HeaderPullFailed, 6, "header_pull_failed"),
+        ];
+        assert_eq!(Reason::ALL.len(), expected.len(), "update this list");
+        for (reason, number, id) in expected {
+            assert_eq!(reason as u32, number, "{reason:?}");
+            assert_eq!(reason.id(), id);
+            assert_eq!(Reason::from_u32(number), Some(reason));
+        }
+        assert_eq!(Reason::from_u32(0), None, "0 means no reason");
+    }
+
+    #[test]
+    fn ids_are_unique() {
+        let mut ids: Vec<_> = Reason::ALL.iter().map(|r| r.id()).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), Reason::ALL.len());
+    }
+
+    #[test]
+    fn hooks_and_verdicts_round_trip() {
+        for h in Hook::ALL {
+            assert_eq!(Hook::from_u8(h as u8), Some(h));
+        }
+        for v in Verdict::ALL {
+            assert_eq!(Verdict::from_u8(v as u8), Some(v));
+        }
+        assert_eq!(Hook::ALL.len() as u32, Hook::COUNT);
+    }
+}

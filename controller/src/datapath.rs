@@ -120,6 +120,26 @@ impl Datapath {
         Ok(())
     }
 
+    /// Kernel ids of the loaded programs (as `bpftool prog show` lists them).
+    pub fn program_ids(&self) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        for name in [program_names::TC_INGRESS, program_names::TC_EGRESS] {
+            let info = tc_program_ref(&self.ebpf, name)?
+                .info()
+                .map_err(|source| Error::Program { name, source })?;
+            ids.push(info.id());
+        }
+        let info = self
+            .xdp_program()?
+            .info()
+            .map_err(|source| Error::Program {
+                name: program_names::XDP,
+                source,
+            })?;
+        ids.push(info.id());
+        Ok(ids)
+    }
+
     /// Names of the interfaces attached to, by ifindex.
     pub fn interfaces(&self) -> &BTreeMap<u32, String> {
         &self.interfaces
@@ -201,11 +221,7 @@ impl Datapath {
     /// The tc program for `hook`, e.g. for `TestRun`.
     pub fn tc_program(&self, hook: Hook) -> Result<&SchedClassifier> {
         let name = tc_program_name(hook).ok_or(Error::NotTcHook(hook))?;
-        self.ebpf
-            .program(name)
-            .ok_or(Error::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| Error::Program { name, source })
+        tc_program_ref(&self.ebpf, name)
     }
 
     pub fn xdp_program(&self) -> Result<&Xdp> {
@@ -260,6 +276,13 @@ fn tc_program_name(hook: Hook) -> Option<&'static str> {
         Hook::TcEgress => Some(program_names::TC_EGRESS),
         Hook::Xdp => None,
     }
+}
+
+fn tc_program_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a SchedClassifier> {
+    ebpf.program(name)
+        .ok_or(Error::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
 }
 
 fn tc_program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
