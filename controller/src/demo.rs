@@ -10,6 +10,7 @@ use e2e::{tcp_echo_once, udp_echo_once, TcpEchoServer, Topology, UdpEchoServer};
 
 use crate::{trace::describe_event, Datapath};
 
+const SUBNET: &str = "10.200.0";
 const CLIENT_ADDR: &str = "10.200.0.1/24";
 const SERVER_ADDR: &str = "10.200.0.2/24";
 const TCP_SERVER: &str = "10.200.0.2:8080";
@@ -22,13 +23,7 @@ pub fn run(out: &mut impl Write) -> anyhow::Result<()> {
         out,
         "dp demo: the datapath in a throwaway pair of network namespaces"
     )?;
-    let mut topo = Topology::new()?;
-    topo.add_ns("client")?;
-    topo.add_ns("server")?;
-    topo.link(
-        ("client", IFACE, CLIENT_ADDR),
-        ("server", IFACE, SERVER_ADDR),
-    )?;
+    let topo = Topology::pair("client", "server", SUBNET)?;
     writeln!(
         out,
         "  created namespaces {} joined by a veth pair: client {IFACE} {CLIENT_ADDR} <-> server {IFACE} {SERVER_ADDR}",

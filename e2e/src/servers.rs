@@ -11,55 +11,46 @@ use std::{
 
 use crate::{io_err, Netns, Result};
 
-/// A TCP server in a namespace that echoes every connection until EOF.
-pub struct TcpEchoServer {
-    addr: SocketAddr,
+/// A server thread inside a namespace, stopped and joined on drop.
+struct ServerThread {
+    /// The listening/bound socket, owned by the thread; shut down to stop it.
     fd: i32,
     thread: Option<JoinHandle<()>>,
 }
 
-impl TcpEchoServer {
-    /// Binds `addr` inside `ns`; returns once the socket is listening.
-    pub fn start(ns: &Netns, addr: SocketAddr) -> Result<Self> {
+impl ServerThread {
+    /// Binds with `bind` inside `ns`, then runs `serve` there. Returns once
+    /// the socket is bound, so clients can connect right away.
+    fn start<S, B, F>(ns: &Netns, what: String, bind: B, serve: F) -> Result<Self>
+    where
+        S: AsRawFd,
+        B: FnOnce() -> std::io::Result<S> + Send + 'static,
+        F: FnOnce(S) + Send + 'static,
+    {
         let (ready_tx, ready_rx) = mpsc::channel();
-        let thread = ns.spawn(move || {
-            let listener = match TcpListener::bind(addr) {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            let _ = ready_tx.send(Ok(listener.as_raw_fd()));
-            // accept() fails once `stop` shuts the listener down.
-            while let Ok((mut conn, _)) = listener.accept() {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = conn.read(&mut buf) {
-                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
+        let thread = ns.spawn(move || match bind() {
+            Ok(socket) => {
+                let _ = ready_tx.send(Ok(socket.as_raw_fd()));
+                serve(socket);
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
             }
         })?;
         let fd = ready_rx
             .recv()
             .expect("server thread reports")
-            .map_err(io_err(format!("bind tcp {addr}")))?;
-        Ok(TcpEchoServer {
-            addr,
+            .map_err(io_err(what))?;
+        Ok(ServerThread {
             fd,
             thread: Some(thread),
         })
     }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
 }
 
-impl Drop for TcpEchoServer {
+impl Drop for ServerThread {
     fn drop(&mut self) {
-        // shutdown(2) on a listening socket wakes the blocked accept().
+        // shutdown(2) wakes the thread blocked in accept() or recv_from().
         // SAFETY: the fd stays open until the thread, which owns it, exits.
         unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
         if let Some(t) = self.thread.take() {
@@ -68,42 +59,31 @@ impl Drop for TcpEchoServer {
     }
 }
 
-/// A UDP server in a namespace that echoes every datagram to its sender.
-pub struct UdpEchoServer {
+/// A TCP server in a namespace that echoes every connection until EOF.
+pub struct TcpEchoServer {
     addr: SocketAddr,
-    fd: i32,
-    thread: Option<JoinHandle<()>>,
+    _thread: ServerThread,
 }
 
-impl UdpEchoServer {
+impl TcpEchoServer {
+    /// Binds `addr` inside `ns`; returns once the socket is listening.
     pub fn start(ns: &Netns, addr: SocketAddr) -> Result<Self> {
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let thread = ns.spawn(move || {
-            let sock = match UdpSocket::bind(addr) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
+        let bind = move || TcpListener::bind(addr);
+        let serve = |listener: TcpListener| {
+            // accept() fails once the listener is shut down.
+            while let Ok((mut conn, _)) = listener.accept() {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
                 }
-            };
-            let _ = ready_tx.send(Ok(sock.as_raw_fd()));
-            let mut buf = [0u8; 65536];
-            // After shutdown(2) recv_from returns 0 bytes from no one.
-            while let Ok((n, peer)) = sock.recv_from(&mut buf) {
-                if n == 0 && peer.port() == 0 {
-                    break;
-                }
-                let _ = sock.send_to(&buf[..n], peer);
             }
-        })?;
-        let fd = ready_rx
-            .recv()
-            .expect("server thread reports")
-            .map_err(io_err(format!("bind udp {addr}")))?;
-        Ok(UdpEchoServer {
+        };
+        let thread = ServerThread::start(ns, format!("bind tcp {addr}"), bind, serve)?;
+        Ok(TcpEchoServer {
             addr,
-            fd,
-            thread: Some(thread),
+            _thread: thread,
         })
     }
 
@@ -112,13 +92,34 @@ impl UdpEchoServer {
     }
 }
 
-impl Drop for UdpEchoServer {
-    fn drop(&mut self) {
-        // SAFETY: as for TcpEchoServer.
-        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+/// A UDP server in a namespace that echoes every datagram to its sender.
+pub struct UdpEchoServer {
+    addr: SocketAddr,
+    _thread: ServerThread,
+}
+
+impl UdpEchoServer {
+    pub fn start(ns: &Netns, addr: SocketAddr) -> Result<Self> {
+        let bind = move || UdpSocket::bind(addr);
+        let serve = |sock: UdpSocket| {
+            let mut buf = [0u8; 65536];
+            // Once shut down, recv_from returns an empty read from no one.
+            while let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                if n == 0 && peer.port() == 0 {
+                    break;
+                }
+                let _ = sock.send_to(&buf[..n], peer);
+            }
+        };
+        let thread = ServerThread::start(ns, format!("bind udp {addr}"), bind, serve)?;
+        Ok(UdpEchoServer {
+            addr,
+            _thread: thread,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 }
 

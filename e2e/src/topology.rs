@@ -78,6 +78,19 @@ impl Topology {
         Ok(())
     }
 
+    /// Two namespaces `a` and `b` joined by a veth pair `eth0`, with
+    /// `<subnet>.1/24` on `a` and `<subnet>.2/24` on `b` (e.g. subnet "10.200.0").
+    pub fn pair(a: &str, b: &str, subnet: &str) -> Result<Self> {
+        let mut topo = Topology::new()?;
+        topo.add_ns(a)?;
+        topo.add_ns(b)?;
+        topo.link(
+            (a, "eth0", &format!("{subnet}.1/24")),
+            (b, "eth0", &format!("{subnet}.2/24")),
+        )?;
+        Ok(topo)
+    }
+
     /// A veth pair with an address on each end: `(ns, ifname, cidr)`.
     pub fn link(&self, a: (&str, &str, &str), b: (&str, &str, &str)) -> Result<()> {
         self.veth(a.0, a.1, b.0, b.1)?;

@@ -22,14 +22,7 @@ fn v4(t: &[u8; 16]) -> [u8; 4] {
 #[test]
 fn real_tcp_and_udp_are_counted_and_traced_at_every_hook() {
     require_root();
-    let mut topo = Topology::new().unwrap();
-    topo.add_ns("client").unwrap();
-    topo.add_ns("server").unwrap();
-    topo.link(
-        ("client", "eth0", "10.201.0.1/24"),
-        ("server", "eth0", "10.201.0.2/24"),
-    )
-    .unwrap();
+    let topo = Topology::pair("client", "server", "10.201.0").unwrap();
     let server_ns = topo.ns("server");
     let client_ns = topo.ns("client");
 
