@@ -6,12 +6,17 @@
 //! bytes. With the `user` feature they also implement `aya::Pod`.
 #![cfg_attr(not(test), no_std)]
 
+pub mod addr;
 pub mod config;
+pub mod ct;
+pub mod lb;
 pub mod reason;
 pub mod stats;
 pub mod trace;
 
-pub use config::DatapathConfig;
+pub use config::{DatapathConfig, TraceFilter};
+pub use ct::{CtEntry, CtKey, CtTimeouts};
+pub use lb::{Backend, RevNatValue, ServiceKey, ServiceValue};
 pub use reason::{Hook, Reason, Verdict};
 pub use stats::{counter_index, ReasonCounter, COUNTER_SLOTS, REASON_SLOTS};
 pub use trace::{FlowTuple, TraceEvent};
@@ -24,6 +29,20 @@ pub mod map_names {
     pub const CONFIG: &str = "DP_CONFIG";
     pub const TRACE_EVENTS: &str = "DP_TRACE";
     pub const TRACE_LOST: &str = "DP_TRACE_LOST";
+    pub const SERVICES: &str = "DP_SERVICES";
+    pub const BACKENDS: &str = "DP_BACKENDS";
+    pub const REVNAT: &str = "DP_REVNAT";
+    pub const CT: &str = "DP_CT";
+}
+
+/// Default capacities of the maps; userspace may set others at load time.
+pub mod map_sizes {
+    /// Master + backend slots + wildcard entries.
+    pub const SERVICES: u32 = 262_144;
+    pub const BACKENDS: u32 = 65_536;
+    pub const REVNAT: u32 = 65_536;
+    /// Entries, two per flow.
+    pub const CT: u32 = 262_144;
 }
 
 /// Names of the programs in the dp object.
@@ -31,6 +50,8 @@ pub mod program_names {
     pub const TC_INGRESS: &str = "dp_tc_ingress";
     pub const TC_EGRESS: &str = "dp_tc_egress";
     pub const XDP: &str = "dp_xdp";
+    /// Returns TC_ACT_OK and nothing else: the floor for benchmarks.
+    pub const TC_NOOP: &str = "dp_tc_noop";
 }
 
 #[cfg(feature = "user")]
@@ -40,4 +61,10 @@ mod user {
     unsafe impl aya::Pod for crate::DatapathConfig {}
     unsafe impl aya::Pod for crate::ReasonCounter {}
     unsafe impl aya::Pod for crate::TraceEvent {}
+    unsafe impl aya::Pod for crate::ServiceKey {}
+    unsafe impl aya::Pod for crate::ServiceValue {}
+    unsafe impl aya::Pod for crate::Backend {}
+    unsafe impl aya::Pod for crate::RevNatValue {}
+    unsafe impl aya::Pod for crate::CtKey {}
+    unsafe impl aya::Pod for crate::CtEntry {}
 }

@@ -43,10 +43,19 @@ pub enum Verdict {
     Pass = 0,
     /// Dropped by the datapath.
     Drop = 1,
+    /// Translated (DNAT, SNAT or reverse NAT) and sent on.
+    Forward = 2,
+    /// Dropped, and an ICMP error or TCP reset sent back to the client.
+    Reject = 3,
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 2] = [Verdict::Pass, Verdict::Drop];
+    pub const ALL: [Verdict; 4] = [
+        Verdict::Pass,
+        Verdict::Drop,
+        Verdict::Forward,
+        Verdict::Reject,
+    ];
 
     pub fn from_u8(v: u8) -> Option<Self> {
         Self::ALL.into_iter().find(|x| *x as u8 == v)
@@ -56,6 +65,8 @@ impl Verdict {
         match self {
             Verdict::Pass => "passed",
             Verdict::Drop => "dropped",
+            Verdict::Forward => "forwarded",
+            Verdict::Reject => "rejected",
         }
     }
 }
@@ -81,17 +92,68 @@ pub enum Reason {
     /// The headers were not in the skb's linear area and pulling them in
     /// failed (memory pressure): passed to the stack, which decides.
     HeaderPullFailed = 6,
+    /// A new flow to a service: a backend was picked and the flow tracked.
+    NewFlow = 7,
+    /// A packet of a tracked flow, sent to its backend.
+    Established = 8,
+    /// A reply from a backend, translated back to the service address.
+    ReplyReverseNat = 9,
+    /// The service port has no usable backend: ICMP port unreachable back.
+    NoEndpoints = 10,
+    /// A service address on a port (or protocol) it does not serve: ICMP
+    /// port unreachable back.
+    PortNotServed = 11,
+    /// A UDP flow whose backend was removed, moved to a live backend.
+    BackendGoneRepicked = 12,
+    /// A TCP flow whose backend was removed: answered with a TCP reset.
+    BackendGoneReset = 13,
+    /// The flow could not be tracked (conntrack table insert failed).
+    ConntrackFull = 14,
+    /// No free source port on the masquerade address for this flow.
+    NatPortsExhausted = 15,
+    /// A service slot or backend entry is missing (a writer broke the write
+    /// order); dropped rather than sent to a wrong place.
+    ServiceInconsistent = 16,
+    /// An ICMP error about a translated flow, translated back for the client.
+    IcmpErrorTranslated = 17,
+    /// XDP leaves this packet to the tc programs (services are handled there).
+    XdpPassToTc = 18,
+    /// A translated packet from this host could not be routed to its backend.
+    NoRouteToBackend = 19,
+    /// Building the ICMP error or TCP reset failed (resizing the packet).
+    RejectFailed = 20,
+    /// Rewriting the packet's addresses or ports failed.
+    RewriteFailed = 21,
+    /// The per-CPU scratch record was unavailable (an array map index that
+    /// always exists; counted rather than assumed).
+    ScratchUnavailable = 22,
 }
 
 impl Reason {
     /// Every reason, in number order.
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 22] = [
         Reason::NotIpv4,
         Reason::NoService,
         Reason::UnsupportedProtocol,
         Reason::Malformed,
         Reason::Fragment,
         Reason::HeaderPullFailed,
+        Reason::NewFlow,
+        Reason::Established,
+        Reason::ReplyReverseNat,
+        Reason::NoEndpoints,
+        Reason::PortNotServed,
+        Reason::BackendGoneRepicked,
+        Reason::BackendGoneReset,
+        Reason::ConntrackFull,
+        Reason::NatPortsExhausted,
+        Reason::ServiceInconsistent,
+        Reason::IcmpErrorTranslated,
+        Reason::XdpPassToTc,
+        Reason::NoRouteToBackend,
+        Reason::RejectFailed,
+        Reason::RewriteFailed,
+        Reason::ScratchUnavailable,
     ];
 
     pub fn from_u32(v: u32) -> Option<Self> {
@@ -107,6 +169,22 @@ impl Reason {
             Reason::Malformed => "malformed",
             Reason::Fragment => "fragment",
             Reason::HeaderPullFailed => "header_pull_failed",
+            Reason::NewFlow => "new_flow",
+            Reason::Established => "established",
+            Reason::ReplyReverseNat => "reply_reverse_nat",
+            Reason::NoEndpoints => "no_endpoints",
+            Reason::PortNotServed => "port_not_served",
+            Reason::BackendGoneRepicked => "backend_gone_repicked",
+            Reason::BackendGoneReset => "backend_gone_reset",
+            Reason::ConntrackFull => "conntrack_full",
+            Reason::NatPortsExhausted => "nat_ports_exhausted",
+            Reason::ServiceInconsistent => "service_inconsistent",
+            Reason::IcmpErrorTranslated => "icmp_error_translated",
+            Reason::XdpPassToTc => "xdp_pass_to_tc",
+            Reason::NoRouteToBackend => "no_route_to_backend",
+            Reason::RejectFailed => "reject_failed",
+            Reason::RewriteFailed => "rewrite_failed",
+            Reason::ScratchUnavailable => "scratch_unavailable",
         }
     }
 
@@ -119,6 +197,22 @@ impl Reason {
             Reason::Malformed => "malformed packet",
             Reason::Fragment => "non-first IP fragment",
             Reason::HeaderPullFailed => "headers could not be pulled into the linear skb",
+            Reason::NewFlow => "new flow to a backend",
+            Reason::Established => "established flow",
+            Reason::ReplyReverseNat => "reply, reverse-NATed to the service address",
+            Reason::NoEndpoints => "no endpoints",
+            Reason::PortNotServed => "service address, port not served",
+            Reason::BackendGoneRepicked => "backend removed, UDP flow moved to a live backend",
+            Reason::BackendGoneReset => "backend removed, TCP flow reset",
+            Reason::ConntrackFull => "conntrack table full",
+            Reason::NatPortsExhausted => "no free masquerade port",
+            Reason::ServiceInconsistent => "service entry inconsistent (mid-update)",
+            Reason::IcmpErrorTranslated => "ICMP error about a service flow, translated",
+            Reason::XdpPassToTc => "left to the tc programs",
+            Reason::NoRouteToBackend => "no route to the backend",
+            Reason::RejectFailed => "could not build the reject reply",
+            Reason::RewriteFailed => "could not rewrite the packet",
+            Reason::ScratchUnavailable => "per-CPU scratch unavailable",
         }
     }
 }
@@ -138,6 +232,22 @@ mod tests {
             (Reason::Malformed, 4, "malformed"),
             (Reason::Fragment, 5, "fragment"),
             (Reason::HeaderPullFailed, 6, "header_pull_failed"),
+            (Reason::NewFlow, 7, "new_flow"),
+            (Reason::Established, 8, "established"),
+            (Reason::ReplyReverseNat, 9, "reply_reverse_nat"),
+            (Reason::NoEndpoints, 10, "no_endpoints"),
+            (Reason::PortNotServed, 11, "port_not_served"),
+            (Reason::BackendGoneRepicked, 12, "backend_gone_repicked"),
+            (Reason::BackendGoneReset, 13, "backend_gone_reset"),
+            (Reason::ConntrackFull, 14, "conntrack_full"),
+            (Reason::NatPortsExhausted, 15, "nat_ports_exhausted"),
+            (Reason::ServiceInconsistent, 16, "service_inconsistent"),
+            (Reason::IcmpErrorTranslated, 17, "icmp_error_translated"),
+            (Reason::XdpPassToTc, 18, "xdp_pass_to_tc"),
+            (Reason::NoRouteToBackend, 19, "no_route_to_backend"),
+            (Reason::RejectFailed, 20, "reject_failed"),
+            (Reason::RewriteFailed, 21, "rewrite_failed"),
+            (Reason::ScratchUnavailable, 22, "scratch_unavailable"),
         ];
         assert_eq!(Reason::ALL.len(), expected.len(), "update this list");
         for (reason, number, id) in expected {

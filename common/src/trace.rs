@@ -7,9 +7,9 @@ use bytemuck::{Pod, Zeroable};
 pub const FAMILY_IPV4: u8 = 2;
 pub const FAMILY_IPV6: u8 = 10;
 
-/// A flow's addresses and ports. Addresses are stored as 16 bytes in network
-/// order so IPv6 fits; an IPv4 address uses the first 4 bytes. Ports are in
-/// host order. All zero when the packet had no such header.
+/// A flow's addresses and ports. Addresses are 16 bytes (`crate::addr`:
+/// IPv4-mapped for IPv4). Ports are in host order. All zero when the packet
+/// had no such header.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct FlowTuple {
@@ -43,14 +43,21 @@ pub struct TraceEvent {
     /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10), 0 otherwise.
     pub tcp_flags: u8,
     pub _pad: u8,
+    /// The service port's id (`ServiceValue::service_id`), 0 when none.
+    pub service_id: u32,
+    /// The backend's id (`DP_BACKENDS` key), 0 when none.
+    pub backend_id: u32,
     /// The packet as it arrived.
     pub original: FlowTuple,
+    /// The packet as it left (equal to `original` when not translated).
+    pub translated: FlowTuple,
 }
 
 /// Ethertype and protocol numbers the datapath and its tests share.
 pub mod proto {
     pub const ETH_P_IP: u16 = 0x0800;
     pub const ETH_P_IPV6: u16 = 0x86dd;
+    pub const ETH_P_ARP: u16 = 0x0806;
     pub const IPPROTO_ICMP: u8 = 1;
     pub const IPPROTO_TCP: u8 = 6;
     pub const IPPROTO_UDP: u8 = 17;

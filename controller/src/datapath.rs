@@ -23,6 +23,26 @@ use crate::{
 /// The object built from `dataplane-ebpf` by `build.rs`.
 static DATAPLANE_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane"));
 
+/// Map capacities chosen at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub revnat: u32,
+    pub conntrack: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            services: common::map_sizes::SERVICES,
+            backends: common::map_sizes::BACKENDS,
+            revnat: common::map_sizes::REVNAT,
+            conntrack: common::map_sizes::CT,
+        }
+    }
+}
+
 /// A loaded dp object: its programs (verified, not yet attached) and maps.
 ///
 /// Attachments are tcx/XDP links owned by this value: dropping it (or
@@ -33,6 +53,8 @@ pub struct Datapath {
     /// ifindex -> name of the interfaces this datapath is attached to, in the
     /// namespace it attached in (for rendering trace events).
     interfaces: BTreeMap<u32, String>,
+    /// Frontends per service address: the wildcard entry lives while > 0.
+    pub(crate) service_addresses: BTreeMap<[u8; 16], u32>,
 }
 
 enum Attachment {
@@ -41,10 +63,25 @@ enum Attachment {
 }
 
 impl Datapath {
-    /// Loads the embedded object and its programs into the kernel.
+    /// Loads the embedded object and its programs into the kernel, with the
+    /// default map sizes and configuration.
     pub fn load() -> Result<Self> {
-        let mut ebpf = EbpfLoader::new().load(DATAPLANE_OBJECT)?;
-        for name in [program_names::TC_INGRESS, program_names::TC_EGRESS] {
+        Self::load_with(MapSizes::default())
+    }
+
+    /// Loads with the given map capacities.
+    pub fn load_with(sizes: MapSizes) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::SERVICES, sizes.services)
+            .map_max_entries(map_names::BACKENDS, sizes.backends)
+            .map_max_entries(map_names::REVNAT, sizes.revnat)
+            .map_max_entries(map_names::CT, sizes.conntrack)
+            .load(DATAPLANE_OBJECT)?;
+        for name in [
+            program_names::TC_INGRESS,
+            program_names::TC_EGRESS,
+            program_names::TC_NOOP,
+        ] {
             tc_program_mut(&mut ebpf, name)?
                 .load()
                 .map_err(|source| Error::Program { name, source })?;
@@ -55,11 +92,15 @@ impl Datapath {
                 name: program_names::XDP,
                 source,
             })?;
-        Ok(Datapath {
+        let mut datapath = Datapath {
             ebpf,
             attachments: Vec::new(),
             interfaces: BTreeMap::new(),
-        })
+            service_addresses: BTreeMap::new(),
+        };
+        // Conntrack timeouts and the rest start from the documented defaults.
+        datapath.set_config(DatapathConfig::default())?;
+        Ok(datapath)
     }
 
     /// Attaches the tc program for `hook` (ingress or egress) to `ifname` in
@@ -218,6 +259,11 @@ impl Datapath {
         TraceReader::new(ring)
     }
 
+    /// The program that does nothing (benchmark floor).
+    pub fn noop_program(&self) -> Result<&SchedClassifier> {
+        tc_program_ref(&self.ebpf, program_names::TC_NOOP)
+    }
+
     /// The tc program for `hook`, e.g. for `TestRun`.
     pub fn tc_program(&self, hook: Hook) -> Result<&SchedClassifier> {
         let name = tc_program_name(hook).ok_or(Error::NotTcHook(hook))?;
@@ -233,7 +279,7 @@ impl Datapath {
             .map_err(|source| Error::Program { name, source })
     }
 
-    fn map_ref<'a, T>(&'a self, name: &'static str) -> Result<T>
+    pub(crate) fn map_ref<'a, T>(&'a self, name: &'static str) -> Result<T>
     where
         T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
     {
@@ -241,7 +287,7 @@ impl Datapath {
         T::try_from(map).map_err(|source| Error::Map { name, source })
     }
 
-    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T>
+    pub(crate) fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T>
     where
         T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
     {

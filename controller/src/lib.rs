@@ -9,7 +9,9 @@
 pub mod datapath;
 pub mod demo;
 pub mod error;
+pub mod services;
 pub mod trace;
 
-pub use datapath::{Counters, Datapath};
+pub use datapath::{Counters, Datapath, MapSizes};
 pub use error::Error;
+pub use services::{BackendSlots, Frontend};

@@ -1,7 +1,7 @@
 //! Reading trace events from the `DP_TRACE` ring buffer and rendering them.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
     os::fd::AsRawFd,
     time::{Duration, Instant},
 };
@@ -71,13 +71,10 @@ impl TraceReader {
     }
 }
 
-/// An address of a `FlowTuple`.
+/// An address of a `FlowTuple` (`None` when the packet was not IP).
 pub fn tuple_addr(family: u8, bytes: &[u8; 16]) -> Option<IpAddr> {
     match family {
-        FAMILY_IPV4 => Some(IpAddr::V4(Ipv4Addr::new(
-            bytes[0], bytes[1], bytes[2], bytes[3],
-        ))),
-        FAMILY_IPV6 => Some(IpAddr::V6(Ipv6Addr::from(*bytes))),
+        FAMILY_IPV4 | FAMILY_IPV6 => Some(crate::services::ip_of(bytes)),
         _ => None,
     }
 }

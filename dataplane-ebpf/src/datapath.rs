@@ -1,66 +1,121 @@
-//! The decision for one packet, shared by every hook.
+//! The decision for one packet: parse, then (tc) service handling, then
+//! count and trace. Every path records a verdict and a reason in the
+//! packet's decision record (`trace::start`).
 
-use common::{trace::proto, FlowTuple, Hook, Reason, Verdict};
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    programs::{TcContext, XdpContext},
+};
+use common::{trace::proto, DatapathConfig, Hook, Reason, TraceEvent, Verdict};
 
 use crate::{
-    packet::Packet,
-    parse::{parse, Parsed},
-    stats, trace,
-    trace::Decision,
+    maps::DP_CONFIG,
+    packet::{Packet, SkbPacket, XdpPacket},
+    parse::{parse, Ipv4Packet, Parsed},
+    service, stats,
+    trace::{self, decide},
 };
 
-/// Decides, counts and (if enabled) traces one packet.
+/// All zero: tracing off, no masquerade. Used only if `DP_CONFIG` index 0
+/// were missing, which an array map cannot be; the verifier wants the check.
+static EMPTY_CONFIG: DatapathConfig = unsafe { core::mem::zeroed() };
+
 #[inline(always)]
-pub fn run<P: Packet>(pkt: &mut P, hook: Hook) -> Verdict {
-    let decision = decide(pkt);
-    let len = pkt.len();
-    stats::count(hook, decision.reason, len);
-    if trace::enabled() {
-        trace::emit(hook, pkt.ifindex(), len, &decision);
-    }
-    decision.verdict
+fn config() -> &'static DatapathConfig {
+    DP_CONFIG.get(0).unwrap_or(&EMPTY_CONFIG)
 }
 
 #[inline(always)]
-fn decide<P: Packet>(pkt: &P) -> Decision {
-    let parsed = match parse(pkt) {
-        Ok(p) => p,
+pub fn run_tc(ctx: &TcContext, hook: Hook) -> i32 {
+    let pkt = SkbPacket::new(ctx);
+    let cfg = config();
+    let Some(ev) = trace::start(hook, pkt.ifindex(), pkt.len()) else {
+        stats::count(hook, Reason::ScratchUnavailable, pkt.len());
+        return TC_ACT_OK;
+    };
+    let action = match classify(&pkt, ev) {
+        Some(ip) => service::handle(ctx, hook, cfg, ip.l4_off, ev),
+        None => tc_action(ev),
+    };
+    finish(hook, cfg, ev);
+    action
+}
+
+#[inline(always)]
+pub fn run_xdp(ctx: &XdpContext) -> u32 {
+    let pkt = XdpPacket::new(ctx);
+    let cfg = config();
+    let Some(ev) = trace::start(Hook::Xdp, pkt.ifindex(), pkt.len()) else {
+        stats::count(Hook::Xdp, Reason::ScratchUnavailable, pkt.len());
+        return xdp_action::XDP_PASS;
+    };
+    // Services are served by the tc programs (they share conntrack with every
+    // other path); XDP only drops what no path could use.
+    if classify(&pkt, ev).is_some() {
+        decide(ev, Verdict::Pass, Reason::XdpPassToTc);
+    }
+    finish(Hook::Xdp, cfg, ev);
+    if ev.verdict == Verdict::Drop as u8 {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+/// The tc action for a decision that needs no more than the verdict.
+#[inline(always)]
+fn tc_action(ev: &TraceEvent) -> i32 {
+    if ev.verdict == Verdict::Drop as u8 {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_OK
+    }
+}
+
+/// Parses the packet into `ev.original` (and `ev.translated`, its copy
+/// until something translates it). `Some`: an IPv4 TCP or UDP packet (first
+/// fragment) for service handling; `None`: the decision is made.
+#[inline(always)]
+fn classify<P: Packet>(pkt: &P, ev: &mut TraceEvent) -> Option<Ipv4Packet> {
+    let ip = match parse(pkt, &mut ev.original) {
+        Ok(Parsed::Ipv4(ip)) => ip,
+        Ok(Parsed::NotIpv4) => {
+            decide(ev, Verdict::Pass, Reason::NotIpv4);
+            return None;
+        }
         // Headers we could not pull in are not proof of a bad packet: leave
         // it to the stack.
         Err(_) if pkt.pull_failed() => {
-            return verdict(
-                Verdict::Pass,
-                Reason::HeaderPullFailed,
-                FlowTuple::default(),
-                0,
-            );
+            decide(ev, Verdict::Pass, Reason::HeaderPullFailed);
+            return None;
         }
-        Err(reason) => return verdict(Verdict::Drop, reason, FlowTuple::default(), 0),
-    };
-    let ip = match parsed {
-        Parsed::NotIpv4 => {
-            return verdict(Verdict::Pass, Reason::NotIpv4, FlowTuple::default(), 0);
-        }
-        Parsed::Ipv4(ip) => ip,
-    };
-    let reason = if ip.later_fragment {
-        Reason::Fragment
-    } else {
-        match ip.tuple.protocol {
-            // No service maps yet: every TCP/UDP packet passes through.
-            proto::IPPROTO_TCP | proto::IPPROTO_UDP => Reason::NoService,
-            _ => Reason::UnsupportedProtocol,
+        Err(reason) => {
+            decide(ev, Verdict::Drop, reason);
+            return None;
         }
     };
-    verdict(Verdict::Pass, reason, ip.tuple, ip.tcp_flags)
+    ev.translated = ev.original;
+    ev.tcp_flags = ip.tcp_flags;
+    if ip.later_fragment {
+        decide(ev, Verdict::Pass, Reason::Fragment);
+        return None;
+    }
+    match ip.protocol {
+        proto::IPPROTO_TCP | proto::IPPROTO_UDP => Some(ip),
+        _ => {
+            decide(ev, Verdict::Pass, Reason::UnsupportedProtocol);
+            None
+        }
+    }
 }
 
+/// Counts the decision and traces it if wanted.
 #[inline(always)]
-fn verdict(verdict: Verdict, reason: Reason, original: FlowTuple, tcp_flags: u8) -> Decision {
-    Decision {
-        verdict,
-        reason,
-        original,
-        tcp_flags,
+fn finish(hook: Hook, cfg: &DatapathConfig, ev: &mut TraceEvent) {
+    if let Some(reason) = Reason::from_u32(ev.reason) {
+        stats::count(hook, reason, ev.packet_len);
+    }
+    if trace::wanted(cfg, &ev.original) {
+        trace::emit(ev);
     }
 }

@@ -1,51 +1,52 @@
 //! dp's datapath programs.
 //!
 //! The entry points are thin: each names its hook and hands the packet to
-//! `datapath::run`, which decides, counts and traces. Every exit carries a
-//! verdict and a `Reason` (see `common::reason`).
+//! `datapath`, which decides, counts and traces. Every exit carries a verdict
+//! and a `Reason` (see `common::reason`). One module per concern: `parse`,
+//! `lb` (service maps), `conntrack`, `nat` (rewrites), `reject` (ICMP/RST
+//! answers), `fib` (redirects), `service` (the flow logic), `stats`, `trace`.
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod datapath;
+mod fib;
+mod lb;
 mod maps;
+mod nat;
 mod packet;
 mod parse;
+mod reject;
+mod service;
 mod stats;
 mod trace;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::TC_ACT_OK,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use common::{Hook, Verdict};
-
-use crate::packet::{SkbPacket, XdpPacket};
+use common::Hook;
 
 #[classifier]
 pub fn dp_tc_ingress(ctx: TcContext) -> i32 {
-    tc_action(datapath::run(&mut SkbPacket::new(&ctx), Hook::TcIngress))
+    datapath::run_tc(&ctx, Hook::TcIngress)
 }
 
 #[classifier]
 pub fn dp_tc_egress(ctx: TcContext) -> i32 {
-    tc_action(datapath::run(&mut SkbPacket::new(&ctx), Hook::TcEgress))
+    datapath::run_tc(&ctx, Hook::TcEgress)
 }
 
 #[xdp]
 pub fn dp_xdp(ctx: XdpContext) -> u32 {
-    match datapath::run(&mut XdpPacket::new(&ctx), Hook::Xdp) {
-        Verdict::Pass => xdp_action::XDP_PASS,
-        Verdict::Drop => xdp_action::XDP_DROP,
-    }
+    datapath::run_xdp(&ctx)
 }
 
-#[inline(always)]
-fn tc_action(verdict: Verdict) -> i32 {
-    match verdict {
-        Verdict::Pass => TC_ACT_OK,
-        Verdict::Drop => TC_ACT_SHOT,
-    }
+/// Does nothing: the floor the benchmarks compare the datapath with.
+#[classifier]
+pub fn dp_tc_noop(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
 }
 
 #[cfg(not(test))]

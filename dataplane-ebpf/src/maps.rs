@@ -1,11 +1,15 @@
 //! The maps of the dp object. Their key/value types live in `common`; userspace
-//! finds them by the names in `common::map_names`.
+//! finds them by the names in `common::map_names`. Sizes here are defaults;
+//! userspace may override them at load time.
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use common::{DatapathConfig, ReasonCounter, TraceEvent, COUNTER_SLOTS};
+use common::{
+    map_sizes, Backend, CtEntry, CtKey, DatapathConfig, ReasonCounter, RevNatValue, ServiceKey,
+    ServiceValue, TraceEvent, COUNTER_SLOTS,
+};
 
 /// Packets and bytes per (hook, reason); always on.
 #[map(name = "DP_COUNTERS")]
@@ -24,7 +28,34 @@ pub static DP_TRACE: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);
 #[map(name = "DP_TRACE_LOST")]
 pub static DP_TRACE_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// 1 MiB: about 10 000 events of buffering between reader wake-ups.
+/// Service frontends: master entries, backend slots, wildcard entries.
+#[map(name = "DP_SERVICES")]
+pub static DP_SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(map_sizes::SERVICES, 0);
+
+/// Backend id -> backend.
+#[map(name = "DP_BACKENDS")]
+pub static DP_BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(map_sizes::BACKENDS, 0);
+
+/// Service id -> the address replies must come from.
+#[map(name = "DP_REVNAT")]
+pub static DP_REVNAT: HashMap<u32, RevNatValue> = HashMap::with_max_entries(map_sizes::REVNAT, 0);
+
+/// Connection tracking of service flows (see `common::ct`).
+#[map(name = "DP_CT")]
+pub static DP_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(map_sizes::CT, 0);
+
+/// One decision record per CPU, built while a packet is handled and copied
+/// to `DP_TRACE` when traced (see `trace`).
+#[map(name = "DP_DECISION")]
+pub static DP_DECISION: PerCpuArray<TraceEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// One scratch buffer per CPU for building ICMP errors and TCP resets.
+#[map(name = "DP_SCRATCH")]
+pub static DP_SCRATCH: PerCpuArray<[u8; crate::reject::SCRATCH_LEN]> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// 1 MiB: about 9 000 events of buffering between reader wake-ups.
 const TRACE_RING_BYTES: u32 = 1 << 20;
 
 // The ring buffer hands out 8-byte aligned records.

@@ -6,6 +6,7 @@
 use core::mem::size_of;
 
 use common::{
+    addr::v4_mapped,
     trace::{proto, FAMILY_IPV4},
     FlowTuple, Reason,
 };
@@ -80,8 +81,9 @@ pub enum Parsed {
 }
 
 pub struct Ipv4Packet {
-    /// Addresses, ports (zero when not TCP/UDP or a later fragment), protocol.
-    pub tuple: FlowTuple,
+    /// Offset of the L4 header from the start of the frame.
+    pub l4_off: usize,
+    pub protocol: u8,
     pub tcp_flags: u8,
     /// A non-first fragment: it carries no L4 header.
     pub later_fragment: bool,
@@ -98,9 +100,11 @@ pub fn header<P: Packet, T>(pkt: &P, off: usize) -> Option<&T> {
     Some(unsafe { &*(start as *const T) })
 }
 
-/// Parses the frame's headers. `Err` is the reason for dropping it.
+/// Parses the frame's headers into `tuple` (addresses IPv4-mapped; ports
+/// zero when not TCP/UDP or a later fragment). `Err` is the reason for
+/// dropping it.
 #[inline(always)]
-pub fn parse<P: Packet>(pkt: &P) -> Result<Parsed, Reason> {
+pub fn parse<P: Packet>(pkt: &P, tuple: &mut FlowTuple) -> Result<Parsed, Reason> {
     let eth: &EthHdr = header(pkt, 0).ok_or(Reason::Malformed)?;
     if u16::from_be_bytes(eth.ether_type) != proto::ETH_P_IP {
         return Ok(Parsed::NotIpv4);
@@ -114,13 +118,10 @@ pub fn parse<P: Packet>(pkt: &P) -> Result<Parsed, Reason> {
         return Err(Reason::Malformed);
     }
     let l4_off = ETH_HLEN + ihl;
-    let mut tuple = FlowTuple {
-        protocol: ip.protocol,
-        family: FAMILY_IPV4,
-        ..FlowTuple::default()
-    };
-    tuple.saddr[..4].copy_from_slice(&ip.saddr);
-    tuple.daddr[..4].copy_from_slice(&ip.daddr);
+    tuple.saddr = v4_mapped(ip.saddr);
+    tuple.daddr = v4_mapped(ip.daddr);
+    tuple.protocol = ip.protocol;
+    tuple.family = FAMILY_IPV4;
     let later_fragment = u16::from_be_bytes(ip.frag_off) & IP_OFFSET_MASK != 0;
     let mut tcp_flags = 0;
     if !later_fragment {
@@ -140,7 +141,8 @@ pub fn parse<P: Packet>(pkt: &P) -> Result<Parsed, Reason> {
         }
     }
     Ok(Parsed::Ipv4(Ipv4Packet {
-        tuple,
+        l4_off,
+        protocol: ip.protocol,
         tcp_flags,
         later_fragment,
     }))

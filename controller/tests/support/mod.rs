@@ -1,0 +1,216 @@
+//! Frames and checks shared by the BPF_PROG_TEST_RUN tests: frames are built
+//! with etherparse, checksums verified by an independent one's-complement sum.
+#![allow(dead_code)]
+
+use aya::programs::{TestRun, TestRunOptions};
+use common::Hook;
+use dp::Datapath;
+use etherparse::PacketBuilder;
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
+pub const SERVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+
+pub fn load() -> Datapath {
+    e2e::require_root();
+    Datapath::load().expect("load the dp object")
+}
+
+/// An Ethernet/IPv4/TCP frame with the given flags, seq/ack and payload.
+#[allow(clippy::too_many_arguments)]
+pub fn tcp(
+    src: [u8; 4],
+    sport: u16,
+    dst: [u8; 4],
+    dport: u16,
+    flags: u8,
+    seq: u32,
+    ack: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2(CLIENT_MAC, SERVER_MAC)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, seq, 64240);
+    if flags & TCP_SYN != 0 {
+        b = b.syn();
+    }
+    if flags & TCP_ACK != 0 {
+        b = b.ack(ack);
+    }
+    if flags & TCP_FIN != 0 {
+        b = b.fin();
+    }
+    if flags & TCP_RST != 0 {
+        b = b.rst();
+    }
+    if flags & TCP_PSH != 0 {
+        b = b.psh();
+    }
+    let mut v = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut v, payload).unwrap();
+    v
+}
+
+pub fn tcp_syn(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    tcp(src, sport, dst, dport, TCP_SYN, 1000, 0, &[])
+}
+
+pub fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, SERVER_MAC)
+        .ipv4(src, dst, 64)
+        .udp(sport, dport);
+    let mut v = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut v, payload).unwrap();
+    v
+}
+
+/// A UDP frame whose checksum is 0 ("no checksum", allowed for IPv4).
+pub fn udp_no_checksum(
+    src: [u8; 4],
+    sport: u16,
+    dst: [u8; 4],
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut f = udp(src, sport, dst, dport, payload);
+    f[40] = 0;
+    f[41] = 0;
+    f
+}
+
+/// Recomputes the IPv4 header checksum of a frame (header at offset 14).
+pub fn fix_ipv4_checksum(frame: &mut [u8]) {
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    frame[24] = 0;
+    frame[25] = 0;
+    let sum = !fold(sum16(&frame[14..14 + ihl], 0));
+    frame[24..26].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// Runs `frame` through the program at `hook`: (return value, output frame).
+pub fn run(dp: &Datapath, hook: Hook, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ..TestRunOptions::default()
+    };
+    let result = match hook {
+        Hook::Xdp => dp.xdp_program().unwrap().test_run(opts),
+        _ => dp.tc_program(hook).unwrap().test_run(opts),
+    }
+    .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+pub fn sum16(data: &[u8], mut sum: u32) -> u32 {
+    for pair in data.chunks(2) {
+        let hi = u32::from(pair[0]) << 8;
+        let lo = pair.get(1).map_or(0, |b| u32::from(*b));
+        sum += hi | lo;
+    }
+    sum
+}
+
+pub fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// A parsed view of an Ethernet/IPv4 frame for assertions.
+#[derive(Debug)]
+pub struct Ipv4View<'a> {
+    pub frame: &'a [u8],
+    pub ihl: usize,
+}
+
+impl<'a> Ipv4View<'a> {
+    pub fn new(frame: &'a [u8]) -> Self {
+        assert!(frame.len() >= 34, "frame too short: {frame:?}");
+        assert_eq!(&frame[12..14], &[0x08, 0x00], "IPv4 ethertype");
+        Ipv4View {
+            frame,
+            ihl: usize::from(frame[14] & 0x0f) * 4,
+        }
+    }
+    pub fn dst_mac(&self) -> [u8; 6] {
+        self.frame[0..6].try_into().unwrap()
+    }
+    pub fn src_mac(&self) -> [u8; 6] {
+        self.frame[6..12].try_into().unwrap()
+    }
+    pub fn protocol(&self) -> u8 {
+        self.frame[23]
+    }
+    pub fn src(&self) -> [u8; 4] {
+        self.frame[26..30].try_into().unwrap()
+    }
+    pub fn dst(&self) -> [u8; 4] {
+        self.frame[30..34].try_into().unwrap()
+    }
+    pub fn tot_len(&self) -> usize {
+        usize::from(u16::from_be_bytes([self.frame[16], self.frame[17]]))
+    }
+    pub fn l4(&self) -> &'a [u8] {
+        &self.frame[14 + self.ihl..14 + self.tot_len()]
+    }
+    pub fn sport(&self) -> u16 {
+        u16::from_be_bytes([self.l4()[0], self.l4()[1]])
+    }
+    pub fn dport(&self) -> u16 {
+        u16::from_be_bytes([self.l4()[2], self.l4()[3]])
+    }
+    pub fn ip_checksum_ok(&self) -> bool {
+        fold(sum16(&self.frame[14..14 + self.ihl], 0)) == 0xffff
+    }
+    /// TCP or UDP checksum over the pseudo header (UDP 0 = none: true).
+    pub fn l4_checksum_ok(&self) -> bool {
+        let l4 = self.l4();
+        if self.protocol() == 17 && l4[6] == 0 && l4[7] == 0 {
+            return true;
+        }
+        let mut sum = sum16(&self.frame[26..34], 0);
+        sum += u32::from(self.protocol()) + l4.len() as u32;
+        fold(sum16(l4, sum)) == 0xffff
+    }
+    pub fn udp_checksum(&self) -> u16 {
+        u16::from_be_bytes([self.l4()[6], self.l4()[7]])
+    }
+    /// ICMP checksum over the whole ICMP message.
+    pub fn icmp_checksum_ok(&self) -> bool {
+        fold(sum16(self.l4(), 0)) == 0xffff
+    }
+    pub fn tcp_flags(&self) -> u8 {
+        self.l4()[13]
+    }
+    pub fn tcp_seq(&self) -> u32 {
+        u32::from_be_bytes(self.l4()[4..8].try_into().unwrap())
+    }
+    pub fn tcp_ack(&self) -> u32 {
+        u32::from_be_bytes(self.l4()[8..12].try_into().unwrap())
+    }
+    /// Everything after the L4 header (TCP data offset or the UDP header).
+    pub fn payload(&self) -> &'a [u8] {
+        let l4 = self.l4();
+        let hl = if self.protocol() == 6 {
+            usize::from(l4[12] >> 4) * 4
+        } else {
+            8
+        };
+        &l4[hl..]
+    }
+}

@@ -1,0 +1,117 @@
+//! Connection tracking of service flows: lookup, creation, refresh, state.
+//! Layout and semantics: `common::ct`.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use common::{
+    ct::{CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW},
+    trace::proto,
+    CtEntry, CtKey, CtTimeouts, FlowTuple,
+};
+
+use crate::maps::DP_CT;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+pub fn key(t: &FlowTuple) -> CtKey {
+    CtKey {
+        saddr: t.saddr,
+        daddr: t.daddr,
+        sport: t.sport,
+        dport: t.dport,
+        protocol: t.protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// The live entry for `key`; an expired entry counts as absent.
+#[inline(always)]
+pub fn lookup(key: &CtKey, now: u64) -> Option<*mut CtEntry> {
+    let e = DP_CT.get_ptr_mut(key)?;
+    // SAFETY: map value pointer.
+    if unsafe { (*e).expires_ns } <= now {
+        return None;
+    }
+    Some(e)
+}
+
+#[inline(always)]
+pub fn lifetime_ns(protocol: u8, state: u8, t: &CtTimeouts) -> u64 {
+    let secs = match (protocol, state) {
+        (proto::IPPROTO_TCP, CT_STATE_NEW) => t.tcp_syn,
+        (proto::IPPROTO_TCP, CT_STATE_ESTABLISHED) => t.tcp_established,
+        (proto::IPPROTO_TCP, _) => t.tcp_closing,
+        (_, CT_STATE_NEW) => t.udp,
+        _ => t.udp_replied,
+    };
+    u64::from(secs) * NS_PER_SEC
+}
+
+/// The flow's state after a packet with `tcp_flags` in the given direction.
+#[inline(always)]
+pub fn next_state(protocol: u8, state: u8, tcp_flags: u8, is_reply: bool) -> u8 {
+    if protocol == proto::IPPROTO_TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        CT_STATE_CLOSING
+    } else if is_reply && state == CT_STATE_NEW {
+        CT_STATE_ESTABLISHED
+    } else {
+        state
+    }
+}
+
+/// Refreshes `entry` for a packet; returns the new state if it changed (the
+/// caller then updates the other direction's entry too).
+#[inline(always)]
+pub fn refresh(
+    entry: *mut CtEntry,
+    protocol: u8,
+    tcp_flags: u8,
+    is_reply: bool,
+    now: u64,
+    t: &CtTimeouts,
+) -> Option<u8> {
+    // SAFETY: map value pointer from `lookup`.
+    let e = unsafe { &mut *entry };
+    let state = next_state(protocol, e.state, tcp_flags, is_reply);
+    e.expires_ns = now + lifetime_ns(protocol, state, t);
+    if state != e.state {
+        e.state = state;
+        Some(state)
+    } else {
+        None
+    }
+}
+
+/// Puts the other direction's entry in `state` (if it still exists).
+#[inline(always)]
+pub fn set_state(key: &CtKey, protocol: u8, state: u8, now: u64, t: &CtTimeouts) {
+    if let Some(e) = lookup(key, now) {
+        // SAFETY: map value pointer.
+        let e = unsafe { &mut *e };
+        e.state = state;
+        e.expires_ns = now + lifetime_ns(protocol, state, t);
+    }
+}
+
+#[inline(always)]
+pub fn insert(key: &CtKey, entry: &CtEntry) -> Result<(), ()> {
+    DP_CT.insert(key, entry, 0).map_err(|_| ())
+}
+
+#[inline(always)]
+pub fn exists(key: &CtKey, now: u64) -> bool {
+    lookup(key, now).is_some()
+}
+
+#[inline(always)]
+pub fn remove(key: &CtKey) {
+    let _ = DP_CT.remove(key);
+}

@@ -1,0 +1,82 @@
+//! Rewriting addresses and ports of an IPv4 TCP/UDP packet in tc, keeping
+//! the IP and L4 checksums valid (incrementally, via the kernel's csum
+//! helpers; a UDP checksum of 0 stays 0).
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
+use common::{trace::proto, FlowTuple};
+
+use crate::parse::ETH_HLEN;
+
+const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+const IP_SRC_OFF: usize = ETH_HLEN + 12;
+const IP_DST_OFF: usize = ETH_HLEN + 16;
+
+/// Rewrites the packet from tuple `from` to tuple `to` (fields that differ).
+#[inline(always)]
+pub fn rewrite(ctx: &TcContext, l4_off: usize, from: &FlowTuple, to: &FlowTuple) -> Result<(), ()> {
+    let (csum_off, l4_flags) = if from.protocol == proto::IPPROTO_TCP {
+        (l4_off + 16, 0)
+    } else {
+        (l4_off + 6, u64::from(BPF_F_MARK_MANGLED_0))
+    };
+    if from.saddr != to.saddr {
+        set_addr(ctx, IP_SRC_OFF, csum_off, &from.saddr, &to.saddr, l4_flags)?;
+    }
+    if from.daddr != to.daddr {
+        set_addr(ctx, IP_DST_OFF, csum_off, &from.daddr, &to.daddr, l4_flags)?;
+    }
+    if from.sport != to.sport {
+        set_port(ctx, l4_off, csum_off, from.sport, to.sport, l4_flags)?;
+    }
+    if from.dport != to.dport {
+        set_port(ctx, l4_off + 2, csum_off, from.dport, to.dport, l4_flags)?;
+    }
+    Ok(())
+}
+
+/// The IPv4 address of a 16-byte (IPv4-mapped) address, as the 32-bit word
+/// the checksum helpers take (network byte order in memory).
+#[inline(always)]
+fn word(a: &[u8; 16]) -> u32 {
+    u32::from_ne_bytes([a[12], a[13], a[14], a[15]])
+}
+
+#[inline(always)]
+fn set_addr(
+    ctx: &TcContext,
+    off: usize,
+    csum_off: usize,
+    from: &[u8; 16],
+    to: &[u8; 16],
+    l4_flags: u64,
+) -> Result<(), ()> {
+    let (old, new) = (u64::from(word(from)), u64::from(word(to)));
+    ctx.l4_csum_replace(
+        csum_off,
+        old,
+        new,
+        u64::from(BPF_F_PSEUDO_HDR) | 4 | l4_flags,
+    )
+    .map_err(|_| ())?;
+    ctx.l3_csum_replace(IP_CSUM_OFF, old, new, 4)
+        .map_err(|_| ())?;
+    ctx.store(off, &word(to), 0).map_err(|_| ())
+}
+
+#[inline(always)]
+fn set_port(
+    ctx: &TcContext,
+    off: usize,
+    csum_off: usize,
+    from: u16,
+    to: u16,
+    l4_flags: u64,
+) -> Result<(), ()> {
+    let (old, new) = (u64::from(from.to_be()), u64::from(to.to_be()));
+    ctx.l4_csum_replace(csum_off, old, new, 2 | l4_flags)
+        .map_err(|_| ())?;
+    ctx.store(off, &to.to_be(), 0).map_err(|_| ())
+}

@@ -1,0 +1,215 @@
+//! Answers built in the datapath, like kube-proxy's REJECT: an ICMP port
+//! unreachable (service without endpoints, port not served) and a TCP reset
+//! (flow to a removed backend). The packet is rewritten in place into the
+//! answer and redirected back towards the sender.
+
+use aya_ebpf::{
+    bindings::BPF_F_INGRESS,
+    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes},
+    programs::TcContext,
+};
+use common::{trace::proto, Hook};
+
+use crate::{
+    maps::DP_SCRATCH,
+    parse::{EthHdr, Ipv4Hdr, TcpHdr, ETH_HLEN},
+};
+
+const IPV4_HLEN: usize = 20;
+const ICMP_HLEN: usize = 8;
+const TCP_HLEN: usize = 20;
+/// The original IP header (with options) and the first 8 bytes after it.
+const INNER_MAX: usize = 60 + 8;
+const ICMP_REPLY_MAX: usize = ETH_HLEN + IPV4_HLEN + ICMP_HLEN + INNER_MAX;
+/// Size of a `DP_SCRATCH` buffer: fits either answer.
+pub const SCRATCH_LEN: usize = 128;
+const _: () = assert!(ICMP_REPLY_MAX <= SCRATCH_LEN);
+const TCP_RESET_LEN: usize = ETH_HLEN + IPV4_HLEN + TCP_HLEN;
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_PORT_UNREACH: u8 = 3;
+const TCP_FLAG_FIN: u8 = 0x01;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_RST: u8 = 0x04;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+/// Turns the packet into an ICMP port unreachable from its destination to
+/// its source and redirects it back; returns the tc action.
+#[inline(always)]
+pub fn icmp_port_unreachable(ctx: &TcContext, hook: Hook) -> Result<i32, ()> {
+    let eth: EthHdr = ctx.load(0).map_err(|_| ())?;
+    let ip: Ipv4Hdr = ctx.load(ETH_HLEN).map_err(|_| ())?;
+    // Explicit bounds on a fresh read: the verifier needs them for the
+    // variable-length copy below.
+    let inner_len = usize::from(ip.version_ihl & 0x0f) * 4 + 8;
+    if inner_len < IPV4_HLEN + 8 || inner_len > INNER_MAX {
+        return Err(());
+    }
+    if (ctx.len() as usize) < ETH_HLEN + inner_len {
+        return Err(());
+    }
+    let buf = scratch()?;
+    *buf = [0; SCRATCH_LEN];
+    let inner_off = ETH_HLEN + IPV4_HLEN + ICMP_HLEN;
+    // The helper directly: aya's load_bytes clamps the length to the packet,
+    // which the verifier then sees as possibly zero.
+    // SAFETY: `inner_len` bytes fit in `buf` after `inner_off` (checked).
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            ETH_HLEN as u32,
+            buf[inner_off..].as_mut_ptr().cast(),
+            inner_len as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(());
+    }
+    let total = inner_off + inner_len;
+
+    write_eth_reply(buf, &eth);
+    write_ipv4(
+        buf,
+        (IPV4_HLEN + ICMP_HLEN + inner_len) as u16,
+        proto::IPPROTO_ICMP,
+        ip.daddr,
+        ip.saddr,
+    );
+    let icmp = ETH_HLEN + IPV4_HLEN;
+    buf[icmp] = ICMP_DEST_UNREACH;
+    buf[icmp + 1] = ICMP_PORT_UNREACH;
+    let sum = fold(sum_words(buf, icmp, ICMP_HLEN + inner_len, 0));
+    buf[icmp + 2..icmp + 4].copy_from_slice(&sum.to_be_bytes());
+    send_back(ctx, hook, buf, total)
+}
+
+/// Turns a TCP packet into a reset from its destination to its source, as a
+/// closed port would answer it (RFC 793), and redirects it back.
+#[inline(always)]
+pub fn tcp_reset(ctx: &TcContext, hook: Hook, l4_off: usize) -> Result<i32, ()> {
+    let eth: EthHdr = ctx.load(0).map_err(|_| ())?;
+    let ip: Ipv4Hdr = ctx.load(ETH_HLEN).map_err(|_| ())?;
+    let tcp: TcpHdr = ctx.load(l4_off).map_err(|_| ())?;
+    let ihl = usize::from(ip.version_ihl & 0x0f) * 4;
+    let doff = usize::from(tcp.data_offset >> 4) * 4;
+    let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    let payload = tot_len.saturating_sub(ihl + doff) as u32;
+
+    let buf = scratch()?;
+    *buf = [0; SCRATCH_LEN];
+    write_eth_reply(buf, &eth);
+    write_ipv4(
+        buf,
+        (IPV4_HLEN + TCP_HLEN) as u16,
+        proto::IPPROTO_TCP,
+        ip.daddr,
+        ip.saddr,
+    );
+    let t = ETH_HLEN + IPV4_HLEN;
+    buf[t..t + 2].copy_from_slice(&tcp.dest);
+    buf[t + 2..t + 4].copy_from_slice(&tcp.source);
+    if tcp.flags & TCP_FLAG_ACK != 0 {
+        buf[t + 4..t + 8].copy_from_slice(&tcp.ack_seq);
+        buf[t + 13] = TCP_FLAG_RST;
+    } else {
+        let mut ack = u32::from_be_bytes(tcp.seq).wrapping_add(payload);
+        if tcp.flags & TCP_FLAG_SYN != 0 {
+            ack = ack.wrapping_add(1);
+        }
+        if tcp.flags & TCP_FLAG_FIN != 0 {
+            ack = ack.wrapping_add(1);
+        }
+        buf[t + 8..t + 12].copy_from_slice(&ack.to_be_bytes());
+        buf[t + 13] = TCP_FLAG_RST | TCP_FLAG_ACK;
+    }
+    buf[t + 12] = (TCP_HLEN as u8 / 4) << 4;
+    // Pseudo header: addresses, protocol, TCP length.
+    let mut pseudo = sum_words(buf, ETH_HLEN + 12, 8, 0);
+    pseudo += u32::from(proto::IPPROTO_TCP) + TCP_HLEN as u32;
+    let sum = fold(sum_words(buf, t, TCP_HLEN, pseudo));
+    buf[t + 16..t + 18].copy_from_slice(&sum.to_be_bytes());
+    send_back(ctx, hook, buf, TCP_RESET_LEN)
+}
+
+/// This CPU's scratch buffer (too big for the 512-byte BPF stack).
+#[inline(always)]
+fn scratch() -> Result<&'static mut [u8; SCRATCH_LEN], ()> {
+    // SAFETY: per-CPU value; programs do not nest on one CPU in tc.
+    DP_SCRATCH
+        .get_ptr_mut(0)
+        .map(|p| unsafe { &mut *p })
+        .ok_or(())
+}
+
+/// Ethernet header of a reply: addresses swapped, IPv4.
+#[inline(always)]
+fn write_eth_reply(buf: &mut [u8], eth: &EthHdr) {
+    buf[0..6].copy_from_slice(&eth.src);
+    buf[6..12].copy_from_slice(&eth.dst);
+    buf[12..14].copy_from_slice(&proto::ETH_P_IP.to_be_bytes());
+}
+
+/// A 20-byte IPv4 header at `ETH_HLEN` with its checksum.
+#[inline(always)]
+fn write_ipv4(buf: &mut [u8], tot_len: u16, protocol: u8, saddr: [u8; 4], daddr: [u8; 4]) {
+    let h = ETH_HLEN;
+    buf[h] = 0x45;
+    buf[h + 2..h + 4].copy_from_slice(&tot_len.to_be_bytes());
+    buf[h + 6] = 0x40; // DF
+    buf[h + 8] = 64; // TTL
+    buf[h + 9] = protocol;
+    buf[h + 12..h + 16].copy_from_slice(&saddr);
+    buf[h + 16..h + 20].copy_from_slice(&daddr);
+    let sum = fold(sum_words(buf, h, IPV4_HLEN, 0));
+    buf[h + 10..h + 12].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// One's-complement sum of the 16-bit words of `buf[off..off + len]`.
+#[inline(always)]
+fn sum_words(buf: &[u8], off: usize, len: usize, mut sum: u32) -> u32 {
+    let mut i = 0;
+    while i + 1 < len && off + i + 1 < buf.len() {
+        sum += u32::from(u16::from_be_bytes([buf[off + i], buf[off + i + 1]]));
+        i += 2;
+    }
+    sum
+}
+
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Replaces the packet with `buf[..len]` and redirects it to the sender: out
+/// of the interface it came in on (ingress), or up into this host's stack
+/// (egress: the sender is a local process).
+#[inline(always)]
+fn send_back<const N: usize>(
+    ctx: &TcContext,
+    hook: Hook,
+    buf: &[u8; N],
+    len: usize,
+) -> Result<i32, ()> {
+    if len > N {
+        return Err(());
+    }
+    let skb = ctx.skb.skb;
+    // SAFETY: the context pointer; `len` is within `buf`.
+    unsafe {
+        if bpf_skb_change_tail(skb, len as u32, 0) != 0 {
+            return Err(());
+        }
+        if bpf_skb_store_bytes(skb.cast(), 0, buf.as_ptr().cast(), len as u32, 0) != 0 {
+            return Err(());
+        }
+        let ifindex = (*skb).ifindex;
+        let flags = if hook == Hook::TcEgress {
+            u64::from(BPF_F_INGRESS)
+        } else {
+            0
+        };
+        Ok(bpf_redirect(ifindex, flags) as i32)
+    }
+}

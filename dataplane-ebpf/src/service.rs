@@ -1,0 +1,371 @@
+//! Service handling in tc: conntrack first (established flows and replies),
+//! then the service maps (new flows, rejects). kube-proxy's semantics:
+//! random backend per new flow, terminating fallback, REJECT without
+//! endpoints, masquerade from outside the cluster CIDR and for hairpin.
+//!
+//! The packet's tuple is `ev.original`; each step writes the translation to
+//! `ev.translated` and records its decision in `ev` (the packet's per-CPU
+//! decision record, see `trace`).
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_get_prandom_u32,
+    programs::TcContext,
+};
+use common::{
+    addr::in_prefix,
+    config::CONFIG_MASQUERADE_ALL,
+    ct::{CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, CT_STATE_NEW},
+    trace::proto,
+    Backend, CtEntry, CtKey, DatapathConfig, FlowTuple, Hook, Reason, TraceEvent, Verdict,
+};
+
+use crate::{
+    conntrack::{self as ct, now_ns},
+    fib,
+    lb::{self, ServiceLookup},
+    maps::DP_REVNAT,
+    nat, reject,
+    trace::decide,
+};
+
+/// Ephemeral range for masquerade ports when the client's port is taken.
+const NAT_PORT_MIN: u32 = 32_768;
+const NAT_PORT_SPAN: u32 = 28_232;
+const NAT_PORT_TRIES: u32 = 4;
+
+/// One packet being handled: what every step reads. Passed by reference,
+/// since BPF functions take at most five arguments.
+pub struct Flow<'a> {
+    pub ctx: &'a TcContext,
+    pub hook: Hook,
+    pub cfg: &'a DatapathConfig,
+    pub l4_off: usize,
+    pub now: u64,
+}
+
+/// What a step decided; `handle` carries it out. Steps never call each
+/// other: the BPF stack (512 bytes) is shared by the whole call chain, so
+/// the chain is kept at entry point -> `handle` -> one step.
+enum Step {
+    /// Decided; the tc action.
+    Done(i32),
+    /// A backend was picked for a new flow: track it (flags for `CtEntry`).
+    Track(u8),
+    /// Rewrite to `ev.translated` and send on, for this reason.
+    Forward(Reason),
+    /// Answer with ICMP port unreachable, for this reason.
+    Reject(Reason),
+    /// Answer a TCP packet of a flow whose backend is gone with a reset.
+    Reset,
+    /// The flow's backend is gone.
+    BackendGone,
+}
+
+#[inline(never)]
+pub fn handle(
+    ctx: &TcContext,
+    hook: Hook,
+    cfg: &DatapathConfig,
+    l4_off: usize,
+    ev: &mut TraceEvent,
+) -> i32 {
+    let f = Flow {
+        ctx,
+        hook,
+        cfg,
+        l4_off,
+        now: now_ns(),
+    };
+    let mut step = match ct::lookup(&ct::key(&ev.original), f.now) {
+        // SAFETY: map value pointer from a successful lookup.
+        Some(e) if unsafe { (*e).direction } == CT_DIR_REPLY => reply(&f, ev, e),
+        Some(e) => established(&f, ev, e),
+        None => new_flow(&f, ev),
+    };
+    step = match step {
+        Step::BackendGone => backend_gone(&f, ev),
+        Step::Track(flags) => track(&f, ev, flags),
+        other => other,
+    };
+    match step {
+        Step::Done(action) => action,
+        Step::Forward(reason) => forward(&f, ev, reason),
+        Step::Reject(reason) => reject(&f, ev, reason),
+        Step::Reset => reset(&f, ev),
+        Step::Track(_) | Step::BackendGone => drop(ev, Reason::ServiceInconsistent),
+    }
+}
+
+// The steps below are separate BPF functions (not inlined), each with its
+// own stack frame.
+
+/// No conntrack entry: a new flow to a service, a reject, or not a service.
+#[inline(never)]
+fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
+    let t = &ev.original;
+    let (key, master) = match lb::lookup(&t.daddr, t.dport, t.protocol) {
+        ServiceLookup::NotAService => {
+            decide(ev, Verdict::Pass, Reason::NoService);
+            return Step::Done(TC_ACT_OK);
+        }
+        ServiceLookup::PortNotServed => return Step::Reject(Reason::PortNotServed),
+        ServiceLookup::Frontend(key, master) => (key, master),
+    };
+    ev.service_id = master.service_id;
+    let (backend_id, backend) = match lb::select_backend(&key, &master) {
+        Ok(b) => b,
+        Err(Reason::NoEndpoints) => return Step::Reject(Reason::NoEndpoints),
+        Err(r) => return Step::Done(drop(ev, r)),
+    };
+    ev.backend_id = backend_id;
+    let cfg = f.cfg;
+    let t = &ev.original;
+    let hairpin = t.saddr == backend.addr;
+    let masquerade = hairpin
+        || cfg.flags & CONFIG_MASQUERADE_ALL != 0
+        || (cfg.cluster_cidr_len != 0
+            && !in_prefix(&t.saddr, &cfg.cluster_cidr, cfg.cluster_cidr_len));
+    let x = &mut ev.translated;
+    x.daddr = backend.addr;
+    x.dport = backend.port;
+    if !masquerade {
+        return Step::Track(0);
+    }
+    x.saddr = cfg.node_ip;
+    match free_nat_port(x, f.now) {
+        Some(port) => x.sport = port,
+        None => return Step::Done(drop(ev, Reason::NatPortsExhausted)),
+    }
+    Step::Track(CT_FLAG_SNAT | if hairpin { CT_FLAG_HAIRPIN } else { 0 })
+}
+
+/// Creates the conntrack entries of a new flow (`ev.original` ->
+/// `ev.translated`): the reply direction first, so a reply never misses it.
+#[inline(never)]
+fn track(f: &Flow, ev: &mut TraceEvent, flags: u8) -> Step {
+    let (t, x) = (&ev.original, &ev.translated);
+    let mut entry = CtEntry {
+        expires_ns: f.now + ct::lifetime_ns(t.protocol, CT_STATE_NEW, &f.cfg.ct_timeouts),
+        backend_id: ev.backend_id,
+        service_id: ev.service_id,
+        nat_addr: t.saddr,
+        nat_port: t.sport,
+        state: CT_STATE_NEW,
+        flags,
+        direction: CT_DIR_REPLY,
+        _pad: [0; 3],
+    };
+    let reply_key = reversed_key(x);
+    if ct::insert(&reply_key, &entry).is_err() {
+        return Step::Done(drop(ev, Reason::ConntrackFull));
+    }
+    entry.nat_addr = x.saddr;
+    entry.nat_port = x.sport;
+    entry.direction = CT_DIR_ORIGINAL;
+    if ct::insert(&ct::key(t), &entry).is_err() {
+        ct::remove(&reply_key);
+        return Step::Done(drop(ev, Reason::ConntrackFull));
+    }
+    Step::Forward(Reason::NewFlow)
+}
+
+/// A packet of a tracked flow, client -> service.
+#[inline(never)]
+fn established(f: &Flow, ev: &mut TraceEvent, e: *mut CtEntry) -> Step {
+    // SAFETY: map value pointer from the lookup in `handle`.
+    let entry = unsafe { &*e };
+    ev.service_id = entry.service_id;
+    let Some(backend) = lb::backend(entry.backend_id) else {
+        return Step::BackendGone;
+    };
+    ev.backend_id = entry.backend_id;
+    translate(&mut ev.translated, &backend, entry);
+    let (protocol, timeouts) = (ev.original.protocol, &f.cfg.ct_timeouts);
+    if let Some(state) = ct::refresh(e, protocol, ev.tcp_flags, false, f.now, timeouts) {
+        ct::set_state(
+            &reversed_key(&ev.translated),
+            protocol,
+            state,
+            f.now,
+            timeouts,
+        );
+    }
+    Step::Forward(Reason::Established)
+}
+
+/// The flow's backend was removed. UDP: move the flow to a live backend (no
+/// stale conntrack). TCP: reset the client so it fails fast.
+#[inline(never)]
+fn backend_gone(f: &Flow, ev: &mut TraceEvent) -> Step {
+    let t = &ev.original;
+    // Looked up again (rare path): a map pointer does not survive `Step`.
+    let Some(e) = ct::lookup(&ct::key(t), f.now) else {
+        return Step::Done(drop(ev, Reason::ServiceInconsistent));
+    };
+    if t.protocol == proto::IPPROTO_TCP {
+        ct::remove(&ct::key(t));
+        return Step::Reset;
+    }
+    let picked = match lb::lookup(&t.daddr, t.dport, t.protocol) {
+        ServiceLookup::Frontend(key, master) => lb::select_backend(&key, &master),
+        _ => Err(Reason::NoEndpoints),
+    };
+    let (backend_id, backend) = match picked {
+        Ok(b) => b,
+        Err(Reason::NoEndpoints) => {
+            ct::remove(&ct::key(t));
+            return Step::Reject(Reason::NoEndpoints);
+        }
+        Err(r) => return Step::Done(drop(ev, r)),
+    };
+    // SAFETY: map value pointer from the lookup in `handle`.
+    let entry = unsafe { &mut *e };
+    entry.backend_id = backend_id;
+    ev.backend_id = backend_id;
+    translate(&mut ev.translated, &backend, entry);
+    let t = &ev.original;
+    let reply_entry = CtEntry {
+        nat_addr: t.saddr,
+        nat_port: t.sport,
+        direction: CT_DIR_REPLY,
+        ..*entry
+    };
+    if ct::insert(&reversed_key(&ev.translated), &reply_entry).is_err() {
+        return Step::Done(drop(ev, Reason::ConntrackFull));
+    }
+    Step::Forward(Reason::BackendGoneRepicked)
+}
+
+/// A reply of a tracked flow, backend -> client: back to the service address
+/// (and to the client's own address if it was masqueraded).
+#[inline(never)]
+fn reply(f: &Flow, ev: &mut TraceEvent, e: *mut CtEntry) -> Step {
+    // SAFETY: map value pointer from the lookup in `handle`.
+    let entry = unsafe { &*e };
+    ev.service_id = entry.service_id;
+    ev.backend_id = entry.backend_id;
+    let Some(frontend) = DP_REVNAT.get_ptr(&entry.service_id) else {
+        return Step::Done(drop(ev, Reason::ServiceInconsistent));
+    };
+    let x = &mut ev.translated;
+    // SAFETY: map value pointer.
+    unsafe {
+        x.saddr = (*frontend).addr;
+        x.sport = (*frontend).port;
+    }
+    if entry.flags & CT_FLAG_SNAT != 0 {
+        x.daddr = entry.nat_addr;
+        x.dport = entry.nat_port;
+    }
+    let (protocol, timeouts) = (ev.original.protocol, &f.cfg.ct_timeouts);
+    if let Some(state) = ct::refresh(e, protocol, ev.tcp_flags, true, f.now, timeouts) {
+        ct::set_state(
+            &reversed_key(&ev.translated),
+            protocol,
+            state,
+            f.now,
+            timeouts,
+        );
+    }
+    if nat::rewrite(f.ctx, f.l4_off, &ev.original, &ev.translated).is_err() {
+        return Step::Done(drop(ev, Reason::RewriteFailed));
+    }
+    decide(ev, Verdict::Forward, Reason::ReplyReverseNat);
+    Step::Done(TC_ACT_OK)
+}
+
+/// Client -> service tuple `x` translated to `backend` (and the masquerade
+/// source, if the flow has one).
+#[inline(always)]
+fn translate(x: &mut FlowTuple, backend: &Backend, entry: &CtEntry) {
+    x.daddr = backend.addr;
+    x.dport = backend.port;
+    if entry.flags & CT_FLAG_SNAT != 0 {
+        x.saddr = entry.nat_addr;
+        x.sport = entry.nat_port;
+    }
+}
+
+/// The conntrack key of the packets coming back for translated tuple `x`.
+#[inline(always)]
+fn reversed_key(x: &FlowTuple) -> CtKey {
+    CtKey {
+        saddr: x.daddr,
+        daddr: x.saddr,
+        sport: x.dport,
+        dport: x.sport,
+        protocol: x.protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// A masquerade source port for `x` (whose `saddr` is the masquerade
+/// address): the client's own port if free, else a few random tries.
+#[inline(always)]
+fn free_nat_port(x: &FlowTuple, now: u64) -> Option<u16> {
+    let mut key = reversed_key(x);
+    let mut i = 0;
+    while i <= NAT_PORT_TRIES {
+        if !ct::exists(&key, now) {
+            return Some(key.dport);
+        }
+        // SAFETY: helper without preconditions.
+        let r = unsafe { bpf_get_prandom_u32() } % NAT_PORT_SPAN;
+        key.dport = (NAT_PORT_MIN + r) as u16;
+        i += 1;
+    }
+    None
+}
+
+/// Rewrites the packet to `ev.translated` and sends it on: at ingress the
+/// stack routes it; at egress (this host's own traffic) it was routed for the
+/// service address, so it is redirected towards the backend.
+#[inline(never)]
+fn forward(f: &Flow, ev: &mut TraceEvent, reason: Reason) -> i32 {
+    if nat::rewrite(f.ctx, f.l4_off, &ev.original, &ev.translated).is_err() {
+        return drop(ev, Reason::RewriteFailed);
+    }
+    let action = if f.hook == Hook::TcEgress {
+        match fib::redirect_to(f.ctx, &ev.translated) {
+            Ok(action) => action,
+            Err(()) => return drop(ev, Reason::NoRouteToBackend),
+        }
+    } else {
+        TC_ACT_OK
+    };
+    decide(ev, Verdict::Forward, reason);
+    action
+}
+
+/// Answers with ICMP port unreachable (kube-proxy's REJECT).
+#[inline(never)]
+fn reject(f: &Flow, ev: &mut TraceEvent, reason: Reason) -> i32 {
+    match reject::icmp_port_unreachable(f.ctx, f.hook) {
+        Ok(action) => {
+            decide(ev, Verdict::Reject, reason);
+            action
+        }
+        Err(()) => drop(ev, Reason::RejectFailed),
+    }
+}
+
+/// Resets a TCP flow whose backend is gone.
+#[inline(never)]
+fn reset(f: &Flow, ev: &mut TraceEvent) -> i32 {
+    match reject::tcp_reset(f.ctx, f.hook, f.l4_off) {
+        Ok(action) => {
+            decide(ev, Verdict::Reject, Reason::BackendGoneReset);
+            action
+        }
+        Err(()) => drop(ev, Reason::RejectFailed),
+    }
+}
+
+/// Drops the packet for `reason`.
+#[inline(always)]
+fn drop(ev: &mut TraceEvent, reason: Reason) -> i32 {
+    ev.translated = ev.original;
+    decide(ev, Verdict::Drop, reason);
+    TC_ACT_SHOT
+}
