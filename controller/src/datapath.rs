@@ -202,6 +202,42 @@ impl Datapath {
         })
     }
 
+    /// Changes the configuration with `f` (read, modify, write).
+    pub fn update_config(&mut self, f: impl FnOnce(&mut DatapathConfig)) -> Result<()> {
+        let mut config = self.config()?;
+        f(&mut config);
+        self.set_config(config)
+    }
+
+    /// Sets the node's address (masquerade source), kube-proxy's
+    /// `--cluster-cidr` (traffic from outside it to a service is masqueraded)
+    /// and `--masquerade-all`.
+    pub fn set_node(
+        &mut self,
+        node_ip: std::net::IpAddr,
+        cluster_cidr: Option<(std::net::IpAddr, u8)>,
+        masquerade_all: bool,
+    ) -> Result<()> {
+        self.update_config(|c| {
+            c.node_ip = crate::services::addr16(node_ip);
+            match cluster_cidr {
+                Some((net, len)) => {
+                    c.cluster_cidr = crate::services::addr16(net);
+                    c.cluster_cidr_len = if net.is_ipv4() { 96 + len } else { len };
+                }
+                None => {
+                    c.cluster_cidr = [0; 16];
+                    c.cluster_cidr_len = 0;
+                }
+            }
+            if masquerade_all {
+                c.flags |= common::config::CONFIG_MASQUERADE_ALL;
+            } else {
+                c.flags &= !common::config::CONFIG_MASQUERADE_ALL;
+            }
+        })
+    }
+
     /// Turns per-packet trace events on or off.
     pub fn set_tracing(&mut self, enabled: bool) -> Result<()> {
         let config = DatapathConfig {

@@ -1,0 +1,571 @@
+//! BPF_PROG_TEST_RUN tests of the ClusterIP rules (kube-proxy's semantics) on
+//! crafted frames: output bytes, checksums, return codes, conntrack and
+//! counters, the generated ICMP errors and TCP resets.
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+
+use common::{
+    addr::v4_mapped,
+    ct::{
+        CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, CT_STATE_ESTABLISHED,
+        CT_STATE_NEW,
+    },
+    CtEntry, CtKey, CtTimeouts, Hook, Reason, Verdict,
+};
+use dp::{BackendSlots, Datapath, Frontend, MapSizes};
+use support::*;
+
+const CLIENT: [u8; 4] = [10, 244, 1, 5];
+const OUTSIDE: [u8; 4] = [192, 168, 7, 50];
+const VIP: [u8; 4] = [10, 96, 0, 10];
+const NODE: [u8; 4] = [172, 18, 0, 2];
+const B1: [u8; 4] = [10, 244, 2, 7];
+const B2: [u8; 4] = [10, 244, 2, 8];
+const B3: [u8; 4] = [10, 244, 3, 9];
+const SERVICE_ID: u32 = 10;
+
+fn sa(ip: [u8; 4], port: u16) -> SocketAddr {
+    SocketAddr::from((ip, port))
+}
+
+/// A datapath with node 172.18.0.2, cluster CIDR 10.244.0.0/16 and one TCP
+/// and one UDP frontend on 10.96.0.10:80 with the given backends (port 8080).
+fn setup(ready: &[(u32, [u8; 4])], terminating: &[(u32, [u8; 4])]) -> Datapath {
+    let mut dp = load();
+    dp.set_node(
+        IpAddr::from(NODE),
+        Some((IpAddr::from([10, 244, 0, 0]), 16)),
+        false,
+    )
+    .unwrap();
+    set_backends(&mut dp, ready, terminating);
+    dp
+}
+
+fn set_backends(dp: &mut Datapath, ready: &[(u32, [u8; 4])], terminating: &[(u32, [u8; 4])]) {
+    for (id, ip) in ready {
+        dp.set_backend(*id, sa(*ip, 8080), 6, false).unwrap();
+    }
+    for (id, ip) in terminating {
+        dp.set_backend(*id, sa(*ip, 8080), 6, true).unwrap();
+    }
+    let slots = BackendSlots {
+        ready: ready.iter().map(|b| b.0).collect(),
+        terminating: terminating.iter().map(|b| b.0).collect(),
+    };
+    dp.set_service(&Frontend::tcp(sa(VIP, 80)), SERVICE_ID, &slots)
+        .unwrap();
+    dp.set_service(&Frontend::udp(sa(VIP, 80)), SERVICE_ID + 1, &slots)
+        .unwrap();
+}
+
+fn ct_key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, protocol: u8) -> CtKey {
+    CtKey {
+        saddr: v4_mapped(src),
+        daddr: v4_mapped(dst),
+        sport,
+        dport,
+        protocol,
+        _pad: [0; 3],
+    }
+}
+
+fn ct_get(dp: &Datapath, key: &CtKey) -> Option<CtEntry> {
+    dp.ct_entries()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, e)| e)
+}
+
+/// Runs at tc ingress and checks it was forwarded with valid checksums.
+fn forward(dp: &Datapath, frame: &[u8]) -> Vec<u8> {
+    let (ret, out) = run(dp, Hook::TcIngress, frame);
+    assert_eq!(ret, TC_ACT_OK, "forwarded");
+    let v = Ipv4View::new(&out);
+    assert!(v.ip_checksum_ok(), "IP checksum");
+    assert!(v.l4_checksum_ok(), "L4 checksum");
+    out
+}
+
+#[test]
+fn a_new_tcp_flow_is_dnated_to_its_backend_and_tracked() {
+    let dp = setup(&[(1, B1)], &[]);
+    let out = forward(&dp, &tcp_syn(CLIENT, 40000, VIP, 80));
+    let v = Ipv4View::new(&out);
+    assert_eq!((v.src(), v.sport()), (CLIENT, 40000), "pod source kept");
+    assert_eq!((v.dst(), v.dport()), (B1, 8080));
+    assert_eq!(v.tcp_flags(), TCP_SYN);
+    assert_eq!(
+        dp.counters()
+            .unwrap()
+            .packets(Hook::TcIngress, Reason::NewFlow),
+        1
+    );
+
+    let orig = ct_get(&dp, &ct_key(CLIENT, 40000, VIP, 80, 6)).expect("original entry");
+    assert_eq!(orig.direction, CT_DIR_ORIGINAL);
+    assert_eq!((orig.backend_id, orig.service_id), (1, SERVICE_ID));
+    assert_eq!((orig.state, orig.flags), (CT_STATE_NEW, 0));
+    let reply = ct_get(&dp, &ct_key(B1, 8080, CLIENT, 40000, 6)).expect("reply entry");
+    assert_eq!(reply.direction, CT_DIR_REPLY);
+    let now = dp::services::monotonic_ns();
+    let syn_timeout = u64::from(CtTimeouts::DEFAULT.tcp_syn) * 1_000_000_000;
+    assert!(orig.expires_ns > now && orig.expires_ns <= now + syn_timeout);
+    assert_eq!(dp.ct_entries().unwrap().len(), 2);
+}
+
+#[test]
+fn a_flow_keeps_its_backend_and_replies_come_from_the_service_address() {
+    let dp = setup(&[(1, B1), (2, B2), (3, B3)], &[]);
+    let first = forward(&dp, &tcp_syn(CLIENT, 40001, VIP, 80));
+    let backend = Ipv4View::new(&first).dst();
+    for i in 0..20 {
+        let pkt = tcp(
+            CLIENT,
+            40001,
+            VIP,
+            80,
+            TCP_ACK | TCP_PSH,
+            1001 + i,
+            5001,
+            b"GET /",
+        );
+        let out = forward(&dp, &pkt);
+        let v = Ipv4View::new(&out);
+        assert_eq!((v.dst(), v.dport()), (backend, 8080), "same backend");
+        assert_eq!(v.payload(), b"GET /");
+    }
+    let c = dp.counters().unwrap();
+    assert_eq!(c.packets(Hook::TcIngress, Reason::Established), 20);
+
+    let syn_ack = tcp(
+        backend,
+        8080,
+        CLIENT,
+        40001,
+        TCP_SYN | TCP_ACK,
+        5000,
+        1001,
+        &[],
+    );
+    let out = forward(&dp, &syn_ack);
+    let v = Ipv4View::new(&out);
+    assert_eq!((v.src(), v.sport()), (VIP, 80), "reverse NAT");
+    assert_eq!((v.dst(), v.dport()), (CLIENT, 40001));
+    assert_eq!(
+        dp.counters()
+            .unwrap()
+            .packets(Hook::TcIngress, Reason::ReplyReverseNat),
+        1
+    );
+    // The reply moved both directions to established (long timeout).
+    let now = dp::services::monotonic_ns();
+    for key in [
+        ct_key(CLIENT, 40001, VIP, 80, 6),
+        ct_key(backend, 8080, CLIENT, 40001, 6),
+    ] {
+        let e = ct_get(&dp, &key).unwrap();
+        assert_eq!(e.state, CT_STATE_ESTABLISHED, "{key:?}");
+        assert!(e.expires_ns > now + 3600 * 1_000_000_000);
+    }
+}
+
+#[test]
+fn udp_checksums_stay_valid_and_a_zero_checksum_stays_zero() {
+    let dp = setup(&[(1, B1)], &[]);
+    let out = forward(&dp, &udp(CLIENT, 5000, VIP, 80, b"query"));
+    let v = Ipv4View::new(&out);
+    assert_eq!((v.dst(), v.dport()), (B1, 8080));
+    assert_ne!(v.udp_checksum(), 0);
+
+    let out = forward(&dp, &udp_no_checksum(CLIENT, 5001, VIP, 80, b"query"));
+    let v = Ipv4View::new(&out);
+    assert_eq!((v.dst(), v.dport()), (B1, 8080));
+    assert_eq!(v.udp_checksum(), 0, "no checksum stays no checksum");
+
+    let reply = forward(&dp, &udp(B1, 8080, CLIENT, 5000, b"answer"));
+    let v = Ipv4View::new(&reply);
+    assert_eq!((v.src(), v.sport()), (VIP, 80));
+    assert_eq!(v.payload(), b"answer");
+}
+
+/// Checks an ICMP port unreachable answering `request`, redirected back.
+fn assert_port_unreachable(ret: u32, out: &[u8], request: &[u8]) {
+    assert_eq!(ret, TC_ACT_REDIRECT, "sent back to the client");
+    let v = Ipv4View::new(out);
+    assert_eq!(v.dst_mac(), CLIENT_MAC);
+    assert_eq!(v.src_mac(), SERVER_MAC);
+    assert_eq!((v.src(), v.dst(), v.protocol()), (VIP, CLIENT, 1));
+    assert!(v.ip_checksum_ok());
+    let icmp = v.l4();
+    assert_eq!((icmp[0], icmp[1]), (3, 3), "destination / port unreachable");
+    assert!(v.icmp_checksum_ok(), "ICMP checksum");
+    assert_eq!(
+        &icmp[8..],
+        &request[14..14 + 28],
+        "original IP header + 8 bytes"
+    );
+}
+
+#[test]
+fn a_service_without_endpoints_answers_port_unreachable() {
+    let dp = setup(&[], &[]);
+    for request in [
+        tcp_syn(CLIENT, 40002, VIP, 80),
+        udp(CLIENT, 5002, VIP, 80, b"q"),
+    ] {
+        let (ret, out) = run(&dp, Hook::TcIngress, &request);
+        assert_port_unreachable(ret, &out, &request);
+    }
+    let c = dp.counters().unwrap();
+    assert_eq!(c.packets(Hook::TcIngress, Reason::NoEndpoints), 2);
+    assert!(dp.ct_entries().unwrap().is_empty(), "nothing tracked");
+}
+
+#[test]
+fn a_port_the_service_does_not_serve_is_rejected() {
+    let dp = setup(&[(1, B1)], &[]);
+    let request = tcp_syn(CLIENT, 40003, VIP, 81);
+    let (ret, out) = run(&dp, Hook::TcIngress, &request);
+    assert_port_unreachable(ret, &out, &request);
+    let c = dp.counters().unwrap();
+    assert_eq!(c.packets(Hook::TcIngress, Reason::PortNotServed), 1);
+    // Another address is not a service: passed through untouched.
+    let other = tcp_syn(CLIENT, 40003, [10, 96, 0, 11], 81);
+    assert_eq!(
+        run(&dp, Hook::TcIngress, &other),
+        (TC_ACT_OK, other.clone())
+    );
+    assert_eq!(
+        dp.counters()
+            .unwrap()
+            .packets(Hook::TcIngress, Reason::NoService),
+        1
+    );
+}
+
+#[test]
+fn traffic_from_outside_the_cluster_cidr_is_masqueraded() {
+    let dp = setup(&[(1, B1)], &[]);
+    let out = forward(&dp, &tcp_syn(OUTSIDE, 40004, VIP, 80));
+    let v = Ipv4View::new(&out);
+    assert_eq!((v.src(), v.sport()), (NODE, 40004), "SNAT to the node");
+    assert_eq!((v.dst(), v.dport()), (B1, 8080));
+    let e = ct_get(&dp, &ct_key(OUTSIDE, 40004, VIP, 80, 6)).unwrap();
+    assert_eq!(e.flags, CT_FLAG_SNAT);
+
+    let reply = forward(
+        &dp,
+        &tcp(B1, 8080, NODE, 40004, TCP_SYN | TCP_ACK, 7, 1001, &[]),
+    );
+    let v = Ipv4View::new(&reply);
+    assert_eq!((v.src(), v.sport()), (VIP, 80));
+    assert_eq!(
+        (v.dst(), v.dport()),
+        (OUTSIDE, 40004),
+        "back to the real client"
+    );
+}
+
+#[test]
+fn masquerade_all_also_masquerades_pods() {
+    let mut dp = setup(&[(1, B1)], &[]);
+    dp.set_node(IpAddr::from(NODE), None, true).unwrap();
+    let out = forward(&dp, &tcp_syn(CLIENT, 40005, VIP, 80));
+    assert_eq!(Ipv4View::new(&out).src(), NODE);
+    // Without it (and without a cluster CIDR) nothing is masqueraded.
+    dp.set_node(IpAddr::from(NODE), None, false).unwrap();
+    let out = forward(&dp, &tcp_syn(OUTSIDE, 40006, VIP, 80));
+    assert_eq!(Ipv4View::new(&out).src(), OUTSIDE);
+}
+
+#[test]
+fn hairpin_traffic_is_masqueraded() {
+    let dp = setup(&[(1, B1)], &[]);
+    let out = forward(&dp, &tcp_syn(B1, 40007, VIP, 80));
+    let v = Ipv4View::new(&out);
+    assert_eq!(
+        (v.src(), v.dst()),
+        (NODE, B1),
+        "the pod reaches itself via the node"
+    );
+    let e = ct_get(&dp, &ct_key(B1, 40007, VIP, 80, 6)).unwrap();
+    assert_eq!(e.flags, CT_FLAG_SNAT | CT_FLAG_HAIRPIN);
+    let reply = forward(
+        &dp,
+        &tcp(B1, 8080, NODE, 40007, TCP_SYN | TCP_ACK, 7, 1001, &[]),
+    );
+    let v = Ipv4View::new(&reply);
+    assert_eq!(
+        (v.src(), v.sport(), v.dst(), v.dport()),
+        (VIP, 80, B1, 40007)
+    );
+}
+
+#[test]
+fn a_masquerade_port_collision_picks_another_port() {
+    let dp = setup(&[(1, B1)], &[]);
+    let a = forward(&dp, &tcp_syn(OUTSIDE, 40008, VIP, 80));
+    let b = forward(&dp, &tcp_syn([192, 168, 7, 51], 40008, VIP, 80));
+    let (pa, pb) = (Ipv4View::new(&a).sport(), Ipv4View::new(&b).sport());
+    assert_eq!(pa, 40008);
+    assert_ne!(pb, 40008, "the node's port 40008 to B1:8080 is taken");
+    assert!((32768..61000).contains(&pb));
+    let reply = forward(
+        &dp,
+        &tcp(B1, 8080, NODE, pb, TCP_SYN | TCP_ACK, 7, 1001, &[]),
+    );
+    let v = Ipv4View::new(&reply);
+    assert_eq!((v.dst(), v.dport()), ([192, 168, 7, 51], 40008));
+}
+
+#[test]
+fn new_flows_are_spread_over_all_backends() {
+    let dp = setup(&[(1, B1), (2, B2), (3, B3)], &[]);
+    let mut hits = std::collections::BTreeMap::new();
+    for port in 0..300u16 {
+        let out = forward(&dp, &tcp_syn(CLIENT, 20000 + port, VIP, 80));
+        *hits.entry(Ipv4View::new(&out).dst()).or_insert(0) += 1;
+    }
+    assert_eq!(hits.len(), 3, "{hits:?}");
+    assert!(hits.values().all(|n| *n >= 50), "roughly uniform: {hits:?}");
+}
+
+#[test]
+fn terminating_backends_keep_their_flows_and_get_new_ones_only_as_a_fallback() {
+    let mut dp = setup(&[(1, B1), (2, B2)], &[]);
+    // A flow that lands on B2 while it is ready.
+    let mut on_b2 = None;
+    for port in 30000..30100u16 {
+        let out = forward(&dp, &udp(CLIENT, port, VIP, 80, b"x"));
+        if Ipv4View::new(&out).dst() == B2 {
+            on_b2 = Some(port);
+            break;
+        }
+    }
+    let on_b2 = on_b2.expect("some flow picked B2");
+    // B2 starts terminating (still serving).
+    set_backends(&mut dp, &[(1, B1)], &[(2, B2)]);
+    for port in 31000..31050u16 {
+        let out = forward(&dp, &udp(CLIENT, port, VIP, 80, b"x"));
+        assert_eq!(
+            Ipv4View::new(&out).dst(),
+            B1,
+            "new flows avoid the terminating backend"
+        );
+    }
+    let out = forward(&dp, &udp(CLIENT, on_b2, VIP, 80, b"y"));
+    assert_eq!(Ipv4View::new(&out).dst(), B2, "its existing flow continues");
+    // No ready backend left: the serving-terminating one takes new flows.
+    set_backends(&mut dp, &[], &[(2, B2)]);
+    let out = forward(&dp, &udp(CLIENT, 32000, VIP, 80, b"z"));
+    assert_eq!(Ipv4View::new(&out).dst(), B2);
+}
+
+#[test]
+fn a_udp_flow_moves_to_a_live_backend_when_its_backend_is_removed() {
+    let mut dp = setup(&[(1, B1)], &[]);
+    forward(&dp, &udp(CLIENT, 5353, VIP, 80, b"q1"));
+    set_backends(&mut dp, &[(2, B2)], &[]);
+    dp.remove_backend(1).unwrap();
+    let out = forward(&dp, &udp(CLIENT, 5353, VIP, 80, b"q2"));
+    assert_eq!(Ipv4View::new(&out).dst(), B2, "moved, no stale conntrack");
+    let c = dp.counters().unwrap();
+    assert_eq!(c.packets(Hook::TcIngress, Reason::BackendGoneRepicked), 1);
+    let reply = forward(&dp, &udp(B2, 8080, CLIENT, 5353, b"a2"));
+    assert_eq!(
+        Ipv4View::new(&reply).src(),
+        VIP,
+        "the new backend's reply is reverse-NATed"
+    );
+    let out = forward(&dp, &udp(CLIENT, 5353, VIP, 80, b"q3"));
+    assert_eq!(Ipv4View::new(&out).dst(), B2);
+    assert_eq!(
+        dp.counters()
+            .unwrap()
+            .packets(Hook::TcIngress, Reason::Established),
+        1
+    );
+}
+
+#[test]
+fn a_tcp_flow_to_a_removed_backend_is_reset() {
+    let mut dp = setup(&[(1, B1)], &[]);
+    forward(&dp, &tcp_syn(CLIENT, 40009, VIP, 80));
+    forward(
+        &dp,
+        &tcp(B1, 8080, CLIENT, 40009, TCP_SYN | TCP_ACK, 4999, 1001, &[]),
+    );
+    set_backends(&mut dp, &[(2, B2)], &[]);
+    dp.remove_backend(1).unwrap();
+    let request = tcp(
+        CLIENT,
+        40009,
+        VIP,
+        80,
+        TCP_ACK | TCP_PSH,
+        1001,
+        5000,
+        b"0123456789",
+    );
+    let (ret, out) = run(&dp, Hook::TcIngress, &request);
+    assert_eq!(ret, TC_ACT_REDIRECT, "sent back to the client");
+    let v = Ipv4View::new(&out);
+    assert_eq!((v.dst_mac(), v.src_mac()), (CLIENT_MAC, SERVER_MAC));
+    assert_eq!((v.src(), v.sport()), (VIP, 80));
+    assert_eq!((v.dst(), v.dport()), (CLIENT, 40009));
+    assert_eq!(v.tcp_flags(), TCP_RST);
+    assert_eq!(v.tcp_seq(), 5000, "RFC 793: seq = the segment's ack");
+    assert!(v.payload().is_empty());
+    assert!(v.ip_checksum_ok() && v.l4_checksum_ok());
+    assert_eq!(
+        dp.counters()
+            .unwrap()
+            .packets(Hook::TcIngress, Reason::BackendGoneReset),
+        1
+    );
+    assert!(ct_get(&dp, &ct_key(CLIENT, 40009, VIP, 80, 6)).is_none());
+}
+
+#[test]
+fn a_reset_for_a_segment_without_ack_acknowledges_it() {
+    let mut dp = setup(&[(1, B1)], &[]);
+    forward(&dp, &tcp_syn(CLIENT, 40010, VIP, 80));
+    dp.remove_backend(1).unwrap();
+    let (ret, out) = run(
+        &dp,
+        Hook::TcIngress,
+        &tcp(CLIENT, 40010, VIP, 80, TCP_SYN, 777, 0, &[]),
+    );
+    assert_eq!(ret, TC_ACT_REDIRECT);
+    let v = Ipv4View::new(&out);
+    assert_eq!(v.tcp_flags(), TCP_RST | TCP_ACK);
+    assert_eq!((v.tcp_seq(), v.tcp_ack()), (0, 778), "SYN counts as one");
+    assert!(v.l4_checksum_ok());
+}
+
+#[test]
+fn expired_entries_are_not_used_and_the_gc_deletes_them() {
+    let mut dp = setup(&[(1, B1)], &[]);
+    dp.update_config(|c| {
+        c.ct_timeouts = CtTimeouts {
+            tcp_syn: 0,
+            tcp_established: 0,
+            tcp_closing: 0,
+            udp: 0,
+            udp_replied: 0,
+            _pad: 0,
+        }
+    })
+    .unwrap();
+    forward(&dp, &udp(CLIENT, 6000, VIP, 80, b"a"));
+    forward(&dp, &udp(CLIENT, 6000, VIP, 80, b"b"));
+    let c = dp.counters().unwrap();
+    assert_eq!(
+        c.packets(Hook::TcIngress, Reason::NewFlow),
+        2,
+        "expired = absent"
+    );
+    assert_eq!(c.packets(Hook::TcIngress, Reason::Established), 0);
+    assert_eq!(dp.ct_entries().unwrap().len(), 2);
+    assert_eq!(dp.ct_gc().unwrap(), 2);
+    assert!(dp.ct_entries().unwrap().is_empty());
+}
+
+#[test]
+fn the_gc_keeps_live_entries() {
+    let mut dp = setup(&[(1, B1)], &[]);
+    forward(&dp, &udp(CLIENT, 6001, VIP, 80, b"a"));
+    assert_eq!(dp.ct_gc().unwrap(), 0);
+    assert_eq!(dp.ct_entries().unwrap().len(), 2);
+}
+
+#[test]
+fn a_full_conntrack_table_keeps_the_datapath_forwarding() {
+    e2e::require_root();
+    let mut dp = Datapath::load_with(MapSizes {
+        conntrack: 16,
+        ..MapSizes::default()
+    })
+    .unwrap();
+    set_backends(&mut dp, &[(1, B1)], &[]);
+    for port in 0..100u16 {
+        let out = forward(&dp, &udp(CLIENT, 7000 + port, VIP, 80, b"x"));
+        assert_eq!(Ipv4View::new(&out).dst(), B1);
+    }
+    let c = dp.counters().unwrap();
+    assert_eq!(c.packets(Hook::TcIngress, Reason::NewFlow), 100);
+    // The LRU table evicts the least recently used flows instead of failing.
+    assert!(dp.ct_entries().unwrap().len() <= 16);
+    // The most recent flow is tracked.
+    assert!(ct_get(&dp, &ct_key(CLIENT, 7099, VIP, 80, 17)).is_some());
+}
+
+#[test]
+fn trace_events_carry_service_backend_and_both_tuples() {
+    let mut dp = setup(&[(1, B1)], &[]);
+    dp.set_tracing(true).unwrap();
+    let mut reader = dp.trace_reader().unwrap();
+    forward(&dp, &tcp_syn(OUTSIDE, 40011, VIP, 80));
+    forward(
+        &dp,
+        &tcp(B1, 8080, NODE, 40011, TCP_SYN | TCP_ACK, 7, 1001, &[]),
+    );
+    let events = reader.drain();
+    assert_eq!(events.len(), 2);
+    let (new, reply) = (&events[0], &events[1]);
+    assert_eq!(
+        (new.verdict, new.reason),
+        (Verdict::Forward as u8, Reason::NewFlow as u32)
+    );
+    assert_eq!((new.service_id, new.backend_id), (SERVICE_ID, 1));
+    assert_eq!(new.original.daddr, v4_mapped(VIP));
+    assert_eq!(new.translated.saddr, v4_mapped(NODE));
+    assert_eq!(
+        (new.translated.daddr, new.translated.dport),
+        (v4_mapped(B1), 8080)
+    );
+    assert_eq!(reply.reason, Reason::ReplyReverseNat as u32);
+    assert_eq!(
+        (reply.translated.saddr, reply.translated.sport),
+        (v4_mapped(VIP), 80)
+    );
+    assert_eq!(reply.translated.daddr, v4_mapped(OUTSIDE));
+    assert_eq!(
+        dp::trace::describe_event(new, Some("eth0")),
+        "tc/ingress eth0 192.168.7.50:40011 -> 10.96.0.10:80 TCP SYN forwarded: new flow to a backend"
+    );
+}
+
+#[test]
+fn the_trace_filter_limits_events_in_the_kernel() {
+    let mut dp = setup(&[(1, B1)], &[]);
+    dp.set_tracing(true).unwrap();
+    dp.update_config(|c| {
+        c.trace_filter.addr = v4_mapped(OUTSIDE);
+        c.trace_filter.flags = common::config::TRACE_FILTER_ADDR;
+    })
+    .unwrap();
+    let mut reader = dp.trace_reader().unwrap();
+    forward(&dp, &tcp_syn(CLIENT, 40012, VIP, 80));
+    forward(&dp, &tcp_syn(OUTSIDE, 40012, VIP, 80));
+    forward(&dp, &udp(CLIENT, 40012, VIP, 80, b"x"));
+    let events = reader.drain();
+    assert_eq!(events.len(), 1, "only the packet from {OUTSIDE:?}");
+    assert_eq!(events[0].original.saddr, v4_mapped(OUTSIDE));
+    dp.update_config(|c| {
+        c.trace_filter.port = 80;
+        c.trace_filter.protocol = 17;
+        c.trace_filter.flags =
+            common::config::TRACE_FILTER_PORT | common::config::TRACE_FILTER_PROTOCOL;
+    })
+    .unwrap();
+    forward(&dp, &tcp_syn(CLIENT, 40013, VIP, 80));
+    forward(&dp, &udp(CLIENT, 40013, VIP, 80, b"x"));
+    let events = reader.drain();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].original.protocol, 17);
+}
