@@ -12,12 +12,16 @@
 //! they were created in, so a server started in one namespace and a client in
 //! another talk across the veth like two hosts.
 
+pub mod cluster;
 mod netns;
 mod servers;
 mod topology;
 
+pub use cluster::Cluster;
 pub use netns::Netns;
-pub use servers::{tcp_echo_once, udp_echo_once, TcpEchoServer, UdpEchoServer};
+pub use servers::{
+    identity_line, parse_identity, tcp_echo_once, udp_echo_once, TcpEchoServer, UdpEchoServer,
+};
 pub use topology::{Topology, NETNS_PREFIX};
 
 use std::io;

@@ -59,7 +59,26 @@ impl Drop for ServerThread {
     }
 }
 
-/// A TCP server in a namespace that echoes every connection until EOF.
+/// What a named server puts before each echo: `"<name> <peer ip:port>\n"`,
+/// so a client learns which backend answered and whom that backend saw.
+pub fn identity_line(name: &str, peer: SocketAddr) -> String {
+    format!("{name} {peer}\n")
+}
+
+/// Splits a named server's reply into (name, peer as seen, echoed bytes).
+pub fn parse_identity(reply: &[u8]) -> Option<(String, SocketAddr, Vec<u8>)> {
+    let nl = reply.iter().position(|b| *b == b'\n')?;
+    let line = std::str::from_utf8(&reply[..nl]).ok()?;
+    let (name, peer) = line.split_once(' ')?;
+    Some((
+        name.to_string(),
+        peer.parse().ok()?,
+        reply[nl + 1..].to_vec(),
+    ))
+}
+
+/// A TCP server in a namespace that echoes every connection until EOF,
+/// each connection on its own thread (so long-lived ones do not block).
 pub struct TcpEchoServer {
     addr: SocketAddr,
     _thread: ServerThread,
@@ -68,16 +87,32 @@ pub struct TcpEchoServer {
 impl TcpEchoServer {
     /// Binds `addr` inside `ns`; returns once the socket is listening.
     pub fn start(ns: &Netns, addr: SocketAddr) -> Result<Self> {
+        Self::start_named(ns, addr, None)
+    }
+
+    /// Like `start`; with a name, every reply starts with `identity_line`.
+    pub fn start_named(ns: &Netns, addr: SocketAddr, name: Option<String>) -> Result<Self> {
         let bind = move || TcpListener::bind(addr);
-        let serve = |listener: TcpListener| {
+        let serve = move |listener: TcpListener| {
             // accept() fails once the listener is shut down.
-            while let Ok((mut conn, _)) = listener.accept() {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = conn.read(&mut buf) {
-                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
-                        break;
+            while let Ok((mut conn, peer)) = listener.accept() {
+                let name = name.clone();
+                std::thread::spawn(move || {
+                    if let Some(name) = name {
+                        if conn
+                            .write_all(identity_line(&name, peer).as_bytes())
+                            .is_err()
+                        {
+                            return;
+                        }
                     }
-                }
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = conn.read(&mut buf) {
+                        if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
             }
         };
         let thread = ServerThread::start(ns, format!("bind tcp {addr}"), bind, serve)?;
@@ -100,15 +135,25 @@ pub struct UdpEchoServer {
 
 impl UdpEchoServer {
     pub fn start(ns: &Netns, addr: SocketAddr) -> Result<Self> {
+        Self::start_named(ns, addr, None)
+    }
+
+    /// Like `start`; with a name, every reply starts with `identity_line`.
+    pub fn start_named(ns: &Netns, addr: SocketAddr, name: Option<String>) -> Result<Self> {
         let bind = move || UdpSocket::bind(addr);
-        let serve = |sock: UdpSocket| {
+        let serve = move |sock: UdpSocket| {
             let mut buf = [0u8; 65536];
             // Once shut down, recv_from returns an empty read from no one.
             while let Ok((n, peer)) = sock.recv_from(&mut buf) {
                 if n == 0 && peer.port() == 0 {
                     break;
                 }
-                let _ = sock.send_to(&buf[..n], peer);
+                let mut reply = name
+                    .as_deref()
+                    .map(|name| identity_line(name, peer).into_bytes())
+                    .unwrap_or_default();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = sock.send_to(&reply, peer);
             }
         };
         let thread = ServerThread::start(ns, format!("bind udp {addr}"), bind, serve)?;

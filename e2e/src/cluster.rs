@@ -1,0 +1,190 @@
+//! A small "cluster" of namespaces, shaped like a kind cluster:
+//!
+//! ```text
+//!                 net (bridge br0 172.18.0.1/16: the node network)
+//!        ┌──────────────┼───────────────────┬──────────────┐
+//!   node1 eth0 172.18.0.2    node2 eth0 172.18.0.3    client eth0 172.18.0.100
+//!    ├ lxc0 ── pod eth0 10.244.1.10/32   ├ lxc0 ── pod 10.244.2.10
+//!    ├ lxc1 ── pod 10.244.1.11            ...
+//! ```
+//!
+//! Pods reach their node through a link-local gateway (169.254.1.1 on every
+//! host-side `lxcN`, Calico-style); nodes route each other's pod CIDR
+//! (10.244.N.0/24) via the node network. The client is outside the cluster
+//! CIDR (10.244.0.0/16). Nothing connects to the caller's namespace.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use crate::{Netns, Result, Topology};
+
+pub const CLUSTER_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 244, 0, 0), 16);
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+pub const NODE_NETWORK_GATEWAY: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 1);
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
+const POD_GATEWAY: &str = "169.254.1.1";
+
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// Namespace role in the topology, e.g. `node1`.
+    pub name: String,
+    pub ip: Ipv4Addr,
+    /// The node-facing device.
+    pub device: String,
+    /// Host-side pod veths on this node.
+    pub pod_devices: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Pod {
+    /// Namespace role, e.g. `pod-1-0` (node 1, pod 0).
+    pub name: String,
+    pub ip: Ipv4Addr,
+    /// Index into `Cluster::nodes`.
+    pub node: usize,
+    /// The host-side veth on its node.
+    pub host_device: String,
+}
+
+/// Nodes, pods and an external client; dropped with its topology.
+pub struct Cluster {
+    pub topo: Topology,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+}
+
+impl Cluster {
+    /// `pods_per_node[i]` pods on node `i + 1`.
+    pub fn new(pods_per_node: &[usize]) -> Result<Self> {
+        let mut topo = Topology::new()?;
+        topo.add_ns("net")?;
+        let net = topo.ns("net");
+        net.ip(&["link", "add", "br0", "type", "bridge"])?;
+        net.add_addr("br0", &format!("{NODE_NETWORK_GATEWAY}/16"))?;
+        net.ip(&["link", "set", "br0", "up"])?;
+
+        let mut nodes = Vec::new();
+        for i in 0..pods_per_node.len() {
+            let name = format!("node{}", i + 1);
+            let ip = Ipv4Addr::new(172, 18, 0, 2 + i as u8);
+            topo.add_ns(&name)?;
+            let node = topo.ns(&name);
+            // Before any device exists, so new devices inherit them too.
+            for (key, value) in [
+                ("net.ipv4.ip_forward", "1"),
+                ("net.ipv4.conf.all.rp_filter", "0"),
+                ("net.ipv4.conf.default.rp_filter", "0"),
+                // Masqueraded packets carry the node's own address as source
+                // when the stack routes them after tc ingress.
+                ("net.ipv4.conf.all.accept_local", "1"),
+                ("net.ipv4.conf.default.accept_local", "1"),
+                // Hairpin replies leave by the device they came in on.
+                ("net.ipv4.conf.all.send_redirects", "0"),
+                ("net.ipv4.conf.default.send_redirects", "0"),
+            ] {
+                node.sysctl(key, value)?;
+            }
+            attach_to_bridge(&topo, &name, ip, &format!("n{}", i + 1))?;
+            topo.ns(&name).ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                &NODE_NETWORK_GATEWAY.to_string(),
+            ])?;
+            nodes.push(Node {
+                name,
+                ip,
+                device: "eth0".into(),
+                pod_devices: Vec::new(),
+            });
+        }
+        for (i, node) in nodes.iter().enumerate() {
+            for (j, other) in nodes.iter().enumerate() {
+                if i != j {
+                    topo.ns(&node.name)
+                        .add_route(&format!("10.244.{}.0/24", j + 1), &other.ip.to_string())?;
+                }
+            }
+        }
+
+        topo.add_ns("client")?;
+        attach_to_bridge(&topo, "client", CLIENT_IP, "c0")?;
+        // The client reaches services through node1, like a router would.
+        topo.ns("client")
+            .add_route(SERVICE_CIDR, &nodes[0].ip.to_string())?;
+
+        let mut pods = Vec::new();
+        for (i, count) in pods_per_node.iter().enumerate() {
+            for j in 0..*count {
+                let name = format!("pod-{}-{j}", i + 1);
+                let ip = Ipv4Addr::new(10, 244, 1 + i as u8, 10 + j as u8);
+                let host_device = format!("lxc{j}");
+                topo.add_ns(&name)?;
+                let node = &nodes[i].name;
+                topo.veth(node, &host_device, &name, "eth0")?;
+                let host = topo.ns(node);
+                host.ip(&[
+                    "addr",
+                    "add",
+                    &format!("{POD_GATEWAY}/32"),
+                    "dev",
+                    &host_device,
+                    "scope",
+                    "link",
+                ])?;
+                host.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_device])?;
+                let pod = topo.ns(&name);
+                pod.add_addr("eth0", &format!("{ip}/32"))?;
+                pod.ip(&["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
+                pod.ip(&["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"])?;
+                nodes[i].pod_devices.push(host_device.clone());
+                pods.push(Pod {
+                    name,
+                    ip,
+                    node: i,
+                    host_device,
+                });
+            }
+        }
+        Ok(Cluster { topo, nodes, pods })
+    }
+
+    pub fn ns(&self, role: &str) -> &Netns {
+        self.topo.ns(role)
+    }
+
+    pub fn node_ns(&self, index: usize) -> &Netns {
+        self.topo.ns(&self.nodes[index].name)
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    pub fn pod_ns(&self, name: &str) -> &Netns {
+        self.topo.ns(&self.pod(name).name)
+    }
+
+    pub fn client_ns(&self) -> &Netns {
+        self.topo.ns("client")
+    }
+
+    /// The node a pod IP lives on, by address.
+    pub fn node_of(&self, ip: IpAddr) -> Option<&Node> {
+        self.pods
+            .iter()
+            .find(|p| IpAddr::V4(p.ip) == ip)
+            .map(|p| &self.nodes[p.node])
+    }
+}
+
+/// `role`'s eth0 <-> `bridge_port` on br0 in `net`, with `ip/16` on eth0.
+fn attach_to_bridge(topo: &Topology, role: &str, ip: Ipv4Addr, bridge_port: &str) -> Result<()> {
+    topo.veth(role, "eth0", "net", bridge_port)?;
+    topo.ns("net")
+        .ip(&["link", "set", bridge_port, "master", "br0"])?;
+    topo.ns(role).add_addr("eth0", &format!("{ip}/16"))
+}
