@@ -569,3 +569,87 @@ fn the_trace_filter_limits_events_in_the_kernel() {
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].original.protocol, 17);
 }
+
+/// An ICMP error frame `src -> dst` quoting `quoted` (IP header + 8 bytes).
+fn icmp_error(src: [u8; 4], dst: [u8; 4], code: u8, quoted: &[u8]) -> Vec<u8> {
+    let b = etherparse::PacketBuilder::ethernet2(CLIENT_MAC, SERVER_MAC)
+        .ipv4(src, dst, 64)
+        .icmpv4_raw(3, code, [0, 0, 0x05, 0xdc]);
+    let mut v = Vec::new();
+    b.write(&mut v, quoted).unwrap();
+    v
+}
+
+/// IP header + UDP header of an empty datagram (what an ICMP error quotes).
+fn quote(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    udp(src, sport, dst, dport, b"")[14..42].to_vec()
+}
+
+#[test]
+fn an_icmp_error_from_the_backend_is_translated_back_to_the_client() {
+    let dp = setup(&[(1, B1)], &[]);
+    forward(&dp, &udp(CLIENT, 5000, VIP, 80, b""));
+    // Fragmentation needed, from the backend, quoting client -> backend.
+    let err = icmp_error(B1, CLIENT, 4, &quote(CLIENT, 5000, B1, 8080));
+    let (ret, out) = run(&dp, Hook::TcIngress, &err);
+    assert_eq!(ret, TC_ACT_OK);
+    let v = Ipv4View::new(&out);
+    assert_eq!(
+        (v.src(), v.dst()),
+        (VIP, CLIENT),
+        "from the service address"
+    );
+    assert!(v.ip_checksum_ok() && v.icmp_checksum_ok());
+    assert_eq!(&v.l4()[..2], &err[34..36], "type and code untouched");
+    assert_eq!(&v.l4()[4..8], &err[38..42], "next-hop MTU untouched");
+    assert_eq!(
+        &v.l4()[8..],
+        &quote(CLIENT, 5000, VIP, 80)[..],
+        "the quoted packet is the one the client sent, checksums included"
+    );
+    let c = dp.counters().unwrap();
+    assert_eq!(c.packets(Hook::TcIngress, Reason::IcmpErrorTranslated), 1);
+
+    // From a router on the way: only the quote changes.
+    let err = icmp_error([172, 18, 0, 1], CLIENT, 4, &quote(CLIENT, 5000, B1, 8080));
+    let (_, out) = run(&dp, Hook::TcIngress, &err);
+    let v = Ipv4View::new(&out);
+    assert_eq!((v.src(), v.dst()), ([172, 18, 0, 1], CLIENT));
+    assert_eq!(&v.l4()[8..], &quote(CLIENT, 5000, VIP, 80)[..]);
+}
+
+#[test]
+fn an_icmp_error_about_a_masqueraded_flow_reaches_the_real_client() {
+    let dp = setup(&[(1, B1)], &[]);
+    forward(&dp, &udp(OUTSIDE, 5001, VIP, 80, b""));
+    let err = icmp_error(B1, NODE, 4, &quote(NODE, 5001, B1, 8080));
+    let (ret, out) = run(&dp, Hook::TcIngress, &err);
+    assert_eq!(ret, TC_ACT_OK);
+    let v = Ipv4View::new(&out);
+    assert_eq!((v.src(), v.dst()), (VIP, OUTSIDE));
+    assert!(v.ip_checksum_ok() && v.icmp_checksum_ok());
+    assert_eq!(&v.l4()[8..], &quote(OUTSIDE, 5001, VIP, 80)[..]);
+}
+
+#[test]
+fn an_icmp_error_from_the_client_about_a_reply_goes_to_the_backend() {
+    let dp = setup(&[(1, B1)], &[]);
+    forward(&dp, &udp(CLIENT, 5002, VIP, 80, b""));
+    // The client's socket is gone: port unreachable about VIP:80 -> client.
+    let err = icmp_error(CLIENT, VIP, 3, &quote(VIP, 80, CLIENT, 5002));
+    let (ret, out) = run(&dp, Hook::TcIngress, &err);
+    assert_eq!(ret, TC_ACT_OK);
+    let v = Ipv4View::new(&out);
+    assert_eq!((v.src(), v.dst()), (CLIENT, B1));
+    assert!(v.ip_checksum_ok() && v.icmp_checksum_ok());
+    assert_eq!(&v.l4()[8..], &quote(B1, 8080, CLIENT, 5002)[..]);
+}
+
+#[test]
+fn icmp_that_is_not_about_a_service_flow_passes_untouched() {
+    let dp = setup(&[(1, B1)], &[]);
+    let err = icmp_error(B1, CLIENT, 4, &quote(CLIENT, 5003, B1, 8080));
+    assert_eq!(run(&dp, Hook::TcIngress, &err), (TC_ACT_OK, err.clone()));
+    let c = dp.counters().unwrap();
+    assert_eq!(c.packets(Hook::TcIngress, Reason::UnsupportedProtocol), 1);
+}

@@ -9,6 +9,7 @@ use aya_ebpf::{
 use common::{trace::proto, DatapathConfig, Hook, Reason, TraceEvent, Verdict};
 
 use crate::{
+    fib, icmp,
     maps::DP_CONFIG,
     packet::{Packet, SkbPacket, XdpPacket},
     parse::{parse, Ipv4Packet, Parsed},
@@ -34,6 +35,7 @@ pub fn run_tc(ctx: &TcContext, hook: Hook) -> i32 {
         return TC_ACT_OK;
     };
     let action = match classify(&pkt, ev) {
+        Some(ip) if ip.protocol == proto::IPPROTO_ICMP => icmp_error(ctx, hook, ip.l4_off, ev),
         Some(ip) => service::handle(ctx, hook, cfg, ip.l4_off, ev),
         None => tc_action(ev),
     };
@@ -51,14 +53,54 @@ pub fn run_xdp(ctx: &XdpContext) -> u32 {
     };
     // Services are served by the tc programs (they share conntrack with every
     // other path); XDP only drops what no path could use.
-    if classify(&pkt, ev).is_some() {
-        decide(ev, Verdict::Pass, Reason::XdpPassToTc);
+    if let Some(ip) = classify(&pkt, ev) {
+        let reason = if ip.protocol == proto::IPPROTO_ICMP {
+            Reason::UnsupportedProtocol
+        } else {
+            Reason::XdpPassToTc
+        };
+        decide(ev, Verdict::Pass, reason);
     }
     finish(Hook::Xdp, cfg, ev);
     if ev.verdict == Verdict::Drop as u8 {
         xdp_action::XDP_DROP
     } else {
         xdp_action::XDP_PASS
+    }
+}
+
+/// An ICMP error about a tracked flow is translated like the flow; other
+/// ICMP passes.
+#[inline(never)]
+fn icmp_error(ctx: &TcContext, hook: Hook, l4_off: usize, ev: &mut TraceEvent) -> i32 {
+    if !icmp::is_error(ctx, l4_off) {
+        decide(ev, Verdict::Pass, Reason::UnsupportedProtocol);
+        return TC_ACT_OK;
+    }
+    match icmp::translate_error(ctx, l4_off, ev) {
+        Ok(false) => {
+            decide(ev, Verdict::Pass, Reason::UnsupportedProtocol);
+            TC_ACT_OK
+        }
+        Ok(true) => {
+            let action = if hook == Hook::TcEgress {
+                match fib::redirect_to(ctx, &ev.translated) {
+                    Ok(action) => action,
+                    Err(()) => {
+                        decide(ev, Verdict::Drop, Reason::NoRouteToBackend);
+                        return TC_ACT_SHOT;
+                    }
+                }
+            } else {
+                TC_ACT_OK
+            };
+            decide(ev, Verdict::Forward, Reason::IcmpErrorTranslated);
+            action
+        }
+        Err(()) => {
+            decide(ev, Verdict::Drop, Reason::RewriteFailed);
+            TC_ACT_SHOT
+        }
     }
 }
 
@@ -101,7 +143,7 @@ fn classify<P: Packet>(pkt: &P, ev: &mut TraceEvent) -> Option<Ipv4Packet> {
         return None;
     }
     match ip.protocol {
-        proto::IPPROTO_TCP | proto::IPPROTO_UDP => Some(ip),
+        proto::IPPROTO_TCP | proto::IPPROTO_UDP | proto::IPPROTO_ICMP => Some(ip),
         _ => {
             decide(ev, Verdict::Pass, Reason::UnsupportedProtocol);
             None

@@ -4,13 +4,15 @@
 //! `datapath`, which decides, counts and traces. Every exit carries a verdict
 //! and a `Reason` (see `common::reason`). One module per concern: `parse`,
 //! `lb` (service maps), `conntrack`, `nat` (rewrites), `reject` (ICMP/RST
-//! answers), `fib` (redirects), `service` (the flow logic), `stats`, `trace`.
+//! answers), `icmp` (errors about flows), `fib` (redirects), `service` (the flow logic), `stats`, `trace`.
 #![no_std]
 #![no_main]
 
 mod conntrack;
+mod csum;
 mod datapath;
 mod fib;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;

@@ -11,6 +11,7 @@ use aya_ebpf::{
 use common::{trace::proto, Hook};
 
 use crate::{
+    csum::{fold, sum_words},
     maps::DP_SCRATCH,
     parse::{EthHdr, Ipv4Hdr, TcpHdr, ETH_HLEN},
 };
@@ -133,7 +134,7 @@ pub fn tcp_reset(ctx: &TcContext, hook: Hook, l4_off: usize) -> Result<i32, ()> 
 
 /// This CPU's scratch buffer (too big for the 512-byte BPF stack).
 #[inline(always)]
-fn scratch() -> Result<&'static mut [u8; SCRATCH_LEN], ()> {
+pub fn scratch() -> Result<&'static mut [u8; SCRATCH_LEN], ()> {
     // SAFETY: per-CPU value; programs do not nest on one CPU in tc.
     DP_SCRATCH
         .get_ptr_mut(0)
@@ -162,24 +163,6 @@ fn write_ipv4(buf: &mut [u8], tot_len: u16, protocol: u8, saddr: [u8; 4], daddr:
     buf[h + 16..h + 20].copy_from_slice(&daddr);
     let sum = fold(sum_words(buf, h, IPV4_HLEN, 0));
     buf[h + 10..h + 12].copy_from_slice(&sum.to_be_bytes());
-}
-
-/// One's-complement sum of the 16-bit words of `buf[off..off + len]`.
-#[inline(always)]
-fn sum_words(buf: &[u8], off: usize, len: usize, mut sum: u32) -> u32 {
-    let mut i = 0;
-    while i + 1 < len && off + i + 1 < buf.len() {
-        sum += u32::from(u16::from_be_bytes([buf[off + i], buf[off + i + 1]]));
-        i += 2;
-    }
-    sum
-}
-
-#[inline(always)]
-fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
 }
 
 /// Replaces the packet with `buf[..len]` and redirects it to the sender: out

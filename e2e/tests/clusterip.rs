@@ -448,3 +448,51 @@ fn trace_events_explain_forwarding_and_rejects() {
         IpAddr::V4(Ipv4Addr::new(10, 96, 0, 81))
     );
 }
+
+#[test]
+fn fragmentation_needed_about_a_service_flow_reaches_the_client_socket() {
+    let f = Fixture::new();
+    let dns = vip(90, 53);
+    f.service(Frontend::udp(dns), 1, &["pod-2-0"], &[]);
+    // The path to the backend narrows: node2 forwards onto a 1000-byte MTU.
+    f.cluster
+        .node_ns(1)
+        .ip(&[
+            "link",
+            "set",
+            &f.cluster.pod("pod-2-0").host_device,
+            "mtu",
+            "1000",
+        ])
+        .unwrap();
+    let sock = f
+        .cluster
+        .pod_ns("pod-1-0")
+        .run(|| {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.connect(dns).unwrap();
+            s.set_read_timeout(Some(TIMEOUT)).unwrap();
+            s
+        })
+        .unwrap();
+    let dont_fragment: libc::c_int = libc::IP_PMTUDISC_DO;
+    // SAFETY: a valid socket and option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&dont_fragment as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    sock.send(&[0u8; 1400]).unwrap();
+    // node2 answers "fragmentation needed" quoting pod -> backend; only once
+    // node1 translates the quote back to pod -> service does the kernel find
+    // this socket and report the error on it.
+    let err = sock.recv(&mut [0u8; 64]).expect_err("fragmentation needed");
+    assert_eq!(err.raw_os_error(), Some(libc::EMSGSIZE), "{err}");
+    let c = f.datapaths.borrow()[0].counters().unwrap();
+    assert_eq!(c.packets(Hook::TcIngress, Reason::IcmpErrorTranslated), 1);
+}
