@@ -5,6 +5,7 @@
 //! - `build-ebpf`: builds the eBPF object.
 //! - `test`: the whole suite: setup, fmt, clippy, build, all tests.
 //! - `demo`: the README's main command.
+//! - `bench`: the benchmarks (see BENCHMARKS.md).
 
 mod ebpf;
 
@@ -56,6 +57,11 @@ enum Task {
     Test,
     /// Set up, build, and run `dp demo`. Needs root.
     Demo,
+    /// Run the benchmarks (criterion; results in target/criterion). Needs root.
+    Bench {
+        /// Arguments for criterion, e.g. a filter such as `new_flow`.
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -68,6 +74,7 @@ fn main() -> Result<()> {
         }
         Task::Test => test(),
         Task::Demo => demo(),
+        Task::Bench { args } => bench(&args),
     }
 }
 
@@ -180,6 +187,16 @@ fn test() -> Result<()> {
     step("cargo test");
     run(Command::new(cargo()).current_dir(&ws).args(["test"]))?;
     Ok(())
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    require_root("cargo xtask bench")?;
+    setup()?;
+    step("cargo bench (per-packet cost, BPF_PROG_TEST_RUN)");
+    run(Command::new(cargo())
+        .current_dir(workspace())
+        .args(["bench", "-p", "dp", "--bench", "datapath", "--"])
+        .args(args))
 }
 
 fn demo() -> Result<()> {
