@@ -134,8 +134,9 @@ pub fn describe_tuple(t: &FlowTuple, tcp_flags: u8) -> String {
     s
 }
 
-/// One line for a trace event:
-/// `xdp eth0 10.0.0.1:41234 -> 10.0.0.2:8080 TCP SYN passed: no service for this destination`.
+/// One line for a trace event, e.g.
+/// `tc/ingress lxc0 10.244.1.10:41234 -> 10.96.0.10:80 TCP SYN forwarded: new
+/// flow to a backend; service 1, backend 3; now 10.244.1.10:41234 -> 10.244.2.10:8080 TCP`.
 pub fn describe_event(e: &TraceEvent, ifname: Option<&str>) -> String {
     let hook = Hook::from_u8(e.hook).map_or("hook?", Hook::name);
     let verdict = Verdict::from_u8(e.verdict).map_or("verdict?", Verdict::name);
@@ -144,8 +145,18 @@ pub fn describe_event(e: &TraceEvent, ifname: Option<&str>) -> String {
         |r| r.describe().to_string(),
     );
     let ifname = ifname.map_or_else(|| format!("if{}", e.ifindex), str::to_string);
-    format!(
+    let mut line = format!(
         "{hook} {ifname} {} {verdict}: {reason}",
         describe_tuple(&e.original, e.tcp_flags)
-    )
+    );
+    if e.service_id != 0 {
+        line.push_str(&format!("; service {}", e.service_id));
+    }
+    if e.backend_id != 0 {
+        line.push_str(&format!(", backend {}", e.backend_id));
+    }
+    if e.translated != e.original && e.verdict == Verdict::Forward as u8 {
+        line.push_str(&format!("; now {}", describe_tuple(&e.translated, 0)));
+    }
+    line
 }

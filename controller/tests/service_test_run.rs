@@ -536,7 +536,8 @@ fn trace_events_carry_service_backend_and_both_tuples() {
     assert_eq!(reply.translated.daddr, v4_mapped(OUTSIDE));
     assert_eq!(
         dp::trace::describe_event(new, Some("eth0")),
-        "tc/ingress eth0 192.168.7.50:40011 -> 10.96.0.10:80 TCP SYN forwarded: new flow to a backend"
+        "tc/ingress eth0 192.168.7.50:40011 -> 10.96.0.10:80 TCP SYN forwarded: new flow to a backend; \
+         service 10, backend 1; now 172.18.0.2:40011 -> 10.244.2.7:8080 TCP"
     );
 }
 
