@@ -15,10 +15,7 @@
 //! rewritten in a scratch buffer with its checksums, then the ICMP checksum
 //! is recomputed and the outer addresses rewritten.
 
-use aya_ebpf::{
-    helpers::{bpf_skb_load_bytes, bpf_skb_store_bytes},
-    programs::TcContext,
-};
+use aya_ebpf::programs::TcContext;
 use common::{
     addr::v4_mapped,
     ct::{CT_DIR_REPLY, CT_FLAG_SNAT},
@@ -31,6 +28,7 @@ use crate::{
     csum::{fold, replace16, sum_words},
     lb,
     maps::DP_REVNAT,
+    packet::{skb_load, skb_store},
     parse::{Ipv4Hdr, ETH_HLEN},
     reject::{scratch, SCRATCH_LEN},
 };
@@ -184,18 +182,7 @@ fn rewrite_icmp(ctx: &TcContext, l4_off: usize, rw: &Rewrite) -> Result<(), ()> 
     if len > SCRATCH_LEN || !(36..=ICMP_HLEN + QUOTE_MAX).contains(&len) {
         return Err(());
     }
-    // SAFETY: `len` bytes fit in the scratch buffer (checked above).
-    let rc = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb.cast(),
-            l4_off as u32,
-            buf.as_mut_ptr().cast(),
-            len as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(());
-    }
+    skb_load(ctx, l4_off, &mut buf[..len])?;
     let q = ICMP_HLEN; // quoted IP header
     let ihl = quote_len - 8;
     let l4 = q + ihl; // quoted ports
@@ -226,19 +213,7 @@ fn rewrite_icmp(ctx: &TcContext, l4_off: usize, rw: &Rewrite) -> Result<(), ()> 
     buf[3] = 0;
     let icmp_sum = fold(sum_words(buf, 0, len, 0));
     buf[2..4].copy_from_slice(&icmp_sum.to_be_bytes());
-    // SAFETY: as for the load.
-    let rc = unsafe {
-        bpf_skb_store_bytes(
-            ctx.skb.skb.cast(),
-            l4_off as u32,
-            buf.as_ptr().cast(),
-            len as u32,
-            0,
-        )
-    };
-    if rc != 0 {
-        return Err(());
-    }
+    skb_store(ctx, l4_off, &buf[..len])?;
     Ok(())
 }
 

@@ -1,6 +1,9 @@
 //! The packet as the programs see it, the same for tc (skb) and XDP.
 
-use aya_ebpf::programs::{TcContext, XdpContext};
+use aya_ebpf::{
+    helpers::{bpf_skb_load_bytes, bpf_skb_store_bytes},
+    programs::{TcContext, XdpContext},
+};
 
 use crate::parse::MAX_HEADERS_LEN;
 
@@ -90,5 +93,46 @@ impl Packet for XdpPacket<'_> {
     #[inline(always)]
     fn ifindex(&self) -> u32 {
         self.ctx.ingress_ifindex() as u32
+    }
+}
+
+/// Copies `dst.len()` bytes at `off` out of the skb. The helper directly:
+/// aya's `load_bytes` clamps the length to the packet, which the verifier
+/// then sees as possibly zero. Callers bound `dst.len()` explicitly.
+#[inline(always)]
+pub fn skb_load(ctx: &TcContext, off: usize, dst: &mut [u8]) -> Result<(), ()> {
+    // SAFETY: `dst` is valid for `dst.len()` bytes.
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            off as u32,
+            dst.as_mut_ptr().cast(),
+            dst.len() as u32,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// Writes `src` into the skb at `off` (a variable but bounded length).
+#[inline(always)]
+pub fn skb_store(ctx: &TcContext, off: usize, src: &[u8]) -> Result<(), ()> {
+    // SAFETY: `src` is valid for `src.len()` bytes.
+    let rc = unsafe {
+        bpf_skb_store_bytes(
+            ctx.skb.skb.cast(),
+            off as u32,
+            src.as_ptr().cast(),
+            src.len() as u32,
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(())
     }
 }

@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_INGRESS,
-    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes},
+    helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
 use common::{trace::proto, Hook};
@@ -13,6 +13,7 @@ use common::{trace::proto, Hook};
 use crate::{
     csum::{fold, sum_words},
     maps::DP_SCRATCH,
+    packet::{skb_load, skb_store},
     parse::{EthHdr, Ipv4Hdr, TcpHdr, ETH_HLEN},
 };
 
@@ -52,20 +53,11 @@ pub fn icmp_port_unreachable(ctx: &TcContext, hook: Hook) -> Result<i32, ()> {
     let buf = scratch()?;
     *buf = [0; SCRATCH_LEN];
     let inner_off = ETH_HLEN + IPV4_HLEN + ICMP_HLEN;
-    // The helper directly: aya's load_bytes clamps the length to the packet,
-    // which the verifier then sees as possibly zero.
-    // SAFETY: `inner_len` bytes fit in `buf` after `inner_off` (checked).
-    let rc = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb.cast(),
-            ETH_HLEN as u32,
-            buf[inner_off..].as_mut_ptr().cast(),
-            inner_len as u32,
-        )
-    };
-    if rc != 0 {
+    let inner_end = inner_off + inner_len;
+    if inner_end > SCRATCH_LEN {
         return Err(());
     }
+    skb_load(ctx, ETH_HLEN, &mut buf[inner_off..inner_end])?;
     let total = inner_off + inner_len;
 
     write_eth_reply(buf, &eth);
@@ -184,9 +176,10 @@ fn send_back<const N: usize>(
         if bpf_skb_change_tail(skb, len as u32, 0) != 0 {
             return Err(());
         }
-        if bpf_skb_store_bytes(skb.cast(), 0, buf.as_ptr().cast(), len as u32, 0) != 0 {
-            return Err(());
-        }
+    }
+    skb_store(ctx, 0, &buf[..len])?;
+    // SAFETY: the context pointer.
+    unsafe {
         let ifindex = (*skb).ifindex;
         let flags = if hook == Hook::TcEgress {
             u64::from(BPF_F_INGRESS)
