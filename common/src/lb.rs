@@ -57,6 +57,10 @@ impl ServiceKey {
 
 /// `ServiceValue::flags`: this entry is a wildcard (service address marker).
 pub const SERVICE_FLAG_WILDCARD: u16 = 1 << 0;
+/// `ServiceValue::flags` (master): a Local traffic policy limits this
+/// frontend to the node's endpoints; with none, packets are dropped rather
+/// than rejected (kube-proxy).
+pub const SERVICE_FLAG_LOCAL_ONLY: u16 = 1 << 1;
 
 /// Value of `DP_SERVICES`. Slot 0 uses the counts, id and flags; backend
 /// slots use `backend_id`.

@@ -127,11 +127,13 @@ pub enum Reason {
     /// The per-CPU scratch record was unavailable (an array map index that
     /// always exists; counted rather than assumed).
     ScratchUnavailable = 22,
+    /// A Local traffic policy and no endpoint on this node: dropped.
+    NoLocalEndpoints = 23,
 }
 
 impl Reason {
     /// Every reason, in number order.
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 23] = [
         Reason::NotIpv4,
         Reason::NoService,
         Reason::UnsupportedProtocol,
@@ -154,6 +156,7 @@ impl Reason {
         Reason::RejectFailed,
         Reason::RewriteFailed,
         Reason::ScratchUnavailable,
+        Reason::NoLocalEndpoints,
     ];
 
     pub fn from_u32(v: u32) -> Option<Self> {
@@ -185,6 +188,7 @@ impl Reason {
             Reason::RejectFailed => "reject_failed",
             Reason::RewriteFailed => "rewrite_failed",
             Reason::ScratchUnavailable => "scratch_unavailable",
+            Reason::NoLocalEndpoints => "no_local_endpoints",
         }
     }
 
@@ -213,6 +217,7 @@ impl Reason {
             Reason::RejectFailed => "could not build the reject reply",
             Reason::RewriteFailed => "could not rewrite the packet",
             Reason::ScratchUnavailable => "per-CPU scratch unavailable",
+            Reason::NoLocalEndpoints => "traffic policy Local and no endpoint on this node",
         }
     }
 }
@@ -248,6 +253,7 @@ mod tests {
             (Reason::RejectFailed, 20, "reject_failed"),
             (Reason::RewriteFailed, 21, "rewrite_failed"),
             (Reason::ScratchUnavailable, 22, "scratch_unavailable"),
+            (Reason::NoLocalEndpoints, 23, "no_local_endpoints"),
         ];
         assert_eq!(Reason::ALL.len(), expected.len(), "update this list");
         for (reason, number, id) in expected {

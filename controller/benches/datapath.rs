@@ -60,6 +60,7 @@ fn datapath(services: u32) -> Datapath {
         &BackendSlots {
             ready: vec![1],
             terminating: vec![],
+            local_only: false,
         },
     )
     .unwrap();
@@ -73,6 +74,7 @@ fn datapath(services: u32) -> Datapath {
         let slots = BackendSlots {
             ready: ids.to_vec(),
             terminating: vec![],
+            local_only: false,
         };
         dp.set_service(&Frontend::tcp(SocketAddr::from((vip, 80))), i + 1, &slots)
             .unwrap();

@@ -8,9 +8,13 @@
 
 pub mod datapath;
 pub mod demo;
+pub mod dump;
 pub mod error;
+pub mod manifests;
 pub mod services;
+pub mod sync;
 pub mod trace;
+pub mod translate;
 
 pub use datapath::{Counters, Datapath, MapSizes};
 pub use error::Error;

@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use aya::maps::{HashMap, MapData};
 use common::{
     addr::{as_v4, v4_mapped},
-    lb::{BACKEND_FLAG_TERMINATING, SERVICE_FLAG_WILDCARD},
+    lb::{BACKEND_FLAG_TERMINATING, SERVICE_FLAG_LOCAL_ONLY, SERVICE_FLAG_WILDCARD},
     map_names, Backend, CtEntry, CtKey, RevNatValue, ServiceKey, ServiceValue,
 };
 
@@ -65,6 +65,8 @@ pub struct BackendSlots {
     pub ready: Vec<u32>,
     /// Serving but terminating: new flows only when `ready` is empty.
     pub terminating: Vec<u32>,
+    /// A Local traffic policy: with no backend, drop instead of reject.
+    pub local_only: bool,
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
@@ -156,7 +158,11 @@ impl Datapath {
             count: slots.ready.len() as u16,
             terminating_count: slots.terminating.len() as u16,
             service_id,
-            flags: 0,
+            flags: if slots.local_only {
+                SERVICE_FLAG_LOCAL_ONLY
+            } else {
+                0
+            },
             _pad: 0,
         };
         services

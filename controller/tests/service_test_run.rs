@@ -54,6 +54,7 @@ fn set_backends(dp: &mut Datapath, ready: &[(u32, [u8; 4])], terminating: &[(u32
     let slots = BackendSlots {
         ready: ready.iter().map(|b| b.0).collect(),
         terminating: terminating.iter().map(|b| b.0).collect(),
+        local_only: false,
     };
     dp.set_service(&Frontend::tcp(sa(VIP, 80)), SERVICE_ID, &slots)
         .unwrap();
@@ -653,4 +654,20 @@ fn icmp_that_is_not_about_a_service_flow_passes_untouched() {
     assert_eq!(run(&dp, Hook::TcIngress, &err), (TC_ACT_OK, err.clone()));
     let c = dp.counters().unwrap();
     assert_eq!(c.packets(Hook::TcIngress, Reason::UnsupportedProtocol), 1);
+}
+
+#[test]
+fn a_local_traffic_policy_without_local_endpoints_drops_instead_of_rejecting() {
+    let mut dp = setup(&[], &[]);
+    let slots = BackendSlots {
+        local_only: true,
+        ..BackendSlots::default()
+    };
+    dp.set_service(&Frontend::tcp(sa(VIP, 80)), SERVICE_ID, &slots)
+        .unwrap();
+    let (ret, out) = run(&dp, Hook::TcIngress, &tcp_syn(CLIENT, 40020, VIP, 80));
+    assert_eq!(ret, TC_ACT_SHOT, "dropped, no ICMP: {out:?}");
+    let c = dp.counters().unwrap();
+    assert_eq!(c.packets(Hook::TcIngress, Reason::NoLocalEndpoints), 1);
+    assert_eq!(c.packets(Hook::TcIngress, Reason::NoEndpoints), 0);
 }

@@ -16,6 +16,7 @@ use common::{
     addr::in_prefix,
     config::CONFIG_MASQUERADE_ALL,
     ct::{CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, CT_STATE_NEW},
+    lb::SERVICE_FLAG_LOCAL_ONLY,
     trace::proto,
     Backend, CtEntry, CtKey, DatapathConfig, FlowTuple, Hook, Reason, TraceEvent, Verdict,
 };
@@ -115,6 +116,9 @@ fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
     ev.service_id = master.service_id;
     let (backend_id, backend) = match lb::select_backend(&key, &master) {
         Ok(b) => b,
+        Err(Reason::NoEndpoints) if master.flags & SERVICE_FLAG_LOCAL_ONLY != 0 => {
+            return Step::Done(drop(ev, Reason::NoLocalEndpoints))
+        }
         Err(Reason::NoEndpoints) => return Step::Reject(Reason::NoEndpoints),
         Err(r) => return Step::Done(drop(ev, r)),
     };

@@ -109,6 +109,7 @@ impl Fixture {
         let slots = BackendSlots {
             ready: ids(ready),
             terminating: ids(terminating),
+            local_only: false,
         };
         let backends: Vec<(u32, SocketAddr, bool)> = ready
             .iter()

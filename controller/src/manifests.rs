@@ -1,0 +1,130 @@
+//! Kubernetes objects from a directory of ordinary manifests (`--manifests`):
+//! `*.yaml`, `*.yml` and `*.json` files, multi-document, `kind: List`
+//! accepted. Services, EndpointSlices and Nodes are read; other kinds are
+//! ignored. A document that does not parse, or is larger than the API server
+//! would accept, is skipped with a reason; the rest is kept.
+
+use std::{fs, path::Path};
+
+use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use serde::Deserialize;
+
+use crate::translate::Skipped;
+
+/// Larger documents are refused (the API server's request limit is 3 MiB).
+pub const MAX_DOCUMENT_BYTES: usize = 3 << 20;
+/// EndpointSlice validation limits.
+pub const MAX_SLICE_ENDPOINTS: usize = 1000;
+pub const MAX_SLICE_PORTS: usize = 100;
+
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+    pub nodes: Vec<Node>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// Reads every manifest file in `dir` (not recursive), in name order.
+pub fn load_dir(dir: &Path) -> std::io::Result<Objects> {
+    let mut files: Vec<_> = fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            )
+        })
+        .collect();
+    files.sort();
+    let mut objects = Objects::default();
+    for file in files {
+        match fs::read_to_string(&file) {
+            Ok(text) => load_str(&text, &file.display().to_string(), &mut objects),
+            Err(e) => objects
+                .skipped
+                .push(invalid(&file.display().to_string(), e.to_string())),
+        }
+    }
+    Ok(objects)
+}
+
+/// Adds the objects of one file's text to `objects`.
+pub fn load_str(text: &str, origin: &str, objects: &mut Objects) {
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let here = format!("{origin} document {}", i + 1);
+        match serde_yaml::Value::deserialize(doc) {
+            Ok(serde_yaml::Value::Null) => {}
+            Ok(value) => add(value, &here, objects),
+            Err(e) => {
+                // After a syntax error the parser cannot find the next
+                // document (it would report the same error forever): the
+                // rest of this file is skipped.
+                objects
+                    .skipped
+                    .push(invalid(&here, format!("{e}; rest of the file skipped")));
+                break;
+            }
+        }
+    }
+}
+
+fn add(value: serde_yaml::Value, here: &str, objects: &mut Objects) {
+    let size = serde_yaml::to_string(&value).map_or(0, |s| s.len());
+    if size > MAX_DOCUMENT_BYTES {
+        objects.skipped.push(invalid(
+            here,
+            format!("{size} bytes, over {MAX_DOCUMENT_BYTES}"),
+        ));
+        return;
+    }
+    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+    match kind {
+        "List" => {
+            let items = value.get("items").and_then(|i| i.as_sequence()).cloned();
+            for (j, item) in items.into_iter().flatten().enumerate() {
+                add(item, &format!("{here} item {}", j + 1), objects);
+            }
+        }
+        "Service" => match serde_yaml::from_value::<Service>(value) {
+            Ok(svc) => objects.services.push(svc),
+            Err(e) => objects.skipped.push(invalid(here, format!("Service: {e}"))),
+        },
+        "EndpointSlice" => match serde_yaml::from_value::<EndpointSlice>(value) {
+            Ok(slice) if slice.endpoints.len() > MAX_SLICE_ENDPOINTS => {
+                objects.skipped.push(invalid(
+                    here,
+                    format!(
+                        "EndpointSlice with {} endpoints, over {MAX_SLICE_ENDPOINTS}",
+                        slice.endpoints.len()
+                    ),
+                ))
+            }
+            Ok(slice) if slice.ports.as_ref().map_or(0, Vec::len) > MAX_SLICE_PORTS => {
+                objects.skipped.push(invalid(
+                    here,
+                    format!("EndpointSlice with over {MAX_SLICE_PORTS} ports"),
+                ))
+            }
+            Ok(slice) => objects.slices.push(slice),
+            Err(e) => objects
+                .skipped
+                .push(invalid(here, format!("EndpointSlice: {e}"))),
+        },
+        "Node" => match serde_yaml::from_value::<Node>(value) {
+            Ok(node) => objects.nodes.push(node),
+            Err(e) => objects.skipped.push(invalid(here, format!("Node: {e}"))),
+        },
+        // Deployments, Pods, ...: not ours to read.
+        _ => {}
+    }
+}
+
+fn invalid(object: &str, reason: String) -> Skipped {
+    Skipped {
+        object: object.to_string(),
+        reason,
+        invalid: true,
+    }
+}

@@ -1,0 +1,216 @@
+//! Makes the datapath maps match a `DesiredState`, incrementally: only the
+//! frontends and backends that changed are written, in the order that never
+//! shows a packet a half-written service (`services.rs`): new backends
+//! first, then frontends, then removed frontends, then unused backends.
+//!
+//! Backends are identified by (address, port, protocol) and get the lowest
+//! free id; frontends (service ports at one address) likewise get service
+//! ids. Processing is in sorted order, so the same input gives the same ids.
+//!
+//! Conntrack is left alone when a backend goes: the datapath moves UDP flows
+//! and resets TCP flows of a removed backend on their next packet, which
+//! deleting their entries here would prevent.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+};
+
+use crate::{
+    datapath::Datapath,
+    error::Result,
+    services::{BackendSlots, Frontend},
+    translate::{DesiredState, EndpointInfo, FrontendKey, FrontendSpec},
+};
+
+/// What was written in one `apply`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    pub frontends_written: usize,
+    pub frontends_removed: usize,
+    pub backends_written: usize,
+    pub backends_removed: usize,
+}
+
+impl SyncStats {
+    pub fn is_empty(&self) -> bool {
+        *self == SyncStats::default()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Applied {
+    service_id: u32,
+    slots: BackendSlots,
+    spec: FrontendSpec,
+}
+
+/// The agent's record of what it programmed.
+#[derive(Debug, Default)]
+pub struct MapWriter {
+    frontends: BTreeMap<FrontendKey, Applied>,
+    /// (address, protocol) -> (id, terminating).
+    backends: BTreeMap<(SocketAddr, u8), (u32, bool)>,
+}
+
+impl MapWriter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Service id -> `namespace/name:port (kind)`, for dumps and traces.
+    pub fn service_names(&self) -> BTreeMap<u32, String> {
+        self.frontends
+            .values()
+            .map(|a| {
+                (
+                    a.service_id,
+                    format!("{} ({})", a.spec.service, a.spec.kind),
+                )
+            })
+            .collect()
+    }
+
+    /// Backend id -> node name, where known.
+    pub fn backend_nodes(&self) -> BTreeMap<u32, String> {
+        let mut nodes = BTreeMap::new();
+        for (key, a) in &self.frontends {
+            for (ep, _) in backends_of(&a.spec) {
+                if let (Some(node), Some((id, _))) =
+                    (&ep.node, self.backends.get(&(ep.addr, key.protocol)))
+                {
+                    nodes.insert(*id, node.clone());
+                }
+            }
+        }
+        nodes
+    }
+
+    pub fn frontend_count(&self) -> usize {
+        self.frontends.len()
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
+    }
+
+    pub fn apply(&mut self, dp: &mut Datapath, desired: &DesiredState) -> Result<SyncStats> {
+        let mut stats = SyncStats::default();
+        // 1. Backends the desired state needs, with their terminating flag.
+        let mut wanted: BTreeMap<(SocketAddr, u8), bool> = BTreeMap::new();
+        for (key, spec) in &desired.frontends {
+            for (ep, terminating) in backends_of(spec) {
+                let t = wanted.entry((ep.addr, key.protocol)).or_insert(terminating);
+                *t &= terminating;
+            }
+        }
+        let mut used_ids: BTreeSet<u32> = self.backends.values().map(|(id, _)| *id).collect();
+        for (backend, terminating) in &wanted {
+            let (id, changed) = match self.backends.get(backend) {
+                Some((id, t)) => (*id, t != terminating),
+                None => (lowest_free(&mut used_ids), true),
+            };
+            if changed {
+                dp.set_backend(id, backend.0, backend.1, *terminating)?;
+                self.backends.insert(*backend, (id, *terminating));
+                stats.backends_written += 1;
+            }
+        }
+        // 2. Frontends, new or changed.
+        let mut used_services: BTreeSet<u32> =
+            self.frontends.values().map(|a| a.service_id).collect();
+        for (key, spec) in &desired.frontends {
+            let slots = self.slots_of(key.protocol, spec);
+            let service_id = match self.frontends.get(key) {
+                Some(a) if a.slots == slots && a.spec == *spec => continue,
+                Some(a) => a.service_id,
+                None => lowest_free(&mut used_services),
+            };
+            dp.set_service(&frontend(key), service_id, &slots)?;
+            self.frontends.insert(
+                *key,
+                Applied {
+                    service_id,
+                    slots,
+                    spec: spec.clone(),
+                },
+            );
+            stats.frontends_written += 1;
+        }
+        // 3. Frontends that are gone.
+        let gone: Vec<FrontendKey> = self
+            .frontends
+            .keys()
+            .filter(|k| !desired.frontends.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            dp.remove_service(&frontend(&key))?;
+            self.frontends.remove(&key);
+            stats.frontends_removed += 1;
+        }
+        // 4. Backends nothing uses any more.
+        let unused: Vec<(SocketAddr, u8)> = self
+            .backends
+            .keys()
+            .filter(|b| !wanted.contains_key(b))
+            .copied()
+            .collect();
+        for backend in unused {
+            if let Some((id, _)) = self.backends.remove(&backend) {
+                dp.remove_backend(id)?;
+                stats.backends_removed += 1;
+            }
+        }
+        Ok(stats)
+    }
+
+    fn slots_of(&self, protocol: u8, spec: &FrontendSpec) -> BackendSlots {
+        let ids = |eps: &[EndpointInfo]| -> Vec<u32> {
+            eps.iter()
+                .filter_map(|e| self.backends.get(&(e.addr, protocol)).map(|(id, _)| *id))
+                .collect()
+        };
+        BackendSlots {
+            ready: ids(&spec.endpoints.ready),
+            terminating: ids(&spec.endpoints.terminating),
+            local_only: spec.local_only,
+        }
+    }
+}
+
+/// Every endpoint a frontend refers to, with whether it is terminating.
+fn backends_of(spec: &FrontendSpec) -> impl Iterator<Item = (&EndpointInfo, bool)> {
+    let e = &spec.endpoints;
+    let internal = spec.internal.iter().flat_map(|i| {
+        i.ready
+            .iter()
+            .map(|ep| (ep, false))
+            .chain(i.terminating.iter().map(|ep| (ep, true)))
+    });
+    e.ready
+        .iter()
+        .map(|ep| (ep, false))
+        .chain(e.terminating.iter().map(|ep| (ep, true)))
+        .chain(spec.draining.iter().map(|ep| (ep, true)))
+        .chain(internal)
+}
+
+fn frontend(key: &FrontendKey) -> Frontend {
+    Frontend {
+        addr: key.addr,
+        protocol: key.protocol,
+    }
+}
+
+fn lowest_free(used: &mut BTreeSet<u32>) -> u32 {
+    let mut id = 1;
+    for u in used.iter() {
+        if *u != id {
+            break;
+        }
+        id += 1;
+    }
+    used.insert(id);
+    id
+}

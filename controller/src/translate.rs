@@ -1,0 +1,734 @@
+//! Services, EndpointSlices and the agent's Node, to the frontends the
+//! datapath serves: kube-proxy's rules (its nftables mode, where it and the
+//! iptables mode differ). Pure: objects in, `DesiredState` out; the map
+//! writer (`sync`) makes the maps match it.
+//!
+//! - Skipped: ExternalName and headless Services, Services labelled
+//!   `service.kubernetes.io/service-proxy-name` (another proxy's), IPv6
+//!   addresses (not served yet) and SCTP ports (not served yet).
+//! - A Service port has frontends at its ClusterIPs, NodePort (on the node
+//!   addresses allowed by `--nodeport-addresses`), externalIPs and
+//!   LoadBalancer ingress IPs (not those with `ipMode: Proxy`).
+//! - Its endpoints come from every EndpointSlice of the Service (label
+//!   `kubernetes.io/service-name`, same namespace, IPv4), matched to the
+//!   Service port by port name and protocol, deduplicated by address:port.
+//!   Conditions: `ready` unset means ready; `serving` unset means `ready`;
+//!   `terminating` unset means false.
+//! - New flows go to ready endpoints (after topology: node hints, then zone
+//!   hints, when every ready endpoint has them and one matches this node);
+//!   with none ready, to serving terminating ones (the datapath implements
+//!   that fallback from the two slot lists). Endpoints that are neither stay
+//!   known as backends for TCP (their established flows continue, as with
+//!   kube-proxy's conntrack), not for UDP (whose flows move).
+//! - `internalTrafficPolicy: Local` limits ClusterIP frontends, and
+//!   `externalTrafficPolicy: Local` the external ones, to this node's
+//!   endpoints; with none, packets are dropped (not rejected), as kube-proxy
+//!   does. eTP=Local frontends also keep the cluster-wide set for traffic
+//!   from inside the node (`internal`).
+//! - Bad input (unparsable address or CIDR, port out of range, unknown
+//!   protocol) skips what it is part of, with a reason; the rest is kept.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    str::FromStr,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service, ServicePort},
+    discovery::v1::{Endpoint, EndpointSlice},
+};
+
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// kube-proxy's default ClientIP affinity timeout (3 h).
+pub const DEFAULT_AFFINITY_SECONDS: u32 = 10_800;
+
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+
+/// An IPv4 CIDR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = if self.len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.len))
+        };
+        u32::from(ip) & mask == u32::from(self.addr) & mask
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, len) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?}: not a CIDR"))?;
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("{s:?}: not an IPv4 CIDR"))?;
+        let len: u8 = len
+            .parse()
+            .map_err(|_| format!("{s:?}: bad prefix length"))?;
+        if len > 32 {
+            return Err(format!("{s:?}: prefix longer than 32"));
+        }
+        Ok(Cidr { addr, len })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// What the agent knows about its node.
+#[derive(Clone, Debug, Default)]
+pub struct NodeInfo {
+    pub name: String,
+    /// The node's IPv4 addresses (from `--node-ip`, else the Node object).
+    pub ips: Vec<Ipv4Addr>,
+    pub zone: Option<String>,
+}
+
+impl NodeInfo {
+    /// From the Node object (InternalIP and ExternalIP addresses, zone label).
+    pub fn from_node(node: &Node) -> Self {
+        let ips = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect();
+        NodeInfo {
+            name: node.metadata.name.clone().unwrap_or_default(),
+            ips,
+            zone: node
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(ZONE_LABEL).cloned()),
+        }
+    }
+}
+
+/// Options that change translation (kube-proxy's flags of these names).
+#[derive(Clone, Debug, Default)]
+pub struct TranslateOptions {
+    /// `--nodeport-addresses`: NodePorts only on node IPs in these CIDRs;
+    /// empty: on all node IPs.
+    pub nodeport_addresses: Vec<Cidr>,
+}
+
+/// `namespace/name:port-name` (or `namespace/name` for an unnamed port), as
+/// kube-proxy names a service port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    pub port: String,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.port.is_empty() {
+            write!(f, "{}/{}", self.namespace, self.name)
+        } else {
+            write!(f, "{}/{}:{}", self.namespace, self.name, self.port)
+        }
+    }
+}
+
+/// A service port as clients address it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendKey {
+    pub addr: SocketAddr,
+    pub protocol: u8,
+}
+
+impl fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, protocol_name(self.protocol))
+    }
+}
+
+pub fn protocol_name(p: u8) -> &'static str {
+    match p {
+        TCP => "TCP",
+        UDP => "UDP",
+        _ => "?",
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::ExternalIp => "ExternalIP",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+        })
+    }
+}
+
+/// One endpoint of a service port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EndpointInfo {
+    pub addr: SocketAddr,
+    pub node: Option<String>,
+}
+
+/// Backends of one view of a frontend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Endpoints {
+    /// Get new flows.
+    pub ready: Vec<EndpointInfo>,
+    /// Serving and terminating: new flows only when `ready` is empty.
+    pub terminating: Vec<EndpointInfo>,
+}
+
+/// Everything the datapath needs for one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendSpec {
+    pub service: ServicePortName,
+    pub kind: FrontendKind,
+    /// The backends for traffic to this frontend.
+    pub endpoints: Endpoints,
+    /// A traffic policy is Local: with no endpoints, drop (not reject).
+    pub local_only: bool,
+    /// eTP=Local external frontends: the cluster-wide set, for traffic from
+    /// pods and processes on this node.
+    pub internal: Option<Endpoints>,
+    /// Known endpoints that get no new flows but keep their flows (TCP).
+    pub draining: Vec<EndpointInfo>,
+    /// `sessionAffinity: ClientIP` timeout.
+    pub affinity_seconds: Option<u32>,
+    /// `loadBalancerSourceRanges` (LoadBalancer frontends).
+    pub source_ranges: Vec<Cidr>,
+    /// `healthCheckNodePort` (eTP=Local LoadBalancer).
+    pub health_check_node_port: Option<u16>,
+}
+
+/// An object, or part of one, that was not programmed.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Skipped {
+    /// `Service ns/name`, `EndpointSlice ns/name`.
+    pub object: String,
+    pub reason: String,
+    /// Bad input (counted as such), rather than a deliberate skip.
+    pub invalid: bool,
+}
+
+/// What the maps should hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub frontends: BTreeMap<FrontendKey, FrontendSpec>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// The translation.
+pub fn translate(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &NodeInfo,
+    options: &TranslateOptions,
+) -> DesiredState {
+    let mut state = DesiredState::default();
+    let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in slices {
+        let ns = slice.metadata.namespace.clone().unwrap_or_default();
+        let name = slice.metadata.name.clone().unwrap_or_default();
+        let owner = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL));
+        match (owner, slice.address_type.as_str()) {
+            (None, _) => state.skipped.push(skip(
+                format!("EndpointSlice {ns}/{name}"),
+                format!("no {SERVICE_NAME_LABEL} label"),
+                false,
+            )),
+            (Some(_), "IPv6") | (Some(_), "FQDN") => state.skipped.push(skip(
+                format!("EndpointSlice {ns}/{name}"),
+                format!("address type {} is not served", slice.address_type),
+                false,
+            )),
+            (Some(svc), "IPv4") => by_service.entry((ns, svc.clone())).or_default().push(slice),
+            (Some(_), other) => state.skipped.push(skip(
+                format!("EndpointSlice {ns}/{name}"),
+                format!("unknown address type {other:?}"),
+                true,
+            )),
+        }
+    }
+    let mut sorted: Vec<&Service> = services.iter().collect();
+    sorted.sort_by_key(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()));
+    for svc in sorted {
+        let ns = svc.metadata.namespace.clone().unwrap_or_default();
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        let slices = by_service
+            .get(&(ns.clone(), name.clone()))
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        match service_frontends(svc, &ns, &name, slices, node, options, &mut state.skipped) {
+            Ok(frontends) => {
+                for (key, spec) in frontends {
+                    if let Some(existing) = state.frontends.get(&key) {
+                        state.skipped.push(skip(
+                            format!("Service {ns}/{name}"),
+                            format!("{key} is already {}", existing.service),
+                            true,
+                        ));
+                        continue;
+                    }
+                    state.frontends.insert(key, spec);
+                }
+            }
+            Err(s) => state.skipped.push(s),
+        }
+    }
+    state.skipped.sort();
+    state
+}
+
+fn skip(object: String, reason: String, invalid: bool) -> Skipped {
+    Skipped {
+        object,
+        reason,
+        invalid,
+    }
+}
+
+fn service_frontends(
+    svc: &Service,
+    ns: &str,
+    name: &str,
+    slices: &[&EndpointSlice],
+    node: &NodeInfo,
+    options: &TranslateOptions,
+    skipped: &mut Vec<Skipped>,
+) -> Result<Vec<(FrontendKey, FrontendSpec)>, Skipped> {
+    let object = format!("Service {ns}/{name}");
+    let not_served = |reason: &str| Err(skip(object.clone(), reason.to_string(), false));
+    let invalid = |reason: String| Err(skip(object.clone(), reason, true));
+    let Some(spec) = svc.spec.as_ref() else {
+        return invalid("no spec".into());
+    };
+    if svc
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL))
+    {
+        return not_served("handled by another proxy (service-proxy-name label)");
+    }
+    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if svc_type == "ExternalName" {
+        return not_served("ExternalName");
+    }
+    let cluster_ips: Vec<String> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.clone(),
+        (_, Some(ip)) => vec![ip.clone()],
+        _ => vec![],
+    };
+    if cluster_ips.iter().any(|ip| ip == "None") {
+        return not_served("headless");
+    }
+    let mut v4_cluster_ips = Vec::new();
+    for ip in &cluster_ips {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => v4_cluster_ips.push(v4),
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => return invalid(format!("clusterIP {ip:?} is not an IP address")),
+        }
+    }
+    let mut external_ips = Vec::new();
+    for ip in spec.external_ips.iter().flatten() {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => external_ips.push(v4),
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => return invalid(format!("externalIP {ip:?} is not an IP address")),
+        }
+    }
+    let mut lb_ips = Vec::new();
+    if svc_type == "LoadBalancer" {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for ing in ingress.into_iter().flatten() {
+            // ipMode Proxy: the load balancer proxies; traffic never arrives
+            // addressed to the LB IP, so kube-proxy does not capture it.
+            if ing.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
+            let Some(ip) = &ing.ip else { continue };
+            match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(v4)) => lb_ips.push(v4),
+                Ok(IpAddr::V6(_)) => {}
+                Err(_) => {
+                    return invalid(format!("loadBalancer ingress {ip:?} is not an IP address"))
+                }
+            }
+        }
+    }
+    let mut source_ranges = Vec::new();
+    for r in spec.load_balancer_source_ranges.iter().flatten() {
+        match r.trim().parse::<Cidr>() {
+            Ok(c) => source_ranges.push(c),
+            Err(e) => return invalid(format!("loadBalancerSourceRanges: {e}")),
+        }
+    }
+    let affinity_seconds = if spec.session_affinity.as_deref() == Some("ClientIP") {
+        let t = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds);
+        Some(t.map_or(DEFAULT_AFFINITY_SECONDS, |t| t.clamp(1, 86_400) as u32))
+    } else {
+        None
+    };
+    let etp_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let itp_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let node_port_ips: Vec<Ipv4Addr> = node
+        .ips
+        .iter()
+        .copied()
+        .filter(|ip| {
+            options.nodeport_addresses.is_empty()
+                || options.nodeport_addresses.iter().any(|c| c.contains(*ip))
+        })
+        .collect();
+
+    let mut out = Vec::new();
+    for port in spec.ports.iter().flatten() {
+        let port_name = port.name.clone().unwrap_or_default();
+        let spn = ServicePortName {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+            port: port_name.clone(),
+        };
+        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => TCP,
+            "UDP" => UDP,
+            "SCTP" => {
+                skipped.push(skip(
+                    object.clone(),
+                    format!("port {spn}: SCTP is not served"),
+                    false,
+                ));
+                continue;
+            }
+            other => {
+                skipped.push(skip(
+                    object.clone(),
+                    format!("port {spn}: unknown protocol {other:?}"),
+                    true,
+                ));
+                continue;
+            }
+        };
+        let Some(svc_port) = valid_port(port.port) else {
+            skipped.push(skip(
+                object.clone(),
+                format!("port {spn}: {} out of range", port.port),
+                true,
+            ));
+            continue;
+        };
+        let all = endpoints_for(port, protocol, slices, skipped);
+        let cluster = select(&all, node, None);
+        let local = select(&all, node, Some(&node.name));
+        let draining: Vec<EndpointInfo> = all
+            .iter()
+            .filter(|e| !e.serving && protocol == TCP)
+            .map(|e| e.info.clone())
+            .collect();
+        let frontend = |kind: FrontendKind, local_policy: bool| FrontendSpec {
+            service: spn.clone(),
+            kind,
+            endpoints: if local_policy {
+                local.clone()
+            } else {
+                cluster.clone()
+            },
+            local_only: local_policy,
+            internal: (local_policy && kind != FrontendKind::ClusterIp).then(|| cluster.clone()),
+            draining: draining.clone(),
+            affinity_seconds,
+            source_ranges: if kind == FrontendKind::LoadBalancer {
+                source_ranges.clone()
+            } else {
+                vec![]
+            },
+            health_check_node_port: if kind == FrontendKind::LoadBalancer && etp_local {
+                spec.health_check_node_port.and_then(valid_port)
+            } else {
+                None
+            },
+        };
+        let key = |ip: Ipv4Addr, p: u16| FrontendKey {
+            addr: SocketAddr::from((ip, p)),
+            protocol,
+        };
+        for ip in &v4_cluster_ips {
+            out.push((
+                key(*ip, svc_port),
+                frontend(FrontendKind::ClusterIp, itp_local),
+            ));
+        }
+        if matches!(svc_type, "NodePort" | "LoadBalancer") {
+            match port.node_port.map(valid_port) {
+                Some(Some(np)) => {
+                    for ip in &node_port_ips {
+                        out.push((key(*ip, np), frontend(FrontendKind::NodePort, etp_local)));
+                    }
+                }
+                Some(None) => skipped.push(skip(
+                    object.clone(),
+                    format!("port {spn}: nodePort {:?} out of range", port.node_port),
+                    true,
+                )),
+                // LoadBalancer without node ports (allocateLoadBalancerNodePorts: false).
+                None => {}
+            }
+        }
+        for ip in &external_ips {
+            out.push((
+                key(*ip, svc_port),
+                frontend(FrontendKind::ExternalIp, etp_local),
+            ));
+        }
+        for ip in &lb_ips {
+            out.push((
+                key(*ip, svc_port),
+                frontend(FrontendKind::LoadBalancer, etp_local),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn valid_port(p: i32) -> Option<u16> {
+    u16::try_from(p).ok().filter(|p| *p != 0)
+}
+
+/// An endpoint of one service port with its conditions and hints.
+#[derive(Clone, Debug)]
+struct Candidate {
+    info: EndpointInfo,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    zone_hints: Option<BTreeSet<String>>,
+    node_hints: Option<BTreeSet<String>>,
+}
+
+/// Every endpoint of the service port, from all its slices, deduplicated by
+/// address:port (a ready copy wins), sorted by address.
+fn endpoints_for(
+    port: &ServicePort,
+    protocol: u8,
+    slices: &[&EndpointSlice],
+    skipped: &mut Vec<Skipped>,
+) -> Vec<Candidate> {
+    let want = port.name.clone().unwrap_or_default();
+    let mut found: BTreeMap<SocketAddr, Candidate> = BTreeMap::new();
+    for slice in slices {
+        let object = format!(
+            "EndpointSlice {}/{}",
+            slice.metadata.namespace.as_deref().unwrap_or_default(),
+            slice.metadata.name.as_deref().unwrap_or_default()
+        );
+        let matching = slice.ports.iter().flatten().find(|p| {
+            p.name.clone().unwrap_or_default() == want
+                && p.protocol.as_deref().unwrap_or("TCP") == protocol_name(protocol)
+        });
+        let Some(target) = matching.and_then(|p| p.port) else {
+            continue;
+        };
+        let Some(target) = valid_port(target) else {
+            skipped.push(skip(
+                object,
+                format!("port {want:?}: {target} out of range"),
+                true,
+            ));
+            continue;
+        };
+        for ep in &slice.endpoints {
+            match candidate(ep, target) {
+                Ok(c) => {
+                    let keep_existing = found
+                        .get(&c.info.addr)
+                        .is_some_and(|old| old.ready && !c.ready);
+                    if !keep_existing {
+                        found.insert(c.info.addr, c);
+                    }
+                }
+                Err(reason) => skipped.push(skip(object.clone(), reason, true)),
+            }
+        }
+    }
+    found.into_values().collect()
+}
+
+fn candidate(ep: &Endpoint, port: u16) -> Result<Candidate, String> {
+    let Some(first) = ep.addresses.first() else {
+        return Err("endpoint without addresses".into());
+    };
+    let ip: Ipv4Addr = first
+        .parse()
+        .map_err(|_| format!("endpoint address {first:?} is not an IPv4 address"))?;
+    let c = ep.conditions.as_ref();
+    let ready = c.and_then(|c| c.ready).unwrap_or(true);
+    let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+    let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+    let hints = ep.hints.as_ref();
+    Ok(Candidate {
+        info: EndpointInfo {
+            addr: SocketAddr::from((ip, port)),
+            node: ep.node_name.clone(),
+        },
+        ready,
+        serving,
+        terminating,
+        zone_hints: hints
+            .and_then(|h| h.for_zones.as_ref())
+            .map(|z| z.iter().map(|z| z.name.clone()).collect()),
+        node_hints: hints
+            .and_then(|h| h.for_nodes.as_ref())
+            .map(|n| n.iter().map(|n| n.name.clone()).collect()),
+    })
+}
+
+/// Ready and serving-terminating endpoints, on `only_node` if given, with
+/// topology hints applied to the ready ones (cluster-wide view only).
+fn select(all: &[Candidate], node: &NodeInfo, only_node: Option<&str>) -> Endpoints {
+    let here = |c: &&Candidate| only_node.is_none_or(|n| c.info.node.as_deref() == Some(n));
+    let ready: Vec<&Candidate> = all.iter().filter(|c| c.ready).filter(here).collect();
+    let ready = if only_node.is_none() {
+        topology_filter(ready, node)
+    } else {
+        ready
+    };
+    Endpoints {
+        ready: ready.into_iter().map(|c| c.info.clone()).collect(),
+        terminating: all
+            .iter()
+            .filter(|c| !c.ready && c.serving && c.terminating)
+            .filter(here)
+            .map(|c| c.info.clone())
+            .collect(),
+    }
+}
+
+/// kube-proxy's topology: if every ready endpoint has node hints and some
+/// name this node, those; else if every one has zone hints and some name this
+/// node's zone, those; else all.
+fn topology_filter<'a>(ready: Vec<&'a Candidate>, node: &NodeInfo) -> Vec<&'a Candidate> {
+    if ready.is_empty() {
+        return ready;
+    }
+    if ready.iter().all(|c| c.node_hints.is_some()) {
+        let mine: Vec<&Candidate> = ready
+            .iter()
+            .copied()
+            .filter(|c| {
+                c.node_hints
+                    .as_ref()
+                    .is_some_and(|h| h.contains(&node.name))
+            })
+            .collect();
+        if !mine.is_empty() {
+            return mine;
+        }
+    }
+    if let Some(zone) = &node.zone {
+        if ready.iter().all(|c| c.zone_hints.is_some()) {
+            let mine: Vec<&Candidate> = ready
+                .iter()
+                .copied()
+                .filter(|c| c.zone_hints.as_ref().is_some_and(|h| h.contains(zone)))
+                .collect();
+            if !mine.is_empty() {
+                return mine;
+            }
+        }
+    }
+    ready
+}
+
+impl DesiredState {
+    /// One line per frontend (and its views), stable, for golden files.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write as _;
+        let list = |eps: &[EndpointInfo]| -> String {
+            if eps.is_empty() {
+                return "-".into();
+            }
+            eps.iter()
+                .map(|e| match &e.node {
+                    Some(n) => format!("{} ({n})", e.addr),
+                    None => e.addr.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut out = String::new();
+        for (key, f) in &self.frontends {
+            let _ = write!(out, "{key} {} {}", f.kind, f.service);
+            if f.local_only {
+                out.push_str(" policy=Local");
+            }
+            if let Some(t) = f.affinity_seconds {
+                let _ = write!(out, " affinity=ClientIP/{t}s");
+            }
+            if !f.source_ranges.is_empty() {
+                let r: Vec<String> = f.source_ranges.iter().map(ToString::to_string).collect();
+                let _ = write!(out, " source-ranges={}", r.join(","));
+            }
+            if let Some(p) = f.health_check_node_port {
+                let _ = write!(out, " health-check-node-port={p}");
+            }
+            let _ = writeln!(out);
+            let _ = writeln!(out, "    ready: {}", list(&f.endpoints.ready));
+            let _ = writeln!(out, "    terminating: {}", list(&f.endpoints.terminating));
+            if !f.draining.is_empty() {
+                let _ = writeln!(out, "    draining: {}", list(&f.draining));
+            }
+            if let Some(i) = &f.internal {
+                let _ = writeln!(
+                    out,
+                    "    from this node: ready {}; terminating {}",
+                    list(&i.ready),
+                    list(&i.terminating)
+                );
+            }
+        }
+        out
+    }
+}
