@@ -6,6 +6,7 @@
 //! - [`demo`]: the README's main command for now: the datapath in a
 //!   throwaway namespace pair, counting and tracing real traffic.
 
+pub mod agent;
 pub mod datapath;
 pub mod demo;
 pub mod dump;

@@ -1,4 +1,11 @@
-use clap::{Parser, Subcommand};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+};
+
+use clap::{Args, Parser, Subcommand};
+use dp::{agent::AgentOptions, translate::Cidr};
+use regex::Regex;
 
 /// dp: an eBPF dataplane that replaces kube-proxy.
 #[derive(Parser)]
@@ -10,9 +17,53 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the datapath in a throwaway namespace pair, send TCP and UDP
-    /// through it, and show the counters and trace events it produced.
+    /// Run the per-node agent: keep the datapath in step with the cluster's
+    /// Services and EndpointSlices.
+    Agent(Box<AgentArgs>),
+    /// A ClusterIP service in a two-node lab of network namespaces, with the
+    /// trace and counters that explain it.
     Demo,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Kubeconfig file (or KUBECONFIG); in-cluster config without either.
+    #[arg(long, conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
+    /// A directory of Service, EndpointSlice and Node manifests, watched.
+    #[arg(long)]
+    manifests: Option<PathBuf>,
+    /// This node's name (its Node object, `nodeName` of local endpoints).
+    #[arg(long)]
+    node_name: String,
+    /// This node's IPv4 addresses (default: from the Node object).
+    #[arg(long = "node-ip")]
+    node_ips: Vec<Ipv4Addr>,
+    /// Node-facing devices (external traffic enters, SNATed traffic leaves).
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<String>,
+    /// Regex of host-side pod veth names, attached as they appear.
+    #[arg(long)]
+    pod_devices: Option<Regex>,
+    /// kube-proxy's --cluster-cidr: service traffic from outside it is
+    /// masqueraded.
+    #[arg(long)]
+    cluster_cidr: Option<Cidr>,
+    /// NodePorts only on node addresses in these CIDRs (default: all).
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<Cidr>,
+    /// Masquerade all service traffic (kube-proxy's --masquerade-all).
+    #[arg(long)]
+    masquerade_all: bool,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/dp")]
+    bpffs: PathBuf,
+    /// Prometheus metrics address.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_addr: SocketAddr,
+    /// /healthz and /livez address.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_addr: SocketAddr,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -24,5 +75,26 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Demo => dp::demo::run(&mut std::io::stdout().lock()),
+        Command::Agent(a) => {
+            let a = *a;
+            let opts = AgentOptions {
+                kubeconfig: a.kubeconfig,
+                manifests: a.manifests,
+                node_name: a.node_name,
+                node_ips: a.node_ips,
+                devices: a.devices,
+                pod_devices: a.pod_devices,
+                cluster_cidr: a.cluster_cidr,
+                nodeport_addresses: a.nodeport_addresses,
+                masquerade_all: a.masquerade_all,
+                bpffs: a.bpffs,
+                metrics_addr: a.metrics_addr,
+                healthz_addr: a.healthz_addr,
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(dp::agent::run(opts))
+        }
     }
 }

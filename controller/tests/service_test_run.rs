@@ -421,7 +421,8 @@ fn a_tcp_flow_to_a_removed_backend_is_reset() {
     assert_eq!(v.tcp_flags(), TCP_RST);
     assert_eq!(v.tcp_seq(), 5000, "RFC 793: seq = the segment's ack");
     assert!(v.payload().is_empty());
-    assert!(v.ip_checksum_ok() && v.l4_checksum_ok());
+    assert!(v.ip_checksum_ok(), "IP checksum: {out:?}");
+    assert!(v.l4_checksum_ok(), "TCP checksum: {out:?}");
     assert_eq!(
         dp.counters()
             .unwrap()
@@ -436,16 +437,36 @@ fn a_reset_for_a_segment_without_ack_acknowledges_it() {
     let mut dp = setup(&[(1, B1)], &[]);
     forward(&dp, &tcp_syn(CLIENT, 40010, VIP, 80));
     dp.remove_backend(1).unwrap();
-    let (ret, out) = run(
-        &dp,
-        Hook::TcIngress,
-        &tcp(CLIENT, 40010, VIP, 80, TCP_SYN, 777, 0, &[]),
-    );
+    let fin = tcp(CLIENT, 40010, VIP, 80, TCP_FIN | TCP_PSH, 777, 0, b"abc");
+    let (ret, out) = run(&dp, Hook::TcIngress, &fin);
     assert_eq!(ret, TC_ACT_REDIRECT);
     let v = Ipv4View::new(&out);
     assert_eq!(v.tcp_flags(), TCP_RST | TCP_ACK);
-    assert_eq!((v.tcp_seq(), v.tcp_ack()), (0, 778), "SYN counts as one");
+    assert_eq!((v.tcp_seq(), v.tcp_ack()), (0, 781), "3 bytes and the FIN");
     assert!(v.l4_checksum_ok());
+}
+
+#[test]
+fn a_syn_reusing_the_tuple_of_a_dead_flow_starts_a_new_flow() {
+    let mut dp = setup(&[(1, B1)], &[]);
+    forward(&dp, &tcp_syn(CLIENT, 40021, VIP, 80));
+    set_backends(&mut dp, &[(2, B2)], &[]);
+    dp.remove_backend(1).unwrap();
+    let out = forward(&dp, &tcp_syn(CLIENT, 40021, VIP, 80));
+    assert_eq!(Ipv4View::new(&out).dst(), B2, "not reset: a new connection");
+    // Likewise after the flow closed (FIN seen), with its backend still there.
+    forward(
+        &dp,
+        &tcp(CLIENT, 40021, VIP, 80, TCP_FIN | TCP_ACK, 1001, 1, &[]),
+    );
+    let new_flows = |dp: &Datapath| {
+        dp.counters()
+            .unwrap()
+            .packets(Hook::TcIngress, Reason::NewFlow)
+    };
+    let before = new_flows(&dp);
+    forward(&dp, &tcp_syn(CLIENT, 40021, VIP, 80));
+    assert_eq!(new_flows(&dp), before + 1);
 }
 
 #[test]

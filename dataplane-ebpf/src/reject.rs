@@ -14,7 +14,7 @@ use crate::{
     csum::{fold, sum_words},
     maps::DP_SCRATCH,
     packet::{skb_load, skb_store},
-    parse::{EthHdr, Ipv4Hdr, TcpHdr, ETH_HLEN},
+    parse::{EthHdr, Ipv4Hdr, ETH_HLEN},
 };
 
 const IPV4_HLEN: usize = 20;
@@ -77,39 +77,61 @@ pub fn icmp_port_unreachable(ctx: &TcContext, hook: Hook) -> Result<i32, ()> {
 }
 
 /// Turns a TCP packet into a reset from its destination to its source, as a
-/// closed port would answer it (RFC 793), and redirects it back.
+/// closed port would answer it (RFC 793), and redirects it back. The original
+/// headers are staged in the scratch buffer after the answer's bytes, not on
+/// the stack (the call chain's 512 bytes are tight).
 #[inline(always)]
 pub fn tcp_reset(ctx: &TcContext, hook: Hook, l4_off: usize) -> Result<i32, ()> {
-    let eth: EthHdr = ctx.load(0).map_err(|_| ())?;
-    let ip: Ipv4Hdr = ctx.load(ETH_HLEN).map_err(|_| ())?;
-    let tcp: TcpHdr = ctx.load(l4_off).map_err(|_| ())?;
-    let ihl = usize::from(ip.version_ihl & 0x0f) * 4;
-    let doff = usize::from(tcp.data_offset >> 4) * 4;
-    let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
-    let payload = tot_len.saturating_sub(ihl + doff) as u32;
-
     let buf = scratch()?;
     *buf = [0; SCRATCH_LEN];
-    write_eth_reply(buf, &eth);
-    write_ipv4(
-        buf,
-        (IPV4_HLEN + TCP_HLEN) as u16,
-        proto::IPPROTO_TCP,
-        ip.daddr,
-        ip.saddr,
-    );
+    // Staging, after the answer's TCP_RESET_LEN bytes: the original
+    // Ethernet + IPv4 header, and the TCP header.
+    const ORIG_IP: usize = TCP_RESET_LEN + ETH_HLEN;
+    const ORIG_TCP: usize = ORIG_IP + IPV4_HLEN;
+    const _: () = assert!(ORIG_TCP + TCP_HLEN <= SCRATCH_LEN);
+    skb_load(ctx, 0, &mut buf[ORIG_IP - ETH_HLEN..ORIG_IP + IPV4_HLEN])?;
+    skb_load(ctx, l4_off, &mut buf[ORIG_TCP..ORIG_TCP + TCP_HLEN])?;
+    let ihl = usize::from(buf[ORIG_IP] & 0x0f) * 4;
+    let doff = usize::from(buf[ORIG_TCP + 12] >> 4) * 4;
+    let tot_len = usize::from(u16::from_be_bytes([buf[ORIG_IP + 2], buf[ORIG_IP + 3]]));
+    let payload = tot_len.saturating_sub(ihl + doff) as u32;
+    let flags = buf[ORIG_TCP + 13];
+    let seq = u32::from_be_bytes([
+        buf[ORIG_TCP + 4],
+        buf[ORIG_TCP + 5],
+        buf[ORIG_TCP + 6],
+        buf[ORIG_TCP + 7],
+    ]);
+
+    // Ethernet: addresses swapped.
+    let e = ORIG_IP - ETH_HLEN;
+    buf.copy_within(e + 6..e + 12, 0);
+    buf.copy_within(e..e + 6, 6);
+    buf[12..14].copy_from_slice(&proto::ETH_P_IP.to_be_bytes());
+    // IPv4: from the packet's destination to its source.
+    let h = ETH_HLEN;
+    buf[h] = 0x45;
+    buf[h + 2..h + 4].copy_from_slice(&((IPV4_HLEN + TCP_HLEN) as u16).to_be_bytes());
+    buf[h + 6] = 0x40; // DF
+    buf[h + 8] = 64; // TTL
+    buf[h + 9] = proto::IPPROTO_TCP;
+    buf.copy_within(ORIG_IP + 16..ORIG_IP + 20, h + 12);
+    buf.copy_within(ORIG_IP + 12..ORIG_IP + 16, h + 16);
+    let sum = fold(sum_words(buf, h, IPV4_HLEN, 0));
+    buf[h + 10..h + 12].copy_from_slice(&sum.to_be_bytes());
+    // TCP: ports swapped; RFC 793 sequence rules.
     let t = ETH_HLEN + IPV4_HLEN;
-    buf[t..t + 2].copy_from_slice(&tcp.dest);
-    buf[t + 2..t + 4].copy_from_slice(&tcp.source);
-    if tcp.flags & TCP_FLAG_ACK != 0 {
-        buf[t + 4..t + 8].copy_from_slice(&tcp.ack_seq);
+    buf.copy_within(ORIG_TCP + 2..ORIG_TCP + 4, t);
+    buf.copy_within(ORIG_TCP..ORIG_TCP + 2, t + 2);
+    if flags & TCP_FLAG_ACK != 0 {
+        buf.copy_within(ORIG_TCP + 8..ORIG_TCP + 12, t + 4);
         buf[t + 13] = TCP_FLAG_RST;
     } else {
-        let mut ack = u32::from_be_bytes(tcp.seq).wrapping_add(payload);
-        if tcp.flags & TCP_FLAG_SYN != 0 {
+        let mut ack = seq.wrapping_add(payload);
+        if flags & TCP_FLAG_SYN != 0 {
             ack = ack.wrapping_add(1);
         }
-        if tcp.flags & TCP_FLAG_FIN != 0 {
+        if flags & TCP_FLAG_FIN != 0 {
             ack = ack.wrapping_add(1);
         }
         buf[t + 8..t + 12].copy_from_slice(&ack.to_be_bytes());

@@ -15,7 +15,10 @@ use aya_ebpf::{
 use common::{
     addr::in_prefix,
     config::CONFIG_MASQUERADE_ALL,
-    ct::{CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, CT_STATE_NEW},
+    ct::{
+        CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, CT_STATE_CLOSING,
+        CT_STATE_NEW,
+    },
     lb::SERVICE_FLAG_LOCAL_ONLY,
     trace::proto,
     Backend, CtEntry, CtKey, DatapathConfig, FlowTuple, Hook, Reason, TraceEvent, Verdict,
@@ -81,6 +84,9 @@ pub fn handle(
     let mut step = match ct::lookup(&ct::key(&ev.original), f.now) {
         // SAFETY: map value pointer from a successful lookup.
         Some(e) if unsafe { (*e).direction } == CT_DIR_REPLY => reply(&f, ev, e),
+        // A new connection reusing the tuple of one that is closing or whose
+        // backend is gone: a new flow, as netfilter conntrack does.
+        Some(e) if syn_reopens(ev, e) => new_flow(&f, ev),
         Some(e) => established(&f, ev, e),
         None => new_flow(&f, ev),
     };
@@ -97,6 +103,21 @@ pub fn handle(
         Step::Track(_) | Step::BackendGone => drop(ev, Reason::ServiceInconsistent),
     }
 }
+
+/// A TCP SYN (without ACK) on an original-direction entry that is closing or
+/// whose backend is gone. Its own BPF function: kept out of `handle`'s frame.
+#[inline(never)]
+fn syn_reopens(ev: &TraceEvent, e: *mut CtEntry) -> bool {
+    if ev.original.protocol != proto::IPPROTO_TCP || ev.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return false;
+    }
+    // SAFETY: map value pointer from a successful lookup.
+    let (state, backend_id) = unsafe { ((*e).state, (*e).backend_id) };
+    state == CT_STATE_CLOSING || lb::backend(backend_id).is_none()
+}
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 // The steps below are separate BPF functions (not inlined), each with its
 // own stack frame.

@@ -113,40 +113,53 @@ impl Cluster {
         topo.ns("client")
             .add_route(SERVICE_CIDR, &nodes[0].ip.to_string())?;
 
-        let mut pods = Vec::new();
+        let mut cluster = Cluster {
+            topo,
+            nodes,
+            pods: Vec::new(),
+        };
         for (i, count) in pods_per_node.iter().enumerate() {
-            for j in 0..*count {
-                let name = format!("pod-{}-{j}", i + 1);
-                let ip = Ipv4Addr::new(10, 244, 1 + i as u8, 10 + j as u8);
-                let host_device = format!("lxc{j}");
-                topo.add_ns(&name)?;
-                let node = &nodes[i].name;
-                topo.veth(node, &host_device, &name, "eth0")?;
-                let host = topo.ns(node);
-                host.ip(&[
-                    "addr",
-                    "add",
-                    &format!("{POD_GATEWAY}/32"),
-                    "dev",
-                    &host_device,
-                    "scope",
-                    "link",
-                ])?;
-                host.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_device])?;
-                let pod = topo.ns(&name);
-                pod.add_addr("eth0", &format!("{ip}/32"))?;
-                pod.ip(&["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
-                pod.ip(&["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"])?;
-                nodes[i].pod_devices.push(host_device.clone());
-                pods.push(Pod {
-                    name,
-                    ip,
-                    node: i,
-                    host_device,
-                });
+            for _ in 0..*count {
+                cluster.add_pod(i)?;
             }
         }
-        Ok(Cluster { topo, nodes, pods })
+        Ok(cluster)
+    }
+
+    /// Adds a pod to node `node` (index): `pod-<node+1>-<n>` at
+    /// 10.244.<node+1>.<10+n>, behind host-side `lxc<n>`.
+    pub fn add_pod(&mut self, node: usize) -> Result<Pod> {
+        let j = self.nodes[node].pod_devices.len();
+        let name = format!("pod-{}-{j}", node + 1);
+        let ip = Ipv4Addr::new(10, 244, 1 + node as u8, 10 + j as u8);
+        let host_device = format!("lxc{j}");
+        self.topo.add_ns(&name)?;
+        let node_ns = self.nodes[node].name.clone();
+        self.topo.veth(&node_ns, &host_device, &name, "eth0")?;
+        let host = self.topo.ns(&node_ns);
+        host.ip(&[
+            "addr",
+            "add",
+            &format!("{POD_GATEWAY}/32"),
+            "dev",
+            &host_device,
+            "scope",
+            "link",
+        ])?;
+        host.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_device])?;
+        let pod_ns = self.topo.ns(&name);
+        pod_ns.add_addr("eth0", &format!("{ip}/32"))?;
+        pod_ns.ip(&["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
+        pod_ns.ip(&["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"])?;
+        self.nodes[node].pod_devices.push(host_device.clone());
+        let pod = Pod {
+            name,
+            ip,
+            node,
+            host_device,
+        };
+        self.pods.push(pod.clone());
+        Ok(pod)
     }
 
     pub fn ns(&self, role: &str) -> &Netns {

@@ -1,0 +1,219 @@
+//! `dp agent`: the per-node agent. Reads Services, EndpointSlices and its
+//! Node from a source, translates them (`translate`) and keeps the datapath
+//! maps in step (`sync`), attached to the node's devices and its pods'
+//! host-side veths.
+//!
+//! Sources: `--manifests DIR` (a directory of ordinary manifests, watched
+//! with inotify: a change is applied as soon as it is written). The
+//! Kubernetes API source (`--kubeconfig`, in-cluster) is not built yet.
+
+use std::{
+    collections::BTreeSet,
+    ffi::CStr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use common::Hook;
+use notify::Watcher as _;
+use regex::Regex;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::{
+    manifests,
+    sync::MapWriter,
+    translate::{translate, Cidr, NodeInfo, TranslateOptions},
+    Datapath,
+};
+
+/// The flags of `dp agent` (kept stable: other tools drive it).
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub kubeconfig: Option<PathBuf>,
+    pub manifests: Option<PathBuf>,
+    pub node_name: String,
+    pub node_ips: Vec<Ipv4Addr>,
+    pub devices: Vec<String>,
+    pub pod_devices: Option<Regex>,
+    pub cluster_cidr: Option<Cidr>,
+    pub nodeport_addresses: Vec<Cidr>,
+    pub masquerade_all: bool,
+    pub bpffs: PathBuf,
+    pub metrics_addr: SocketAddr,
+    pub healthz_addr: SocketAddr,
+}
+
+/// How often pod devices are looked for (until the netlink watch exists).
+const POD_DEVICE_SCAN: Duration = Duration::from_secs(1);
+
+pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+    let Some(dir) = opts.manifests.clone() else {
+        bail!("only --manifests is supported so far; the Kubernetes API source is not built yet");
+    };
+    let mut dp = Datapath::load().context("loading the datapath")?;
+    let mut agent = Agent {
+        node: NodeInfo {
+            name: opts.node_name.clone(),
+            ips: opts.node_ips.clone(),
+            zone: None,
+        },
+        writer: MapWriter::new(),
+        attached: BTreeSet::new(),
+        opts,
+    };
+    agent.configure(&mut dp)?;
+    for dev in agent.opts.devices.clone() {
+        dp.attach_xdp(&dev)
+            .and_then(|()| dp.attach_tc(&dev, Hook::TcIngress))
+            .and_then(|()| dp.attach_tc(&dev, Hook::TcEgress))
+            .with_context(|| format!("attaching to device {dev}"))?;
+        agent.attached.insert(dev.clone());
+        info!(device = %dev, "attached xdp, tc ingress and egress");
+    }
+    agent.attach_pod_devices(&mut dp);
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Our own reads raise access events; only changes matter.
+        if let Ok(e) = event {
+            if !matches!(e.kind, notify::EventKind::Access(_)) {
+                let _ = tx.send(());
+            }
+        }
+    })?;
+    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    agent.sync_manifests(&mut dp, &dir);
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut scan = tokio::time::interval(POD_DEVICE_SCAN);
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            Some(()) = rx.recv() => {
+                // One sync for a burst of events (an editor writes a file in
+                // several steps).
+                while rx.try_recv().is_ok() {}
+                agent.sync_manifests(&mut dp, &dir);
+            }
+            _ = scan.tick() => agent.attach_pod_devices(&mut dp),
+        }
+    }
+    info!("stopping");
+    Ok(())
+}
+
+struct Agent {
+    opts: AgentOptions,
+    node: NodeInfo,
+    writer: MapWriter,
+    attached: BTreeSet<String>,
+}
+
+impl Agent {
+    fn configure(&self, dp: &mut Datapath) -> anyhow::Result<()> {
+        let node_ip = self
+            .node
+            .ips
+            .first()
+            .copied()
+            .unwrap_or(Ipv4Addr::UNSPECIFIED);
+        dp.set_node(
+            IpAddr::V4(node_ip),
+            self.opts.cluster_cidr.map(|c| (IpAddr::V4(c.addr), c.len)),
+            self.opts.masquerade_all,
+        )?;
+        Ok(())
+    }
+
+    /// Attaches tc to every device matching `--pod-devices` not yet attached.
+    fn attach_pod_devices(&mut self, dp: &mut Datapath) {
+        let Some(re) = &self.opts.pod_devices else {
+            return;
+        };
+        for dev in interfaces() {
+            if !re.is_match(&dev) || self.attached.contains(&dev) {
+                continue;
+            }
+            match dp
+                .attach_tc(&dev, Hook::TcIngress)
+                .and_then(|()| dp.attach_tc(&dev, Hook::TcEgress))
+            {
+                Ok(()) => {
+                    info!(device = %dev, "attached tc to pod device");
+                    self.attached.insert(dev);
+                }
+                Err(e) => warn!(device = %dev, error = %e, "could not attach to pod device"),
+            }
+        }
+    }
+
+    /// Reads the manifests, translates and programs the difference.
+    fn sync_manifests(&mut self, dp: &mut Datapath, dir: &std::path::Path) {
+        let started = Instant::now();
+        let objects = match manifests::load_dir(dir) {
+            Ok(o) => o,
+            // Fail static: the last programmed state stays.
+            Err(e) => return warn!(error = %e, dir = %dir.display(), "cannot read manifests"),
+        };
+        if let Some(node) = objects
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(&self.opts.node_name))
+        {
+            let from_object = NodeInfo::from_node(node);
+            self.node.zone = from_object.zone;
+            if self.opts.node_ips.is_empty() && self.node.ips != from_object.ips {
+                self.node.ips = from_object.ips;
+                if let Err(e) = self.configure(dp) {
+                    warn!(error = %e, "cannot configure the node address");
+                }
+            }
+        }
+        let options = TranslateOptions {
+            nodeport_addresses: self.opts.nodeport_addresses.clone(),
+        };
+        let desired = translate(&objects.services, &objects.slices, &self.node, &options);
+        for s in objects.skipped.iter().chain(&desired.skipped) {
+            if s.invalid {
+                warn!(object = %s.object, reason = %s.reason, "skipped invalid input");
+            }
+        }
+        match self.writer.apply(dp, &desired) {
+            Ok(stats) => info!(
+                frontends = self.writer.frontend_count(),
+                backends = self.writer.backend_count(),
+                written = stats.frontends_written,
+                removed = stats.frontends_removed,
+                backends_written = stats.backends_written,
+                backends_removed = stats.backends_removed,
+                micros = started.elapsed().as_micros() as u64,
+                "synced"
+            ),
+            Err(e) => warn!(error = %e, "programming the maps failed"),
+        }
+    }
+}
+
+/// Interface names in this network namespace.
+fn interfaces() -> Vec<String> {
+    let mut names = Vec::new();
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed
+    // below with if_freenameindex.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return names;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 {
+            names.push(CStr::from_ptr((*p).if_name).to_string_lossy().into_owned());
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    names
+}
