@@ -3,6 +3,10 @@
 //! maps in step (`sync`), attached to the node's devices and its pods'
 //! host-side veths.
 //!
+//! State is pinned under `--bpffs` (see `pin`): an agent that stops or
+//! crashes leaves programs attached and maps in place, and the next one
+//! adopts them without a gap in service.
+//!
 //! Sources: `--manifests DIR` (a directory of ordinary manifests, watched
 //! with inotify: a change is applied as soon as it is written). The
 //! Kubernetes API source (`--kubeconfig`, in-cluster) is not built yet.
@@ -23,7 +27,8 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
-    manifests,
+    datapath::MapSizes,
+    manifests, pin,
     sync::MapWriter,
     translate::{translate, Cidr, NodeInfo, TranslateOptions},
     Datapath,
@@ -53,22 +58,46 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let Some(dir) = opts.manifests.clone() else {
         bail!("only --manifests is supported so far; the Kubernetes API source is not built yet");
     };
-    let mut dp = Datapath::load().context("loading the datapath")?;
+    // Maps and links live in bpffs: they outlive this process, and a
+    // restarted agent adopts them (same ids, so conntrack stays valid).
+    pin::ensure_bpffs(&opts.bpffs).context("preparing --bpffs")?;
+    let mut dp = Datapath::load_pinned(&pin::maps_dir(&opts.bpffs), MapSizes::default())
+        .context("loading the datapath")?;
+    let writer = MapWriter::adopt(&mut dp).context("reading the pinned maps")?;
+    info!(
+        frontends = writer.frontend_count(),
+        backends = writer.backend_count(),
+        bpffs = %opts.bpffs.display(),
+        "adopted pinned state"
+    );
     let mut agent = Agent {
         node: NodeInfo {
             name: opts.node_name.clone(),
             ips: opts.node_ips.clone(),
             zone: None,
         },
-        writer: MapWriter::new(),
+        writer,
         attached: BTreeSet::new(),
         opts,
     };
     agent.configure(&mut dp)?;
     for dev in agent.opts.devices.clone() {
-        dp.attach_xdp(&dev)
-            .and_then(|()| dp.attach_tc(&dev, Hook::TcIngress))
-            .and_then(|()| dp.attach_tc(&dev, Hook::TcEgress))
+        let bpffs = &agent.opts.bpffs;
+        dp.attach_xdp_pinned(&dev, &pin::link_pin(bpffs, &dev, Hook::Xdp))
+            .and_then(|()| {
+                dp.attach_tc_pinned(
+                    &dev,
+                    Hook::TcIngress,
+                    &pin::link_pin(bpffs, &dev, Hook::TcIngress),
+                )
+            })
+            .and_then(|()| {
+                dp.attach_tc_pinned(
+                    &dev,
+                    Hook::TcEgress,
+                    &pin::link_pin(bpffs, &dev, Hook::TcEgress),
+                )
+            })
             .with_context(|| format!("attaching to device {dev}"))?;
         agent.attached.insert(dev.clone());
         info!(device = %dev, "attached xdp, tc ingress and egress");
@@ -102,7 +131,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             _ = scan.tick() => agent.attach_pod_devices(&mut dp),
         }
     }
-    info!("stopping");
+    // Pinned programs and maps stay: traffic keeps flowing until the next
+    // agent adopts them or `dp cleanup` removes them.
+    info!("stopping; pinned state left in place");
     Ok(())
 }
 
@@ -138,9 +169,12 @@ impl Agent {
             if !re.is_match(&dev) || self.attached.contains(&dev) {
                 continue;
             }
+            let bpffs = &self.opts.bpffs;
+            let ingress = pin::link_pin(bpffs, &dev, Hook::TcIngress);
+            let egress = pin::link_pin(bpffs, &dev, Hook::TcEgress);
             match dp
-                .attach_tc(&dev, Hook::TcIngress)
-                .and_then(|()| dp.attach_tc(&dev, Hook::TcEgress))
+                .attach_tc_pinned(&dev, Hook::TcIngress, &ingress)
+                .and_then(|()| dp.attach_tc_pinned(&dev, Hook::TcEgress, &egress))
             {
                 Ok(()) => {
                     info!(device = %dev, "attached tc to pod device");

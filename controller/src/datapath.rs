@@ -6,9 +6,9 @@ use aya::{
     include_bytes_aligned,
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{
-        links::LinkOrder,
-        tc::{SchedClassifierLinkId, TcAttachOptions},
-        xdp::XdpLinkId,
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::{SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
+        xdp::{XdpLink, XdpLinkId},
         SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
@@ -60,7 +60,22 @@ pub struct Datapath {
 enum Attachment {
     Tc(&'static str, SchedClassifierLinkId),
     Xdp(XdpLinkId),
+    /// A link pinned in bpffs: it outlives this process (`dp cleanup` removes it).
+    Pinned(#[allow(dead_code)] FdLink),
 }
+
+/// Maps kept in bpffs, so a restarted agent (and the inspection commands)
+/// find the same state. Scratch maps are private to each program version.
+pub const PINNED_MAPS: [&str; 8] = [
+    map_names::SERVICES,
+    map_names::BACKENDS,
+    map_names::REVNAT,
+    map_names::CT,
+    map_names::CONFIG,
+    map_names::COUNTERS,
+    map_names::TRACE_EVENTS,
+    map_names::TRACE_LOST,
+];
 
 impl Datapath {
     /// Loads the embedded object and its programs into the kernel, with the
@@ -71,12 +86,34 @@ impl Datapath {
 
     /// Loads with the given map capacities.
     pub fn load_with(sizes: MapSizes) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
+        Self::load_inner(sizes, None)
+    }
+
+    /// Loads with the state maps pinned in `maps_dir` (on a bpffs): maps
+    /// already pinned there are reused with their contents (a restarted
+    /// agent adopts them), missing ones are created and pinned.
+    pub fn load_pinned(maps_dir: &std::path::Path, sizes: MapSizes) -> Result<Self> {
+        std::fs::create_dir_all(maps_dir).map_err(|source| Error::Io {
+            context: format!("create {}", maps_dir.display()),
+            source,
+        })?;
+        Self::load_inner(sizes, Some(maps_dir))
+    }
+
+    fn load_inner(sizes: MapSizes, maps_dir: Option<&std::path::Path>) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(map_names::SERVICES, sizes.services)
             .map_max_entries(map_names::BACKENDS, sizes.backends)
             .map_max_entries(map_names::REVNAT, sizes.revnat)
-            .map_max_entries(map_names::CT, sizes.conntrack)
-            .load(DATAPLANE_OBJECT)?;
+            .map_max_entries(map_names::CT, sizes.conntrack);
+        if let Some(dir) = maps_dir {
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let pinned = maps_dir.is_some_and(|d| d.join(map_names::CONFIG).exists());
+        let mut ebpf = loader.load(DATAPLANE_OBJECT)?;
         for name in [
             program_names::TC_INGRESS,
             program_names::TC_EGRESS,
@@ -98,8 +135,11 @@ impl Datapath {
             interfaces: BTreeMap::new(),
             service_addresses: BTreeMap::new(),
         };
-        // Conntrack timeouts and the rest start from the documented defaults.
-        datapath.set_config(DatapathConfig::default())?;
+        // Conntrack timeouts and the rest start from the documented defaults
+        // (an adopted configuration is kept).
+        if !pinned {
+            datapath.set_config(DatapathConfig::default())?;
+        }
         Ok(datapath)
     }
 
@@ -141,6 +181,82 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches the tc program for `hook` to `ifname` through a link pinned
+    /// at `pin`: an existing pinned link (left by an earlier agent) gets the
+    /// new program atomically, without a moment unattached; otherwise a new
+    /// link is attached and pinned. The link outlives this process.
+    pub fn attach_tc_pinned(
+        &mut self,
+        ifname: &str,
+        hook: Hook,
+        pin: &std::path::Path,
+    ) -> Result<()> {
+        let Some(name) = tc_program_name(hook) else {
+            return self.attach_xdp_pinned(ifname, pin);
+        };
+        let attach_type = match hook {
+            Hook::TcEgress => TcAttachType::Egress,
+            _ => TcAttachType::Ingress,
+        };
+        let ifindex = ifindex(ifname)?;
+        let prog = tc_program_mut(&mut self.ebpf, name)?;
+        let program_err = |source| Error::Program { name, source };
+        let adopted = adopt_link(pin)
+            .and_then(|fd| SchedClassifierLink::try_from(fd).ok())
+            .and_then(|link| swap_or_forget(prog.attach_to_link(link), pin));
+        let id = match adopted {
+            Some(id) => id,
+            None => prog
+                .attach_with_options(
+                    ifname,
+                    attach_type,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(program_err)?,
+        };
+        let link = prog.take_link(id).map_err(program_err)?;
+        let fd = FdLink::try_from(link).map_err(|e| pin_err(pin, e))?;
+        self.keep_pinned(fd, pin)?;
+        self.interfaces.insert(ifindex, ifname.to_string());
+        Ok(())
+    }
+
+    /// Like `attach_tc_pinned`, for the XDP program.
+    pub fn attach_xdp_pinned(&mut self, ifname: &str, pin: &std::path::Path) -> Result<()> {
+        let ifindex = ifindex(ifname)?;
+        let name = program_names::XDP;
+        let prog = xdp_program_mut(&mut self.ebpf)?;
+        let program_err = |source| Error::Program { name, source };
+        let adopted = adopt_link(pin)
+            .and_then(|fd| XdpLink::try_from(fd).ok())
+            .and_then(|link| swap_or_forget(prog.attach_to_link(link), pin));
+        let id = match adopted {
+            Some(id) => id,
+            None => prog
+                .attach_to_if_index(ifindex, XdpMode::default())
+                .map_err(program_err)?,
+        };
+        let link = prog.take_link(id).map_err(program_err)?;
+        let fd = FdLink::try_from(link).map_err(|e| pin_err(pin, e))?;
+        self.keep_pinned(fd, pin)?;
+        self.interfaces.insert(ifindex, ifname.to_string());
+        Ok(())
+    }
+
+    /// Pins `fd` at `pin` unless it is the link already pinned there.
+    fn keep_pinned(&mut self, fd: FdLink, pin: &std::path::Path) -> Result<()> {
+        let fd = if pin.exists() {
+            fd
+        } else {
+            if let Some(dir) = pin.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| pin_err(pin, e))?;
+            }
+            FdLink::from(fd.pin(pin).map_err(|e| pin_err(pin, e))?)
+        };
+        self.attachments.push(Attachment::Pinned(fd));
+        Ok(())
+    }
+
     /// Detaches every program this datapath attached.
     pub fn detach_all(&mut self) -> Result<()> {
         for attachment in self.attachments.drain(..) {
@@ -156,6 +272,8 @@ impl Datapath {
                             source,
                         })?
                 }
+                // Pinned links stay until `dp cleanup` removes their pins.
+                Attachment::Pinned(_) => {}
             }
         }
         Ok(())
@@ -380,6 +498,34 @@ fn xdp_program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
         .ok_or(Error::MissingProgram(name))?
         .try_into()
         .map_err(|source| Error::Program { name, source })
+}
+
+/// The link pinned at `pin`, if any.
+fn adopt_link(pin: &std::path::Path) -> Option<FdLink> {
+    PinnedLink::from_pin(pin).ok().map(FdLink::from)
+}
+
+/// The result of swapping the program in an adopted link. If that failed
+/// (the link is defunct: its device was deleted and recreated), its pin is
+/// removed and `None` says to attach afresh.
+fn swap_or_forget<T>(
+    swapped: std::result::Result<T, aya::programs::ProgramError>,
+    pin: &std::path::Path,
+) -> Option<T> {
+    match swapped {
+        Ok(id) => Some(id),
+        Err(_) => {
+            let _ = std::fs::remove_file(pin);
+            None
+        }
+    }
+}
+
+fn pin_err(pin: &std::path::Path, e: impl std::fmt::Display) -> Error {
+    Error::Pin {
+        context: pin.display().to_string(),
+        message: e.to_string(),
+    }
 }
 
 /// ifindex of `ifname` in the calling thread's network namespace.

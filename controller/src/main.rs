@@ -20,6 +20,12 @@ enum Command {
     /// Run the per-node agent: keep the datapath in step with the cluster's
     /// Services and EndpointSlices.
     Agent(Box<AgentArgs>),
+    /// Detach everything and remove dp's pinned maps and links.
+    Cleanup {
+        /// The agent's bpffs directory.
+        #[arg(long, default_value = "/sys/fs/bpf/dp")]
+        bpffs: PathBuf,
+    },
     /// A ClusterIP service in a two-node lab of network namespaces, with the
     /// trace and counters that explain it.
     Demo,
@@ -75,6 +81,11 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Demo => dp::demo::run(&mut std::io::stdout().lock()),
+        Command::Cleanup { bpffs } => {
+            let removed = dp::pin::cleanup(&bpffs)?;
+            println!("removed {} pins under {}", removed.len(), bpffs.display());
+            Ok(())
+        }
         Command::Agent(a) => {
             let a = *a;
             let opts = AgentOptions {

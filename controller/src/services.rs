@@ -268,3 +268,65 @@ pub fn monotonic_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// What the service maps hold, read back (for adoption and inspection).
+#[derive(Clone, Debug, Default)]
+pub struct ProgrammedServices {
+    /// Frontend -> (service id, slots as programmed).
+    pub frontends: std::collections::BTreeMap<Frontend, (u32, BackendSlots)>,
+    /// Backend id -> (address, protocol, terminating).
+    pub backends: std::collections::BTreeMap<u32, (SocketAddr, u8, bool)>,
+}
+
+impl Datapath {
+    /// Reads the programmed services back from the maps, and rebuilds the
+    /// per-address frontend counts the wildcard entries depend on.
+    pub fn read_services(&mut self) -> Result<ProgrammedServices> {
+        let mut out = ProgrammedServices::default();
+        let (masters, slots) = {
+            let services: HashMap<&MapData, ServiceKey, ServiceValue> =
+                self.map_ref(map_names::SERVICES)?;
+            let mut masters = Vec::new();
+            let mut slots = std::collections::BTreeMap::new();
+            for item in services.iter() {
+                let (k, v) = item.map_err(map_err(map_names::SERVICES))?;
+                if v.flags & SERVICE_FLAG_WILDCARD != 0 {
+                    continue;
+                }
+                if k.slot == 0 {
+                    masters.push((k, v));
+                } else {
+                    slots.insert((k.addr, k.port, k.protocol, k.slot), v.backend_id);
+                }
+            }
+            (masters, slots)
+        };
+        self.service_addresses.clear();
+        for (k, v) in masters {
+            let ids = |from: u16, n: u16| -> Vec<u32> {
+                (from..from + n)
+                    .filter_map(|s| slots.get(&(k.addr, k.port, k.protocol, s)).copied())
+                    .collect()
+            };
+            let frontend = Frontend {
+                addr: SocketAddr::new(ip_of(&k.addr), k.port),
+                protocol: k.protocol,
+            };
+            let programmed = BackendSlots {
+                ready: ids(1, v.count),
+                terminating: ids(1 + v.count, v.terminating_count),
+                local_only: v.flags & SERVICE_FLAG_LOCAL_ONLY != 0,
+            };
+            out.frontends.insert(frontend, (v.service_id, programmed));
+            *self.service_addresses.entry(k.addr).or_default() += 1;
+        }
+        let backends: HashMap<&MapData, u32, Backend> = self.map_ref(map_names::BACKENDS)?;
+        for item in backends.iter() {
+            let (id, b) = item.map_err(map_err(map_names::BACKENDS))?;
+            let addr = SocketAddr::new(ip_of(&b.addr), b.port);
+            let terminating = b.flags & BACKEND_FLAG_TERMINATING != 0;
+            out.backends.insert(id, (addr, b.protocol, terminating));
+        }
+        Ok(out)
+    }
+}

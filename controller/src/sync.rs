@@ -42,7 +42,9 @@ impl SyncStats {
 struct Applied {
     service_id: u32,
     slots: BackendSlots,
-    spec: FrontendSpec,
+    /// `None` for a frontend adopted from the maps (written by an earlier
+    /// agent): it is rewritten, in place and with its ids, on the first sync.
+    spec: Option<FrontendSpec>,
 }
 
 /// The agent's record of what it programmed.
@@ -58,15 +60,39 @@ impl MapWriter {
         Self::default()
     }
 
+    /// Starts from what the maps already hold (pinned maps left by an
+    /// earlier agent): the same backend and service ids are kept, so the
+    /// conntrack entries that refer to them stay right.
+    pub fn adopt(dp: &mut Datapath) -> Result<Self> {
+        let programmed = dp.read_services()?;
+        let mut writer = MapWriter::new();
+        for (id, (addr, protocol, terminating)) in programmed.backends {
+            writer.backends.insert((addr, protocol), (id, terminating));
+        }
+        for (frontend, (service_id, slots)) in programmed.frontends {
+            let key = FrontendKey {
+                addr: frontend.addr,
+                protocol: frontend.protocol,
+            };
+            writer.frontends.insert(
+                key,
+                Applied {
+                    service_id,
+                    slots,
+                    spec: None,
+                },
+            );
+        }
+        Ok(writer)
+    }
+
     /// Service id -> `namespace/name:port (kind)`, for dumps and traces.
     pub fn service_names(&self) -> BTreeMap<u32, String> {
         self.frontends
             .values()
-            .map(|a| {
-                (
-                    a.service_id,
-                    format!("{} ({})", a.spec.service, a.spec.kind),
-                )
+            .filter_map(|a| {
+                let spec = a.spec.as_ref()?;
+                Some((a.service_id, format!("{} ({})", spec.service, spec.kind)))
             })
             .collect()
     }
@@ -75,7 +101,8 @@ impl MapWriter {
     pub fn backend_nodes(&self) -> BTreeMap<u32, String> {
         let mut nodes = BTreeMap::new();
         for (key, a) in &self.frontends {
-            for (ep, _) in backends_of(&a.spec) {
+            let Some(spec) = &a.spec else { continue };
+            for (ep, _) in backends_of(spec) {
                 if let (Some(node), Some((id, _))) =
                     (&ep.node, self.backends.get(&(ep.addr, key.protocol)))
                 {
@@ -122,7 +149,7 @@ impl MapWriter {
         for (key, spec) in &desired.frontends {
             let slots = self.slots_of(key.protocol, spec);
             let service_id = match self.frontends.get(key) {
-                Some(a) if a.slots == slots && a.spec == *spec => continue,
+                Some(a) if a.slots == slots && a.spec.as_ref() == Some(spec) => continue,
                 Some(a) => a.service_id,
                 None => lowest_free(&mut used_services),
             };
@@ -132,7 +159,7 @@ impl MapWriter {
                 Applied {
                     service_id,
                     slots,
-                    spec: spec.clone(),
+                    spec: Some(spec.clone()),
                 },
             );
             stats.frontends_written += 1;

@@ -26,17 +26,16 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(ns: &Netns, node: &str, node_ip: &str, manifests: &Path) -> Agent {
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns.name(),
-                env!("CARGO_BIN_EXE_dp"),
-                "agent",
-            ])
+    /// Runs `dp agent` in `ns`'s network namespace only (`nsenter --net`,
+    /// unlike `ip netns exec`, keeps the mounts: the bpffs stays visible).
+    fn start(ns: &Netns, node: &str, node_ip: &str, manifests: &Path, bpffs: &Path) -> Agent {
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", ns.path().display()))
+            .args([env!("CARGO_BIN_EXE_dp"), "agent"])
             .arg("--manifests")
             .arg(manifests)
+            .arg("--bpffs")
+            .arg(bpffs)
             .args(["--node-name", node, "--node-ip", node_ip])
             .args(["--devices", "eth0", "--pod-devices", "^lxc"])
             .args(["--cluster-cidr", "10.244.0.0/16"])
@@ -78,6 +77,47 @@ impl Agent {
         let status = self.child.wait().unwrap();
         assert!(status.success(), "agent exited with {status}");
     }
+
+    /// SIGKILL: no chance to clean up anything.
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+/// A private bpffs for the test's agents (one subdirectory per node),
+/// unpinned, unmounted and removed when dropped.
+struct Bpffs {
+    root: PathBuf,
+}
+
+impl Bpffs {
+    fn new(test: &str) -> Bpffs {
+        let root =
+            std::env::temp_dir().join(format!("dp-bpffs-test-{}-{test}", std::process::id()));
+        dp::pin::ensure_bpffs(&root).expect("mount a bpffs");
+        assert!(dp::pin::is_bpffs(&root));
+        Bpffs { root }
+    }
+
+    fn node(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        if let Ok(entries) = fs::read_dir(&self.root) {
+            for e in entries.flatten() {
+                let _ = dp::pin::cleanup(&e.path());
+                let _ = fs::remove_dir(e.path());
+            }
+        }
+        let c = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid path.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        let _ = fs::remove_dir(&self.root);
+    }
 }
 
 impl Drop for Agent {
@@ -87,11 +127,28 @@ impl Drop for Agent {
     }
 }
 
-fn manifests_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("dp-agent-test-{}", std::process::id()));
+/// A manifests directory for one test, removed when dropped (also when the
+/// test panics).
+struct ManifestsDir(PathBuf);
+
+impl std::ops::Deref for ManifestsDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ManifestsDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn manifests_dir(test: &str) -> ManifestsDir {
+    let dir = std::env::temp_dir().join(format!("dp-agent-test-{}-{test}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
-    dir
+    ManifestsDir(dir)
 }
 
 /// The web service with these backends (pod IPs, port 8080), written the
@@ -135,13 +192,17 @@ fn the_agent_programs_manifests_follows_edits_and_serves_new_pods() {
                 .unwrap(),
         );
     }
-    let dir = manifests_dir();
+    let dir = manifests_dir("edits");
+    let bpffs = Bpffs::new("edits");
     write_web(&dir, &[("10.244.1.11", "node1"), ("10.244.2.10", "node2")]);
     let agents: Vec<Agent> = cluster
         .nodes
         .iter()
         .enumerate()
-        .map(|(i, n)| Agent::start(cluster.node_ns(i), &n.name, &n.ip.to_string(), &dir))
+        .map(|(i, n)| {
+            let pins = bpffs.node(&n.name);
+            Agent::start(cluster.node_ns(i), &n.name, &n.ip.to_string(), &dir, &pins)
+        })
         .collect();
     for a in &agents {
         a.wait_for(&["synced", "frontends=1"]);
@@ -182,5 +243,142 @@ fn the_agent_programs_manifests_follows_edits_and_serves_new_pods() {
     for a in agents {
         a.stop();
     }
-    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_killed_agent_leaves_traffic_flowing_and_its_successor_adopts_the_state() {
+    require_root();
+    let cluster = Cluster::new(&[1, 1]).unwrap();
+    let backend = cluster.pod("pod-2-0").clone();
+    let tcp = TcpEchoServer::start(
+        cluster.pod_ns(&backend.name),
+        SocketAddr::from((backend.ip, 8080)),
+    )
+    .unwrap();
+    let udp = e2e::UdpEchoServer::start(
+        cluster.pod_ns(&backend.name),
+        SocketAddr::from((backend.ip, 5353)),
+    )
+    .unwrap();
+    let dir = manifests_dir("restart");
+    let bpffs = Bpffs::new("restart");
+    write_web(&dir, &[("10.244.2.10", "node2")]);
+    fs::write(
+        dir.join("dns.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: dns, namespace: default}\n\
+         spec:\n  clusterIP: 10.96.0.53\n  ports: [{port: 53, protocol: UDP}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: dns-1\n  namespace: default\n  labels: {kubernetes.io/service-name: dns}\n\
+         addressType: IPv4\nports: [{port: 5353, protocol: UDP}]\n\
+         endpoints:\n- {addresses: [10.244.2.10], nodeName: node2}\n",
+    )
+    .unwrap();
+    let node1 = &cluster.nodes[0];
+    let start = |i: usize| {
+        let n = &cluster.nodes[i];
+        Agent::start(
+            cluster.node_ns(i),
+            &n.name,
+            &n.ip.to_string(),
+            &dir,
+            &bpffs.node(&n.name),
+        )
+    };
+    let agent1 = start(0);
+    let agent2 = start(1);
+    agent1.wait_for(&["synced", "frontends=2"]);
+    agent2.wait_for(&["synced", "frontends=2"]);
+
+    // One TCP connection and one UDP socket, from the pod on node1, kept
+    // busy by a thread that counts request/response exchanges.
+    let client = cluster.pod_ns("pod-1-0");
+    let web: SocketAddr = WEB.parse().unwrap();
+    let dns: SocketAddr = "10.96.0.53:53".parse().unwrap();
+    let (mut conn, sock) = client
+        .run(|| {
+            let c = std::net::TcpStream::connect_timeout(&web, TIMEOUT).unwrap();
+            c.set_read_timeout(Some(TIMEOUT)).unwrap();
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.connect(dns).unwrap();
+            s.set_read_timeout(Some(TIMEOUT)).unwrap();
+            (c, s)
+        })
+        .unwrap();
+    let (progress_tx, progress) = mpsc::channel::<Result<u64, String>>();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopping = stop.clone();
+    let traffic = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut n = 0u64;
+        let mut buf = [0u8; 64];
+        while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            let msg = format!("{n:016}");
+            let exchange = (|| -> std::io::Result<()> {
+                conn.write_all(msg.as_bytes())?;
+                conn.read_exact(&mut buf[..16])?;
+                if &buf[..16] != msg.as_bytes() {
+                    return Err(std::io::Error::other("TCP echo mismatch"));
+                }
+                sock.send(msg.as_bytes())?;
+                let got = sock.recv(&mut buf)?;
+                if &buf[..got] != msg.as_bytes() {
+                    return Err(std::io::Error::other("UDP echo mismatch"));
+                }
+                Ok(())
+            })();
+            if let Err(e) = exchange {
+                let _ = progress_tx.send(Err(format!("exchange {n}: {e}")));
+                return;
+            }
+            n += 1;
+            let _ = progress_tx.send(Ok(n));
+        }
+    });
+    let wait_exchanges = |count: u64| {
+        let target = progress_target(&progress, count);
+        assert!(target.is_ok(), "{}", target.unwrap_err());
+    };
+    wait_exchanges(50);
+    agent1.kill();
+    // No agent on node1: the pinned programs and maps carry on.
+    wait_exchanges(200);
+    let agent1 = start(0);
+    let adopted = agent1.wait_for(&["adopted pinned state"]);
+    assert!(adopted.contains("frontends=2"), "{adopted}");
+    let synced = agent1.wait_for(&["synced"]);
+    assert!(
+        synced.contains("backends_written=0") && synced.contains("backends_removed=0"),
+        "ids kept: {synced}"
+    );
+    wait_exchanges(200);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    traffic.join().unwrap();
+    while let Ok(p) = progress.try_recv() {
+        assert!(p.is_ok(), "{}", p.unwrap_err());
+    }
+    agent1.stop();
+    agent2.stop();
+    // Pins are left in place by a stopping agent; cleanup removes them.
+    let pins = bpffs.node(&node1.name);
+    assert!(dp::pin::link_pin(&pins, "eth0", common::Hook::TcIngress).exists());
+    let removed = dp::pin::cleanup(&pins).unwrap();
+    assert!(removed.len() >= 6, "{removed:?}");
+    drop((tcp, udp));
+}
+
+/// Waits until the traffic thread reports `count` more exchanges (or an error).
+fn progress_target(progress: &Receiver<Result<u64, String>>, count: u64) -> Result<(), String> {
+    let mut first = None;
+    loop {
+        match progress.recv_timeout(TIMEOUT) {
+            Ok(Ok(n)) => {
+                let start = *first.get_or_insert(n);
+                if n - start + 1 >= count {
+                    return Ok(());
+                }
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(format!("traffic stalled: {e}")),
+        }
+    }
 }
