@@ -28,7 +28,9 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::MapSizes,
-    manifests, pin,
+    manifests,
+    metrics::{self, AgentMetrics},
+    pin,
     sync::MapWriter,
     translate::{translate, Cidr, NodeInfo, TranslateOptions},
     Datapath,
@@ -53,6 +55,10 @@ pub struct AgentOptions {
 
 /// How often pod devices are looked for (until the netlink watch exists).
 const POD_DEVICE_SCAN: Duration = Duration::from_secs(1);
+/// kube-proxy's health timeout (twice its 30 s sync period).
+const HEALTH_GRACE: Duration = Duration::from_secs(60);
+/// EndpointSlice annotation with the time of the change it reflects.
+const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let Some(dir) = opts.manifests.clone() else {
@@ -78,6 +84,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         },
         writer,
         attached: BTreeSet::new(),
+        metrics: AgentMetrics::default(),
+        seen_triggers: BTreeSet::new(),
         opts,
     };
     agent.configure(&mut dp)?;
@@ -116,12 +124,33 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
     agent.sync_manifests(&mut dp, &dir);
 
+    let (requests, mut incoming) = mpsc::channel(16);
+    for (addr, is_metrics) in [
+        (agent.opts.metrics_addr, true),
+        (agent.opts.healthz_addr, false),
+    ] {
+        let requests = requests.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, is_metrics, requests).await {
+                warn!(%addr, error = %e, "metrics/health server stopped");
+            }
+        });
+    }
+
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut scan = tokio::time::interval(POD_DEVICE_SCAN);
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
+            Some(request) = incoming.recv() => match request {
+                metrics::Request::Metrics(reply) => {
+                    let _ = reply.send(metrics::render(&agent.metrics, &agent.writer, &dp));
+                }
+                metrics::Request::Health(reply) => {
+                    let _ = reply.send(metrics::health(&agent.metrics, HEALTH_GRACE));
+                }
+            },
             Some(()) = rx.recv() => {
                 // One sync for a burst of events (an editor writes a file in
                 // several steps).
@@ -142,6 +171,9 @@ struct Agent {
     node: NodeInfo,
     writer: MapWriter,
     attached: BTreeSet<String>,
+    metrics: AgentMetrics,
+    /// (slice, trigger time) pairs already measured.
+    seen_triggers: BTreeSet<(String, String)>,
 }
 
 impl Agent {
@@ -211,25 +243,77 @@ impl Agent {
             nodeport_addresses: self.opts.nodeport_addresses.clone(),
         };
         let desired = translate(&objects.services, &objects.slices, &self.node, &options);
-        for s in objects.skipped.iter().chain(&desired.skipped) {
+        let skipped: Vec<_> = objects.skipped.iter().chain(&desired.skipped).collect();
+        for s in &skipped {
             if s.invalid {
                 warn!(object = %s.object, reason = %s.reason, "skipped invalid input");
             }
         }
+        self.metrics.skipped_invalid = skipped.iter().filter(|s| s.invalid).count();
+        self.metrics.skipped_not_served = skipped.len() - self.metrics.skipped_invalid;
+        let triggers = new_triggers(&objects.slices, &mut self.seen_triggers);
         match self.writer.apply(dp, &desired) {
-            Ok(stats) => info!(
-                frontends = self.writer.frontend_count(),
-                backends = self.writer.backend_count(),
-                written = stats.frontends_written,
-                removed = stats.frontends_removed,
-                backends_written = stats.backends_written,
-                backends_removed = stats.backends_removed,
-                micros = started.elapsed().as_micros() as u64,
-                "synced"
-            ),
-            Err(e) => warn!(error = %e, "programming the maps failed"),
+            Ok(stats) => {
+                let now = std::time::SystemTime::now();
+                self.metrics
+                    .sync_duration
+                    .observe(started.elapsed().as_secs_f64());
+                self.metrics.last_sync = Some(now);
+                self.metrics.failing_since = None;
+                for t in triggers {
+                    if let Ok(d) = now.duration_since(t) {
+                        self.metrics.network_programming.observe(d.as_secs_f64());
+                    }
+                }
+                info!(
+                    frontends = self.writer.frontend_count(),
+                    backends = self.writer.backend_count(),
+                    written = stats.frontends_written,
+                    removed = stats.frontends_removed,
+                    backends_written = stats.backends_written,
+                    backends_removed = stats.backends_removed,
+                    micros = started.elapsed().as_micros() as u64,
+                    "synced"
+                );
+            }
+            Err(e) => {
+                self.metrics.sync_errors += 1;
+                self.metrics
+                    .failing_since
+                    .get_or_insert_with(std::time::SystemTime::now);
+                warn!(error = %e, "programming the maps failed");
+            }
         }
     }
+}
+
+/// Trigger times of EndpointSlice changes not measured yet.
+fn new_triggers(
+    slices: &[k8s_openapi::api::discovery::v1::EndpointSlice],
+    seen: &mut BTreeSet<(String, String)>,
+) -> Vec<std::time::SystemTime> {
+    let mut out = Vec::new();
+    for slice in slices {
+        let Some(value) = slice
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(TRIGGER_TIME))
+        else {
+            continue;
+        };
+        let name = format!(
+            "{}/{}",
+            slice.metadata.namespace.as_deref().unwrap_or_default(),
+            slice.metadata.name.as_deref().unwrap_or_default()
+        );
+        if seen.insert((name, value.clone())) {
+            if let Ok(ts) = value.parse::<jiff::Timestamp>() {
+                out.push(std::time::SystemTime::from(ts));
+            }
+        }
+    }
+    out
 }
 
 /// Interface names in this network namespace.

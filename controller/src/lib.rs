@@ -12,6 +12,7 @@ pub mod demo;
 pub mod dump;
 pub mod error;
 pub mod manifests;
+pub mod metrics;
 pub mod pin;
 pub mod services;
 pub mod sync;

@@ -154,6 +154,7 @@ fn manifests_dir(test: &str) -> ManifestsDir {
 /// The web service with these backends (pod IPs, port 8080), written the
 /// way an editor saves: a new file renamed over the old one.
 fn write_web(dir: &Path, backends: &[(&str, &str)]) {
+    let now = jiff::Timestamp::now();
     let endpoints: String = backends
         .iter()
         .map(|(ip, node)| format!("- {{addresses: [{ip}], nodeName: {node}}}\n"))
@@ -163,6 +164,7 @@ fn write_web(dir: &Path, backends: &[(&str, &str)]) {
          spec:\n  clusterIP: 10.96.0.10\n  ports: [{{port: 80}}]\n---\n\
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
          metadata:\n  name: web-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\n\
+         \x20 annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{now}\"}}\n\
          addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{endpoints}"
     );
     let tmp = dir.join(".web.yaml.tmp");
@@ -218,6 +220,29 @@ fn the_agent_programs_manifests_follows_edits_and_serves_new_pods() {
         ["pod-1-1", "pod-2-0"].map(String::from).into(),
         "both backends serve"
     );
+
+    // Metrics and health, as kube-proxy serves them, in node1's namespace.
+    let metrics = http_get(cluster.node_ns(0), "127.0.0.1:10249", "/metrics");
+    for expected in [
+        "HTTP/1.1 200",
+        "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
+        "kubeproxy_network_programming_duration_seconds_count 1",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds ",
+        "dp_frontends 1",
+        "dp_backends 2",
+        "dp_packets_total{hook=\"tc/ingress\",reason=\"new_flow\"} 40",
+        "dp_skipped_objects{kind=\"invalid\"} 0",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "{expected:?} missing in\n{metrics}"
+        );
+    }
+    let health = http_get(cluster.node_ns(0), "127.0.0.1:10256", "/healthz");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.contains("\"nodeEligible\": true"), "{health}");
+    let live = http_get(cluster.node_ns(0), "127.0.0.1:10256", "/livez");
+    assert!(live.starts_with("HTTP/1.1 200"), "{live}");
 
     // Edit the file: the service now has one backend, pod-2-1.
     let edited = Instant::now();
@@ -381,4 +406,19 @@ fn progress_target(progress: &Receiver<Result<u64, String>>, count: u64) -> Resu
             Err(e) => return Err(format!("traffic stalled: {e}")),
         }
     }
+}
+
+/// A plain HTTP GET from inside `ns`; the whole response.
+fn http_get(ns: &Netns, addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let addr: SocketAddr = addr.parse().unwrap();
+    ns.run(|| {
+        let mut conn = std::net::TcpStream::connect_timeout(&addr, TIMEOUT).unwrap();
+        conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+        write!(conn, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut response = String::new();
+        conn.read_to_string(&mut response).unwrap();
+        response
+    })
+    .unwrap()
 }

@@ -1,0 +1,263 @@
+//! Prometheus metrics (`--metrics-addr`) and health (`--healthz-addr`).
+//!
+//! kube-proxy's sync metrics keep their names so existing dashboards work:
+//! `kubeproxy_sync_proxy_rules_duration_seconds`,
+//! `kubeproxy_network_programming_duration_seconds` (from an
+//! EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time` to
+//! its programming) and `kubeproxy_sync_proxy_rules_last_timestamp_seconds`.
+//! dp's own: frontends, backends, conntrack entries, packets and bytes per
+//! hook and reason, skipped objects, sync errors.
+//!
+//! `/healthz` and `/livez` answer like kube-proxy's health server: 200 with
+//! `{"lastUpdated": ..., "currentTime": ..., "nodeEligible": true}` once the
+//! first sync is done and the last one is recent enough, 503 otherwise.
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    sync::{mpsc, oneshot},
+};
+
+use crate::{datapath::Datapath, sync::MapWriter};
+
+/// kube-proxy's buckets: 1 ms doubling, 15 of them.
+fn exponential_buckets() -> Vec<f64> {
+    (0..15).map(|i| 0.001 * f64::from(1u32 << i)).collect()
+}
+
+#[derive(Clone, Debug)]
+pub struct Histogram {
+    bounds: Vec<f64>,
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        let bounds = exponential_buckets();
+        Histogram {
+            counts: vec![0; bounds.len()],
+            bounds,
+            sum: 0.0,
+            count: 0,
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&mut self, seconds: f64) {
+        for (b, c) in self.bounds.iter().zip(&mut self.counts) {
+            if seconds <= *b {
+                *c += 1;
+            }
+        }
+        self.sum += seconds;
+        self.count += 1;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}", self.sum);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+}
+
+/// What the agent records about its syncs.
+#[derive(Clone, Debug, Default)]
+pub struct AgentMetrics {
+    pub sync_duration: Histogram,
+    pub network_programming: Histogram,
+    pub last_sync: Option<SystemTime>,
+    /// Set by a failed sync, cleared by a successful one.
+    pub failing_since: Option<SystemTime>,
+    pub sync_errors: u64,
+    pub skipped_invalid: usize,
+    pub skipped_not_served: usize,
+}
+
+/// A request from an HTTP handler to the agent loop, which owns the maps.
+pub enum Request {
+    Metrics(oneshot::Sender<String>),
+    Health(oneshot::Sender<(u16, String)>),
+}
+
+/// The metrics text.
+pub fn render(m: &AgentMetrics, writer: &MapWriter, dp: &Datapath) -> String {
+    let mut out = String::new();
+    m.sync_duration.render(
+        &mut out,
+        "kubeproxy_sync_proxy_rules_duration_seconds",
+        "SyncProxyRules latency in seconds",
+    );
+    m.network_programming.render(
+        &mut out,
+        "kubeproxy_network_programming_duration_seconds",
+        "In Cluster Network Programming Latency in seconds",
+    );
+    let last = m
+        .last_sync
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0.0, |d| d.as_secs_f64());
+    let gauge = |out: &mut String, name: &str, help: &str, value: String| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
+    };
+    gauge(
+        &mut out,
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "The last time proxy rules were successfully synced",
+        last.to_string(),
+    );
+    gauge(
+        &mut out,
+        "dp_frontends",
+        "Service frontends programmed",
+        writer.frontend_count().to_string(),
+    );
+    gauge(
+        &mut out,
+        "dp_backends",
+        "Backends programmed",
+        writer.backend_count().to_string(),
+    );
+    let ct = dp.ct_entries().map_or(0, |e| e.len());
+    gauge(
+        &mut out,
+        "dp_conntrack_entries",
+        "Conntrack entries (two per flow)",
+        ct.to_string(),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP dp_skipped_objects Objects (or parts) skipped in the last sync\n# TYPE dp_skipped_objects gauge"
+    );
+    let _ = writeln!(
+        out,
+        "dp_skipped_objects{{kind=\"invalid\"}} {}",
+        m.skipped_invalid
+    );
+    let _ = writeln!(
+        out,
+        "dp_skipped_objects{{kind=\"not_served\"}} {}",
+        m.skipped_not_served
+    );
+    let _ = writeln!(
+        out,
+        "# HELP dp_sync_errors_total Syncs that failed to program the maps\n# TYPE dp_sync_errors_total counter\ndp_sync_errors_total {}",
+        m.sync_errors
+    );
+    if let Ok(counters) = dp.counters() {
+        let _ = writeln!(
+            out,
+            "# HELP dp_packets_total Packets by hook and reason\n# TYPE dp_packets_total counter"
+        );
+        for ((hook, reason), c) in &counters.by_reason {
+            let _ = writeln!(
+                out,
+                "dp_packets_total{{hook=\"{}\",reason=\"{}\"}} {}",
+                hook.name(),
+                reason.id(),
+                c.packets
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dp_bytes_total Bytes by hook and reason\n# TYPE dp_bytes_total counter"
+        );
+        for ((hook, reason), c) in &counters.by_reason {
+            let _ = writeln!(
+                out,
+                "dp_bytes_total{{hook=\"{}\",reason=\"{}\"}} {}",
+                hook.name(),
+                reason.id(),
+                c.bytes
+            );
+        }
+    }
+    out
+}
+
+/// kube-proxy's health answer: healthy once the first sync is done and as
+/// long as no sync has been failing for longer than `grace`.
+pub fn health(m: &AgentMetrics, grace: Duration) -> (u16, String) {
+    let now = SystemTime::now();
+    let fmt = |t: SystemTime| {
+        t.duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64())
+    };
+    let failing_too_long = m
+        .failing_since
+        .is_some_and(|t| now.duration_since(t).unwrap_or_default() > grace);
+    let healthy = m.last_sync.is_some() && !failing_too_long;
+    let body = format!(
+        "{{\"lastUpdated\": \"{}\", \"currentTime\": \"{}\", \"nodeEligible\": true}}",
+        m.last_sync.map_or(0.0, fmt),
+        fmt(now)
+    );
+    (if healthy { 200 } else { 503 }, body)
+}
+
+/// Serves `/metrics` (if `metrics`) or `/healthz` and `/livez` on `addr`,
+/// asking the agent loop through `requests`.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: bool,
+    requests: mpsc::Sender<Request>,
+) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        let requests = requests.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let n = conn.read(&mut buf).await.unwrap_or(0);
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let (status, content_type, body) = match (metrics, path.as_str()) {
+                (true, "/metrics") => {
+                    let (tx, rx) = oneshot::channel();
+                    let _ = requests.send(Request::Metrics(tx)).await;
+                    (
+                        200,
+                        "text/plain; version=0.0.4",
+                        rx.await.unwrap_or_default(),
+                    )
+                }
+                (false, "/healthz" | "/livez") => {
+                    let (tx, rx) = oneshot::channel();
+                    let _ = requests.send(Request::Health(tx)).await;
+                    let (status, body) = rx.await.unwrap_or((503, String::new()));
+                    (status, "application/json", body)
+                }
+                _ => (404, "text/plain", "not found\n".to_string()),
+            };
+            let reason = match status {
+                200 => "OK",
+                404 => "Not Found",
+                _ => "Service Unavailable",
+            };
+            let response = format!(
+                "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(response.as_bytes()).await;
+        });
+    }
+}
