@@ -61,6 +61,8 @@ const HEALTH_GRACE: Duration = Duration::from_secs(60);
 const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+    // First, so a SIGTERM at any point ends the agent cleanly.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let Some(dir) = opts.manifests.clone() else {
         bail!("only --manifests is supported so far; the Kubernetes API source is not built yet");
     };
@@ -137,7 +139,6 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         });
     }
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut scan = tokio::time::interval(POD_DEVICE_SCAN);
     loop {
         tokio::select! {

@@ -226,8 +226,15 @@ pub async fn serve(
         let (mut conn, _) = listener.accept().await?;
         let requests = requests.clone();
         tokio::spawn(async move {
+            // Read up to the end of the request head (it may come in pieces).
             let mut buf = [0u8; 2048];
-            let n = conn.read(&mut buf).await.unwrap_or(0);
+            let mut n = 0;
+            while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf[n..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(m) => n += m,
+                }
+            }
             let head = String::from_utf8_lossy(&buf[..n]);
             let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
             let (status, content_type, body) = match (metrics, path.as_str()) {

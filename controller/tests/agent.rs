@@ -415,7 +415,8 @@ fn http_get(ns: &Netns, addr: &str, path: &str) -> String {
     ns.run(|| {
         let mut conn = std::net::TcpStream::connect_timeout(&addr, TIMEOUT).unwrap();
         conn.set_read_timeout(Some(TIMEOUT)).unwrap();
-        write!(conn, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        conn.write_all(request.as_bytes()).unwrap();
         let mut response = String::new();
         conn.read_to_string(&mut response).unwrap();
         response
