@@ -8,7 +8,8 @@
 //! adopts them without a gap in service.
 //!
 //! Sources: `--manifests DIR` (a directory of ordinary manifests, watched
-//! with inotify: a change is applied as soon as it is written). The
+//! with inotify: a change is applied as soon as it is written). Pod devices
+//! are followed with rtnetlink link events. The
 //! Kubernetes API source (`--kubeconfig`, in-cluster) is not built yet.
 
 use std::{
@@ -30,6 +31,7 @@ use crate::{
     datapath::MapSizes,
     manifests,
     metrics::{self, AgentMetrics},
+    netlink::LinkEvents,
     pin,
     sync::MapWriter,
     translate::{translate, Cidr, NodeInfo, TranslateOptions},
@@ -53,8 +55,6 @@ pub struct AgentOptions {
     pub healthz_addr: SocketAddr,
 }
 
-/// How often pod devices are looked for (until the netlink watch exists).
-const POD_DEVICE_SCAN: Duration = Duration::from_secs(1);
 /// kube-proxy's health timeout (twice its 30 s sync period).
 const HEALTH_GRACE: Duration = Duration::from_secs(60);
 /// EndpointSlice annotation with the time of the change it reflects.
@@ -124,22 +124,35 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         }
     })?;
     watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
-    agent.sync_manifests(&mut dp, &dir);
-
-    let (requests, mut incoming) = mpsc::channel(16);
+    // Listening before the first sync: health checks see 503 until then.
+    let mut servers = Vec::new();
     for (addr, is_metrics) in [
         (agent.opts.metrics_addr, true),
         (agent.opts.healthz_addr, false),
     ] {
+        match metrics::bind(addr) {
+            Ok(listener) => {
+                info!(%addr, what = if is_metrics { "metrics" } else { "health" }, "listening");
+                servers.push((listener, is_metrics));
+            }
+            Err(e) => warn!(%addr, error = %e, "cannot listen"),
+        }
+    }
+    agent.sync_manifests(&mut dp, &dir);
+
+    let (requests, mut incoming) = mpsc::channel(16);
+    for (listener, is_metrics) in servers {
         let requests = requests.clone();
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, is_metrics, requests).await {
-                warn!(%addr, error = %e, "metrics/health server stopped");
+            if let Err(e) = metrics::serve(listener, is_metrics, requests).await {
+                warn!(error = %e, "metrics/health server stopped");
             }
         });
     }
 
-    let mut scan = tokio::time::interval(POD_DEVICE_SCAN);
+    let mut links = LinkEvents::open().context("subscribing to link events")?;
+    // Devices that appeared between the first listing and the subscription.
+    agent.attach_pod_devices(&mut dp);
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
@@ -158,7 +171,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 while rx.try_recv().is_ok() {}
                 agent.sync_manifests(&mut dp, &dir);
             }
-            _ = scan.tick() => agent.attach_pod_devices(&mut dp),
+            changed = links.changed() => match changed {
+                Ok(()) => agent.attach_pod_devices(&mut dp),
+                Err(e) => warn!(error = %e, "link events"),
+            },
         }
     }
     // Pinned programs and maps stay: traffic keeps flowing until the next
@@ -193,12 +209,28 @@ impl Agent {
         Ok(())
     }
 
-    /// Attaches tc to every device matching `--pod-devices` not yet attached.
+    /// Attaches tc to every device matching `--pod-devices` not yet
+    /// attached, and forgets devices that are gone (the kernel detached
+    /// their links; their pins are removed).
     fn attach_pod_devices(&mut self, dp: &mut Datapath) {
         let Some(re) = &self.opts.pod_devices else {
             return;
         };
-        for dev in interfaces() {
+        let present = interfaces();
+        let gone: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|d| re.is_match(d) && !present.contains(d))
+            .cloned()
+            .collect();
+        for dev in gone {
+            for hook in [Hook::TcIngress, Hook::TcEgress] {
+                let _ = std::fs::remove_file(pin::link_pin(&self.opts.bpffs, &dev, hook));
+            }
+            self.attached.remove(&dev);
+            info!(device = %dev, "pod device gone");
+        }
+        for dev in present {
             if !re.is_match(&dev) || self.attached.contains(&dev) {
                 continue;
             }

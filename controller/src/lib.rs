@@ -13,6 +13,7 @@ pub mod dump;
 pub mod error;
 pub mod manifests;
 pub mod metrics;
+pub mod netlink;
 pub mod pin;
 pub mod services;
 pub mod sync;

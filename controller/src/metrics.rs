@@ -214,14 +214,22 @@ pub fn health(m: &AgentMetrics, grace: Duration) -> (u16, String) {
     (if healthy { 200 } else { 503 }, body)
 }
 
-/// Serves `/metrics` (if `metrics`) or `/healthz` and `/livez` on `addr`,
-/// asking the agent loop through `requests`.
+/// Binds `addr` now (so clients can connect as soon as the agent says it
+/// synced), to be served by `serve`.
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Serves `/metrics` (if `metrics`) or `/healthz` and `/livez` on
+/// `listener`, asking the agent loop through `requests`.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: std::net::TcpListener,
     metrics: bool,
     requests: mpsc::Sender<Request>,
 ) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = TcpListener::from_std(listener)?;
     loop {
         let (mut conn, _) = listener.accept().await?;
         let requests = requests.clone();

@@ -263,6 +263,16 @@ fn the_agent_programs_manifests_follows_edits_and_serves_new_pods() {
     let pod = cluster.add_pod(0).unwrap();
     agents[0].wait_for(&["attached tc to pod device", &pod.host_device]);
     assert_eq!(whoami(cluster.pod_ns(&pod.name)), "pod-2-1");
+    let pin = dp::pin::link_pin(
+        &bpffs.node("node1"),
+        &pod.host_device,
+        common::Hook::TcIngress,
+    );
+    assert!(pin.exists());
+    // The pod goes: its device is forgotten and its link pins removed.
+    cluster.remove_pod(&pod.name);
+    agents[0].wait_for(&["pod device gone", &pod.host_device]);
+    assert!(!pin.exists(), "stale pin {}", pin.display());
 
     drop(servers);
     for a in agents {

@@ -162,6 +162,17 @@ impl Cluster {
         Ok(pod)
     }
 
+    /// Deletes a pod: its namespace, and with it the veth pair.
+    pub fn remove_pod(&mut self, name: &str) {
+        self.topo.remove_ns(name);
+        if let Some(i) = self.pods.iter().position(|p| p.name == name) {
+            let pod = self.pods.remove(i);
+            self.nodes[pod.node]
+                .pod_devices
+                .retain(|d| *d != pod.host_device);
+        }
+    }
+
     pub fn ns(&self, role: &str) -> &Netns {
         self.topo.ns(role)
     }

@@ -40,6 +40,11 @@ impl Topology {
         Ok(self.namespaces.entry(role.to_string()).or_insert(ns))
     }
 
+    /// Deletes the namespace called `role` (and every interface in it).
+    pub fn remove_ns(&mut self, role: &str) {
+        self.namespaces.remove(role);
+    }
+
     /// The namespace called `role`. Panics if there is none: a test bug.
     pub fn ns(&self, role: &str) -> &Netns {
         self.namespaces
