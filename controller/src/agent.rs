@@ -53,6 +53,8 @@ pub struct AgentOptions {
     pub bpffs: PathBuf,
     pub metrics_addr: SocketAddr,
     pub healthz_addr: SocketAddr,
+    /// Map capacities (a pinned map keeps the size it was created with).
+    pub map_sizes: MapSizes,
 }
 
 /// kube-proxy's health timeout (twice its 30 s sync period).
@@ -69,7 +71,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // Maps and links live in bpffs: they outlive this process, and a
     // restarted agent adopts them (same ids, so conntrack stays valid).
     pin::ensure_bpffs(&opts.bpffs).context("preparing --bpffs")?;
-    let mut dp = Datapath::load_pinned(&pin::maps_dir(&opts.bpffs), MapSizes::default())
+    let mut dp = Datapath::load_pinned(&pin::maps_dir(&opts.bpffs), opts.map_sizes)
         .context("loading the datapath")?;
     let writer = MapWriter::adopt(&mut dp).context("reading the pinned maps")?;
     info!(
@@ -287,6 +289,10 @@ impl Agent {
         let triggers = new_triggers(&objects.slices, &mut self.seen_triggers);
         match self.writer.apply(dp, &desired) {
             Ok(stats) => {
+                for (what, error) in &stats.not_programmed {
+                    warn!(object = %what, %error, "did not fit: not programmed");
+                }
+                self.metrics.not_programmed = stats.not_programmed.len();
                 let now = std::time::SystemTime::now();
                 self.metrics
                     .sync_duration

@@ -70,6 +70,15 @@ struct AgentArgs {
     /// /healthz and /livez address.
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_addr: SocketAddr,
+    /// Capacity of the service map (frontends x (slots + 1) + addresses).
+    #[arg(long, default_value_t = common::map_sizes::SERVICES)]
+    map_size_services: u32,
+    /// Capacity of the backend map.
+    #[arg(long, default_value_t = common::map_sizes::BACKENDS)]
+    map_size_backends: u32,
+    /// Capacity of the conntrack map (two entries per flow).
+    #[arg(long, default_value_t = common::map_sizes::CT)]
+    map_size_conntrack: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,6 +110,12 @@ fn main() -> anyhow::Result<()> {
                 bpffs: a.bpffs,
                 metrics_addr: a.metrics_addr,
                 healthz_addr: a.healthz_addr,
+                map_sizes: dp::MapSizes {
+                    services: a.map_size_services,
+                    backends: a.map_size_backends,
+                    revnat: a.map_size_services,
+                    conntrack: a.map_size_conntrack,
+                },
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -88,6 +88,8 @@ pub struct AgentMetrics {
     pub sync_errors: u64,
     pub skipped_invalid: usize,
     pub skipped_not_served: usize,
+    /// Objects the last sync could not program (full maps).
+    pub not_programmed: usize,
 }
 
 /// A request from an HTTP handler to the agent loop, which owns the maps.
@@ -157,6 +159,11 @@ pub fn render(m: &AgentMetrics, writer: &MapWriter, dp: &Datapath) -> String {
         out,
         "dp_skipped_objects{{kind=\"not_served\"}} {}",
         m.skipped_not_served
+    );
+    let _ = writeln!(
+        out,
+        "# HELP dp_unprogrammed_objects Objects the last sync could not program (full maps)\n# TYPE dp_unprogrammed_objects gauge\ndp_unprogrammed_objects {}",
+        m.not_programmed
     );
     let _ = writeln!(
         out,

@@ -20,16 +20,19 @@ use crate::{
     datapath::Datapath,
     error::Result,
     services::{BackendSlots, Frontend},
-    translate::{DesiredState, EndpointInfo, FrontendKey, FrontendSpec},
+    translate::{protocol_name, DesiredState, EndpointInfo, FrontendKey, FrontendSpec},
 };
 
 /// What was written in one `apply`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncStats {
     pub frontends_written: usize,
     pub frontends_removed: usize,
     pub backends_written: usize,
     pub backends_removed: usize,
+    /// Objects that could not be programmed (a full map, most likely), with
+    /// the error; everything else was.
+    pub not_programmed: Vec<(String, String)>,
 }
 
 impl SyncStats {
@@ -138,7 +141,12 @@ impl MapWriter {
                 None => (lowest_free(&mut used_ids), true),
             };
             if changed {
-                dp.set_backend(id, backend.0, backend.1, *terminating)?;
+                if let Err(e) = dp.set_backend(id, backend.0, backend.1, *terminating) {
+                    used_ids.remove(&id);
+                    let what = format!("backend {}/{}", backend.0, protocol_name(backend.1));
+                    stats.not_programmed.push((what, e.to_string()));
+                    continue;
+                }
                 self.backends.insert(*backend, (id, *terminating));
                 stats.backends_written += 1;
             }
@@ -153,7 +161,14 @@ impl MapWriter {
                 Some(a) => a.service_id,
                 None => lowest_free(&mut used_services),
             };
-            dp.set_service(&frontend(key), service_id, &slots)?;
+            if let Err(e) = dp.set_service(&frontend(key), service_id, &slots) {
+                if !self.frontends.contains_key(key) {
+                    used_services.remove(&service_id);
+                }
+                let what = format!("frontend {key} ({})", spec.service);
+                stats.not_programmed.push((what, e.to_string()));
+                continue;
+            }
             self.frontends.insert(
                 *key,
                 Applied {
