@@ -7,8 +7,10 @@
 //! crashes leaves programs attached and maps in place, and the next one
 //! adopts them without a gap in service.
 //!
-//! Sources: `--manifests DIR` (a directory of ordinary manifests, watched
-//! with inotify: a change is applied as soon as it is written). Pod devices
+//! Sources, feeding the same translation: `--manifests DIR` (a directory of
+//! ordinary manifests, watched with inotify: a change is applied as soon as
+//! it is written), or the Kubernetes API (`--kubeconfig`, `KUBECONFIG`, or
+//! in-cluster; see `kube_source`). Pod devices
 //! are followed with rtnetlink link events. The
 //! Kubernetes API source (`--kubeconfig`, in-cluster) is not built yet.
 
@@ -29,6 +31,7 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::MapSizes,
+    kube_source::{self, KubeSource},
     manifests,
     metrics::{self, AgentMetrics},
     netlink::LinkEvents,
@@ -65,9 +68,9 @@ const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // First, so a SIGTERM at any point ends the agent cleanly.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let Some(dir) = opts.manifests.clone() else {
-        bail!("only --manifests is supported so far; the Kubernetes API source is not built yet");
-    };
+    if opts.manifests.is_some() && opts.kubeconfig.is_some() {
+        bail!("--manifests and --kubeconfig exclude each other");
+    }
     // Maps and links live in bpffs: they outlive this process, and a
     // restarted agent adopts them (same ids, so conntrack stays valid).
     pin::ensure_bpffs(&opts.bpffs).context("preparing --bpffs")?;
@@ -117,15 +120,30 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     agent.attach_pod_devices(&mut dp);
 
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Our own reads raise access events; only changes matter.
-        if let Ok(e) = event {
-            if !matches!(e.kind, notify::EventKind::Access(_)) {
-                let _ = tx.send(());
-            }
+    // Both sources wake the loop through `tx`; `_watcher` must live.
+    let (source, _watcher) = match agent.opts.manifests.clone() {
+        Some(dir) => {
+            let mut watcher =
+                notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                    // Our own reads raise access events; only changes matter.
+                    if let Ok(e) = event {
+                        if !matches!(e.kind, notify::EventKind::Access(_)) {
+                            let _ = tx.send(());
+                        }
+                    }
+                })?;
+            watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+            (Source::Manifests(dir), Some(watcher))
         }
-    })?;
-    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+        None => {
+            let config = kube_source::config(agent.opts.kubeconfig.as_deref())
+                .await
+                .context("Kubernetes client configuration")?;
+            let client = kube::Client::try_from(config).context("Kubernetes client")?;
+            let kube = KubeSource::start(client, &agent.opts.node_name, tx.clone());
+            (Source::Kube(kube), None)
+        }
+    };
     // Listening before the first sync: health checks see 503 until then.
     let mut servers = Vec::new();
     for (addr, is_metrics) in [
@@ -140,7 +158,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             Err(e) => warn!(%addr, error = %e, "cannot listen"),
         }
     }
-    agent.sync_manifests(&mut dp, &dir);
+    agent.sync(&mut dp, &source);
 
     let (requests, mut incoming) = mpsc::channel(16);
     for (listener, is_metrics) in servers {
@@ -171,7 +189,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 // One sync for a burst of events (an editor writes a file in
                 // several steps).
                 while rx.try_recv().is_ok() {}
-                agent.sync_manifests(&mut dp, &dir);
+                agent.sync(&mut dp, &source);
             }
             changed = links.changed() => match changed {
                 Ok(()) => agent.attach_pod_devices(&mut dp),
@@ -183,6 +201,11 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // agent adopts them or `dp cleanup` removes them.
     info!("stopping; pinned state left in place");
     Ok(())
+}
+
+enum Source {
+    Manifests(PathBuf),
+    Kube(KubeSource),
 }
 
 struct Agent {
@@ -253,12 +276,17 @@ impl Agent {
     }
 
     /// Reads the manifests, translates and programs the difference.
-    fn sync_manifests(&mut self, dp: &mut Datapath, dir: &std::path::Path) {
+    /// Reads the source, translates and programs the difference. Whatever
+    /// cannot be read leaves the programmed state as it is (fail static).
+    fn sync(&mut self, dp: &mut Datapath, source: &Source) {
         let started = Instant::now();
-        let objects = match manifests::load_dir(dir) {
-            Ok(o) => o,
-            // Fail static: the last programmed state stays.
-            Err(e) => return warn!(error = %e, dir = %dir.display(), "cannot read manifests"),
+        let objects = match source {
+            Source::Manifests(dir) => match manifests::load_dir(dir) {
+                Ok(o) => o,
+                Err(e) => return warn!(error = %e, dir = %dir.display(), "cannot read manifests"),
+            },
+            Source::Kube(kube) if !kube.ready() => return,
+            Source::Kube(kube) => kube.snapshot(),
         };
         if let Some(node) = objects
             .nodes

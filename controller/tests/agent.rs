@@ -29,11 +29,22 @@ impl Agent {
     /// Runs `dp agent` in `ns`'s network namespace only (`nsenter --net`,
     /// unlike `ip netns exec`, keeps the mounts: the bpffs stays visible).
     fn start(ns: &Netns, node: &str, node_ip: &str, manifests: &Path, bpffs: &Path) -> Agent {
+        Self::start_with(ns, node, node_ip, ("--manifests", manifests), bpffs)
+    }
+
+    /// With a source flag: `("--manifests", dir)` or `("--kubeconfig", file)`.
+    fn start_with(
+        ns: &Netns,
+        node: &str,
+        node_ip: &str,
+        source: (&str, &Path),
+        bpffs: &Path,
+    ) -> Agent {
         let mut child = Command::new("nsenter")
             .arg(format!("--net={}", ns.path().display()))
             .args([env!("CARGO_BIN_EXE_dp"), "agent"])
-            .arg("--manifests")
-            .arg(manifests)
+            .arg(source.0)
+            .arg(source.1)
             .arg("--bpffs")
             .arg(bpffs)
             .args(["--node-name", node, "--node-ip", node_ip])
@@ -432,4 +443,65 @@ fn http_get(ns: &Netns, addr: &str, path: &str) -> String {
         response
     })
     .unwrap()
+}
+
+#[test]
+fn the_agent_follows_the_kubernetes_api_and_fails_static_when_it_is_down() {
+    use e2e::apiserver::FakeApiServer;
+    use serde_json::json;
+    require_root();
+    let cluster = Cluster::new(&[2, 1]).unwrap();
+    let mut servers = Vec::new();
+    for pod in cluster.pods.clone() {
+        let addr = SocketAddr::from((pod.ip, 8080));
+        servers.push(
+            TcpEchoServer::start_named(cluster.pod_ns(&pod.name), addr, Some(pod.name.clone()))
+                .unwrap(),
+        );
+    }
+    let slice = |ip: &str, node: &str| {
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-1", "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"port": 8080}],
+            "endpoints": [{"addresses": [ip], "nodeName": node}]})
+    };
+    // The API server is reachable from node1's namespace, where the agent runs.
+    let api = FakeApiServer::start_in(cluster.node_ns(0)).unwrap();
+    api.apply(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}}));
+    api.apply(slice("10.244.1.11", "node1"));
+    api.apply(
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "172.18.0.2"}]}}),
+    );
+    let dir = manifests_dir("kube");
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let bpffs = Bpffs::new("kube");
+    let agent = Agent::start_with(
+        cluster.node_ns(0),
+        "node1",
+        "172.18.0.2",
+        ("--kubeconfig", &kubeconfig),
+        &bpffs.node("node1"),
+    );
+    agent.wait_for(&["synced", "frontends=1"]);
+    let client = cluster.pod_ns("pod-1-0");
+    assert_eq!(whoami(client), "pod-1-1");
+
+    // An endpoint change arrives through the watch.
+    api.apply(slice("10.244.2.10", "node2"));
+    agent.wait_for(&["synced", "backends_written=1"]);
+    // The new backend is on node2: node2 has no agent, but it needs none
+    // to deliver to its own pod.
+    assert_eq!(whoami(client), "pod-2-0");
+
+    // The API goes down: what is programmed stays (fail static).
+    api.set_down(true);
+    for _ in 0..10 {
+        assert_eq!(whoami(client), "pod-2-0");
+    }
+    agent.stop();
 }

@@ -1,0 +1,143 @@
+//! Services, EndpointSlices and the agent's own Node from the Kubernetes API
+//! (kube-rs reflectors: list, then watch from the list's resourceVersion,
+//! with bookmarks; on 410 Gone a relist; on a dropped connection or an API
+//! that is down, retries with backoff).
+//!
+//! Each reflector's events wake the agent loop, which translates a snapshot
+//! of all three stores. Nothing is synced before every store has completed
+//! its first list: an API that is unreachable at start must not look like a
+//! cluster without services (the pinned state stays: fail static).
+
+use std::{
+    path::Path,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        reflector::{self, Store},
+        watcher, WatchStreamExt,
+    },
+    Api, Client, Resource,
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::manifests::Objects;
+
+/// The client configuration: `--kubeconfig`, else `KUBECONFIG` or
+/// `~/.kube/config`, else in-cluster (service account token and CA).
+pub async fn config(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Config> {
+    Ok(match kubeconfig {
+        Some(path) => {
+            let file = Kubeconfig::read_from(path)?;
+            kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    })
+}
+
+/// The three stores, filled by background tasks.
+pub struct KubeSource {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+    ready: Arc<AtomicUsize>,
+}
+
+const STORES: usize = 3;
+
+impl KubeSource {
+    /// Starts the reflectors; every event sends `()` on `changed`.
+    pub fn start(client: Client, node_name: &str, changed: mpsc::UnboundedSender<()>) -> Self {
+        let ready = Arc::new(AtomicUsize::new(0));
+        let node_fields = format!("metadata.name={node_name}");
+        let services = reflect(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default(),
+            &changed,
+            &ready,
+        );
+        let slices = reflect(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default(),
+            &changed,
+            &ready,
+        );
+        let nodes = reflect(
+            Api::<Node>::all(client),
+            watcher::Config::default().fields(&node_fields),
+            &changed,
+            &ready,
+        );
+        KubeSource {
+            services,
+            slices,
+            nodes,
+            ready,
+        }
+    }
+
+    /// Whether every store has completed its first list.
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst) == STORES
+    }
+
+    /// The current objects (valid once `ready`).
+    pub fn snapshot(&self) -> Objects {
+        Objects {
+            services: self
+                .services
+                .state()
+                .iter()
+                .map(|o| (**o).clone())
+                .collect(),
+            slices: self.slices.state().iter().map(|o| (**o).clone()).collect(),
+            nodes: self.nodes.state().iter().map(|o| (**o).clone()).collect(),
+            skipped: Vec::new(),
+        }
+    }
+}
+
+fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: &mpsc::UnboundedSender<()>,
+    ready: &Arc<AtomicUsize>,
+) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    let tx = changed.clone();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => {
+                    let _ = tx.send(());
+                }
+                Err(e) => warn!(kind = %K::kind(&K::DynamicType::default()), error = %e, "watch"),
+            }
+        }
+    });
+    let waiting = store.clone();
+    let ready = ready.clone();
+    let tx = changed.clone();
+    tokio::spawn(async move {
+        if waiting.wait_until_ready().await.is_ok() {
+            ready.fetch_add(1, Ordering::SeqCst);
+            let _ = tx.send(());
+        }
+    });
+    store
+}

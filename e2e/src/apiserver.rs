@@ -1,0 +1,324 @@
+//! A fake Kubernetes API server for tests: real HTTP/1.1 with the list/watch
+//! wire format (JSON lists with `metadata.resourceVersion`; watches as a
+//! chunked stream of `{"type": ..., "object": ...}` lines; bookmarks; a
+//! 410 Gone `ERROR` event), for Services, EndpointSlices and Nodes. Tests
+//! change objects and misbehave on purpose: expire watches, drop
+//! connections, be down.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    sync::{
+        mpsc::{self, Receiver, Sender},
+        Arc, Mutex,
+    },
+    thread,
+};
+
+use serde_json::{json, Value};
+
+use crate::{io_err, Netns, Result};
+
+/// The collections served: (path, list kind).
+const COLLECTIONS: [(&str, &str, &str); 3] = [
+    ("/api/v1/services", "ServiceList", "v1"),
+    (
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "EndpointSliceList",
+        "discovery.k8s.io/v1",
+    ),
+    ("/api/v1/nodes", "NodeList", "v1"),
+];
+
+#[derive(Default)]
+struct State {
+    resource_version: u64,
+    /// path -> (namespace, name) -> object
+    objects: BTreeMap<&'static str, BTreeMap<(String, String), Value>>,
+    watchers: Vec<(&'static str, Sender<Option<String>>)>,
+    /// Every event (resourceVersion, collection, line): a watch from an
+    /// older resourceVersion replays what it missed, as the API server does.
+    history: Vec<(u64, &'static str, String)>,
+    down: bool,
+    /// Request lines seen, e.g. `GET /api/v1/services?limit=500`.
+    requests: Vec<String>,
+}
+
+pub struct FakeApiServer {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+}
+
+impl FakeApiServer {
+    /// Listens on 127.0.0.1 in the caller's network namespace.
+    pub fn start() -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(io_err("bind fake API server"))?;
+        Ok(Self::serve(listener))
+    }
+
+    /// Listens on 127.0.0.1 inside `ns` (for an agent running there).
+    pub fn start_in(ns: &Netns) -> Result<Self> {
+        let listener = ns.run(|| TcpListener::bind("127.0.0.1:0"))?;
+        Ok(Self::serve(
+            listener.map_err(io_err("bind fake API server"))?,
+        ))
+    }
+
+    fn serve(listener: TcpListener) -> Self {
+        let addr = listener.local_addr().expect("bound");
+        let state = Arc::new(Mutex::new(State::default()));
+        let shared = state.clone();
+        thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let state = shared.clone();
+                thread::spawn(move || handle(conn, &state));
+            }
+        });
+        FakeApiServer { addr, state }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A kubeconfig pointing at this server (plain HTTP, no credentials).
+    pub fn write_kubeconfig(&self, path: &Path) -> Result<()> {
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{}\"}}\n\
+             users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\n\
+             current-context: fake\n",
+            self.addr
+        );
+        std::fs::write(path, text).map_err(io_err(format!("write {}", path.display())))
+    }
+
+    /// Adds or replaces an object (Service, EndpointSlice or Node), and
+    /// tells the watchers.
+    pub fn apply(&self, mut object: Value) {
+        let mut st = self.state.lock().unwrap();
+        st.resource_version += 1;
+        let rv = st.resource_version.to_string();
+        object["metadata"]["resourceVersion"] = json!(rv);
+        let path = collection_of(&object);
+        let key = key_of(&object);
+        let existed = st
+            .objects
+            .entry(path)
+            .or_default()
+            .insert(key, object.clone())
+            .is_some();
+        let kind = if existed { "MODIFIED" } else { "ADDED" };
+        notify(&mut st, path, &json!({"type": kind, "object": object}));
+    }
+
+    /// Deletes an object, and tells the watchers.
+    pub fn delete(&self, object: &Value) {
+        let mut st = self.state.lock().unwrap();
+        st.resource_version += 1;
+        let path = collection_of(object);
+        if let Some(mut old) = st.objects.entry(path).or_default().remove(&key_of(object)) {
+            old["metadata"]["resourceVersion"] = json!(st.resource_version.to_string());
+            notify(&mut st, path, &json!({"type": "DELETED", "object": old}));
+        }
+    }
+
+    /// A BOOKMARK event on every watch.
+    pub fn bookmark(&self) {
+        let mut st = self.state.lock().unwrap();
+        let rv = st.resource_version.to_string();
+        for (path, kind, api) in COLLECTIONS {
+            let kind = kind.trim_end_matches("List");
+            let event = json!({"type": "BOOKMARK", "object": {
+                "kind": kind, "apiVersion": api, "metadata": {"resourceVersion": rv}}});
+            notify(&mut st, path, &event);
+        }
+    }
+
+    /// Ends every watch with a 410 Gone ERROR event ("too old resource
+    /// version"): clients must list again.
+    pub fn expire_watches(&self) {
+        let mut st = self.state.lock().unwrap();
+        let gone = json!({"type": "ERROR", "object": {
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "too old resource version", "reason": "Expired", "code": 410}});
+        for (_, tx) in st.watchers.drain(..) {
+            let _ = tx.send(Some(format!("{gone}\n")));
+            let _ = tx.send(None);
+        }
+    }
+
+    /// Cuts every watch connection without a word.
+    pub fn drop_connections(&self) {
+        let mut st = self.state.lock().unwrap();
+        st.watchers.clear();
+    }
+
+    /// While down, every request gets 503 and watches are cut.
+    pub fn set_down(&self, down: bool) {
+        let mut st = self.state.lock().unwrap();
+        st.down = down;
+        if down {
+            st.watchers.clear();
+        }
+    }
+
+    /// Request lines so far (`GET /path?query`).
+    pub fn requests(&self) -> Vec<String> {
+        self.state.lock().unwrap().requests.clone()
+    }
+}
+
+fn collection_of(object: &Value) -> &'static str {
+    match object["kind"].as_str() {
+        Some("Service") => COLLECTIONS[0].0,
+        Some("EndpointSlice") => COLLECTIONS[1].0,
+        Some("Node") => COLLECTIONS[2].0,
+        other => panic!("the fake API server does not serve {other:?}"),
+    }
+}
+
+fn key_of(object: &Value) -> (String, String) {
+    let m = &object["metadata"];
+    (
+        m["namespace"].as_str().unwrap_or("").to_string(),
+        m["name"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+fn notify(st: &mut State, path: &'static str, event: &Value) {
+    let line = format!("{event}\n");
+    let rv = st.resource_version;
+    st.history.push((rv, path, line.clone()));
+    st.watchers
+        .retain(|(p, tx)| *p != path || tx.send(Some(line.clone())).is_ok());
+}
+
+/// One connection: requests until the client closes, or one watch stream.
+fn handle(conn: TcpStream, state: &Arc<Mutex<State>>) {
+    let mut reader = BufReader::new(match conn.try_clone() {
+        Ok(c) => c,
+        Err(_) => return,
+    });
+    let mut conn = conn;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut content_length = 0usize;
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                return;
+            }
+            if header == "\r\n" || header == "\n" {
+                break;
+            }
+            if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+                content_length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; content_length];
+        let _ = reader.read_exact(&mut body);
+        let target = request_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("/")
+            .to_string();
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let params: BTreeMap<&str, &str> = query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .collect();
+        let collection = COLLECTIONS.iter().find(|(p, _, _)| *p == path);
+        let watch_rx = {
+            let mut st = state.lock().unwrap();
+            st.requests.push(format!("GET {target}"));
+            if st.down {
+                drop(st);
+                let _ = respond(&mut conn, 503, r#"{"kind":"Status","code":503}"#);
+                return;
+            }
+            let Some((path, list_kind, api)) = collection else {
+                drop(st);
+                let _ = respond(&mut conn, 404, r#"{"kind":"Status","code":404}"#);
+                continue;
+            };
+            if matches!(params.get("watch"), Some(&"true") | Some(&"1")) {
+                let (tx, rx) = mpsc::channel();
+                let since: u64 = params
+                    .get("resourceVersion")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(st.resource_version);
+                for (rv, p, line) in &st.history {
+                    if *rv > since && p == path {
+                        let _ = tx.send(Some(line.clone()));
+                    }
+                }
+                st.watchers.push((path, tx));
+                Some(rx)
+            } else {
+                let name_filter = params
+                    .get("fieldSelector")
+                    .map(|f| f.replace("%3D", "="))
+                    .and_then(|f| f.strip_prefix("metadata.name=").map(str::to_string));
+                let items: Vec<Value> = st
+                    .objects
+                    .get(path)
+                    .into_iter()
+                    .flat_map(|m| m.values())
+                    .filter(|o| {
+                        name_filter
+                            .as_deref()
+                            .is_none_or(|n| o["metadata"]["name"].as_str() == Some(n))
+                    })
+                    .cloned()
+                    .collect();
+                let list = json!({"kind": list_kind, "apiVersion": api,
+                    "metadata": {"resourceVersion": st.resource_version.to_string()},
+                    "items": items});
+                drop(st);
+                if respond(&mut conn, 200, &list.to_string()).is_err() {
+                    return;
+                }
+                None
+            }
+        };
+        if let Some(rx) = watch_rx {
+            stream_watch(conn, rx);
+            return;
+        }
+    }
+}
+
+fn respond(conn: &mut TcpStream, status: u16, body: &str) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        _ => "Service Unavailable",
+    };
+    write!(
+        conn,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A watch: chunked events until the server ends it (`None`) or drops it.
+fn stream_watch(mut conn: TcpStream, rx: Receiver<Option<String>>) {
+    let head =
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+    if conn.write_all(head.as_bytes()).is_err() {
+        return;
+    }
+    while let Ok(Some(line)) = rx.recv() {
+        let chunk = format!("{:x}\r\n{line}\r\n", line.len());
+        if conn.write_all(chunk.as_bytes()).is_err() {
+            return;
+        }
+    }
+    // Ended (410) or dropped: a dropped watch closes without the last chunk.
+    let _ = conn.shutdown(std::net::Shutdown::Both);
+}
