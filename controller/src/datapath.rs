@@ -299,6 +299,43 @@ impl Datapath {
         Ok(ids)
     }
 
+    /// Kernel memory of each map the tc ingress program uses (all of the
+    /// datapath's maps), from `memlock` in the map fd's fdinfo, in bytes.
+    pub fn map_memory(&self) -> Result<Vec<(String, u64)>> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let name = program_names::TC_INGRESS;
+        let program_err = |source| Error::Program { name, source };
+        let info = tc_program_ref(&self.ebpf, name)?
+            .info()
+            .map_err(program_err)?;
+        let ids = info.map_ids().map_err(program_err)?.unwrap_or_default();
+        let map_err = |source| Error::Map {
+            name: "map info",
+            source,
+        };
+        let mut out = Vec::new();
+        for id in ids {
+            let map = aya::maps::MapInfo::from_id(id).map_err(map_err)?;
+            let fd = map.fd().map_err(map_err)?;
+            let raw = fd.as_fd().as_raw_fd();
+            let fdinfo =
+                std::fs::read_to_string(format!("/proc/self/fdinfo/{raw}")).map_err(|source| {
+                    Error::Io {
+                        context: "read map fdinfo".into(),
+                        source,
+                    }
+                })?;
+            let bytes = fdinfo
+                .lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            out.push((map.name_as_str().unwrap_or("?").to_string(), bytes));
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Names of the interfaces attached to, by ifindex.
     pub fn interfaces(&self) -> &BTreeMap<u32, String> {
         &self.interfaces

@@ -155,6 +155,16 @@ impl MapWriter {
         let mut used_services: BTreeSet<u32> =
             self.frontends.values().map(|a| a.service_id).collect();
         for (key, spec) in &desired.frontends {
+            // Unchanged spec, every endpoint in a slot: nothing to write. (A
+            // backend keeps its id while referenced, so the slots match.)
+            if let Some(a) = self.frontends.get(key) {
+                let e = &spec.endpoints;
+                let complete = a.slots.ready.len() == e.ready.len()
+                    && a.slots.terminating.len() == e.terminating.len();
+                if complete && a.spec.as_ref() == Some(spec) {
+                    continue;
+                }
+            }
             let slots = self.slots_of(key.protocol, spec);
             let service_id = match self.frontends.get(key) {
                 Some(a) if a.slots == slots && a.spec.as_ref() == Some(spec) => continue,
@@ -246,13 +256,21 @@ fn frontend(key: &FrontendKey) -> Frontend {
 }
 
 fn lowest_free(used: &mut BTreeSet<u32>) -> u32 {
-    let mut id = 1;
-    for u in used.iter() {
-        if *u != id {
-            break;
+    // Ids are 1.. and mostly contiguous: then the next one is len + 1,
+    // without a scan (a scan per id made the first sync quadratic).
+    let len = used.len() as u32;
+    let id = if used.last().is_none_or(|last| *last == len) {
+        len + 1
+    } else {
+        let mut id = 1;
+        for u in used.iter() {
+            if *u != id {
+                break;
+            }
+            id += 1;
         }
-        id += 1;
-    }
+        id
+    };
     used.insert(id);
     id
 }

@@ -192,10 +192,19 @@ fn test() -> Result<()> {
 fn bench(args: &[String]) -> Result<()> {
     require_root("cargo xtask bench")?;
     setup()?;
-    step("cargo bench (per-packet cost, BPF_PROG_TEST_RUN)");
+    step("cargo bench: per-packet cost (BPF_PROG_TEST_RUN), control plane at scale");
     run(Command::new(cargo())
         .current_dir(workspace())
-        .args(["bench", "-p", "dp", "--bench", "datapath", "--"])
+        .args([
+            "bench",
+            "-p",
+            "dp",
+            "--bench",
+            "datapath",
+            "--bench",
+            "control_plane",
+            "--",
+        ])
         .args(args))
 }
 
