@@ -133,7 +133,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                     }
                 })?;
             watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
-            (Source::Manifests(dir), Some(watcher))
+            (Source::Manifests(dir, Default::default()), Some(watcher))
         }
         None => {
             let config = kube_source::config(agent.opts.kubeconfig.as_deref())
@@ -204,7 +204,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 }
 
 enum Source {
-    Manifests(PathBuf),
+    Manifests(PathBuf, std::cell::RefCell<manifests::ManifestCache>),
     Kube(KubeSource),
 }
 
@@ -281,7 +281,7 @@ impl Agent {
     fn sync(&mut self, dp: &mut Datapath, source: &Source) {
         let started = Instant::now();
         let objects = match source {
-            Source::Manifests(dir) => match manifests::load_dir(dir) {
+            Source::Manifests(dir, cache) => match cache.borrow_mut().load_dir(dir) {
                 Ok(o) => o,
                 Err(e) => return warn!(error = %e, dir = %dir.display(), "cannot read manifests"),
             },

@@ -128,3 +128,70 @@ fn invalid(object: &str, reason: String) -> Skipped {
         invalid: true,
     }
 }
+
+/// What identifies a file's version: inode (an editor's save-by-rename
+/// makes a new one), modification time and size.
+type Stamp = (u64, std::time::SystemTime, u64);
+
+/// Parsed files by path, reused while a file's stamp is unchanged: a change
+/// to one file re-parses that file only.
+#[derive(Default)]
+pub struct ManifestCache {
+    files: std::collections::BTreeMap<std::path::PathBuf, (Stamp, Objects)>,
+}
+
+impl ManifestCache {
+    /// Like `load_dir`, parsing only files that changed since the last call.
+    pub fn load_dir(&mut self, dir: &Path) -> std::io::Result<Objects> {
+        let mut files: Vec<_> = fs::read_dir(dir)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("yaml" | "yml" | "json")
+                )
+            })
+            .collect();
+        files.sort();
+        self.files.retain(|path, _| files.contains(path));
+        let mut all = Objects::default();
+        for file in files {
+            let origin = file.display().to_string();
+            let meta = match fs::metadata(&file) {
+                Ok(m) => m,
+                Err(e) => {
+                    all.skipped.push(invalid(&origin, e.to_string()));
+                    continue;
+                }
+            };
+            let stamp: Stamp = (
+                std::os::unix::fs::MetadataExt::ino(&meta),
+                meta.modified()?,
+                meta.len(),
+            );
+            let cached = self
+                .files
+                .get(&file)
+                .filter(|(s, _)| *s == stamp)
+                .map(|(_, o)| o.clone());
+            let objects = match cached {
+                Some(o) => o,
+                None => {
+                    let mut o = Objects::default();
+                    match fs::read_to_string(&file) {
+                        Ok(text) => load_str(&text, &origin, &mut o),
+                        Err(e) => o.skipped.push(invalid(&origin, e.to_string())),
+                    }
+                    self.files.insert(file.clone(), (stamp, o.clone()));
+                    o
+                }
+            };
+            all.services.extend(objects.services);
+            all.slices.extend(objects.slices);
+            all.nodes.extend(objects.nodes);
+            all.skipped.extend(objects.skipped);
+        }
+        Ok(all)
+    }
+}
