@@ -133,7 +133,7 @@ fn main() {
         );
     }
     rows.push((
-        format!("one-endpoint change: map writes, p50 / p99 ({CHANGES} changes)"),
+        format!("one-endpoint change: map writer (diff of the whole state + writes), p50 / p99 ({CHANGES} changes)"),
         format!(
             "{} / {}",
             ms(percentile(&mut apply_times, 0.5)),
@@ -245,7 +245,7 @@ fn agent_level(n: usize, rows: &mut Vec<(String, String)>) {
         edits.push(t.elapsed());
     }
     rows.push((
-        "agent: one file edited to synced (median of 5; rereads all files)".into(),
+        "agent: one file edited to synced (median of 5)".into(),
         ms(percentile(&mut edits, 0.5)),
     ));
     // SAFETY: signalling our own child.
