@@ -10,9 +10,8 @@
 //! Sources, feeding the same translation: `--manifests DIR` (a directory of
 //! ordinary manifests, watched with inotify: a change is applied as soon as
 //! it is written), or the Kubernetes API (`--kubeconfig`, `KUBECONFIG`, or
-//! in-cluster; see `kube_source`). Pod devices
-//! are followed with rtnetlink link events. The
-//! Kubernetes API source (`--kubeconfig`, in-cluster) is not built yet.
+//! in-cluster; see `kube_source`). Pod devices are followed with rtnetlink
+//! link events.
 
 use std::{
     collections::BTreeSet,
