@@ -27,27 +27,7 @@ pub struct Objects {
 
 /// Reads every manifest file in `dir` (not recursive), in name order.
 pub fn load_dir(dir: &Path) -> std::io::Result<Objects> {
-    let mut files: Vec<_> = fs::read_dir(dir)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml" | "json")
-            )
-        })
-        .collect();
-    files.sort();
-    let mut objects = Objects::default();
-    for file in files {
-        match fs::read_to_string(&file) {
-            Ok(text) => load_str(&text, &file.display().to_string(), &mut objects),
-            Err(e) => objects
-                .skipped
-                .push(invalid(&file.display().to_string(), e.to_string())),
-        }
-    }
-    Ok(objects)
+    ManifestCache::default().load_dir(dir)
 }
 
 /// Adds the objects of one file's text to `objects`.
