@@ -10,6 +10,7 @@ pub mod addr;
 pub mod config;
 pub mod ct;
 pub mod lb;
+pub mod names;
 pub mod reason;
 pub mod stats;
 pub mod trace;
@@ -33,6 +34,7 @@ pub mod map_names {
     pub const BACKENDS: &str = "DP_BACKENDS";
     pub const REVNAT: &str = "DP_REVNAT";
     pub const CT: &str = "DP_CT";
+    pub const NAMES: &str = "DP_NAMES";
 }
 
 /// Default capacities of the maps; userspace may set others at load time.
@@ -43,6 +45,8 @@ pub mod map_sizes {
     pub const REVNAT: u32 = 65_536;
     /// Entries, two per flow.
     pub const CT: u32 = 262_144;
+    /// Service and backend names (allocated on use).
+    pub const NAMES: u32 = 262_144;
 }
 
 /// Names of the programs in the dp object.
@@ -67,4 +71,6 @@ mod user {
     unsafe impl aya::Pod for crate::RevNatValue {}
     unsafe impl aya::Pod for crate::CtKey {}
     unsafe impl aya::Pod for crate::CtEntry {}
+    unsafe impl aya::Pod for crate::names::NameKey {}
+    unsafe impl aya::Pod for crate::names::NameValue {}
 }

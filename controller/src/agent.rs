@@ -316,6 +316,9 @@ impl Agent {
         let triggers = new_triggers(&objects.slices, &mut self.seen_triggers);
         match self.writer.apply(dp, &desired) {
             Ok(stats) => {
+                if let Err(e) = self.writer.write_names(dp) {
+                    warn!(error = %e, "writing names");
+                }
                 for (what, error) in &stats.not_programmed {
                     warn!(object = %what, %error, "did not fit: not programmed");
                 }

@@ -66,7 +66,7 @@ enum Attachment {
 
 /// Maps kept in bpffs, so a restarted agent (and the inspection commands)
 /// find the same state. Scratch maps are private to each program version.
-pub const PINNED_MAPS: [&str; 8] = [
+pub const PINNED_MAPS: [&str; 9] = [
     map_names::SERVICES,
     map_names::BACKENDS,
     map_names::REVNAT,
@@ -75,6 +75,7 @@ pub const PINNED_MAPS: [&str; 8] = [
     map_names::COUNTERS,
     map_names::TRACE_EVENTS,
     map_names::TRACE_LOST,
+    map_names::NAMES,
 ];
 
 impl Datapath {

@@ -4,7 +4,11 @@ use std::{
 };
 
 use clap::{Args, Parser, Subcommand};
-use dp::{agent::AgentOptions, translate::Cidr};
+use dp::{
+    agent::AgentOptions,
+    inspect::{text, CtFilter, PinnedMaps},
+    translate::Cidr,
+};
 use regex::Regex;
 
 /// dp: an eBPF dataplane that replaces kube-proxy.
@@ -20,6 +24,23 @@ enum Command {
     /// Run the per-node agent: keep the datapath in step with the cluster's
     /// Services and EndpointSlices.
     Agent(Box<AgentArgs>),
+    /// Service frontends and their backends, from the pinned maps.
+    Service {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
+    /// Backends, from the pinned maps.
+    Backend {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
+    /// Connection tracking entries: list or flush.
+    Ct {
+        #[command(subcommand)]
+        command: CtCommand,
+    },
+    /// Packets and bytes per hook and reason.
+    Stats(Inspect),
     /// Detach everything and remove dp's pinned maps and links.
     Cleanup {
         /// The agent's bpffs directory.
@@ -29,6 +50,57 @@ enum Command {
     /// A ClusterIP service in a two-node lab of network namespaces, with the
     /// trace and counters that explain it.
     Demo,
+}
+
+/// Where the maps are, and how to print.
+#[derive(Args)]
+struct Inspect {
+    /// The agent's bpffs directory.
+    #[arg(long, default_value = "/sys/fs/bpf/dp")]
+    bpffs: PathBuf,
+    /// `text` or `json` (one JSON document).
+    #[arg(short = 'o', long, default_value = "text")]
+    output: String,
+}
+
+#[derive(Subcommand)]
+enum ListCommand {
+    List(Inspect),
+}
+
+#[derive(Subcommand)]
+enum CtCommand {
+    List {
+        #[command(flatten)]
+        inspect: Inspect,
+        #[command(flatten)]
+        filter: CtFilterArgs,
+    },
+    Flush {
+        #[command(flatten)]
+        inspect: Inspect,
+        #[command(flatten)]
+        filter: CtFilterArgs,
+    },
+}
+
+#[derive(Args)]
+struct CtFilterArgs {
+    /// Only entries of this service (`namespace/name`).
+    #[arg(long)]
+    service: Option<String>,
+    /// Only entries with this address (client, service, backend or masquerade).
+    #[arg(long)]
+    ip: Option<std::net::IpAddr>,
+}
+
+fn print<T: serde::Serialize>(inspect: &Inspect, rows: &T, text: String) -> anyhow::Result<()> {
+    match inspect.output.as_str() {
+        "json" => println!("{}", serde_json::to_string_pretty(rows)?),
+        "text" => print!("{text}"),
+        other => anyhow::bail!("-o {other}: use text or json"),
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -90,6 +162,46 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Demo => dp::demo::run(&mut std::io::stdout().lock()),
+        Command::Service {
+            command: ListCommand::List(i),
+        } => {
+            let rows = PinnedMaps::open(&i.bpffs)?.services()?;
+            print(&i, &rows, text::services(&rows))
+        }
+        Command::Backend {
+            command: ListCommand::List(i),
+        } => {
+            let rows = PinnedMaps::open(&i.bpffs)?.backends()?;
+            print(&i, &rows, text::backends_table(&rows))
+        }
+        Command::Ct {
+            command: CtCommand::List { inspect, filter },
+        } => {
+            let filter = CtFilter {
+                service: filter.service,
+                ip: filter.ip,
+            };
+            let rows = PinnedMaps::open(&inspect.bpffs)?.conntrack(&filter)?;
+            print(&inspect, &rows, text::conntrack(&rows))
+        }
+        Command::Ct {
+            command: CtCommand::Flush { inspect, filter },
+        } => {
+            let filter = CtFilter {
+                service: filter.service,
+                ip: filter.ip,
+            };
+            let n = PinnedMaps::open(&inspect.bpffs)?.flush_conntrack(&filter)?;
+            print(
+                &inspect,
+                &serde_json::json!({"flushed": n}),
+                format!("flushed {n} entries\n"),
+            )
+        }
+        Command::Stats(i) => {
+            let rows = PinnedMaps::open(&i.bpffs)?.stats()?;
+            print(&i, &rows, text::stats(&rows))
+        }
         Command::Cleanup { bpffs } => {
             let removed = dp::pin::cleanup(&bpffs)?;
             println!("removed {} pins under {}", removed.len(), bpffs.display());

@@ -278,55 +278,105 @@ pub struct ProgrammedServices {
     pub backends: std::collections::BTreeMap<u32, (SocketAddr, u8, bool)>,
 }
 
+/// Reads the programmed services back from service and backend maps, owned
+/// by a `Datapath` or opened from pins.
+pub fn programmed_services<S, B>(
+    services: &HashMap<S, ServiceKey, ServiceValue>,
+    backends: &HashMap<B, u32, Backend>,
+) -> Result<ProgrammedServices>
+where
+    S: std::borrow::Borrow<MapData>,
+    B: std::borrow::Borrow<MapData>,
+{
+    let mut out = ProgrammedServices::default();
+    let mut masters = Vec::new();
+    let mut slots = std::collections::BTreeMap::new();
+    for item in services.iter() {
+        let (k, v) = match item {
+            Ok(kv) => kv,
+            // Removed while we walk: skip it.
+            Err(aya::maps::MapError::KeyNotFound) => continue,
+            Err(e) => return Err(map_err(map_names::SERVICES)(e)),
+        };
+        if v.flags & SERVICE_FLAG_WILDCARD != 0 {
+            continue;
+        }
+        if k.slot == 0 {
+            masters.push((k, v));
+        } else {
+            slots.insert((k.addr, k.port, k.protocol, k.slot), v.backend_id);
+        }
+    }
+    for (k, v) in masters {
+        let ids = |from: u16, n: u16| -> Vec<u32> {
+            (from..from + n)
+                .filter_map(|s| slots.get(&(k.addr, k.port, k.protocol, s)).copied())
+                .collect()
+        };
+        let frontend = Frontend {
+            addr: SocketAddr::new(ip_of(&k.addr), k.port),
+            protocol: k.protocol,
+        };
+        let programmed = BackendSlots {
+            ready: ids(1, v.count),
+            terminating: ids(1 + v.count, v.terminating_count),
+            local_only: v.flags & SERVICE_FLAG_LOCAL_ONLY != 0,
+        };
+        out.frontends.insert(frontend, (v.service_id, programmed));
+    }
+    for item in backends.iter() {
+        let (id, b) = match item {
+            Ok(kv) => kv,
+            Err(aya::maps::MapError::KeyNotFound) => continue,
+            Err(e) => return Err(map_err(map_names::BACKENDS)(e)),
+        };
+        let addr = SocketAddr::new(ip_of(&b.addr), b.port);
+        let terminating = b.flags & BACKEND_FLAG_TERMINATING != 0;
+        out.backends.insert(id, (addr, b.protocol, terminating));
+    }
+    Ok(out)
+}
+
 impl Datapath {
     /// Reads the programmed services back from the maps, and rebuilds the
     /// per-address frontend counts the wildcard entries depend on.
     pub fn read_services(&mut self) -> Result<ProgrammedServices> {
-        let mut out = ProgrammedServices::default();
-        let (masters, slots) = {
+        let programmed = {
             let services: HashMap<&MapData, ServiceKey, ServiceValue> =
                 self.map_ref(map_names::SERVICES)?;
-            let mut masters = Vec::new();
-            let mut slots = std::collections::BTreeMap::new();
-            for item in services.iter() {
-                let (k, v) = item.map_err(map_err(map_names::SERVICES))?;
-                if v.flags & SERVICE_FLAG_WILDCARD != 0 {
-                    continue;
-                }
-                if k.slot == 0 {
-                    masters.push((k, v));
-                } else {
-                    slots.insert((k.addr, k.port, k.protocol, k.slot), v.backend_id);
-                }
-            }
-            (masters, slots)
+            let backends: HashMap<&MapData, u32, Backend> = self.map_ref(map_names::BACKENDS)?;
+            programmed_services(&services, &backends)?
         };
         self.service_addresses.clear();
-        for (k, v) in masters {
-            let ids = |from: u16, n: u16| -> Vec<u32> {
-                (from..from + n)
-                    .filter_map(|s| slots.get(&(k.addr, k.port, k.protocol, s)).copied())
-                    .collect()
-            };
-            let frontend = Frontend {
-                addr: SocketAddr::new(ip_of(&k.addr), k.port),
-                protocol: k.protocol,
-            };
-            let programmed = BackendSlots {
-                ready: ids(1, v.count),
-                terminating: ids(1 + v.count, v.terminating_count),
-                local_only: v.flags & SERVICE_FLAG_LOCAL_ONLY != 0,
-            };
-            out.frontends.insert(frontend, (v.service_id, programmed));
-            *self.service_addresses.entry(k.addr).or_default() += 1;
+        for frontend in programmed.frontends.keys() {
+            *self
+                .service_addresses
+                .entry(addr16(frontend.addr.ip()))
+                .or_default() += 1;
         }
-        let backends: HashMap<&MapData, u32, Backend> = self.map_ref(map_names::BACKENDS)?;
-        for item in backends.iter() {
-            let (id, b) = item.map_err(map_err(map_names::BACKENDS))?;
-            let addr = SocketAddr::new(ip_of(&b.addr), b.port);
-            let terminating = b.flags & BACKEND_FLAG_TERMINATING != 0;
-            out.backends.insert(id, (addr, b.protocol, terminating));
+        Ok(programmed)
+    }
+}
+
+impl Datapath {
+    /// Sets the name of a service or backend id in `DP_NAMES`.
+    pub fn set_name(&mut self, kind: u32, id: u32, name: &str) -> Result<()> {
+        let mut map: HashMap<&mut MapData, common::names::NameKey, common::names::NameValue> =
+            self.map_mut(map_names::NAMES)?;
+        map.insert(
+            common::names::NameKey { kind, id },
+            common::names::NameValue::new(name),
+            0,
+        )
+        .map_err(map_err(map_names::NAMES))
+    }
+
+    pub fn remove_name(&mut self, kind: u32, id: u32) -> Result<()> {
+        let mut map: HashMap<&mut MapData, common::names::NameKey, common::names::NameValue> =
+            self.map_mut(map_names::NAMES)?;
+        match map.remove(&common::names::NameKey { kind, id }) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(map_names::NAMES)(e)),
         }
-        Ok(out)
     }
 }

@@ -56,6 +56,8 @@ pub struct MapWriter {
     frontends: BTreeMap<FrontendKey, Applied>,
     /// (address, protocol) -> (id, terminating).
     backends: BTreeMap<(SocketAddr, u8), (u32, bool)>,
+    /// What `DP_NAMES` holds: (kind, id) -> name.
+    names: BTreeMap<(u32, u32), String>,
 }
 
 impl MapWriter {
@@ -98,6 +100,46 @@ impl MapWriter {
                 Some((a.service_id, format!("{} ({})", spec.service, spec.kind)))
             })
             .collect()
+    }
+
+    /// Keeps `DP_NAMES` in step: service ids -> `ns/name:port (Kind)`,
+    /// backend ids -> `ns/pod on node`, `on node` or `ns/pod` (what is
+    /// known of them beyond their address).
+    pub fn write_names(&mut self, dp: &mut Datapath) -> Result<()> {
+        use common::names::{NAME_KIND_BACKEND, NAME_KIND_SERVICE};
+        let mut wanted: BTreeMap<(u32, u32), String> = self
+            .service_names()
+            .into_iter()
+            .map(|(id, n)| ((NAME_KIND_SERVICE, id), n))
+            .collect();
+        for (key, a) in &self.frontends {
+            let Some(spec) = &a.spec else { continue };
+            for (ep, _) in backends_of(spec) {
+                let Some((id, _)) = self.backends.get(&(ep.addr, key.protocol)) else {
+                    continue;
+                };
+                // What is known beyond the address: the pod and its node.
+                let name = match (&ep.pod, &ep.node) {
+                    (Some(pod), Some(node)) => format!("{pod} on {node}"),
+                    (Some(pod), None) => pod.clone(),
+                    (None, Some(node)) => format!("on {node}"),
+                    (None, None) => continue,
+                };
+                wanted.insert((NAME_KIND_BACKEND, *id), name);
+            }
+        }
+        for (key, name) in &wanted {
+            if self.names.get(key) != Some(name) {
+                dp.set_name(key.0, key.1, name)?;
+            }
+        }
+        for key in self.names.keys() {
+            if !wanted.contains_key(key) {
+                dp.remove_name(key.0, key.1)?;
+            }
+        }
+        self.names = wanted;
+        Ok(())
     }
 
     /// Backend id -> node name, where known.

@@ -197,6 +197,8 @@ impl fmt::Display for FrontendKind {
 pub struct EndpointInfo {
     pub addr: SocketAddr,
     pub node: Option<String>,
+    /// `namespace/name` of the Pod behind it (`targetRef`), if given.
+    pub pod: Option<String>,
 }
 
 /// Backends of one view of a frontend.
@@ -612,6 +614,17 @@ fn candidate(ep: &Endpoint, port: u16) -> Result<Candidate, String> {
         info: EndpointInfo {
             addr: SocketAddr::from((ip, port)),
             node: ep.node_name.clone(),
+            pod: ep
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| {
+                    Some(format!(
+                        "{}/{}",
+                        r.namespace.as_deref()?,
+                        r.name.as_deref()?
+                    ))
+                }),
         },
         ready,
         serving,

@@ -255,6 +255,40 @@ fn the_agent_programs_manifests_follows_edits_and_serves_new_pods() {
     let live = http_get(cluster.node_ns(0), "127.0.0.1:10256", "/livez");
     assert!(live.starts_with("HTTP/1.1 200"), "{live}");
 
+    // Inspection from the pinned maps, while the agent runs.
+    let pins = bpffs.node("node1");
+    let services = inspect(&pins, &["service", "list"]);
+    let web = &services.as_array().unwrap()[0];
+    assert_eq!(web["frontend"], "10.96.0.10:80/TCP");
+    assert_eq!(web["name"], "default/web (ClusterIP)");
+    let ready: Vec<&str> = web["ready"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(ready, ["on node1", "on node2"]);
+    let flows = inspect(&pins, &["ct", "list", "--service", "default/web"]);
+    assert!(
+        flows.as_array().unwrap().len() >= 80,
+        "two entries per connection"
+    );
+    assert!(flows
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|f| f["service"] == "default/web (ClusterIP)"));
+    let by_ip = inspect(&pins, &["ct", "list", "--ip", "10.244.1.11"]);
+    assert!(!by_ip.as_array().unwrap().is_empty());
+    let stats = inspect(&pins, &["stats"]);
+    assert!(stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["reason"] == "new_flow" && r["packets"] == 40));
+    let backends = inspect(&pins, &["backend", "list"]);
+    assert_eq!(backends.as_array().unwrap().len(), 2);
+
     // Edit the file: the service now has one backend, pod-2-1.
     let edited = Instant::now();
     write_web(&dir, &[("10.244.2.11", "node2")]);
@@ -289,6 +323,31 @@ fn the_agent_programs_manifests_follows_edits_and_serves_new_pods() {
     for a in agents {
         a.stop();
     }
+    // The agents are gone; the pinned maps still answer, with names.
+    let services = inspect(&pins, &["service", "list"]);
+    assert_eq!(services[0]["ready"][0]["addr"], "10.244.2.11:8080");
+    assert_eq!(services[0]["ready"][0]["name"], "on node2");
+    let flushed = inspect(&pins, &["ct", "flush", "--service", "default/web"]);
+    assert!(flushed["flushed"].as_u64().unwrap() > 0);
+    let left = inspect(&pins, &["ct", "list", "--service", "default/web"]);
+    assert!(left.as_array().unwrap().is_empty());
+}
+
+/// Runs `dp <args> --bpffs <pins> -o json` and parses its output.
+fn inspect(pins: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_dp"))
+        .args(args)
+        .arg("--bpffs")
+        .arg(pins)
+        .args(["-o", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dp {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]

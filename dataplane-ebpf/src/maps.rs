@@ -7,8 +7,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use common::{
-    map_sizes, Backend, CtEntry, CtKey, DatapathConfig, ReasonCounter, RevNatValue, ServiceKey,
-    ServiceValue, TraceEvent, COUNTER_SLOTS,
+    map_sizes,
+    names::{NameKey, NameValue},
+    Backend, CtEntry, CtKey, DatapathConfig, ReasonCounter, RevNatValue, ServiceKey, ServiceValue,
+    TraceEvent, COUNTER_SLOTS,
 };
 
 /// Packets and bytes per (hook, reason); always on.
@@ -44,6 +46,15 @@ pub static DP_REVNAT: HashMap<u32, RevNatValue> = HashMap::with_max_entries(map_
 /// Connection tracking of service flows (see `common::ct`).
 #[map(name = "DP_CT")]
 pub static DP_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(map_sizes::CT, 0);
+
+/// Names of services and backends for the tools (`common::names`). Written
+/// by the agent only; declared here so it is created and pinned with the rest.
+#[map(name = "DP_NAMES")]
+pub static DP_NAMES: HashMap<NameKey, NameValue> =
+    HashMap::with_max_entries(map_sizes::NAMES, BPF_F_NO_PREALLOC);
+
+/// `BPF_F_NO_PREALLOC`: entries are allocated as they are added.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// One decision record per CPU, built while a packet is handled and copied
 /// to `DP_TRACE` when traced (see `trace`).

@@ -1,0 +1,352 @@
+//! The inspection commands (`dp service list`, `dp backend list`,
+//! `dp ct list|flush`, `dp stats`) read the maps the agent pinned under
+//! `--bpffs`, not the agent: they work while it is down, and name things
+//! from `DP_NAMES`, which the agent keeps current.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
+
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use common::{
+    ct::{CT_DIR_REPLY, CT_FLAG_SNAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED},
+    map_names,
+    names::{NameKey, NameValue, NAME_KIND_BACKEND, NAME_KIND_SERVICE},
+    Backend, CtEntry, CtKey, Hook, Reason, ReasonCounter, ServiceKey, ServiceValue,
+};
+use serde::Serialize;
+
+use crate::{
+    error::{Error, Result},
+    pin,
+    services::{ip_of, monotonic_ns, programmed_services},
+    translate::protocol_name,
+};
+
+/// dp's maps, opened from their pins.
+pub struct PinnedMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    ct: HashMap<MapData, CtKey, CtEntry>,
+    names: HashMap<MapData, NameKey, NameValue>,
+    counters: PerCpuArray<MapData, ReasonCounter>,
+}
+
+fn open(bpffs: &Path, name: &'static str) -> Result<MapData> {
+    let path = pin::maps_dir(bpffs).join(name);
+    MapData::from_pin(&path).map_err(|source| Error::Map { name, source })
+}
+
+fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(name: &'static str, map: Map) -> Result<T> {
+    T::try_from(map).map_err(|source| Error::Map { name, source })
+}
+
+impl PinnedMaps {
+    pub fn open(bpffs: &Path) -> Result<Self> {
+        use map_names::*;
+        Ok(PinnedMaps {
+            services: typed(SERVICES, Map::HashMap(open(bpffs, SERVICES)?))?,
+            backends: typed(BACKENDS, Map::HashMap(open(bpffs, BACKENDS)?))?,
+            ct: typed(CT, Map::LruHashMap(open(bpffs, CT)?))?,
+            names: typed(NAMES, Map::HashMap(open(bpffs, NAMES)?))?,
+            counters: typed(COUNTERS, Map::PerCpuArray(open(bpffs, COUNTERS)?))?,
+        })
+    }
+
+    fn name(&self, kind: u32, id: u32) -> Option<String> {
+        let v = self.names.get(&NameKey { kind, id }, 0).ok()?;
+        Some(String::from_utf8_lossy(v.as_bytes()).into_owned())
+    }
+
+    pub fn services(&self) -> Result<Vec<ServiceRow>> {
+        let programmed = programmed_services(&self.services, &self.backends)?;
+        let backend = |id: u32| BackendRef {
+            id,
+            addr: programmed.backends.get(&id).map(|b| b.0),
+            name: self.name(NAME_KIND_BACKEND, id),
+        };
+        Ok(programmed
+            .frontends
+            .iter()
+            .map(|(f, (service_id, slots))| ServiceRow {
+                frontend: format!("{}/{}", f.addr, protocol_name(f.protocol)),
+                service_id: *service_id,
+                name: self.name(NAME_KIND_SERVICE, *service_id),
+                local_only: slots.local_only,
+                ready: slots.ready.iter().map(|id| backend(*id)).collect(),
+                terminating: slots.terminating.iter().map(|id| backend(*id)).collect(),
+            })
+            .collect())
+    }
+
+    pub fn backends(&self) -> Result<Vec<BackendRow>> {
+        let programmed = programmed_services(&self.services, &self.backends)?;
+        Ok(programmed
+            .backends
+            .iter()
+            .map(|(id, (addr, protocol, terminating))| BackendRow {
+                id: *id,
+                addr: format!("{addr}/{}", protocol_name(*protocol)),
+                terminating: *terminating,
+                name: self.name(NAME_KIND_BACKEND, *id),
+            })
+            .collect())
+    }
+
+    /// Conntrack entries matching `filter` (live and not yet collected).
+    pub fn conntrack(&self, filter: &CtFilter) -> Result<Vec<CtRow>> {
+        let now = monotonic_ns();
+        let mut rows = Vec::new();
+        for item in self.ct.iter() {
+            let (k, e) = match item {
+                Ok(kv) => kv,
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(source) => {
+                    return Err(Error::Map {
+                        name: map_names::CT,
+                        source,
+                    })
+                }
+            };
+            let row = CtRow {
+                direction: if e.direction == CT_DIR_REPLY {
+                    "reply"
+                } else {
+                    "original"
+                },
+                protocol: protocol_name(k.protocol),
+                src: SocketAddr::new(ip_of(&k.saddr), k.sport).to_string(),
+                dst: SocketAddr::new(ip_of(&k.daddr), k.dport).to_string(),
+                service_id: e.service_id,
+                service: self.name(NAME_KIND_SERVICE, e.service_id),
+                backend_id: e.backend_id,
+                backend: self.name(NAME_KIND_BACKEND, e.backend_id),
+                state: match e.state {
+                    CT_STATE_ESTABLISHED => "established",
+                    CT_STATE_CLOSING => "closing",
+                    _ => "new",
+                },
+                masqueraded: e.flags & CT_FLAG_SNAT != 0,
+                expires_in_s: (e.expires_ns.saturating_sub(now) / 1_000_000_000) as i64
+                    * if e.expires_ns > now { 1 } else { -1 },
+                key: k,
+            };
+            if filter.matches(&row, &k, &e) {
+                rows.push(row);
+            }
+        }
+        rows.sort_by(|a, b| (&a.src, &a.dst, a.direction).cmp(&(&b.src, &b.dst, b.direction)));
+        Ok(rows)
+    }
+
+    /// Deletes the conntrack entries matching `filter`; returns how many.
+    pub fn flush_conntrack(&mut self, filter: &CtFilter) -> Result<usize> {
+        let keys: Vec<CtKey> = self.conntrack(filter)?.iter().map(|r| r.key).collect();
+        let mut n = 0;
+        for k in keys {
+            if self.ct.remove(&k).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Packets and bytes per (hook, reason), summed over CPUs.
+    pub fn stats(&self) -> Result<Vec<StatsRow>> {
+        let mut rows = Vec::new();
+        for hook in Hook::ALL {
+            for reason in Reason::ALL {
+                let per_cpu = self
+                    .counters
+                    .get(&common::counter_index(hook, reason), 0)
+                    .map_err(|source| Error::Map {
+                        name: map_names::COUNTERS,
+                        source,
+                    })?;
+                let (packets, bytes) = per_cpu
+                    .iter()
+                    .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+                if packets > 0 {
+                    rows.push(StatsRow {
+                        hook: hook.name(),
+                        reason: reason.id(),
+                        packets,
+                        bytes,
+                    });
+                }
+            }
+        }
+        Ok(rows)
+    }
+}
+
+/// `--service NS/NAME` and `--ip IP` of the conntrack commands.
+#[derive(Clone, Debug, Default)]
+pub struct CtFilter {
+    pub service: Option<String>,
+    pub ip: Option<IpAddr>,
+}
+
+impl CtFilter {
+    fn matches(&self, row: &CtRow, k: &CtKey, e: &CtEntry) -> bool {
+        let service_ok = self.service.as_ref().is_none_or(|want| {
+            row.service.as_deref().is_some_and(|name| {
+                name == want
+                    || name.starts_with(&format!("{want}:"))
+                    || name.starts_with(&format!("{want} "))
+            })
+        });
+        let ip_ok = self.ip.is_none_or(|ip| {
+            [ip_of(&k.saddr), ip_of(&k.daddr)].contains(&ip)
+                || (e.flags & CT_FLAG_SNAT != 0 && ip_of(&e.nat_addr) == ip)
+        });
+        service_ok && ip_ok
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BackendRef {
+    pub id: u32,
+    pub addr: Option<SocketAddr>,
+    pub name: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceRow {
+    pub frontend: String,
+    pub service_id: u32,
+    pub name: Option<String>,
+    pub local_only: bool,
+    pub ready: Vec<BackendRef>,
+    pub terminating: Vec<BackendRef>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BackendRow {
+    pub id: u32,
+    pub addr: String,
+    pub terminating: bool,
+    pub name: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CtRow {
+    pub direction: &'static str,
+    pub protocol: &'static str,
+    pub src: String,
+    pub dst: String,
+    pub service_id: u32,
+    pub service: Option<String>,
+    pub backend_id: u32,
+    pub backend: Option<String>,
+    pub state: &'static str,
+    pub masqueraded: bool,
+    /// Seconds to expiry; negative once expired (the GC has not run yet).
+    pub expires_in_s: i64,
+    #[serde(skip)]
+    pub key: CtKey,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StatsRow {
+    pub hook: &'static str,
+    pub reason: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Text tables for people.
+pub mod text {
+    use super::*;
+
+    fn backends(list: &[BackendRef]) -> String {
+        if list.is_empty() {
+            return "-".into();
+        }
+        list.iter()
+            .map(|b| {
+                let addr = b
+                    .addr
+                    .map_or_else(|| format!("#{}", b.id), |a| a.to_string());
+                match &b.name {
+                    Some(n) => format!("{addr} ({n})"),
+                    None => addr,
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    pub fn services(rows: &[ServiceRow]) -> String {
+        let mut out = String::new();
+        for r in rows {
+            let name = r.name.as_deref().unwrap_or("?");
+            let local = if r.local_only {
+                " [traffic policy Local]"
+            } else {
+                ""
+            };
+            out.push_str(&format!(
+                "{} service {} {name}{local}\n",
+                r.frontend, r.service_id
+            ));
+            out.push_str(&format!("    ready:       {}\n", backends(&r.ready)));
+            out.push_str(&format!("    terminating: {}\n", backends(&r.terminating)));
+        }
+        out
+    }
+
+    pub fn backends_table(rows: &[BackendRow]) -> String {
+        let mut by_id: BTreeMap<u32, &BackendRow> = BTreeMap::new();
+        for r in rows {
+            by_id.insert(r.id, r);
+        }
+        by_id
+            .values()
+            .map(|r| {
+                format!(
+                    "{:>6} {:<24} {}{}\n",
+                    r.id,
+                    r.addr,
+                    r.name.as_deref().unwrap_or("-"),
+                    if r.terminating { " [terminating]" } else { "" }
+                )
+            })
+            .collect()
+    }
+
+    pub fn conntrack(rows: &[CtRow]) -> String {
+        rows.iter()
+            .map(|r| {
+                format!(
+                    "{:<8} {} {} -> {} {} service {} backend {} {}expires in {}s\n",
+                    r.direction,
+                    r.protocol,
+                    r.src,
+                    r.dst,
+                    r.state,
+                    r.service.as_deref().unwrap_or("?"),
+                    r.backend.as_deref().unwrap_or("?"),
+                    if r.masqueraded { "masqueraded " } else { "" },
+                    r.expires_in_s
+                )
+            })
+            .collect()
+    }
+
+    pub fn stats(rows: &[StatsRow]) -> String {
+        let mut out = format!(
+            "{:<11} {:<24} {:>12} {:>14}\n",
+            "hook", "reason", "packets", "bytes"
+        );
+        for r in rows {
+            out.push_str(&format!(
+                "{:<11} {:<24} {:>12} {:>14}\n",
+                r.hook, r.reason, r.packets, r.bytes
+            ));
+        }
+        out
+    }
+}
