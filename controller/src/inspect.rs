@@ -27,6 +27,7 @@ use crate::{
 
 /// dp's maps, opened from their pins.
 pub struct PinnedMaps {
+    config: aya::maps::Array<MapData, common::DatapathConfig>,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
     ct: HashMap<MapData, CtKey, CtEntry>,
@@ -47,6 +48,7 @@ impl PinnedMaps {
     pub fn open(bpffs: &Path) -> Result<Self> {
         use map_names::*;
         Ok(PinnedMaps {
+            config: typed(CONFIG, Map::Array(open(bpffs, CONFIG)?))?,
             services: typed(SERVICES, Map::HashMap(open(bpffs, SERVICES)?))?,
             backends: typed(BACKENDS, Map::HashMap(open(bpffs, BACKENDS)?))?,
             ct: typed(CT, Map::LruHashMap(open(bpffs, CT)?))?,
@@ -179,6 +181,136 @@ impl PinnedMaps {
             }
         }
         Ok(rows)
+    }
+}
+
+/// What `dp explain` says the datapath will do with a packet.
+#[derive(Clone, Debug, Serialize)]
+pub struct Explanation {
+    /// `forward`, `reject`, `drop` or `pass`.
+    pub verdict: &'static str,
+    /// The reason's id, as in counters and traces.
+    pub reason: &'static str,
+    /// `namespace/name:port-name` (or `namespace/name`), if a service.
+    pub service: Option<String>,
+    /// Every `ip:port` the packet may be sent to (one if conntrack pins it).
+    pub backends: Vec<String>,
+    /// The source will be SNATed to the node address.
+    pub masquerade: bool,
+    /// The client is one of the possible backends (hairpin: masqueraded
+    /// when it picks itself).
+    pub hairpin_possible: bool,
+}
+
+impl PinnedMaps {
+    /// Walks the maps the way a packet from `from` to `to` would go, at tc
+    /// ingress (pod or node device), without sending one.
+    pub fn explain(
+        &self,
+        from: IpAddr,
+        from_port: Option<u16>,
+        to: SocketAddr,
+        protocol: u8,
+    ) -> Result<Explanation> {
+        use crate::services::addr16;
+        use common::{addr::in_prefix, config::CONFIG_MASQUERADE_ALL, lb::SERVICE_FLAG_LOCAL_ONLY};
+        let cfg = self.config.get(&0, 0).map_err(|source| Error::Map {
+            name: map_names::CONFIG,
+            source,
+        })?;
+        let programmed = programmed_services(&self.services, &self.backends)?;
+        let backend_addr = |id: u32| programmed.backends.get(&id).map(|b| b.0.to_string());
+        let spn = |id: u32| {
+            self.name(NAME_KIND_SERVICE, id)
+                .map(|n| n.split(" (").next().unwrap_or(&n).to_string())
+        };
+        let mut out = Explanation {
+            verdict: "pass",
+            reason: Reason::NoService.id(),
+            service: None,
+            backends: vec![],
+            masquerade: false,
+            hairpin_possible: false,
+        };
+        // A tracked flow decides first.
+        if let Some(sport) = from_port {
+            let key = CtKey {
+                saddr: addr16(from),
+                daddr: addr16(to.ip()),
+                sport,
+                dport: to.port(),
+                protocol,
+                _pad: [0; 3],
+            };
+            if let Ok(e) = self.ct.get(&key, 0) {
+                if e.expires_ns > monotonic_ns() && e.direction != CT_DIR_REPLY {
+                    out.service = spn(e.service_id);
+                    out.masquerade = e.flags & CT_FLAG_SNAT != 0;
+                    match backend_addr(e.backend_id) {
+                        Some(b) => {
+                            out.verdict = "forward";
+                            out.reason = Reason::Established.id();
+                            out.backends = vec![b];
+                            return Ok(out);
+                        }
+                        None if protocol == 6 => {
+                            out.verdict = "reject";
+                            out.reason = Reason::BackendGoneReset.id();
+                            return Ok(out);
+                        }
+                        // UDP: moved to a live backend, chosen as for a new flow.
+                        None => {}
+                    }
+                }
+            }
+        }
+        let master = ServiceKey::master(addr16(to.ip()), to.port(), protocol);
+        let wildcard = ServiceKey::wildcard(addr16(to.ip()));
+        if self.services.get(&wildcard, 0).is_err() {
+            return Ok(out);
+        }
+        let Ok(m) = self.services.get(&master, 0) else {
+            out.verdict = "reject";
+            out.reason = Reason::PortNotServed.id();
+            return Ok(out);
+        };
+        out.service = spn(m.service_id);
+        let frontend = crate::services::Frontend { addr: to, protocol };
+        let slots = programmed
+            .frontends
+            .get(&frontend)
+            .map(|(_, s)| s.clone())
+            .unwrap_or_default();
+        let eligible = if slots.ready.is_empty() {
+            &slots.terminating
+        } else {
+            &slots.ready
+        };
+        out.backends = eligible.iter().filter_map(|id| backend_addr(*id)).collect();
+        if out.backends.is_empty() {
+            if m.flags & SERVICE_FLAG_LOCAL_ONLY != 0 {
+                out.verdict = "drop";
+                out.reason = Reason::NoLocalEndpoints.id();
+            } else {
+                out.verdict = "reject";
+                out.reason = Reason::NoEndpoints.id();
+            }
+            return Ok(out);
+        }
+        out.verdict = "forward";
+        out.reason = Reason::NewFlow.id();
+        let from16 = addr16(from);
+        out.masquerade = cfg.flags & CONFIG_MASQUERADE_ALL != 0
+            || (cfg.cluster_cidr_len != 0
+                && !in_prefix(&from16, &cfg.cluster_cidr, cfg.cluster_cidr_len));
+        out.hairpin_possible = eligible
+            .iter()
+            .filter_map(|id| programmed.backends.get(id))
+            .any(|b| b.0.ip() == from);
+        if out.hairpin_possible && out.backends.len() == 1 {
+            out.masquerade = true;
+        }
+        Ok(out)
     }
 }
 
@@ -334,6 +466,21 @@ pub mod text {
                 )
             })
             .collect()
+    }
+
+    pub fn explanation(e: &Explanation) -> String {
+        let mut out = format!("{}: {}\n", e.verdict, e.reason);
+        if let Some(s) = &e.service {
+            out.push_str(&format!("service:    {s}\n"));
+        }
+        if !e.backends.is_empty() {
+            out.push_str(&format!("backends:   {}\n", e.backends.join(", ")));
+        }
+        out.push_str(&format!("masquerade: {}\n", e.masquerade));
+        if e.hairpin_possible {
+            out.push_str("hairpin:    the client is one of the backends\n");
+        }
+        out
     }
 
     pub fn stats(rows: &[StatsRow]) -> String {

@@ -41,6 +41,18 @@ enum Command {
     },
     /// Packets and bytes per hook and reason.
     Stats(Inspect),
+    /// What the datapath will do with a packet, from the live (pinned)
+    /// maps, without sending one.
+    Explain {
+        #[command(flatten)]
+        inspect: Inspect,
+        /// Source: IP or IP:PORT (with a port, conntrack is consulted too).
+        #[arg(long)]
+        from: String,
+        /// Destination: IP:PORT or IP:PORT/PROTO (tcp, udp; default tcp).
+        #[arg(long)]
+        to: String,
+    },
     /// Detach everything and remove dp's pinned maps and links.
     Cleanup {
         /// The agent's bpffs directory.
@@ -197,6 +209,20 @@ fn main() -> anyhow::Result<()> {
                 &serde_json::json!({"flushed": n}),
                 format!("flushed {n} entries\n"),
             )
+        }
+        Command::Explain { inspect, from, to } => {
+            let (from_ip, from_port) = match from.parse::<std::net::SocketAddr>() {
+                Ok(sa) => (sa.ip(), Some(sa.port())),
+                Err(_) => (from.parse()?, None),
+            };
+            let (to, protocol) = match to.split_once('/') {
+                Some((addr, "tcp" | "TCP")) => (addr.parse()?, 6),
+                Some((addr, "udp" | "UDP")) => (addr.parse()?, 17),
+                Some((_, p)) => anyhow::bail!("--to: protocol {p:?}: use tcp or udp"),
+                None => (to.parse()?, 6),
+            };
+            let e = PinnedMaps::open(&inspect.bpffs)?.explain(from_ip, from_port, to, protocol)?;
+            print(&inspect, &e, text::explanation(&e))
         }
         Command::Stats(i) => {
             let rows = PinnedMaps::open(&i.bpffs)?.stats()?;

@@ -208,6 +208,12 @@ fn the_agent_programs_manifests_follows_edits_and_serves_new_pods() {
     let dir = manifests_dir("edits");
     let bpffs = Bpffs::new("edits");
     write_web(&dir, &[("10.244.1.11", "node1"), ("10.244.2.10", "node2")]);
+    fs::write(
+        dir.join("empty.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: default}\n\
+         spec:\n  clusterIP: 10.96.0.20\n  ports: [{port: 80}]\n",
+    )
+    .unwrap();
     let agents: Vec<Agent> = cluster
         .nodes
         .iter()
@@ -218,7 +224,7 @@ fn the_agent_programs_manifests_follows_edits_and_serves_new_pods() {
         })
         .collect();
     for a in &agents {
-        a.wait_for(&["synced", "frontends=1"]);
+        a.wait_for(&["synced", "frontends=2"]);
     }
 
     let client = cluster.pod_ns("pod-1-0");
@@ -239,7 +245,7 @@ fn the_agent_programs_manifests_follows_edits_and_serves_new_pods() {
         "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
         "kubeproxy_network_programming_duration_seconds_count 1",
         "kubeproxy_sync_proxy_rules_last_timestamp_seconds ",
-        "dp_frontends 1",
+        "dp_frontends 2",
         "dp_backends 2",
         "dp_packets_total{hook=\"tc/ingress\",reason=\"new_flow\"} 40",
         "dp_skipped_objects{kind=\"invalid\"} 0",
@@ -288,6 +294,77 @@ fn the_agent_programs_manifests_follows_edits_and_serves_new_pods() {
         .any(|r| r["reason"] == "new_flow" && r["packets"] == 40));
     let backends = inspect(&pins, &["backend", "list"]);
     assert_eq!(backends.as_array().unwrap().len(), 2);
+
+    // dp explain agrees with what real traffic does.
+    let explain = |from: &str, to: &str| inspect(&pins, &["explain", "--from", from, "--to", to]);
+    let e = explain("10.244.1.10", "10.96.0.10:80");
+    assert_eq!(
+        (e["verdict"].as_str(), e["reason"].as_str()),
+        (Some("forward"), Some("new_flow"))
+    );
+    assert_eq!(e["service"], "default/web");
+    assert_eq!(
+        e["backends"],
+        serde_json::json!(["10.244.1.11:8080", "10.244.2.10:8080"])
+    );
+    assert_eq!(e["masquerade"], false);
+    let e = explain("172.18.0.100", "10.96.0.10:80");
+    assert_eq!(e["masquerade"], true, "outside the cluster CIDR");
+    let refused = |to: &str| {
+        let to: SocketAddr = to.parse().unwrap();
+        client
+            .run(|| std::net::TcpStream::connect_timeout(&to, TIMEOUT))
+            .unwrap()
+            .expect_err("refused")
+            .kind()
+    };
+    let e = explain("10.244.1.10", "10.96.0.10:81");
+    assert_eq!(
+        (e["verdict"].as_str(), e["reason"].as_str()),
+        (Some("reject"), Some("port_not_served"))
+    );
+    assert_eq!(
+        refused("10.96.0.10:81"),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    let e = explain("10.244.1.10", "10.96.0.20:80");
+    assert_eq!(
+        (e["verdict"].as_str(), e["reason"].as_str()),
+        (Some("reject"), Some("no_endpoints"))
+    );
+    assert_eq!(
+        refused("10.96.0.20:80"),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    let e = explain("10.244.1.10", "10.244.2.10:8080/tcp");
+    assert_eq!(
+        (e["verdict"].as_str(), e["reason"].as_str()),
+        (Some("pass"), Some("no_service"))
+    );
+    // An established connection is pinned to its backend by conntrack.
+    let web: SocketAddr = WEB.parse().unwrap();
+    let (mut conn, local) = client
+        .run(|| {
+            let c = std::net::TcpStream::connect_timeout(&web, TIMEOUT).unwrap();
+            let local = c.local_addr().unwrap();
+            (c, local)
+        })
+        .unwrap();
+    conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut first = [0u8; 128];
+    let n = std::io::Read::read(&mut conn, &mut first).unwrap();
+    let (serving, _, _) = parse_identity(&first[..n]).unwrap();
+    let serving_ip = cluster.pod(&serving).ip;
+    let e = explain(&local.to_string(), "10.96.0.10:80");
+    assert_eq!(
+        (e["verdict"].as_str(), e["reason"].as_str()),
+        (Some("forward"), Some("established"))
+    );
+    assert_eq!(
+        e["backends"],
+        serde_json::json!([format!("{serving_ip}:8080")])
+    );
+    drop(conn);
 
     // Edit the file: the service now has one backend, pod-2-1.
     let edited = Instant::now();
