@@ -298,10 +298,7 @@ fn the_agent_programs_manifests_follows_edits_and_serves_new_pods() {
     // dp explain agrees with what real traffic does.
     let explain = |from: &str, to: &str| inspect(&pins, &["explain", "--from", from, "--to", to]);
     let e = explain("10.244.1.10", "10.96.0.10:80");
-    assert_eq!(
-        (e["verdict"].as_str(), e["reason"].as_str()),
-        (Some("forward"), Some("new_flow"))
-    );
+    assert_verdict(&e, "forward", "new_flow");
     assert_eq!(e["service"], "default/web");
     assert_eq!(
         e["backends"],
@@ -319,28 +316,19 @@ fn the_agent_programs_manifests_follows_edits_and_serves_new_pods() {
             .kind()
     };
     let e = explain("10.244.1.10", "10.96.0.10:81");
-    assert_eq!(
-        (e["verdict"].as_str(), e["reason"].as_str()),
-        (Some("reject"), Some("port_not_served"))
-    );
+    assert_verdict(&e, "reject", "port_not_served");
     assert_eq!(
         refused("10.96.0.10:81"),
         std::io::ErrorKind::ConnectionRefused
     );
     let e = explain("10.244.1.10", "10.96.0.20:80");
-    assert_eq!(
-        (e["verdict"].as_str(), e["reason"].as_str()),
-        (Some("reject"), Some("no_endpoints"))
-    );
+    assert_verdict(&e, "reject", "no_endpoints");
     assert_eq!(
         refused("10.96.0.20:80"),
         std::io::ErrorKind::ConnectionRefused
     );
     let e = explain("10.244.1.10", "10.244.2.10:8080/tcp");
-    assert_eq!(
-        (e["verdict"].as_str(), e["reason"].as_str()),
-        (Some("pass"), Some("no_service"))
-    );
+    assert_verdict(&e, "pass", "no_service");
     // An established connection is pinned to its backend by conntrack.
     let web: SocketAddr = WEB.parse().unwrap();
     let (mut conn, local) = client
@@ -356,10 +344,7 @@ fn the_agent_programs_manifests_follows_edits_and_serves_new_pods() {
     let (serving, _, _) = parse_identity(&first[..n]).unwrap();
     let serving_ip = cluster.pod(&serving).ip;
     let e = explain(&local.to_string(), "10.96.0.10:80");
-    assert_eq!(
-        (e["verdict"].as_str(), e["reason"].as_str()),
-        (Some("forward"), Some("established"))
-    );
+    assert_verdict(&e, "forward", "established");
     assert_eq!(
         e["backends"],
         serde_json::json!([format!("{serving_ip}:8080")])
@@ -408,6 +393,15 @@ fn the_agent_programs_manifests_follows_edits_and_serves_new_pods() {
     assert!(flushed["flushed"].as_u64().unwrap() > 0);
     let left = inspect(&pins, &["ct", "list", "--service", "default/web"]);
     assert!(left.as_array().unwrap().is_empty());
+}
+
+/// `dp explain`'s verdict and reason.
+fn assert_verdict(e: &serde_json::Value, verdict: &str, reason: &str) {
+    assert_eq!(
+        (e["verdict"].as_str(), e["reason"].as_str()),
+        (Some(verdict), Some(reason)),
+        "{e}"
+    );
 }
 
 /// Runs `dp <args> --bpffs <pins> -o json` and parses its output.
