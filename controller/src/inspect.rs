@@ -184,6 +184,87 @@ impl PinnedMaps {
     }
 }
 
+/// `dp status`: the agent's health, what is attached, how full the maps are.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    /// `/healthz` status code, or why it could not be asked.
+    pub agent_health: String,
+    /// Pinned links: `<device>@<hook>`.
+    pub attached: Vec<String>,
+    pub maps: Vec<MapFill>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MapFill {
+    pub name: &'static str,
+    pub entries: usize,
+    pub max_entries: u32,
+}
+
+/// The status, from the pins under `bpffs` and the agent's health address.
+pub fn status(bpffs: &Path, healthz: SocketAddr) -> Result<Status> {
+    let mut attached: Vec<String> = std::fs::read_dir(pin::links_dir(bpffs))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    attached.sort();
+    let pinned = PinnedMaps::open(bpffs)?;
+    let max = |name: &'static str| -> Result<u32> {
+        let info = aya::maps::MapInfo::from_pin(pin::maps_dir(bpffs).join(name))
+            .map_err(|source| Error::Map { name, source })?;
+        Ok(info.max_entries())
+    };
+    let maps = vec![
+        MapFill {
+            name: map_names::SERVICES,
+            entries: pinned.services.keys().count(),
+            max_entries: max(map_names::SERVICES)?,
+        },
+        MapFill {
+            name: map_names::BACKENDS,
+            entries: pinned.backends.keys().count(),
+            max_entries: max(map_names::BACKENDS)?,
+        },
+        MapFill {
+            name: map_names::CT,
+            entries: pinned.ct.keys().count(),
+            max_entries: max(map_names::CT)?,
+        },
+        MapFill {
+            name: map_names::NAMES,
+            entries: pinned.names.keys().count(),
+            max_entries: max(map_names::NAMES)?,
+        },
+    ];
+    Ok(Status {
+        agent_health: health(healthz),
+        attached,
+        maps,
+    })
+}
+
+/// `GET /healthz` on the agent: the status code, or the error.
+fn health(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(2);
+    let answer = (|| -> std::io::Result<String> {
+        let mut conn = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        conn.set_read_timeout(Some(timeout))?;
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: dp\r\n\r\n")?;
+        let mut response = String::new();
+        conn.read_to_string(&mut response)?;
+        Ok(response
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("no answer")
+            .to_string())
+    })();
+    answer.unwrap_or_else(|e| format!("unreachable ({e})"))
+}
+
 /// What `dp explain` says the datapath will do with a packet.
 #[derive(Clone, Debug, Serialize)]
 pub struct Explanation {
@@ -466,6 +547,25 @@ pub mod text {
                 )
             })
             .collect()
+    }
+
+    pub fn status(s: &Status) -> String {
+        let mut out = format!("agent health: {}\n", s.agent_health);
+        out.push_str(&format!(
+            "attached:     {}\n",
+            if s.attached.is_empty() {
+                "-".to_string()
+            } else {
+                s.attached.join(", ")
+            }
+        ));
+        for m in &s.maps {
+            out.push_str(&format!(
+                "map {:<12} {:>8} / {:<8} entries\n",
+                m.name, m.entries, m.max_entries
+            ));
+        }
+        out
     }
 
     pub fn explanation(e: &Explanation) -> String {

@@ -41,6 +41,14 @@ enum Command {
     },
     /// Packets and bytes per hook and reason.
     Stats(Inspect),
+    /// The agent's health, what is attached, how full the maps are.
+    Status {
+        #[command(flatten)]
+        inspect: Inspect,
+        /// The agent's --healthz-addr, as reachable from here.
+        #[arg(long, default_value = "127.0.0.1:10256")]
+        healthz_addr: SocketAddr,
+    },
     /// What the datapath will do with a packet, from the live (pinned)
     /// maps, without sending one.
     Explain {
@@ -223,6 +231,13 @@ fn main() -> anyhow::Result<()> {
             };
             let e = PinnedMaps::open(&inspect.bpffs)?.explain(from_ip, from_port, to, protocol)?;
             print(&inspect, &e, text::explanation(&e))
+        }
+        Command::Status {
+            inspect,
+            healthz_addr,
+        } => {
+            let s = dp::inspect::status(&inspect.bpffs, healthz_addr)?;
+            print(&inspect, &s, text::status(&s))
         }
         Command::Stats(i) => {
             let rows = PinnedMaps::open(&i.bpffs)?.stats()?;

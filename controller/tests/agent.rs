@@ -295,6 +295,33 @@ fn the_agent_programs_manifests_follows_edits_and_serves_new_pods() {
     let backends = inspect(&pins, &["backend", "list"]);
     assert_eq!(backends.as_array().unwrap().len(), 2);
 
+    // dp status, from node1's namespace (where the agent's health is).
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", cluster.node_ns(0).path().display()))
+        .args([env!("CARGO_BIN_EXE_dp"), "status", "-o", "json", "--bpffs"])
+        .arg(&pins)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["agent_health"], "200");
+    let attached = status["attached"].as_array().unwrap();
+    for link in [
+        "eth0@xdp",
+        "eth0@tc-ingress",
+        "eth0@tc-egress",
+        "lxc0@tc-ingress",
+    ] {
+        assert!(attached.iter().any(|a| a == link), "{link} in {attached:?}");
+    }
+    let services_map = &status["maps"][0];
+    assert_eq!(services_map["name"], "DP_SERVICES");
+    assert!(services_map["entries"].as_u64().unwrap() >= 5);
+
     // dp explain agrees with what real traffic does.
     let explain = |from: &str, to: &str| inspect(&pins, &["explain", "--from", from, "--to", to]);
     let e = explain("10.244.1.10", "10.96.0.10:80");
