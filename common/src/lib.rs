@@ -19,7 +19,7 @@ pub use config::{DatapathConfig, TraceFilter};
 pub use ct::{CtEntry, CtKey, CtTimeouts};
 pub use lb::{Backend, RevNatValue, ServiceKey, ServiceValue};
 pub use reason::{Hook, Reason, Verdict};
-pub use stats::{counter_index, ReasonCounter, COUNTER_SLOTS, REASON_SLOTS};
+pub use stats::{counter_index, counter_slot, ReasonCounter, COUNTER_SLOTS, REASON_SLOTS};
 pub use trace::{FlowTuple, TraceEvent};
 
 /// Names of the maps in the dp object, as userspace looks them up.

@@ -12,7 +12,14 @@ pub const COUNTER_SLOTS: u32 = Hook::COUNT * REASON_SLOTS;
 /// Index of the counter for `reason` at `hook` in `DP_COUNTERS`.
 #[inline(always)]
 pub const fn counter_index(hook: Hook, reason: Reason) -> u32 {
-    hook as u32 * REASON_SLOTS + reason as u32
+    counter_slot(hook, reason as u32)
+}
+
+/// Index of the counter for a reason number at `hook`; the number must be
+/// below `REASON_SLOTS`.
+#[inline(always)]
+pub const fn counter_slot(hook: Hook, reason: u32) -> u32 {
+    hook as u32 * REASON_SLOTS + reason
 }
 
 /// Value of `DP_COUNTERS`: packets and bytes that got one reason at one hook.

@@ -154,9 +154,7 @@ fn classify<P: Packet>(pkt: &P, ev: &mut TraceEvent) -> Option<Ipv4Packet> {
 /// Counts the decision and traces it if wanted.
 #[inline(always)]
 fn finish(hook: Hook, cfg: &DatapathConfig, ev: &mut TraceEvent) {
-    if let Some(reason) = Reason::from_u32(ev.reason) {
-        stats::count(hook, reason, ev.packet_len);
-    }
+    stats::count_number(hook, ev.reason, ev.packet_len);
     if trace::wanted(cfg, &ev.original) {
         trace::emit(ev);
     }
