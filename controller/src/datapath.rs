@@ -217,9 +217,7 @@ impl Datapath {
         };
         let link = prog.take_link(id).map_err(program_err)?;
         let fd = FdLink::try_from(link).map_err(|e| pin_err(pin, e))?;
-        self.keep_pinned(fd, pin)?;
-        self.interfaces.insert(ifindex, ifname.to_string());
-        Ok(())
+        self.keep_pinned(fd, pin, ifindex, ifname)
     }
 
     /// Like `attach_tc_pinned`, for the XDP program.
@@ -239,13 +237,18 @@ impl Datapath {
         };
         let link = prog.take_link(id).map_err(program_err)?;
         let fd = FdLink::try_from(link).map_err(|e| pin_err(pin, e))?;
-        self.keep_pinned(fd, pin)?;
-        self.interfaces.insert(ifindex, ifname.to_string());
-        Ok(())
+        self.keep_pinned(fd, pin, ifindex, ifname)
     }
 
-    /// Pins `fd` at `pin` unless it is the link already pinned there.
-    fn keep_pinned(&mut self, fd: FdLink, pin: &std::path::Path) -> Result<()> {
+    /// Pins `fd` at `pin` unless it is the link already pinned there, and
+    /// records the attachment to `ifname`.
+    fn keep_pinned(
+        &mut self,
+        fd: FdLink,
+        pin: &std::path::Path,
+        ifindex: u32,
+        ifname: &str,
+    ) -> Result<()> {
         let fd = if pin.exists() {
             fd
         } else {
@@ -255,6 +258,7 @@ impl Datapath {
             FdLink::from(fd.pin(pin).map_err(|e| pin_err(pin, e))?)
         };
         self.attachments.push(Attachment::Pinned(fd));
+        self.interfaces.insert(ifindex, ifname.to_string());
         Ok(())
     }
 

@@ -197,14 +197,7 @@ fn try_whoami(ns: &Netns) -> e2e::Result<String> {
 fn the_agent_programs_manifests_follows_edits_and_serves_new_pods() {
     require_root();
     let mut cluster = Cluster::new(&[2, 2]).unwrap();
-    let mut servers = Vec::new();
-    for pod in cluster.pods.clone() {
-        let addr = SocketAddr::from((pod.ip, 8080));
-        servers.push(
-            TcpEchoServer::start_named(cluster.pod_ns(&pod.name), addr, Some(pod.name.clone()))
-                .unwrap(),
-        );
-    }
+    let servers = cluster.serve_named_tcp(8080).unwrap();
     let dir = manifests_dir("edits");
     let bpffs = Bpffs::new("edits");
     write_web(&dir, &[("10.244.1.11", "node1"), ("10.244.2.10", "node2")]);
@@ -608,14 +601,7 @@ fn the_agent_follows_the_kubernetes_api_and_fails_static_when_it_is_down() {
     use serde_json::json;
     require_root();
     let cluster = Cluster::new(&[2, 1]).unwrap();
-    let mut servers = Vec::new();
-    for pod in cluster.pods.clone() {
-        let addr = SocketAddr::from((pod.ip, 8080));
-        servers.push(
-            TcpEchoServer::start_named(cluster.pod_ns(&pod.name), addr, Some(pod.name.clone()))
-                .unwrap(),
-        );
-    }
+    let _servers = cluster.serve_named_tcp(8080).unwrap();
     let slice = |ip: &str, node: &str| {
         json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": "web-1", "namespace": "default",

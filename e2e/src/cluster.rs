@@ -162,6 +162,22 @@ impl Cluster {
         Ok(pod)
     }
 
+    /// A TCP echo server on `port` in every pod, each naming its pod in its
+    /// replies (`identity_line`), so a client learns which backend answered.
+    pub fn serve_named_tcp(&self, port: u16) -> Result<Vec<crate::TcpEchoServer>> {
+        self.pods
+            .iter()
+            .map(|pod| {
+                let addr = std::net::SocketAddr::from((pod.ip, port));
+                crate::TcpEchoServer::start_named(
+                    self.pod_ns(&pod.name),
+                    addr,
+                    Some(pod.name.clone()),
+                )
+            })
+            .collect()
+    }
+
     /// Deletes a pod: its namespace, and with it the veth pair.
     pub fn remove_pod(&mut self, name: &str) {
         self.topo.remove_ns(name);
