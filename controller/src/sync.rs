@@ -112,21 +112,15 @@ impl MapWriter {
             .into_iter()
             .map(|(id, n)| ((NAME_KIND_SERVICE, id), n))
             .collect();
-        for (key, a) in &self.frontends {
-            let Some(spec) = &a.spec else { continue };
-            for (ep, _) in backends_of(spec) {
-                let Some((id, _)) = self.backends.get(&(ep.addr, key.protocol)) else {
-                    continue;
-                };
-                // What is known beyond the address: the pod and its node.
-                let name = match (&ep.pod, &ep.node) {
-                    (Some(pod), Some(node)) => format!("{pod} on {node}"),
-                    (Some(pod), None) => pod.clone(),
-                    (None, Some(node)) => format!("on {node}"),
-                    (None, None) => continue,
-                };
-                wanted.insert((NAME_KIND_BACKEND, *id), name);
-            }
+        for (id, ep) in self.backend_endpoints() {
+            // What is known beyond the address: the pod and its node.
+            let name = match (&ep.pod, &ep.node) {
+                (Some(pod), Some(node)) => format!("{pod} on {node}"),
+                (Some(pod), None) => pod.clone(),
+                (None, Some(node)) => format!("on {node}"),
+                (None, None) => continue,
+            };
+            wanted.insert((NAME_KIND_BACKEND, id), name);
         }
         for (key, name) in &wanted {
             if self.names.get(key) != Some(name) {
@@ -144,18 +138,24 @@ impl MapWriter {
 
     /// Backend id -> node name, where known.
     pub fn backend_nodes(&self) -> BTreeMap<u32, String> {
-        let mut nodes = BTreeMap::new();
+        self.backend_endpoints()
+            .into_iter()
+            .filter_map(|(id, ep)| Some((id, ep.node.clone()?)))
+            .collect()
+    }
+
+    /// Backend id -> the endpoint it was programmed for (as translated).
+    fn backend_endpoints(&self) -> BTreeMap<u32, &EndpointInfo> {
+        let mut out = BTreeMap::new();
         for (key, a) in &self.frontends {
             let Some(spec) = &a.spec else { continue };
             for (ep, _) in backends_of(spec) {
-                if let (Some(node), Some((id, _))) =
-                    (&ep.node, self.backends.get(&(ep.addr, key.protocol)))
-                {
-                    nodes.insert(*id, node.clone());
+                if let Some((id, _)) = self.backends.get(&(ep.addr, key.protocol)) {
+                    out.insert(*id, ep);
                 }
             }
         }
-        nodes
+        out
     }
 
     pub fn frontend_count(&self) -> usize {
