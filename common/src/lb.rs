@@ -26,7 +26,9 @@ pub struct ServiceKey {
     pub port: u16,
     /// IP protocol (6 TCP, 17 UDP); 0 in the wildcard entry.
     pub protocol: u8,
-    /// Reserved for lookup scopes (e.g. internal vs external traffic policy).
+    /// `SCOPE_EXTERNAL` (every frontend) or `SCOPE_INTERNAL` (the
+    /// cluster-wide backends of an eTP=Local frontend, for traffic from
+    /// inside the cluster).
     pub scope: u8,
     /// 0: master entry; 1..: backend slots.
     pub slot: u16,
@@ -53,7 +55,16 @@ impl ServiceKey {
     pub const fn with_slot(self, slot: u16) -> Self {
         ServiceKey { slot, ..self }
     }
+
+    pub const fn with_scope(self, scope: u8) -> Self {
+        ServiceKey { scope, ..self }
+    }
 }
+
+/// `ServiceKey::scope` of every frontend's own entries.
+pub const SCOPE_EXTERNAL: u8 = 0;
+/// `ServiceKey::scope` of the cluster-wide view of an eTP=Local frontend.
+pub const SCOPE_INTERNAL: u8 = 1;
 
 /// `ServiceValue::flags`: this entry is a wildcard (service address marker).
 pub const SERVICE_FLAG_WILDCARD: u16 = 1 << 0;
@@ -61,6 +72,23 @@ pub const SERVICE_FLAG_WILDCARD: u16 = 1 << 0;
 /// frontend to the node's endpoints; with none, packets are dropped rather
 /// than rejected (kube-proxy).
 pub const SERVICE_FLAG_LOCAL_ONLY: u16 = 1 << 1;
+/// `ServiceValue::flags` (master): a NodePort, externalIP or LoadBalancer
+/// frontend. External traffic policy rules apply: with eTP=Cluster every
+/// new flow is masqueraded; with eTP=Local only the host's own.
+pub const SERVICE_FLAG_EXTERNAL: u16 = 1 << 2;
+/// `ServiceValue::flags` (master): eTP=Local; a `SCOPE_INTERNAL` master
+/// with the cluster-wide backends exists for traffic from pods and the host.
+pub const SERVICE_FLAG_INTERNAL_SCOPE: u16 = 1 << 3;
+/// `ServiceValue::flags` (master): `sessionAffinity: ClientIP`, timeout in
+/// `affinity_timeout_s`.
+pub const SERVICE_FLAG_AFFINITY: u16 = 1 << 4;
+/// `ServiceValue::flags` (master): `loadBalancerSourceRanges`; sources not
+/// in `DP_SOURCE_RANGES` for this service id are dropped.
+pub const SERVICE_FLAG_SOURCE_RANGES: u16 = 1 << 5;
+/// `ServiceValue::flags` (wildcard): the address is a ClusterIP, so ports it
+/// does not serve are rejected (kube-proxy's cluster-ips-check). Node IPs,
+/// externalIPs and LoadBalancer IPs pass such traffic to the stack.
+pub const SERVICE_FLAG_REJECT_UNSERVED: u16 = 1 << 6;
 
 /// Value of `DP_SERVICES`. Slot 0 uses the counts, id and flags; backend
 /// slots use `backend_id`.
@@ -77,7 +105,45 @@ pub struct ServiceValue {
     pub service_id: u32,
     pub flags: u16,
     pub _pad: u16,
+    /// Master with `SERVICE_FLAG_AFFINITY`: the affinity timeout, seconds.
+    pub affinity_timeout_s: u32,
 }
+
+/// Key of `DP_AFFINITY` (LRU): a client of a service port with
+/// `sessionAffinity: ClientIP`. Keyed by address only, like kube-proxy's
+/// `recent` lists.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityKey {
+    pub client: [u8; 16],
+    pub service_id: u32,
+}
+
+/// Value of `DP_AFFINITY`: the client's backend and when a new flow last
+/// went to it (the timeout runs from there, as `recent --rcheck --seconds`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    pub last_used_ns: u64,
+}
+
+/// Data part of a `DP_SOURCE_RANGES` key (an LPM trie): the service id (all
+/// 32 bits always match) then the source address. A CIDR a.b.c.d/n of
+/// service s is stored with prefix length `SOURCE_RANGE_PREFIX_BASE + 96 + n`
+/// (the address is IPv4-mapped); the value is 1.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SourceRangeKey {
+    /// Big-endian service id, so the trie's bit order is the id's.
+    pub service_id_be: u32,
+    pub addr: [u8; 16],
+}
+
+/// Bits of `SourceRangeKey` before the address.
+pub const SOURCE_RANGE_PREFIX_BASE: u32 = 32;
 
 /// `Backend::flags`: the endpoint is terminating (existing flows continue;
 /// new flows only when no ready backend exists).

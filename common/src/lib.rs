@@ -17,7 +17,9 @@ pub mod trace;
 
 pub use config::{DatapathConfig, TraceFilter};
 pub use ct::{CtEntry, CtKey, CtTimeouts};
-pub use lb::{Backend, RevNatValue, ServiceKey, ServiceValue};
+pub use lb::{
+    AffinityKey, AffinityValue, Backend, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey,
+};
 pub use reason::{Hook, Reason, Verdict};
 pub use stats::{counter_index, counter_slot, ReasonCounter, COUNTER_SLOTS, REASON_SLOTS};
 pub use trace::{FlowTuple, TraceEvent};
@@ -35,6 +37,8 @@ pub mod map_names {
     pub const REVNAT: &str = "DP_REVNAT";
     pub const CT: &str = "DP_CT";
     pub const NAMES: &str = "DP_NAMES";
+    pub const AFFINITY: &str = "DP_AFFINITY";
+    pub const SOURCE_RANGES: &str = "DP_SRC_RANGES";
 }
 
 /// Default capacities of the maps; userspace may set others at load time.
@@ -47,6 +51,10 @@ pub mod map_sizes {
     pub const CT: u32 = 262_144;
     /// Service and backend names (allocated on use).
     pub const NAMES: u32 = 262_144;
+    /// Session-affinity entries (LRU: the oldest client is forgotten).
+    pub const AFFINITY: u32 = 65_536;
+    /// loadBalancerSourceRanges CIDRs, over all services.
+    pub const SOURCE_RANGES: u32 = 16_384;
 }
 
 /// Names of the programs in the dp object.
@@ -73,4 +81,7 @@ mod user {
     unsafe impl aya::Pod for crate::CtEntry {}
     unsafe impl aya::Pod for crate::names::NameKey {}
     unsafe impl aya::Pod for crate::names::NameValue {}
+    unsafe impl aya::Pod for crate::AffinityKey {}
+    unsafe impl aya::Pod for crate::AffinityValue {}
+    unsafe impl aya::Pod for crate::SourceRangeKey {}
 }

@@ -116,7 +116,8 @@ pub enum Reason {
     ServiceInconsistent = 16,
     /// An ICMP error about a translated flow, translated back for the client.
     IcmpErrorTranslated = 17,
-    /// XDP leaves this packet to the tc programs (services are handled there).
+    /// XDP leaves this packet to the tc programs: not something XDP serves
+    /// (a reject, a backend behind another device, a flow needing repair).
     XdpPassToTc = 18,
     /// A translated packet from this host could not be routed to its backend.
     NoRouteToBackend = 19,
@@ -129,11 +130,16 @@ pub enum Reason {
     ScratchUnavailable = 22,
     /// A Local traffic policy and no endpoint on this node: dropped.
     NoLocalEndpoints = 23,
+    /// A LoadBalancer IP with `loadBalancerSourceRanges`, and the source is
+    /// in none of them: dropped (kube-proxy's firewall chain).
+    SourceRangeDenied = 24,
+    /// A new flow sent to the backend the client's session affinity names.
+    NewFlowAffinity = 25,
 }
 
 impl Reason {
     /// Every reason, in number order.
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 25] = [
         Reason::NotIpv4,
         Reason::NoService,
         Reason::UnsupportedProtocol,
@@ -157,6 +163,8 @@ impl Reason {
         Reason::RewriteFailed,
         Reason::ScratchUnavailable,
         Reason::NoLocalEndpoints,
+        Reason::SourceRangeDenied,
+        Reason::NewFlowAffinity,
     ];
 
     pub fn from_u32(v: u32) -> Option<Self> {
@@ -189,6 +197,8 @@ impl Reason {
             Reason::RewriteFailed => "rewrite_failed",
             Reason::ScratchUnavailable => "scratch_unavailable",
             Reason::NoLocalEndpoints => "no_local_endpoints",
+            Reason::SourceRangeDenied => "source_range_denied",
+            Reason::NewFlowAffinity => "new_flow_affinity",
         }
     }
 
@@ -218,6 +228,8 @@ impl Reason {
             Reason::RewriteFailed => "could not rewrite the packet",
             Reason::ScratchUnavailable => "per-CPU scratch unavailable",
             Reason::NoLocalEndpoints => "traffic policy Local and no endpoint on this node",
+            Reason::SourceRangeDenied => "source not in the service's loadBalancerSourceRanges",
+            Reason::NewFlowAffinity => "new flow to the client's session-affinity backend",
         }
     }
 }
@@ -254,6 +266,8 @@ mod tests {
             (Reason::RewriteFailed, 21, "rewrite_failed"),
             (Reason::ScratchUnavailable, 22, "scratch_unavailable"),
             (Reason::NoLocalEndpoints, 23, "no_local_endpoints"),
+            (Reason::SourceRangeDenied, 24, "source_range_denied"),
+            (Reason::NewFlowAffinity, 25, "new_flow_affinity"),
         ];
         assert_eq!(Reason::ALL.len(), expected.len(), "update this list");
         for (reason, number, id) in expected {

@@ -61,6 +61,7 @@ fn datapath(services: u32) -> Datapath {
             ready: vec![1],
             terminating: vec![],
             local_only: false,
+            ..BackendSlots::default()
         },
     )
     .unwrap();
@@ -75,6 +76,7 @@ fn datapath(services: u32) -> Datapath {
             ready: ids.to_vec(),
             terminating: vec![],
             local_only: false,
+            ..BackendSlots::default()
         };
         dp.set_service(&Frontend::tcp(SocketAddr::from((vip, 80))), i + 1, &slots)
             .unwrap();

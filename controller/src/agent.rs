@@ -30,6 +30,7 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::MapSizes,
+    healthcheck::HealthCheckServer,
     kube_source::{self, KubeSource},
     manifests,
     metrics::{self, AgentMetrics},
@@ -82,6 +83,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         bpffs = %opts.bpffs.display(),
         "adopted pinned state"
     );
+    // Requests from the HTTP handlers (metrics, health, service health
+    // checks) to this loop, which owns the maps and the metrics.
+    let (requests, mut incoming) = mpsc::channel(16);
     let mut agent = Agent {
         node: NodeInfo {
             name: opts.node_name.clone(),
@@ -92,6 +96,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         attached: BTreeSet::new(),
         metrics: AgentMetrics::default(),
         seen_triggers: BTreeSet::new(),
+        // kube-proxy's default: all addresses.
+        health_checks: HealthCheckServer::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), requests.clone()),
         opts,
     };
     agent.configure(&mut dp)?;
@@ -159,7 +165,6 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     }
     agent.sync(&mut dp, &source);
 
-    let (requests, mut incoming) = mpsc::channel(16);
     for (listener, is_metrics) in servers {
         let requests = requests.clone();
         tokio::spawn(async move {
@@ -215,6 +220,8 @@ struct Agent {
     metrics: AgentMetrics,
     /// (slice, trigger time) pairs already measured.
     seen_triggers: BTreeSet<(String, String)>,
+    /// `healthCheckNodePort` listeners, synced after every successful apply.
+    health_checks: HealthCheckServer,
 }
 
 impl Agent {
@@ -323,6 +330,8 @@ impl Agent {
                     warn!(object = %what, %error, "did not fit: not programmed");
                 }
                 self.metrics.not_programmed = stats.not_programmed.len();
+                // Logs what it cannot bind; tried again next sync.
+                self.health_checks.sync(&desired);
                 let now = std::time::SystemTime::now();
                 self.metrics
                     .sync_duration

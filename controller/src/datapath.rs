@@ -53,8 +53,11 @@ pub struct Datapath {
     /// ifindex -> name of the interfaces this datapath is attached to, in the
     /// namespace it attached in (for rendering trace events).
     interfaces: BTreeMap<u32, String>,
-    /// Frontends per service address: the wildcard entry lives while > 0.
-    pub(crate) service_addresses: BTreeMap<[u8; 16], u32>,
+    /// Frontends per service address: the wildcard entry lives while any
+    /// exists, and rejects unserved ports while a ClusterIP one does.
+    pub(crate) service_addresses: BTreeMap<[u8; 16], crate::services::AddressUse>,
+    /// Service id -> the source ranges written for it in `DP_SRC_RANGES`.
+    pub(crate) source_ranges: BTreeMap<u32, Vec<(std::net::Ipv4Addr, u8)>>,
 }
 
 enum Attachment {
@@ -66,7 +69,7 @@ enum Attachment {
 
 /// Maps kept in bpffs, so a restarted agent (and the inspection commands)
 /// find the same state. Scratch maps are private to each program version.
-pub const PINNED_MAPS: [&str; 9] = [
+pub const PINNED_MAPS: [&str; 11] = [
     map_names::SERVICES,
     map_names::BACKENDS,
     map_names::REVNAT,
@@ -76,6 +79,8 @@ pub const PINNED_MAPS: [&str; 9] = [
     map_names::TRACE_EVENTS,
     map_names::TRACE_LOST,
     map_names::NAMES,
+    map_names::AFFINITY,
+    map_names::SOURCE_RANGES,
 ];
 
 impl Datapath {
@@ -135,6 +140,7 @@ impl Datapath {
             attachments: Vec::new(),
             interfaces: BTreeMap::new(),
             service_addresses: BTreeMap::new(),
+            source_ranges: BTreeMap::new(),
         };
         // Conntrack timeouts and the rest start from the documented defaults
         // (an adopted configuration is kept).

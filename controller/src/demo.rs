@@ -89,6 +89,7 @@ pub fn run(out: &mut impl Write) -> anyhow::Result<()> {
             ready: vec![1, 2],
             terminating: vec![],
             local_only: false,
+            ..BackendSlots::default()
         };
         dp.set_service(&Frontend::tcp(web), 1, &slots)?;
         dp.set_service(&Frontend::tcp(empty), 2, &BackendSlots::default())?;

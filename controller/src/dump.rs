@@ -6,7 +6,11 @@ use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
 use aya::maps::{HashMap, MapData};
 use common::{
-    lb::{BACKEND_FLAG_TERMINATING, SERVICE_FLAG_LOCAL_ONLY, SERVICE_FLAG_WILDCARD},
+    lb::{
+        BACKEND_FLAG_TERMINATING, SCOPE_INTERNAL, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_EXTERNAL,
+        SERVICE_FLAG_LOCAL_ONLY, SERVICE_FLAG_REJECT_UNSERVED, SERVICE_FLAG_SOURCE_RANGES,
+        SERVICE_FLAG_WILDCARD,
+    },
     map_names, Backend, RevNatValue, ServiceKey, ServiceValue,
 };
 
@@ -36,9 +40,9 @@ impl Datapath {
         let mut addresses = Vec::new();
         for item in services.iter() {
             let (k, v) = item.map_err(map_err(map_names::SERVICES))?;
-            let frontend = (ip_of(&k.addr), k.port, k.protocol);
+            let frontend = (ip_of(&k.addr), k.port, k.protocol, k.scope);
             if v.flags & SERVICE_FLAG_WILDCARD != 0 {
-                addresses.push(ip_of(&k.addr));
+                addresses.push((ip_of(&k.addr), v.flags & SERVICE_FLAG_REJECT_UNSERVED != 0));
             } else if k.slot == 0 {
                 masters.insert(frontend, v);
             } else {
@@ -63,25 +67,13 @@ impl Datapath {
 
         let mut out = String::new();
         let _ = writeln!(out, "frontends:");
-        for ((ip, port, protocol), m) in &masters {
-            let name = names.get(&m.service_id).map_or("?", String::as_str);
-            let local = if m.flags & SERVICE_FLAG_LOCAL_ONLY != 0 {
-                " local-only"
-            } else {
-                ""
-            };
-            let _ = writeln!(
-                out,
-                "  {}/{} service {} {name}{local}",
-                SocketAddr::new(*ip, *port),
-                protocol_name(*protocol),
-                m.service_id
-            );
+        let ranges = self.read_source_ranges()?;
+        for (&(ip, port, protocol, scope), m) in &masters {
             let slot_list = |from: u16, count: u16| -> String {
                 let list: Vec<String> = (from..from + count)
                     .map(|s| {
                         slots
-                            .get(&((*ip, *port, *protocol), s))
+                            .get(&((ip, port, protocol, scope), s))
                             .map_or_else(|| format!("slot {s} MISSING"), |id| describe(*id))
                     })
                     .collect();
@@ -91,6 +83,44 @@ impl Datapath {
                     list.join(", ")
                 }
             };
+            if scope == SCOPE_INTERNAL {
+                let _ = writeln!(
+                    out,
+                    "    from inside: ready {}; terminating {}",
+                    slot_list(1, m.count),
+                    slot_list(1 + m.count, m.terminating_count)
+                );
+                continue;
+            }
+            let name = names.get(&m.service_id).map_or("?", String::as_str);
+            let mut flags = String::new();
+            for (flag, word) in [
+                (SERVICE_FLAG_EXTERNAL, " external"),
+                (SERVICE_FLAG_LOCAL_ONLY, " local-only"),
+            ] {
+                if m.flags & flag != 0 {
+                    flags.push_str(word);
+                }
+            }
+            if m.flags & SERVICE_FLAG_AFFINITY != 0 {
+                let _ = write!(flags, " affinity={}s", m.affinity_timeout_s);
+            }
+            if m.flags & SERVICE_FLAG_SOURCE_RANGES != 0 {
+                let list: Vec<String> = ranges
+                    .get(&m.service_id)
+                    .into_iter()
+                    .flatten()
+                    .map(|(ip, len)| format!("{ip}/{len}"))
+                    .collect();
+                let _ = write!(flags, " source-ranges={}", list.join(","));
+            }
+            let _ = writeln!(
+                out,
+                "  {}/{} service {} {name}{flags}",
+                SocketAddr::new(ip, port),
+                protocol_name(protocol),
+                m.service_id
+            );
             let _ = writeln!(out, "    ready:       {}", slot_list(1, m.count));
             let _ = writeln!(
                 out,
@@ -99,7 +129,16 @@ impl Datapath {
             );
         }
         addresses.sort();
-        let list: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+        let list: Vec<String> = addresses
+            .iter()
+            .map(|(ip, reject)| {
+                if *reject {
+                    format!("{ip} (other ports rejected)")
+                } else {
+                    ip.to_string()
+                }
+            })
+            .collect();
         let _ = writeln!(out, "service addresses: {}", list.join(", "));
         let _ = writeln!(out, "backends:");
         for (id, b) in &all_backends {

@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod demo;
 pub mod dump;
 pub mod error;
+pub mod healthcheck;
 pub mod inspect;
 pub mod kube_source;
 pub mod manifests;

@@ -229,6 +229,20 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(listener)
 }
 
+/// Reads up to the end of an HTTP request head (it may come in pieces; at
+/// most 2 KiB), or until the peer stops sending.
+pub(crate) async fn read_head(conn: &mut tokio::net::TcpStream) -> String {
+    let mut buf = [0u8; 2048];
+    let mut n = 0;
+    while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+        match conn.read(&mut buf[n..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(m) => n += m,
+        }
+    }
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
 /// Serves `/metrics` (if `metrics`) or `/healthz` and `/livez` on
 /// `listener`, asking the agent loop through `requests`.
 pub async fn serve(
@@ -241,16 +255,7 @@ pub async fn serve(
         let (mut conn, _) = listener.accept().await?;
         let requests = requests.clone();
         tokio::spawn(async move {
-            // Read up to the end of the request head (it may come in pieces).
-            let mut buf = [0u8; 2048];
-            let mut n = 0;
-            while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                match conn.read(&mut buf[n..]).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(m) => n += m,
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
+            let head = read_head(&mut conn).await;
             let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
             let (status, content_type, body) = match (metrics, path.as_str()) {
                 (true, "/metrics") => {

@@ -7,14 +7,25 @@
 //!   count are deleted last.
 //! - remove: master entry first (the frontend disappears at once), then the
 //!   slots, reverse NAT and, with its last frontend, the wildcard.
+//! - eTP=Local frontends: the internal-scope slots and master are written
+//!   before the external master that points to them, removed after it.
+//!   Source ranges likewise: before the master that enables them.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::{
+    lpm_trie::{Key as LpmKey, LpmTrie},
+    HashMap, MapData,
+};
 use common::{
     addr::{as_v4, v4_mapped},
-    lb::{BACKEND_FLAG_TERMINATING, SERVICE_FLAG_LOCAL_ONLY, SERVICE_FLAG_WILDCARD},
-    map_names, Backend, CtEntry, CtKey, RevNatValue, ServiceKey, ServiceValue,
+    lb::{
+        BACKEND_FLAG_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL, SERVICE_FLAG_AFFINITY,
+        SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_INTERNAL_SCOPE, SERVICE_FLAG_LOCAL_ONLY,
+        SERVICE_FLAG_REJECT_UNSERVED, SERVICE_FLAG_SOURCE_RANGES, SERVICE_FLAG_WILDCARD,
+        SOURCE_RANGE_PREFIX_BASE,
+    },
+    map_names, Backend, CtEntry, CtKey, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey,
 };
 
 use crate::{
@@ -58,7 +69,8 @@ impl Frontend {
     }
 }
 
-/// The backends of one frontend, by id (`DP_BACKENDS` keys).
+/// The backends of one frontend, by id (`DP_BACKENDS` keys), and the
+/// policies the datapath applies to its new flows.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BackendSlots {
     /// Ready backends: new flows go to these.
@@ -67,6 +79,23 @@ pub struct BackendSlots {
     pub terminating: Vec<u32>,
     /// A Local traffic policy: with no backend, drop instead of reject.
     pub local_only: bool,
+    /// A NodePort, externalIP or LoadBalancer frontend (not a ClusterIP).
+    pub external: bool,
+    /// eTP=Local: the cluster-wide (ready, terminating) backends, for
+    /// traffic from pods and from the node itself.
+    pub internal: Option<(Vec<u32>, Vec<u32>)>,
+    /// `sessionAffinity: ClientIP` timeout, seconds.
+    pub affinity_seconds: Option<u32>,
+    /// `loadBalancerSourceRanges`; empty: every source.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+}
+
+/// How many frontends use a service address, and how many of them are
+/// ClusterIPs (whose unserved ports are rejected).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddressUse {
+    pub frontends: u32,
+    pub cluster_ips: u32,
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
@@ -124,15 +153,94 @@ impl Datapath {
         self.map_mut::<HashMap<&mut MapData, u32, RevNatValue>>(map_names::REVNAT)?
             .insert(service_id, reply_source, 0)
             .map_err(map_err(map_names::REVNAT))?;
+        self.write_source_ranges(service_id, &slots.source_ranges)?;
+        let internal_key = key.with_scope(SCOPE_INTERNAL);
+        if let Some((ready, terminating)) = &slots.internal {
+            let internal = BackendSlots {
+                ready: ready.clone(),
+                terminating: terminating.clone(),
+                internal: None,
+                source_ranges: Vec::new(),
+                local_only: false,
+                ..slots.clone()
+            };
+            self.write_slots(&internal_key, service_id, &internal)?;
+        }
         let existed = self.write_slots(&key, service_id, slots)?;
+        if slots.internal.is_none() {
+            self.remove_slots(&internal_key)?;
+        }
+        if slots.source_ranges.is_empty() {
+            self.write_source_ranges(service_id, &[])?;
+        }
+        let use_ = self.service_addresses.entry(key.addr).or_default();
         if !existed {
-            *self.service_addresses.entry(key.addr).or_default() += 1;
+            use_.frontends += 1;
+            use_.cluster_ips += u32::from(!slots.external);
+        }
+        let use_ = *use_;
+        self.write_wildcard(key.addr, use_)
+    }
+
+    /// The address's wildcard entry, as its frontends need it.
+    fn write_wildcard(&mut self, addr: [u8; 16], use_: AddressUse) -> Result<()> {
+        let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+            self.map_mut(map_names::SERVICES)?;
+        let wildcard = ServiceKey::wildcard(addr);
+        if use_.frontends == 0 {
+            let _ = services.remove(&wildcard);
+            return Ok(());
+        }
+        let flags = SERVICE_FLAG_WILDCARD
+            | if use_.cluster_ips > 0 {
+                SERVICE_FLAG_REJECT_UNSERVED
+            } else {
+                0
+            };
+        if services.get(&wildcard, 0).is_ok_and(|v| v.flags == flags) {
+            return Ok(());
+        }
+        let marker = ServiceValue {
+            flags,
+            ..ServiceValue::default()
+        };
+        services
+            .insert(wildcard, marker, 0)
+            .map_err(map_err(map_names::SERVICES))
+    }
+
+    /// Makes `DP_SRC_RANGES` hold exactly `ranges` for `service_id`: new
+    /// ones are added before old ones go.
+    fn write_source_ranges(&mut self, service_id: u32, ranges: &[(Ipv4Addr, u8)]) -> Result<()> {
+        let old = self
+            .source_ranges
+            .get(&service_id)
+            .cloned()
+            .unwrap_or_default();
+        if old == ranges {
+            return Ok(());
+        }
+        let mut trie: LpmTrie<&mut MapData, SourceRangeKey, u8> =
+            self.map_mut(map_names::SOURCE_RANGES)?;
+        for (ip, len) in ranges {
+            trie.insert(&source_range_key(service_id, *ip, *len), 1, 0)
+                .map_err(map_err(map_names::SOURCE_RANGES))?;
+        }
+        for (ip, len) in &old {
+            if !ranges.contains(&(*ip, *len)) {
+                let _ = trie.remove(&source_range_key(service_id, *ip, *len));
+            }
+        }
+        if ranges.is_empty() {
+            self.source_ranges.remove(&service_id);
+        } else {
+            self.source_ranges.insert(service_id, ranges.to_vec());
         }
         Ok(())
     }
 
-    /// Backend slots, then the master entry, then the wildcard; stale slots
-    /// last. Returns whether the frontend existed before.
+    /// Backend slots, then the master entry; stale slots last. Returns
+    /// whether the frontend existed before.
     fn write_slots(
         &mut self,
         key: &ServiceKey,
@@ -153,27 +261,22 @@ impl Datapath {
                 .insert(key.with_slot(i as u16 + 1), value, 0)
                 .map_err(map_err(map_names::SERVICES))?;
         }
+        let flag = |on: bool, f: u16| if on { f } else { 0 };
         let master = ServiceValue {
             backend_id: 0,
             count: slots.ready.len() as u16,
             terminating_count: slots.terminating.len() as u16,
             service_id,
-            flags: if slots.local_only {
-                SERVICE_FLAG_LOCAL_ONLY
-            } else {
-                0
-            },
+            flags: flag(slots.local_only, SERVICE_FLAG_LOCAL_ONLY)
+                | flag(slots.external, SERVICE_FLAG_EXTERNAL)
+                | flag(slots.internal.is_some(), SERVICE_FLAG_INTERNAL_SCOPE)
+                | flag(slots.affinity_seconds.is_some(), SERVICE_FLAG_AFFINITY)
+                | flag(!slots.source_ranges.is_empty(), SERVICE_FLAG_SOURCE_RANGES),
             _pad: 0,
+            affinity_timeout_s: slots.affinity_seconds.unwrap_or(0),
         };
         services
             .insert(key, master, 0)
-            .map_err(map_err(map_names::SERVICES))?;
-        let marker = ServiceValue {
-            flags: SERVICE_FLAG_WILDCARD,
-            ..ServiceValue::default()
-        };
-        services
-            .insert(ServiceKey::wildcard(key.addr), marker, 0)
             .map_err(map_err(map_names::SERVICES))?;
         let new_slots = (slots.ready.len() + slots.terminating.len()) as u32;
         for slot in new_slots + 1..=old_slots {
@@ -188,20 +291,23 @@ impl Datapath {
         let Some(master) = self.remove_slots(&key)? else {
             return Ok(());
         };
-        let remaining = self
+        self.remove_slots(&key.with_scope(SCOPE_INTERNAL))?;
+        self.write_source_ranges(master.service_id, &[])?;
+        let mut use_ = self
             .service_addresses
             .get(&key.addr)
             .copied()
-            .unwrap_or(1)
-            .saturating_sub(1);
-        if remaining == 0 {
-            self.service_addresses.remove(&key.addr);
-            let _ = self
-                .map_mut::<HashMap<&mut MapData, ServiceKey, ServiceValue>>(map_names::SERVICES)?
-                .remove(&ServiceKey::wildcard(key.addr));
-        } else {
-            self.service_addresses.insert(key.addr, remaining);
+            .unwrap_or_default();
+        use_.frontends = use_.frontends.saturating_sub(1);
+        if master.flags & SERVICE_FLAG_EXTERNAL == 0 {
+            use_.cluster_ips = use_.cluster_ips.saturating_sub(1);
         }
+        if use_.frontends == 0 {
+            self.service_addresses.remove(&key.addr);
+        } else {
+            self.service_addresses.insert(key.addr, use_);
+        }
+        self.write_wildcard(key.addr, use_)?;
         let _ = self
             .map_mut::<HashMap<&mut MapData, u32, RevNatValue>>(map_names::REVNAT)?
             .remove(&master.service_id);
@@ -258,6 +364,17 @@ impl Datapath {
     }
 }
 
+/// The `DP_SRC_RANGES` key of CIDR `ip/len` of a service.
+pub fn source_range_key(service_id: u32, ip: Ipv4Addr, len: u8) -> LpmKey<SourceRangeKey> {
+    LpmKey::new(
+        SOURCE_RANGE_PREFIX_BASE + 96 + u32::from(len),
+        SourceRangeKey {
+            service_id_be: service_id.to_be(),
+            addr: v4_mapped(ip.octets()),
+        },
+    )
+}
+
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -304,23 +421,41 @@ where
         if k.slot == 0 {
             masters.push((k, v));
         } else {
-            slots.insert((k.addr, k.port, k.protocol, k.slot), v.backend_id);
+            slots.insert((k.addr, k.port, k.protocol, k.scope, k.slot), v.backend_id);
         }
     }
-    for (k, v) in masters {
-        let ids = |from: u16, n: u16| -> Vec<u32> {
+    let internal_masters: std::collections::BTreeMap<_, _> = masters
+        .iter()
+        .filter(|(k, _)| k.scope == SCOPE_INTERNAL)
+        .map(|(k, v)| ((k.addr, k.port, k.protocol), *v))
+        .collect();
+    for (k, v) in masters.iter().filter(|(k, _)| k.scope == SCOPE_EXTERNAL) {
+        let ids = |scope: u8, from: u16, n: u16| -> Vec<u32> {
             (from..from + n)
-                .filter_map(|s| slots.get(&(k.addr, k.port, k.protocol, s)).copied())
+                .filter_map(|s| slots.get(&(k.addr, k.port, k.protocol, scope, s)).copied())
                 .collect()
         };
         let frontend = Frontend {
             addr: SocketAddr::new(ip_of(&k.addr), k.port),
             protocol: k.protocol,
         };
+        let internal = internal_masters
+            .get(&(k.addr, k.port, k.protocol))
+            .map(|i| {
+                (
+                    ids(SCOPE_INTERNAL, 1, i.count),
+                    ids(SCOPE_INTERNAL, 1 + i.count, i.terminating_count),
+                )
+            });
         let programmed = BackendSlots {
-            ready: ids(1, v.count),
-            terminating: ids(1 + v.count, v.terminating_count),
+            ready: ids(SCOPE_EXTERNAL, 1, v.count),
+            terminating: ids(SCOPE_EXTERNAL, 1 + v.count, v.terminating_count),
             local_only: v.flags & SERVICE_FLAG_LOCAL_ONLY != 0,
+            external: v.flags & SERVICE_FLAG_EXTERNAL != 0,
+            internal,
+            affinity_seconds: (v.flags & SERVICE_FLAG_AFFINITY != 0)
+                .then_some(v.affinity_timeout_s),
+            source_ranges: Vec::new(),
         };
         out.frontends.insert(frontend, (v.service_id, programmed));
     }
@@ -341,20 +476,47 @@ impl Datapath {
     /// Reads the programmed services back from the maps, and rebuilds the
     /// per-address frontend counts the wildcard entries depend on.
     pub fn read_services(&mut self) -> Result<ProgrammedServices> {
-        let programmed = {
+        let mut programmed = {
             let services: HashMap<&MapData, ServiceKey, ServiceValue> =
                 self.map_ref(map_names::SERVICES)?;
             let backends: HashMap<&MapData, u32, Backend> = self.map_ref(map_names::BACKENDS)?;
             programmed_services(&services, &backends)?
         };
         self.service_addresses.clear();
-        for frontend in programmed.frontends.keys() {
-            *self
+        for (frontend, (_, slots)) in &programmed.frontends {
+            let use_ = self
                 .service_addresses
                 .entry(addr16(frontend.addr.ip()))
-                .or_default() += 1;
+                .or_default();
+            use_.frontends += 1;
+            use_.cluster_ips += u32::from(!slots.external);
+        }
+        self.source_ranges = self.read_source_ranges()?;
+        for (id, slots) in programmed.frontends.values_mut() {
+            slots.source_ranges = self.source_ranges.get(id).cloned().unwrap_or_default();
         }
         Ok(programmed)
+    }
+
+    /// Service id -> its source ranges, read from `DP_SRC_RANGES`.
+    pub fn read_source_ranges(
+        &self,
+    ) -> Result<std::collections::BTreeMap<u32, Vec<(Ipv4Addr, u8)>>> {
+        let trie: LpmTrie<&MapData, SourceRangeKey, u8> = self.map_ref(map_names::SOURCE_RANGES)?;
+        let mut out: std::collections::BTreeMap<u32, Vec<(Ipv4Addr, u8)>> = Default::default();
+        for key in trie.keys() {
+            let key = key.map_err(map_err(map_names::SOURCE_RANGES))?;
+            let data = key.data();
+            let len = key
+                .prefix_len()
+                .saturating_sub(SOURCE_RANGE_PREFIX_BASE + 96) as u8;
+            if let Some(v4) = as_v4(&data.addr) {
+                out.entry(u32::from_be(data.service_id_be))
+                    .or_default()
+                    .push((Ipv4Addr::from(v4), len));
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -20,7 +20,9 @@ use crate::{
     datapath::Datapath,
     error::Result,
     services::{BackendSlots, Frontend},
-    translate::{protocol_name, DesiredState, EndpointInfo, FrontendKey, FrontendSpec},
+    translate::{
+        protocol_name, DesiredState, EndpointInfo, FrontendKey, FrontendKind, FrontendSpec,
+    },
 };
 
 /// What was written in one `apply`.
@@ -202,7 +204,12 @@ impl MapWriter {
             if let Some(a) = self.frontends.get(key) {
                 let e = &spec.endpoints;
                 let complete = a.slots.ready.len() == e.ready.len()
-                    && a.slots.terminating.len() == e.terminating.len();
+                    && a.slots.terminating.len() == e.terminating.len()
+                    && a.slots.internal.as_ref().map(|i| (i.0.len(), i.1.len()))
+                        == spec
+                            .internal
+                            .as_ref()
+                            .map(|i| (i.ready.len(), i.terminating.len()));
                 if complete && a.spec.as_ref() == Some(spec) {
                     continue;
                 }
@@ -269,6 +276,13 @@ impl MapWriter {
             ready: ids(&spec.endpoints.ready),
             terminating: ids(&spec.endpoints.terminating),
             local_only: spec.local_only,
+            external: spec.kind != FrontendKind::ClusterIp,
+            internal: spec
+                .internal
+                .as_ref()
+                .map(|i| (ids(&i.ready), ids(&i.terminating))),
+            affinity_seconds: spec.affinity_seconds,
+            source_ranges: spec.source_ranges.iter().map(|c| (c.addr, c.len)).collect(),
         }
     }
 }

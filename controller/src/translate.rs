@@ -228,7 +228,8 @@ pub struct FrontendSpec {
     pub affinity_seconds: Option<u32>,
     /// `loadBalancerSourceRanges` (LoadBalancer frontends).
     pub source_ranges: Vec<Cidr>,
-    /// `healthCheckNodePort` (eTP=Local LoadBalancer).
+    /// `healthCheckNodePort` (external frontends of an eTP=Local
+    /// LoadBalancer Service).
     pub health_check_node_port: Option<u16>,
 }
 
@@ -487,7 +488,12 @@ fn service_frontends(
             } else {
                 vec![]
             },
-            health_check_node_port: if kind == FrontendKind::LoadBalancer && etp_local {
+            // Every external frontend of the service carries it, so the
+            // health check is served even before an ingress IP is assigned.
+            health_check_node_port: if svc_type == "LoadBalancer"
+                && etp_local
+                && kind != FrontendKind::ClusterIp
+            {
                 spec.health_check_node_port.and_then(valid_port)
             } else {
                 None

@@ -217,10 +217,11 @@ fn expected_return(hook: Hook, verdict: Verdict) -> u32 {
     }
 }
 
-/// XDP leaves TCP/UDP to tc, whatever the destination.
+/// XDP decides TCP/UDP like tc (no service here: passed); ICMP is left to
+/// tc, which translates errors about flows.
 fn expected_reason(hook: Hook, reason: Reason) -> Reason {
     match (hook, reason) {
-        (Hook::Xdp, Reason::NoService) => Reason::XdpPassToTc,
+        (Hook::Xdp, Reason::UnsupportedProtocol) => Reason::XdpPassToTc,
         (_, r) => r,
     }
 }

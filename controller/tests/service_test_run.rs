@@ -55,6 +55,7 @@ fn set_backends(dp: &mut Datapath, ready: &[(u32, [u8; 4])], terminating: &[(u32
         ready: ready.iter().map(|b| b.0).collect(),
         terminating: terminating.iter().map(|b| b.0).collect(),
         local_only: false,
+        ..BackendSlots::default()
     };
     dp.set_service(&Frontend::tcp(sa(VIP, 80)), SERVICE_ID, &slots)
         .unwrap();

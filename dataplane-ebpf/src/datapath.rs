@@ -15,6 +15,7 @@ use crate::{
     parse::{parse, Ipv4Packet, Parsed},
     service, stats,
     trace::{self, decide},
+    xdp,
 };
 
 /// All zero: tracing off, no masquerade. Used only if `DP_CONFIG` index 0
@@ -51,22 +52,18 @@ pub fn run_xdp(ctx: &XdpContext) -> u32 {
         stats::count(Hook::Xdp, Reason::ScratchUnavailable, pkt.len());
         return xdp_action::XDP_PASS;
     };
-    // Services are served by the tc programs (they share conntrack with every
-    // other path); XDP only drops what no path could use.
-    if let Some(ip) = classify(&pkt, ev) {
-        let reason = if ip.protocol == proto::IPPROTO_ICMP {
-            Reason::UnsupportedProtocol
-        } else {
-            Reason::XdpPassToTc
-        };
-        decide(ev, Verdict::Pass, reason);
-    }
+    let action = match classify(&pkt, ev) {
+        // ICMP errors about flows are translated in tc.
+        Some(ip) if ip.protocol == proto::IPPROTO_ICMP => {
+            decide(ev, Verdict::Pass, Reason::XdpPassToTc);
+            xdp_action::XDP_PASS
+        }
+        Some(ip) => xdp::handle(ctx, cfg, ip.l4_off, ev),
+        None if ev.verdict == Verdict::Drop as u8 => xdp_action::XDP_DROP,
+        None => xdp_action::XDP_PASS,
+    };
     finish(Hook::Xdp, cfg, ev);
-    if ev.verdict == Verdict::Drop as u8 {
-        xdp_action::XDP_DROP
-    } else {
-        xdp_action::XDP_PASS
-    }
+    action
 }
 
 /// An ICMP error about a tracked flow is translated like the flow; other

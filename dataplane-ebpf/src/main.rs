@@ -4,7 +4,8 @@
 //! `datapath`, which decides, counts and traces. Every exit carries a verdict
 //! and a `Reason` (see `common::reason`). One module per concern: `parse`,
 //! `lb` (service maps), `conntrack`, `nat` (rewrites), `reject` (ICMP/RST
-//! answers), `icmp` (errors about flows), `fib` (redirects), `service` (the flow logic), `stats`, `trace`.
+//! answers), `icmp` (errors about flows), `fib` (redirects), `service` (the flow logic, shared by tc and XDP),
+//! `xdp` (the XDP fast path), `stats`, `trace`.
 #![no_std]
 #![no_main]
 
@@ -22,6 +23,7 @@ mod reject;
 mod service;
 mod stats;
 mod trace;
+mod xdp;
 
 use aya_ebpf::{
     bindings::TC_ACT_OK,

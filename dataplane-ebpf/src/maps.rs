@@ -4,13 +4,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use common::{
     map_sizes,
     names::{NameKey, NameValue},
-    Backend, CtEntry, CtKey, DatapathConfig, ReasonCounter, RevNatValue, ServiceKey, ServiceValue,
-    TraceEvent, COUNTER_SLOTS,
+    AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, ReasonCounter,
+    RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, TraceEvent, COUNTER_SLOTS,
 };
 
 /// Packets and bytes per (hook, reason); always on.
@@ -46,6 +46,16 @@ pub static DP_REVNAT: HashMap<u32, RevNatValue> = HashMap::with_max_entries(map_
 /// Connection tracking of service flows (see `common::ct`).
 #[map(name = "DP_CT")]
 pub static DP_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(map_sizes::CT, 0);
+
+/// Session affinity: (client, service id) -> backend and last use.
+#[map(name = "DP_AFFINITY")]
+pub static DP_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(map_sizes::AFFINITY, 0);
+
+/// loadBalancerSourceRanges: (service id, source CIDR) -> 1.
+#[map(name = "DP_SRC_RANGES")]
+pub static DP_SRC_RANGES: LpmTrie<SourceRangeKey, u8> =
+    LpmTrie::with_max_entries(map_sizes::SOURCE_RANGES, BPF_F_NO_PREALLOC);
 
 /// Names of services and backends for the tools (`common::names`). Written
 /// by the agent only; declared here so it is created and pinned with the rest.

@@ -19,7 +19,10 @@ use common::{
         CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, CT_STATE_CLOSING,
         CT_STATE_NEW,
     },
-    lb::SERVICE_FLAG_LOCAL_ONLY,
+    lb::{
+        SCOPE_INTERNAL, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_INTERNAL_SCOPE,
+        SERVICE_FLAG_LOCAL_ONLY, SERVICE_FLAG_SOURCE_RANGES,
+    },
     trace::proto,
     Backend, CtEntry, CtKey, DatapathConfig, FlowTuple, Hook, Reason, TraceEvent, Verdict,
 };
@@ -39,33 +42,52 @@ const NAT_PORT_SPAN: u32 = 28_232;
 const NAT_PORT_TRIES: u32 = 4;
 
 /// One packet being handled: what every step reads. Passed by reference,
-/// since BPF functions take at most five arguments.
+/// since BPF functions take at most five arguments. The decision steps are
+/// shared by tc and XDP; only carrying a decision out needs the context.
 pub struct Flow<'a> {
-    pub ctx: &'a TcContext,
     pub hook: Hook,
     pub cfg: &'a DatapathConfig,
-    pub l4_off: usize,
     pub now: u64,
 }
 
-/// What a step decided; `handle` carries it out. Steps never call each
-/// other: the BPF stack (512 bytes) is shared by the whole call chain, so
-/// the chain is kept at entry point -> `handle` -> one step.
-enum Step {
-    /// Decided; the tc action.
+/// What a step decided; the hook's `handle` carries it out. Steps never
+/// call each other: the BPF stack (512 bytes) is shared by the whole call
+/// chain, so the chain is kept at entry point -> `handle` -> one step.
+pub enum Step {
+    /// Decided; the tc action (`TC_ACT_OK` passes, `TC_ACT_SHOT` drops).
     Done(i32),
-    /// A backend was picked for a new flow: track it (flags for `CtEntry`).
-    Track(u8),
+    /// A backend was picked for a new flow: track it (flags for `CtEntry`),
+    /// then forward with this reason.
+    Track(u8, Reason),
     /// Rewrite to `ev.translated` and send on, for this reason.
     Forward(Reason),
+    /// A reply: rewrite to `ev.translated` and hand it to the stack.
+    Reply,
     /// Answer with ICMP port unreachable, for this reason.
     Reject(Reason),
     /// Answer a TCP packet of a flow whose backend is gone with a reset.
     Reset,
     /// The flow's backend is gone.
     BackendGone,
+    /// A new connection on the tuple of a closing or dead flow.
+    Reopen,
 }
 
+/// The first decision for a packet: conntrack, then the service maps.
+#[inline(always)]
+pub fn first_step(f: &Flow, ev: &mut TraceEvent) -> Step {
+    match ct::lookup(&ct::key(&ev.original), f.now) {
+        // SAFETY: map value pointer from a successful lookup.
+        Some(e) if unsafe { (*e).direction } == CT_DIR_REPLY => reply(f, ev, e),
+        // A new connection reusing the tuple of one that is closing or whose
+        // backend is gone: a new flow, as netfilter conntrack does.
+        Some(e) if syn_reopens(ev, e) => Step::Reopen,
+        Some(e) => established(f, ev, e),
+        None => new_flow(f, ev),
+    }
+}
+
+/// tc: decides and carries the decision out on the skb.
 #[inline(never)]
 pub fn handle(
     ctx: &TcContext,
@@ -75,39 +97,34 @@ pub fn handle(
     ev: &mut TraceEvent,
 ) -> i32 {
     let f = Flow {
-        ctx,
         hook,
         cfg,
-        l4_off,
         now: now_ns(),
     };
-    let mut step = match ct::lookup(&ct::key(&ev.original), f.now) {
-        // SAFETY: map value pointer from a successful lookup.
-        Some(e) if unsafe { (*e).direction } == CT_DIR_REPLY => reply(&f, ev, e),
-        // A new connection reusing the tuple of one that is closing or whose
-        // backend is gone: a new flow, as netfilter conntrack does.
-        Some(e) if syn_reopens(ev, e) => new_flow(&f, ev),
-        Some(e) => established(&f, ev, e),
-        None => new_flow(&f, ev),
+    let mut step = first_step(&f, ev);
+    step = match step {
+        Step::Reopen => new_flow(&f, ev),
+        other => other,
     };
     step = match step {
         Step::BackendGone => backend_gone(&f, ev),
-        Step::Track(flags) => track(&f, ev, flags),
+        Step::Track(flags, reason) => track(&f, ev, flags, reason),
         other => other,
     };
     match step {
         Step::Done(action) => action,
-        Step::Forward(reason) => forward(&f, ev, reason),
-        Step::Reject(reason) => reject(&f, ev, reason),
-        Step::Reset => reset(&f, ev),
-        Step::Track(_) | Step::BackendGone => drop(ev, Reason::ServiceInconsistent),
+        Step::Forward(reason) => forward(ctx, hook, l4_off, ev, reason),
+        Step::Reply => reply_out(ctx, l4_off, ev),
+        Step::Reject(reason) => reject(ctx, hook, ev, reason),
+        Step::Reset => reset(ctx, hook, l4_off, ev),
+        Step::Track(..) | Step::BackendGone | Step::Reopen => drop(ev, Reason::ServiceInconsistent),
     }
 }
 
 /// A TCP SYN (without ACK) on an original-direction entry that is closing or
 /// whose backend is gone. Its own BPF function: kept out of `handle`'s frame.
 #[inline(never)]
-fn syn_reopens(ev: &TraceEvent, e: *mut CtEntry) -> bool {
+pub fn syn_reopens(ev: &TraceEvent, e: *mut CtEntry) -> bool {
     if ev.original.protocol != proto::IPPROTO_TCP || ev.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         return false;
     }
@@ -124,9 +141,9 @@ const TCP_ACK: u8 = 0x10;
 
 /// No conntrack entry: a new flow to a service, a reject, or not a service.
 #[inline(never)]
-fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
+pub fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
     let t = &ev.original;
-    let (key, master) = match lb::lookup(&t.daddr, t.dport, t.protocol) {
+    let (mut key, mut master) = match lb::lookup(&t.daddr, t.dport, t.protocol) {
         ServiceLookup::NotAService => {
             decide(ev, Verdict::Pass, Reason::NoService);
             return Step::Done(TC_ACT_OK);
@@ -135,7 +152,35 @@ fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
         ServiceLookup::Frontend(key, master) => (key, master),
     };
     ev.service_id = master.service_id;
-    let (backend_id, backend) = match lb::select_backend(&key, &master) {
+    if master.flags & SERVICE_FLAG_SOURCE_RANGES != 0
+        && !lb::source_allowed(master.service_id, &t.saddr)
+    {
+        return Step::Done(drop(ev, Reason::SourceRangeDenied));
+    }
+    let cfg = f.cfg;
+    let from_host = f.hook == Hook::TcEgress || t.saddr == cfg.node_ip;
+    let from_pod =
+        cfg.cluster_cidr_len != 0 && in_prefix(&t.saddr, &cfg.cluster_cidr, cfg.cluster_cidr_len);
+    // eTP=Local: traffic from inside the cluster uses the cluster-wide view.
+    let etp_local = master.flags & SERVICE_FLAG_INTERNAL_SCOPE != 0;
+    if etp_local && (from_host || from_pod) {
+        key = key.with_scope(SCOPE_INTERNAL);
+        master = match lb::master(&key) {
+            Some(m) => m,
+            None => return Step::Done(drop(ev, Reason::ServiceInconsistent)),
+        };
+    }
+    let affinity = master.flags & SERVICE_FLAG_AFFINITY != 0;
+    let remembered = if affinity {
+        lb::affinity_backend(master.service_id, &t.saddr, &master, f.now)
+    } else {
+        None
+    };
+    let (reason, picked) = match remembered {
+        Some(b) => (Reason::NewFlowAffinity, Ok(b)),
+        None => (Reason::NewFlow, lb::select_backend(&key, &master)),
+    };
+    let (backend_id, backend) = match picked {
         Ok(b) => b,
         Err(Reason::NoEndpoints) if master.flags & SERVICE_FLAG_LOCAL_ONLY != 0 => {
             return Step::Done(drop(ev, Reason::NoLocalEndpoints))
@@ -144,31 +189,41 @@ fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
         Err(r) => return Step::Done(drop(ev, r)),
     };
     ev.backend_id = backend_id;
-    let cfg = f.cfg;
+    if affinity {
+        lb::remember_affinity(master.service_id, &t.saddr, backend_id, f.now);
+    }
     let t = &ev.original;
     let hairpin = t.saddr == backend.addr;
+    // kube-proxy: external destinations masquerade everything with
+    // eTP=Cluster, only the host's own traffic with eTP=Local; ClusterIPs
+    // masquerade what comes from outside the cluster CIDR.
     let masquerade = hairpin
-        || cfg.flags & CONFIG_MASQUERADE_ALL != 0
-        || (cfg.cluster_cidr_len != 0
-            && !in_prefix(&t.saddr, &cfg.cluster_cidr, cfg.cluster_cidr_len));
+        || if master.flags & SERVICE_FLAG_EXTERNAL != 0 {
+            !etp_local || from_host
+        } else {
+            cfg.flags & CONFIG_MASQUERADE_ALL != 0 || (cfg.cluster_cidr_len != 0 && !from_pod)
+        };
     let x = &mut ev.translated;
     x.daddr = backend.addr;
     x.dport = backend.port;
     if !masquerade {
-        return Step::Track(0);
+        return Step::Track(0, reason);
     }
     x.saddr = cfg.node_ip;
     match free_nat_port(x, f.now) {
         Some(port) => x.sport = port,
         None => return Step::Done(drop(ev, Reason::NatPortsExhausted)),
     }
-    Step::Track(CT_FLAG_SNAT | if hairpin { CT_FLAG_HAIRPIN } else { 0 })
+    Step::Track(
+        CT_FLAG_SNAT | if hairpin { CT_FLAG_HAIRPIN } else { 0 },
+        reason,
+    )
 }
 
 /// Creates the conntrack entries of a new flow (`ev.original` ->
 /// `ev.translated`): the reply direction first, so a reply never misses it.
 #[inline(never)]
-fn track(f: &Flow, ev: &mut TraceEvent, flags: u8) -> Step {
+pub fn track(f: &Flow, ev: &mut TraceEvent, flags: u8, reason: Reason) -> Step {
     let (t, x) = (&ev.original, &ev.translated);
     let mut entry = CtEntry {
         expires_ns: f.now + ct::lifetime_ns(t.protocol, CT_STATE_NEW, &f.cfg.ct_timeouts),
@@ -192,12 +247,12 @@ fn track(f: &Flow, ev: &mut TraceEvent, flags: u8) -> Step {
         ct::remove(&reply_key);
         return Step::Done(drop(ev, Reason::ConntrackFull));
     }
-    Step::Forward(Reason::NewFlow)
+    Step::Forward(reason)
 }
 
 /// A packet of a tracked flow, client -> service.
 #[inline(never)]
-fn established(f: &Flow, ev: &mut TraceEvent, e: *mut CtEntry) -> Step {
+pub fn established(f: &Flow, ev: &mut TraceEvent, e: *mut CtEntry) -> Step {
     // SAFETY: map value pointer from the lookup in `handle`.
     let entry = unsafe { &*e };
     ev.service_id = entry.service_id;
@@ -265,7 +320,7 @@ fn backend_gone(f: &Flow, ev: &mut TraceEvent) -> Step {
 /// A reply of a tracked flow, backend -> client: back to the service address
 /// (and to the client's own address if it was masqueraded).
 #[inline(never)]
-fn reply(f: &Flow, ev: &mut TraceEvent, e: *mut CtEntry) -> Step {
+pub fn reply(f: &Flow, ev: &mut TraceEvent, e: *mut CtEntry) -> Step {
     // SAFETY: map value pointer from the lookup in `handle`.
     let entry = unsafe { &*e };
     ev.service_id = entry.service_id;
@@ -293,11 +348,17 @@ fn reply(f: &Flow, ev: &mut TraceEvent, e: *mut CtEntry) -> Step {
             timeouts,
         );
     }
-    if nat::rewrite(f.ctx, f.l4_off, &ev.original, &ev.translated).is_err() {
-        return Step::Done(drop(ev, Reason::RewriteFailed));
+    Step::Reply
+}
+
+/// Carries out `Step::Reply` on the skb.
+#[inline(never)]
+fn reply_out(ctx: &TcContext, l4_off: usize, ev: &mut TraceEvent) -> i32 {
+    if nat::rewrite(ctx, l4_off, &ev.original, &ev.translated).is_err() {
+        return drop(ev, Reason::RewriteFailed);
     }
     decide(ev, Verdict::Forward, Reason::ReplyReverseNat);
-    Step::Done(TC_ACT_OK)
+    TC_ACT_OK
 }
 
 /// Client -> service tuple `x` translated to `backend` (and the masquerade
@@ -347,12 +408,12 @@ fn free_nat_port(x: &FlowTuple, now: u64) -> Option<u16> {
 /// stack routes it; at egress (this host's own traffic) it was routed for the
 /// service address, so it is redirected towards the backend.
 #[inline(never)]
-fn forward(f: &Flow, ev: &mut TraceEvent, reason: Reason) -> i32 {
-    if nat::rewrite(f.ctx, f.l4_off, &ev.original, &ev.translated).is_err() {
+fn forward(ctx: &TcContext, hook: Hook, l4_off: usize, ev: &mut TraceEvent, reason: Reason) -> i32 {
+    if nat::rewrite(ctx, l4_off, &ev.original, &ev.translated).is_err() {
         return drop(ev, Reason::RewriteFailed);
     }
-    let action = if f.hook == Hook::TcEgress {
-        match fib::redirect_to(f.ctx, &ev.translated) {
+    let action = if hook == Hook::TcEgress {
+        match fib::redirect_to(ctx, &ev.translated) {
             Ok(action) => action,
             Err(()) => return drop(ev, Reason::NoRouteToBackend),
         }
@@ -365,8 +426,8 @@ fn forward(f: &Flow, ev: &mut TraceEvent, reason: Reason) -> i32 {
 
 /// Answers with ICMP port unreachable (kube-proxy's REJECT).
 #[inline(never)]
-fn reject(f: &Flow, ev: &mut TraceEvent, reason: Reason) -> i32 {
-    match reject::icmp_port_unreachable(f.ctx, f.hook) {
+fn reject(ctx: &TcContext, hook: Hook, ev: &mut TraceEvent, reason: Reason) -> i32 {
+    match reject::icmp_port_unreachable(ctx, hook) {
         Ok(action) => {
             decide(ev, Verdict::Reject, reason);
             action
@@ -377,8 +438,8 @@ fn reject(f: &Flow, ev: &mut TraceEvent, reason: Reason) -> i32 {
 
 /// Resets a TCP flow whose backend is gone.
 #[inline(never)]
-fn reset(f: &Flow, ev: &mut TraceEvent) -> i32 {
-    match reject::tcp_reset(f.ctx, f.hook, f.l4_off) {
+fn reset(ctx: &TcContext, hook: Hook, l4_off: usize, ev: &mut TraceEvent) -> i32 {
+    match reject::tcp_reset(ctx, hook, l4_off) {
         Ok(action) => {
             decide(ev, Verdict::Reject, Reason::BackendGoneReset);
             action
@@ -389,7 +450,7 @@ fn reset(f: &Flow, ev: &mut TraceEvent) -> i32 {
 
 /// Drops the packet for `reason`.
 #[inline(always)]
-fn drop(ev: &mut TraceEvent, reason: Reason) -> i32 {
+pub fn drop(ev: &mut TraceEvent, reason: Reason) -> i32 {
     ev.translated = ev.original;
     decide(ev, Verdict::Drop, reason);
     TC_ACT_SHOT

@@ -13,7 +13,10 @@
 //! (10.244.N.0/24) via the node network. The client is outside the cluster
 //! CIDR (10.244.0.0/16). Nothing connects to the caller's namespace.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    os::fd::OwnedFd,
+};
 
 use crate::{Netns, Result, Topology};
 
@@ -50,6 +53,8 @@ pub struct Cluster {
     pub topo: Topology,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
+    /// XDP pass programs on the bridge ports (see `attach_to_bridge`).
+    _xdp_links: Vec<OwnedFd>,
 }
 
 impl Cluster {
@@ -63,6 +68,7 @@ impl Cluster {
         net.ip(&["link", "set", "br0", "up"])?;
 
         let mut nodes = Vec::new();
+        let mut xdp_links = Vec::new();
         for i in 0..pods_per_node.len() {
             let name = format!("node{}", i + 1);
             let ip = Ipv4Addr::new(172, 18, 0, 2 + i as u8);
@@ -83,7 +89,7 @@ impl Cluster {
             ] {
                 node.sysctl(key, value)?;
             }
-            attach_to_bridge(&topo, &name, ip, &format!("n{}", i + 1))?;
+            xdp_links.push(attach_to_bridge(&topo, &name, ip, &format!("n{}", i + 1))?);
             topo.ns(&name).ip(&[
                 "route",
                 "add",
@@ -108,7 +114,7 @@ impl Cluster {
         }
 
         topo.add_ns("client")?;
-        attach_to_bridge(&topo, "client", CLIENT_IP, "c0")?;
+        xdp_links.push(attach_to_bridge(&topo, "client", CLIENT_IP, "c0")?);
         // The client reaches services through node1, like a router would.
         topo.ns("client")
             .add_route(SERVICE_CIDR, &nodes[0].ip.to_string())?;
@@ -117,6 +123,7 @@ impl Cluster {
             topo,
             nodes,
             pods: Vec::new(),
+            _xdp_links: xdp_links,
         };
         for (i, count) in pods_per_node.iter().enumerate() {
             for _ in 0..*count {
@@ -148,6 +155,7 @@ impl Cluster {
         ])?;
         host.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_device])?;
         let pod_ns = self.topo.ns(&name);
+        full_checksums(pod_ns)?;
         pod_ns.add_addr("eth0", &format!("{ip}/32"))?;
         pod_ns.ip(&["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
         pod_ns.ip(&["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"])?;
@@ -222,9 +230,31 @@ impl Cluster {
 }
 
 /// `role`'s eth0 <-> `bridge_port` on br0 in `net`, with `ip/16` on eth0.
-fn attach_to_bridge(topo: &Topology, role: &str, ip: Ipv4Addr, bridge_port: &str) -> Result<()> {
+fn attach_to_bridge(
+    topo: &Topology,
+    role: &str,
+    ip: Ipv4Addr,
+    bridge_port: &str,
+) -> Result<OwnedFd> {
     topo.veth(role, "eth0", "net", bridge_port)?;
-    topo.ns("net")
-        .ip(&["link", "set", bridge_port, "master", "br0"])?;
-    topo.ns(role).add_addr("eth0", &format!("{ip}/16"))
+    let net = topo.ns("net");
+    net.ip(&["link", "set", bridge_port, "master", "br0"])?;
+    // A frame a node's XDP program sends back out of eth0 (XDP_TX) goes
+    // straight to this peer's XDP receive queue, which is served promptly
+    // only while an XDP program is attached here. (GRO on the peer also
+    // creates the queue, but frames then waited for later traffic.)
+    let link = crate::xdp_pass::attach_xdp_pass(net, bridge_port)?;
+    full_checksums(topo.ns(role))?;
+    topo.ns(role).add_addr("eth0", &format!("{ip}/16"))?;
+    Ok(link)
+}
+
+/// Makes `ns`'s eth0 finish checksums in software, so its packets carry full
+/// checksums like packets off a wire. A veth otherwise hands on partial
+/// (offloaded) checksums, which only skb metadata explains; XDP sees no
+/// metadata, and a frame it sends back out (XDP_TX) would keep the partial
+/// checksum. tc programs still meet partial checksums in the host's own
+/// traffic.
+fn full_checksums(ns: &Netns) -> Result<()> {
+    ns.exec("ethtool", &["-K", "eth0", "tx", "off"]).map(drop)
 }

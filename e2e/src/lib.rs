@@ -17,6 +17,7 @@ pub mod cluster;
 mod netns;
 mod servers;
 mod topology;
+pub mod xdp_pass;
 
 pub use cluster::Cluster;
 pub use netns::Netns;

@@ -110,6 +110,7 @@ impl Fixture {
             ready: ids(ready),
             terminating: ids(terminating),
             local_only: false,
+            ..BackendSlots::default()
         };
         let backends: Vec<(u32, SocketAddr, bool)> = ready
             .iter()

@@ -101,12 +101,8 @@ fn real_tcp_and_udp_are_counted_and_traced_at_every_hook() {
                 hook.name(),
                 seen.len()
             );
-            // XDP leaves TCP/UDP to tc, which finds no service.
-            let reason = if hook == Hook::Xdp {
-                Reason::XdpPassToTc
-            } else {
-                Reason::NoService
-            };
+            // No service: XDP and tc both pass it.
+            let reason = Reason::NoService;
             for e in &seen {
                 assert_eq!(e.verdict, Verdict::Pass as u8);
                 assert_eq!(e.reason, reason as u32);
@@ -157,11 +153,7 @@ fn real_tcp_and_udp_are_counted_and_traced_at_every_hook() {
             } else {
                 assert_eq!((t.sport, t.dport), (port, 5353), "the request");
             }
-            let reason = if hook == Hook::Xdp {
-                Reason::XdpPassToTc
-            } else {
-                Reason::NoService
-            };
+            let reason = Reason::NoService;
             assert_eq!(seen[0].reason, reason as u32);
         }
     }

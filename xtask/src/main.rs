@@ -31,6 +31,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // tools kube-proxy's modes use (for the comparisons in later work).
     "iproute2",
     "procps",
+    // veth peers that must receive XDP_TX frames need NAPI (GRO on).
+    "ethtool",
     "iptables",
     "nftables",
     "conntrack",

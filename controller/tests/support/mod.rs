@@ -214,3 +214,36 @@ impl<'a> Ipv4View<'a> {
         &l4[hl..]
     }
 }
+
+pub const XDP_TX: u32 = 3;
+
+/// Runs `frame` through the XDP program as if received on `ifname` in `ns`
+/// (the test run happens in that namespace, so the program's FIB lookups see
+/// its routes and neighbours): (return value, output frame).
+pub fn run_xdp_on(dp: &Datapath, ns: &e2e::Netns, ifname: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+    ns.run(|| {
+        let name = std::ffi::CString::new(ifname).unwrap();
+        // SAFETY: a valid C string.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(ifindex, 0, "{ifname} exists in {}", ns.name());
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex.
+        let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::default()
+        };
+        let result = dp
+            .xdp_program()
+            .unwrap()
+            .test_run(opts)
+            .expect("BPF_PROG_TEST_RUN (XDP)");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    })
+    .expect("enter the namespace")
+}

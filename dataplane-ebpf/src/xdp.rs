@@ -1,0 +1,171 @@
+//! The XDP fast path on the node's external devices: service traffic whose
+//! answer leaves by the device it came in on (NodePort, externalIP and
+//! LoadBalancer flows to backends on other nodes, and their replies) is
+//! translated and sent back out with `XDP_TX`, never entering the stack.
+//! Drops (source ranges, eTP=Local without local endpoints) happen here too.
+//! Everything else (rejects, backends behind another device, flows needing
+//! repair) is passed untouched to tc, which shares the same conntrack: a
+//! new flow XDP passes is not tracked yet, so tc decides it alone.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT},
+    helpers::bpf_fib_lookup,
+    programs::XdpContext,
+};
+use common::{trace::proto, DatapathConfig, FlowTuple, Hook, Reason, TraceEvent, Verdict};
+
+use crate::{
+    conntrack::now_ns,
+    csum::replace16,
+    parse::ETH_HLEN,
+    service::{self, Flow, Step},
+    trace::decide,
+};
+
+const AF_INET: u8 = 2;
+/// Largest L4 offset: Ethernet plus an IPv4 header with every option.
+const MAX_L4_OFF: usize = ETH_HLEN + 60;
+
+/// Decides for a TCP/UDP packet at XDP and carries the decision out.
+#[inline(never)]
+pub fn handle(ctx: &XdpContext, cfg: &DatapathConfig, l4_off: usize, ev: &mut TraceEvent) -> u32 {
+    let f = Flow {
+        hook: Hook::Xdp,
+        cfg,
+        now: now_ns(),
+    };
+    let (reason, track_flags) = match service::first_step(&f, ev) {
+        Step::Done(action) if action == TC_ACT_SHOT => return xdp_action::XDP_DROP,
+        Step::Done(_) => return xdp_action::XDP_PASS,
+        Step::Forward(reason) => (reason, None),
+        Step::Reply => (Reason::ReplyReverseNat, None),
+        Step::Track(flags, reason) => (reason, Some(flags)),
+        Step::Reject(_) | Step::Reset | Step::BackendGone | Step::Reopen => return pass_to_tc(ev),
+    };
+    let Some(macs) = tx_macs(ctx, &ev.translated) else {
+        return pass_to_tc(ev);
+    };
+    if let Some(flags) = track_flags {
+        match service::track(&f, ev, flags, reason) {
+            Step::Forward(_) => {}
+            Step::Done(_) => return xdp_action::XDP_DROP,
+            _ => return pass_to_tc(ev),
+        }
+    }
+    if rewrite(ctx, l4_off, &ev.original, &ev.translated, &macs).is_err() {
+        service::drop(ev, Reason::RewriteFailed);
+        return xdp_action::XDP_DROP;
+    }
+    decide(ev, Verdict::Forward, reason);
+    xdp_action::XDP_TX
+}
+
+/// Leaves the packet, untouched, to tc.
+#[inline(always)]
+fn pass_to_tc(ev: &mut TraceEvent) -> u32 {
+    ev.translated = ev.original;
+    ev.service_id = 0;
+    ev.backend_id = 0;
+    decide(ev, Verdict::Pass, Reason::XdpPassToTc);
+    xdp_action::XDP_PASS
+}
+
+/// The MAC addresses (destination, then source) for sending the translated
+/// packet `t` back out of the device it arrived on; `None` if the FIB routes
+/// it elsewhere or has no neighbour entry yet (then tc and the stack do it).
+#[inline(never)]
+fn tx_macs(ctx: &XdpContext, t: &FlowTuple) -> Option<[u8; 12]> {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: plain-old-data struct of integers and unions of integers.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = t.protocol;
+    p.sport = t.sport.to_be();
+    p.dport = t.dport.to_be();
+    p.__bindgen_anon_1.tot_len = (ctx.data_end() - ctx.data() - ETH_HLEN) as u16;
+    p.ifindex = ifindex;
+    p.__bindgen_anon_3.ipv4_src =
+        u32::from_ne_bytes([t.saddr[12], t.saddr[13], t.saddr[14], t.saddr[15]]);
+    p.__bindgen_anon_4.ipv4_dst =
+        u32::from_ne_bytes([t.daddr[12], t.daddr[13], t.daddr[14], t.daddr[15]]);
+    // SAFETY: valid context and params of the declared size.
+    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut p, size_of::<FibParams>() as i32, 0) };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 || p.ifindex != ifindex {
+        return None;
+    }
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&p.dmac);
+    macs[6..].copy_from_slice(&p.smac);
+    Some(macs)
+}
+
+/// Rewrites the frame from `from` to `to` in place (addresses, ports, IP and
+/// L4 checksums incrementally; a UDP checksum of 0 stays 0) and sets the
+/// Ethernet addresses.
+#[inline(never)]
+fn rewrite(
+    ctx: &XdpContext,
+    l4_off: usize,
+    from: &FlowTuple,
+    to: &FlowTuple,
+    macs: &[u8; 12],
+) -> Result<(), ()> {
+    if l4_off > MAX_L4_OFF {
+        return Err(());
+    }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let l4 = data + l4_off;
+    let is_tcp = from.protocol == proto::IPPROTO_TCP;
+    if data + ETH_HLEN + 20 > end || l4 + 8 > end {
+        return Err(());
+    }
+    // TCP's checksum ends at byte 18 of its header, UDP's at 8.
+    let csum_ptr = if is_tcp {
+        if l4 + 18 > end {
+            return Err(());
+        }
+        l4 + 16
+    } else {
+        l4 + 6
+    } as *mut [u8; 2];
+    let ip = data + ETH_HLEN;
+    // SAFETY: every access below is inside [data, end), checked above.
+    unsafe {
+        let mut ip_csum = u16::from_be_bytes(*((ip + 10) as *const [u8; 2]));
+        let mut l4_csum = u16::from_be_bytes(*csum_ptr);
+        let fix_l4 = is_tcp || l4_csum != 0;
+        let words = [
+            (ip + 12, &from.saddr, &to.saddr),
+            (ip + 16, &from.daddr, &to.daddr),
+        ];
+        for (off, old, new) in words {
+            let mut i = 12;
+            while i < 16 {
+                let (o, n) = (
+                    u16::from_be_bytes([old[i], old[i + 1]]),
+                    u16::from_be_bytes([new[i], new[i + 1]]),
+                );
+                ip_csum = replace16(ip_csum, o, n);
+                l4_csum = replace16(l4_csum, o, n);
+                i += 2;
+            }
+            *((off) as *mut [u8; 4]) = [new[12], new[13], new[14], new[15]];
+        }
+        for (off, old, new) in [(l4, from.sport, to.sport), (l4 + 2, from.dport, to.dport)] {
+            l4_csum = replace16(l4_csum, old, new);
+            *(off as *mut [u8; 2]) = new.to_be_bytes();
+        }
+        *((ip + 10) as *mut [u8; 2]) = ip_csum.to_be_bytes();
+        if fix_l4 {
+            // 0 means "no checksum" for UDP; its one's-complement twin is used.
+            if !is_tcp && l4_csum == 0 {
+                l4_csum = 0xffff;
+            }
+            *csum_ptr = l4_csum.to_be_bytes();
+        }
+        *(data as *mut [u8; 12]) = *macs;
+    }
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! A two-instruction XDP program that passes every frame, attached with a
+//! BPF link. A veth peer needs an XDP program of its own before frames sent
+//! to it with XDP_TX or XDP_REDIRECT are received promptly (its NAPI
+//! receive queue exists only then): the node-network ports of the test
+//! cluster get this one, as a physical NIC would need nothing.
+
+use std::{
+    ffi::CString,
+    os::fd::{FromRawFd, OwnedFd},
+};
+
+use crate::{Error, Netns, Result};
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_XDP: u32 = 37;
+const XDP_PASS: i32 = 2;
+
+fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<OwnedFd> {
+    // SAFETY: `attr` is a zero-padded bpf_attr of the declared size.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new file descriptor the kernel just returned.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Attaches the pass-everything program to `ifname` in `ns`. The returned
+/// link keeps it attached; deleting the interface (or its namespace) ends it.
+pub fn attach_xdp_pass(ns: &Netns, ifname: &str) -> Result<OwnedFd> {
+    let ifname = ifname.to_string();
+    ns.run(move || -> Result<OwnedFd> {
+        let err = |what: &str| {
+            let what = format!("{what} {ifname}");
+            move |source| Error::Io {
+                context: what,
+                source,
+            }
+        };
+        // r0 = XDP_PASS; exit.
+        let mut insns = [0u8; 16];
+        insns[0] = 0xb7;
+        insns[4..8].copy_from_slice(&XDP_PASS.to_ne_bytes());
+        insns[8] = 0x95;
+        let license = CString::new("GPL").unwrap();
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&BPF_PROG_TYPE_XDP.to_ne_bytes());
+        attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+        attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+        attr[48..56].copy_from_slice(b"xdp_pass");
+        let prog = bpf(BPF_PROG_LOAD, &mut attr).map_err(err("load the XDP pass program for"))?;
+
+        let name = CString::new(ifname.clone()).unwrap();
+        // SAFETY: a valid C string.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            return Err(err("find")(std::io::Error::last_os_error()));
+        }
+        let mut attr = [0u8; 128];
+        use std::os::fd::AsRawFd;
+        attr[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+        attr[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+        attr[8..12].copy_from_slice(&BPF_XDP.to_ne_bytes());
+        bpf(BPF_LINK_CREATE, &mut attr).map_err(err("attach the XDP pass program to"))
+    })?
+}
