@@ -30,6 +30,9 @@ pub struct CtKey {
 pub const CT_FLAG_SNAT: u8 = 1 << 0;
 /// `CtEntry::flags`: the client was the backend itself (hairpin).
 pub const CT_FLAG_HAIRPIN: u8 = 1 << 1;
+/// `CtEntry::flags`: the flow's service has ClientIP session affinity; its
+/// tracking records the client's backend in `DP_AFFINITY`.
+pub const CT_FLAG_AFFINITY: u8 = 1 << 2;
 
 /// `CtEntry::state`, the protocol state that decides the timeout.
 pub const CT_STATE_NEW: u8 = 0;

@@ -6,161 +6,19 @@
 use std::{
     collections::BTreeSet,
     fs,
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::Command,
     sync::mpsc::{self, Receiver},
     time::{Duration, Instant},
 };
 
+mod support;
+
 use e2e::{parse_identity, require_root, tcp_echo_once, Cluster, Netns, TcpEchoServer};
+use support::agents::*;
 
-const TIMEOUT: Duration = Duration::from_secs(5);
 const WEB: &str = "10.96.0.10:80";
-
-/// A `dp agent` running in a node's namespace; killed when dropped.
-struct Agent {
-    child: Child,
-    log: Receiver<String>,
-}
-
-impl Agent {
-    /// Runs `dp agent` in `ns`'s network namespace only (`nsenter --net`,
-    /// unlike `ip netns exec`, keeps the mounts: the bpffs stays visible).
-    fn start(ns: &Netns, node: &str, node_ip: &str, manifests: &Path, bpffs: &Path) -> Agent {
-        Self::start_with(ns, node, node_ip, ("--manifests", manifests), bpffs)
-    }
-
-    /// With a source flag: `("--manifests", dir)` or `("--kubeconfig", file)`.
-    fn start_with(
-        ns: &Netns,
-        node: &str,
-        node_ip: &str,
-        source: (&str, &Path),
-        bpffs: &Path,
-    ) -> Agent {
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net={}", ns.path().display()))
-            .args([env!("CARGO_BIN_EXE_dp"), "agent"])
-            .arg(source.0)
-            .arg(source.1)
-            .arg("--bpffs")
-            .arg(bpffs)
-            .args(["--node-name", node, "--node-ip", node_ip])
-            .args(["--devices", "eth0", "--pod-devices", "^lxc"])
-            .args(["--cluster-cidr", "10.244.0.0/16"])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start dp agent");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, log) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[agent] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Agent { child, log }
-    }
-
-    /// Waits for a log line containing every one of `needles`.
-    fn wait_for(&self, needles: &[&str]) -> String {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.log.recv_timeout(left) {
-                Ok(line) if needles.iter().all(|n| line.contains(n)) => return line,
-                Ok(_) => continue,
-                Err(e) => panic!("agent never logged {needles:?}: {e}"),
-            }
-        }
-    }
-
-    fn stop(mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "agent exited with {status}");
-    }
-
-    /// SIGKILL: no chance to clean up anything.
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-/// A private bpffs for the test's agents (one subdirectory per node),
-/// unpinned, unmounted and removed when dropped.
-struct Bpffs {
-    root: PathBuf,
-}
-
-impl Bpffs {
-    fn new(test: &str) -> Bpffs {
-        let root =
-            std::env::temp_dir().join(format!("dp-bpffs-test-{}-{test}", std::process::id()));
-        dp::pin::ensure_bpffs(&root).expect("mount a bpffs");
-        assert!(dp::pin::is_bpffs(&root));
-        Bpffs { root }
-    }
-
-    fn node(&self, name: &str) -> PathBuf {
-        self.root.join(name)
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        if let Ok(entries) = fs::read_dir(&self.root) {
-            for e in entries.flatten() {
-                let _ = dp::pin::cleanup(&e.path());
-                let _ = fs::remove_dir(e.path());
-            }
-        }
-        let c = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a valid path.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        let _ = fs::remove_dir(&self.root);
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A manifests directory for one test, removed when dropped (also when the
-/// test panics).
-struct ManifestsDir(PathBuf);
-
-impl std::ops::Deref for ManifestsDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for ManifestsDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn manifests_dir(test: &str) -> ManifestsDir {
-    let dir = std::env::temp_dir().join(format!("dp-agent-test-{}-{test}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    ManifestsDir(dir)
-}
 
 /// The web service with these backends (pod IPs, port 8080), written the
 /// way an editor saves: a new file renamed over the old one.
@@ -424,23 +282,6 @@ fn assert_verdict(e: &serde_json::Value, verdict: &str, reason: &str) {
     );
 }
 
-/// Runs `dp <args> --bpffs <pins> -o json` and parses its output.
-fn inspect(pins: &Path, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_dp"))
-        .args(args)
-        .arg("--bpffs")
-        .arg(pins)
-        .args(["-o", "json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "dp {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn a_killed_agent_leaves_traffic_flowing_and_its_successor_adopts_the_state() {
     require_root();
@@ -577,22 +418,6 @@ fn progress_target(progress: &Receiver<Result<u64, String>>, count: u64) -> Resu
             Err(e) => return Err(format!("traffic stalled: {e}")),
         }
     }
-}
-
-/// A plain HTTP GET from inside `ns`; the whole response.
-fn http_get(ns: &Netns, addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let addr: SocketAddr = addr.parse().unwrap();
-    ns.run(|| {
-        let mut conn = std::net::TcpStream::connect_timeout(&addr, TIMEOUT).unwrap();
-        conn.set_read_timeout(Some(TIMEOUT)).unwrap();
-        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-        conn.write_all(request.as_bytes()).unwrap();
-        let mut response = String::new();
-        conn.read_to_string(&mut response).unwrap();
-        response
-    })
-    .unwrap()
 }
 
 #[test]

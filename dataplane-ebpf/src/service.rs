@@ -16,8 +16,8 @@ use common::{
     addr::in_prefix,
     config::CONFIG_MASQUERADE_ALL,
     ct::{
-        CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, CT_STATE_CLOSING,
-        CT_STATE_NEW,
+        CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_FLAG_AFFINITY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT,
+        CT_STATE_CLOSING, CT_STATE_NEW,
     },
     lb::{
         SCOPE_INTERNAL, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_INTERNAL_SCOPE,
@@ -189,9 +189,6 @@ pub fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
         Err(r) => return Step::Done(drop(ev, r)),
     };
     ev.backend_id = backend_id;
-    if affinity {
-        lb::remember_affinity(master.service_id, &t.saddr, backend_id, f.now);
-    }
     let t = &ev.original;
     let hairpin = t.saddr == backend.addr;
     // kube-proxy: external destinations masquerade everything with
@@ -203,21 +200,21 @@ pub fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
         } else {
             cfg.flags & CONFIG_MASQUERADE_ALL != 0 || (cfg.cluster_cidr_len != 0 && !from_pod)
         };
+    // Recorded when the flow is tracked: XDP may still leave it to tc.
+    let affinity = if affinity { CT_FLAG_AFFINITY } else { 0 };
     let x = &mut ev.translated;
     x.daddr = backend.addr;
     x.dport = backend.port;
     if !masquerade {
-        return Step::Track(0, reason);
+        return Step::Track(affinity, reason);
     }
     x.saddr = cfg.node_ip;
     match free_nat_port(x, f.now) {
         Some(port) => x.sport = port,
         None => return Step::Done(drop(ev, Reason::NatPortsExhausted)),
     }
-    Step::Track(
-        CT_FLAG_SNAT | if hairpin { CT_FLAG_HAIRPIN } else { 0 },
-        reason,
-    )
+    let hairpin = if hairpin { CT_FLAG_HAIRPIN } else { 0 };
+    Step::Track(CT_FLAG_SNAT | hairpin | affinity, reason)
 }
 
 /// Creates the conntrack entries of a new flow (`ev.original` ->
@@ -246,6 +243,9 @@ pub fn track(f: &Flow, ev: &mut TraceEvent, flags: u8, reason: Reason) -> Step {
     if ct::insert(&ct::key(t), &entry).is_err() {
         ct::remove(&reply_key);
         return Step::Done(drop(ev, Reason::ConntrackFull));
+    }
+    if flags & CT_FLAG_AFFINITY != 0 {
+        lb::remember_affinity(ev.service_id, &ev.original.saddr, ev.backend_id, f.now);
     }
     Step::Forward(reason)
 }

@@ -2,6 +2,8 @@
 //! with etherparse, checksums verified by an independent one's-complement sum.
 #![allow(dead_code)]
 
+pub mod agents;
+
 use aya::programs::{TestRun, TestRunOptions};
 use common::Hook;
 use dp::Datapath;

@@ -1,0 +1,354 @@
+//! Traffic from outside the cluster, end to end: a `dp agent --manifests`
+//! per node of a two-node namespace cluster (XDP and tc on each node's
+//! eth0), pods on both nodes serving TCP, and an external client namespace.
+//! NodePort to local and remote backends, externalIPs, LoadBalancer IPs with
+//! and without source ranges, externalTrafficPolicy and
+//! internalTrafficPolicy Local, session affinity and the health-check node
+//! port, checked from what clients and backends see.
+
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
+
+use e2e::{parse_identity, require_root, tcp_echo_once, Cluster, Netns, TcpEchoServer};
+use support::agents::*;
+
+const NODE1: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
+const NODE2: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 3);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
+/// A timeout long enough for a working path, short enough for dropped ones.
+const DROPPED_AFTER: Duration = Duration::from_secs(1);
+
+/// Pods: pod-1-0 10.244.1.10, pod-1-1 10.244.1.11 (node1), pod-2-0
+/// 10.244.2.10, pod-2-1 10.244.2.11 (node2); all serve TCP 8080.
+const MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  externalIPs: [198.51.100.10]
+  ports: [{port: 80, nodePort: 30080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.10], nodeName: node1}
+- {addresses: [10.244.2.10], nodeName: node2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.11
+  ports: [{port: 80, nodePort: 30081}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.10}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-1, namespace: default, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.11], nodeName: node1}
+- {addresses: [10.244.2.11], nodeName: node2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: admin, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.12
+  loadBalancerSourceRanges: [172.18.0.100/32]
+  ports: [{port: 80, nodePort: 30082}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.11}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: admin-1, namespace: default, labels: {kubernetes.io/service-name: admin}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.10], nodeName: node1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.13
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32100
+  ports: [{port: 80, nodePort: 30083}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.12}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: local-1, namespace: default, labels: {kubernetes.io/service-name: local}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.11], nodeName: node1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: node-agent, namespace: default}
+spec:
+  clusterIP: 10.96.0.14
+  internalTrafficPolicy: Local
+  ports: [{port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: node-agent-1, namespace: default, labels: {kubernetes.io/service-name: node-agent}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.10], nodeName: node1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.15
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}
+  ports: [{port: 80, nodePort: 30084}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: sticky-1, namespace: default, labels: {kubernetes.io/service-name: sticky}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.10], nodeName: node1}
+- {addresses: [10.244.1.11], nodeName: node1}
+- {addresses: [10.244.2.10], nodeName: node2}
+- {addresses: [10.244.2.11], nodeName: node2}
+"#;
+
+/// The cluster, its servers and one agent per node, programmed and ready.
+struct Fixture {
+    cluster: Cluster,
+    _servers: Vec<TcpEchoServer>,
+    agents: Vec<Agent>,
+    bpffs: Bpffs,
+    _manifests: ManifestsDir,
+}
+
+impl Fixture {
+    fn new(test: &str) -> Self {
+        require_root();
+        let cluster = Cluster::new(&[2, 2]).unwrap();
+        let servers = cluster.serve_named_tcp(8080).unwrap();
+        let client = cluster.client_ns();
+        // The external and load-balancer addresses are routed to node1, as
+        // a router or a cloud load balancer would.
+        for net in ["198.51.100.0/24", "203.0.113.0/24"] {
+            client.add_route(net, &NODE1.to_string()).unwrap();
+        }
+        let manifests = manifests_dir(test);
+        fs::write(manifests.join("services.yaml"), MANIFESTS).unwrap();
+        let bpffs = Bpffs::new(test);
+        let agents: Vec<Agent> = cluster
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                Agent::start(
+                    cluster.node_ns(i),
+                    &node.name,
+                    &node.ip.to_string(),
+                    &manifests,
+                    &bpffs.node(&node.name),
+                )
+            })
+            .collect();
+        for agent in &agents {
+            agent.wait_for(&["synced"]);
+        }
+        Fixture {
+            cluster,
+            _servers: servers,
+            agents,
+            bpffs,
+            _manifests: manifests,
+        }
+    }
+
+    fn pins(&self, node: &str) -> std::path::PathBuf {
+        self.bpffs.node(node)
+    }
+
+    /// Packets counted for `reason` on `node`, over every hook.
+    fn packets(&self, node: &str, reason: &str) -> u64 {
+        count(&self.pins(node), reason)
+    }
+}
+
+fn count(pins: &Path, reason: &str) -> u64 {
+    inspect(pins, &["stats"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["reason"] == reason)
+        .map(|r| r["packets"].as_u64().unwrap())
+        .sum()
+}
+
+/// One TCP exchange from `ns` to `addr`: (backend pod, client address the
+/// backend saw).
+fn whoami(ns: &Netns, addr: SocketAddr) -> (String, SocketAddr) {
+    let (reply, _) = tcp_echo_once(ns, addr, b"hi", TIMEOUT)
+        .unwrap_or_else(|e| panic!("{addr} from {}: {e}", ns.name()));
+    let (name, peer, echo) = parse_identity(&reply).expect("identity line");
+    assert_eq!(echo, b"hi");
+    (name, peer)
+}
+
+/// Asserts that nothing answers (the datapath drops; a reject would fail
+/// the connect at once with "refused", not time out).
+fn assert_dropped(ns: &Netns, addr: SocketAddr) {
+    match tcp_echo_once(ns, addr, b"hi", DROPPED_AFTER) {
+        Ok(r) => panic!("{addr} answered from {}: {r:?}", ns.name()),
+        Err(e) => assert!(
+            e.to_string().contains("timed out"),
+            "{addr}: dropped, not refused: {e}"
+        ),
+    }
+}
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::from((ip, port))
+}
+
+#[test]
+fn node_ports_reach_local_and_remote_backends_through_the_entry_node() {
+    let f = Fixture::new("nodeport");
+    let client = f.cluster.client_ns();
+    for entry in [NODE1, NODE2] {
+        let mut seen = BTreeMap::new();
+        for _ in 0..20 {
+            let (pod, peer) = whoami(client, sa(entry, 30080));
+            assert_eq!(
+                peer.ip(),
+                IpAddr::V4(entry),
+                "masqueraded to the entry node, so replies return through it"
+            );
+            *seen.entry(pod).or_insert(0) += 1;
+        }
+        assert_eq!(
+            seen.keys().collect::<Vec<_>>(),
+            ["pod-1-0", "pod-2-0"],
+            "local and remote backends via {entry}"
+        );
+    }
+    // The XDP fast path served flows to the remote backend on node1.
+    assert!(f.packets("node1", "new_flow") >= 1);
+    let served_by_xdp = inspect(&f.pins("node1"), &["stats"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["hook"] == "xdp" && r["reason"] == "reply_reverse_nat");
+    assert!(served_by_xdp, "replies reverse-NATed at XDP on node1");
+}
+
+#[test]
+fn external_and_load_balancer_ips_are_served_and_source_ranges_enforced() {
+    let f = Fixture::new("lbip");
+    let client = f.cluster.client_ns();
+    let (pod, peer) = whoami(client, "198.51.100.10:80".parse().unwrap());
+    assert!(pod == "pod-1-0" || pod == "pod-2-0", "{pod}");
+    assert_eq!(peer.ip(), IpAddr::V4(NODE1));
+    let mut seen = BTreeMap::new();
+    for _ in 0..16 {
+        let (pod, _) = whoami(client, "203.0.113.10:80".parse().unwrap());
+        *seen.entry(pod).or_insert(0) += 1;
+    }
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["pod-1-1", "pod-2-1"]);
+
+    // admin: only 172.18.0.100/32 may use its LB IP.
+    let admin: SocketAddr = "203.0.113.11:80".parse().unwrap();
+    assert_eq!(whoami(client, admin).0, "pod-1-0", "the client is allowed");
+    // A pod on node2 is not in the range: node2 drops it.
+    assert_dropped(f.cluster.pod_ns("pod-2-0"), admin);
+    assert!(f.packets("node2", "source_range_denied") >= 1);
+    // Its ClusterIP is not subject to the ranges.
+    let (pod, _) = whoami(
+        f.cluster.pod_ns("pod-2-0"),
+        "10.96.0.12:80".parse().unwrap(),
+    );
+    assert_eq!(pod, "pod-1-0");
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_ip_and_answers_health_checks() {
+    let f = Fixture::new("etplocal");
+    let client = f.cluster.client_ns();
+    for addr in [sa(NODE1, 30083), "203.0.113.12:80".parse().unwrap()] {
+        let (pod, peer) = whoami(client, addr);
+        assert_eq!(pod, "pod-1-1");
+        assert_eq!(peer.ip(), IpAddr::V4(CLIENT), "client IP preserved");
+    }
+    // node2 has no local endpoint: external traffic is dropped there...
+    assert_dropped(client, sa(NODE2, 30083));
+    assert!(f.packets("node2", "no_local_endpoints") >= 1);
+    // ...while pods on node2 still reach the backend through it.
+    let (pod, _) = whoami(f.cluster.pod_ns("pod-2-0"), sa(NODE2, 30083));
+    assert_eq!(pod, "pod-1-1");
+
+    // The health-check node port, as a cloud load balancer probes it.
+    let ok = http_get(client, &sa(NODE1, 32100).to_string(), "/healthz");
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(ok.contains("\"localEndpoints\": 1"), "{ok}");
+    assert!(ok.contains("\"name\": \"local\""), "{ok}");
+    let down = http_get(client, &sa(NODE2, 32100).to_string(), "/healthz");
+    assert!(down.starts_with("HTTP/1.1 503"), "{down}");
+    assert!(down.contains("\"localEndpoints\": 0"), "{down}");
+}
+
+#[test]
+fn internal_traffic_policy_local_serves_only_pods_on_nodes_with_an_endpoint() {
+    let f = Fixture::new("itplocal");
+    let vip: SocketAddr = "10.96.0.14:80".parse().unwrap();
+    let (pod, peer) = whoami(f.cluster.pod_ns("pod-1-1"), vip);
+    assert_eq!(pod, "pod-1-0");
+    assert_eq!(peer.ip(), "10.244.1.11".parse::<IpAddr>().unwrap());
+    assert_dropped(f.cluster.pod_ns("pod-2-0"), vip);
+    assert!(f.packets("node2", "no_local_endpoints") >= 1);
+}
+
+#[test]
+fn session_affinity_pins_a_client_for_fifty_connections_then_expires() {
+    let f = Fixture::new("affinity");
+    let client = f.cluster.client_ns();
+    let sticky = sa(NODE1, 30084);
+    let (first, _) = whoami(client, sticky);
+    for i in 1..50 {
+        assert_eq!(whoami(client, sticky).0, first, "connection {i}");
+    }
+    let affine = f.packets("node1", "new_flow_affinity");
+    let fresh = f.packets("node1", "new_flow");
+    assert_eq!((fresh, affine), (1, 49), "one pick, then affinity");
+    // timeoutSeconds: 2, counted from the last new connection.
+    std::thread::sleep(Duration::from_millis(2_500));
+    whoami(client, sticky);
+    assert_eq!(
+        f.packets("node1", "new_flow"),
+        2,
+        "after the timeout the backend is picked afresh"
+    );
+    let _ = &f.agents;
+}
