@@ -194,7 +194,7 @@ fn test() -> Result<()> {
 fn bench(args: &[String]) -> Result<()> {
     require_root("cargo xtask bench")?;
     setup()?;
-    step("cargo bench: per-packet cost (BPF_PROG_TEST_RUN), control plane at scale");
+    step("cargo bench: per-packet cost (BPF_PROG_TEST_RUN), control plane at scale, NodePort rate");
     run(Command::new(cargo())
         .current_dir(workspace())
         .args([
@@ -205,6 +205,8 @@ fn bench(args: &[String]) -> Result<()> {
             "datapath",
             "--bench",
             "control_plane",
+            "--bench",
+            "nodeport",
             "--",
         ])
         .args(args))
