@@ -9,9 +9,8 @@ mod support;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use common::{
-    addr::v4_mapped,
     ct::{CT_DIR_ORIGINAL, CT_FLAG_SNAT},
-    CtEntry, CtKey, Hook, Reason,
+    Hook, Reason,
 };
 use dp::{BackendSlots, Datapath, Frontend};
 use e2e::Topology;
@@ -76,35 +75,6 @@ fn etp_local(local: &[u32], all: &[u32]) -> BackendSlots {
         internal: Some((all.to_vec(), vec![])),
         ..BackendSlots::default()
     }
-}
-
-fn ct_get(dp: &Datapath, key: &CtKey) -> Option<CtEntry> {
-    dp.ct_entries()
-        .unwrap()
-        .into_iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, e)| e)
-}
-
-fn ct_key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, protocol: u8) -> CtKey {
-    CtKey {
-        saddr: v4_mapped(src),
-        daddr: v4_mapped(dst),
-        sport,
-        dport,
-        protocol,
-        _pad: [0; 3],
-    }
-}
-
-/// Runs at tc ingress and checks it was forwarded with valid checksums.
-fn forward(dp: &Datapath, frame: &[u8]) -> Vec<u8> {
-    let (ret, out) = run(dp, Hook::TcIngress, frame);
-    assert_eq!(ret, TC_ACT_OK, "forwarded");
-    let v = Ipv4View::new(&out);
-    assert!(v.ip_checksum_ok(), "IP checksum");
-    assert!(v.l4_checksum_ok(), "L4 checksum");
-    out
 }
 
 fn addr_port(out: &[u8]) -> (([u8; 4], u16), ([u8; 4], u16)) {

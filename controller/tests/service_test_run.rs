@@ -12,7 +12,7 @@ use common::{
         CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, CT_STATE_ESTABLISHED,
         CT_STATE_NEW,
     },
-    CtEntry, CtKey, CtTimeouts, Hook, Reason, Verdict,
+    CtTimeouts, Hook, Reason, Verdict,
 };
 use dp::{BackendSlots, Datapath, Frontend, MapSizes};
 use support::*;
@@ -61,35 +61,6 @@ fn set_backends(dp: &mut Datapath, ready: &[(u32, [u8; 4])], terminating: &[(u32
         .unwrap();
     dp.set_service(&Frontend::udp(sa(VIP, 80)), SERVICE_ID + 1, &slots)
         .unwrap();
-}
-
-fn ct_key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, protocol: u8) -> CtKey {
-    CtKey {
-        saddr: v4_mapped(src),
-        daddr: v4_mapped(dst),
-        sport,
-        dport,
-        protocol,
-        _pad: [0; 3],
-    }
-}
-
-fn ct_get(dp: &Datapath, key: &CtKey) -> Option<CtEntry> {
-    dp.ct_entries()
-        .unwrap()
-        .into_iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, e)| e)
-}
-
-/// Runs at tc ingress and checks it was forwarded with valid checksums.
-fn forward(dp: &Datapath, frame: &[u8]) -> Vec<u8> {
-    let (ret, out) = run(dp, Hook::TcIngress, frame);
-    assert_eq!(ret, TC_ACT_OK, "forwarded");
-    let v = Ipv4View::new(&out);
-    assert!(v.ip_checksum_ok(), "IP checksum");
-    assert!(v.l4_checksum_ok(), "L4 checksum");
-    out
 }
 
 #[test]

@@ -261,16 +261,7 @@ pub fn established(f: &Flow, ev: &mut TraceEvent, e: *mut CtEntry) -> Step {
     };
     ev.backend_id = entry.backend_id;
     translate(&mut ev.translated, &backend, entry);
-    let (protocol, timeouts) = (ev.original.protocol, &f.cfg.ct_timeouts);
-    if let Some(state) = ct::refresh(e, protocol, ev.tcp_flags, false, f.now, timeouts) {
-        ct::set_state(
-            &reversed_key(&ev.translated),
-            protocol,
-            state,
-            f.now,
-            timeouts,
-        );
-    }
+    refresh_both(f, ev, e, false);
     Step::Forward(Reason::Established)
 }
 
@@ -338,16 +329,7 @@ pub fn reply(f: &Flow, ev: &mut TraceEvent, e: *mut CtEntry) -> Step {
         x.daddr = entry.nat_addr;
         x.dport = entry.nat_port;
     }
-    let (protocol, timeouts) = (ev.original.protocol, &f.cfg.ct_timeouts);
-    if let Some(state) = ct::refresh(e, protocol, ev.tcp_flags, true, f.now, timeouts) {
-        ct::set_state(
-            &reversed_key(&ev.translated),
-            protocol,
-            state,
-            f.now,
-            timeouts,
-        );
-    }
+    refresh_both(f, ev, e, true);
     Step::Reply
 }
 
@@ -359,6 +341,17 @@ fn reply_out(ctx: &TcContext, l4_off: usize, ev: &mut TraceEvent) -> i32 {
     }
     decide(ev, Verdict::Forward, Reason::ReplyReverseNat);
     TC_ACT_OK
+}
+
+/// Refreshes the packet's conntrack entry `e`; a state change (reply seen,
+/// FIN/RST) goes to the other direction's entry too.
+#[inline(always)]
+fn refresh_both(f: &Flow, ev: &TraceEvent, e: *mut CtEntry, is_reply: bool) {
+    let (protocol, timeouts) = (ev.original.protocol, &f.cfg.ct_timeouts);
+    if let Some(state) = ct::refresh(e, protocol, ev.tcp_flags, is_reply, f.now, timeouts) {
+        let other = reversed_key(&ev.translated);
+        ct::set_state(&other, protocol, state, f.now, timeouts);
+    }
 }
 
 /// Client -> service tuple `x` translated to `backend` (and the masquerade

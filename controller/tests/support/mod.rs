@@ -249,3 +249,34 @@ pub fn run_xdp_on(dp: &Datapath, ns: &e2e::Netns, ifname: &str, frame: &[u8]) ->
     })
     .expect("enter the namespace")
 }
+
+/// A conntrack key from plain IPv4 addresses.
+pub fn ct_key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, protocol: u8) -> common::CtKey {
+    common::CtKey {
+        saddr: common::addr::v4_mapped(src),
+        daddr: common::addr::v4_mapped(dst),
+        sport,
+        dport,
+        protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// The conntrack entry at `key`, if any.
+pub fn ct_get(dp: &Datapath, key: &common::CtKey) -> Option<common::CtEntry> {
+    dp.ct_entries()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, e)| e)
+}
+
+/// Runs at tc ingress and checks it was forwarded with valid checksums.
+pub fn forward(dp: &Datapath, frame: &[u8]) -> Vec<u8> {
+    let (ret, out) = run(dp, Hook::TcIngress, frame);
+    assert_eq!(ret, TC_ACT_OK, "forwarded");
+    let v = Ipv4View::new(&out);
+    assert!(v.ip_checksum_ok(), "IP checksum");
+    assert!(v.l4_checksum_ok(), "L4 checksum");
+    out
+}
