@@ -77,8 +77,16 @@ impl PinnedMaps {
                 service_id: *service_id,
                 name: self.name(NAME_KIND_SERVICE, *service_id),
                 local_only: slots.local_only,
+                external: slots.external,
+                affinity_seconds: slots.affinity_seconds,
                 ready: slots.ready.iter().map(|id| backend(*id)).collect(),
                 terminating: slots.terminating.iter().map(|id| backend(*id)).collect(),
+                from_inside: slots.internal.as_ref().map(|(ready, terminating)| {
+                    (
+                        ready.iter().map(|id| backend(*id)).collect(),
+                        terminating.iter().map(|id| backend(*id)).collect(),
+                    )
+                }),
             })
             .collect())
     }
@@ -432,8 +440,15 @@ pub struct ServiceRow {
     pub service_id: u32,
     pub name: Option<String>,
     pub local_only: bool,
+    /// NodePort, externalIP or LoadBalancer (not a ClusterIP).
+    pub external: bool,
+    /// `sessionAffinity: ClientIP` timeout, seconds.
+    pub affinity_seconds: Option<u32>,
     pub ready: Vec<BackendRef>,
     pub terminating: Vec<BackendRef>,
+    /// eTP=Local: the backends traffic from pods and the node itself uses
+    /// (ready, terminating).
+    pub from_inside: Option<(Vec<BackendRef>, Vec<BackendRef>)>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -496,17 +511,26 @@ pub mod text {
         let mut out = String::new();
         for r in rows {
             let name = r.name.as_deref().unwrap_or("?");
-            let local = if r.local_only {
-                " [traffic policy Local]"
-            } else {
-                ""
-            };
+            let mut tags = String::new();
+            if r.local_only {
+                tags.push_str(" [traffic policy Local]");
+            }
+            if let Some(t) = r.affinity_seconds {
+                tags.push_str(&format!(" [affinity ClientIP {t}s]"));
+            }
             out.push_str(&format!(
-                "{} service {} {name}{local}\n",
+                "{} service {} {name}{tags}\n",
                 r.frontend, r.service_id
             ));
             out.push_str(&format!("    ready:       {}\n", backends(&r.ready)));
             out.push_str(&format!("    terminating: {}\n", backends(&r.terminating)));
+            if let Some((ready, terminating)) = &r.from_inside {
+                out.push_str(&format!(
+                    "    from pods and this node: ready {}; terminating {}\n",
+                    backends(ready),
+                    backends(terminating)
+                ));
+            }
         }
         out
     }

@@ -309,6 +309,19 @@ fn external_traffic_policy_local_keeps_the_client_ip_and_answers_health_checks()
     let (pod, _) = whoami(f.cluster.pod_ns("pod-2-0"), sa(NODE2, 30083));
     assert_eq!(pod, "pod-1-1");
 
+    // The inspection view of the frontend: local backends, and the
+    // cluster-wide ones for traffic from inside.
+    let services = inspect(&f.pins("node2"), &["service", "list"]);
+    let node_port = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["frontend"] == "172.18.0.3:30083/TCP")
+        .expect("node2's NodePort frontend");
+    assert_eq!(node_port["local_only"], true);
+    assert_eq!(node_port["ready"].as_array().unwrap().len(), 0);
+    assert_eq!(node_port["from_inside"][0][0]["addr"], "10.244.1.11:8080");
+
     // The health-check node port, as a cloud load balancer probes it.
     let ok = http_get(client, &sa(NODE1, 32100).to_string(), "/healthz");
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
@@ -339,6 +352,14 @@ fn session_affinity_pins_a_client_for_fifty_connections_then_expires() {
     for i in 1..50 {
         assert_eq!(whoami(client, sticky).0, first, "connection {i}");
     }
+    let services = inspect(&f.pins("node1"), &["service", "list"]);
+    let frontend = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["frontend"] == "172.18.0.2:30084/TCP")
+        .expect("the sticky NodePort");
+    assert_eq!(frontend["affinity_seconds"], 2);
     let affine = f.packets("node1", "new_flow_affinity");
     let fresh = f.packets("node1", "new_flow");
     assert_eq!((fresh, affine), (1, 49), "one pick, then affinity");
