@@ -143,7 +143,8 @@ endpoints:
 struct Fixture {
     cluster: Cluster,
     _servers: Vec<TcpEchoServer>,
-    agents: Vec<Agent>,
+    /// Kept alive for the test (killed when dropped).
+    _agents: Vec<Agent>,
     bpffs: Bpffs,
     _manifests: ManifestsDir,
 }
@@ -182,7 +183,7 @@ impl Fixture {
         Fixture {
             cluster,
             _servers: servers,
-            agents,
+            _agents: agents,
             bpffs,
             _manifests: manifests,
         }
@@ -371,5 +372,4 @@ fn session_affinity_pins_a_client_for_fifty_connections_then_expires() {
         2,
         "after the timeout the backend is picked afresh"
     );
-    let _ = &f.agents;
 }

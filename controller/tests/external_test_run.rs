@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 
 use common::{
     ct::{CT_DIR_ORIGINAL, CT_FLAG_SNAT},
@@ -31,10 +31,6 @@ const NODE_PORT: u16 = 30080;
 const LOCAL_ID: u32 = 1;
 const REMOTE_ID: u32 = 2;
 const REMOTE2_ID: u32 = 3;
-
-fn sa(ip: [u8; 4], port: u16) -> SocketAddr {
-    SocketAddr::from((ip, port))
-}
 
 /// Node 172.18.0.2, cluster CIDR 10.244.0.0/16, backends on this node
 /// (10.244.1.7) and on another (10.244.2.7, 10.244.2.8), TCP and UDP, port

@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use common::{
     addr::v4_mapped,
@@ -25,10 +25,6 @@ const B1: [u8; 4] = [10, 244, 2, 7];
 const B2: [u8; 4] = [10, 244, 2, 8];
 const B3: [u8; 4] = [10, 244, 3, 9];
 const SERVICE_ID: u32 = 10;
-
-fn sa(ip: [u8; 4], port: u16) -> SocketAddr {
-    SocketAddr::from((ip, port))
-}
 
 /// A datapath with node 172.18.0.2, cluster CIDR 10.244.0.0/16 and one TCP
 /// and one UDP frontend on 10.96.0.10:80 with the given backends (port 8080).

@@ -19,12 +19,12 @@ use common::{trace::proto, DatapathConfig, FlowTuple, Hook, Reason, TraceEvent, 
 use crate::{
     conntrack::now_ns,
     csum::replace16,
+    fib,
     parse::ETH_HLEN,
     service::{self, Flow, Step},
     trace::decide,
 };
 
-const AF_INET: u8 = 2;
 /// Largest L4 offset: Ethernet plus an IPv4 header with every option.
 const MAX_L4_OFF: usize = ETH_HLEN + 60;
 
@@ -78,18 +78,7 @@ fn pass_to_tc(ev: &mut TraceEvent) -> u32 {
 #[inline(never)]
 fn tx_macs(ctx: &XdpContext, t: &FlowTuple) -> Option<[u8; 12]> {
     let ifindex = ctx.ingress_ifindex() as u32;
-    // SAFETY: plain-old-data struct of integers and unions of integers.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = t.protocol;
-    p.sport = t.sport.to_be();
-    p.dport = t.dport.to_be();
-    p.__bindgen_anon_1.tot_len = (ctx.data_end() - ctx.data() - ETH_HLEN) as u16;
-    p.ifindex = ifindex;
-    p.__bindgen_anon_3.ipv4_src =
-        u32::from_ne_bytes([t.saddr[12], t.saddr[13], t.saddr[14], t.saddr[15]]);
-    p.__bindgen_anon_4.ipv4_dst =
-        u32::from_ne_bytes([t.daddr[12], t.daddr[13], t.daddr[14], t.daddr[15]]);
+    let mut p = fib::params(t, ifindex, ctx.data_end() - ctx.data() - ETH_HLEN);
     // SAFETY: valid context and params of the declared size.
     let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut p, size_of::<FibParams>() as i32, 0) };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 || p.ifindex != ifindex {

@@ -280,3 +280,8 @@ pub fn forward(dp: &Datapath, frame: &[u8]) -> Vec<u8> {
     assert!(v.l4_checksum_ok(), "L4 checksum");
     out
 }
+
+/// A socket address from plain IPv4 octets.
+pub fn sa(ip: [u8; 4], port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from((ip, port))
+}
