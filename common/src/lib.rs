@@ -15,14 +15,14 @@ pub mod reason;
 pub mod stats;
 pub mod trace;
 
-pub use config::{DatapathConfig, TraceFilter};
+pub use config::DatapathConfig;
 pub use ct::{CtEntry, CtKey, CtTimeouts};
 pub use lb::{
     AffinityKey, AffinityValue, Backend, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey,
 };
 pub use reason::{Hook, Reason, Verdict};
 pub use stats::{counter_index, counter_slot, ReasonCounter, COUNTER_SLOTS, REASON_SLOTS};
-pub use trace::{FlowTuple, TraceEvent};
+pub use trace::{FlowTuple, TraceEvent, TraceSession};
 
 /// Names of the maps in the dp object, as userspace looks them up.
 ///
@@ -30,7 +30,9 @@ pub use trace::{FlowTuple, TraceEvent};
 pub mod map_names {
     pub const COUNTERS: &str = "DP_COUNTERS";
     pub const CONFIG: &str = "DP_CONFIG";
-    pub const TRACE_EVENTS: &str = "DP_TRACE";
+    /// One trace ring buffer per session slot (`trace::TRACE_SESSIONS`).
+    pub const TRACE_RINGS: [&str; 4] = ["DP_TRACE_0", "DP_TRACE_1", "DP_TRACE_2", "DP_TRACE_3"];
+    pub const TRACE_SESSIONS: &str = "DP_TRACE_SESS";
     pub const TRACE_LOST: &str = "DP_TRACE_LOST";
     pub const SERVICES: &str = "DP_SERVICES";
     pub const BACKENDS: &str = "DP_BACKENDS";
@@ -73,6 +75,7 @@ mod user {
     unsafe impl aya::Pod for crate::DatapathConfig {}
     unsafe impl aya::Pod for crate::ReasonCounter {}
     unsafe impl aya::Pod for crate::TraceEvent {}
+    unsafe impl aya::Pod for crate::TraceSession {}
     unsafe impl aya::Pod for crate::ServiceKey {}
     unsafe impl aya::Pod for crate::ServiceValue {}
     unsafe impl aya::Pod for crate::Backend {}

@@ -1,5 +1,10 @@
-//! Trace events: one record per packet in the `DP_TRACE` ring buffer while
-//! tracing is enabled.
+//! Trace sessions and events.
+//!
+//! A `dp trace` session claims one of `TRACE_SESSIONS` slots in
+//! `DP_TRACE_SESS` and writes its filter there; the datapath writes a
+//! `TraceEvent` for each packet the filter matches into that slot's ring
+//! buffer (`DP_TRACE_<slot>`). With no slot active the datapath reads the
+//! slots' `active` words and nothing else.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -26,7 +31,7 @@ pub struct FlowTuple {
 
 /// One datapath decision about one packet.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct TraceEvent {
     /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
     pub timestamp_ns: u64,
@@ -42,7 +47,8 @@ pub struct TraceEvent {
     pub verdict: u8,
     /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10), 0 otherwise.
     pub tcp_flags: u8,
-    pub _pad: u8,
+    /// Bit per session slot that may want this packet (set on arrival).
+    pub trace_sessions: u8,
     /// The service port's id (`ServiceValue::service_id`), 0 when none.
     pub service_id: u32,
     /// The backend's id (`DP_BACKENDS` key), 0 when none.
@@ -51,6 +57,86 @@ pub struct TraceEvent {
     pub original: FlowTuple,
     /// The packet as it left (equal to `original` when not translated).
     pub translated: FlowTuple,
+    /// How many bytes of `headers` hold the packet (0: none captured).
+    pub headers_len: u16,
+    pub _pad2: [u8; 6],
+    /// The first bytes of the frame as it arrived, before any rewrite:
+    /// Ethernet, IP and L4 headers (for `dp trace -w`).
+    pub headers: [u8; TRACE_HEADER_BYTES],
+}
+
+impl Default for TraceEvent {
+    fn default() -> Self {
+        Self::zeroed()
+    }
+}
+
+/// Bytes of each traced frame kept in its event.
+pub const TRACE_HEADER_BYTES: usize = 128;
+
+/// Concurrent `dp trace` sessions: slots in `DP_TRACE_SESS`, one ring buffer each.
+pub const TRACE_SESSIONS: u32 = 4;
+
+/// Service ids one session can filter on in the kernel.
+pub const TRACE_SERVICE_IDS: usize = 16;
+
+/// `TraceSession::match_flags`: which fields must match. Address, port,
+/// protocol and interface are checked before the packet is handled, against
+/// the packet as it arrived (source or destination); verdict, reason and
+/// service after the decision.
+pub const TRACE_MATCH_ADDR: u32 = 1 << 0;
+pub const TRACE_MATCH_PORT: u32 = 1 << 1;
+pub const TRACE_MATCH_PROTOCOL: u32 = 1 << 2;
+pub const TRACE_MATCH_IFINDEX: u32 = 1 << 3;
+pub const TRACE_MATCH_VERDICT: u32 = 1 << 4;
+pub const TRACE_MATCH_REASON: u32 = 1 << 5;
+pub const TRACE_MATCH_SERVICE: u32 = 1 << 6;
+
+/// One `dp trace` session's slot and in-kernel filter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct TraceSession {
+    /// Non-zero while a session reads this slot's ring buffer.
+    pub active: u32,
+    /// `TRACE_MATCH_*` bits.
+    pub match_flags: u32,
+    /// The process that owns the slot (a slot whose owner is gone may be
+    /// claimed again). Not read by the datapath.
+    pub owner_pid: u32,
+    pub ifindex: u32,
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub protocol: u8,
+    /// Bit `1 << v` for each wanted `Verdict` number `v`.
+    pub verdicts: u8,
+    /// How many of `service_ids` are used.
+    pub service_count: u32,
+    /// The service port ids (`ServiceValue::service_id`) wanted.
+    pub service_ids: [u32; TRACE_SERVICE_IDS],
+    /// Bit `n % 64` of word `n / 64` for each wanted `Reason` number `n`.
+    pub reasons: [u64; 2],
+}
+
+impl Default for TraceSession {
+    fn default() -> Self {
+        Self::zeroed()
+    }
+}
+
+impl TraceSession {
+    /// Whether `reason` is among the wanted reasons.
+    #[inline(always)]
+    pub fn wants_reason(&self, reason: u32) -> bool {
+        let word = (reason / 64) as usize;
+        word < self.reasons.len() && self.reasons[word] & (1 << (reason % 64)) != 0
+    }
+
+    pub fn add_reason(&mut self, reason: u32) {
+        let word = (reason / 64) as usize;
+        if word < self.reasons.len() {
+            self.reasons[word] |= 1 << (reason % 64);
+        }
+    }
 }
 
 /// Ethertype and protocol numbers the datapath and its tests share.

@@ -13,7 +13,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use common::{map_names, program_names, DatapathConfig, Hook, Reason, ReasonCounter};
+use common::{map_names, program_names, DatapathConfig, Hook, Reason, ReasonCounter, TraceSession};
 
 use crate::{
     error::{Error, Result},
@@ -69,14 +69,18 @@ enum Attachment {
 
 /// Maps kept in bpffs, so a restarted agent (and the inspection commands)
 /// find the same state. Scratch maps are private to each program version.
-pub const PINNED_MAPS: [&str; 11] = [
+pub const PINNED_MAPS: [&str; 15] = [
     map_names::SERVICES,
     map_names::BACKENDS,
     map_names::REVNAT,
     map_names::CT,
     map_names::CONFIG,
     map_names::COUNTERS,
-    map_names::TRACE_EVENTS,
+    map_names::TRACE_SESSIONS,
+    map_names::TRACE_RINGS[0],
+    map_names::TRACE_RINGS[1],
+    map_names::TRACE_RINGS[2],
+    map_names::TRACE_RINGS[3],
     map_names::TRACE_LOST,
     map_names::NAMES,
     map_names::AFFINITY,
@@ -404,13 +408,32 @@ impl Datapath {
         })
     }
 
-    /// Turns per-packet trace events on or off.
+    /// Turns per-packet trace events of every packet on or off, in session
+    /// slot 0 (read with [`Datapath::trace_reader`]).
     pub fn set_tracing(&mut self, enabled: bool) -> Result<()> {
-        let config = DatapathConfig {
-            trace_enabled: u32::from(enabled),
-            ..self.config()?
+        let session = TraceSession {
+            active: u32::from(enabled),
+            ..TraceSession::default()
         };
-        self.set_config(config)
+        self.set_trace_session(0, &session)
+    }
+
+    /// Writes trace session slot `slot` (its filter; `active` 0 closes it).
+    pub fn set_trace_session(&mut self, slot: u32, session: &TraceSession) -> Result<()> {
+        let mut map: Array<&mut MapData, TraceSession> = self.map_mut(map_names::TRACE_SESSIONS)?;
+        map.set(slot, session, 0).map_err(|source| Error::Map {
+            name: map_names::TRACE_SESSIONS,
+            source,
+        })
+    }
+
+    /// Trace session slot `slot` as the datapath sees it.
+    pub fn trace_session(&self, slot: u32) -> Result<TraceSession> {
+        let map: Array<&MapData, TraceSession> = self.map_ref(map_names::TRACE_SESSIONS)?;
+        map.get(&slot, 0).map_err(|source| Error::Map {
+            name: map_names::TRACE_SESSIONS,
+            source,
+        })
     }
 
     /// The per-reason counters, summed over CPUs.
@@ -448,16 +471,18 @@ impl Datapath {
         Ok(per_cpu.iter().sum())
     }
 
-    /// Takes the trace ring buffer out of the object (one reader at a time).
+    /// Takes session slot 0's ring buffer out of the object (one reader).
     pub fn trace_reader(&mut self) -> Result<TraceReader> {
-        let map = self
-            .ebpf
-            .take_map(map_names::TRACE_EVENTS)
-            .ok_or(Error::MissingMap(map_names::TRACE_EVENTS))?;
-        let ring = RingBuf::try_from(map).map_err(|source| Error::Map {
-            name: map_names::TRACE_EVENTS,
-            source,
-        })?;
+        self.trace_reader_of(0)
+    }
+
+    /// Takes session slot `slot`'s ring buffer out of the object.
+    pub fn trace_reader_of(&mut self, slot: u32) -> Result<TraceReader> {
+        let name = *map_names::TRACE_RINGS
+            .get(slot as usize)
+            .ok_or(Error::MissingMap("DP_TRACE_<slot>"))?;
+        let map = self.ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
+        let ring = RingBuf::try_from(map).map_err(|source| Error::Map { name, source })?;
         TraceReader::new(ring)
     }
 

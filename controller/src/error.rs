@@ -24,6 +24,8 @@ pub enum Error {
     NotTcHook(common::Hook),
     #[error("interface {0} not found in this network namespace")]
     NoSuchInterface(String),
+    #[error("all {0} trace session slots are in use by running `dp trace` processes")]
+    TraceSessionsBusy(u32),
     #[error("pinning {context}: {message}")]
     Pin { context: String, message: String },
     #[error("{context}: {source}")]

@@ -9,12 +9,14 @@ use std::{
     path::Path,
 };
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use common::{
     ct::{CT_DIR_REPLY, CT_FLAG_SNAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED},
+    lb::{BACKEND_FLAG_TERMINATING, SOURCE_RANGE_PREFIX_BASE},
     map_names,
     names::{NameKey, NameValue, NAME_KIND_BACKEND, NAME_KIND_SERVICE},
-    Backend, CtEntry, CtKey, Hook, Reason, ReasonCounter, ServiceKey, ServiceValue,
+    AffinityKey, AffinityValue, Backend, CtEntry, CtKey, Hook, Reason, ReasonCounter, ServiceKey,
+    ServiceValue, SourceRangeKey,
 };
 use serde::Serialize;
 
@@ -33,6 +35,8 @@ pub struct PinnedMaps {
     ct: HashMap<MapData, CtKey, CtEntry>,
     names: HashMap<MapData, NameKey, NameValue>,
     counters: PerCpuArray<MapData, ReasonCounter>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
 }
 
 fn open(bpffs: &Path, name: &'static str) -> Result<MapData> {
@@ -54,6 +58,8 @@ impl PinnedMaps {
             ct: typed(CT, Map::LruHashMap(open(bpffs, CT)?))?,
             names: typed(NAMES, Map::HashMap(open(bpffs, NAMES)?))?,
             counters: typed(COUNTERS, Map::PerCpuArray(open(bpffs, COUNTERS)?))?,
+            source_ranges: typed(SOURCE_RANGES, Map::LpmTrie(open(bpffs, SOURCE_RANGES)?))?,
+            affinity: typed(AFFINITY, Map::LruHashMap(open(bpffs, AFFINITY)?))?,
         })
     }
 
@@ -302,7 +308,15 @@ impl PinnedMaps {
         protocol: u8,
     ) -> Result<Explanation> {
         use crate::services::addr16;
-        use common::{addr::in_prefix, config::CONFIG_MASQUERADE_ALL, lb::SERVICE_FLAG_LOCAL_ONLY};
+        use common::{
+            addr::in_prefix,
+            config::CONFIG_MASQUERADE_ALL,
+            lb::{
+                SCOPE_INTERNAL, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_EXTERNAL,
+                SERVICE_FLAG_INTERNAL_SCOPE, SERVICE_FLAG_LOCAL_ONLY, SERVICE_FLAG_REJECT_UNSERVED,
+                SERVICE_FLAG_SOURCE_RANGES, SERVICE_FLAG_WILDCARD,
+            },
+        };
         let cfg = self.config.get(&0, 0).map_err(|source| Error::Map {
             name: map_names::CONFIG,
             source,
@@ -353,30 +367,65 @@ impl PinnedMaps {
                 }
             }
         }
-        let master = ServiceKey::master(addr16(to.ip()), to.port(), protocol);
-        let wildcard = ServiceKey::wildcard(addr16(to.ip()));
-        if self.services.get(&wildcard, 0).is_err() {
-            return Ok(out);
-        }
-        let Ok(m) = self.services.get(&master, 0) else {
-            out.verdict = "reject";
-            out.reason = Reason::PortNotServed.id();
+        // A new flow: the same steps as the datapath's `service::new_flow`.
+        let master_key = ServiceKey::master(addr16(to.ip()), to.port(), protocol);
+        let wildcard_flags = match self.services.get(&ServiceKey::wildcard(addr16(to.ip())), 0) {
+            Ok(w) if w.flags & SERVICE_FLAG_WILDCARD != 0 => w.flags,
+            _ => return Ok(out),
+        };
+        let Ok(mut m) = self.services.get(&master_key, 0) else {
+            // Other ports of a ClusterIP are rejected; of node, external
+            // and LoadBalancer addresses, left to the host.
+            if wildcard_flags & SERVICE_FLAG_REJECT_UNSERVED != 0 {
+                out.verdict = "reject";
+                out.reason = Reason::PortNotServed.id();
+            }
             return Ok(out);
         };
         out.service = spn(m.service_id);
+        let from16 = addr16(from);
+        if m.flags & SERVICE_FLAG_SOURCE_RANGES != 0 && !self.source_allowed(m.service_id, from)? {
+            out.verdict = "drop";
+            out.reason = Reason::SourceRangeDenied.id();
+            return Ok(out);
+        }
+        let from_host = from16 == cfg.node_ip;
+        let from_pod = cfg.cluster_cidr_len != 0
+            && in_prefix(&from16, &cfg.cluster_cidr, cfg.cluster_cidr_len);
+        let etp_local = m.flags & SERVICE_FLAG_INTERNAL_SCOPE != 0;
         let frontend = crate::services::Frontend { addr: to, protocol };
         let slots = programmed
             .frontends
             .get(&frontend)
             .map(|(_, s)| s.clone())
             .unwrap_or_default();
-        let eligible = if slots.ready.is_empty() {
-            &slots.terminating
+        let (ready, terminating) = if etp_local && (from_host || from_pod) {
+            m = self
+                .services
+                .get(&master_key.with_scope(SCOPE_INTERNAL), 0)
+                .map_err(|source| Error::Map {
+                    name: map_names::SERVICES,
+                    source,
+                })?;
+            slots.internal.clone().unwrap_or_default()
         } else {
-            &slots.ready
+            (slots.ready.clone(), slots.terminating.clone())
+        };
+        let eligible = if ready.is_empty() {
+            &terminating
+        } else {
+            &ready
         };
         out.backends = eligible.iter().filter_map(|id| backend_addr(*id)).collect();
-        if out.backends.is_empty() {
+        let remembered = (m.flags & SERVICE_FLAG_AFFINITY != 0)
+            .then(|| self.affinity_backend(&m, from16))
+            .flatten()
+            .and_then(backend_addr);
+        if let Some(addr) = remembered {
+            out.verdict = "forward";
+            out.reason = Reason::NewFlowAffinity.id();
+            out.backends = vec![addr];
+        } else if out.backends.is_empty() {
             if m.flags & SERVICE_FLAG_LOCAL_ONLY != 0 {
                 out.verdict = "drop";
                 out.reason = Reason::NoLocalEndpoints.id();
@@ -385,21 +434,56 @@ impl PinnedMaps {
                 out.reason = Reason::NoEndpoints.id();
             }
             return Ok(out);
+        } else {
+            out.verdict = "forward";
+            out.reason = Reason::NewFlow.id();
         }
-        out.verdict = "forward";
-        out.reason = Reason::NewFlow.id();
-        let from16 = addr16(from);
-        out.masquerade = cfg.flags & CONFIG_MASQUERADE_ALL != 0
-            || (cfg.cluster_cidr_len != 0
-                && !in_prefix(&from16, &cfg.cluster_cidr, cfg.cluster_cidr_len));
         out.hairpin_possible = eligible
             .iter()
             .filter_map(|id| programmed.backends.get(id))
             .any(|b| b.0.ip() == from);
-        if out.hairpin_possible && out.backends.len() == 1 {
-            out.masquerade = true;
-        }
+        out.masquerade = (out.hairpin_possible && out.backends.len() == 1)
+            || if m.flags & SERVICE_FLAG_EXTERNAL != 0 {
+                !etp_local || from_host
+            } else {
+                cfg.flags & CONFIG_MASQUERADE_ALL != 0 || (cfg.cluster_cidr_len != 0 && !from_pod)
+            };
         Ok(out)
+    }
+
+    /// Service id -> its `loadBalancerSourceRanges` as `a.b.c.d/len`.
+    pub fn source_ranges(&self) -> Result<BTreeMap<u32, Vec<String>>> {
+        Ok(crate::services::source_ranges_in(&self.source_ranges)?
+            .into_iter()
+            .map(|(id, v)| (id, v.iter().map(|(a, l)| format!("{a}/{l}")).collect()))
+            .collect())
+    }
+
+    /// Whether `from` is in the service's `loadBalancerSourceRanges`.
+    fn source_allowed(&self, service_id: u32, from: IpAddr) -> Result<bool> {
+        let key = aya::maps::lpm_trie::Key::new(
+            SOURCE_RANGE_PREFIX_BASE + 128,
+            SourceRangeKey {
+                service_id_be: service_id.to_be(),
+                addr: crate::services::addr16(from),
+            },
+        );
+        Ok(self.source_ranges.get(&key, 0).is_ok())
+    }
+
+    /// The backend session affinity pins this client to, if the record is
+    /// live and the datapath would use it (`lb::affinity_backend`).
+    fn affinity_backend(&self, m: &ServiceValue, client: [u8; 16]) -> Option<u32> {
+        let key = AffinityKey {
+            client,
+            service_id: m.service_id,
+        };
+        let v = self.affinity.get(&key, 0).ok()?;
+        let age = monotonic_ns().saturating_sub(v.last_used_ns);
+        let live = age <= u64::from(m.affinity_timeout_s) * 1_000_000_000;
+        let b = self.backends.get(&v.backend_id, 0).ok()?;
+        let usable = b.flags & BACKEND_FLAG_TERMINATING == 0 || m.count == 0;
+        (live && usable).then_some(v.backend_id)
     }
 }
 

@@ -17,10 +17,12 @@ pub mod kube_source;
 pub mod manifests;
 pub mod metrics;
 pub mod netlink;
+pub mod pcapng;
 pub mod pin;
 pub mod services;
 pub mod sync;
 pub mod trace;
+pub mod trace_view;
 pub mod translate;
 
 pub use datapath::{Counters, Datapath, MapSizes};

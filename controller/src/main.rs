@@ -61,6 +61,9 @@ enum Command {
         #[arg(long)]
         to: String,
     },
+    /// Stream the datapath's decisions, one line per packet, in Kubernetes
+    /// terms. Filters run in the kernel; Ctrl-C stops.
+    Trace(TraceArgs),
     /// Detach everything and remove dp's pinned maps and links.
     Cleanup {
         /// The agent's bpffs directory.
@@ -81,6 +84,82 @@ struct Inspect {
     /// `text` or `json` (one JSON document).
     #[arg(short = 'o', long, default_value = "text")]
     output: String,
+}
+
+#[derive(Args)]
+struct TraceArgs {
+    #[command(flatten)]
+    inspect: Inspect,
+    /// Only packets to or from this Service (`namespace/name`).
+    #[arg(long)]
+    service: Option<String>,
+    /// Only packets with this source or destination address (as they arrived).
+    #[arg(long)]
+    ip: Option<std::net::IpAddr>,
+    /// Only packets with this source or destination port (as they arrived).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Only this protocol: tcp, udp, icmp or a number.
+    #[arg(long = "proto")]
+    protocol: Option<String>,
+    /// Only these verdicts: forwarded, rejected, dropped, passed.
+    #[arg(long, value_delimiter = ',')]
+    verdict: Vec<String>,
+    /// Only these reasons: ids as in `dp stats` (no_endpoints) or numbers.
+    #[arg(long, value_delimiter = ',')]
+    reason: Vec<String>,
+    /// Only packets seen on this interface.
+    #[arg(long)]
+    interface: Option<String>,
+    /// Stop after N packets.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Also write the packets' headers to FILE as pcapng, with the verdict
+    /// and reason as each packet's comment.
+    #[arg(short = 'w', long = "write")]
+    write: Option<PathBuf>,
+    /// For drops and rejects: the likely cause and the next command to run.
+    #[arg(long)]
+    explain: bool,
+}
+
+impl TraceArgs {
+    fn filter(&self) -> anyhow::Result<dp::trace_view::TraceFilter> {
+        use dp::trace_view::{parse_protocol, parse_reason, parse_verdict, TraceFilter};
+        Ok(TraceFilter {
+            service: self.service.clone(),
+            ip: self.ip,
+            port: self.port,
+            protocol: match &self.protocol {
+                Some(p) => Some(parse_protocol(p).ok_or_else(|| {
+                    anyhow::anyhow!("--proto {p}: use tcp, udp, icmp or a number")
+                })?),
+                None => None,
+            },
+            verdicts: self
+                .verdict
+                .iter()
+                .map(|v| {
+                    parse_verdict(v).ok_or_else(|| {
+                        anyhow::anyhow!("--verdict {v}: use forwarded, rejected, dropped or passed")
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?,
+            reasons: self
+                .reason
+                .iter()
+                .map(|r| {
+                    parse_reason(r).ok_or_else(|| {
+                        anyhow::anyhow!("--reason {r}: not a reason id or number (see `dp stats`)")
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?,
+            interface: self.interface.clone(),
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -242,6 +321,28 @@ fn main() -> anyhow::Result<()> {
         Command::Stats(i) => {
             let rows = PinnedMaps::open(&i.bpffs)?.stats()?;
             print(&i, &rows, text::stats(&rows))
+        }
+        Command::Trace(t) => {
+            let json = match t.inspect.output.as_str() {
+                "json" => true,
+                "text" => false,
+                other => anyhow::bail!("-o {other}: use text or json"),
+            };
+            let opts = dp::trace_view::StreamOptions {
+                json,
+                explain: t.explain,
+                count: t.count,
+                duration: t.duration.map(std::time::Duration::from_secs_f64),
+                pcapng: t.write.clone(),
+            };
+            let filter = t.filter()?;
+            dp::trace_view::stream(
+                &t.inspect.bpffs,
+                &filter,
+                &opts,
+                &mut std::io::stdout().lock(),
+            )?;
+            Ok(())
         }
         Command::Cleanup { bpffs } => {
             let removed = dp::pin::cleanup(&bpffs)?;

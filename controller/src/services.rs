@@ -503,21 +503,30 @@ impl Datapath {
         &self,
     ) -> Result<std::collections::BTreeMap<u32, Vec<(Ipv4Addr, u8)>>> {
         let trie: LpmTrie<&MapData, SourceRangeKey, u8> = self.map_ref(map_names::SOURCE_RANGES)?;
-        let mut out: std::collections::BTreeMap<u32, Vec<(Ipv4Addr, u8)>> = Default::default();
-        for key in trie.keys() {
-            let key = key.map_err(map_err(map_names::SOURCE_RANGES))?;
-            let data = key.data();
-            let len = key
-                .prefix_len()
-                .saturating_sub(SOURCE_RANGE_PREFIX_BASE + 96) as u8;
-            if let Some(v4) = as_v4(&data.addr) {
-                out.entry(u32::from_be(data.service_id_be))
-                    .or_default()
-                    .push((Ipv4Addr::from(v4), len));
-            }
-        }
-        Ok(out)
+        source_ranges_in(&trie)
     }
+}
+
+/// Service id -> its source ranges, from a `DP_SRC_RANGES` trie (owned by a
+/// `Datapath` or opened from its pin).
+pub fn source_ranges_in<T: std::borrow::Borrow<MapData>>(
+    trie: &LpmTrie<T, SourceRangeKey, u8>,
+) -> Result<std::collections::BTreeMap<u32, Vec<(Ipv4Addr, u8)>>> {
+    let mut out: std::collections::BTreeMap<u32, Vec<(Ipv4Addr, u8)>> =
+        std::collections::BTreeMap::new();
+    for key in trie.keys() {
+        let key = key.map_err(map_err(map_names::SOURCE_RANGES))?;
+        let data = key.data();
+        let len = key
+            .prefix_len()
+            .saturating_sub(SOURCE_RANGE_PREFIX_BASE + 96) as u8;
+        if let Some(v4) = as_v4(&data.addr) {
+            out.entry(u32::from_be(data.service_id_be))
+                .or_default()
+                .push((Ipv4Addr::from(v4), len));
+        }
+    }
+    Ok(out)
 }
 
 impl Datapath {

@@ -148,12 +148,20 @@ impl MapWriter {
 
     /// Backend id -> the endpoint it was programmed for (as translated).
     fn backend_endpoints(&self) -> BTreeMap<u32, &EndpointInfo> {
-        let mut out = BTreeMap::new();
+        let mut out: BTreeMap<u32, &EndpointInfo> = BTreeMap::new();
         for (key, a) in &self.frontends {
             let Some(spec) = &a.spec else { continue };
             for (ep, _) in backends_of(spec) {
                 if let Some((id, _)) = self.backends.get(&(ep.addr, key.protocol)) {
-                    out.insert(*id, ep);
+                    // One backend may be in several slices; the one that
+                    // names the pod wins.
+                    let known = |e: &EndpointInfo| (e.pod.is_some(), e.node.is_some());
+                    match out.get(id) {
+                        Some(prev) if known(prev) >= known(ep) => {}
+                        _ => {
+                            out.insert(*id, ep);
+                        }
+                    }
                 }
             }
         }

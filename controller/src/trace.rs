@@ -1,18 +1,121 @@
-//! Reading trace events from the `DP_TRACE` ring buffer and rendering them.
+//! Trace sessions: claiming a session slot in the pinned `DP_TRACE_SESS`,
+//! reading its ring buffer, and the plain rendering of an event (the
+//! Kubernetes-named one is in `trace_view`).
 
 use std::{
+    fs::File,
     net::IpAddr,
     os::fd::AsRawFd,
+    path::Path,
     time::{Duration, Instant},
 };
 
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{Array, Map, MapData, RingBuf};
 use common::{
-    trace::{proto, FAMILY_IPV4, FAMILY_IPV6},
-    FlowTuple, Hook, Reason, TraceEvent, Verdict,
+    map_names,
+    trace::{proto, FAMILY_IPV4, FAMILY_IPV6, TRACE_SESSIONS},
+    FlowTuple, Hook, Reason, TraceEvent, TraceSession, Verdict,
 };
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    pin,
+};
+
+/// A session slot this process claimed in the pinned `DP_TRACE_SESS`;
+/// released (the datapath stops tracing for it) when dropped.
+pub struct PinnedSession {
+    sessions: Array<MapData, TraceSession>,
+    slot: u32,
+}
+
+impl PinnedSession {
+    /// Claims a free slot (or one whose owner died) of the agent's pinned
+    /// maps under `bpffs`, writes `filter` there and opens its ring buffer.
+    pub fn open(bpffs: &Path, mut filter: TraceSession) -> Result<(Self, TraceReader)> {
+        let maps = pin::maps_dir(bpffs);
+        let io = |context: String| move |source| Error::Io { context, source };
+        // Claims are serialised by a lock on the maps directory, so two
+        // sessions starting together never take the same slot.
+        let lock = File::open(&maps).map_err(io(format!("open {}", maps.display())))?;
+        // SAFETY: a valid open descriptor.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(Error::Io {
+                context: format!("lock {}", maps.display()),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let name = map_names::TRACE_SESSIONS;
+        let data =
+            MapData::from_pin(maps.join(name)).map_err(|source| Error::Map { name, source })?;
+        let mut sessions: Array<MapData, TraceSession> =
+            Array::try_from(Map::Array(data)).map_err(|source| Error::Map { name, source })?;
+        let map_err = |source| Error::Map { name, source };
+        let mut free = None;
+        for slot in 0..TRACE_SESSIONS {
+            let s = sessions.get(&slot, 0).map_err(map_err)?;
+            if s.active == 0 || !owner_alive(s.owner_pid) {
+                free = Some(slot);
+                break;
+            }
+        }
+        let slot = free.ok_or(Error::TraceSessionsBusy(TRACE_SESSIONS))?;
+        sessions
+            .set(slot, TraceSession::default(), 0)
+            .map_err(map_err)?;
+        let ring_name = map_names::TRACE_RINGS[slot as usize];
+        let data = MapData::from_pin(maps.join(ring_name)).map_err(|source| Error::Map {
+            name: ring_name,
+            source,
+        })?;
+        let ring = RingBuf::try_from(Map::RingBuf(data)).map_err(|source| Error::Map {
+            name: ring_name,
+            source,
+        })?;
+        let mut reader = TraceReader::new(ring)?;
+        // Whatever a previous owner left unread is not ours.
+        reader.drain();
+        filter.active = 1;
+        filter.owner_pid = std::process::id();
+        sessions.set(slot, filter, 0).map_err(map_err)?;
+        Ok((PinnedSession { sessions, slot }, reader))
+    }
+
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+}
+
+impl Drop for PinnedSession {
+    fn drop(&mut self) {
+        let _ = self.sessions.set(self.slot, TraceSession::default(), 0);
+    }
+}
+
+/// Whether the process that claimed a slot still runs (a `dp` process: a
+/// reused pid of something else does not hold the slot).
+fn owner_alive(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "dp")
+}
+
+/// Every session slot as the datapath sees it (for `dp status`).
+pub fn pinned_sessions(bpffs: &Path) -> Result<Vec<TraceSession>> {
+    let name = map_names::TRACE_SESSIONS;
+    let data = MapData::from_pin(pin::maps_dir(bpffs).join(name))
+        .map_err(|source| Error::Map { name, source })?;
+    let sessions: Array<MapData, TraceSession> =
+        Array::try_from(Map::Array(data)).map_err(|source| Error::Map { name, source })?;
+    (0..TRACE_SESSIONS)
+        .map(|slot| {
+            sessions
+                .get(&slot, 0)
+                .map_err(|source| Error::Map { name, source })
+        })
+        .collect()
+}
 
 /// Reads `TraceEvent`s as the datapath submits them.
 pub struct TraceReader {

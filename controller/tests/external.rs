@@ -10,20 +10,15 @@ mod support;
 
 use std::{
     collections::BTreeMap,
-    fs,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::Path,
     time::Duration,
 };
 
-use e2e::{parse_identity, require_root, tcp_echo_once, Cluster, Netns, TcpEchoServer};
 use support::agents::*;
 
 const NODE1: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
 const NODE2: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 3);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
-/// A timeout long enough for a working path, short enough for dropped ones.
-const DROPPED_AFTER: Duration = Duration::from_secs(1);
 
 /// Pods: pod-1-0 10.244.1.10, pod-1-1 10.244.1.11 (node1), pod-2-0
 /// 10.244.2.10, pod-2-1 10.244.2.11 (node2); all serve TCP 8080.
@@ -139,105 +134,13 @@ endpoints:
 - {addresses: [10.244.2.11], nodeName: node2}
 "#;
 
-/// The cluster, its servers and one agent per node, programmed and ready.
-struct Fixture {
-    cluster: Cluster,
-    _servers: Vec<TcpEchoServer>,
-    /// Kept alive for the test (killed when dropped).
-    _agents: Vec<Agent>,
-    bpffs: Bpffs,
-    _manifests: ManifestsDir,
-}
-
-impl Fixture {
-    fn new(test: &str) -> Self {
-        require_root();
-        let cluster = Cluster::new(&[2, 2]).unwrap();
-        let servers = cluster.serve_named_tcp(8080).unwrap();
-        let client = cluster.client_ns();
-        // The external and load-balancer addresses are routed to node1, as
-        // a router or a cloud load balancer would.
-        for net in ["198.51.100.0/24", "203.0.113.0/24"] {
-            client.add_route(net, &NODE1.to_string()).unwrap();
-        }
-        let manifests = manifests_dir(test);
-        fs::write(manifests.join("services.yaml"), MANIFESTS).unwrap();
-        let bpffs = Bpffs::new(test);
-        let agents: Vec<Agent> = cluster
-            .nodes
-            .iter()
-            .enumerate()
-            .map(|(i, node)| {
-                Agent::start(
-                    cluster.node_ns(i),
-                    &node.name,
-                    &node.ip.to_string(),
-                    &manifests,
-                    &bpffs.node(&node.name),
-                )
-            })
-            .collect();
-        for agent in &agents {
-            agent.wait_for(&["synced"]);
-        }
-        Fixture {
-            cluster,
-            _servers: servers,
-            _agents: agents,
-            bpffs,
-            _manifests: manifests,
-        }
-    }
-
-    fn pins(&self, node: &str) -> std::path::PathBuf {
-        self.bpffs.node(node)
-    }
-
-    /// Packets counted for `reason` on `node`, over every hook.
-    fn packets(&self, node: &str, reason: &str) -> u64 {
-        count(&self.pins(node), reason)
-    }
-}
-
-fn count(pins: &Path, reason: &str) -> u64 {
-    inspect(pins, &["stats"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["reason"] == reason)
-        .map(|r| r["packets"].as_u64().unwrap())
-        .sum()
-}
-
-/// One TCP exchange from `ns` to `addr`: (backend pod, client address the
-/// backend saw).
-fn whoami(ns: &Netns, addr: SocketAddr) -> (String, SocketAddr) {
-    let (reply, _) = tcp_echo_once(ns, addr, b"hi", TIMEOUT)
-        .unwrap_or_else(|e| panic!("{addr} from {}: {e}", ns.name()));
-    let (name, peer, echo) = parse_identity(&reply).expect("identity line");
-    assert_eq!(echo, b"hi");
-    (name, peer)
-}
-
-/// Asserts that nothing answers (the datapath drops; a reject would fail
-/// the connect at once with "refused", not time out).
-fn assert_dropped(ns: &Netns, addr: SocketAddr) {
-    match tcp_echo_once(ns, addr, b"hi", DROPPED_AFTER) {
-        Ok(r) => panic!("{addr} answered from {}: {r:?}", ns.name()),
-        Err(e) => assert!(
-            e.to_string().contains("timed out"),
-            "{addr}: dropped, not refused: {e}"
-        ),
-    }
-}
-
 fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::from((ip, port))
 }
 
 #[test]
 fn node_ports_reach_local_and_remote_backends_through_the_entry_node() {
-    let f = Fixture::new("nodeport");
+    let f = AgentCluster::new(MANIFESTS, "nodeport");
     let client = f.cluster.client_ns();
     for entry in [NODE1, NODE2] {
         let mut seen = BTreeMap::new();
@@ -268,7 +171,7 @@ fn node_ports_reach_local_and_remote_backends_through_the_entry_node() {
 
 #[test]
 fn external_and_load_balancer_ips_are_served_and_source_ranges_enforced() {
-    let f = Fixture::new("lbip");
+    let f = AgentCluster::new(MANIFESTS, "lbip");
     let client = f.cluster.client_ns();
     let (pod, peer) = whoami(client, "198.51.100.10:80".parse().unwrap());
     assert!(pod == "pod-1-0" || pod == "pod-2-0", "{pod}");
@@ -296,7 +199,7 @@ fn external_and_load_balancer_ips_are_served_and_source_ranges_enforced() {
 
 #[test]
 fn external_traffic_policy_local_keeps_the_client_ip_and_answers_health_checks() {
-    let f = Fixture::new("etplocal");
+    let f = AgentCluster::new(MANIFESTS, "etplocal");
     let client = f.cluster.client_ns();
     for addr in [sa(NODE1, 30083), "203.0.113.12:80".parse().unwrap()] {
         let (pod, peer) = whoami(client, addr);
@@ -335,7 +238,7 @@ fn external_traffic_policy_local_keeps_the_client_ip_and_answers_health_checks()
 
 #[test]
 fn internal_traffic_policy_local_serves_only_pods_on_nodes_with_an_endpoint() {
-    let f = Fixture::new("itplocal");
+    let f = AgentCluster::new(MANIFESTS, "itplocal");
     let vip: SocketAddr = "10.96.0.14:80".parse().unwrap();
     let (pod, peer) = whoami(f.cluster.pod_ns("pod-1-1"), vip);
     assert_eq!(pod, "pod-1-0");
@@ -346,7 +249,7 @@ fn internal_traffic_policy_local_serves_only_pods_on_nodes_with_an_endpoint() {
 
 #[test]
 fn session_affinity_pins_a_client_for_fifty_connections_then_expires() {
-    let f = Fixture::new("affinity");
+    let f = AgentCluster::new(MANIFESTS, "affinity");
     let client = f.cluster.client_ns();
     let sticky = sa(NODE1, 30084);
     let (first, _) = whoami(client, sticky);

@@ -303,11 +303,13 @@ fn counters_accumulate_over_packets() {
 #[test]
 fn no_trace_events_while_tracing_is_off() {
     let mut dp = load();
-    assert_eq!(
-        dp.config().unwrap().trace_enabled,
-        0,
-        "tracing is off by default"
-    );
+    for slot in 0..common::trace::TRACE_SESSIONS {
+        assert_eq!(
+            dp.trace_session(slot).unwrap().active,
+            0,
+            "no trace session is open by default"
+        );
+    }
     let mut reader = dp.trace_reader().unwrap();
     run(&dp, Hook::TcIngress, &tcp_syn());
     run(&dp, Hook::Xdp, &udp(b"x"));

@@ -532,33 +532,87 @@ fn trace_events_carry_service_backend_and_both_tuples() {
 }
 
 #[test]
-fn the_trace_filter_limits_events_in_the_kernel() {
+fn each_trace_session_gets_the_packets_its_kernel_filter_matches() {
+    use common::{trace::*, TraceSession};
     let mut dp = setup(&[(1, B1)], &[]);
-    dp.set_tracing(true).unwrap();
-    dp.update_config(|c| {
-        c.trace_filter.addr = v4_mapped(OUTSIDE);
-        c.trace_filter.flags = common::config::TRACE_FILTER_ADDR;
-    })
-    .unwrap();
-    let mut reader = dp.trace_reader().unwrap();
+    // Slot 0: everything from OUTSIDE. Slot 1: UDP port 80. Slot 2: rejects
+    // and drops of this service only. Slot 3: another interface.
+    let mut from_outside = TraceSession {
+        active: 1,
+        match_flags: TRACE_MATCH_ADDR,
+        addr: v4_mapped(OUTSIDE),
+        ..TraceSession::default()
+    };
+    dp.set_trace_session(0, &from_outside).unwrap();
+    let udp80 = TraceSession {
+        active: 1,
+        match_flags: TRACE_MATCH_PORT | TRACE_MATCH_PROTOCOL,
+        port: 80,
+        protocol: 17,
+        ..TraceSession::default()
+    };
+    dp.set_trace_session(1, &udp80).unwrap();
+    let mut refused = TraceSession {
+        active: 1,
+        match_flags: TRACE_MATCH_VERDICT | TRACE_MATCH_SERVICE,
+        verdicts: 1 << Verdict::Reject as u8 | 1 << Verdict::Drop as u8,
+        service_count: 1,
+        ..TraceSession::default()
+    };
+    refused.service_ids[0] = SERVICE_ID;
+    dp.set_trace_session(2, &refused).unwrap();
+    let elsewhere = TraceSession {
+        active: 1,
+        match_flags: TRACE_MATCH_IFINDEX,
+        ifindex: 9999,
+        ..TraceSession::default()
+    };
+    dp.set_trace_session(3, &elsewhere).unwrap();
+    let mut readers: Vec<_> = (0..4).map(|s| dp.trace_reader_of(s).unwrap()).collect();
+
     forward(&dp, &tcp_syn(CLIENT, 40012, VIP, 80));
-    forward(&dp, &tcp_syn(OUTSIDE, 40012, VIP, 80));
+    let syn_from_outside = tcp_syn(OUTSIDE, 40012, VIP, 80);
+    forward(&dp, &syn_from_outside);
     forward(&dp, &udp(CLIENT, 40012, VIP, 80, b"x"));
-    let events = reader.drain();
-    assert_eq!(events.len(), 1, "only the packet from {OUTSIDE:?}");
-    assert_eq!(events[0].original.saddr, v4_mapped(OUTSIDE));
-    dp.update_config(|c| {
-        c.trace_filter.port = 80;
-        c.trace_filter.protocol = 17;
-        c.trace_filter.flags =
-            common::config::TRACE_FILTER_PORT | common::config::TRACE_FILTER_PROTOCOL;
-    })
+    // Port 81 is not served: a reject of no service port (service id 0),
+    // then the service emptied: a reject of this service.
+    run(&dp, Hook::TcIngress, &tcp_syn(CLIENT, 40013, VIP, 81));
+    dp.set_service(
+        &Frontend::tcp(sa(VIP, 80)),
+        SERVICE_ID,
+        &BackendSlots::default(),
+    )
     .unwrap();
-    forward(&dp, &tcp_syn(CLIENT, 40013, VIP, 80));
-    forward(&dp, &udp(CLIENT, 40013, VIP, 80, b"x"));
-    let events = reader.drain();
-    assert_eq!(events.len(), 1);
-    assert_eq!(events[0].original.protocol, 17);
+    run(&dp, Hook::TcIngress, &tcp_syn(CLIENT, 40014, VIP, 80));
+
+    let events: Vec<Vec<TraceEvent>> = readers.iter_mut().map(|r| r.drain()).collect();
+    assert_eq!(events[0].len(), 1, "only the packet from {OUTSIDE:?}");
+    assert_eq!(events[0][0].original.saddr, v4_mapped(OUTSIDE));
+    // The headers are the frame as it arrived, before DNAT.
+    let e = &events[0][0];
+    assert_eq!(
+        &e.headers[..e.headers_len as usize],
+        &syn_from_outside[..],
+        "the whole (short) frame, untranslated"
+    );
+    assert_eq!(events[1].len(), 1);
+    assert_eq!(events[1][0].original.protocol, 17);
+    assert_eq!(
+        events[2]
+            .iter()
+            .map(|e| (e.reason, e.service_id))
+            .collect::<Vec<_>>(),
+        [(Reason::NoEndpoints as u32, SERVICE_ID)],
+        "the unserved port has no service id"
+    );
+    assert!(events[3].is_empty());
+
+    // A closed slot gets nothing; the others keep theirs.
+    from_outside.active = 0;
+    dp.set_trace_session(0, &from_outside).unwrap();
+    run(&dp, Hook::TcIngress, &tcp_syn(OUTSIDE, 40015, VIP, 80));
+    assert!(readers[0].drain().is_empty());
+    assert_eq!(readers[2].drain().len(), 1);
 }
 
 /// An ICMP error frame `src -> dst` quoting `quoted` (IP header + 8 bytes).

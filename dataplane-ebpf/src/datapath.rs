@@ -35,12 +35,14 @@ pub fn run_tc(ctx: &TcContext, hook: Hook) -> i32 {
         stats::count(hook, Reason::ScratchUnavailable, pkt.len());
         return TC_ACT_OK;
     };
-    let action = match classify(&pkt, ev) {
+    let ip = classify(&pkt, ev);
+    trace::arrival(&pkt, ev);
+    let action = match ip {
         Some(ip) if ip.protocol == proto::IPPROTO_ICMP => icmp_error(ctx, hook, ip.l4_off, ev),
         Some(ip) => service::handle(ctx, hook, cfg, ip.l4_off, ev),
         None => tc_action(ev),
     };
-    finish(hook, cfg, ev);
+    finish(hook, ev);
     action
 }
 
@@ -52,7 +54,9 @@ pub fn run_xdp(ctx: &XdpContext) -> u32 {
         stats::count(Hook::Xdp, Reason::ScratchUnavailable, pkt.len());
         return xdp_action::XDP_PASS;
     };
-    let action = match classify(&pkt, ev) {
+    let ip = classify(&pkt, ev);
+    trace::arrival(&pkt, ev);
+    let action = match ip {
         // ICMP errors about flows are translated in tc.
         Some(ip) if ip.protocol == proto::IPPROTO_ICMP => {
             decide(ev, Verdict::Pass, Reason::XdpPassToTc);
@@ -62,7 +66,7 @@ pub fn run_xdp(ctx: &XdpContext) -> u32 {
         None if ev.verdict == Verdict::Drop as u8 => xdp_action::XDP_DROP,
         None => xdp_action::XDP_PASS,
     };
-    finish(Hook::Xdp, cfg, ev);
+    finish(Hook::Xdp, ev);
     action
 }
 
@@ -148,11 +152,11 @@ fn classify<P: Packet>(pkt: &P, ev: &mut TraceEvent) -> Option<Ipv4Packet> {
     }
 }
 
-/// Counts the decision and traces it if wanted.
+/// Counts the decision and traces it if a session wants it.
 #[inline(always)]
-fn finish(hook: Hook, cfg: &DatapathConfig, ev: &mut TraceEvent) {
+fn finish(hook: Hook, ev: &mut TraceEvent) {
     stats::count_number(hook, ev.reason, ev.packet_len);
-    if trace::wanted(cfg, &ev.original) {
+    if ev.trace_sessions != 0 {
         trace::emit(ev);
     }
 }

@@ -10,7 +10,7 @@ use common::{
     map_sizes,
     names::{NameKey, NameValue},
     AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, ReasonCounter,
-    RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, TraceEvent, COUNTER_SLOTS,
+    RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, TraceEvent, TraceSession, COUNTER_SLOTS,
 };
 
 /// Packets and bytes per (hook, reason); always on.
@@ -22,9 +22,20 @@ pub static DP_COUNTERS: PerCpuArray<ReasonCounter> =
 #[map(name = "DP_CONFIG")]
 pub static DP_CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 
-/// Trace events (`TraceEvent`), read by `dp trace` and the tests.
-#[map(name = "DP_TRACE")]
-pub static DP_TRACE: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);
+/// `dp trace` session slots and their filters (`common::trace`).
+#[map(name = "DP_TRACE_SESS")]
+pub static DP_TRACE_SESS: Array<TraceSession> =
+    Array::with_max_entries(common::trace::TRACE_SESSIONS, 0);
+
+/// Trace events (`TraceEvent`) of session slot 0..3, read by `dp trace`.
+#[map(name = "DP_TRACE_0")]
+pub static DP_TRACE_0: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);
+#[map(name = "DP_TRACE_1")]
+pub static DP_TRACE_1: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);
+#[map(name = "DP_TRACE_2")]
+pub static DP_TRACE_2: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);
+#[map(name = "DP_TRACE_3")]
+pub static DP_TRACE_3: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);
 
 /// Index 0: trace events that did not fit in `DP_TRACE` (reader too slow).
 #[map(name = "DP_TRACE_LOST")]
@@ -76,8 +87,11 @@ pub static DP_DECISION: PerCpuArray<TraceEvent> = PerCpuArray::with_max_entries(
 pub static DP_SCRATCH: PerCpuArray<[u8; crate::reject::SCRATCH_LEN]> =
     PerCpuArray::with_max_entries(1, 0);
 
-/// 1 MiB: about 9 000 events of buffering between reader wake-ups.
+/// 1 MiB per session: about 4 000 events of buffering between reader
+/// wake-ups.
 const TRACE_RING_BYTES: u32 = 1 << 20;
 
 // The ring buffer hands out 8-byte aligned records.
 const _: () = assert!(core::mem::size_of::<TraceEvent>() % 8 == 0);
+// One ring buffer per session slot.
+const _: () = assert!(common::trace::TRACE_SESSIONS == 4);

@@ -1,7 +1,7 @@
 //! The packet as the programs see it, the same for tc (skb) and XDP.
 
 use aya_ebpf::{
-    helpers::{bpf_skb_load_bytes, bpf_skb_store_bytes},
+    helpers::{bpf_skb_load_bytes, bpf_skb_store_bytes, bpf_xdp_load_bytes},
     programs::{TcContext, XdpContext},
 };
 
@@ -18,6 +18,8 @@ pub trait Packet {
     fn pull_failed(&self) -> bool {
         false
     }
+    /// Copies `dst.len()` bytes at `off` (linear or not) into `dst`.
+    fn load(&self, off: usize, dst: &mut [u8]) -> Result<(), ()>;
 }
 
 pub struct SkbPacket<'a> {
@@ -64,6 +66,10 @@ impl Packet for SkbPacket<'_> {
     fn pull_failed(&self) -> bool {
         self.pull_failed
     }
+    #[inline(always)]
+    fn load(&self, off: usize, dst: &mut [u8]) -> Result<(), ()> {
+        skb_load(self.ctx, off, dst)
+    }
 }
 
 pub struct XdpPacket<'a> {
@@ -93,6 +99,23 @@ impl Packet for XdpPacket<'_> {
     #[inline(always)]
     fn ifindex(&self) -> u32 {
         self.ctx.ingress_ifindex() as u32
+    }
+    #[inline(always)]
+    fn load(&self, off: usize, dst: &mut [u8]) -> Result<(), ()> {
+        // SAFETY: `dst` is valid for `dst.len()` bytes.
+        let rc = unsafe {
+            bpf_xdp_load_bytes(
+                self.ctx.ctx.cast(),
+                off as u32,
+                dst.as_mut_ptr().cast(),
+                dst.len() as u32,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(())
+        }
     }
 }
 

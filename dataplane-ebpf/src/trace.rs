@@ -2,17 +2,28 @@
 //!
 //! The decision about a packet is built directly in a per-CPU scratch
 //! `TraceEvent` (the BPF stack is too small to carry it through the call
-//! chain); when the packet is traced, that record is copied into the
-//! `DP_TRACE` ring buffer as it is.
+//! chain). Tracing costs nothing but a look at the session slots while no
+//! `dp trace` runs: `candidates` finds the sessions whose address, port,
+//! protocol and interface filter the packet passes, and only for those the
+//! headers are copied (before anything rewrites them) and, once the
+//! decision is made, `emit` checks verdict, reason and service and copies
+//! the record into each matching session's ring buffer.
 
+use aya_ebpf::maps::RingBuf;
 use common::{
-    config::{TRACE_FILTER_ADDR, TRACE_FILTER_PORT, TRACE_FILTER_PROTOCOL},
-    DatapathConfig, FlowTuple, Hook, Reason, TraceEvent, Verdict,
+    trace::{
+        TRACE_MATCH_ADDR, TRACE_MATCH_IFINDEX, TRACE_MATCH_PORT, TRACE_MATCH_PROTOCOL,
+        TRACE_MATCH_REASON, TRACE_MATCH_SERVICE, TRACE_MATCH_VERDICT, TRACE_SERVICE_IDS,
+    },
+    FlowTuple, Hook, Reason, TraceEvent, TraceSession, Verdict,
 };
 
 use crate::{
     conntrack::now_ns,
-    maps::{DP_DECISION, DP_TRACE, DP_TRACE_LOST},
+    maps::{
+        DP_DECISION, DP_TRACE_0, DP_TRACE_1, DP_TRACE_2, DP_TRACE_3, DP_TRACE_LOST, DP_TRACE_SESS,
+    },
+    packet::Packet,
 };
 
 /// This CPU's decision record, reset for a new packet.
@@ -27,11 +38,12 @@ pub fn start(hook: Hook, ifindex: u32, packet_len: u32) -> Option<&'static mut T
     ev.hook = hook as u8;
     ev.verdict = Verdict::Pass as u8;
     ev.tcp_flags = 0;
-    ev._pad = 0;
+    ev.trace_sessions = 0;
     ev.service_id = 0;
     ev.backend_id = 0;
     ev.original = FlowTuple::default();
     ev.translated = FlowTuple::default();
+    ev.headers_len = 0;
     Some(ev)
 }
 
@@ -42,29 +54,136 @@ pub fn decide(ev: &mut TraceEvent, verdict: Verdict, reason: Reason) {
     ev.reason = reason as u32;
 }
 
-/// Whether this packet is to be traced.
+/// Notes in the record which sessions may want this packet, judged on the
+/// packet as it arrived, and keeps its headers for them. With no session
+/// open, the slot checks are all tracing costs.
+///
+/// A BPF function of its own, leaving its result in the record (map
+/// memory) rather than in a register: the verifier then need not walk the
+/// rest of the program once per outcome.
+#[inline(never)]
+pub fn arrival<P: Packet>(pkt: &P, ev: &mut TraceEvent) {
+    let sessions = candidates(ev);
+    if sessions != 0 {
+        capture(pkt, ev);
+    }
+    ev.trace_sessions = sessions as u8;
+}
+
 #[inline(always)]
-pub fn wanted(cfg: &DatapathConfig, t: &FlowTuple) -> bool {
-    if cfg.trace_enabled == 0 {
+fn candidates(ev: &TraceEvent) -> u32 {
+    let mut mask = 0;
+    let mut slot = 0;
+    while slot < common::trace::TRACE_SESSIONS {
+        if let Some(s) = DP_TRACE_SESS.get(slot) {
+            if s.active != 0 && arrival_matches(s, ev) {
+                mask |= 1 << slot;
+            }
+        }
+        slot += 1;
+    }
+    mask
+}
+
+#[inline(never)]
+fn arrival_matches(s: &TraceSession, ev: &TraceEvent) -> bool {
+    let t = &ev.original;
+    let f = s.match_flags;
+    if f & TRACE_MATCH_IFINDEX != 0 && ev.ifindex != s.ifindex {
         return false;
     }
-    let f = &cfg.trace_filter;
-    if f.flags & TRACE_FILTER_ADDR != 0 && t.saddr != f.addr && t.daddr != f.addr {
+    if f & TRACE_MATCH_PROTOCOL != 0 && t.protocol != s.protocol {
         return false;
     }
-    if f.flags & TRACE_FILTER_PORT != 0 && t.sport != f.port && t.dport != f.port {
+    if f & TRACE_MATCH_ADDR != 0 && t.saddr != s.addr && t.daddr != s.addr {
         return false;
     }
-    if f.flags & TRACE_FILTER_PROTOCOL != 0 && t.protocol != f.protocol {
+    if f & TRACE_MATCH_PORT != 0 && t.sport != s.port && t.dport != s.port {
         return false;
     }
     true
 }
 
+#[inline(never)]
+fn decision_matches(s: &TraceSession, ev: &TraceEvent) -> bool {
+    let f = s.match_flags;
+    if f & TRACE_MATCH_VERDICT != 0 && s.verdicts & (1 << (ev.verdict & 7)) == 0 {
+        return false;
+    }
+    if f & TRACE_MATCH_REASON != 0 && !s.wants_reason(ev.reason) {
+        return false;
+    }
+    if f & TRACE_MATCH_SERVICE != 0 {
+        let mut i = 0;
+        let mut found = false;
+        while i < TRACE_SERVICE_IDS {
+            if (i as u32) < s.service_count && s.service_ids[i] == ev.service_id {
+                found = true;
+            }
+            i += 1;
+        }
+        if !found {
+            return false;
+        }
+    }
+    true
+}
+
+/// Copies the frame's first bytes into the record, for the sessions' pcapng.
 #[inline(always)]
+fn capture<P: Packet>(pkt: &P, ev: &mut TraceEvent) {
+    const MAX: u32 = common::trace::TRACE_HEADER_BYTES as u32;
+    let len = pkt.len();
+    if len >= MAX {
+        if pkt.load(0, &mut ev.headers).is_ok() {
+            ev.headers_len = MAX as u16;
+        }
+        return;
+    }
+    // A shorter frame: the helper wants a length the verifier can prove is
+    // in 1..MAX. LLVM would pass on an unbounded copy of `len` that it knows
+    // is small; a volatile round trip through the record, a mask and a zero
+    // test on the masked register give the verifier its own proof.
+    ev.headers_len = len as u16;
+    // SAFETY: reads a field of a valid record.
+    let n = u32::from(unsafe { core::ptr::read_volatile(&ev.headers_len) }) & (MAX - 1);
+    ev.headers_len = 0;
+    if n == 0 {
+        return;
+    }
+    if pkt.load(0, &mut ev.headers[..n as usize]).is_ok() {
+        ev.headers_len = n as u16;
+    }
+}
+
+/// Sends the record to each session noted on arrival whose verdict, reason
+/// and service filter it passes.
+#[inline(never)]
 pub fn emit(ev: &mut TraceEvent) {
+    let candidates = u32::from(ev.trace_sessions);
     ev.timestamp_ns = now_ns();
-    if DP_TRACE.output::<TraceEvent>(&*ev, 0).is_err() {
+    // One call per slot: a map must be known to the verifier at each call.
+    emit_to(0, &DP_TRACE_0, candidates, ev);
+    emit_to(1, &DP_TRACE_1, candidates, ev);
+    emit_to(2, &DP_TRACE_2, candidates, ev);
+    emit_to(3, &DP_TRACE_3, candidates, ev);
+}
+
+#[inline(always)]
+fn emit_to(slot: u32, ring: &RingBuf, candidates: u32, ev: &TraceEvent) {
+    if candidates & (1 << slot) == 0 {
+        return;
+    }
+    if let Some(s) = DP_TRACE_SESS.get(slot) {
+        if decision_matches(s, ev) {
+            output(ring, ev);
+        }
+    }
+}
+
+#[inline(always)]
+fn output(ring: &RingBuf, ev: &TraceEvent) {
+    if ring.output::<TraceEvent>(ev, 0).is_err() {
         // The reader is behind: count what it missed rather than stall.
         if let Some(lost) = DP_TRACE_LOST.get_ptr_mut(0) {
             // SAFETY: per-CPU map value.

@@ -37,6 +37,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     "conntrack",
     "bpftool",
+    // Reads the pcapng `dp trace -w` writes (its test checks the comments).
+    "tshark",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -190,3 +190,162 @@ pub fn http_get(ns: &Netns, addr: &str, path: &str) -> String {
     })
     .unwrap()
 }
+
+/// A timeout long enough for a working path, short enough for dropped ones.
+pub const DROPPED_AFTER: Duration = Duration::from_secs(1);
+
+/// A two-node namespace cluster (pods pod-1-0 10.244.1.10, pod-1-1
+/// 10.244.1.11 on node1 172.18.0.2; pod-2-0 10.244.2.10, pod-2-1
+/// 10.244.2.11 on node2 172.18.0.3; all serve TCP 8080), the client
+/// 172.18.0.100 with 198.51.100.0/24 and 203.0.113.0/24 routed to node1 (as
+/// a router or a cloud load balancer would), and one `dp agent --manifests`
+/// per node, programmed and ready.
+pub struct AgentCluster {
+    pub cluster: e2e::Cluster,
+    _servers: Vec<e2e::TcpEchoServer>,
+    /// Kept alive for the test (killed when dropped).
+    _agents: Vec<Agent>,
+    pub bpffs: Bpffs,
+    _manifests: ManifestsDir,
+}
+
+impl AgentCluster {
+    pub fn new(manifests_yaml: &str, test: &str) -> Self {
+        e2e::require_root();
+        let cluster = e2e::Cluster::new(&[2, 2]).unwrap();
+        let servers = cluster.serve_named_tcp(8080).unwrap();
+        let client = cluster.client_ns();
+        for net in ["198.51.100.0/24", "203.0.113.0/24"] {
+            client.add_route(net, "172.18.0.2").unwrap();
+        }
+        let manifests = manifests_dir(test);
+        fs::write(manifests.join("services.yaml"), manifests_yaml).unwrap();
+        let bpffs = Bpffs::new(test);
+        let agents: Vec<Agent> = cluster
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                Agent::start(
+                    cluster.node_ns(i),
+                    &node.name,
+                    &node.ip.to_string(),
+                    &manifests,
+                    &bpffs.node(&node.name),
+                )
+            })
+            .collect();
+        for agent in &agents {
+            agent.wait_for(&["synced"]);
+        }
+        AgentCluster {
+            cluster,
+            _servers: servers,
+            _agents: agents,
+            bpffs,
+            _manifests: manifests,
+        }
+    }
+
+    pub fn pins(&self, node: &str) -> PathBuf {
+        self.bpffs.node(node)
+    }
+
+    /// Packets counted for `reason` on `node`, over every hook.
+    pub fn packets(&self, node: &str, reason: &str) -> u64 {
+        inspect(&self.pins(node), &["stats"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["reason"] == reason)
+            .map(|r| r["packets"].as_u64().unwrap())
+            .sum()
+    }
+}
+
+/// One TCP exchange from `ns` to `addr`: (backend pod, client address the
+/// backend saw).
+pub fn whoami(ns: &Netns, addr: SocketAddr) -> (String, SocketAddr) {
+    let (reply, _) = e2e::tcp_echo_once(ns, addr, b"hi", TIMEOUT)
+        .unwrap_or_else(|e| panic!("{addr} from {}: {e}", ns.name()));
+    let (name, peer, echo) = e2e::parse_identity(&reply).expect("identity line");
+    assert_eq!(echo, b"hi");
+    (name, peer)
+}
+
+/// Asserts that nothing answers (the datapath drops; a reject would fail
+/// the connect at once with "refused", not time out).
+pub fn assert_dropped(ns: &Netns, addr: SocketAddr) {
+    match e2e::tcp_echo_once(ns, addr, b"hi", DROPPED_AFTER) {
+        Ok(r) => panic!("{addr} answered from {}: {r:?}", ns.name()),
+        Err(e) => assert!(
+            e.to_string().contains("timed out"),
+            "{addr}: dropped, not refused: {e}"
+        ),
+    }
+}
+
+/// A `dp trace` process in a node's namespace; its stdout lines arrive on
+/// `lines`. Interrupted (SIGINT, as Ctrl-C) when dropped.
+pub struct TraceProcess {
+    pub child: Child,
+    pub lines: Receiver<String>,
+}
+
+impl TraceProcess {
+    /// Starts `dp trace --bpffs <pins> <args>` in `ns` and waits until its
+    /// session is open (it says so on stderr).
+    pub fn start(ns: &Netns, pins: &Path, args: &[&str]) -> TraceProcess {
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", ns.path().display()))
+            .args([env!("CARGO_BIN_EXE_dp"), "trace", "--bpffs"])
+            .arg(pins)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start dp trace");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut first = String::new();
+        stderr.read_line(&mut first).unwrap();
+        assert!(
+            first.contains("session") && first.contains("open"),
+            "dp trace: {first}"
+        );
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                eprintln!("[trace] {line}");
+            }
+        });
+        TraceProcess { child, lines }
+    }
+
+    /// The next line, waiting at most `timeout`.
+    pub fn next_line(&self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
+    /// Ctrl-C, and the exit status.
+    pub fn interrupt(&mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for TraceProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.interrupt();
+        }
+    }
+}
