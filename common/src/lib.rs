@@ -33,6 +33,8 @@ pub mod map_names {
     /// One trace ring buffer per session slot (`trace::TRACE_SESSIONS`).
     pub const TRACE_RINGS: [&str; 4] = ["DP_TRACE_0", "DP_TRACE_1", "DP_TRACE_2", "DP_TRACE_3"];
     pub const TRACE_SESSIONS: &str = "DP_TRACE_SESS";
+    pub const RECENT: &str = "DP_RECENT";
+    pub const RECENT_HEAD: &str = "DP_RECENT_HEAD";
     pub const TRACE_LOST: &str = "DP_TRACE_LOST";
     pub const SERVICES: &str = "DP_SERVICES";
     pub const BACKENDS: &str = "DP_BACKENDS";

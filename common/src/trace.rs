@@ -77,6 +77,10 @@ pub const TRACE_HEADER_BYTES: usize = 128;
 /// Concurrent `dp trace` sessions: slots in `DP_TRACE_SESS`, one ring buffer each.
 pub const TRACE_SESSIONS: u32 = 4;
 
+/// Drops and rejects the datapath keeps per CPU for `dp trace --since`
+/// (`DP_RECENT`), whether or not a session is open.
+pub const RECENT_EVENTS: u32 = 64;
+
 /// Service ids one session can filter on in the kernel.
 pub const TRACE_SERVICE_IDS: usize = 16;
 
@@ -129,6 +133,42 @@ impl TraceSession {
     pub fn wants_reason(&self, reason: u32) -> bool {
         let word = (reason / 64) as usize;
         word < self.reasons.len() && self.reasons[word] & (1 << (reason % 64)) != 0
+    }
+
+    /// The checks on the packet as it arrived: interface, protocol, and
+    /// address and port (source or destination).
+    #[inline(always)]
+    pub fn arrival_matches(&self, ev: &TraceEvent) -> bool {
+        let t = &ev.original;
+        let f = self.match_flags;
+        !(f & TRACE_MATCH_IFINDEX != 0 && ev.ifindex != self.ifindex
+            || f & TRACE_MATCH_PROTOCOL != 0 && t.protocol != self.protocol
+            || f & TRACE_MATCH_ADDR != 0 && t.saddr != self.addr && t.daddr != self.addr
+            || f & TRACE_MATCH_PORT != 0 && t.sport != self.port && t.dport != self.port)
+    }
+
+    /// The checks on the decision: verdict, reason, service.
+    #[inline(always)]
+    pub fn decision_matches(&self, ev: &TraceEvent) -> bool {
+        let f = self.match_flags;
+        if f & TRACE_MATCH_VERDICT != 0 && self.verdicts & (1 << (ev.verdict & 7)) == 0 {
+            return false;
+        }
+        if f & TRACE_MATCH_REASON != 0 && !self.wants_reason(ev.reason) {
+            return false;
+        }
+        if f & TRACE_MATCH_SERVICE != 0 {
+            let mut found = false;
+            let mut i = 0;
+            while i < TRACE_SERVICE_IDS {
+                if (i as u32) < self.service_count && self.service_ids[i] == ev.service_id {
+                    found = true;
+                }
+                i += 1;
+            }
+            return found;
+        }
+        true
     }
 
     pub fn add_reason(&mut self, reason: u32) {

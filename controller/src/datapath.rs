@@ -69,7 +69,7 @@ enum Attachment {
 
 /// Maps kept in bpffs, so a restarted agent (and the inspection commands)
 /// find the same state. Scratch maps are private to each program version.
-pub const PINNED_MAPS: [&str; 15] = [
+pub const PINNED_MAPS: [&str; 17] = [
     map_names::SERVICES,
     map_names::BACKENDS,
     map_names::REVNAT,
@@ -82,6 +82,8 @@ pub const PINNED_MAPS: [&str; 15] = [
     map_names::TRACE_RINGS[2],
     map_names::TRACE_RINGS[3],
     map_names::TRACE_LOST,
+    map_names::RECENT,
+    map_names::RECENT_HEAD,
     map_names::NAMES,
     map_names::AFFINITY,
     map_names::SOURCE_RANGES,

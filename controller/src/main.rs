@@ -117,6 +117,10 @@ struct TraceArgs {
     /// Stop after this many seconds.
     #[arg(long)]
     duration: Option<f64>,
+    /// First print the drops and rejects the datapath kept (the last 64 per
+    /// CPU) from this long ago: `90s`, `5m`, `1h`.
+    #[arg(long)]
+    since: Option<String>,
     /// Also write the packets' headers to FILE as pcapng, with the verdict
     /// and reason as each packet's comment.
     #[arg(short = 'w', long = "write")]
@@ -334,6 +338,13 @@ fn main() -> anyhow::Result<()> {
                 count: t.count,
                 duration: t.duration.map(std::time::Duration::from_secs_f64),
                 pcapng: t.write.clone(),
+                since: match &t.since {
+                    Some(s) => Some(
+                        dp::trace_view::parse_duration(s)
+                            .ok_or_else(|| anyhow::anyhow!("--since {s}: use 90s, 5m or 1h"))?,
+                    ),
+                    None => None,
+                },
             };
             let filter = t.filter()?;
             dp::trace_view::stream(

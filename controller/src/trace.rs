@@ -101,6 +101,26 @@ fn owner_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "dp")
 }
 
+/// The drops and rejects the datapath kept (`DP_RECENT`, per CPU), oldest
+/// first.
+pub fn recent_events(bpffs: &Path) -> Result<Vec<TraceEvent>> {
+    use aya::maps::PerCpuArray;
+    let name = map_names::RECENT;
+    let data = MapData::from_pin(pin::maps_dir(bpffs).join(name))
+        .map_err(|source| Error::Map { name, source })?;
+    let ring: PerCpuArray<MapData, TraceEvent> = PerCpuArray::try_from(Map::PerCpuArray(data))
+        .map_err(|source| Error::Map { name, source })?;
+    let mut out = Vec::new();
+    for i in 0..common::trace::RECENT_EVENTS {
+        let per_cpu = ring
+            .get(&i, 0)
+            .map_err(|source| Error::Map { name, source })?;
+        out.extend(per_cpu.iter().filter(|e| e.timestamp_ns != 0).copied());
+    }
+    out.sort_by_key(|e| e.timestamp_ns);
+    Ok(out)
+}
+
 /// Every session slot as the datapath sees it (for `dp status`).
 pub fn pinned_sessions(bpffs: &Path) -> Result<Vec<TraceSession>> {
     let name = map_names::TRACE_SESSIONS;

@@ -761,6 +761,24 @@ pub struct StreamOptions {
     pub duration: Option<Duration>,
     /// Write the packets here as pcapng.
     pub pcapng: Option<PathBuf>,
+    /// First the drops and rejects the datapath kept from this long ago.
+    pub since: Option<Duration>,
+}
+
+/// Parses `--since`: `90`, `90s`, `5m`, `2h`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let (n, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = n.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(secs))
 }
 
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -821,6 +839,50 @@ pub fn stream(
     let clock = Clock::new();
     let started = Instant::now();
     let mut seen = 0u64;
+    let mut show = |ev: &TraceEvent,
+                    names: &mut TraceNames,
+                    out: &mut dyn std::io::Write,
+                    seen: &mut u64|
+     -> anyhow::Result<()> {
+        let record = names.record(ev, &clock, opts.explain);
+        if !filter.matches(&record) {
+            return Ok(());
+        }
+        *seen += 1;
+        if opts.json {
+            writeln!(out, "{}", serde_json::to_string(&record)?)?;
+        } else {
+            writeln!(out, "{}", line(&record))?;
+        }
+        out.flush()?;
+        if let Some(w) = pcap.as_mut() {
+            let data = &ev.headers[..usize::from(ev.headers_len).min(ev.headers.len())];
+            w.packet(
+                ev.ifindex,
+                &record.interface,
+                clock.unix_ns(ev.timestamp_ns),
+                data,
+                ev.packet_len,
+                &pcap_comment(&record),
+            )?;
+            w.flush()?;
+        }
+        Ok(())
+    };
+    if let Some(since) = opts.since {
+        // Kept before the session opened; later ones arrive live.
+        let opened = crate::services::monotonic_ns();
+        let from = opened.saturating_sub(since.as_nanos() as u64);
+        for ev in crate::trace::recent_events(bpffs)? {
+            let wanted = ev.timestamp_ns >= from
+                && ev.timestamp_ns < opened
+                && session.arrival_matches(&ev)
+                && session.decision_matches(&ev);
+            if wanted && opts.count.is_none_or(|c| seen < c) {
+                show(&ev, &mut names, out, &mut seen)?;
+            }
+        }
+    }
     let result = loop {
         if STOP.load(std::sync::atomic::Ordering::Relaxed) {
             break Ok(());
@@ -840,29 +902,8 @@ pub fn stream(
             Ok(None) => continue,
             Err(e) => break Err(e.into()),
         };
-        let record = names.record(&ev, &clock, opts.explain);
-        if !filter.matches(&record) {
-            continue;
-        }
-        seen += 1;
-        if opts.json {
-            writeln!(out, "{}", serde_json::to_string(&record)?)?;
-        } else {
-            writeln!(out, "{}", line(&record))?;
-        }
-        out.flush()?;
-        if let Some(w) = pcap.as_mut() {
-            let comment = pcap_comment(&record);
-            let data = &ev.headers[..usize::from(ev.headers_len).min(ev.headers.len())];
-            w.packet(
-                ev.ifindex,
-                &record.interface,
-                clock.unix_ns(ev.timestamp_ns),
-                data,
-                ev.packet_len,
-                &comment,
-            )?;
-            w.flush()?;
+        if let Err(e) = show(&ev, &mut names, out, &mut seen) {
+            break Err(e);
         }
     };
     drop(claim);

@@ -280,6 +280,28 @@ fn trace_names_each_verdict_and_reason_as_it_happens() {
     assert!(ranges.next_line(Duration::from_millis(200)).is_none());
     assert!(local.next_line(Duration::from_millis(200)).is_none());
 
+    // After the fact: the datapath kept the drop, `--since` shows it.
+    drop(ranges);
+    let mut later = TraceProcess::start(
+        f.cluster.node_ns(1),
+        &pins2,
+        &[
+            "-o",
+            "json",
+            "--since",
+            "1m",
+            "--reason",
+            "source_range_denied",
+            "--count",
+            "1",
+        ],
+    );
+    let kept: Value =
+        serde_json::from_str(&later.next_line(WITHIN).expect("the kept drop")).unwrap();
+    assert_eq!(kept["monotonic_ns"], denied["monotonic_ns"], "{kept}");
+    assert_eq!(kept["source"]["ip"], "10.244.2.10");
+    assert!(later.interrupt().success(), "--count 1: done after one");
+
     // The pcapng: tshark reads it, decodes the headers, shows the comments.
     let out = Command::new("tshark")
         .arg("-r")

@@ -159,4 +159,7 @@ fn finish(hook: Hook, ev: &mut TraceEvent) {
     if ev.trace_sessions != 0 {
         trace::emit(ev);
     }
+    if ev.verdict == Verdict::Drop as u8 || ev.verdict == Verdict::Reject as u8 {
+        trace::remember(ev);
+    }
 }

@@ -37,6 +37,16 @@ pub static DP_TRACE_2: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);
 #[map(name = "DP_TRACE_3")]
 pub static DP_TRACE_3: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);
 
+/// The last `RECENT_EVENTS` drops and rejects of each CPU, a ring
+/// (`dp trace --since`); written whether or not a session is open.
+#[map(name = "DP_RECENT")]
+pub static DP_RECENT: PerCpuArray<TraceEvent> =
+    PerCpuArray::with_max_entries(common::trace::RECENT_EVENTS, 0);
+
+/// Index 0: where this CPU writes its next `DP_RECENT` entry.
+#[map(name = "DP_RECENT_HEAD")]
+pub static DP_RECENT_HEAD: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 /// Index 0: trace events that did not fit in `DP_TRACE` (reader too slow).
 #[map(name = "DP_TRACE_LOST")]
 pub static DP_TRACE_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

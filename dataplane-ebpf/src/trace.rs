@@ -10,18 +10,13 @@
 //! the record into each matching session's ring buffer.
 
 use aya_ebpf::maps::RingBuf;
-use common::{
-    trace::{
-        TRACE_MATCH_ADDR, TRACE_MATCH_IFINDEX, TRACE_MATCH_PORT, TRACE_MATCH_PROTOCOL,
-        TRACE_MATCH_REASON, TRACE_MATCH_SERVICE, TRACE_MATCH_VERDICT, TRACE_SERVICE_IDS,
-    },
-    FlowTuple, Hook, Reason, TraceEvent, TraceSession, Verdict,
-};
+use common::{trace::RECENT_EVENTS, FlowTuple, Hook, Reason, TraceEvent, TraceSession, Verdict};
 
 use crate::{
     conntrack::now_ns,
     maps::{
-        DP_DECISION, DP_TRACE_0, DP_TRACE_1, DP_TRACE_2, DP_TRACE_3, DP_TRACE_LOST, DP_TRACE_SESS,
+        DP_DECISION, DP_RECENT, DP_RECENT_HEAD, DP_TRACE_0, DP_TRACE_1, DP_TRACE_2, DP_TRACE_3,
+        DP_TRACE_LOST, DP_TRACE_SESS,
     },
     packet::Packet,
 };
@@ -85,48 +80,36 @@ fn candidates(ev: &TraceEvent) -> u32 {
     mask
 }
 
+// The filter checks live in `common` (userspace applies them to recorded
+// events too); here each is its own BPF function, verified once.
 #[inline(never)]
 fn arrival_matches(s: &TraceSession, ev: &TraceEvent) -> bool {
-    let t = &ev.original;
-    let f = s.match_flags;
-    if f & TRACE_MATCH_IFINDEX != 0 && ev.ifindex != s.ifindex {
-        return false;
-    }
-    if f & TRACE_MATCH_PROTOCOL != 0 && t.protocol != s.protocol {
-        return false;
-    }
-    if f & TRACE_MATCH_ADDR != 0 && t.saddr != s.addr && t.daddr != s.addr {
-        return false;
-    }
-    if f & TRACE_MATCH_PORT != 0 && t.sport != s.port && t.dport != s.port {
-        return false;
-    }
-    true
+    s.arrival_matches(ev)
 }
 
 #[inline(never)]
 fn decision_matches(s: &TraceSession, ev: &TraceEvent) -> bool {
-    let f = s.match_flags;
-    if f & TRACE_MATCH_VERDICT != 0 && s.verdicts & (1 << (ev.verdict & 7)) == 0 {
-        return false;
+    s.decision_matches(ev)
+}
+
+/// Keeps a drop or reject in this CPU's `DP_RECENT` ring (`dp trace
+/// --since`): a cost on those paths only.
+#[inline(never)]
+pub fn remember(ev: &mut TraceEvent) {
+    if ev.timestamp_ns == 0 {
+        ev.timestamp_ns = now_ns();
     }
-    if f & TRACE_MATCH_REASON != 0 && !s.wants_reason(ev.reason) {
-        return false;
-    }
-    if f & TRACE_MATCH_SERVICE != 0 {
-        let mut i = 0;
-        let mut found = false;
-        while i < TRACE_SERVICE_IDS {
-            if (i as u32) < s.service_count && s.service_ids[i] == ev.service_id {
-                found = true;
-            }
-            i += 1;
+    let Some(head) = DP_RECENT_HEAD.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU map values; programs do not nest on a CPU.
+    unsafe {
+        let i = *head % RECENT_EVENTS;
+        if let Some(slot) = DP_RECENT.get_ptr_mut(i) {
+            *slot = *ev;
+            *head = i + 1;
         }
-        if !found {
-            return false;
-        }
     }
-    true
 }
 
 /// Copies the frame's first bytes into the record, for the sessions' pcapng.
