@@ -68,6 +68,8 @@ pub mod program_names {
     pub const XDP: &str = "dp_xdp";
     /// Returns TC_ACT_OK and nothing else: the floor for benchmarks.
     pub const TC_NOOP: &str = "dp_tc_noop";
+    /// `dp_tc_ingress` with tracing compiled out (benchmarks only).
+    pub const TC_UNTRACED: &str = "dp_tc_untraced";
 }
 
 #[cfg(feature = "user")]

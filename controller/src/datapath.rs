@@ -488,6 +488,20 @@ impl Datapath {
         TraceReader::new(ring)
     }
 
+    /// Loads `dp_tc_ingress` with tracing compiled out (benchmarks: the
+    /// cost of tracing with no session open); see `untraced_program`.
+    pub fn load_untraced(&mut self) -> Result<()> {
+        let name = program_names::TC_UNTRACED;
+        tc_program_mut(&mut self.ebpf, name)?
+            .load()
+            .map_err(|source| Error::Program { name, source })
+    }
+
+    /// The program `load_untraced` loaded.
+    pub fn untraced_program(&self) -> Result<&SchedClassifier> {
+        tc_program_ref(&self.ebpf, program_names::TC_UNTRACED)
+    }
+
     /// The program that does nothing (benchmark floor).
     pub fn noop_program(&self) -> Result<&SchedClassifier> {
         tc_program_ref(&self.ebpf, program_names::TC_NOOP)

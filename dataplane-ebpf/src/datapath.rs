@@ -27,8 +27,10 @@ fn config() -> &'static DatapathConfig {
     DP_CONFIG.get(0).unwrap_or(&EMPTY_CONFIG)
 }
 
+/// `TRACED` false compiles tracing out (the benchmarks' `dp_tc_untraced`,
+/// to show that with no session open tracing costs nothing measurable).
 #[inline(always)]
-pub fn run_tc(ctx: &TcContext, hook: Hook) -> i32 {
+pub fn run_tc<const TRACED: bool>(ctx: &TcContext, hook: Hook) -> i32 {
     let pkt = SkbPacket::new(ctx);
     let cfg = config();
     let Some(ev) = trace::start(hook, pkt.ifindex(), pkt.len()) else {
@@ -36,13 +38,15 @@ pub fn run_tc(ctx: &TcContext, hook: Hook) -> i32 {
         return TC_ACT_OK;
     };
     let ip = classify(&pkt, ev);
-    trace::arrival(&pkt, ev);
+    if TRACED {
+        trace::arrival(&pkt, ev);
+    }
     let action = match ip {
         Some(ip) if ip.protocol == proto::IPPROTO_ICMP => icmp_error(ctx, hook, ip.l4_off, ev),
         Some(ip) => service::handle(ctx, hook, cfg, ip.l4_off, ev),
         None => tc_action(ev),
     };
-    finish(hook, ev);
+    finish::<TRACED>(hook, ev);
     action
 }
 
@@ -66,7 +70,7 @@ pub fn run_xdp(ctx: &XdpContext) -> u32 {
         None if ev.verdict == Verdict::Drop as u8 => xdp_action::XDP_DROP,
         None => xdp_action::XDP_PASS,
     };
-    finish(Hook::Xdp, ev);
+    finish::<true>(Hook::Xdp, ev);
     action
 }
 
@@ -154,8 +158,11 @@ fn classify<P: Packet>(pkt: &P, ev: &mut TraceEvent) -> Option<Ipv4Packet> {
 
 /// Counts the decision and traces it if a session wants it.
 #[inline(always)]
-fn finish(hook: Hook, ev: &mut TraceEvent) {
+fn finish<const TRACED: bool>(hook: Hook, ev: &mut TraceEvent) {
     stats::count_number(hook, ev.reason, ev.packet_len);
+    if !TRACED {
+        return;
+    }
     if ev.trace_sessions != 0 {
         trace::emit(ev);
     }

@@ -34,17 +34,24 @@ use common::Hook;
 
 #[classifier]
 pub fn dp_tc_ingress(ctx: TcContext) -> i32 {
-    datapath::run_tc(&ctx, Hook::TcIngress)
+    datapath::run_tc::<true>(&ctx, Hook::TcIngress)
 }
 
 #[classifier]
 pub fn dp_tc_egress(ctx: TcContext) -> i32 {
-    datapath::run_tc(&ctx, Hook::TcEgress)
+    datapath::run_tc::<true>(&ctx, Hook::TcEgress)
 }
 
 #[xdp]
 pub fn dp_xdp(ctx: XdpContext) -> u32 {
     datapath::run_xdp(&ctx)
+}
+
+/// `dp_tc_ingress` with tracing compiled out: only for the benchmarks,
+/// which compare it with `dp_tc_ingress` with no trace session open.
+#[classifier]
+pub fn dp_tc_untraced(ctx: TcContext) -> i32 {
+    datapath::run_tc::<false>(&ctx, Hook::TcIngress)
 }
 
 /// Does nothing: the floor the benchmarks compare the datapath with.

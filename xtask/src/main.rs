@@ -196,7 +196,7 @@ fn test() -> Result<()> {
 fn bench(args: &[String]) -> Result<()> {
     require_root("cargo xtask bench")?;
     setup()?;
-    step("cargo bench: per-packet cost (BPF_PROG_TEST_RUN), control plane at scale, NodePort rate");
+    step("cargo bench: per-packet cost (BPF_PROG_TEST_RUN), control plane at scale, NodePort rate, trace cost");
     run(Command::new(cargo())
         .current_dir(workspace())
         .args([
@@ -209,6 +209,8 @@ fn bench(args: &[String]) -> Result<()> {
             "control_plane",
             "--bench",
             "nodeport",
+            "--bench",
+            "trace",
             "--",
         ])
         .args(args))
