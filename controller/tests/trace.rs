@@ -186,6 +186,7 @@ fn trace_names_each_verdict_and_reason_as_it_happens() {
     let fwd = traced(&t1, pod11, web, |v| {
         v["tcp_flags"] == serde_json::json!(["SYN"])
     });
+    eprintln!("forwarded: {fwd}");
     assert_eq!(fwd["verdict"], "forwarded", "{fwd}");
     assert_eq!(fwd["reason"], "new_flow");
     assert_eq!(fwd["service"]["name"], "default/web:http");
