@@ -9,8 +9,12 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::programs::SchedClassifier;
 use common::Hook;
+#[path = "shared/test_run.rs"]
+mod test_run;
+use test_run::run_once;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use dp::{BackendSlots, Datapath, Frontend, MapSizes};
 use etherparse::PacketBuilder;
@@ -28,17 +32,6 @@ fn frame(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, ack: bool) -> Vec<u
     let mut v = Vec::new();
     b.write(&mut v, &[0u8; 64]).unwrap();
     v
-}
-
-/// One program run on `data`, as the kernel timed it.
-fn run_once(prog: &SchedClassifier, data: &[u8], out: &mut [u8]) -> Duration {
-    let opts = TestRunOptions {
-        data_in: Some(data),
-        data_out: Some(out),
-        repeat: 1,
-        ..TestRunOptions::default()
-    };
-    prog.test_run(opts).expect("BPF_PROG_TEST_RUN").duration
 }
 
 /// A datapath with `services` TCP services of 2 backends each (4 map entries

@@ -22,8 +22,11 @@ use std::{
     time::Duration,
 };
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use common::{trace::*, Hook, TraceSession};
+#[path = "shared/test_run.rs"]
+mod test_run;
+use test_run::run_once;
+
 use criterion::{criterion_group, criterion_main, Criterion};
 use dp::{BackendSlots, Datapath, Frontend};
 use etherparse::PacketBuilder;
@@ -40,16 +43,6 @@ fn frame(syn: bool) -> Vec<u8> {
     let mut v = Vec::new();
     b.write(&mut v, &[0u8; 64]).unwrap();
     v
-}
-
-fn run_once(prog: &SchedClassifier, data: &[u8], out: &mut [u8]) -> Duration {
-    let opts = TestRunOptions {
-        data_in: Some(data),
-        data_out: Some(out),
-        repeat: 1,
-        ..TestRunOptions::default()
-    };
-    prog.test_run(opts).expect("BPF_PROG_TEST_RUN").duration
 }
 
 fn datapath() -> Datapath {
