@@ -325,7 +325,7 @@ impl PinnedMaps {
         let backend_addr = |id: u32| programmed.backends.get(&id).map(|b| b.0.to_string());
         let spn = |id: u32| {
             self.name(NAME_KIND_SERVICE, id)
-                .map(|n| n.split(" (").next().unwrap_or(&n).to_string())
+                .map(|n| crate::labels::split_service_label(&n).0.to_string())
         };
         let mut out = Explanation {
             verdict: "pass",

@@ -14,6 +14,7 @@ pub mod error;
 pub mod healthcheck;
 pub mod inspect;
 pub mod kube_source;
+pub mod labels;
 pub mod manifests;
 pub mod metrics;
 pub mod netlink;

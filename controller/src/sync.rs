@@ -99,7 +99,9 @@ impl MapWriter {
             .values()
             .filter_map(|a| {
                 let spec = a.spec.as_ref()?;
-                Some((a.service_id, format!("{} ({})", spec.service, spec.kind)))
+                let label =
+                    crate::labels::service_label(&spec.service.to_string(), &spec.kind.to_string());
+                Some((a.service_id, label))
             })
             .collect()
     }
@@ -116,11 +118,9 @@ impl MapWriter {
             .collect();
         for (id, ep) in self.backend_endpoints() {
             // What is known beyond the address: the pod and its node.
-            let name = match (&ep.pod, &ep.node) {
-                (Some(pod), Some(node)) => format!("{pod} on {node}"),
-                (Some(pod), None) => pod.clone(),
-                (None, Some(node)) => format!("on {node}"),
-                (None, None) => continue,
+            let Some(name) = crate::labels::backend_label(ep.pod.as_deref(), ep.node.as_deref())
+            else {
+                continue;
             };
             wanted.insert((NAME_KIND_BACKEND, id), name);
         }

@@ -121,22 +121,6 @@ pub fn recent_events(bpffs: &Path) -> Result<Vec<TraceEvent>> {
     Ok(out)
 }
 
-/// Every session slot as the datapath sees it (for `dp status`).
-pub fn pinned_sessions(bpffs: &Path) -> Result<Vec<TraceSession>> {
-    let name = map_names::TRACE_SESSIONS;
-    let data = MapData::from_pin(pin::maps_dir(bpffs).join(name))
-        .map_err(|source| Error::Map { name, source })?;
-    let sessions: Array<MapData, TraceSession> =
-        Array::try_from(Map::Array(data)).map_err(|source| Error::Map { name, source })?;
-    (0..TRACE_SESSIONS)
-        .map(|slot| {
-            sessions
-                .get(&slot, 0)
-                .map_err(|source| Error::Map { name, source })
-        })
-        .collect()
-}
-
 /// Reads `TraceEvent`s as the datapath submits them.
 pub struct TraceReader {
     ring: RingBuf<MapData>,

@@ -22,6 +22,7 @@ use serde::Serialize;
 use crate::{
     error::{Error, Result},
     inspect::{PinnedMaps, ServiceRow},
+    labels::{split_backend_label, split_service_label},
     services::ip_of,
     trace::{tcp_flags_names, tuple_addr},
 };
@@ -54,16 +55,6 @@ pub fn parse_verdict(s: &str) -> Option<Verdict> {
         "dropped" | "drop" => Some(Verdict::Drop),
         "passed" | "pass" => Some(Verdict::Pass),
         _ => None,
-    }
-}
-
-/// The verdict as `dp explain` names it: `forward`, `reject`, `drop`, `pass`.
-pub fn explain_id(v: Verdict) -> &'static str {
-    match v {
-        Verdict::Forward => "forward",
-        Verdict::Reject => "reject",
-        Verdict::Drop => "drop",
-        Verdict::Pass => "pass",
     }
 }
 
@@ -265,17 +256,6 @@ pub struct TraceNames {
 /// A backend id's address, `ns/pod` and node, as far as known.
 type KnownBackend = (Option<SocketAddr>, Option<String>, Option<String>);
 
-/// `ns/pod on node` (as the agent writes backend names) -> (pod, node).
-fn split_backend_name(name: &str) -> (Option<String>, Option<String>) {
-    if let Some(node) = name.strip_prefix("on ") {
-        return (None, Some(node.to_string()));
-    }
-    match name.split_once(" on ") {
-        Some((pod, node)) => (Some(pod.to_string()), Some(node.to_string())),
-        None => (Some(name.to_string()), None),
-    }
-}
-
 impl TraceNames {
     pub fn new(bpffs: &Path) -> Self {
         TraceNames {
@@ -305,7 +285,7 @@ impl TraceNames {
             let (pod, node) = b
                 .name
                 .as_deref()
-                .map(split_backend_name)
+                .map(split_backend_label)
                 .unwrap_or((None, None));
             if let (Some(a), Some(p)) = (addr, &pod) {
                 self.pods.insert(SocketAddr::ip(&a), p.clone());
@@ -335,7 +315,7 @@ impl TraceNames {
             .filter(|r| {
                 r.name
                     .as_deref()
-                    .is_some_and(|n| service_of(n.split(" (").next().unwrap_or(n)) == service)
+                    .is_some_and(|n| service_of(split_service_label(n).0) == service)
             })
             .map(|r| r.service_id)
             .collect()
@@ -351,13 +331,8 @@ impl TraceNames {
     /// `(port name, kind)` of a service id: names are `ns/name:port (Kind)`.
     fn service_name(&self, id: u32) -> Option<(String, Option<String>)> {
         let n = self.services.get(&id)?.name.clone()?;
-        Some(match n.split_once(" (") {
-            Some((name, kind)) => (
-                name.to_string(),
-                Some(kind.trim_end_matches(')').to_string()),
-            ),
-            None => (n, None),
-        })
+        let (name, kind) = split_service_label(&n);
+        Some((name.to_string(), kind.map(str::to_string)))
     }
 
     /// The event in Kubernetes terms.
@@ -499,7 +474,7 @@ impl TraceNames {
                     .filter(|s| s.frontend.starts_with(&format!("{ip}:")))
                     .filter_map(|s| {
                         let port = s.frontend.rsplit_once(':')?.1;
-                        let svc = s.name.as_deref()?.split(" (").next()?;
+                        let svc = split_service_label(s.name.as_deref()?).0;
                         Some(format!("{port} ({svc})"))
                     })
                     .collect();

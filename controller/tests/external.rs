@@ -61,43 +61,6 @@ endpoints:
 ---
 apiVersion: v1
 kind: Service
-metadata: {name: admin, namespace: default}
-spec:
-  type: LoadBalancer
-  clusterIP: 10.96.0.12
-  loadBalancerSourceRanges: [172.18.0.100/32]
-  ports: [{port: 80, nodePort: 30082}]
-status: {loadBalancer: {ingress: [{ip: 203.0.113.11}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: admin-1, namespace: default, labels: {kubernetes.io/service-name: admin}}
-addressType: IPv4
-ports: [{port: 8080}]
-endpoints:
-- {addresses: [10.244.1.10], nodeName: node1}
----
-apiVersion: v1
-kind: Service
-metadata: {name: local, namespace: default}
-spec:
-  type: LoadBalancer
-  clusterIP: 10.96.0.13
-  externalTrafficPolicy: Local
-  healthCheckNodePort: 32100
-  ports: [{port: 80, nodePort: 30083}]
-status: {loadBalancer: {ingress: [{ip: 203.0.113.12}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: local-1, namespace: default, labels: {kubernetes.io/service-name: local}}
-addressType: IPv4
-ports: [{port: 8080}]
-endpoints:
-- {addresses: [10.244.1.11], nodeName: node1}
----
-apiVersion: v1
-kind: Service
 metadata: {name: node-agent, namespace: default}
 spec:
   clusterIP: 10.96.0.14
@@ -140,7 +103,10 @@ fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
 
 #[test]
 fn node_ports_reach_local_and_remote_backends_through_the_entry_node() {
-    let f = AgentCluster::new(MANIFESTS, "nodeport");
+    let f = AgentCluster::new(
+        &[MANIFESTS, ADMIN_WITH_SOURCE_RANGES, LOCAL_TRAFFIC_POLICY],
+        "nodeport",
+    );
     let client = f.cluster.client_ns();
     for entry in [NODE1, NODE2] {
         let mut seen = BTreeMap::new();
@@ -171,7 +137,10 @@ fn node_ports_reach_local_and_remote_backends_through_the_entry_node() {
 
 #[test]
 fn external_and_load_balancer_ips_are_served_and_source_ranges_enforced() {
-    let f = AgentCluster::new(MANIFESTS, "lbip");
+    let f = AgentCluster::new(
+        &[MANIFESTS, ADMIN_WITH_SOURCE_RANGES, LOCAL_TRAFFIC_POLICY],
+        "lbip",
+    );
     let client = f.cluster.client_ns();
     let (pod, peer) = whoami(client, "198.51.100.10:80".parse().unwrap());
     assert!(pod == "pod-1-0" || pod == "pod-2-0", "{pod}");
@@ -199,7 +168,10 @@ fn external_and_load_balancer_ips_are_served_and_source_ranges_enforced() {
 
 #[test]
 fn external_traffic_policy_local_keeps_the_client_ip_and_answers_health_checks() {
-    let f = AgentCluster::new(MANIFESTS, "etplocal");
+    let f = AgentCluster::new(
+        &[MANIFESTS, ADMIN_WITH_SOURCE_RANGES, LOCAL_TRAFFIC_POLICY],
+        "etplocal",
+    );
     let client = f.cluster.client_ns();
     for addr in [sa(NODE1, 30083), "203.0.113.12:80".parse().unwrap()] {
         let (pod, peer) = whoami(client, addr);
@@ -238,7 +210,10 @@ fn external_traffic_policy_local_keeps_the_client_ip_and_answers_health_checks()
 
 #[test]
 fn internal_traffic_policy_local_serves_only_pods_on_nodes_with_an_endpoint() {
-    let f = AgentCluster::new(MANIFESTS, "itplocal");
+    let f = AgentCluster::new(
+        &[MANIFESTS, ADMIN_WITH_SOURCE_RANGES, LOCAL_TRAFFIC_POLICY],
+        "itplocal",
+    );
     let vip: SocketAddr = "10.96.0.14:80".parse().unwrap();
     let (pod, peer) = whoami(f.cluster.pod_ns("pod-1-1"), vip);
     assert_eq!(pod, "pod-1-0");
@@ -249,7 +224,10 @@ fn internal_traffic_policy_local_serves_only_pods_on_nodes_with_an_endpoint() {
 
 #[test]
 fn session_affinity_pins_a_client_for_fifty_connections_then_expires() {
-    let f = AgentCluster::new(MANIFESTS, "affinity");
+    let f = AgentCluster::new(
+        &[MANIFESTS, ADMIN_WITH_SOURCE_RANGES, LOCAL_TRAFFIC_POLICY],
+        "affinity",
+    );
     let client = f.cluster.client_ns();
     let sticky = sa(NODE1, 30084);
     let (first, _) = whoami(client, sticky);

@@ -19,9 +19,8 @@ use e2e::Netns;
 use serde_json::Value;
 use support::agents::*;
 
-/// web: endpoints on both nodes. db: its only endpoint is not ready.
-/// admin: LoadBalancer only for 172.18.0.100/32. local: eTP=Local with its
-/// endpoint on node1.
+/// web: endpoints on both nodes. db: its only endpoint is not ready. With
+/// `ADMIN_WITH_SOURCE_RANGES` and `LOCAL_TRAFFIC_POLICY` (support).
 const MANIFESTS: &str = r#"
 apiVersion: v1
 kind: Service
@@ -54,43 +53,6 @@ addressType: IPv4
 ports: [{name: pg, port: 8080}]
 endpoints:
 - {addresses: [10.244.2.11], nodeName: node2, conditions: {ready: false}}
----
-apiVersion: v1
-kind: Service
-metadata: {name: admin, namespace: default}
-spec:
-  type: LoadBalancer
-  clusterIP: 10.96.0.12
-  loadBalancerSourceRanges: [172.18.0.100/32]
-  ports: [{port: 80, nodePort: 30082}]
-status: {loadBalancer: {ingress: [{ip: 203.0.113.11}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: admin-1, namespace: default, labels: {kubernetes.io/service-name: admin}}
-addressType: IPv4
-ports: [{port: 8080}]
-endpoints:
-- {addresses: [10.244.1.10], nodeName: node1}
----
-apiVersion: v1
-kind: Service
-metadata: {name: local, namespace: default}
-spec:
-  type: LoadBalancer
-  clusterIP: 10.96.0.13
-  externalTrafficPolicy: Local
-  healthCheckNodePort: 32100
-  ports: [{port: 80, nodePort: 30083}]
-status: {loadBalancer: {ingress: [{ip: 203.0.113.12}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: local-1, namespace: default, labels: {kubernetes.io/service-name: local}}
-addressType: IPv4
-ports: [{port: 8080}]
-endpoints:
-- {addresses: [10.244.1.11], nodeName: node1}
 "#;
 
 /// How soon after the packet its trace line must be out.
@@ -160,7 +122,10 @@ fn assert_explain_agrees(pins: &Path, from: &str, to: &str, event: &Value) {
 
 #[test]
 fn trace_names_each_verdict_and_reason_as_it_happens() {
-    let f = AgentCluster::new(MANIFESTS, "trace");
+    let f = AgentCluster::new(
+        &[MANIFESTS, ADMIN_WITH_SOURCE_RANGES, LOCAL_TRAFFIC_POLICY],
+        "trace",
+    );
     let pins1 = f.pins("node1");
     let pins2 = f.pins("node2");
     let pod11 = f.cluster.pod_ns("pod-1-1");

@@ -111,11 +111,7 @@ impl Packet for XdpPacket<'_> {
                 dst.len() as u32,
             )
         };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(())
-        }
+        helper_result(rc)
     }
 }
 
@@ -133,11 +129,7 @@ pub fn skb_load(ctx: &TcContext, off: usize, dst: &mut [u8]) -> Result<(), ()> {
             dst.len() as u32,
         )
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(())
-    }
+    helper_result(rc)
 }
 
 /// Writes `src` into the skb at `off` (a variable but bounded length).
@@ -153,6 +145,12 @@ pub fn skb_store(ctx: &TcContext, off: usize, src: &[u8]) -> Result<(), ()> {
             0,
         )
     };
+    helper_result(rc)
+}
+
+/// A helper's return code: 0 is success.
+#[inline(always)]
+fn helper_result(rc: i64) -> Result<(), ()> {
     if rc == 0 {
         Ok(())
     } else {

@@ -210,7 +210,8 @@ pub struct AgentCluster {
 }
 
 impl AgentCluster {
-    pub fn new(manifests_yaml: &str, test: &str) -> Self {
+    /// `manifests`: YAML documents, written as one file.
+    pub fn new(manifests: &[&str], test: &str) -> Self {
         e2e::require_root();
         let cluster = e2e::Cluster::new(&[2, 2]).unwrap();
         let servers = cluster.serve_named_tcp(8080).unwrap();
@@ -218,8 +219,9 @@ impl AgentCluster {
         for net in ["198.51.100.0/24", "203.0.113.0/24"] {
             client.add_route(net, "172.18.0.2").unwrap();
         }
+        let yaml = manifests.join("\n---\n");
         let manifests = manifests_dir(test);
-        fs::write(manifests.join("services.yaml"), manifests_yaml).unwrap();
+        fs::write(manifests.join("services.yaml"), yaml).unwrap();
         let bpffs = Bpffs::new(test);
         let agents: Vec<Agent> = cluster
             .nodes
@@ -349,3 +351,49 @@ impl Drop for TraceProcess {
         }
     }
 }
+
+/// A LoadBalancer `default/admin` (203.0.113.11:80, NodePort 30082) open
+/// only to 172.18.0.100/32, its endpoint pod-1-0 on node1.
+pub const ADMIN_WITH_SOURCE_RANGES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: admin, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.12
+  loadBalancerSourceRanges: [172.18.0.100/32]
+  ports: [{port: 80, nodePort: 30082}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.11}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: admin-1, namespace: default, labels: {kubernetes.io/service-name: admin}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.10], nodeName: node1}
+"#;
+
+/// A LoadBalancer `default/local` (203.0.113.12:80, NodePort 30083,
+/// health check 32100) with externalTrafficPolicy Local, its endpoint
+/// pod-1-1 on node1.
+pub const LOCAL_TRAFFIC_POLICY: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.13
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32100
+  ports: [{port: 80, nodePort: 30083}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.12}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: local-1, namespace: default, labels: {kubernetes.io/service-name: local}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.11], nodeName: node1}
+"#;
