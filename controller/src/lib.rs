@@ -13,6 +13,7 @@ pub mod dump;
 pub mod error;
 pub mod healthcheck;
 pub mod inspect;
+pub mod kube_proxy;
 pub mod kube_source;
 pub mod labels;
 pub mod manifests;

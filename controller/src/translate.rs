@@ -250,6 +250,56 @@ pub struct DesiredState {
     pub skipped: Vec<Skipped>,
 }
 
+/// One Service port as kube-proxy sees it (`ServicePortInfo` plus its
+/// endpoints): the unit both this dataplane's frontends and the kube-proxy
+/// rule generator (`kube_proxy`) are built from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePortInfo {
+    pub service: ServicePortName,
+    pub protocol: u8,
+    /// `ClusterIP`, `NodePort` or `LoadBalancer`.
+    pub service_type: String,
+    /// IPv4 ClusterIPs (normally one).
+    pub cluster_ips: Vec<Ipv4Addr>,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    pub external_ips: Vec<Ipv4Addr>,
+    /// LoadBalancer ingress IPs (not `ipMode: Proxy` ones).
+    pub lb_ips: Vec<Ipv4Addr>,
+    pub source_ranges: Vec<Cidr>,
+    pub etp_local: bool,
+    pub itp_local: bool,
+    pub affinity_seconds: Option<u32>,
+    /// `healthCheckNodePort` of an eTP=Local LoadBalancer Service.
+    pub health_check_node_port: Option<u16>,
+    /// Cluster-wide endpoints (after topology hints).
+    pub cluster: Endpoints,
+    /// Endpoints on this node.
+    pub local: Endpoints,
+    /// Known TCP endpoints that are not serving: no new flows, flows kept.
+    pub draining: Vec<EndpointInfo>,
+}
+
+impl ServicePortInfo {
+    /// Reachable from outside the cluster: a NodePort, externalIPs or
+    /// LoadBalancer IPs.
+    pub fn is_external(&self) -> bool {
+        self.node_port.is_some() || !self.external_ips.is_empty() || !self.lb_ips.is_empty()
+    }
+}
+
+impl Endpoints {
+    /// What new flows may use: the ready endpoints, or with none ready the
+    /// serving terminating ones (kube-proxy's fallback).
+    pub fn usable(&self) -> &[EndpointInfo] {
+        if self.ready.is_empty() {
+            &self.terminating
+        } else {
+            &self.ready
+        }
+    }
+}
+
 /// The translation.
 pub fn translate(
     services: &[Service],
@@ -258,6 +308,33 @@ pub fn translate(
     options: &TranslateOptions,
 ) -> DesiredState {
     let mut state = DesiredState::default();
+    let ports = service_ports(services, slices, node, &mut state.skipped);
+    for sp in &ports {
+        for (key, spec) in frontends_of(sp, node, options) {
+            if let Some(existing) = state.frontends.get(&key) {
+                state.skipped.push(skip(
+                    format!("Service {}/{}", sp.service.namespace, sp.service.name),
+                    format!("{key} is already {}", existing.service),
+                    true,
+                ));
+                continue;
+            }
+            state.frontends.insert(key, spec);
+        }
+    }
+    state.skipped.sort();
+    state
+}
+
+/// Every served Service port with its endpoints, Services in
+/// namespace/name order, ports in spec order. What is not served is added to
+/// `skipped` with a reason.
+pub fn service_ports(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &NodeInfo,
+    skipped: &mut Vec<Skipped>,
+) -> Vec<ServicePortInfo> {
     let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in slices {
         let ns = slice.metadata.namespace.clone().unwrap_or_default();
@@ -268,18 +345,18 @@ pub fn translate(
             .as_ref()
             .and_then(|l| l.get(SERVICE_NAME_LABEL));
         match (owner, slice.address_type.as_str()) {
-            (None, _) => state.skipped.push(skip(
+            (None, _) => skipped.push(skip(
                 format!("EndpointSlice {ns}/{name}"),
                 format!("no {SERVICE_NAME_LABEL} label"),
                 false,
             )),
-            (Some(_), "IPv6") | (Some(_), "FQDN") => state.skipped.push(skip(
+            (Some(_), "IPv6") | (Some(_), "FQDN") => skipped.push(skip(
                 format!("EndpointSlice {ns}/{name}"),
                 format!("address type {} is not served", slice.address_type),
                 false,
             )),
             (Some(svc), "IPv4") => by_service.entry((ns, svc.clone())).or_default().push(slice),
-            (Some(_), other) => state.skipped.push(skip(
+            (Some(_), other) => skipped.push(skip(
                 format!("EndpointSlice {ns}/{name}"),
                 format!("unknown address type {other:?}"),
                 true,
@@ -288,6 +365,7 @@ pub fn translate(
     }
     let mut sorted: Vec<&Service> = services.iter().collect();
     sorted.sort_by_key(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()));
+    let mut out = Vec::new();
     for svc in sorted {
         let ns = svc.metadata.namespace.clone().unwrap_or_default();
         let name = svc.metadata.name.clone().unwrap_or_default();
@@ -295,25 +373,12 @@ pub fn translate(
             .get(&(ns.clone(), name.clone()))
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        match service_frontends(svc, &ns, &name, slices, node, options, &mut state.skipped) {
-            Ok(frontends) => {
-                for (key, spec) in frontends {
-                    if let Some(existing) = state.frontends.get(&key) {
-                        state.skipped.push(skip(
-                            format!("Service {ns}/{name}"),
-                            format!("{key} is already {}", existing.service),
-                            true,
-                        ));
-                        continue;
-                    }
-                    state.frontends.insert(key, spec);
-                }
-            }
-            Err(s) => state.skipped.push(s),
+        match service_port_infos(svc, &ns, &name, slices, node, skipped) {
+            Ok(ports) => out.extend(ports),
+            Err(s) => skipped.push(s),
         }
     }
-    state.skipped.sort();
-    state
+    out
 }
 
 fn skip(object: String, reason: String, invalid: bool) -> Skipped {
@@ -324,15 +389,14 @@ fn skip(object: String, reason: String, invalid: bool) -> Skipped {
     }
 }
 
-fn service_frontends(
+fn service_port_infos(
     svc: &Service,
     ns: &str,
     name: &str,
     slices: &[&EndpointSlice],
     node: &NodeInfo,
-    options: &TranslateOptions,
     skipped: &mut Vec<Skipped>,
-) -> Result<Vec<(FrontendKey, FrontendSpec)>, Skipped> {
+) -> Result<Vec<ServicePortInfo>, Skipped> {
     let object = format!("Service {ns}/{name}");
     let not_served = |reason: &str| Err(skip(object.clone(), reason.to_string(), false));
     let invalid = |reason: String| Err(skip(object.clone(), reason, true));
@@ -417,15 +481,6 @@ fn service_frontends(
     };
     let etp_local = spec.external_traffic_policy.as_deref() == Some("Local");
     let itp_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let node_port_ips: Vec<Ipv4Addr> = node
-        .ips
-        .iter()
-        .copied()
-        .filter(|ip| {
-            options.nodeport_addresses.is_empty()
-                || options.nodeport_addresses.iter().any(|c| c.contains(*ip))
-        })
-        .collect();
 
     let mut out = Vec::new();
     for port in spec.ports.iter().flatten() {
@@ -463,59 +518,10 @@ fn service_frontends(
             ));
             continue;
         };
-        let all = endpoints_for(port, protocol, slices, skipped);
-        let cluster = select(&all, node, None);
-        let local = select(&all, node, Some(&node.name));
-        let draining: Vec<EndpointInfo> = all
-            .iter()
-            .filter(|e| !e.serving && protocol == TCP)
-            .map(|e| e.info.clone())
-            .collect();
-        let frontend = |kind: FrontendKind, local_policy: bool| FrontendSpec {
-            service: spn.clone(),
-            kind,
-            endpoints: if local_policy {
-                local.clone()
-            } else {
-                cluster.clone()
-            },
-            local_only: local_policy,
-            internal: (local_policy && kind != FrontendKind::ClusterIp).then(|| cluster.clone()),
-            draining: draining.clone(),
-            affinity_seconds,
-            source_ranges: if kind == FrontendKind::LoadBalancer {
-                source_ranges.clone()
-            } else {
-                vec![]
-            },
-            // Every external frontend of the service carries it, so the
-            // health check is served even before an ingress IP is assigned.
-            health_check_node_port: if svc_type == "LoadBalancer"
-                && etp_local
-                && kind != FrontendKind::ClusterIp
-            {
-                spec.health_check_node_port.and_then(valid_port)
-            } else {
-                None
-            },
-        };
-        let key = |ip: Ipv4Addr, p: u16| FrontendKey {
-            addr: SocketAddr::from((ip, p)),
-            protocol,
-        };
-        for ip in &v4_cluster_ips {
-            out.push((
-                key(*ip, svc_port),
-                frontend(FrontendKind::ClusterIp, itp_local),
-            ));
-        }
+        let mut node_port = None;
         if matches!(svc_type, "NodePort" | "LoadBalancer") {
             match port.node_port.map(valid_port) {
-                Some(Some(np)) => {
-                    for ip in &node_port_ips {
-                        out.push((key(*ip, np), frontend(FrontendKind::NodePort, etp_local)));
-                    }
-                }
+                Some(Some(np)) => node_port = Some(np),
                 Some(None) => skipped.push(skip(
                     object.clone(),
                     format!("port {spn}: nodePort {:?} out of range", port.node_port),
@@ -525,20 +531,101 @@ fn service_frontends(
                 None => {}
             }
         }
-        for ip in &external_ips {
-            out.push((
-                key(*ip, svc_port),
-                frontend(FrontendKind::ExternalIp, etp_local),
-            ));
-        }
-        for ip in &lb_ips {
-            out.push((
-                key(*ip, svc_port),
-                frontend(FrontendKind::LoadBalancer, etp_local),
-            ));
-        }
+        let all = endpoints_for(port, protocol, slices, skipped);
+        out.push(ServicePortInfo {
+            service: spn,
+            protocol,
+            service_type: svc_type.to_string(),
+            cluster_ips: v4_cluster_ips.clone(),
+            port: svc_port,
+            node_port,
+            external_ips: external_ips.clone(),
+            lb_ips: lb_ips.clone(),
+            source_ranges: source_ranges.clone(),
+            etp_local,
+            itp_local,
+            affinity_seconds,
+            health_check_node_port: if svc_type == "LoadBalancer" && etp_local {
+                spec.health_check_node_port.and_then(valid_port)
+            } else {
+                None
+            },
+            cluster: select(&all, node, None),
+            local: select(&all, node, Some(&node.name)),
+            draining: all
+                .iter()
+                .filter(|e| !e.serving && protocol == TCP)
+                .map(|e| e.info.clone())
+                .collect(),
+        });
     }
     Ok(out)
+}
+
+/// The frontends of one Service port on this node.
+fn frontends_of(
+    sp: &ServicePortInfo,
+    node: &NodeInfo,
+    options: &TranslateOptions,
+) -> Vec<(FrontendKey, FrontendSpec)> {
+    let frontend = |kind: FrontendKind, local_policy: bool| FrontendSpec {
+        service: sp.service.clone(),
+        kind,
+        endpoints: if local_policy {
+            sp.local.clone()
+        } else {
+            sp.cluster.clone()
+        },
+        local_only: local_policy,
+        internal: (local_policy && kind != FrontendKind::ClusterIp).then(|| sp.cluster.clone()),
+        draining: sp.draining.clone(),
+        affinity_seconds: sp.affinity_seconds,
+        source_ranges: if kind == FrontendKind::LoadBalancer {
+            sp.source_ranges.clone()
+        } else {
+            vec![]
+        },
+        // Every external frontend of the service carries it, so the
+        // health check is served even before an ingress IP is assigned.
+        health_check_node_port: if kind != FrontendKind::ClusterIp {
+            sp.health_check_node_port
+        } else {
+            None
+        },
+    };
+    let key = |ip: Ipv4Addr, p: u16| FrontendKey {
+        addr: SocketAddr::from((ip, p)),
+        protocol: sp.protocol,
+    };
+    let mut out = Vec::new();
+    for ip in &sp.cluster_ips {
+        out.push((
+            key(*ip, sp.port),
+            frontend(FrontendKind::ClusterIp, sp.itp_local),
+        ));
+    }
+    if let Some(np) = sp.node_port {
+        let node_port_ips = node.ips.iter().copied().filter(|ip| {
+            options.nodeport_addresses.is_empty()
+                || options.nodeport_addresses.iter().any(|c| c.contains(*ip))
+        });
+        for ip in node_port_ips {
+            out.push((key(ip, np), frontend(FrontendKind::NodePort, sp.etp_local)));
+        }
+    }
+    for ip in &sp.external_ips {
+        out.push((
+            key(*ip, sp.port),
+            frontend(FrontendKind::ExternalIp, sp.etp_local),
+        ));
+    }
+    for ip in &sp.lb_ips {
+        out.push((
+            key(*ip, sp.port),
+            frontend(FrontendKind::LoadBalancer, sp.etp_local),
+        ));
+    }
+    out
 }
 
 fn valid_port(p: i32) -> Option<u16> {

@@ -1,0 +1,295 @@
+//! Applying generated rules the way kube-proxy does: the jump rules and a
+//! full `iptables-restore --noflush` (or a full `nft -f` transaction) on the
+//! first sync, partial syncs after it (only the chains of changed service
+//! ports rewritten), stale chains deleted. Commands run with an optional
+//! prefix (e.g. `nsenter --net=…`), so the rules land where the caller says.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::OsString,
+    io::Write as _,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use super::{categorize, iptables, nftables, ProxyConfig, LARGE_CLUSTER_ENDPOINTS};
+use crate::translate::{ServicePortInfo, ServicePortName};
+
+/// Which kernel API and tools carry the rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Backend {
+    /// iptables mode through `iptables-nft` (nf_tables underneath).
+    IptablesNft,
+    /// iptables mode through `iptables-legacy` (x_tables).
+    IptablesLegacy,
+    /// nftables mode (`nft`).
+    Nftables,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::IptablesNft => "iptables-nft",
+            Backend::IptablesLegacy => "iptables-legacy",
+            Backend::Nftables => "nftables",
+        }
+    }
+
+    fn iptables(self) -> &'static str {
+        match self {
+            Backend::IptablesLegacy => "iptables-legacy",
+            _ => "iptables-nft",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("cannot run {command}: {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command} failed: {stderr}")]
+    Failed { command: String, stderr: String },
+}
+
+/// What one sync did and cost.
+#[derive(Clone, Debug)]
+pub struct SyncReport {
+    pub full: bool,
+    /// Building the input text.
+    pub generate: Duration,
+    /// Running the tools (jump rules, stale-chain scan, restore / nft).
+    pub apply: Duration,
+    /// Rules in the input.
+    pub rules: usize,
+    pub bytes: usize,
+}
+
+/// The synced state of one node's kube-proxy rules.
+pub struct Applier {
+    pub backend: Backend,
+    pub config: ProxyConfig,
+    prefix: Vec<OsString>,
+    last: Option<BTreeMap<ServicePortName, ServicePortInfo>>,
+    active_chains: BTreeSet<String>,
+    elements: nftables::Elements,
+}
+
+impl Applier {
+    /// `prefix`: a command prefix the tools run under (empty: here).
+    pub fn new(backend: Backend, config: ProxyConfig, prefix: Vec<OsString>) -> Self {
+        Applier {
+            backend,
+            config,
+            prefix,
+            last: None,
+            active_chains: BTreeSet::new(),
+            elements: nftables::Elements::new(),
+        }
+    }
+
+    /// Makes the rules match `ports`: a full sync the first time (or when
+    /// `force_full`), else a partial one.
+    pub fn sync(
+        &mut self,
+        ports: &[ServicePortInfo],
+        force_full: bool,
+    ) -> Result<SyncReport, ApplyError> {
+        let full = force_full || self.last.is_none();
+        let changed: BTreeSet<ServicePortName> = match &self.last {
+            Some(last) if !full => ports
+                .iter()
+                .filter(|sp| last.get(&sp.service) != Some(*sp))
+                .map(|sp| sp.service.clone())
+                .collect(),
+            _ => BTreeSet::new(),
+        };
+        let report = match self.backend {
+            Backend::Nftables => self.sync_nft(ports, full, &changed)?,
+            _ => self.sync_iptables(ports, full, &changed)?,
+        };
+        self.last = Some(
+            ports
+                .iter()
+                .map(|sp| (sp.service.clone(), sp.clone()))
+                .collect(),
+        );
+        Ok(report)
+    }
+
+    fn sync_iptables(
+        &mut self,
+        ports: &[ServicePortInfo],
+        full: bool,
+        changed: &BTreeSet<ServicePortName>,
+    ) -> Result<SyncReport, ApplyError> {
+        let t = Instant::now();
+        let ipt = self.backend.iptables();
+        if full {
+            // Ensured on full syncs only (about 20 execs otherwise).
+            for (table, chain, args) in iptables::jump_rules() {
+                // The target chain must exist first (kube-proxy's EnsureChain).
+                let target = args.last().copied().unwrap_or_default();
+                let _ = self.run(ipt, &["-w", "5", "-t", table, "-N", target], None);
+                let mut check = vec!["-w", "5", "-t", table, "-C", chain];
+                check.extend(&args);
+                if self.run(ipt, &check, None).is_err() {
+                    let mut insert = vec!["-w", "5", "-t", table, "-I", chain];
+                    insert.extend(&args);
+                    self.run(ipt, &insert, None)?;
+                }
+            }
+        }
+        let total: usize = ports.iter().map(|sp| categorize(sp).all.len()).sum();
+        let mut stale = self.active_chains.clone();
+        if !full && total <= LARGE_CLUSTER_ENDPOINTS {
+            // kube-proxy scans for stale chains on every sync unless the
+            // cluster is large (then once per sync period).
+            let save = format!("{ipt}-save");
+            let listing = self.run(&save, &["-t", "nat"], None)?;
+            stale.extend(
+                listing
+                    .lines()
+                    .filter_map(|l| l.strip_prefix(':'))
+                    .filter_map(|l| l.split_whitespace().next())
+                    .filter(|c| {
+                        [
+                            "KUBE-SVC-",
+                            "KUBE-SVL-",
+                            "KUBE-EXT-",
+                            "KUBE-FW-",
+                            "KUBE-SEP-",
+                        ]
+                        .iter()
+                        .any(|p| c.starts_with(p))
+                    })
+                    .map(str::to_string),
+            );
+        }
+        let jumps = t.elapsed();
+        let g = Instant::now();
+        let restore = iptables::restore(ports, &self.config, (!full).then_some(changed), &stale);
+        let generate = g.elapsed();
+        let a = Instant::now();
+        let tool = format!("{ipt}-restore");
+        self.run(
+            &tool,
+            &["-w", "5", "-W", "100000", "--noflush", "--counters"],
+            Some(&restore.text),
+        )?;
+        self.active_chains = restore.active_chains;
+        Ok(SyncReport {
+            full,
+            generate,
+            apply: jumps + a.elapsed(),
+            rules: restore.rules,
+            bytes: restore.text.len(),
+        })
+    }
+
+    fn sync_nft(
+        &mut self,
+        ports: &[ServicePortInfo],
+        full: bool,
+        changed: &BTreeSet<ServicePortName>,
+    ) -> Result<SyncReport, ApplyError> {
+        let g = Instant::now();
+        let previous = (!full).then_some((&self.active_chains, &self.elements, changed));
+        let tx = nftables::transaction(ports, &self.config, previous);
+        let generate = g.elapsed();
+        let a = Instant::now();
+        self.run("nft", &["-f", "-"], Some(&tx.text))?;
+        self.active_chains = tx.active_chains;
+        self.elements = tx.elements;
+        Ok(SyncReport {
+            full,
+            generate,
+            apply: a.elapsed(),
+            rules: tx.rules,
+            bytes: tx.text.len(),
+        })
+    }
+
+    /// Removes every rule and chain this mode wrote (kube-proxy's
+    /// `--cleanup`).
+    pub fn cleanup(&mut self) -> Result<(), ApplyError> {
+        match self.backend {
+            Backend::Nftables => {
+                let _ = self.run("nft", &["delete", "table", "ip", "kube-proxy"], None);
+            }
+            _ => {
+                let ipt = self.backend.iptables();
+                for (table, chain, args) in iptables::jump_rules() {
+                    let mut delete = vec!["-w", "5", "-t", table, "-D", chain];
+                    delete.extend(&args);
+                    while self.run(ipt, &delete, None).is_ok() {}
+                }
+                let save = format!("{ipt}-save");
+                for table in ["filter", "nat"] {
+                    let listing = self.run(&save, &["-t", table], None)?;
+                    let chains: Vec<String> = listing
+                        .lines()
+                        .filter_map(|l| l.strip_prefix(":KUBE-"))
+                        .filter_map(|l| l.split_whitespace().next())
+                        .map(|c| format!("KUBE-{c}"))
+                        .collect();
+                    for c in &chains {
+                        let _ = self.run(ipt, &["-w", "5", "-t", table, "-F", c], None);
+                    }
+                    for c in &chains {
+                        let _ = self.run(ipt, &["-w", "5", "-t", table, "-X", c], None);
+                    }
+                }
+            }
+        }
+        self.last = None;
+        self.active_chains.clear();
+        self.elements.clear();
+        Ok(())
+    }
+
+    fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, ApplyError> {
+        let mut cmd = match self.prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        cmd.args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let command = format!("{program} {}", args.join(" "));
+        let mut child = cmd.spawn().map_err(|source| ApplyError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            // A failing tool closes its stdin early; its exit status says why.
+            let _ = pipe.write_all(text.as_bytes());
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|source| ApplyError::Spawn {
+                command: command.clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            return Err(ApplyError::Failed {
+                command,
+                stderr: stderr.lines().take(5).collect::<Vec<_>>().join("; "),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}

@@ -1,0 +1,195 @@
+//! kube-proxy's rules for the same input dp reads: the rule sets its
+//! iptables mode (`iptables-restore` input) and nftables mode (an `nft -f`
+//! transaction) would write for a set of Services and EndpointSlices, and the
+//! way it applies them (full sync at start, partial syncs after). The
+//! benchmark compares dp with these, and the lab runs them.
+//!
+//! The shapes follow kube-proxy's proxiers (`pkg/proxy/iptables`,
+//! `pkg/proxy/nftables`) as summarised in `../shared/reference/kube-proxy-rules.md`:
+//! chain names hashed as kube-proxy hashes them, endpoints in its order, the
+//! fixed rules, REJECT/DROP for services without (local) endpoints,
+//! masquerade marks, traffic policies, session affinity, source ranges.
+//! Services are emitted in namespace/name order (kube-proxy iterates a Go
+//! map, so its order is random per sync); `order()` says which service port
+//! a linear rule walk meets last.
+
+pub mod apply;
+pub mod iptables;
+pub mod nftables;
+
+use std::net::Ipv4Addr;
+
+use crate::translate::{Cidr, EndpointInfo, ServicePortInfo, TCP, UDP};
+
+/// kube-proxy's default masquerade mark (`--iptables-masquerade-bit` 14).
+pub const MASQUERADE_MARK: &str = "0x4000";
+/// Above this many endpoints in total, iptables mode drops the comments of
+/// its per-endpoint rules (kube-proxy's `largeClusterEndpointsThreshold`).
+pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
+
+/// Node settings that shape the rules (kube-proxy's flags and defaults).
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// `--cluster-cidr` (detect-local-mode ClusterCIDR); None: no local
+    /// detector, so no "not from a pod" masquerade rules.
+    pub cluster_cidr: Option<Cidr>,
+    /// `--masquerade-all`.
+    pub masquerade_all: bool,
+    /// The node's IPs: nftables mode accepts NodePorts on these.
+    pub node_ips: Vec<Ipv4Addr>,
+    /// The Service CIDR: nftables mode drops traffic to unallocated
+    /// ClusterIPs in it.
+    pub service_cidr: Option<Cidr>,
+    /// iptables mode: NodePorts on 127.0.0.1 too (kube-proxy's default).
+    pub localhost_nodeports: bool,
+    /// iptables mode: the nfacct counters exist (kube-proxy creates them when
+    /// the kernel has nfacct); adds `-m nfacct` matches.
+    pub nfacct: bool,
+    /// iptables mode: `MASQUERADE --random-fully` (when the binary has it).
+    pub random_fully: bool,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            cluster_cidr: None,
+            masquerade_all: false,
+            node_ips: Vec::new(),
+            service_cidr: None,
+            localhost_nodeports: true,
+            nfacct: false,
+            random_fully: true,
+        }
+    }
+}
+
+/// The proxy modes whose rules are generated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Iptables,
+    Nftables,
+}
+
+/// `tcp`, `udp`: the protocol as kube-proxy spells it in rules and hashes.
+pub fn proto(p: u8) -> &'static str {
+    match p {
+        TCP => "tcp",
+        UDP => "udp",
+        _ => "sctp",
+    }
+}
+
+/// `ip:port`, the endpoint string kube-proxy sorts and hashes.
+pub fn endpoint_string(e: &EndpointInfo) -> String {
+    e.addr.to_string()
+}
+
+/// Endpoints in kube-proxy's order: sorted by their `ip:port` string
+/// (so 10.0.0.10:80 comes before 10.0.0.2:80), duplicates removed.
+pub fn sorted_endpoints<'a>(eps: impl IntoIterator<Item = &'a EndpointInfo>) -> Vec<EndpointInfo> {
+    let mut v: Vec<EndpointInfo> = eps.into_iter().cloned().collect();
+    v.sort_by_key(endpoint_string);
+    v.dedup_by(|a, b| a.addr == b.addr);
+    v
+}
+
+/// How kube-proxy splits a service port's endpoints by traffic policy
+/// (`CategorizeEndpoints`, no topology beyond what `translate` applied).
+#[derive(Clone, Debug)]
+pub struct Categorized {
+    /// For the Cluster policy chain (empty when no policy uses it).
+    pub cluster: Vec<EndpointInfo>,
+    /// For the Local policy chain (empty when no policy uses it).
+    pub local: Vec<EndpointInfo>,
+    /// Every endpoint a chain may jump to (endpoint chains are made for these).
+    pub all: Vec<EndpointInfo>,
+    pub uses_cluster_chain: bool,
+    pub uses_local_chain: bool,
+    /// Some endpoint may be used: nat chains exist.
+    pub has_endpoints: bool,
+    /// ClusterIP traffic has endpoints under its policy.
+    pub has_internal: bool,
+    /// External traffic has endpoints under its policy.
+    pub has_external: bool,
+}
+
+pub fn categorize(sp: &ServicePortInfo) -> Categorized {
+    let external = sp.is_external();
+    // eTP=Local still short-circuits pod and host traffic to the cluster set.
+    let uses_cluster = !sp.itp_local || external;
+    let uses_local = sp.itp_local || (external && sp.etp_local);
+    let cluster = if uses_cluster {
+        sorted_endpoints(sp.cluster.usable())
+    } else {
+        Vec::new()
+    };
+    let local = if uses_local {
+        sorted_endpoints(sp.local.usable())
+    } else {
+        Vec::new()
+    };
+    let all = sorted_endpoints(cluster.iter().chain(local.iter()));
+    let has_endpoints = !all.is_empty();
+    Categorized {
+        uses_cluster_chain: !cluster.is_empty(),
+        uses_local_chain: !local.is_empty(),
+        has_internal: has_endpoints && (!sp.itp_local || !local.is_empty()),
+        has_external: has_endpoints && (!sp.etp_local || !local.is_empty()),
+        has_endpoints,
+        cluster,
+        local,
+        all,
+    }
+}
+
+/// Standard base32 (RFC 4648, `A-Z2-7`) without padding.
+fn base32(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut out = String::with_capacity(bytes.len().div_ceil(5) * 8);
+    let (mut buffer, mut bits) = (0u32, 0u32);
+    for &b in bytes {
+        buffer = (buffer << 8) | u32::from(b);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(ALPHABET[((buffer >> bits) & 31) as usize] as char);
+        }
+    }
+    if bits > 0 {
+        out.push(ALPHABET[((buffer << (5 - bits)) & 31) as usize] as char);
+    }
+    out
+}
+
+/// The first `len` base32 characters of sha256(`input`).
+pub fn hash(input: &str, len: usize) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(input.as_bytes());
+    let mut s = base32(&digest);
+    s.truncate(len);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_match_real_cluster_chain_names() {
+        // Well-known chains of every cluster (kubernetes, kube-dns).
+        assert_eq!(hash("default/kubernetes:httpstcp", 16), "NPX46M4PTMTKRN6Y");
+        assert_eq!(hash("kube-system/kube-dns:dnsudp", 16), "TCOU7JCQXEZGVUNU");
+        assert_eq!(hash("ns1/svc1/tcp/p80", 8), "ULMVA6XW");
+    }
+
+    #[test]
+    fn endpoints_sort_as_strings() {
+        let e = |s: &str| EndpointInfo {
+            addr: s.parse().unwrap(),
+            node: None,
+            pod: None,
+        };
+        let sorted = sorted_endpoints(&[e("10.180.0.2:80"), e("10.180.0.10:80")]);
+        assert_eq!(sorted[0].addr, "10.180.0.10:80".parse().unwrap());
+    }
+}
