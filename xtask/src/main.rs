@@ -5,7 +5,8 @@
 //! - `build-ebpf`: builds the eBPF object.
 //! - `test`: the whole suite: setup, fmt, clippy, build, all tests.
 //! - `demo`: the README's main command.
-//! - `bench`: the benchmarks (see BENCHMARKS.md).
+//! - `bench`: dp against kube-proxy's modes (dp-bench), `--micro` the
+//!   criterion benches (see BENCHMARKS.md).
 
 mod ebpf;
 
@@ -61,9 +62,24 @@ enum Task {
     Test,
     /// Set up, build, and run `dp demo`. Needs root.
     Demo,
-    /// Run the benchmarks (criterion; results in target/criterion). Needs root.
+    /// dp vs kube-proxy's iptables and nftables modes (dp-bench; results in
+    /// docs/bench and BENCHMARKS.md), or with --micro the criterion benches.
+    /// Needs root.
     Bench {
-        /// Arguments for criterion, e.g. a filter such as `new_flow`.
+        /// A short run (N up to 1 000) that proves the harness; results in
+        /// target/dp-bench-quick, BENCHMARKS.md untouched.
+        #[arg(long)]
+        quick: bool,
+        /// Also 30 000 services (slow: kube-proxy's full loads).
+        #[arg(long)]
+        with_30k: bool,
+        /// The criterion micro-benchmarks instead (per-packet cost with
+        /// BPF_PROG_TEST_RUN, control plane, NodePort rate, trace cost).
+        #[arg(long)]
+        micro: bool,
+        /// Extra arguments: for dp-bench (e.g. `--services 1,1000`) or, with
+        /// --micro, for criterion (e.g. a filter such as `new_flow`).
+        #[arg(last = true)]
         args: Vec<String>,
     },
 }
@@ -78,7 +94,18 @@ fn main() -> Result<()> {
         }
         Task::Test => test(),
         Task::Demo => demo(),
-        Task::Bench { args } => bench(&args),
+        Task::Bench {
+            quick,
+            with_30k,
+            micro,
+            args,
+        } => {
+            if micro {
+                micro_bench(&args)
+            } else {
+                bench(quick, with_30k, &args)
+            }
+        }
     }
 }
 
@@ -193,8 +220,54 @@ fn test() -> Result<()> {
     Ok(())
 }
 
-fn bench(args: &[String]) -> Result<()> {
+fn bench(quick: bool, with_30k: bool, args: &[String]) -> Result<()> {
     require_root("cargo xtask bench")?;
+    setup()?;
+    let ws = workspace();
+    step("building dp and dp-bench (release)");
+    run(Command::new(cargo())
+        .current_dir(&ws)
+        .args(["build", "--release", "-p", "dp", "--bins"]))?;
+    let mut typed = String::from("cargo xtask bench");
+    for (on, flag) in [(quick, "--quick"), (with_30k, "--with-30k")] {
+        if on {
+            typed.push(' ');
+            typed.push_str(flag);
+        }
+    }
+    if !args.is_empty() {
+        typed.push_str(" -- ");
+        typed.push_str(&args.join(" "));
+    }
+    let mut cmd = Command::new(cargo());
+    cmd.current_dir(&ws)
+        .args([
+            "run",
+            "--release",
+            "-q",
+            "-p",
+            "dp",
+            "--bin",
+            "dp-bench",
+            "--",
+        ])
+        .args(["--command", &typed]);
+    if quick {
+        cmd.args(["--quick", "--out", "target/dp-bench-quick"]);
+    } else {
+        cmd.args(["--out", "docs/bench", "--update-markdown", "BENCHMARKS.md"]);
+    }
+    if with_30k {
+        cmd.arg("--with-30k");
+    }
+    step(&format!(
+        "{typed}: dp vs kube-proxy (iptables nft/legacy, nftables) vs direct"
+    ));
+    run(cmd.args(args))
+}
+
+fn micro_bench(args: &[String]) -> Result<()> {
+    require_root("cargo xtask bench --micro")?;
     setup()?;
     step("cargo bench: per-packet cost (BPF_PROG_TEST_RUN), control plane at scale, NodePort rate, trace cost");
     run(Command::new(cargo())

@@ -1,3 +1,528 @@
-#![allow(dead_code)]
+//! `dp-bench`: dp against kube-proxy's iptables mode (nft and legacy
+//! backends) and nftables mode, on the same kernel, from the same input, in
+//! one run; pod-to-pod traffic without a service as the floor. `cargo xtask
+//! bench` runs it; BENCHMARKS.md explains the figures.
+//!
+//! For every N (services x 10 endpoints) and dataplane: a fresh namespace
+//! cluster (one node, ten backend pods, a client pod, an external client),
+//! the dataplane loaded once (load time, kernel memory, agent RSS), then,
+//! each repeated `--runs` times: new-connection latency to the ClusterIP a
+//! linear rule walk meets last and to random ones, the new-connection rate
+//! of a multi-threaded client, established request/response latency, UDP
+//! packets per second, the same for NodePorts from the external client,
+//! and finally one-endpoint changes (kube-proxy's partial sync vs dp's map
+//! updates). Results: JSON, markdown tables and SVG plots in `--out`.
+
 mod loadgen;
-fn main() {}
+mod report;
+mod scenario;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+use loadgen::{summary, Latencies, Servers, Summary};
+use scenario::{Dataplane, Input};
+
+#[derive(Parser)]
+#[command(about = "dp vs kube-proxy (iptables, nftables): latency, rates, sync times, memory")]
+struct Args {
+    /// A short run that proves the harness (N up to 1 000, a few seconds per point).
+    #[arg(long)]
+    quick: bool,
+    /// Service counts (default 1,1000,10000; --quick: 1,1000).
+    #[arg(long, value_delimiter = ',')]
+    services: Option<Vec<usize>>,
+    /// Also N = 30 000 (a full iptables-restore of it takes a long time).
+    #[arg(long)]
+    with_30k: bool,
+    /// Repetitions of every traffic measurement (default 3; --quick 2).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Dataplanes (default all: direct,dp,iptables-nft,iptables-legacy,nftables).
+    #[arg(long, value_delimiter = ',')]
+    dataplanes: Option<Vec<String>>,
+    /// Where results.json, tables.md and the plots go.
+    #[arg(long, default_value = "target/dp-bench")]
+    out: PathBuf,
+    /// Replace the generated section of this markdown file with the tables.
+    #[arg(long)]
+    update_markdown: Option<PathBuf>,
+    /// The command line to record in the results (what the user typed).
+    #[arg(long, default_value = "cargo xtask bench")]
+    command: String,
+}
+
+/// How much of each measurement one run does.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Settings {
+    pub runs: usize,
+    pub first_packets: usize,
+    pub rr_round_trips: usize,
+    pub rate_seconds: f64,
+    pub udp_seconds: f64,
+    pub client_threads: usize,
+    pub changes: usize,
+    pub client_cpu: Option<usize>,
+    pub server_cpu: Option<usize>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Percentiles {
+    pub p50: Option<Summary>,
+    pub p90: Option<Summary>,
+    pub p99: Option<Summary>,
+    pub errors: u64,
+}
+
+/// Traffic figures for one entry point (ClusterIP from a pod, or NodePort
+/// from the external client). Latencies in microseconds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Traffic {
+    pub first_packet_last: Percentiles,
+    pub first_packet_random: Percentiles,
+    pub connections_per_second: Option<Summary>,
+    pub rr_latency: Percentiles,
+    pub udp_packets_per_second: Option<Summary>,
+    pub errors: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ChangeFigures {
+    pub changes: usize,
+    /// Until the dataplane has the change (kube-proxy: generate + tools;
+    /// dp: file written until the agent logged its sync).
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// dp only: the agent's own time for the sync (translate + map writes).
+    pub agent_p50_ms: Option<f64>,
+    pub agent_p99_ms: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Point {
+    pub dataplane: Dataplane,
+    pub services: usize,
+    pub load_seconds: f64,
+    /// Rules written (kube-proxy modes) or frontends programmed (dp).
+    pub objects: usize,
+    pub kernel_memory_bytes: u64,
+    pub agent_rss_bytes: Option<u64>,
+    pub cluster_ip: Traffic,
+    pub node_port: Traffic,
+    pub endpoint_change: Option<ChangeFigures>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub kernel: String,
+    pub cpu: String,
+    pub iptables: String,
+    pub nft: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Results {
+    pub schema: String,
+    pub command: String,
+    pub quick: bool,
+    pub started: String,
+    pub machine: Machine,
+    pub settings: Settings,
+    pub points: Vec<Point>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    e2e::require_root();
+    let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (client_cpu, server_cpu) = if nproc >= 2 {
+        (Some(1), Some(0))
+    } else {
+        (None, None)
+    };
+    let settings = if args.quick {
+        Settings {
+            runs: args.runs.unwrap_or(2),
+            first_packets: 200,
+            rr_round_trips: 500,
+            rate_seconds: 1.0,
+            udp_seconds: 0.5,
+            client_threads: 4,
+            changes: 10,
+            client_cpu,
+            server_cpu,
+        }
+    } else {
+        Settings {
+            runs: args.runs.unwrap_or(3),
+            first_packets: 1000,
+            rr_round_trips: 5000,
+            rate_seconds: 10.0,
+            udp_seconds: 3.0,
+            client_threads: 4,
+            changes: 100,
+            client_cpu,
+            server_cpu,
+        }
+    };
+    let mut ns = args.services.clone().unwrap_or_else(|| {
+        if args.quick {
+            vec![1, 1000]
+        } else {
+            vec![1, 1000, 10_000]
+        }
+    });
+    if args.with_30k {
+        ns.push(30_000);
+    }
+    let dataplanes: Vec<Dataplane> = match &args.dataplanes {
+        Some(list) => list
+            .iter()
+            .map(|d| Dataplane::parse(d).with_context(|| format!("unknown dataplane {d}")))
+            .collect::<Result<_>>()?,
+        None => vec![
+            Dataplane::Direct,
+            Dataplane::Dp,
+            Dataplane::IptablesNft,
+            Dataplane::IptablesLegacy,
+            Dataplane::Nftables,
+        ],
+    };
+    std::fs::create_dir_all(&args.out)?;
+    let work = std::env::temp_dir().join(format!("dp-bench-{}", std::process::id()));
+    let mut results = Results {
+        schema: "dp.bench/v1".into(),
+        command: args.command.clone(),
+        quick: args.quick,
+        started: jiff::Timestamp::now().to_string(),
+        machine: machine(nproc),
+        settings: settings.clone(),
+        points: Vec::new(),
+    };
+    let total = ns.len() * dataplanes.len();
+    let bench_start = Instant::now();
+    for &n in &ns {
+        for &dataplane in &dataplanes {
+            let done = results.points.len();
+            progress(&format!(
+                "[{}/{total}] {} with {n} services x 10 endpoints ({:.0} s so far)",
+                done + 1,
+                dataplane.name(),
+                bench_start.elapsed().as_secs_f64()
+            ));
+            let point = measure_point(dataplane, n, &settings, &work)
+                .with_context(|| format!("{} at N={n}", dataplane.name()))?;
+            results.points.push(point);
+            // Written after every point: a long run that stops keeps its figures.
+            report::write(&results, &args.out)?;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    report::write(&results, &args.out)?;
+    if let Some(md) = &args.update_markdown {
+        report::update_markdown(&results, md)?;
+    }
+    progress(&format!(
+        "done in {:.0} s: {}",
+        bench_start.elapsed().as_secs_f64(),
+        args.out.display()
+    ));
+    Ok(())
+}
+
+fn progress(line: &str) {
+    eprintln!("==> {line}");
+}
+
+fn machine(nproc: usize) -> Machine {
+    let first_line = |cmd: &str, args: &[&str]| {
+        std::process::Command::new(cmd)
+            .args(args)
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.lines().next().map(str::to_string))
+            .unwrap_or_default()
+    };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    Machine {
+        nproc,
+        kernel: first_line("uname", &["-r"]),
+        cpu,
+        iptables: first_line("iptables", &["--version"]),
+        nft: first_line("nft", &["--version"]),
+    }
+}
+
+/// Tiny deterministic PRNG (xorshift) for the random targets.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn pick<T: Copy>(&mut self, from: &[T], count: usize) -> Vec<T> {
+        (0..count)
+            .map(|_| from[(self.next() % from.len() as u64) as usize])
+            .collect()
+    }
+}
+
+/// What the clients connect to for one dataplane.
+struct Targets {
+    last: SocketAddr,
+    random: Vec<SocketAddr>,
+    udp: SocketAddr,
+    node_port_last: SocketAddr,
+    node_port_random: Vec<SocketAddr>,
+    node_port_udp: SocketAddr,
+}
+
+fn targets(dataplane: Dataplane, n: usize, rng: &mut Rng) -> Targets {
+    use scenario::*;
+    if dataplane == Dataplane::Direct {
+        let pods: Vec<SocketAddr> = backend_ips()
+            .into_iter()
+            .map(|ip| SocketAddr::from((ip, TARGET_PORT)))
+            .collect();
+        let last = *pods.last().expect("pods");
+        let udp = SocketAddr::from((backend_ips()[0], UDP_TARGET_PORT));
+        return Targets {
+            last,
+            random: rng.pick(&pods, 2000),
+            udp,
+            node_port_last: last,
+            node_port_random: rng.pick(&pods, 2000),
+            node_port_udp: udp,
+        };
+    }
+    let vips: Vec<SocketAddr> = (0..n)
+        .map(|i| SocketAddr::from((cluster_ip(i), TCP_PORT)))
+        .collect();
+    let node_ports: Vec<SocketAddr> = (0..n)
+        .filter_map(node_port)
+        .map(|p| SocketAddr::from((NODE_IP, p)))
+        .collect();
+    Targets {
+        last: last_service(n),
+        random: rng.pick(&vips, 2000),
+        udp: SocketAddr::from((Input::udp_cluster_ip(), UDP_PORT)),
+        node_port_last: last_node_port(n),
+        node_port_random: rng.pick(&node_ports, 2000),
+        node_port_udp: SocketAddr::from((NODE_IP, UDP_NODE_PORT)),
+    }
+}
+
+fn measure_point(
+    dataplane: Dataplane,
+    n: usize,
+    s: &Settings,
+    work: &std::path::Path,
+) -> Result<Point> {
+    let cluster = e2e::Cluster::new(&[scenario::ENDPOINTS + 1])?;
+    // The floor's external client reaches pods through the node.
+    cluster
+        .client_ns()
+        .add_route("10.244.0.0/16", &scenario::NODE_IP.to_string())?;
+    let pods: Vec<(&e2e::Netns, std::net::Ipv4Addr)> = cluster.pods[1..]
+        .iter()
+        .map(|p| (cluster.pod_ns(&p.name), p.ip))
+        .collect();
+    let _servers = Servers::start(
+        &pods,
+        scenario::TARGET_PORT,
+        scenario::UDP_TARGET_PORT,
+        s.server_cpu,
+    )?;
+    let mut input = Input {
+        n,
+        moved: Vec::new(),
+    };
+    let mut loaded = scenario::load(dataplane, &cluster, &input, work)?;
+    progress(&format!(
+        "    loaded in {:.2} s ({} {}, kernel memory {:.1} MiB)",
+        loaded.load_seconds,
+        loaded.objects,
+        if dataplane == Dataplane::Dp {
+            "frontends"
+        } else {
+            "rules"
+        },
+        loaded.kernel_bytes as f64 / 1048576.0
+    ));
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ n as u64);
+    let t = targets(dataplane, n, &mut rng);
+    let client = cluster.pod_ns(&cluster.pods[0].name);
+    let external = cluster.client_ns();
+    // Fails loudly if the dataplane does not carry traffic at all.
+    let probe = loadgen::first_packet(client, &[t.last], 3, None)?;
+    let probe_np = loadgen::first_packet(external, &[t.node_port_last], 3, None)?;
+    if probe.errors > 0 || probe_np.errors > 0 {
+        bail!(
+            "{} does not answer {} / {}",
+            dataplane.name(),
+            t.last,
+            t.node_port_last
+        );
+    }
+
+    let mut cluster_runs = TrafficRuns::default();
+    let mut node_port_runs = TrafficRuns::default();
+    for run in 0..s.runs {
+        progress(&format!("    traffic run {}/{}", run + 1, s.runs));
+        cluster_runs.measure(client, &t.last, Some(&t.random), &t.random, t.udp, s)?;
+        node_port_runs.measure(
+            external,
+            &t.node_port_last,
+            None,
+            &t.node_port_random,
+            t.node_port_udp,
+            s,
+        )?;
+    }
+
+    let endpoint_change = if dataplane == Dataplane::Direct {
+        None
+    } else {
+        progress(&format!("    {} one-endpoint changes", s.changes));
+        let (mut total, mut agent) = (Vec::new(), Vec::new());
+        for c in 0..s.changes {
+            let i = (c * 7919) % n;
+            let (d, a) = loaded.change_endpoint(&mut input, i, c + 1)?;
+            total.push(d.as_secs_f64() * 1e3);
+            if let Some(a) = a {
+                agent.push(a.as_secs_f64() * 1e3);
+            }
+        }
+        let pct = |v: &[f64], p: f64| {
+            Latencies {
+                samples_us: v.to_vec(),
+                errors: 0,
+            }
+            .percentile(p)
+        };
+        Some(ChangeFigures {
+            changes: s.changes,
+            p50_ms: pct(&total, 50.0).unwrap_or(f64::NAN),
+            p99_ms: pct(&total, 99.0).unwrap_or(f64::NAN),
+            agent_p50_ms: pct(&agent, 50.0),
+            agent_p99_ms: pct(&agent, 99.0),
+        })
+    };
+    let point = Point {
+        dataplane,
+        services: n,
+        load_seconds: loaded.load_seconds,
+        objects: loaded.objects,
+        kernel_memory_bytes: loaded.kernel_bytes,
+        agent_rss_bytes: loaded.agent_rss_bytes,
+        cluster_ip: cluster_runs.finish(),
+        node_port: node_port_runs.finish(),
+        endpoint_change,
+    };
+    loaded.unload()?;
+    Ok(point)
+}
+
+/// Per-run figures, summarised over runs at the end.
+#[derive(Default)]
+struct TrafficRuns {
+    first_last: [Vec<f64>; 3],
+    first_random: [Vec<f64>; 3],
+    rr: [Vec<f64>; 3],
+    rate: Vec<f64>,
+    udp: Vec<f64>,
+    errors: u64,
+    first_errors: (u64, u64, u64),
+}
+
+const PERCENTILES: [f64; 3] = [50.0, 90.0, 99.0];
+
+impl TrafficRuns {
+    fn add(into: &mut [Vec<f64>; 3], l: &Latencies) {
+        for (i, p) in PERCENTILES.iter().enumerate() {
+            if let Some(v) = l.percentile(*p) {
+                into[i].push(v);
+            }
+        }
+    }
+
+    fn measure(
+        &mut self,
+        ns: &e2e::Netns,
+        last: &SocketAddr,
+        random_first: Option<&[SocketAddr]>,
+        random: &[SocketAddr],
+        udp: SocketAddr,
+        s: &Settings,
+    ) -> Result<()> {
+        let l = loadgen::first_packet(
+            ns,
+            std::slice::from_ref(last),
+            s.first_packets,
+            s.client_cpu,
+        )?;
+        self.first_errors.0 += l.errors;
+        Self::add(&mut self.first_last, &l);
+        if let Some(targets) = random_first {
+            let l = loadgen::first_packet(ns, targets, s.first_packets, s.client_cpu)?;
+            self.first_errors.1 += l.errors;
+            Self::add(&mut self.first_random, &l);
+        }
+        let rate = loadgen::connection_rate(
+            ns,
+            random,
+            s.client_threads,
+            Duration::from_secs_f64(s.rate_seconds),
+            s.client_cpu.map(|c| vec![c]),
+        )?;
+        self.errors += rate.errors;
+        self.rate.push(rate.per_second);
+        let l = loadgen::established_rr(ns, *last, s.rr_round_trips, s.client_cpu)?;
+        self.first_errors.2 += l.errors;
+        Self::add(&mut self.rr, &l);
+        let u = loadgen::udp_rate(
+            ns,
+            udp,
+            Duration::from_secs_f64(s.udp_seconds),
+            64,
+            s.client_cpu,
+        )?;
+        self.udp.push(u.per_second);
+        Ok(())
+    }
+
+    fn finish(self) -> Traffic {
+        let pct = |v: &[Vec<f64>; 3], errors: u64| Percentiles {
+            p50: (!v[0].is_empty()).then(|| summary(&v[0])),
+            p90: (!v[1].is_empty()).then(|| summary(&v[1])),
+            p99: (!v[2].is_empty()).then(|| summary(&v[2])),
+            errors,
+        };
+        Traffic {
+            first_packet_last: pct(&self.first_last, self.first_errors.0),
+            first_packet_random: pct(&self.first_random, self.first_errors.1),
+            connections_per_second: (!self.rate.is_empty()).then(|| summary(&self.rate)),
+            rr_latency: pct(&self.rr, self.first_errors.2),
+            udp_packets_per_second: (!self.udp.is_empty()).then(|| summary(&self.udp)),
+            errors: self.errors,
+        }
+    }
+}

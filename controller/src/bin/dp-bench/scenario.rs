@@ -1,0 +1,528 @@
+//! The input every dataplane gets, and the dataplanes themselves on a fresh
+//! namespace cluster: dp (the agent with `--manifests`), kube-proxy's rules
+//! in iptables mode (nft and legacy backends) and nftables mode, and no
+//! service at all (pod to pod, the floor).
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{BufRead, BufReader},
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use dp::{
+    kube_proxy::{
+        apply::{Applier, Backend},
+        ProxyConfig,
+    },
+    manifests::{self, Objects},
+    translate::{service_ports, NodeInfo, ServicePortInfo},
+};
+use e2e::Cluster;
+
+pub const ENDPOINTS: usize = 10;
+pub const TCP_PORT: u16 = 80;
+pub const TARGET_PORT: u16 = 8080;
+pub const UDP_PORT: u16 = 53;
+pub const UDP_TARGET_PORT: u16 = 5353;
+pub const UDP_NODE_PORT: u16 = 32000;
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
+/// Every 20th service is a NodePort (the range holds 2 768 ports).
+const NODEPORT_EVERY: usize = 20;
+const SERVICES_PER_FILE: usize = 500;
+
+/// The dataplanes compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Dataplane {
+    /// No service: the client talks to pod IPs (the floor).
+    Direct,
+    Dp,
+    IptablesNft,
+    IptablesLegacy,
+    Nftables,
+}
+
+impl Dataplane {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dataplane::Direct => "direct",
+            Dataplane::Dp => "dp",
+            Dataplane::IptablesNft => "iptables-nft",
+            Dataplane::IptablesLegacy => "iptables-legacy",
+            Dataplane::Nftables => "nftables",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Dataplane::Direct,
+            Dataplane::Dp,
+            Dataplane::IptablesNft,
+            Dataplane::IptablesLegacy,
+            Dataplane::Nftables,
+        ]
+        .into_iter()
+        .find(|d| d.name() == s)
+    }
+
+    fn backend(self) -> Option<Backend> {
+        match self {
+            Dataplane::IptablesNft => Some(Backend::IptablesNft),
+            Dataplane::IptablesLegacy => Some(Backend::IptablesLegacy),
+            Dataplane::Nftables => Some(Backend::Nftables),
+            _ => None,
+        }
+    }
+}
+
+/// The backend pods: `pod-1-1` .. `pod-1-10`; `pod-1-0` is the client pod.
+pub fn backend_ips() -> Vec<Ipv4Addr> {
+    (0..ENDPOINTS)
+        .map(|e| Ipv4Addr::new(10, 244, 1, 11 + e as u8))
+        .collect()
+}
+
+pub fn cluster_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(0x0a60_0000 + i as u32 + 1) // 10.96.x.y
+}
+
+pub fn node_port(i: usize) -> Option<u16> {
+    i.is_multiple_of(NODEPORT_EVERY)
+        .then(|| 30000 + (i / NODEPORT_EVERY) as u16)
+}
+
+/// `n` TCP services `bench/svc-NNNNN` (port 80 to 8080 on all ten pods;
+/// every 20th also a NodePort) and one UDP service `bench/dns` (53 to 5353,
+/// NodePort 32000). `moved`: service index whose first endpoint moved to an
+/// address of its own (the endpoint change of the control-plane figures).
+pub struct Input {
+    pub n: usize,
+    pub moved: Vec<(usize, usize)>,
+}
+
+impl Input {
+    pub fn udp_cluster_ip() -> Ipv4Addr {
+        Ipv4Addr::new(10, 96, 255, 253)
+    }
+
+    fn endpoints(&self, i: usize) -> Vec<Ipv4Addr> {
+        let mut ips = backend_ips();
+        if let Some((_, version)) = self.moved.iter().rev().find(|(s, _)| *s == i) {
+            // An address nobody answers on: the change is what is measured.
+            ips[0] = Ipv4Addr::from(0x0afa_0000 + (*version as u32 % 60_000) + 1);
+        }
+        ips
+    }
+
+    fn service_yaml(&self, i: usize, out: &mut String) {
+        let ty = if node_port(i).is_some() {
+            "NodePort"
+        } else {
+            "ClusterIP"
+        };
+        let np = node_port(i).map_or(String::new(), |p| format!(", nodePort: {p}"));
+        let _ = write!(
+            out,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i:05}, namespace: bench}}\n\
+             spec: {{type: {ty}, clusterIP: {}, ports: [{{name: http, port: {TCP_PORT}, targetPort: {TARGET_PORT}{np}}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: svc-{i:05}-1, namespace: bench, labels: {{kubernetes.io/service-name: svc-{i:05}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: {TARGET_PORT}}}]\nendpoints:\n",
+            cluster_ip(i)
+        );
+        for ip in self.endpoints(i) {
+            let _ = writeln!(out, "- {{addresses: [{ip}], nodeName: node1}}");
+        }
+        out.push_str("---\n");
+    }
+
+    fn udp_yaml(out: &mut String) {
+        let _ = write!(
+            out,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: bench}}\n\
+             spec: {{type: NodePort, clusterIP: {}, ports: [{{name: dns, protocol: UDP, port: {UDP_PORT}, targetPort: {UDP_TARGET_PORT}, nodePort: {UDP_NODE_PORT}}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: dns-1, namespace: bench, labels: {{kubernetes.io/service-name: dns}}}}\n\
+             addressType: IPv4\nports: [{{name: dns, protocol: UDP, port: {UDP_TARGET_PORT}}}]\nendpoints:\n",
+            Self::udp_cluster_ip()
+        );
+        for ip in backend_ips() {
+            let _ = writeln!(out, "- {{addresses: [{ip}], nodeName: node1}}");
+        }
+        out.push_str("---\n");
+    }
+
+    /// The manifests of file `f` (500 services each; file 0 also has `dns`).
+    pub fn file(&self, f: usize) -> String {
+        let mut out = String::new();
+        if f == 0 {
+            Self::udp_yaml(&mut out);
+        }
+        for i in f * SERVICES_PER_FILE..((f + 1) * SERVICES_PER_FILE).min(self.n) {
+            self.service_yaml(i, &mut out);
+        }
+        out
+    }
+
+    pub fn files(&self) -> usize {
+        self.n.div_ceil(SERVICES_PER_FILE).max(1)
+    }
+
+    pub fn file_of(i: usize) -> usize {
+        i / SERVICES_PER_FILE
+    }
+
+    pub fn write_dir(&self, dir: &Path) -> Result<()> {
+        fs::create_dir_all(dir)?;
+        for f in 0..self.files() {
+            fs::write(dir.join(format!("s{f:03}.yaml")), self.file(f))?;
+        }
+        Ok(())
+    }
+
+    /// The service ports, as kube-proxy would see them on node1.
+    pub fn service_ports(&self) -> Vec<ServicePortInfo> {
+        let mut objects = Objects::default();
+        for f in 0..self.files() {
+            manifests::load_str(&self.file(f), "bench", &mut objects);
+        }
+        let mut skipped = Vec::new();
+        let ports = service_ports(&objects.services, &objects.slices, &node(), &mut skipped);
+        assert!(skipped.is_empty(), "{:?}", &skipped[..1]);
+        ports
+    }
+}
+
+fn node() -> NodeInfo {
+    NodeInfo {
+        name: "node1".into(),
+        ips: vec![NODE_IP],
+        zone: None,
+    }
+}
+
+pub fn proxy_config() -> ProxyConfig {
+    ProxyConfig {
+        cluster_cidr: Some("10.244.0.0/16".parse().expect("CIDR")),
+        node_ips: vec![NODE_IP],
+        service_cidr: Some("10.96.0.0/16".parse().expect("CIDR")),
+        ..ProxyConfig::default()
+    }
+}
+
+/// A memory cgroup the loading tools (or the agent) run in, so the kernel
+/// memory their rules or maps use can be read (it stays charged to it).
+pub struct MemoryCgroup {
+    path: PathBuf,
+    v2: bool,
+}
+
+impl MemoryCgroup {
+    pub fn create(label: &str) -> Result<Self> {
+        let own = fs::read_to_string("/proc/self/cgroup")?;
+        let (base, v2) = if let Some(p) = own
+            .lines()
+            .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
+        {
+            (
+                PathBuf::from("/sys/fs/cgroup/memory").join(p.trim_start_matches('/')),
+                false,
+            )
+        } else {
+            let p = own
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .context("no memory cgroup")?;
+            (
+                PathBuf::from("/sys/fs/cgroup").join(p.trim_start_matches('/')),
+                true,
+            )
+        };
+        let path = base.join(format!("dp-bench-{}-{label}", std::process::id()));
+        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(MemoryCgroup { path, v2 })
+    }
+
+    /// `sh -c` prefix that moves the command into this cgroup first.
+    pub fn enter_script(&self) -> String {
+        format!(
+            "echo $$ > {}/cgroup.procs && exec \"$@\"",
+            self.path.display()
+        )
+    }
+
+    /// Kernel memory charged to the cgroup, in bytes.
+    pub fn kernel_bytes(&self) -> Result<u64> {
+        if self.v2 {
+            let stat = fs::read_to_string(self.path.join("memory.stat"))?;
+            let field = |name: &str| {
+                stat.lines()
+                    .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            Ok(field("kernel ") + field("percpu "))
+        } else {
+            Ok(
+                fs::read_to_string(self.path.join("memory.kmem.usage_in_bytes"))?
+                    .trim()
+                    .parse()?,
+            )
+        }
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        // Charges of removed rules move to the parent; the directory goes
+        // once no process is left in it.
+        let _ = fs::remove_dir(&self.path);
+    }
+}
+
+/// The dataplane as loaded, and what loading cost.
+pub struct Loaded {
+    pub load_seconds: f64,
+    /// Rules written (kube-proxy modes) or frontends programmed (dp).
+    pub objects: usize,
+    pub kernel_bytes: u64,
+    pub agent_rss_bytes: Option<u64>,
+    state: State,
+    _cgroup: Option<MemoryCgroup>,
+}
+
+enum State {
+    None,
+    Rules(Box<Applier>),
+    Agent {
+        child: Child,
+        log: mpsc::Receiver<String>,
+        dir: PathBuf,
+        bpffs: PathBuf,
+    },
+}
+
+pub fn load(dataplane: Dataplane, cluster: &Cluster, input: &Input, work: &Path) -> Result<Loaded> {
+    let node_ns = cluster.node_ns(0);
+    let mut loaded = Loaded {
+        load_seconds: 0.0,
+        objects: 0,
+        kernel_bytes: 0,
+        agent_rss_bytes: None,
+        state: State::None,
+        _cgroup: None,
+    };
+    if dataplane == Dataplane::Direct {
+        return Ok(loaded);
+    }
+    let cgroup = MemoryCgroup::create(dataplane.name())?;
+    if let Some(backend) = dataplane.backend() {
+        let prefix = vec![
+            "nsenter".into(),
+            format!("--net={}", node_ns.path().display()).into(),
+            "sh".into(),
+            "-c".into(),
+            cgroup.enter_script().into(),
+            "sh".into(),
+        ];
+        let mut applier = Box::new(Applier::new(backend, proxy_config(), prefix));
+        let ports = input.service_ports();
+        let report = applier.sync(&ports, false)?;
+        loaded.load_seconds = (report.generate + report.apply).as_secs_f64();
+        loaded.objects = report.rules;
+        loaded.state = State::Rules(applier);
+    } else {
+        let dir = work.join("manifests");
+        let bpffs = work.join("bpffs");
+        let _ = fs::remove_dir_all(&dir);
+        input.write_dir(&dir)?;
+        let frontends = input.n + node_ports(input.n) + 2;
+        let services = ((frontends * (ENDPOINTS + 2)) as u32).next_power_of_two();
+        let backends = ((frontends * ENDPOINTS) as u32).next_power_of_two();
+        let started = Instant::now();
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", node_ns.path().display()))
+            .args(["sh", "-c", &cgroup.enter_script(), "sh"])
+            .arg(dp_binary())
+            .args(["agent", "--node-name", "node1", "--node-ip", "172.18.0.2"])
+            .args(["--devices", "eth0", "--pod-devices", "^lxc"])
+            .args(["--cluster-cidr", "10.244.0.0/16"])
+            .arg("--manifests")
+            .arg(&dir)
+            .arg("--bpffs")
+            .arg(&bpffs)
+            .args([
+                "--map-size-services",
+                &services.max(common::map_sizes::SERVICES).to_string(),
+            ])
+            .args([
+                "--map-size-backends",
+                &backends.max(common::map_sizes::BACKENDS).to_string(),
+            ])
+            .args([
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--healthz-addr",
+                "127.0.0.1:0",
+            ])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting dp agent")?;
+        let (tx, log) = mpsc::channel();
+        let stderr = child.stderr.take().context("agent stderr")?;
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let line = wait_synced(&log, Duration::from_secs(600))?;
+        loaded.load_seconds = started.elapsed().as_secs_f64();
+        loaded.objects = field(&line, "frontends=").unwrap_or(0) as usize;
+        if loaded.objects != frontends {
+            bail!(
+                "dp agent programmed {} frontends, expected {frontends}: {line}",
+                loaded.objects
+            );
+        }
+        let status = fs::read_to_string(format!("/proc/{}/status", agent_pid(&child)))?;
+        loaded.agent_rss_bytes = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024);
+        loaded.state = State::Agent {
+            child,
+            log,
+            dir,
+            bpffs,
+        };
+    }
+    loaded.kernel_bytes = cgroup.kernel_bytes()?;
+    loaded._cgroup = Some(cgroup);
+    Ok(loaded)
+}
+
+pub fn node_ports(n: usize) -> usize {
+    (0..n).filter(|i| node_port(*i).is_some()).count()
+}
+
+fn dp_binary() -> PathBuf {
+    // dp-bench is built next to dp.
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("dp")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("dp"))
+}
+
+/// The agent runs as `sh` that exec'd `dp`: same pid.
+fn agent_pid(child: &Child) -> u32 {
+    child.id()
+}
+
+fn field(line: &str, name: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(name))
+        .and_then(|v| v.trim_matches('"').parse().ok())
+}
+
+fn wait_synced(log: &mpsc::Receiver<String>, timeout: Duration) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = log
+            .recv_timeout(left)
+            .context("dp agent: no `synced` line (exited or timed out)")?;
+        if line.contains("ERROR") {
+            bail!("dp agent: {line}");
+        }
+        if line.contains(" synced") {
+            return Ok(line);
+        }
+    }
+}
+
+impl Loaded {
+    /// Moves the first endpoint of service `i` (version `v`) and waits until
+    /// the dataplane has it: the kube-proxy way (partial sync) or dp's
+    /// (the agent sees the edited file and updates its maps). Returns the
+    /// time it took and, for dp, the agent's own sync time.
+    pub fn change_endpoint(
+        &mut self,
+        input: &mut Input,
+        i: usize,
+        v: usize,
+    ) -> Result<(Duration, Option<Duration>)> {
+        input.moved.push((i, v));
+        match &mut self.state {
+            State::None => Ok((Duration::ZERO, None)),
+            State::Rules(applier) => {
+                // kube-proxy translates its caches into rules on each sync;
+                // translation of the objects is not timed for either side.
+                let ports = input.service_ports();
+                let report = applier.sync(&ports, false)?;
+                if report.full {
+                    bail!("expected a partial sync");
+                }
+                Ok((report.generate + report.apply, None))
+            }
+            State::Agent { log, dir, .. } => {
+                while log.try_recv().is_ok() {}
+                let f = Input::file_of(i);
+                let text = input.file(f);
+                let t = Instant::now();
+                fs::write(dir.join(format!("s{f:03}.yaml")), text)?;
+                let line = wait_synced(log, Duration::from_secs(60))?;
+                let total = t.elapsed();
+                let micros = field(&line, "micros=").unwrap_or(0);
+                if field(&line, "backends_written=") != Some(1) {
+                    bail!("dp agent: unexpected sync for one endpoint change: {line}");
+                }
+                Ok((total, Some(Duration::from_micros(micros))))
+            }
+        }
+    }
+
+    pub fn unload(mut self) -> Result<()> {
+        match std::mem::replace(&mut self.state, State::None) {
+            State::None => {}
+            State::Rules(mut applier) => applier.cleanup()?,
+            State::Agent {
+                mut child,
+                bpffs,
+                dir,
+                ..
+            } => {
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                let _ = child.wait();
+                let _ = dp::pin::cleanup(&bpffs);
+                let c = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes())?;
+                // SAFETY: a valid NUL-terminated path.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                let _ = fs::remove_dir_all(&bpffs);
+                let _ = fs::remove_dir_all(&dir);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where the client pod sends: (ClusterIP targets ..).
+pub fn last_service(n: usize) -> SocketAddr {
+    SocketAddr::from((cluster_ip(n - 1), TCP_PORT))
+}
+
+pub fn last_node_port(n: usize) -> SocketAddr {
+    let i = (0..n).rev().find(|i| node_port(*i).is_some()).unwrap_or(0);
+    SocketAddr::from((NODE_IP, node_port(i).unwrap_or(30000)))
+}
