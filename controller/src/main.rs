@@ -73,6 +73,33 @@ enum Command {
     /// A ClusterIP service in a two-node lab of network namespaces, with the
     /// trace and counters that explain it.
     Demo,
+    /// Print (or apply here) the rules kube-proxy would write for a
+    /// directory of manifests: `iptables-restore` input or an `nft -f`
+    /// transaction.
+    KubeProxyRules {
+        /// `iptables` or `nftables`.
+        #[arg(long, default_value = "iptables")]
+        mode: String,
+        #[arg(long)]
+        manifests: PathBuf,
+        #[arg(long, default_value = "node1")]
+        node_name: String,
+        #[arg(long = "node-ip")]
+        node_ips: Vec<std::net::Ipv4Addr>,
+        /// detect-local-mode ClusterCIDR.
+        #[arg(long)]
+        cluster_cidr: Option<String>,
+        /// nftables mode: drop traffic to unallocated ClusterIPs in it.
+        #[arg(long)]
+        service_cidr: Option<String>,
+        /// Apply them in this network namespace (a full sync, as kube-proxy
+        /// starts) instead of printing; iptables mode uses `iptables-nft`
+        /// unless `--legacy`.
+        #[arg(long)]
+        apply: bool,
+        #[arg(long)]
+        legacy: bool,
+    },
 }
 
 /// Where the maps are, and how to print.
@@ -353,6 +380,68 @@ fn main() -> anyhow::Result<()> {
                 &opts,
                 &mut std::io::stdout().lock(),
             )?;
+            Ok(())
+        }
+        Command::KubeProxyRules {
+            mode,
+            manifests,
+            node_name,
+            node_ips,
+            cluster_cidr,
+            service_cidr,
+            apply,
+            legacy,
+        } => {
+            use dp::kube_proxy::{
+                apply::{Applier, Backend},
+                iptables, nftables, ProxyConfig,
+            };
+            let objects = dp::manifests::load_dir(&manifests)?;
+            let node = dp::translate::NodeInfo {
+                name: node_name,
+                ips: node_ips.clone(),
+                zone: None,
+            };
+            let mut skipped = objects.skipped.clone();
+            let ports = dp::translate::service_ports(
+                &objects.services,
+                &objects.slices,
+                &node,
+                &mut skipped,
+            );
+            for s in &skipped {
+                eprintln!("skipped {}: {}", s.object, s.reason);
+            }
+            let parse = |c: Option<String>| -> anyhow::Result<_> {
+                c.map(|c| c.parse().map_err(|e| anyhow::anyhow!("{c}: {e}")))
+                    .transpose()
+            };
+            let config = ProxyConfig {
+                cluster_cidr: parse(cluster_cidr)?,
+                service_cidr: parse(service_cidr)?,
+                node_ips,
+                ..ProxyConfig::default()
+            };
+            let backend = match (mode.as_str(), legacy) {
+                ("iptables", false) => Backend::IptablesNft,
+                ("iptables", true) => Backend::IptablesLegacy,
+                ("nftables", _) => Backend::Nftables,
+                (other, _) => anyhow::bail!("--mode {other}: iptables or nftables"),
+            };
+            if apply {
+                let report = Applier::new(backend, config, Vec::new()).sync(&ports, true)?;
+                println!(
+                    "{}: {} rules applied in {:.3} s",
+                    backend.name(),
+                    report.rules,
+                    (report.generate + report.apply).as_secs_f64()
+                );
+            } else if backend == Backend::Nftables {
+                print!("{}", nftables::transaction(&ports, &config, None).text);
+            } else {
+                let empty = std::collections::BTreeSet::new();
+                print!("{}", iptables::restore(&ports, &config, None, &empty).text);
+            }
             Ok(())
         }
         Command::Cleanup { bpffs } => {

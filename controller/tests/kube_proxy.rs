@@ -300,3 +300,29 @@ fn nftables_mode_balances_rejects_and_masquerades() {
     e2e::require_root();
     traffic_in_mode(Backend::Nftables);
 }
+
+#[test]
+fn cli_prints_the_same_transaction() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kube_proxy");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dp"))
+        .args(["kube-proxy-rules", "--mode", "nftables", "--manifests"])
+        .arg(&dir)
+        .args(["--node-name", "node1", "--node-ip", "192.168.0.2"])
+        .args([
+            "--cluster-cidr",
+            "10.0.0.0/8",
+            "--service-cidr",
+            "172.30.0.0/16",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        std::fs::read_to_string(dir.join("nft-transaction.txt")).unwrap()
+    );
+}
