@@ -227,22 +227,29 @@ impl Applier {
                     delete.extend(&args);
                     while self.run(ipt, &delete, None).is_ok() {}
                 }
+                // One restore flushes and deletes every KUBE-* chain (one
+                // `iptables -X` per chain would reload the table each time).
                 let save = format!("{ipt}-save");
+                let mut input = String::new();
                 for table in ["filter", "nat"] {
                     let listing = self.run(&save, &["-t", table], None)?;
-                    let chains: Vec<String> = listing
+                    let chains: Vec<&str> = listing
                         .lines()
-                        .filter_map(|l| l.strip_prefix(":KUBE-"))
+                        .filter_map(|l| l.strip_prefix(':'))
                         .filter_map(|l| l.split_whitespace().next())
-                        .map(|c| format!("KUBE-{c}"))
+                        .filter(|c| c.starts_with("KUBE-"))
                         .collect();
+                    input.push_str(&format!("*{table}\n"));
                     for c in &chains {
-                        let _ = self.run(ipt, &["-w", "5", "-t", table, "-F", c], None);
+                        input.push_str(&format!(":{c} - [0:0]\n"));
                     }
                     for c in &chains {
-                        let _ = self.run(ipt, &["-w", "5", "-t", table, "-X", c], None);
+                        input.push_str(&format!("-X {c}\n"));
                     }
+                    input.push_str("COMMIT\n");
                 }
+                let restore = format!("{ipt}-restore");
+                self.run(&restore, &["-w", "5", "--noflush"], Some(&input))?;
             }
         }
         self.last = None;

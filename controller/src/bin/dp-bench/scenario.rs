@@ -479,15 +479,24 @@ impl Loaded {
                 while log.try_recv().is_ok() {}
                 let f = Input::file_of(i);
                 let text = input.file(f);
+                // Written aside and renamed into place, as editors and
+                // ConfigMap updates do: the agent never reads half a file.
+                let staged = dir.join(format!(".s{f:03}.yaml.tmp"));
+                fs::write(&staged, text)?;
                 let t = Instant::now();
-                fs::write(dir.join(format!("s{f:03}.yaml")), text)?;
-                let line = wait_synced(log, Duration::from_secs(60))?;
-                let total = t.elapsed();
-                let micros = field(&line, "micros=").unwrap_or(0);
-                if field(&line, "backends_written=") != Some(1) {
-                    bail!("dp agent: unexpected sync for one endpoint change: {line}");
+                fs::rename(&staged, dir.join(format!("s{f:03}.yaml")))?;
+                loop {
+                    let line = wait_synced(log, Duration::from_secs(60))?;
+                    match field(&line, "backends_written=") {
+                        Some(1) => {
+                            let micros = field(&line, "micros=").unwrap_or(0);
+                            return Ok((t.elapsed(), Some(Duration::from_micros(micros))));
+                        }
+                        // A second event for the same rename: nothing to do.
+                        Some(0) if field(&line, "backends_removed=") == Some(0) => {}
+                        _ => bail!("dp agent: unexpected sync for one endpoint change: {line}"),
+                    }
                 }
-                Ok((total, Some(Duration::from_micros(micros))))
             }
         }
     }
