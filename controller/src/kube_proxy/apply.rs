@@ -7,7 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::OsString,
-    io::Write as _,
+    io::{Read as _, Write as _},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -53,6 +53,8 @@ pub enum ApplyError {
     },
     #[error("{command} failed: {stderr}")]
     Failed { command: String, stderr: String },
+    #[error("{command} did not finish within {seconds} s (stopped)")]
+    Timeout { command: String, seconds: u64 },
 }
 
 /// What one sync did and cost.
@@ -73,6 +75,8 @@ pub struct Applier {
     pub backend: Backend,
     pub config: ProxyConfig,
     prefix: Vec<OsString>,
+    /// Longest a tool may run before it is killed (None: no limit).
+    pub timeout: Option<Duration>,
     last: Option<BTreeMap<ServicePortName, ServicePortInfo>>,
     active_chains: BTreeSet<String>,
     elements: nftables::Elements,
@@ -85,6 +89,7 @@ impl Applier {
             backend,
             config,
             prefix,
+            timeout: None,
             last: None,
             active_chains: BTreeSet::new(),
             elements: nftables::Elements::new(),
@@ -280,23 +285,70 @@ impl Applier {
             command: command.clone(),
             source,
         })?;
-        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            // A failing tool closes its stdin early; its exit status says why.
-            let _ = pipe.write_all(text.as_bytes());
-        }
-        let out = child
-            .wait_with_output()
+        // Pipes are served by threads, so a slow tool cannot block the
+        // deadline check (and a large input cannot deadlock on full pipes).
+        let writer = match (stdin, child.stdin.take()) {
+            (Some(text), Some(mut pipe)) => {
+                let text = text.to_string();
+                // A failing tool closes its stdin early; its status says why.
+                Some(std::thread::spawn(move || {
+                    let _ = pipe.write_all(text.as_bytes());
+                }))
+            }
+            _ => None,
+        };
+        let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut p) = pipe {
+                    let _ = p.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let stdout = read(child.stdout.take().map(|p| Box::new(p) as _));
+        let stderr = read(child.stderr.take().map(|p| Box::new(p) as _));
+        // The exit is an event (a waiter thread's message), so the deadline
+        // costs nothing when the tool finishes in time.
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        let waited = match self.timeout {
+            None => rx.recv().ok(),
+            Some(limit) => match rx.recv_timeout(limit) {
+                Ok(r) => Some(r),
+                Err(_) => {
+                    // SAFETY: our own child, not yet reaped (the waiter
+                    // thread reaps it after this).
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    let _ = rx.recv();
+                    return Err(ApplyError::Timeout {
+                        command,
+                        seconds: limit.as_secs(),
+                    });
+                }
+            },
+        };
+        let status = waited
+            .unwrap_or_else(|| Err(std::io::Error::other("waiter thread gone")))
             .map_err(|source| ApplyError::Spawn {
                 command: command.clone(),
                 source,
             })?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
+        if let Some(w) = writer {
+            let _ = w.join();
+        }
+        let out_bytes = stdout.join().unwrap_or_default();
+        let err_bytes = stderr.join().unwrap_or_default();
+        if !status.success() {
+            let stderr = String::from_utf8_lossy(&err_bytes);
             return Err(ApplyError::Failed {
                 command,
                 stderr: stderr.lines().take(5).collect::<Vec<_>>().join("; "),
             });
         }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok(String::from_utf8_lossy(&out_bytes).into_owned())
     }
 }

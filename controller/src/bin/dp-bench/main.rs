@@ -54,6 +54,14 @@ struct Args {
     /// Replace the generated section of this markdown file with the tables.
     #[arg(long)]
     update_markdown: Option<PathBuf>,
+    /// Longest a kube-proxy mode's first full sync may take; a dataplane
+    /// that does not load in time is reported as such, without traffic figures.
+    #[arg(long, default_value_t = 900)]
+    load_timeout: u64,
+    /// Keep the points of an earlier run in `--out/results.json` and
+    /// measure only the missing ones.
+    #[arg(long)]
+    resume: bool,
     /// The command line to record in the results (what the user typed).
     #[arg(long, default_value = "cargo xtask bench")]
     command: String,
@@ -109,6 +117,10 @@ pub struct ChangeFigures {
 pub struct Point {
     pub dataplane: Dataplane,
     pub services: usize,
+    /// False: the first full sync did not finish within `load_seconds` and
+    /// was stopped; nothing else was measured.
+    #[serde(default = "finished")]
+    pub load_finished: bool,
     pub load_seconds: f64,
     /// Rules written (kube-proxy modes) or frontends programmed (dp).
     pub objects: usize,
@@ -117,6 +129,10 @@ pub struct Point {
     pub cluster_ip: Traffic,
     pub node_port: Traffic,
     pub endpoint_change: Option<ChangeFigures>,
+}
+
+fn finished() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -207,10 +223,28 @@ fn main() -> Result<()> {
         settings: settings.clone(),
         points: Vec::new(),
     };
+    let earlier = args.out.join("results.json");
+    if args.resume && earlier.exists() {
+        let old: Results = serde_json::from_str(&std::fs::read_to_string(&earlier)?)
+            .context("reading the earlier results")?;
+        if old.quick != args.quick {
+            bail!("--resume: the earlier run's --quick differs");
+        }
+        results.started = old.started;
+        results.settings = old.settings;
+        results.points = old.points;
+    }
     let total = ns.len() * dataplanes.len();
     let bench_start = Instant::now();
     for &n in &ns {
         for &dataplane in &dataplanes {
+            if results
+                .points
+                .iter()
+                .any(|p| p.dataplane == dataplane && p.services == n)
+            {
+                continue;
+            }
             let done = results.points.len();
             progress(&format!(
                 "[{}/{total}] {} with {n} services x 10 endpoints ({:.0} s so far)",
@@ -218,7 +252,8 @@ fn main() -> Result<()> {
                 dataplane.name(),
                 bench_start.elapsed().as_secs_f64()
             ));
-            let point = measure_point(dataplane, n, &settings, &work)
+            let limit = Duration::from_secs(args.load_timeout);
+            let point = measure_point(dataplane, n, &results.settings.clone(), &work, limit)
                 .with_context(|| format!("{} at N={n}", dataplane.name()))?;
             results.points.push(point);
             // Written after every point: a long run that stops keeps its figures.
@@ -335,6 +370,7 @@ fn measure_point(
     n: usize,
     s: &Settings,
     work: &std::path::Path,
+    load_timeout: Duration,
 ) -> Result<Point> {
     let cluster = e2e::Cluster::new(&[scenario::ENDPOINTS + 1])?;
     // The floor's external client reaches pods through the node.
@@ -355,7 +391,25 @@ fn measure_point(
         n,
         moved: Vec::new(),
     };
-    let mut loaded = scenario::load(dataplane, &cluster, &input, work)?;
+    let mut loaded = match scenario::load(dataplane, &cluster, &input, work, load_timeout) {
+        Ok(l) => l,
+        Err(e) if is_timeout(&e) => {
+            progress(&format!("    {e:#}"));
+            return Ok(Point {
+                dataplane,
+                services: n,
+                load_finished: false,
+                load_seconds: load_timeout.as_secs_f64(),
+                objects: 0,
+                kernel_memory_bytes: 0,
+                agent_rss_bytes: None,
+                cluster_ip: Traffic::default(),
+                node_port: Traffic::default(),
+                endpoint_change: None,
+            });
+        }
+        Err(e) => return Err(e),
+    };
     progress(&format!(
         "    loaded in {:.2} s ({} {}, kernel memory {:.1} MiB)",
         loaded.load_seconds,
@@ -429,6 +483,7 @@ fn measure_point(
     let point = Point {
         dataplane,
         services: n,
+        load_finished: true,
         load_seconds: loaded.load_seconds,
         objects: loaded.objects,
         kernel_memory_bytes: loaded.kernel_bytes,
@@ -439,6 +494,15 @@ fn measure_point(
     };
     loaded.unload()?;
     Ok(point)
+}
+
+fn is_timeout(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<dp::kube_proxy::apply::ApplyError>(),
+            Some(dp::kube_proxy::apply::ApplyError::Timeout { .. })
+        )
+    })
 }
 
 /// Per-run figures, summarised over runs at the end.

@@ -71,7 +71,7 @@ fn charts() -> Vec<(&'static str, &'static str, &'static str, Getter)> {
             "initial-load.svg",
             "Programming all N services from nothing",
             "s",
-            |p| (p.dataplane != Dataplane::Direct).then_some(p.load_seconds),
+            |p| (p.dataplane != Dataplane::Direct && p.load_finished).then_some(p.load_seconds),
         ),
     ]
 }
@@ -305,6 +305,10 @@ pub fn tables(results: &Results) -> String {
             let Some(p) = find(results, d, n) else {
                 continue;
             };
+            if !p.load_finished {
+                let _ = writeln!(s, "| {} | not loaded (see below) |", d.name());
+                continue;
+            }
             let t = &p.cluster_ip;
             let v = p50(&t.first_packet_last);
             let _ = writeln!(
@@ -333,6 +337,10 @@ pub fn tables(results: &Results) -> String {
             let Some(p) = find(results, d, n) else {
                 continue;
             };
+            if !p.load_finished {
+                let _ = writeln!(s, "| {} | not loaded (see below) |", d.name());
+                continue;
+            }
             let t = &p.node_port;
             let v = p50(&t.first_packet_last);
             let _ = writeln!(
@@ -377,12 +385,24 @@ pub fn tables(results: &Results) -> String {
                 },
                 None => "–".into(),
             };
+            if !p.load_finished {
+                let _ = writeln!(
+                    s,
+                    "| {n} | {} | did not finish in {:.0} s (stopped) | – | – | – | – | – | – |",
+                    d.name(),
+                    p.load_seconds
+                );
+                continue;
+            }
             let _ = writeln!(
                 s,
                 "| {n} | {} | {:.3} s | {} | {} | {} | {} | {:.1} MiB | {} |",
                 d.name(),
                 p.load_seconds,
-                ratio(Some(p.load_seconds), base.map(|b| b.load_seconds)),
+                ratio(
+                    Some(p.load_seconds),
+                    base.filter(|b| b.load_finished).map(|b| b.load_seconds)
+                ),
                 p.objects,
                 change_text,
                 ratio(

@@ -306,7 +306,13 @@ enum State {
     },
 }
 
-pub fn load(dataplane: Dataplane, cluster: &Cluster, input: &Input, work: &Path) -> Result<Loaded> {
+pub fn load(
+    dataplane: Dataplane,
+    cluster: &Cluster,
+    input: &Input,
+    work: &Path,
+    timeout: Duration,
+) -> Result<Loaded> {
     let node_ns = cluster.node_ns(0);
     let mut loaded = Loaded {
         load_seconds: 0.0,
@@ -331,7 +337,9 @@ pub fn load(dataplane: Dataplane, cluster: &Cluster, input: &Input, work: &Path)
         ];
         let mut applier = Box::new(Applier::new(backend, proxy_config(), prefix));
         let ports = input.service_ports();
+        applier.timeout = Some(timeout);
         let report = applier.sync(&ports, false)?;
+        applier.timeout = None;
         loaded.load_seconds = (report.generate + report.apply).as_secs_f64();
         loaded.objects = report.rules;
         loaded.state = State::Rules(applier);
