@@ -256,8 +256,12 @@ fn spread(s: &Option<Summary>, digits: usize) -> String {
 }
 
 fn ratio(v: Option<f64>, base: Option<f64>) -> String {
+    ratio_marked(v, base, "")
+}
+
+fn ratio_marked(v: Option<f64>, base: Option<f64>, mark: &str) -> String {
     match (v, base) {
-        (Some(v), Some(b)) if b > 0.0 => format!("{:.2}x", v / b),
+        (Some(v), Some(b)) if b > 0.0 => format!("{:.2}x{mark}", v / b),
         _ => "–".into(),
     }
 }
@@ -271,6 +275,18 @@ fn find(results: &Results, d: Dataplane, n: usize) -> Option<&Point> {
         .points
         .iter()
         .find(|p| p.dataplane == d && p.services == n)
+}
+
+/// The iptables-mode point ratios are taken against: the nft backend, or
+/// the legacy one where the nft backend did not load (marked `†`).
+fn iptables_base(results: &Results, n: usize) -> (Option<&Point>, &'static str) {
+    match find(results, Dataplane::IptablesNft, n) {
+        Some(p) if p.load_finished => (Some(p), ""),
+        _ => (
+            find(results, Dataplane::IptablesLegacy, n).filter(|p| p.load_finished),
+            "†",
+        ),
+    }
 }
 
 pub fn tables(results: &Results) -> String {
@@ -292,8 +308,12 @@ pub fn tables(results: &Results) -> String {
         results.settings.runs,
         results.started
     );
+    let _ = writeln!(
+        s,
+        "Ratios are to iptables mode with the nft backend; `†`: to the legacy backend, where the nft backend's first full sync did not finish.\n"
+    );
     for n in sizes(results) {
-        let base = find(results, Dataplane::IptablesNft, n);
+        let (base, mark) = iptables_base(results, n);
         let floor = find(results, Dataplane::Direct, n);
         let _ = writeln!(
             s,
@@ -317,7 +337,11 @@ pub fn tables(results: &Results) -> String {
                 d.name(),
                 spread(&t.first_packet_last.p50, 1),
                 spread(&t.first_packet_last.p99, 1),
-                ratio(v, base.and_then(|b| p50(&b.cluster_ip.first_packet_last))),
+                ratio_marked(
+                    v,
+                    base.and_then(|b| p50(&b.cluster_ip.first_packet_last)),
+                    mark
+                ),
                 ratio(v, floor.and_then(|b| p50(&b.cluster_ip.first_packet_last))),
                 spread(&t.first_packet_random.p50, 1),
                 spread(&t.first_packet_random.p99, 1),
@@ -349,7 +373,11 @@ pub fn tables(results: &Results) -> String {
                 d.name(),
                 spread(&t.first_packet_last.p50, 1),
                 spread(&t.first_packet_last.p99, 1),
-                ratio(v, base.and_then(|b| p50(&b.node_port.first_packet_last))),
+                ratio_marked(
+                    v,
+                    base.and_then(|b| p50(&b.node_port.first_packet_last)),
+                    mark
+                ),
                 ratio(v, floor.and_then(|b| p50(&b.node_port.first_packet_last))),
                 spread(&t.connections_per_second, 0),
                 spread(&t.rr_latency.p50, 1),
@@ -366,7 +394,7 @@ pub fn tables(results: &Results) -> String {
          | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for n in sizes(results) {
-        let base = find(results, Dataplane::IptablesNft, n);
+        let (base, mark) = iptables_base(results, n);
         for d in dataplanes(results) {
             if d == Dataplane::Direct {
                 continue;
@@ -399,15 +427,13 @@ pub fn tables(results: &Results) -> String {
                 "| {n} | {} | {:.3} s | {} | {} | {} | {} | {:.1} MiB | {} |",
                 d.name(),
                 p.load_seconds,
-                ratio(
-                    Some(p.load_seconds),
-                    base.filter(|b| b.load_finished).map(|b| b.load_seconds)
-                ),
+                ratio_marked(Some(p.load_seconds), base.map(|b| b.load_seconds), mark),
                 p.objects,
                 change_text,
-                ratio(
+                ratio_marked(
                     change.map(|c| c.p50_ms),
-                    base.and_then(|b| b.endpoint_change.as_ref().map(|c| c.p50_ms))
+                    base.and_then(|b| b.endpoint_change.as_ref().map(|c| c.p50_ms)),
+                    mark
                 ),
                 p.kernel_memory_bytes as f64 / 1048576.0,
                 p.agent_rss_bytes
