@@ -243,6 +243,7 @@ impl MemoryCgroup {
                 true,
             )
         };
+        remove_stale(&base);
         let path = base.join(format!("dp-bench-{}-{label}", std::process::id()));
         fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(MemoryCgroup { path, v2 })
@@ -272,6 +273,41 @@ impl MemoryCgroup {
                     .trim()
                     .parse()?,
             )
+        }
+    }
+}
+
+/// Cgroups and work directories of dp-bench runs that died (killed, or
+/// stopped by an error before they cleaned up).
+fn remove_stale(cgroup_base: &Path) {
+    let dead = |name: &str| {
+        name.strip_prefix("dp-bench-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| {
+                pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+            })
+    };
+    for (dir, is_cgroup) in [
+        (cgroup_base.to_path_buf(), true),
+        (std::env::temp_dir(), false),
+    ] {
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !dead(&name) {
+                continue;
+            }
+            if is_cgroup {
+                let _ = fs::remove_dir(entry.path());
+            } else {
+                let bpffs = entry.path().join("bpffs");
+                let _ = dp::pin::cleanup(&bpffs);
+                if let Ok(c) = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes()) {
+                    // SAFETY: a valid NUL-terminated path.
+                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                }
+                let _ = fs::remove_dir_all(entry.path());
+            }
         }
     }
 }
@@ -510,6 +546,10 @@ impl Loaded {
     }
 
     pub fn unload(mut self) -> Result<()> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<()> {
         match std::mem::replace(&mut self.state, State::None) {
             State::None => {}
             State::Rules(mut applier) => applier.cleanup()?,
@@ -531,6 +571,13 @@ impl Loaded {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for Loaded {
+    /// Also on the error path: no agent, pins or mounts are left behind.
+    fn drop(&mut self) {
+        let _ = self.release();
     }
 }
 
