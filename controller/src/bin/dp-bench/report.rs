@@ -318,7 +318,7 @@ pub fn tables(results: &Results) -> String {
         let _ = writeln!(
             s,
             "#### {n} services x 10 endpoints: ClusterIP from a pod\n\n\
-             | dataplane | new conn, last service: p50 / p99 µs | p50 vs iptables-nft | p50 vs direct | new conn, random service: p50 / p99 µs | new conn/s | established RR: p50 / p99 µs | UDP packets/s |\n\
+             | dataplane | new conn, last service: p50 / p90 / p99 µs | p50 vs iptables-nft | p50 vs direct | new conn, random service: p50 / p90 / p99 µs | new conn/s | established RR: p50 / p99 µs | UDP packets/s |\n\
              | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         );
         for d in dataplanes(results) {
@@ -333,9 +333,10 @@ pub fn tables(results: &Results) -> String {
             let v = p50(&t.first_packet_last);
             let _ = writeln!(
                 s,
-                "| {} | {} / {} | {} | {} | {} / {} | {} | {} / {} | {} |",
+                "| {} | {} / {} / {} | {} | {} | {} / {} / {} | {} | {} / {} | {} |",
                 d.name(),
                 spread(&t.first_packet_last.p50, 1),
+                spread(&t.first_packet_last.p90, 1),
                 spread(&t.first_packet_last.p99, 1),
                 ratio_marked(
                     v,
@@ -344,6 +345,7 @@ pub fn tables(results: &Results) -> String {
                 ),
                 ratio(v, floor.and_then(|b| p50(&b.cluster_ip.first_packet_last))),
                 spread(&t.first_packet_random.p50, 1),
+                spread(&t.first_packet_random.p90, 1),
                 spread(&t.first_packet_random.p99, 1),
                 spread(&t.connections_per_second, 0),
                 spread(&t.rr_latency.p50, 1),
@@ -354,7 +356,7 @@ pub fn tables(results: &Results) -> String {
         let _ = writeln!(
             s,
             "\n#### {n} services x 10 endpoints: NodePort from the external client\n\n\
-             | dataplane | new conn, last NodePort: p50 / p99 µs | p50 vs iptables-nft | p50 vs direct | new conn/s | established RR: p50 / p99 µs | UDP packets/s |\n\
+             | dataplane | new conn, last NodePort: p50 / p90 / p99 µs | p50 vs iptables-nft | p50 vs direct | new conn/s | established RR: p50 / p99 µs | UDP packets/s |\n\
              | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
         );
         for d in dataplanes(results) {
@@ -369,9 +371,10 @@ pub fn tables(results: &Results) -> String {
             let v = p50(&t.first_packet_last);
             let _ = writeln!(
                 s,
-                "| {} | {} / {} | {} | {} | {} | {} / {} | {} |",
+                "| {} | {} / {} / {} | {} | {} | {} | {} / {} | {} |",
                 d.name(),
                 spread(&t.first_packet_last.p50, 1),
+                spread(&t.first_packet_last.p90, 1),
                 spread(&t.first_packet_last.p99, 1),
                 ratio_marked(
                     v,
