@@ -130,9 +130,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         Some(dir) => {
             let mut watcher =
                 notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                    // Our own reads raise access events; only changes matter.
                     if let Ok(e) = event {
-                        if !matches!(e.kind, notify::EventKind::Access(_)) {
+                        if manifest_change_complete(&e.kind) {
                             let _ = tx.send(());
                         }
                     }
@@ -362,6 +361,21 @@ impl Agent {
                 warn!(error = %e, "programming the maps failed");
             }
         }
+    }
+}
+
+/// Whether a directory event ends a change worth re-reading: a file closed
+/// after writing, created, renamed or removed. A write in progress (data
+/// modified, file truncated) is not: a half-written file read then would
+/// drop the services it has not reached yet. Our own reads raise access
+/// events, which are ignored too.
+fn manifest_change_complete(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        EventKind::Modify(ModifyKind::Data(_)) => false,
+        _ => true,
     }
 }
 

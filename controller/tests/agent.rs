@@ -243,6 +243,43 @@ fn the_agent_programs_manifests_follows_edits_and_serves_new_pods() {
         in_a_row = if moved { in_a_row + 1 } else { 0 };
     }
 
+    // Rewritten in place by a slow writer: the half-written file is not read
+    // (the service keeps working), the finished one is.
+    let text = fs::read_to_string(dir.join("web.yaml")).unwrap();
+    let slow = text
+        .replace("10.244.2.11", "10.244.1.11")
+        .replace("node2", "node1");
+    let (head, tail) = slow.split_at(slow.find("kind: EndpointSlice").unwrap());
+    let mut file = fs::File::create(dir.join("web.yaml")).unwrap();
+    std::io::Write::write_all(&mut file, head.as_bytes()).unwrap();
+    // The writer pausing mid-file is the situation under test, not a wait.
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..5 {
+        assert_eq!(
+            whoami(client),
+            "pod-2-1",
+            "service changed by a half-written file"
+        );
+    }
+    std::io::Write::write_all(&mut file, tail.as_bytes()).unwrap();
+    drop(file);
+    let finished = Instant::now();
+    let mut in_a_row = 0;
+    while in_a_row < 5 {
+        assert!(
+            finished.elapsed() < Duration::from_secs(1),
+            "the finished in-place edit was not applied within a second"
+        );
+        let moved = try_whoami(client).is_ok_and(|name| name == "pod-1-1");
+        in_a_row = if moved { in_a_row + 1 } else { 0 };
+    }
+    // Back to pod-2-1 for the rest of the test.
+    write_web(&dir, &[("10.244.2.11", "node2")]);
+    let restored = Instant::now();
+    while try_whoami(client).ok().as_deref() != Some("pod-2-1") {
+        assert!(restored.elapsed() < Duration::from_secs(1), "not restored");
+    }
+
     // A pod created after the agent started: its veth gets attached, so its
     // own traffic to the service is served.
     let pod = cluster.add_pod(0).unwrap();
