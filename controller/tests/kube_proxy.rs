@@ -326,3 +326,48 @@ fn cli_prints_the_same_transaction() {
         std::fs::read_to_string(dir.join("nft-transaction.txt")).unwrap()
     );
 }
+
+#[test]
+fn source_ranges_allow_the_lb_ip_when_a_range_holds_the_node() {
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: lb, namespace: ns}\n\
+        spec: {type: LoadBalancer, clusterIP: 172.30.0.50, loadBalancerSourceRanges: [192.168.0.0/24, 203.0.113.0/24],\n\
+        \x20 ports: [{name: p80, port: 80, nodePort: 30050}]}\n\
+        status: {loadBalancer: {ingress: [{ip: 1.2.3.4}]}}\n---\n\
+        apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+        metadata: {name: lb-a, namespace: ns, labels: {kubernetes.io/service-name: lb}}\n\
+        addressType: IPv4\nports: [{name: p80, port: 80}]\nendpoints: [{addresses: [10.180.0.1]}]\n";
+    let mut objects = Objects::default();
+    manifests::load_str(yaml, "lb", &mut objects);
+    let node = NodeInfo {
+        name: "node1".into(),
+        ips: vec![Ipv4Addr::new(192, 168, 0, 2)],
+        zone: None,
+    };
+    let ports = service_ports(&objects.services, &objects.slices, &node, &mut Vec::new());
+    let config = fixture_config();
+    let fw = format!("KUBE-FW-{}", iptables::service_hash(&ports[0]));
+    let text = iptables::restore(&ports, &config, None, &BTreeSet::new()).text;
+    let fw_rules: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("-A {fw} ")))
+        .collect();
+    assert_eq!(fw_rules.len(), 4, "{text}");
+    assert!(
+        fw_rules[0].contains("-s 192.168.0.0/24 -j KUBE-EXT-"),
+        "{text}"
+    );
+    assert!(
+        fw_rules[1].contains("-s 203.0.113.0/24 -j KUBE-EXT-"),
+        "{text}"
+    );
+    assert!(fw_rules[2].contains("-s 1.2.3.4 -j KUBE-EXT-"), "{text}");
+    assert!(
+        text.contains(&format!("traffic not accepted by {fw}")),
+        "{text}"
+    );
+    let tx = nftables::transaction(&ports, &config, None).text;
+    assert!(
+        tx.contains("ip saddr != { 192.168.0.0/24, 203.0.113.0/24, 1.2.3.4 } drop"),
+        "{tx}"
+    );
+}

@@ -234,8 +234,7 @@ fn service_rules(
     let fw = format!("KUBE-FW-{h}");
     let internal_chain = if sp.itp_local { &svl } else { &svc };
     let external_policy_chain = if sp.etp_local { &svl } else { &svc };
-    let uses_ext = c.has_endpoints && sp.is_external();
-    let uses_fw = c.has_endpoints && !sp.lb_ips.is_empty() && !sp.source_ranges.is_empty();
+    let (uses_ext, uses_fw) = (c.uses_external_chain, c.uses_firewall_chain);
     let lb_chain = if uses_fw { &fw } else { &ext };
     // What packets that find no endpoint get (filter table).
     let (internal_target, internal_comment) = if !c.has_endpoints {
@@ -344,23 +343,11 @@ fn service_rules(
         }
     }
     if uses_fw {
-        let node_in_range = sp
-            .source_ranges
-            .iter()
-            .any(|r| config.node_ips.iter().any(|ip| r.contains(*ip)));
-        for r in &sp.source_ranges {
+        for source in super::firewall_sources(sp, config) {
             let _ = writeln!(
                 rules,
-                "-A {fw} -m comment --comment \"{spn} loadbalancer IP\" -s {r} -j {ext}"
+                "-A {fw} -m comment --comment \"{spn} loadbalancer IP\" -s {source} -j {ext}"
             );
-        }
-        if node_in_range {
-            for ip in &sp.lb_ips {
-                let _ = writeln!(
-                    rules,
-                    "-A {fw} -m comment --comment \"{spn} loadbalancer IP\" -s {ip} -j {ext}"
-                );
-            }
         }
         let _ = writeln!(rules, "-A {fw} -m comment --comment \"other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL\"");
     }

@@ -111,6 +111,10 @@ pub struct Categorized {
     pub has_internal: bool,
     /// External traffic has endpoints under its policy.
     pub has_external: bool,
+    /// The external-destinations chain (`KUBE-EXT-`, `external-`) exists.
+    pub uses_external_chain: bool,
+    /// The source-range firewall chain (`KUBE-FW-`, `firewall-`) exists.
+    pub uses_firewall_chain: bool,
 }
 
 pub fn categorize(sp: &ServicePortInfo) -> Categorized {
@@ -135,11 +139,28 @@ pub fn categorize(sp: &ServicePortInfo) -> Categorized {
         uses_local_chain: !local.is_empty(),
         has_internal: has_endpoints && (!sp.itp_local || !local.is_empty()),
         has_external: has_endpoints && (!sp.etp_local || !local.is_empty()),
+        uses_external_chain: has_endpoints && sp.is_external(),
+        uses_firewall_chain: has_endpoints && !sp.lb_ips.is_empty() && !sp.source_ranges.is_empty(),
         has_endpoints,
         cluster,
         local,
         all,
     }
+}
+
+/// Sources a LoadBalancer's firewall lets through: its source ranges, and
+/// its LB IPs when a range contains the node (so the node's own traffic to
+/// the LB IP, whose source may be that IP, still passes).
+pub fn firewall_sources(sp: &ServicePortInfo, config: &ProxyConfig) -> Vec<String> {
+    let mut allowed: Vec<String> = sp.source_ranges.iter().map(ToString::to_string).collect();
+    let node_in_range = sp
+        .source_ranges
+        .iter()
+        .any(|r| config.node_ips.iter().any(|ip| r.contains(*ip)));
+    if node_in_range {
+        allowed.extend(sp.lb_ips.iter().map(ToString::to_string));
+    }
+    allowed
 }
 
 /// Standard base32 (RFC 4648, `A-Z2-7`) without padding.

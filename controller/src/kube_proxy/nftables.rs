@@ -307,8 +307,7 @@ fn service(
     let ext = format!("external-{base}");
     let fw = format!("firewall-{base}");
     let internal_chain = if sp.itp_local { &local } else { &svc };
-    let uses_ext = c.has_endpoints && sp.is_external();
-    let uses_fw = c.has_endpoints && !sp.lb_ips.is_empty() && !sp.source_ranges.is_empty();
+    let (uses_ext, uses_fw) = (c.uses_external_chain, c.uses_firewall_chain);
     let no_endpoints = if c.has_endpoints {
         "drop"
     } else {
@@ -483,14 +482,7 @@ fn service(
         }
     }
     if uses_fw {
-        let node_in_range = sp
-            .source_ranges
-            .iter()
-            .any(|r| config.node_ips.iter().any(|ip| r.contains(*ip)));
-        let mut allowed: Vec<String> = sp.source_ranges.iter().map(ToString::to_string).collect();
-        if node_in_range {
-            allowed.extend(sp.lb_ips.iter().map(ToString::to_string));
-        }
+        let allowed = super::firewall_sources(sp, config);
         rule(
             &fw,
             format!("ip saddr != {{ {} }} drop", allowed.join(", ")),
