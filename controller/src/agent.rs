@@ -365,18 +365,20 @@ impl Agent {
 }
 
 /// Whether a directory event ends a change worth re-reading: a file closed
-/// after writing, created, renamed or removed. A write in progress (data
-/// modified, file truncated) is not: a half-written file read then would
-/// drop the services it has not reached yet. Our own reads raise access
-/// events, which are ignored too.
+/// after writing, renamed or removed. Anything else may be a write in
+/// progress (a file created or truncated, data or times modified): a
+/// half-written file read then would drop the services it has not reached
+/// yet, and its close-write follows. Our own reads raise access events,
+/// which are ignored too.
 fn manifest_change_complete(kind: &notify::EventKind) -> bool {
-    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
-    match kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-        EventKind::Access(_) => false,
-        EventKind::Modify(ModifyKind::Data(_)) => false,
-        _ => true,
-    }
+    use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
+    matches!(
+        kind,
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(_))
+            | EventKind::Create(CreateKind::Folder)
+            | EventKind::Remove(_)
+    )
 }
 
 /// Trigger times of EndpointSlice changes not measured yet.
@@ -426,4 +428,36 @@ fn interfaces() -> Vec<String> {
         libc::if_freenameindex(list);
     }
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::manifest_change_complete;
+    use notify::event::{
+        AccessKind, AccessMode, CreateKind, DataChange, EventKind, MetadataKind, ModifyKind,
+        RemoveKind, RenameMode,
+    };
+
+    #[test]
+    fn only_finished_changes_trigger_a_reread() {
+        let finished = [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            EventKind::Remove(RemoveKind::File),
+        ];
+        let in_progress = [
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            // Truncation by `open(O_TRUNC)` raises this one.
+            EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)),
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+        ];
+        for kind in finished {
+            assert!(manifest_change_complete(&kind), "{kind:?}");
+        }
+        for kind in in_progress {
+            assert!(!manifest_change_complete(&kind), "{kind:?}");
+        }
+    }
 }
