@@ -131,7 +131,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             let mut watcher =
                 notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                     if let Ok(e) = event {
-                        if manifest_change_complete(&e.kind) {
+                        if manifest_change_complete(&e.kind)
+                            && e.paths.iter().any(|p| manifests::is_manifest(p))
+                        {
                             let _ = tx.send(());
                         }
                     }
@@ -190,8 +192,12 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             },
             Some(()) = rx.recv() => {
                 // One sync for a burst of events (an editor writes a file in
-                // several steps).
-                while rx.try_recv().is_ok() {}
+                // several steps, a rename reports both names): wait until the
+                // directory is quiet, within a bound.
+                let burst = tokio::time::Instant::now();
+                while burst.elapsed() < MANIFEST_BURST_MAX
+                    && matches!(tokio::time::timeout(MANIFEST_QUIET, rx.recv()).await, Ok(Some(())))
+                {}
                 agent.sync(&mut dp, &source);
             }
             changed = links.changed() => match changed {
@@ -363,6 +369,11 @@ impl Agent {
         }
     }
 }
+
+/// Quiet time after a manifest change before it is read.
+const MANIFEST_QUIET: Duration = Duration::from_millis(20);
+/// Longest a stream of changes postpones the read.
+const MANIFEST_BURST_MAX: Duration = Duration::from_millis(200);
 
 /// Whether a directory event ends a change worth re-reading: a file closed
 /// after writing, renamed or removed. Anything else may be a write in

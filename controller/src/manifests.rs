@@ -113,6 +113,15 @@ fn invalid(object: &str, reason: String) -> Skipped {
 /// makes a new one), modification time and size.
 type Stamp = (u64, std::time::SystemTime, u64);
 
+/// Whether a directory entry is read as manifests: by its extension, so an
+/// editor's temporary files are not.
+pub fn is_manifest(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
+}
+
 /// Parsed files by path, reused while a file's stamp is unchanged: a change
 /// to one file re-parses that file only.
 #[derive(Default)]
@@ -126,12 +135,7 @@ impl ManifestCache {
         let mut files: Vec<_> = fs::read_dir(dir)?
             .filter_map(Result::ok)
             .map(|e| e.path())
-            .filter(|p| {
-                matches!(
-                    p.extension().and_then(|e| e.to_str()),
-                    Some("yaml" | "yml" | "json")
-                )
-            })
+            .filter(|p| is_manifest(p))
             .collect();
         files.sort();
         self.files.retain(|path, _| files.contains(path));
