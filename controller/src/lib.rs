@@ -3,18 +3,18 @@
 //! - [`datapath`]: loads the embedded eBPF object, attaches its programs,
 //!   reads and writes its maps.
 //! - [`trace`]: reads trace events from the ring buffer and renders them.
-//! - [`demo`]: the README's main command for now: the datapath in a
-//!   throwaway namespace pair, counting and tracing real traffic.
+//! - [`lab`]: `dp lab`, a Kubernetes-shaped lab of network namespaces that
+//!   stays up between commands; its `demo` is the README's main command.
 
 pub mod agent;
 pub mod datapath;
-pub mod demo;
 pub mod dump;
 pub mod error;
 pub mod healthcheck;
 pub mod inspect;
 pub mod kube_proxy;
 pub mod kube_source;
+pub mod lab;
 pub mod labels;
 pub mod manifests;
 pub mod metrics;

@@ -67,12 +67,15 @@ enum Command {
     /// Detach everything and remove dp's pinned maps and links.
     Cleanup {
         /// The agent's bpffs directory.
-        #[arg(long, default_value = "/sys/fs/bpf/dp")]
+        #[arg(long, default_value = "/sys/fs/bpf/dp", env = "DP_BPFFS")]
         bpffs: PathBuf,
     },
-    /// A ClusterIP service in a two-node lab of network namespaces, with the
-    /// trace and counters that explain it.
-    Demo,
+    /// A Kubernetes networking lab of network namespaces on this machine:
+    /// nodes, pods with servers, a client, dp or kube-proxy's rules.
+    Lab {
+        #[command(subcommand)]
+        command: LabCommand,
+    },
     /// Print (or apply here) the rules kube-proxy would write for a
     /// directory of manifests: `iptables-restore` input or an `nft -f`
     /// transaction.
@@ -102,11 +105,83 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Build the lab: nodes, pods serving HTTP/UDP/DNS, a client, the
+    /// dataplane, and the example Services (or --manifests).
+    Up {
+        #[command(flatten)]
+        lab: LabName,
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        #[arg(long, value_enum, default_value = "dp")]
+        mode: dp::lab::Mode,
+        /// A directory of Service/EndpointSlice manifests to serve instead
+        /// of the examples.
+        #[arg(long)]
+        manifests: Option<PathBuf>,
+    },
+    /// Remove everything of the lab (also after a crash).
+    Down {
+        #[command(flatten)]
+        lab: LabName,
+    },
+    /// Members, processes and services.
+    Status {
+        #[command(flatten)]
+        lab: LabName,
+    },
+    /// Run a command in a member's network namespace: a pod (pod-1-0), a
+    /// node (node1; `dp` commands there use its pins) or the client.
+    Exec {
+        #[command(flatten)]
+        lab: LabName,
+        member: String,
+        /// The command, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Add or replace a manifest file; returns once every node serves it.
+    Apply {
+        #[command(flatten)]
+        lab: LabName,
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// The guided tour: a lab with dp, then with kube-proxy's iptables
+    /// rules, the same traffic, what explains it, a comparison; then down.
+    Demo,
+    /// (internal) The servers of one lab pod.
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        pod: String,
+        #[arg(long)]
+        node: String,
+        /// The lab's state directory (names the process as the lab's).
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct LabName {
+    /// Which lab (letters and digits); several can run side by side.
+    #[arg(long, default_value = dp::lab::DEFAULT_NAME, env = "DP_LAB")]
+    name: String,
+}
+
+impl LabName {
+    fn lab(&self) -> anyhow::Result<dp::lab::Lab> {
+        dp::lab::Lab::new(&self.name)
+    }
+}
+
 /// Where the maps are, and how to print.
 #[derive(Args)]
 struct Inspect {
     /// The agent's bpffs directory.
-    #[arg(long, default_value = "/sys/fs/bpf/dp")]
+    #[arg(long, default_value = "/sys/fs/bpf/dp", env = "DP_BPFFS")]
     bpffs: PathBuf,
     /// `text` or `json` (one JSON document).
     #[arg(short = 'o', long, default_value = "text")]
@@ -264,7 +339,7 @@ struct AgentArgs {
     #[arg(long)]
     masquerade_all: bool,
     /// bpffs directory for pinned maps and links.
-    #[arg(long, default_value = "/sys/fs/bpf/dp")]
+    #[arg(long, default_value = "/sys/fs/bpf/dp", env = "DP_BPFFS")]
     bpffs: PathBuf,
     /// Prometheus metrics address.
     #[arg(long, default_value = "127.0.0.1:10249")]
@@ -291,7 +366,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Demo => dp::demo::run(&mut std::io::stdout().lock()),
+        Command::Lab { command } => lab(command),
         Command::Service {
             command: ListCommand::List(i),
         } => {
@@ -476,5 +551,66 @@ fn main() -> anyhow::Result<()> {
                 .build()?
                 .block_on(dp::agent::run(opts))
         }
+    }
+}
+
+fn lab(command: LabCommand) -> anyhow::Result<()> {
+    let out = &mut std::io::stdout().lock();
+    match command {
+        LabCommand::Up {
+            lab,
+            nodes,
+            mode,
+            manifests,
+        } => {
+            let lab = lab.lab()?;
+            lab.up(
+                &dp::lab::UpOptions {
+                    nodes,
+                    mode,
+                    manifests,
+                },
+                out,
+            )?;
+            use std::io::Write;
+            writeln!(
+                out,
+                "try: dp lab exec{} client -- curl -s http://10.96.0.80/   (dp lab status, dp lab down)",
+                if lab.name == dp::lab::DEFAULT_NAME {
+                    String::new()
+                } else {
+                    format!(" --name {}", lab.name)
+                }
+            )?;
+            Ok(())
+        }
+        LabCommand::Down { lab } => {
+            let lab = lab.lab()?;
+            let r = lab.down()?;
+            use std::io::Write;
+            if r.namespaces == 0 && r.processes == 0 && !r.state {
+                writeln!(out, "no lab {:?} here", lab.name)?;
+            } else {
+                writeln!(
+                    out,
+                    "lab {:?} removed: {} processes stopped, {} namespaces deleted",
+                    lab.name, r.processes, r.namespaces
+                )?;
+            }
+            Ok(())
+        }
+        LabCommand::Status { lab } => lab.lab()?.status(out),
+        LabCommand::Exec {
+            lab,
+            member,
+            command,
+        } => lab.lab()?.exec(&member, &command),
+        LabCommand::Apply { lab, file } => lab.lab()?.apply(&file, out),
+        LabCommand::Demo => dp::lab::demo::run(out),
+        LabCommand::Serve {
+            pod,
+            node,
+            state_dir: _,
+        } => dp::lab::serve::run(dp::lab::serve::Identity { pod, node }),
     }
 }

@@ -860,6 +860,13 @@ pub fn stream(
     }
     let result = loop {
         if STOP.load(std::sync::atomic::Ordering::Relaxed) {
+            // What the datapath handed over before the stop is still shown.
+            while opts.count.is_none_or(|c| seen < c) {
+                match reader.next_timeout(Duration::ZERO) {
+                    Ok(Some(ev)) => show(&ev, &mut names, out, &mut seen)?,
+                    _ => break,
+                }
+            }
             break Ok(());
         }
         if opts.count.is_some_and(|c| seen >= c) {

@@ -60,7 +60,12 @@ pub struct Cluster {
 impl Cluster {
     /// `pods_per_node[i]` pods on node `i + 1`.
     pub fn new(pods_per_node: &[usize]) -> Result<Self> {
-        let mut topo = Topology::new()?;
+        Self::build(Topology::new()?, pods_per_node)
+    }
+
+    /// The same cluster in a topology of the caller's (the lab's, with its
+    /// own namespace prefix).
+    pub fn build(mut topo: Topology, pods_per_node: &[usize]) -> Result<Self> {
         topo.add_ns("net")?;
         let net = topo.ns("net");
         net.ip(&["link", "add", "br0", "type", "bridge"])?;
@@ -195,6 +200,17 @@ impl Cluster {
                 .pod_devices
                 .retain(|d| *d != pod.host_device);
         }
+    }
+
+    /// Leaves the cluster in place after this process: the namespaces stay,
+    /// and the bridge ports' XDP links are pinned under `pin_dir` (a bpffs
+    /// directory) so they outlive their file descriptors.
+    pub fn keep(self, pin_dir: &std::path::Path) -> Result<()> {
+        for (i, link) in self._xdp_links.iter().enumerate() {
+            crate::xdp_pass::pin(link, &pin_dir.join(format!("xdp_pass_{i}")))?;
+        }
+        self.topo.keep();
+        Ok(())
     }
 
     pub fn ns(&self, role: &str) -> &Netns {

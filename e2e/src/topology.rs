@@ -33,6 +33,24 @@ impl Topology {
         })
     }
 
+    /// An empty topology whose namespaces are named `<prefix><role>`, for
+    /// one that outlives its process (the lab): no sweep of other
+    /// processes' namespaces, and [`Topology::keep`] instead of deletion.
+    pub fn named(prefix: &str) -> Self {
+        Topology {
+            prefix: prefix.to_string(),
+            namespaces: BTreeMap::new(),
+        }
+    }
+
+    /// Leaves every namespace in place when this goes; whoever owns the
+    /// prefix deletes them later (`ip netns del`).
+    pub fn keep(mut self) {
+        for (_, ns) in std::mem::take(&mut self.namespaces) {
+            std::mem::forget(ns);
+        }
+    }
+
     /// Adds a namespace called `role` in this topology.
     pub fn add_ns(&mut self, role: &str) -> Result<&Netns> {
         let name = format!("{}{role}", self.prefix);

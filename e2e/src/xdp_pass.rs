@@ -12,6 +12,7 @@ use std::{
 use crate::{Error, Netns, Result};
 
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
@@ -66,4 +67,26 @@ pub fn attach_xdp_pass(ns: &Netns, ifname: &str) -> Result<OwnedFd> {
         attr[8..12].copy_from_slice(&BPF_XDP.to_ne_bytes());
         bpf(BPF_LINK_CREATE, &mut attr).map_err(err("attach the XDP pass program to"))
     })?
+}
+
+/// Pins a link at `path` (in a bpffs), so it stays attached after its file
+/// descriptor closes; removing the pin (or the interface) ends it.
+pub fn pin(link: &OwnedFd, path: &std::path::Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| Error::Io {
+        context: format!("pin path {}", path.display()),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+    })?;
+    let mut attr = [0u8; 128];
+    attr[0..8].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+    // SAFETY: `attr` is a zero-padded bpf_attr; `c_path` outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, attr.as_mut_ptr(), attr.len()) };
+    if rc < 0 {
+        return Err(Error::Io {
+            context: format!("pin the XDP pass link at {}", path.display()),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
 }

@@ -4,7 +4,7 @@
 //!   packages, bpf-linker). Idempotent; the other commands run it first.
 //! - `build-ebpf`: builds the eBPF object.
 //! - `test`: the whole suite: setup, fmt, clippy, build, all tests.
-//! - `demo`: the README's main command.
+//! - `demo`: the README's main command (`dp lab demo`).
 //! - `bench`: dp against kube-proxy's modes (dp-bench), `--micro` the
 //!   criterion benches (see BENCHMARKS.md).
 
@@ -40,6 +40,13 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     // Reads the pcapng `dp trace -w` writes (its test checks the comments).
     "tshark",
+    // The lab's clients (the demo and its tests use curl and dig) and the
+    // tools its exercises use: `nsenter` is in util-linux.
+    "util-linux",
+    "curl",
+    "bind9-dnsutils",
+    "netcat-openbsd",
+    "tcpdump",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -60,7 +67,8 @@ enum Task {
     BuildEbpf,
     /// Run the whole test suite (setup, fmt, clippy, tests). Needs root.
     Test,
-    /// Set up, build, and run `dp demo`. Needs root.
+    /// Set up, build, and run `dp lab demo` (the README's main command).
+    /// Needs root.
     Demo,
     /// dp vs kube-proxy's iptables and nftables modes (dp-bench; results in
     /// docs/bench and BENCHMARKS.md), or with --micro the criterion benches.
@@ -297,6 +305,6 @@ fn demo() -> Result<()> {
     run(Command::new(cargo())
         .current_dir(&ws)
         .args(["build", "--bin", "dp"]))?;
-    step("dp demo");
-    run(Command::new(ws.join("target/debug/dp")).arg("demo"))
+    step("dp lab demo");
+    run(Command::new(ws.join("target/debug/dp")).args(["lab", "demo"]))
 }

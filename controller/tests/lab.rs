@@ -1,0 +1,438 @@
+//! `dp lab` driven as a user drives it: the `dp` binary's `lab up`, `exec`
+//! (with curl, dig and nc inside the lab), `apply`, `status` and `down`, in
+//! dp mode and in kube-proxy's iptables mode. The clients must see the same
+//! things in both: which endpoints answer, refused against timed out, and
+//! the client address the pod saw.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::Path,
+    process::{Command, Output},
+};
+
+const DP: &str = env!("CARGO_BIN_EXE_dp");
+
+fn dp(args: &[&str]) -> Output {
+    Command::new(DP).args(args).output().expect("run dp")
+}
+
+fn dp_ok(args: &[&str]) -> String {
+    let out = dp(args);
+    assert!(
+        out.status.success(),
+        "dp {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A lab of this test process, taken down when dropped (also on panic).
+struct TestLab {
+    name: String,
+}
+
+impl TestLab {
+    fn up(tag: &str, mode: &str) -> TestLab {
+        e2e::require_root();
+        sweep_dead_test_labs();
+        let lab = TestLab {
+            name: format!("t{tag}{}", std::process::id()),
+        };
+        let out = dp_ok(&["lab", "up", "--name", &lab.name, "--mode", mode]);
+        assert!(out.contains(&format!("({mode} mode)")), "{out}");
+        lab
+    }
+
+    /// `dp lab exec NAME MEMBER -- ARGS`.
+    fn exec(&self, member: &str, args: &[&str]) -> Output {
+        let mut all = vec!["lab", "exec", "--name", &self.name, member, "--"];
+        all.extend_from_slice(args);
+        dp(&all)
+    }
+
+    fn curl(&self, member: &str, url: &str) -> Seen {
+        let out = self.exec(member, &["curl", "-sSv", "--connect-timeout", "1", url]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match out.status.code() {
+            Some(0) => Seen::answer(&String::from_utf8_lossy(&out.stdout)),
+            Some(7) if stderr.contains("Connection refused") => Seen::Refused,
+            Some(28) => Seen::TimedOut,
+            other => panic!("curl {url} from {member}: {other:?} {stderr}"),
+        }
+    }
+
+    fn dig(&self, member: &str, server: &str) -> Seen {
+        let at = format!("@{server}");
+        let out = self.exec(
+            member,
+            &["dig", &at, "+short", "+time=1", "+tries=1", "TXT", "x"],
+        );
+        assert!(out.status.success(), "{out:?}");
+        Seen::answer(&String::from_utf8_lossy(&out.stdout).replace('"', ""))
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        Path::new("/run/dp-lab").join(&self.name)
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        let _ = dp(&["lab", "down", "--name", &self.name]);
+    }
+}
+
+/// Labs `t<tag><pid>` of test processes that died without taking them down.
+fn sweep_dead_test_labs() {
+    let Ok(entries) = fs::read_dir("/run/dp-lab") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid: String = name
+            .chars()
+            .rev()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        let pid: String = pid.chars().rev().collect();
+        if name.starts_with('t') && !pid.is_empty() && !Path::new("/proc").join(&pid).exists() {
+            let _ = dp(&["lab", "down", "--name", &name]);
+        }
+    }
+}
+
+/// What one request got.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Seen {
+    /// By this pod, which saw this client address.
+    Answer {
+        pod: String,
+        client: String,
+    },
+    Refused,
+    TimedOut,
+}
+
+impl Seen {
+    /// `pod=P node=N client=IP:PORT` (the lab's servers' reply).
+    fn answer(text: &str) -> Seen {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("pod="))
+            .unwrap_or_else(|| panic!("no identity in {text:?}"));
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(k))
+                .unwrap_or_else(|| panic!("no {k} in {line:?}"))
+                .to_string()
+        };
+        let client = field("client=");
+        Seen::Answer {
+            pod: field("pod="),
+            client: client.split(':').next().unwrap().to_string(),
+        }
+    }
+}
+
+/// `n` requests: the set of distinct results.
+fn many(n: usize, mut one: impl FnMut() -> Seen) -> BTreeSet<Seen> {
+    (0..n).map(|_| one()).collect()
+}
+
+fn answers(pods: &[&str], client: &str) -> BTreeSet<Seen> {
+    pods.iter()
+        .map(|p| Seen::Answer {
+            pod: p.to_string(),
+            client: client.to_string(),
+        })
+        .collect()
+}
+
+/// Everything a client sees of the example Services, and of live changes.
+fn observe(lab: &TestLab) -> Vec<(&'static str, BTreeSet<Seen>)> {
+    // Random over two endpoints: 20 requests miss one with p = 2^-19.
+    let mut seen = vec![
+        (
+            "web from a pod",
+            many(20, || lab.curl("pod-1-1", "http://10.96.0.80/")),
+        ),
+        (
+            "web from the client",
+            many(20, || lab.curl("client", "http://10.96.0.80/")),
+        ),
+        (
+            "dns from a pod",
+            many(20, || lab.dig("pod-2-1", "10.96.0.10")),
+        ),
+        (
+            "NodePort eTP=Cluster via node2",
+            many(20, || lab.curl("client", "http://172.18.0.3:30080/")),
+        ),
+        (
+            "NodePort eTP=Local via node2",
+            many(3, || lab.curl("client", "http://172.18.0.3:30081/")),
+        ),
+        (
+            "NodePort eTP=Local via node1",
+            many(1, || lab.curl("client", "http://172.18.0.2:30081/")),
+        ),
+        (
+            "no endpoints",
+            many(2, || lab.curl("pod-1-0", "http://10.96.0.83/")),
+        ),
+    ];
+    let sticky = many(8, || lab.curl("client", "http://10.96.0.84/"));
+    assert_eq!(
+        sticky.len(),
+        1,
+        "session affinity: one endpoint, got {sticky:?}"
+    );
+    seen.push(("session affinity", any_pod(sticky, "(one)")));
+    seen.push((
+        "terminating endpoint",
+        many(8, || lab.curl("pod-1-0", "http://10.96.0.85/")),
+    ));
+
+    // UDP echo with nc: the reply names the pod, then echoes the datagram.
+    let out = lab.exec(
+        "pod-1-0",
+        &["sh", "-c", "echo hello | nc -u -w1 10.96.0.80 9090"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.ends_with("hello\n"), "{out:?}");
+    let echo = Seen::answer(&text);
+    assert!(
+        matches!(&echo, Seen::Answer { pod, .. } if pod == "pod-1-0" || pod == "pod-2-0"),
+        "{echo:?}"
+    );
+    seen.push(("udp echo", any_pod(BTreeSet::from([echo]), "(either)")));
+
+    // Live changes: web loses pod-1-0, then every endpoint.
+    let dir = tempdir(&lab.name);
+    let web =
+        fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/web.yaml")).unwrap();
+    let (head, _) = web.split_once("endpoints:").unwrap();
+    let one = format!(
+        "{head}endpoints:\n- addresses: [10.244.2.10]\n  conditions: {{ready: true}}\n  nodeName: node2\n"
+    );
+    fs::write(dir.join("web.yaml"), one).unwrap();
+    let out = dp_ok(&[
+        "lab",
+        "apply",
+        "--name",
+        &lab.name,
+        "-f",
+        dir.join("web.yaml").to_str().unwrap(),
+    ]);
+    assert!(out.contains("web.yaml applied"), "{out}");
+    seen.push((
+        "web scaled to one endpoint",
+        many(8, || lab.curl("pod-1-1", "http://10.96.0.80/")),
+    ));
+    fs::write(dir.join("web.yaml"), format!("{head}endpoints: []\n")).unwrap();
+    dp_ok(&[
+        "lab",
+        "apply",
+        "--name",
+        &lab.name,
+        "-f",
+        dir.join("web.yaml").to_str().unwrap(),
+    ]);
+    seen.push((
+        "web scaled to zero",
+        many(2, || lab.curl("pod-1-1", "http://10.96.0.80/")),
+    ));
+    let _ = fs::remove_dir_all(&dir);
+    seen
+}
+
+/// The results with the pod's name replaced by `label`: where which
+/// endpoint answers is random, but not how many or what they saw.
+fn any_pod(seen: BTreeSet<Seen>, label: &str) -> BTreeSet<Seen> {
+    seen.into_iter()
+        .map(|s| match s {
+            Seen::Answer { client, .. } => Seen::Answer {
+                pod: label.into(),
+                client,
+            },
+            other => other,
+        })
+        .collect()
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("dp-lab-test-{name}"));
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn expected() -> Vec<(&'static str, BTreeSet<Seen>)> {
+    let one = |pod: &str, client: &str| answers(&[pod], client);
+    vec![
+        (
+            "web from a pod",
+            answers(&["pod-1-0", "pod-2-0"], "10.244.1.11"),
+        ),
+        (
+            "web from the client",
+            answers(&["pod-1-0", "pod-2-0"], "172.18.0.2"),
+        ),
+        (
+            "dns from a pod",
+            answers(&["pod-1-0", "pod-2-0"], "10.244.2.11"),
+        ),
+        (
+            "NodePort eTP=Cluster via node2",
+            answers(&["pod-1-1", "pod-2-1"], "172.18.0.3"),
+        ),
+        (
+            "NodePort eTP=Local via node2",
+            one("pod-2-1", "172.18.0.100"),
+        ),
+        (
+            "NodePort eTP=Local via node1",
+            BTreeSet::from([Seen::TimedOut]),
+        ),
+        ("no endpoints", BTreeSet::from([Seen::Refused])),
+        ("session affinity", one("(one)", "172.18.0.2")),
+        ("terminating endpoint", one("pod-1-1", "10.244.1.10")),
+        ("udp echo", one("(either)", "10.244.1.10")),
+        ("web scaled to one endpoint", one("pod-2-0", "10.244.1.11")),
+        ("web scaled to zero", BTreeSet::from([Seen::Refused])),
+    ]
+}
+
+#[test]
+fn clients_see_the_same_in_dp_and_iptables_mode() {
+    let dp_lab = TestLab::up("dp", "dp");
+    // dp's own view from inside a node: `dp` finds the node's pins.
+    let out = dp_lab.exec("node1", &["dp", "service", "list", "-o", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let services = String::from_utf8_lossy(&out.stdout);
+    assert!(services.contains("default/web:http"), "{services}");
+    let status = dp_ok(&["lab", "status", "--name", &dp_lab.name]);
+    assert!(status.contains("dp mode"), "{status}");
+    assert_eq!(status.matches("running").count(), 6, "{status}");
+    let with_dp = observe(&dp_lab);
+    drop(dp_lab);
+
+    let ipt_lab = TestLab::up("ipt", "iptables");
+    let out = ipt_lab.exec("node1", &["iptables-nft-save", "-t", "nat"]);
+    let rules = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        rules.contains("-A KUBE-SERVICES -d 10.96.0.80/32 -p tcp"),
+        "{rules}"
+    );
+    let with_iptables = observe(&ipt_lab);
+    drop(ipt_lab);
+
+    for ((what, dp), (_, ipt)) in with_dp.iter().zip(&with_iptables) {
+        assert_eq!(dp, ipt, "{what}: dp against iptables");
+    }
+    assert_eq!(with_dp, expected());
+}
+
+#[test]
+fn down_removes_a_crashed_lab_and_whatever_runs_in_it() {
+    let lab = TestLab::up("crash", "dp");
+    let state: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(lab.path().join("lab.json")).unwrap()).unwrap();
+    let pids: Vec<i32> = state["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pid"].as_i64().unwrap() as i32)
+        .collect();
+    assert_eq!(pids.len(), 6);
+
+    // A second `up` of the same name is refused, not merged.
+    let again = dp(&["lab", "up", "--name", &lab.name]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
+
+    // Something a user left running in a pod, then a crash: the agent and
+    // one pod's servers killed outright, and the state file lost.
+    let mut leftover = Command::new(DP)
+        .args(["lab", "exec", "--name", &lab.name, "pod-1-0", "--"])
+        .args(["sh", "-c", "echo started; exec sleep 600"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut started = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(leftover.stdout.take().unwrap()),
+        &mut started,
+    )
+    .unwrap();
+    assert_eq!(started, "started\n");
+    let agent = pids[pids.len() - 1];
+    for pid in [agent, pids[0]] {
+        // SAFETY: a process of this test's lab.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    }
+    fs::remove_file(lab.path().join("lab.json")).unwrap();
+
+    let out = dp_ok(&["lab", "down", "--name", &lab.name]);
+    assert!(out.contains("8 namespaces deleted"), "{out}");
+    assert!(
+        leftover.wait().unwrap().code().is_none(),
+        "killed by a signal"
+    );
+    for pid in pids {
+        let alive = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| !s.rsplit_once(')').unwrap().1.trim_start().starts_with('Z'));
+        assert!(!alive, "pid {pid} still runs");
+    }
+    let prefix = format!("dp-{}-", lab.name);
+    let left: Vec<String> = fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(!lab.path().exists());
+    let mounts = fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains(&*lab.path().to_string_lossy()), "{mounts}");
+    // And a second down has nothing to do.
+    assert!(dp_ok(&["lab", "down", "--name", &lab.name]).contains("no lab"));
+}
+
+#[test]
+fn the_demo_runs_end_to_end_and_leaves_nothing() {
+    e2e::require_root();
+    let out = dp(&["lab", "demo"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "FORWARDED new flow to a backend",
+        "REVERSE-NATED",
+        "REJECTED no endpoints",
+        "DROPPED traffic policy Local",
+        "-j REJECT",
+        "has no local endpoints",
+        "-j DNAT --to-destination",
+        "9 of 9 flows",
+        "The lab is gone",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    assert!(!Path::new("/run/dp-lab/demo").exists());
+    let left: Vec<String> = fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("dp-demo-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
