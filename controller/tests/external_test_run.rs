@@ -547,7 +547,7 @@ fn xdp_udp_keeps_a_zero_checksum_and_fixes_others() {
 }
 
 #[test]
-fn xdp_leaves_a_flow_to_a_local_backend_to_tc_untracked() {
+fn xdp_tracks_a_flow_to_a_local_backend_before_leaving_it_to_tc() {
     let node = XdpNode::new();
     let mut dp = setup();
     dp.set_service(
@@ -559,12 +559,44 @@ fn xdp_leaves_a_flow_to_a_local_backend_to_tc_untracked() {
     let syn = tcp_syn(OUTSIDE, 40020, NODE, NODE_PORT);
     let (ret, out) = node.run(&dp, &syn);
     assert_eq!((ret, &out), (XDP_PASS, &syn), "passed untouched");
-    assert!(dp.ct_entries().unwrap().is_empty(), "tc decides alone");
+    assert_eq!(dp.ct_entries().unwrap().len(), 2, "tracked, both ways");
     let out = forward(&dp, &syn);
     assert_eq!(addr_port(&out), ((NODE, 40020), (LOCAL_BACKEND, 8080)));
     let c = dp.counters().unwrap();
     assert_eq!(c.packets(Hook::Xdp, Reason::XdpPassToTc), 1);
-    assert_eq!(c.packets(Hook::TcIngress, Reason::NewFlow), 1);
+    assert_eq!(c.packets(Hook::TcIngress, Reason::Established), 1);
+    assert_eq!(c.packets(Hook::TcIngress, Reason::NewFlow), 0);
+}
+
+#[test]
+fn a_flow_xdp_passes_keeps_the_backend_xdp_chose() {
+    // One local and one remote backend: XDP sends remote flows itself and
+    // passes local ones. If tc chose again, half of those would go remote
+    // and the remote backend would get 3/4 of the flows.
+    let node = XdpNode::new();
+    let mut dp = setup();
+    dp.set_service(
+        &Frontend::tcp(sa(NODE, NODE_PORT)),
+        10,
+        &external(&[LOCAL_ID, REMOTE_ID]),
+    )
+    .unwrap();
+    let mut passed = 0;
+    for port in 41000..41040 {
+        let syn = tcp_syn(OUTSIDE, port, NODE, NODE_PORT);
+        let (ret, out) = node.run(&dp, &syn);
+        if ret == XDP_PASS {
+            passed += 1;
+            let out = forward(&dp, &syn);
+            assert_eq!(addr_port(&out).1, (LOCAL_BACKEND, 8080), "port {port}");
+        } else {
+            assert_eq!(addr_port(&out).1, (REMOTE_BACKEND, 8080), "port {port}");
+        }
+    }
+    assert!(
+        (1..40).contains(&passed),
+        "both backends chosen: {passed} of 40 local"
+    );
 }
 
 #[test]

@@ -195,9 +195,14 @@ fn observe(lab: &TestLab) -> Vec<(&'static str, BTreeSet<Seen>)> {
         many(8, || lab.curl("pod-1-0", "http://10.96.0.85/")),
     ));
 
+    seen.push((
+        "hairpin",
+        many(2, || lab.curl("pod-1-1", "http://10.96.0.85/")),
+    ));
+
     // UDP echo with nc: the reply names the pod, then echoes the datagram.
     let out = lab.exec(
-        "pod-1-0",
+        "pod-1-1",
         &["sh", "-c", "echo hello | nc -u -w1 10.96.0.80 9090"],
     );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -209,42 +214,55 @@ fn observe(lab: &TestLab) -> Vec<(&'static str, BTreeSet<Seen>)> {
     );
     seen.push(("udp echo", any_pod(BTreeSet::from([echo]), "(either)")));
 
-    // Live changes: web loses pod-1-0, then every endpoint.
-    let dir = tempdir(&lab.name);
-    let web =
-        fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/web.yaml")).unwrap();
-    let (head, _) = web.split_once("endpoints:").unwrap();
-    let one = format!(
-        "{head}endpoints:\n- addresses: [10.244.2.10]\n  conditions: {{ready: true}}\n  nodeName: node2\n"
-    );
-    fs::write(dir.join("web.yaml"), one).unwrap();
-    let out = dp_ok(&[
-        "lab",
-        "apply",
-        "--name",
-        &lab.name,
-        "-f",
-        dir.join("web.yaml").to_str().unwrap(),
-    ]);
-    assert!(out.contains("web.yaml applied"), "{out}");
-    seen.push((
-        "web scaled to one endpoint",
-        many(8, || lab.curl("pod-1-1", "http://10.96.0.80/")),
-    ));
-    fs::write(dir.join("web.yaml"), format!("{head}endpoints: []\n")).unwrap();
-    dp_ok(&[
-        "lab",
-        "apply",
-        "--name",
-        &lab.name,
-        "-f",
-        dir.join("web.yaml").to_str().unwrap(),
-    ]);
+    // Live changes: the exercises of docs/lab.md, applied in turn.
+    let apply = |exercise: &str| {
+        let file = format!(
+            "{}/../examples/exercises/{exercise}.yaml",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let out = dp_ok(&["lab", "apply", "--name", &lab.name, "-f", &file]);
+        assert!(out.contains(&format!("{exercise}.yaml applied")), "{out}");
+    };
+    apply("web-scaled-to-zero");
     seen.push((
         "web scaled to zero",
         many(2, || lab.curl("pod-1-1", "http://10.96.0.80/")),
     ));
-    let _ = fs::remove_dir_all(&dir);
+    apply("web-one-terminating");
+    seen.push((
+        "web with one endpoint terminating",
+        many(8, || lab.curl("pod-1-1", "http://10.96.0.80/")),
+    ));
+    apply("web-all-terminating");
+    seen.push((
+        "web with every endpoint terminating",
+        many(20, || lab.curl("pod-1-1", "http://10.96.0.80/")),
+    ));
+    apply("web-all-terminating-not-serving");
+    seen.push((
+        "web with no endpoint serving",
+        many(2, || lab.curl("pod-1-1", "http://10.96.0.80/")),
+    ));
+    apply("web-local-cluster");
+    seen.push((
+        "web-local switched to eTP=Cluster, via node1",
+        many(3, || lab.curl("client", "http://172.18.0.2:30081/")),
+    ));
+    let route = lab.exec(
+        "client",
+        &["ip", "route", "add", "198.51.100.0/24", "via", "172.18.0.2"],
+    );
+    assert!(route.status.success(), "{route:?}");
+    apply("web-lb-other-sources");
+    seen.push((
+        "LoadBalancer, client not in the source ranges",
+        many(1, || lab.curl("client", "http://198.51.100.10/")),
+    ));
+    apply("web-lb");
+    seen.push((
+        "LoadBalancer, client in the source ranges",
+        many(20, || lab.curl("client", "http://198.51.100.10/")),
+    ));
     seen
 }
 
@@ -260,12 +278,6 @@ fn any_pod(seen: BTreeSet<Seen>, label: &str) -> BTreeSet<Seen> {
             other => other,
         })
         .collect()
-}
-
-fn tempdir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("dp-lab-test-{name}"));
-    fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn expected() -> Vec<(&'static str, BTreeSet<Seen>)> {
@@ -298,9 +310,33 @@ fn expected() -> Vec<(&'static str, BTreeSet<Seen>)> {
         ("no endpoints", BTreeSet::from([Seen::Refused])),
         ("session affinity", one("(one)", "172.18.0.2")),
         ("terminating endpoint", one("pod-1-1", "10.244.1.10")),
-        ("udp echo", one("(either)", "10.244.1.10")),
-        ("web scaled to one endpoint", one("pod-2-0", "10.244.1.11")),
+        ("hairpin", one("pod-1-1", "172.18.0.2")),
+        ("udp echo", one("(either)", "10.244.1.11")),
         ("web scaled to zero", BTreeSet::from([Seen::Refused])),
+        (
+            "web with one endpoint terminating",
+            one("pod-2-0", "10.244.1.11"),
+        ),
+        (
+            "web with every endpoint terminating",
+            answers(&["pod-1-0", "pod-2-0"], "10.244.1.11"),
+        ),
+        (
+            "web with no endpoint serving",
+            BTreeSet::from([Seen::Refused]),
+        ),
+        (
+            "web-local switched to eTP=Cluster, via node1",
+            one("pod-2-1", "172.18.0.2"),
+        ),
+        (
+            "LoadBalancer, client not in the source ranges",
+            BTreeSet::from([Seen::TimedOut]),
+        ),
+        (
+            "LoadBalancer, client in the source ranges",
+            answers(&["pod-1-0", "pod-2-0"], "172.18.0.2"),
+        ),
     ]
 }
 
@@ -420,7 +456,7 @@ fn the_demo_runs_end_to_end_and_leaves_nothing() {
         "-j REJECT",
         "has no local endpoints",
         "-j DNAT --to-destination",
-        "9 of 9 flows",
+        "10 of 10 flows",
         "The lab is gone",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");

@@ -5,7 +5,7 @@
 //! Drops (source ranges, eTP=Local without local endpoints) happen here too.
 //! Everything else (rejects, backends behind another device, flows needing
 //! repair) is passed untouched to tc, which shares the same conntrack: a
-//! new flow XDP passes is not tracked yet, so tc decides it alone.
+//! new flow XDP passes is tracked already, so tc keeps XDP's backend.
 
 use core::mem::size_of;
 
@@ -44,16 +44,19 @@ pub fn handle(ctx: &XdpContext, cfg: &DatapathConfig, l4_off: usize, ev: &mut Tr
         Step::Track(flags, reason) => (reason, Some(flags)),
         Step::Reject(_) | Step::Reset | Step::BackendGone | Step::Reopen => return pass_to_tc(ev),
     };
-    let Some(macs) = tx_macs(ctx, &ev.translated) else {
-        return pass_to_tc(ev);
-    };
     if let Some(flags) = track_flags {
+        // Tracked here whichever program carries it out: tc finds the entry
+        // and keeps this backend. (Choosing again in tc for the flows XDP
+        // cannot send, those to local backends, gave remote ones 3/4.)
         match service::track(&f, ev, flags, reason) {
             Step::Forward(_) => {}
             Step::Done(_) => return xdp_action::XDP_DROP,
             _ => return pass_to_tc(ev),
         }
     }
+    let Some(macs) = tx_macs(ctx, &ev.translated) else {
+        return pass_to_tc(ev);
+    };
     if rewrite(ctx, l4_off, &ev.original, &ev.translated, &macs).is_err() {
         service::drop(ev, Reason::RewriteFailed);
         return xdp_action::XDP_DROP;

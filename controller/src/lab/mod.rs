@@ -21,6 +21,7 @@ pub mod probe;
 pub mod serve;
 
 use std::{
+    collections::BTreeSet,
     ffi::OsString,
     fs,
     io::{BufRead, BufReader, Write},
@@ -551,8 +552,9 @@ impl Lab {
         Ok(())
     }
 
-    /// Copies a manifest file into the lab and waits until every node's
-    /// dataplane serves it.
+    /// Adds a manifest file to the lab, or replaces the lab's file that
+    /// defines the same objects, and waits until every node's dataplane
+    /// serves it.
     pub fn apply(&self, file: &Path, out: &mut impl Write) -> anyhow::Result<()> {
         let state = self.state()?;
         let text = fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
@@ -576,7 +578,32 @@ impl Lab {
         } else {
             format!("{name}.yaml")
         };
-        let target = self.manifests_dir().join(&name);
+        // Like `kubectl apply`, by object: a lab file that defines any of
+        // the same objects is replaced (in place, in one rename, so the
+        // agents never see an object twice or not at all).
+        let ours = identities(&objects);
+        let mut replaced = Vec::new();
+        for entry in fs::read_dir(self.manifests_dir())? {
+            let path = entry?.path();
+            if !crate::manifests::is_manifest(&path) {
+                continue;
+            }
+            let mut theirs = crate::manifests::Objects::default();
+            let existing = fs::read_to_string(&path).unwrap_or_default();
+            crate::manifests::load_str(&existing, "", &mut theirs);
+            let theirs = identities(&theirs);
+            if theirs.iter().any(|id| ours.contains(id)) {
+                for lost in theirs.iter().filter(|id| !ours.contains(*id)) {
+                    writeln!(out, "  {lost} goes: {} is replaced", path.display())?;
+                }
+                replaced.push(path);
+            }
+        }
+        replaced.sort();
+        let target = replaced
+            .first()
+            .cloned()
+            .unwrap_or_else(|| self.manifests_dir().join(&name));
         if fs::read_to_string(&target).ok().as_deref() == Some(text.as_str()) {
             writeln!(out, "{name} unchanged")?;
             return Ok(());
@@ -594,6 +621,9 @@ impl Lab {
         let tmp = self.manifests_dir().join(format!(".{name}.tmp"));
         fs::write(&tmp, &text)?;
         fs::rename(&tmp, &target)?;
+        for other in replaced.iter().skip(1) {
+            fs::remove_file(other)?;
+        }
         match state.mode {
             Mode::Dp => {
                 for (pid, log, seen) in agents {
@@ -606,9 +636,15 @@ impl Lab {
                 }
             }
         }
+        let written = target.file_name().unwrap_or_default().to_string_lossy();
         writeln!(
             out,
-            "{name} applied: {} services, {} endpoint slices; every node's {} dataplane serves it",
+            "{name} applied{}: {} services, {} endpoint slices; every node's {} dataplane serves it",
+            if written == name {
+                String::new()
+            } else {
+                format!(" (replaces {written})")
+            },
             objects.services.len(),
             objects.slices.len(),
             state.mode.name()
@@ -794,6 +830,24 @@ impl Lab {
         let cmdline = String::from_utf8_lossy(&cmdline);
         cmdline.contains(&*self.root.to_string_lossy())
     }
+}
+
+/// `Kind namespace/name` of every object.
+fn identities(objects: &crate::manifests::Objects) -> BTreeSet<String> {
+    let id = |kind: &str, m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        format!(
+            "{kind} {}/{}",
+            m.namespace.as_deref().unwrap_or("default"),
+            m.name.as_deref().unwrap_or_default()
+        )
+    };
+    let services = objects.services.iter().map(|o| id("Service", &o.metadata));
+    let slices = objects
+        .slices
+        .iter()
+        .map(|o| id("EndpointSlice", &o.metadata));
+    let nodes = objects.nodes.iter().map(|o| id("Node", &o.metadata));
+    services.chain(slices).chain(nodes).collect()
 }
 
 fn is_lab_role(role: &str) -> bool {
