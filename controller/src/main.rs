@@ -136,6 +136,7 @@ enum LabCommand {
     Exec {
         #[command(flatten)]
         lab: LabName,
+        /// `node1`, `pod-1-0`, `client` (see `dp lab status`).
         member: String,
         /// The command, after `--`.
         #[arg(last = true, required = true)]

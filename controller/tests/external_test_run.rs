@@ -563,7 +563,8 @@ fn xdp_tracks_a_flow_to_a_local_backend_before_leaving_it_to_tc() {
     let out = forward(&dp, &syn);
     assert_eq!(addr_port(&out), ((NODE, 40020), (LOCAL_BACKEND, 8080)));
     let c = dp.counters().unwrap();
-    assert_eq!(c.packets(Hook::Xdp, Reason::XdpPassToTc), 1);
+    assert_eq!(c.packets(Hook::Xdp, Reason::NewFlow), 1, "decided in XDP");
+    assert_eq!(c.packets(Hook::Xdp, Reason::XdpPassToTc), 0);
     assert_eq!(c.packets(Hook::TcIngress, Reason::Established), 1);
     assert_eq!(c.packets(Hook::TcIngress, Reason::NewFlow), 0);
 }

@@ -4,8 +4,9 @@
 //! translated and sent back out with `XDP_TX`, never entering the stack.
 //! Drops (source ranges, eTP=Local without local endpoints) happen here too.
 //! Everything else (rejects, backends behind another device, flows needing
-//! repair) is passed untouched to tc, which shares the same conntrack: a
-//! new flow XDP passes is tracked already, so tc keeps XDP's backend.
+//! repair) is passed untouched to tc, which shares the same conntrack. A new
+//! flow XDP cannot send is still decided here: tracked, counted and traced
+//! as forwarded with XDP's backend, then passed; tc finds it established.
 
 use core::mem::size_of;
 
@@ -55,6 +56,11 @@ pub fn handle(ctx: &XdpContext, cfg: &DatapathConfig, l4_off: usize, ev: &mut Tr
         }
     }
     let Some(macs) = tx_macs(ctx, &ev.translated) else {
+        if track_flags.is_some() {
+            // The new flow is decided (and counted) here; tc carries it out.
+            decide(ev, Verdict::Forward, reason);
+            return xdp_action::XDP_PASS;
+        }
         return pass_to_tc(ev);
     };
     if rewrite(ctx, l4_off, &ev.original, &ev.translated, &macs).is_err() {
