@@ -50,6 +50,7 @@ pub struct AgentOptions {
     pub node_ips: Vec<Ipv4Addr>,
     pub devices: Vec<String>,
     pub pod_devices: Option<Regex>,
+    pub xdp: Xdp,
     pub cluster_cidr: Option<Cidr>,
     pub nodeport_addresses: Vec<Cidr>,
     pub masquerade_all: bool,
@@ -58,6 +59,19 @@ pub struct AgentOptions {
     pub healthz_addr: SocketAddr,
     /// Map capacities (a pinned map keeps the size it was created with).
     pub map_sizes: MapSizes,
+}
+
+/// Host-side pod veths of common CNIs: kindnet and the bridge/ptp plugins
+/// (`veth…`), Calico (`cali…`), Cilium-style (`lxc…`).
+pub const DEFAULT_POD_DEVICES: &str = "^(veth|cali|lxc)";
+
+/// Whether the node devices get the XDP program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Xdp {
+    On,
+    /// tc only: for devices whose peer cannot receive `XDP_TX` frames
+    /// (a veth whose peer has no XDP program, as on kind's nodes).
+    Off,
 }
 
 /// kube-proxy's health timeout (twice its 30 s sync period).
@@ -101,26 +115,47 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         opts,
     };
     agent.configure(&mut dp)?;
-    for dev in agent.opts.devices.clone() {
+    let devices = if agent.opts.devices.is_empty() {
+        let found = default_route_devices();
+        if found.is_empty() {
+            bail!("no --devices given and no IPv4 default route to take the device from");
+        }
+        info!(devices = ?found, "node devices from the default route");
+        found
+    } else {
+        agent.opts.devices.clone()
+    };
+    for dev in devices {
         let bpffs = &agent.opts.bpffs;
-        dp.attach_xdp_pinned(&dev, &pin::link_pin(bpffs, &dev, Hook::Xdp))
-            .and_then(|()| {
-                dp.attach_tc_pinned(
-                    &dev,
-                    Hook::TcIngress,
-                    &pin::link_pin(bpffs, &dev, Hook::TcIngress),
-                )
-            })
-            .and_then(|()| {
-                dp.attach_tc_pinned(
-                    &dev,
-                    Hook::TcEgress,
-                    &pin::link_pin(bpffs, &dev, Hook::TcEgress),
-                )
-            })
-            .with_context(|| format!("attaching to device {dev}"))?;
-        agent.attached.insert(dev.clone());
-        info!(device = %dev, "attached xdp, tc ingress and egress");
+        let xdp_pin = pin::link_pin(bpffs, &dev, Hook::Xdp);
+        match agent.opts.xdp {
+            Xdp::On => dp.attach_xdp_pinned(&dev, &xdp_pin),
+            // An XDP link a previous agent pinned goes with its pin.
+            Xdp::Off => match std::fs::remove_file(&xdp_pin) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(crate::Error::Io {
+                    context: format!("remove {}", xdp_pin.display()),
+                    source: e,
+                }),
+                _ => Ok(()),
+            },
+        }
+        .and_then(|()| {
+            dp.attach_tc_pinned(
+                &dev,
+                Hook::TcIngress,
+                &pin::link_pin(bpffs, &dev, Hook::TcIngress),
+            )
+        })
+        .and_then(|()| {
+            dp.attach_tc_pinned(
+                &dev,
+                Hook::TcEgress,
+                &pin::link_pin(bpffs, &dev, Hook::TcEgress),
+            )
+        })
+        .with_context(|| format!("attaching to device {dev}"))?;
+        info!(device = %dev, xdp = agent.opts.xdp == Xdp::On, "attached tc ingress and egress");
+        agent.attached.insert(dev);
     }
     agent.attach_pod_devices(&mut dp);
 
@@ -307,6 +342,7 @@ impl Agent {
             let from_object = NodeInfo::from_node(node);
             self.node.zone = from_object.zone;
             if self.opts.node_ips.is_empty() && self.node.ips != from_object.ips {
+                info!(ips = ?from_object.ips, "node addresses from the Node object");
                 self.node.ips = from_object.ips;
                 if let Err(e) = self.configure(dp) {
                     warn!(error = %e, "cannot configure the node address");
@@ -421,6 +457,30 @@ fn new_triggers(
     out
 }
 
+/// Devices of the IPv4 default routes in this network namespace (the main
+/// table, as `/proc/net/route` lists it).
+fn default_route_devices() -> Vec<String> {
+    let table = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    parse_default_routes(&table)
+}
+
+/// `Iface Destination Gateway Flags ...` rows whose destination and mask
+/// are 0 and that are up (flag 0x1).
+fn parse_default_routes(table: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for row in table.lines().skip(1) {
+        let f: Vec<&str> = row.split_whitespace().collect();
+        if f.len() < 8 {
+            continue;
+        }
+        let up = u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & 1 == 1);
+        if f[1] == "00000000" && f[7] == "00000000" && up && !out.iter().any(|d| d == f[0]) {
+            out.push(f[0].to_string());
+        }
+    }
+    out
+}
+
 /// Interface names in this network namespace.
 fn interfaces() -> Vec<String> {
     let mut names = Vec::new();
@@ -443,11 +503,22 @@ fn interfaces() -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::manifest_change_complete;
+    use super::{manifest_change_complete, parse_default_routes};
     use notify::event::{
         AccessKind, AccessMode, CreateKind, DataChange, EventKind, MetadataKind, ModifyKind,
         RemoveKind, RenameMode,
     };
+
+    #[test]
+    fn the_default_route_names_the_node_device() {
+        let table =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            eth0\t00000000\t010012AC\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+            eth0\t000012AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n\
+            veth1\t0A01F40A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n";
+        assert_eq!(parse_default_routes(table), ["eth0"]);
+        assert!(parse_default_routes("Iface\tDestination\n").is_empty());
+    }
 
     #[test]
     fn only_finished_changes_trigger_a_reread() {

@@ -70,6 +70,15 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/dp", env = "DP_BPFFS")]
         bpffs: PathBuf,
     },
+    /// Remove what kube-proxy left on this node (its iptables chains and
+    /// jump rules, IPv4 and IPv6, nft and legacy; its nftables tables), as
+    /// its `--cleanup` does; kubelet's and other programs' rules stay. Run
+    /// after deleting kube-proxy's DaemonSet (docs/deploy.md).
+    CleanupKubeProxy {
+        /// Print the iptables-restore input and nft commands instead.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// A Kubernetes networking lab of network namespaces on this machine:
     /// nodes, pods with servers, a client, dp or kube-proxy's rules.
     Lab {
@@ -309,53 +318,67 @@ fn print<T: serde::Serialize>(inspect: &Inspect, rows: &T, text: String) -> anyh
     Ok(())
 }
 
+/// `dp agent`'s flags. Each can also be set by the environment variable
+/// named in `--help` (a DaemonSet takes them from a ConfigMap: see
+/// deploy/configmap.yaml).
 #[derive(Args)]
 struct AgentArgs {
-    /// Kubeconfig file (or KUBECONFIG); in-cluster config without either.
+    /// Kubeconfig file (or KUBECONFIG); without either, the in-cluster
+    /// config (service account token and CA, KUBERNETES_SERVICE_HOST/PORT).
     #[arg(long, conflicts_with = "manifests")]
     kubeconfig: Option<PathBuf>,
     /// A directory of Service, EndpointSlice and Node manifests, watched.
-    #[arg(long)]
+    #[arg(long, env = "DP_MANIFESTS")]
     manifests: Option<PathBuf>,
-    /// This node's name (its Node object, `nodeName` of local endpoints).
-    #[arg(long)]
+    /// This node's name (its Node object, `nodeName` of local endpoints); in
+    /// a pod, from the downward API.
+    #[arg(long, env = "NODE_NAME")]
     node_name: String,
     /// This node's IPv4 addresses (default: from the Node object).
-    #[arg(long = "node-ip")]
+    #[arg(long = "node-ip", env = "DP_NODE_IPS", value_delimiter = ',')]
     node_ips: Vec<Ipv4Addr>,
-    /// Node-facing devices (external traffic enters, SNATed traffic leaves).
-    #[arg(long, value_delimiter = ',')]
+    /// Node-facing devices (external traffic enters, SNATed traffic leaves);
+    /// default: the device of the IPv4 default route.
+    #[arg(long, env = "DP_DEVICES", value_delimiter = ',')]
     devices: Vec<String>,
-    /// Regex of host-side pod veth names, attached as they appear.
-    #[arg(long)]
-    pod_devices: Option<Regex>,
+    /// Regex of host-side pod veth names, attached as they appear. The
+    /// default fits kindnet and bridge CNIs (veth*), Calico (cali*) and
+    /// Cilium-style names (lxc*).
+    #[arg(long, env = "DP_POD_DEVICES", default_value = dp::agent::DEFAULT_POD_DEVICES)]
+    pod_devices: Regex,
+    /// XDP on the node devices: `on`, or `off` where the device's peer
+    /// cannot take XDP_TX frames (veth nodes such as kind's): tc alone then
+    /// does the same work.
+    #[arg(long, env = "DP_XDP", value_enum, default_value = "on")]
+    xdp: dp::agent::Xdp,
     /// kube-proxy's --cluster-cidr: service traffic from outside it is
     /// masqueraded.
-    #[arg(long)]
+    #[arg(long, env = "DP_CLUSTER_CIDR")]
     cluster_cidr: Option<Cidr>,
     /// NodePorts only on node addresses in these CIDRs (default: all).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, env = "DP_NODEPORT_ADDRESSES", value_delimiter = ',')]
     nodeport_addresses: Vec<Cidr>,
     /// Masquerade all service traffic (kube-proxy's --masquerade-all).
-    #[arg(long)]
+    #[arg(long, env = "DP_MASQUERADE_ALL")]
     masquerade_all: bool,
-    /// bpffs directory for pinned maps and links.
+    /// bpffs directory for pinned maps and links (a bpffs is mounted there
+    /// if it is not in one).
     #[arg(long, default_value = "/sys/fs/bpf/dp", env = "DP_BPFFS")]
     bpffs: PathBuf,
     /// Prometheus metrics address.
-    #[arg(long, default_value = "127.0.0.1:10249")]
+    #[arg(long, env = "DP_METRICS_ADDR", default_value = "127.0.0.1:10249")]
     metrics_addr: SocketAddr,
     /// /healthz and /livez address.
-    #[arg(long, default_value = "0.0.0.0:10256")]
+    #[arg(long, env = "DP_HEALTHZ_ADDR", default_value = "0.0.0.0:10256")]
     healthz_addr: SocketAddr,
     /// Capacity of the service map (frontends x (slots + 1) + addresses).
-    #[arg(long, default_value_t = common::map_sizes::SERVICES)]
+    #[arg(long, env = "DP_MAP_SIZE_SERVICES", default_value_t = common::map_sizes::SERVICES)]
     map_size_services: u32,
     /// Capacity of the backend map.
-    #[arg(long, default_value_t = common::map_sizes::BACKENDS)]
+    #[arg(long, env = "DP_MAP_SIZE_BACKENDS", default_value_t = common::map_sizes::BACKENDS)]
     map_size_backends: u32,
     /// Capacity of the conntrack map (two entries per flow).
-    #[arg(long, default_value_t = common::map_sizes::CT)]
+    #[arg(long, env = "DP_MAP_SIZE_CONNTRACK", default_value_t = common::map_sizes::CT)]
     map_size_conntrack: u32,
 }
 
@@ -368,6 +391,17 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Lab { command } => lab(command),
+        Command::CleanupKubeProxy { dry_run } => {
+            let report = dp::kube_proxy::cleanup::cleanup(dry_run)?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            if report.is_empty() {
+                println!("nothing of kube-proxy's found");
+            }
+            for line in report {
+                println!("{verb} {line}");
+            }
+            Ok(())
+        }
         Command::Service {
             command: ListCommand::List(i),
         } => {
@@ -533,7 +567,8 @@ fn main() -> anyhow::Result<()> {
                 node_name: a.node_name,
                 node_ips: a.node_ips,
                 devices: a.devices,
-                pod_devices: a.pod_devices,
+                pod_devices: Some(a.pod_devices),
+                xdp: a.xdp,
                 cluster_cidr: a.cluster_cidr,
                 nodeport_addresses: a.nodeport_addresses,
                 masquerade_all: a.masquerade_all,

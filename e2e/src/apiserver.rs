@@ -1,4 +1,5 @@
-//! A fake Kubernetes API server for tests: real HTTP/1.1 with the list/watch
+//! A fake Kubernetes API server for tests: real HTTP/1.1 (plain, or TLS
+//! with a CA of its own, as a pod sees the API server) with the list/watch
 //! wire format (JSON lists with `metadata.resourceVersion`; watches as a
 //! chunked stream of `{"type": ..., "object": ...}` lines; bookmarks; a
 //! 410 Gone `ERROR` event), for Services, EndpointSlices and Nodes. Tests
@@ -8,7 +9,7 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener},
     path::Path,
     sync::{
         mpsc::{self, Receiver, Sender},
@@ -44,11 +45,67 @@ struct State {
     down: bool,
     /// Request lines seen, e.g. `GET /api/v1/services?limit=500`.
     requests: Vec<String>,
+    /// With a token, requests without `Authorization: Bearer <token>` get
+    /// 401, as from the API server.
+    token: Option<String>,
+    /// `Authorization` headers seen.
+    authorizations: Vec<String>,
 }
 
 pub struct FakeApiServer {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
+}
+
+/// A CA and a server certificate it signed, in PEM, for a TLS server.
+pub struct TlsFiles {
+    /// The CA certificate: a pod's `ca.crt`.
+    pub ca_pem: String,
+    cert_der: Vec<u8>,
+    key_der: Vec<u8>,
+}
+
+impl TlsFiles {
+    /// A new CA, and a certificate for `ip` (an IP SAN) signed by it.
+    pub fn for_ip(ip: std::net::IpAddr) -> Result<Self> {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+        let err = |e: rcgen::Error| crate::Error::Setup(format!("certificate: {e}"));
+        let ca_key = KeyPair::generate().map_err(err)?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "fake-kubernetes-ca");
+        let ca = ca_params.self_signed(&ca_key).map_err(err)?;
+        let key = KeyPair::generate().map_err(err)?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+        params.subject_alt_names = vec![SanType::IpAddress(ip)];
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "kube-apiserver");
+        let cert = params.signed_by(&key, &ca, &ca_key).map_err(err)?;
+        Ok(TlsFiles {
+            ca_pem: ca.pem(),
+            cert_der: cert.der().to_vec(),
+            key_der: key.serialize_der(),
+        })
+    }
+
+    fn server_config(&self) -> Result<Arc<rustls::ServerConfig>> {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        let err = |e: rustls::Error| crate::Error::Setup(format!("TLS: {e}"));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(err)?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from(self.cert_der.clone())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone())),
+            )
+            .map_err(err)?;
+        Ok(Arc::new(config))
+    }
 }
 
 impl FakeApiServer {
@@ -66,14 +123,40 @@ impl FakeApiServer {
         ))
     }
 
+    /// Listens on 127.0.0.1 inside `ns` with TLS (`tls`'s certificate) and
+    /// answers only requests bearing `token`: the API server as a pod's
+    /// in-cluster config reaches it.
+    pub fn start_tls_in(ns: &Netns, tls: &TlsFiles, token: &str) -> Result<Self> {
+        let listener = ns.run(|| TcpListener::bind("127.0.0.1:0"))?;
+        let server = Self::serve_with(
+            listener.map_err(io_err("bind fake API server"))?,
+            Some(tls.server_config()?),
+        );
+        server.state.lock().unwrap().token = Some(token.to_string());
+        Ok(server)
+    }
+
     fn serve(listener: TcpListener) -> Self {
+        Self::serve_with(listener, None)
+    }
+
+    fn serve_with(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let addr = listener.local_addr().expect("bound");
         let state = Arc::new(Mutex::new(State::default()));
         let shared = state.clone();
         thread::spawn(move || {
             for conn in listener.incoming().flatten() {
                 let state = shared.clone();
-                thread::spawn(move || handle(conn, &state));
+                let tls = tls.clone();
+                thread::spawn(move || match tls {
+                    None => handle(conn, &state),
+                    Some(config) => {
+                        let Ok(session) = rustls::ServerConnection::new(config) else {
+                            return;
+                        };
+                        handle(rustls::StreamOwned::new(session, conn), &state)
+                    }
+                });
             }
         });
         FakeApiServer { addr, state }
@@ -168,6 +251,11 @@ impl FakeApiServer {
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
     }
+
+    /// `Authorization` header values so far (one per request that had one).
+    pub fn authorizations(&self) -> Vec<String> {
+        self.state.lock().unwrap().authorizations.clone()
+    }
 }
 
 fn collection_of(object: &Value) -> &'static str {
@@ -196,18 +284,15 @@ fn notify(st: &mut State, path: &'static str, event: &Value) {
 }
 
 /// One connection: requests until the client closes, or one watch stream.
-fn handle(conn: TcpStream, state: &Arc<Mutex<State>>) {
-    let mut reader = BufReader::new(match conn.try_clone() {
-        Ok(c) => c,
-        Err(_) => return,
-    });
-    let mut conn = conn;
+fn handle<S: Read + Write>(conn: S, state: &Arc<Mutex<State>>) {
+    let mut reader = BufReader::new(conn);
     loop {
         let mut request_line = String::new();
         if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
             return;
         }
         let mut content_length = 0usize;
+        let mut authorization = None;
         loop {
             let mut header = String::new();
             if reader.read_line(&mut header).unwrap_or(0) == 0 {
@@ -216,12 +301,16 @@ fn handle(conn: TcpStream, state: &Arc<Mutex<State>>) {
             if header == "\r\n" || header == "\n" {
                 break;
             }
-            if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
-                content_length = v.trim().parse().unwrap_or(0);
+            let (name, value) = header.split_once(':').unwrap_or((&header, ""));
+            match name.to_ascii_lowercase().as_str() {
+                "content-length" => content_length = value.trim().parse().unwrap_or(0),
+                "authorization" => authorization = Some(value.trim().to_string()),
+                _ => {}
             }
         }
         let mut body = vec![0; content_length];
         let _ = reader.read_exact(&mut body);
+        let conn = reader.get_mut();
         let target = request_line
             .split_whitespace()
             .nth(1)
@@ -236,14 +325,28 @@ fn handle(conn: TcpStream, state: &Arc<Mutex<State>>) {
         let watch_rx = {
             let mut st = state.lock().unwrap();
             st.requests.push(format!("GET {target}"));
+            if let Some(a) = &authorization {
+                st.authorizations.push(a.clone());
+            }
             if st.down {
                 drop(st);
-                let _ = respond(&mut conn, 503, r#"{"kind":"Status","code":503}"#);
+                let _ = respond(conn, 503, r#"{"kind":"Status","code":503}"#);
                 return;
+            }
+            if let Some(token) = &st.token {
+                if authorization.as_deref() != Some(&format!("Bearer {token}")) {
+                    drop(st);
+                    let _ = respond(
+                        conn,
+                        401,
+                        r#"{"kind":"Status","code":401,"reason":"Unauthorized"}"#,
+                    );
+                    continue;
+                }
             }
             let Some((path, list_kind, api)) = collection else {
                 drop(st);
-                let _ = respond(&mut conn, 404, r#"{"kind":"Status","code":404}"#);
+                let _ = respond(conn, 404, r#"{"kind":"Status","code":404}"#);
                 continue;
             };
             if matches!(params.get("watch"), Some(&"true") | Some(&"1")) {
@@ -280,7 +383,7 @@ fn handle(conn: TcpStream, state: &Arc<Mutex<State>>) {
                     "metadata": {"resourceVersion": st.resource_version.to_string()},
                     "items": items});
                 drop(st);
-                if respond(&mut conn, 200, &list.to_string()).is_err() {
+                if respond(conn, 200, &list.to_string()).is_err() {
                     return;
                 }
                 None
@@ -293,9 +396,10 @@ fn handle(conn: TcpStream, state: &Arc<Mutex<State>>) {
     }
 }
 
-fn respond(conn: &mut TcpStream, status: u16, body: &str) -> std::io::Result<()> {
+fn respond<S: Write>(conn: &mut S, status: u16, body: &str) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
+        401 => "Unauthorized",
         404 => "Not Found",
         _ => "Service Unavailable",
     };
@@ -303,22 +407,23 @@ fn respond(conn: &mut TcpStream, status: u16, body: &str) -> std::io::Result<()>
         conn,
         "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    )
+    )?;
+    conn.flush()
 }
 
 /// A watch: chunked events until the server ends it (`None`) or drops it.
-fn stream_watch(mut conn: TcpStream, rx: Receiver<Option<String>>) {
+fn stream_watch<S: Write>(conn: &mut S, rx: Receiver<Option<String>>) {
     let head =
         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
-    if conn.write_all(head.as_bytes()).is_err() {
+    if conn.write_all(head.as_bytes()).is_err() || conn.flush().is_err() {
         return;
     }
     while let Ok(Some(line)) = rx.recv() {
         let chunk = format!("{:x}\r\n{line}\r\n", line.len());
-        if conn.write_all(chunk.as_bytes()).is_err() {
+        if conn.write_all(chunk.as_bytes()).is_err() || conn.flush().is_err() {
             return;
         }
     }
-    // Ended (410) or dropped: a dropped watch closes without the last chunk.
-    let _ = conn.shutdown(std::net::Shutdown::Both);
+    // Ended (410) or dropped: a dropped watch closes without the last chunk
+    // (the caller drops the connection).
 }

@@ -38,6 +38,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Preparing a test fixture (certificates, TLS) failed.
+    #[error("{0}")]
+    Setup(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

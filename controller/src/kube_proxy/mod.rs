@@ -14,6 +14,7 @@
 //! a linear rule walk meets last.
 
 pub mod apply;
+pub mod cleanup;
 pub mod iptables;
 pub mod nftables;
 

@@ -36,8 +36,8 @@ impl Agent {
         source: (&str, &Path),
         bpffs: &Path,
     ) -> Agent {
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net={}", ns.path().display()))
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", ns.path().display()))
             .args([env!("CARGO_BIN_EXE_dp"), "agent"])
             .arg(source.0)
             .arg(source.1)
@@ -45,7 +45,14 @@ impl Agent {
             .arg(bpffs)
             .args(["--node-name", node, "--node-ip", node_ip])
             .args(["--devices", "eth0", "--pod-devices", "^lxc"])
-            .args(["--cluster-cidr", "10.244.0.0/16"])
+            .args(["--cluster-cidr", "10.244.0.0/16"]);
+        Self::spawn(cmd)
+    }
+
+    /// Runs an agent command line of the caller's making; its stderr is
+    /// the log.
+    pub fn spawn(mut cmd: Command) -> Agent {
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stderr(Stdio::piped())
@@ -298,11 +305,18 @@ impl TraceProcess {
     /// Starts `dp trace --bpffs <pins> <args>` in `ns` and waits until its
     /// session is open (it says so on stderr).
     pub fn start(ns: &Netns, pins: &Path, args: &[&str]) -> TraceProcess {
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net={}", ns.path().display()))
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", ns.path().display()))
             .args([env!("CARGO_BIN_EXE_dp"), "trace", "--bpffs"])
             .arg(pins)
-            .args(args)
+            .args(args);
+        Self::spawn(cmd)
+    }
+
+    /// Runs a `dp trace` command line of the caller's making, and waits
+    /// until its session is open.
+    pub fn spawn(mut cmd: Command) -> TraceProcess {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
