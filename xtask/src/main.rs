@@ -7,8 +7,13 @@
 //! - `demo`: the README's main command (`dp lab demo`).
 //! - `bench`: dp against kube-proxy's modes (dp-bench), `--micro` the
 //!   criterion benches (see BENCHMARKS.md).
+//! - `image`: the container image (`docker build`), or `--rootfs DIR` its
+//!   runtime stage assembled without Docker.
+//! - `kind up|test|down`: dp in place of kube-proxy on a kind cluster.
 
 mod ebpf;
+mod image;
+mod kind;
 
 use std::{
     path::{Path, PathBuf},
@@ -18,16 +23,20 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
-/// Debian packages the project needs on a fresh Debian 12 machine.
-const DEBIAN_PACKAGES: &[&str] = &[
-    // eBPF toolchain: rustc with a prebuilt `core` for bpfel-unknown-none,
-    // and the LLVM that bpf-linker is built against.
+/// The eBPF toolchain on Debian 12: rustc with a prebuilt `core` for
+/// bpfel-unknown-none, and the LLVM that bpf-linker is built against
+/// (what building `dp` needs; the image's builder installs only these).
+const TOOLCHAIN_PACKAGES: &[&str] = &[
     "rustc-web",
     "libstd-rust-web-dev-bpf",
     "llvm-22-dev",
     "libpolly-22-dev",
     "zlib1g-dev",
     "libzstd-dev",
+];
+
+/// What the tests, the lab and the benchmarks need on top.
+const TEST_PACKAGES: &[&str] = &[
     // What the tests and the demo call: namespaces and links (ip), and the
     // tools kube-proxy's modes use (for the comparisons in later work).
     "iproute2",
@@ -47,7 +56,16 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "bind9-dnsutils",
     "netcat-openbsd",
     "tcpdump",
+    // The manifests' offline schema check runs kubernetes-validate (PyPI)
+    // from a venv; the image test assembles the runtime stage's root file
+    // system from Debian packages.
+    "python3",
+    "python3-venv",
+    "mmdebstrap",
 ];
+
+/// kubernetes-validate (PyPI): the Kubernetes OpenAPI schemas, offline.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -61,8 +79,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install the toolchain and tools (apt packages, bpf-linker).
-    Setup,
+    /// Install the toolchain and tools (apt packages, bpf-linker, a venv
+    /// with kubernetes-validate).
+    Setup {
+        /// Only what building dp needs (the image's builder stage).
+        #[arg(long)]
+        toolchain_only: bool,
+    },
     /// Build the eBPF object and print its path.
     BuildEbpf,
     /// Run the whole test suite (setup, fmt, clippy, tests). Needs root.
@@ -90,17 +113,74 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Build the container image with `docker build` (needs a Docker
+    /// engine), or with --rootfs assemble its runtime stage into a
+    /// directory and run dp from it (needs root, no Docker).
+    Image {
+        #[arg(long)]
+        rootfs: Option<PathBuf>,
+        /// The dp binary to put in the rootfs (default: a release build).
+        #[arg(long, requires = "rootfs")]
+        binary: Option<PathBuf>,
+    },
+    /// dp in place of kube-proxy on a kind cluster (docs/kind.md). Needs a
+    /// Docker engine, kind and kubectl.
+    Kind {
+        #[command(subcommand)]
+        command: KindCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KindCommand {
+    /// Create the cluster without kube-proxy, build and load the image,
+    /// deploy dp, wait until it serves.
+    Up,
+    /// Run workloads and check ClusterIP, DNS, NodePort, no endpoints,
+    /// externalTrafficPolicy: Local and `dp trace`.
+    Test,
+    /// Delete the cluster.
+    Down,
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Task::Setup => setup(),
+        Task::Setup { toolchain_only } => setup(toolchain_only),
         Task::BuildEbpf => {
             let object = build_ebpf()?;
             println!("{}", object.display());
             Ok(())
         }
         Task::Test => test(),
+        Task::Image { rootfs, binary } => match rootfs {
+            None => image::build(&workspace()),
+            Some(rootfs) => {
+                require_root("cargo xtask image --rootfs")?;
+                setup(false)?;
+                let ws = workspace();
+                let dp = match binary {
+                    Some(b) => b,
+                    None => {
+                        step("building dp (release)");
+                        run(Command::new(cargo()).current_dir(&ws).args([
+                            "build",
+                            "--release",
+                            "-p",
+                            "dp",
+                            "--bin",
+                            "dp",
+                        ]))?;
+                        ws.join("target/release/dp")
+                    }
+                };
+                image::assemble_rootfs(&ws, &rootfs, &dp)
+            }
+        },
+        Task::Kind { command } => match command {
+            KindCommand::Up => kind::up(&workspace()),
+            KindCommand::Test => kind::test(&workspace()),
+            KindCommand::Down => kind::down(),
+        },
         Task::Demo => demo(),
         Task::Bench {
             quick,
@@ -128,11 +208,11 @@ fn cargo() -> PathBuf {
     std::env::var_os("CARGO").map_or_else(|| "cargo".into(), PathBuf::from)
 }
 
-fn step(what: &str) {
+pub(crate) fn step(what: &str) {
     println!("==> {what}");
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}").replace('"', "");
     let status = cmd
         .status()
@@ -152,10 +232,16 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
-fn setup() -> Result<()> {
+fn setup(toolchain_only: bool) -> Result<()> {
     require_root("cargo xtask setup")?;
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    let wanted: &[&[&str]] = if toolchain_only {
+        &[TOOLCHAIN_PACKAGES]
+    } else {
+        &[TOOLCHAIN_PACKAGES, TEST_PACKAGES]
+    };
+    let missing: Vec<&str> = wanted
         .iter()
+        .flat_map(|list| list.iter())
         .copied()
         .filter(|p| !deb_installed(p))
         .collect();
@@ -184,7 +270,39 @@ fn setup() -> Result<()> {
             .args(["--version", BPF_LINKER_VERSION])
             .args(["--no-default-features", "--features", "llvm-22"]))?;
     }
-    Ok(())
+    if toolchain_only {
+        return Ok(());
+    }
+    python_tools()
+}
+
+/// The venv with kubernetes-validate, under target/tools (the deploy
+/// tests call it there).
+fn python_venv() -> PathBuf {
+    workspace().join("target/tools/venv")
+}
+
+fn python_tools() -> Result<()> {
+    let venv = python_venv();
+    let validator = venv.join("bin/kubernetes-validate");
+    let installed = Command::new(venv.join("bin/pip"))
+        .args(["show", "-q", "kubernetes-validate"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+        && validator.exists();
+    if installed {
+        step("kubernetes-validate: installed");
+        return Ok(());
+    }
+    step(&format!(
+        "installing {KUBERNETES_VALIDATE} in {}",
+        venv.display()
+    ));
+    run(Command::new("/usr/bin/python3")
+        .arg("-m")
+        .arg("venv")
+        .arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args(["install", "-q", KUBERNETES_VALIDATE]))
 }
 
 fn deb_installed(package: &str) -> bool {
@@ -208,7 +326,7 @@ fn build_ebpf() -> Result<PathBuf> {
 
 fn test() -> Result<()> {
     require_root("cargo xtask test")?;
-    setup()?;
+    setup(false)?;
     let ws = workspace();
     step("cargo fmt --check");
     run(Command::new(cargo())
@@ -230,7 +348,7 @@ fn test() -> Result<()> {
 
 fn bench(quick: bool, with_30k: bool, args: &[String]) -> Result<()> {
     require_root("cargo xtask bench")?;
-    setup()?;
+    setup(false)?;
     let ws = workspace();
     step("building dp and dp-bench (release)");
     run(Command::new(cargo())
@@ -276,7 +394,7 @@ fn bench(quick: bool, with_30k: bool, args: &[String]) -> Result<()> {
 
 fn micro_bench(args: &[String]) -> Result<()> {
     require_root("cargo xtask bench --micro")?;
-    setup()?;
+    setup(false)?;
     step("cargo bench: per-packet cost (BPF_PROG_TEST_RUN), control plane at scale, NodePort rate, trace cost");
     run(Command::new(cargo())
         .current_dir(workspace())
@@ -299,7 +417,7 @@ fn micro_bench(args: &[String]) -> Result<()> {
 
 fn demo() -> Result<()> {
     require_root("cargo xtask demo")?;
-    setup()?;
+    setup(false)?;
     let ws = workspace();
     step("building dp");
     run(Command::new(cargo())

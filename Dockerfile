@@ -1,0 +1,25 @@
+# dp's image: the `dp` binary (agent and CLI) and the tools it calls.
+# Built by `cargo xtask image` (docker build -t dp:0.1.0 .). Without a
+# Docker engine, `cargo xtask image --rootfs DIR` assembles the runtime
+# stage below into DIR from the same packages and runs `dp` from it.
+
+# Builder: Debian 12 and the project's own toolchain recipe
+# (`cargo xtask setup --toolchain-only`: Debian's rustc-web with its
+# prebuilt BPF core, LLVM 22, bpf-linker 0.13), Rust 1.95 for userspace.
+FROM rust:1.95-bookworm AS builder
+WORKDIR /src
+COPY . .
+RUN cargo xtask setup --toolchain-only \
+    && cargo build --release --locked -p dp --bin dp \
+    && install -m 0755 target/release/dp /usr/local/bin/dp
+
+# Runtime: Debian 12 slim with what `dp` runs: iptables (nft and legacy)
+# and nftables for `dp cleanup-kube-proxy`, iproute2 for debugging from a
+# `kubectl exec`, util-linux's mount/mountpoint for the bpffs init
+# container.
+FROM debian:bookworm-slim AS runtime
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends iptables nftables iproute2 util-linux \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=builder /usr/local/bin/dp /usr/local/bin/dp
+ENTRYPOINT ["/usr/local/bin/dp"]

@@ -1,0 +1,441 @@
+//! `cargo xtask kind up | test | down`: dp in place of kube-proxy on a kind
+//! cluster (e2e/kind/cluster.yaml: no kube-proxy, a control plane and two
+//! workers), as docs/kind.md describes.
+//!
+//! - `up`: creates the cluster, builds the image and loads it into the
+//!   nodes, applies deploy/, waits for the agents, the nodes and CoreDNS.
+//! - `test`: applies e2e/kind/workloads.yaml and checks, through kubectl
+//!   and the nodes: a ClusterIP, DNS through the kube-dns Service, a
+//!   NodePort from another node, a Service without endpoints (refused at
+//!   once), externalTrafficPolicy: Local (served with the client's address
+//!   on the node with the endpoint, dropped on the other), and `dp trace`
+//!   in a dp pod showing the flows.
+//! - `down`: deletes the cluster.
+//!
+//! Each needs a Docker engine, kind and kubectl; without them it says what
+//! is missing and fails.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+const CLUSTER: &str = "dp";
+const CONTEXT: &str = "kind-dp";
+const NAMESPACE: &str = "dp-e2e";
+
+/// Whether `program` is on PATH.
+fn installed(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+/// A Docker engine answers `docker info`; the client alone is not enough.
+pub fn require_docker_engine() -> Result<()> {
+    if !installed("docker") {
+        bail!(
+            "no Docker engine: the `docker` command is not installed. kind runs its nodes \
+             as Docker containers; install Docker Engine and start it (docs/kind.md)"
+        );
+    }
+    let out = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+        .context("cannot run `docker info`")?;
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr);
+        let why = why
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no reason given");
+        bail!(
+            "no Docker engine: `docker info` failed ({why}). The docker client is installed \
+             but no engine answers: start dockerd, or point DOCKER_HOST at one (docs/kind.md)"
+        );
+    }
+    Ok(())
+}
+
+/// Everything `kind up|test|down` needs, or one error naming all that is
+/// missing.
+pub fn require_tools() -> Result<()> {
+    let mut missing = Vec::new();
+    if let Err(e) = require_docker_engine() {
+        missing.push(e.to_string());
+    }
+    for (tool, what) in [
+        ("kind", "creates the cluster (https://kind.sigs.k8s.io)"),
+        ("kubectl", "talks to it"),
+    ] {
+        if !installed(tool) {
+            missing.push(format!("`{tool}` is not installed: it {what}"));
+        }
+    }
+    if !missing.is_empty() {
+        bail!(
+            "cargo xtask kind cannot run here:\n  - {}\nSee docs/kind.md for what to install.",
+            missing.join("\n  - ")
+        );
+    }
+    Ok(())
+}
+
+fn kubectl() -> Command {
+    let mut c = Command::new("kubectl");
+    c.args(["--context", CONTEXT]);
+    c
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let shown = format!("{cmd:?}").replace('"', "");
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {shown}"))?;
+    if !out.status.success() {
+        bail!(
+            "{shown} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+pub fn up(ws: &Path) -> Result<()> {
+    require_tools()?;
+    let clusters = output(Command::new("kind").args(["get", "clusters"]))?;
+    if clusters.lines().any(|c| c == CLUSTER) {
+        crate::step("kind cluster dp: exists");
+    } else {
+        crate::step("kind create cluster (no kube-proxy)");
+        crate::run(
+            Command::new("kind")
+                .args(["create", "cluster", "--config"])
+                .arg(ws.join("e2e/kind/cluster.yaml")),
+        )?;
+    }
+    crate::image::build(ws)?;
+    crate::step("kind load docker-image");
+    crate::run(Command::new("kind").args([
+        "load",
+        "docker-image",
+        &crate::image::tag(),
+        "--name",
+        CLUSTER,
+    ]))?;
+    crate::step("kubectl apply -k deploy/");
+    crate::run(kubectl().arg("apply").arg("-k").arg(ws.join("deploy")))?;
+    // A new image under the same tag: the pods must start again.
+    crate::run(kubectl().args([
+        "-n",
+        "dp-system",
+        "rollout",
+        "restart",
+        "daemonset/dp-agent",
+    ]))?;
+    crate::step("waiting for the agents, the nodes and CoreDNS");
+    crate::run(kubectl().args([
+        "-n",
+        "dp-system",
+        "rollout",
+        "status",
+        "daemonset/dp-agent",
+        "--timeout=300s",
+    ]))?;
+    crate::run(kubectl().args([
+        "wait",
+        "--for=condition=Ready",
+        "nodes",
+        "--all",
+        "--timeout=300s",
+    ]))?;
+    crate::run(kubectl().args([
+        "-n",
+        "kube-system",
+        "rollout",
+        "status",
+        "deployment/coredns",
+        "--timeout=300s",
+    ]))?;
+    println!("dp serves the cluster's Services. Next: cargo xtask kind test");
+    Ok(())
+}
+
+pub fn down() -> Result<()> {
+    require_tools()?;
+    crate::run(Command::new("kind").args(["delete", "cluster", "--name", CLUSTER]))
+}
+
+/// One check's outcome.
+struct Checks {
+    failed: Vec<String>,
+}
+
+impl Checks {
+    fn check(&mut self, name: &str, result: Result<String>) {
+        match result {
+            Ok(detail) => println!("ok    {name}: {detail}"),
+            Err(e) => {
+                println!("FAIL  {name}: {e:#}");
+                self.failed.push(name.to_string());
+            }
+        }
+    }
+}
+
+/// Runs a command in the client pod.
+fn in_client(args: &[&str]) -> Command {
+    let mut c = kubectl();
+    c.args(["-n", NAMESPACE, "exec", "client", "--"]).args(args);
+    c
+}
+
+fn jsonpath(args: &[&str], path: &str) -> Result<String> {
+    output(
+        kubectl()
+            .args(args)
+            .arg("-o")
+            .arg(format!("jsonpath={path}")),
+    )
+}
+
+fn node_ip(node: &str) -> Result<String> {
+    jsonpath(
+        &["get", "node", node],
+        "{.status.addresses[?(@.type==\"InternalIP\")].address}",
+    )
+}
+
+/// `curl` from a kind node (a client outside the cluster's pods).
+fn curl_from_node(node: &str, url: &str, seconds: u32) -> Command {
+    let mut c = Command::new("docker");
+    c.args([
+        "exec",
+        node,
+        "curl",
+        "-sS",
+        "--max-time",
+        &seconds.to_string(),
+        url,
+    ]);
+    c
+}
+
+pub fn test(ws: &Path) -> Result<()> {
+    require_tools()?;
+    crate::step("kubectl apply -f e2e/kind/workloads.yaml");
+    crate::run(
+        kubectl()
+            .arg("apply")
+            .arg("-f")
+            .arg(ws.join("e2e/kind/workloads.yaml")),
+    )?;
+    for d in ["deployment/web", "deployment/local"] {
+        crate::run(kubectl().args(["-n", NAMESPACE, "rollout", "status", d, "--timeout=300s"]))?;
+    }
+    crate::run(kubectl().args([
+        "-n",
+        NAMESPACE,
+        "wait",
+        "--for=condition=Ready",
+        "pod/client",
+        "--timeout=300s",
+    ]))?;
+
+    let mut checks = Checks { failed: Vec::new() };
+    let web_ip = jsonpath(
+        &["-n", NAMESPACE, "get", "service", "web"],
+        "{.spec.clusterIP}",
+    )?;
+    let web_pods = jsonpath(
+        &["-n", NAMESPACE, "get", "pods", "-l", "app=web"],
+        "{.items[*].metadata.name}",
+    )?;
+
+    checks.check(
+        "ClusterIP reaches both web pods",
+        (|| {
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..30 {
+                let url = format!("http://{web_ip}/hostname");
+                seen.insert(output(&mut in_client(&[
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "5",
+                    &url,
+                ]))?);
+                if seen.len() == 2 {
+                    break;
+                }
+            }
+            let expected: std::collections::BTreeSet<String> =
+                web_pods.split_whitespace().map(str::to_string).collect();
+            if seen != expected {
+                bail!("answered by {seen:?}, expected {expected:?}");
+            }
+            Ok(format!("{web_ip}:80 answered by {seen:?}"))
+        })(),
+    );
+
+    checks.check(
+        "DNS through the kube-dns Service",
+        (|| {
+            let name = format!("web.{NAMESPACE}.svc.cluster.local");
+            let answer = output(&mut in_client(&["nslookup", &name]))?;
+            if !answer.contains(&web_ip) {
+                bail!("{name} did not resolve to {web_ip}: {answer}");
+            }
+            Ok(format!("{name} -> {web_ip}"))
+        })(),
+    );
+
+    let worker = node_ip("dp-worker")?;
+    let worker2 = node_ip("dp-worker2")?;
+    let control_plane = node_ip("dp-control-plane")?;
+
+    checks.check(
+        "NodePort from another node",
+        (|| {
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..30 {
+                let url = format!("http://{worker2}:30080/hostname");
+                seen.insert(output(&mut curl_from_node("dp-control-plane", &url, 5))?);
+                if seen.len() == 2 {
+                    break;
+                }
+            }
+            if seen.len() != 2 {
+                bail!("only {seen:?} answered (a local and a remote backend expected)");
+            }
+            Ok(format!("{worker2}:30080 answered by {seen:?}"))
+        })(),
+    );
+
+    checks.check(
+        "a Service without endpoints is refused at once",
+        (|| {
+            let ip = jsonpath(
+                &["-n", NAMESPACE, "get", "service", "empty"],
+                "{.spec.clusterIP}",
+            )?;
+            let started = Instant::now();
+            let out = in_client(&[
+                "/agnhost",
+                "connect",
+                &format!("{ip}:80"),
+                "--timeout=5s",
+                "--protocol=tcp",
+            ])
+            .output()?;
+            let took = started.elapsed();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if out.status.success() || !stderr.contains("REFUSED") {
+                bail!("expected REFUSED, got: {}", stderr.trim());
+            }
+            // kubectl exec itself takes a moment; a timeout would take 5 s.
+            if took > Duration::from_secs(4) {
+                bail!("refused only after {took:?}");
+            }
+            Ok(format!("{ip}:80 REFUSED in {took:?}"))
+        })(),
+    );
+
+    checks.check(
+        "externalTrafficPolicy: Local",
+        (|| {
+            let url = format!("http://{worker}:30081/clientip");
+            let client = output(&mut curl_from_node("dp-control-plane", &url, 5))?;
+            let client_ip = client
+                .rsplit_once(':')
+                .map_or(client.as_str(), |(ip, _)| ip);
+            if client_ip != control_plane {
+                bail!("the backend saw {client}, not the client {control_plane}");
+            }
+            let other = format!("http://{worker2}:30081/clientip");
+            if curl_from_node("dp-control-plane", &other, 3)
+                .output()?
+                .status
+                .success()
+            {
+                bail!("dp-worker2 has no endpoint but answered");
+            }
+            Ok(format!(
+            "dp-worker kept the client address {control_plane}; dp-worker2 (no endpoint) dropped"
+        ))
+        })(),
+    );
+
+    checks.check(
+        "dp trace in a dp pod shows the flows",
+        (|| {
+            let pod = jsonpath(
+                &[
+                    "-n",
+                    "dp-system",
+                    "get",
+                    "pods",
+                    "-l",
+                    "app.kubernetes.io/name=dp",
+                    "--field-selector",
+                    "spec.nodeName=dp-worker2",
+                ],
+                "{.items[0].metadata.name}",
+            )?;
+            let service = format!("{NAMESPACE}/web");
+            let mut trace = kubectl()
+                .args([
+                    "-n",
+                    "dp-system",
+                    "exec",
+                    &pod,
+                    "--",
+                    "dp",
+                    "trace",
+                    "--service",
+                    &service,
+                ])
+                .args(["--count", "3", "--duration", "30"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            // The session is open once it says so; then the traffic.
+            let mut stderr = BufReader::new(trace.stderr.take().unwrap());
+            let mut first = String::new();
+            stderr.read_line(&mut first)?;
+            if !first.contains("open") {
+                bail!("dp trace: {first}");
+            }
+            output(&mut in_client(&[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                &format!("http://{web_ip}/hostname"),
+            ]))?;
+            let out = trace.wait_with_output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            if !text.contains(&service) {
+                bail!("no {service} flow in the trace: {text}");
+            }
+            Ok(format!(
+                "{pod}: {}",
+                text.lines().next().unwrap_or_default()
+            ))
+        })(),
+    );
+
+    if checks.failed.is_empty() {
+        println!("all checks passed");
+        Ok(())
+    } else {
+        bail!(
+            "{} checks failed: {}",
+            checks.failed.len(),
+            checks.failed.join(", ")
+        )
+    }
+}

@@ -1,0 +1,119 @@
+//! The image's runtime stage as far as this machine allows without a
+//! Docker engine: `cargo xtask image --rootfs` assembles it (the
+//! Dockerfile's Debian release and packages, dp where the builder stage
+//! puts it) and runs `dp --version` there; then, from that directory, the
+//! tools `dp` calls are found, the DaemonSet's bpffs init container's
+//! command mounts a bpffs, and the image's `dp cleanup-kube-proxy` removes
+//! kube-proxy's rules from a test network namespace with the image's
+//! iptables and nft.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use e2e::{require_root, Topology};
+
+fn output(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The init container's shell command in deploy/daemonset.yaml.
+fn init_container_command() -> String {
+    let text = std::fs::read_to_string(workspace().join("deploy/daemonset.yaml")).unwrap();
+    let ds: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let init = &ds["spec"]["template"]["spec"]["initContainers"][0];
+    assert_eq!(init["command"][0], "sh");
+    assert_eq!(init["command"][1], "-c");
+    init["command"][2].as_str().unwrap().to_string()
+}
+
+#[test]
+fn the_runtime_stage_assembled_into_a_directory_runs_dp_and_its_tools() {
+    require_root();
+    let xtask = PathBuf::from(env!("CARGO_BIN_EXE_xtask"));
+    let build_dir = xtask.parent().unwrap();
+    let dp = build_dir.join("dp");
+    assert!(
+        dp.exists(),
+        "{}: build dp first (cargo build --bin dp)",
+        dp.display()
+    );
+    let rootfs = build_dir.parent().unwrap().join("image-rootfs");
+
+    let text = output(
+        Command::new(&xtask)
+            .args(["image", "--rootfs"])
+            .arg(&rootfs)
+            .arg("--binary")
+            .arg(&dp),
+    );
+    assert!(
+        text.contains(&format!("dp {}", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+
+    // What dp and the DaemonSet run, from the image's own packages.
+    let tools = "iptables-nft-save iptables-nft-restore iptables-legacy-save \
+                 iptables-legacy-restore ip6tables-nft-save ip6tables-legacy-save nft ip \
+                 mount mountpoint sh";
+    output(Command::new("chroot").arg(&rootfs).args([
+        "sh",
+        "-c",
+        &format!(
+            "for t in {tools}; do command -v $t >/dev/null || {{ echo missing $t; exit 1; }}; done"
+        ),
+    ]));
+
+    // The init container's command mounts a bpffs on /sys/fs/bpf (in a
+    // mount namespace of the test's, gone with it).
+    let script = format!(
+        "set -e; mount -t proc proc /proc; mkdir -p /sys/fs/bpf; {}; \
+         grep -q ' /sys/fs/bpf bpf ' /proc/mounts && echo mounted",
+        init_container_command()
+    );
+    let text = output(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "chroot"])
+            .arg(&rootfs)
+            .args(["sh", "-c", &script]),
+    );
+    assert_eq!(text.trim(), "mounted");
+
+    // The image's dp cleans up kube-proxy's rules with the image's tools.
+    let mut topo = Topology::new().unwrap();
+    let ns = topo.add_ns("node").unwrap();
+    let examples = workspace().join("examples");
+    for mode in [&["--mode", "iptables"][..], &["--mode", "nftables"]] {
+        output(
+            ns.command(dp.to_str().unwrap())
+                .args(["kube-proxy-rules", "--manifests"])
+                .arg(&examples)
+                .args(["--node-name", "node1", "--node-ip", "172.18.0.2", "--apply"])
+                .args(mode),
+        );
+    }
+    let text = output(
+        ns.command("chroot")
+            .arg(&rootfs)
+            .args(["/usr/local/bin/dp", "cleanup-kube-proxy"]),
+    );
+    assert!(text.contains("removed iptables-nft nat:"), "{text}");
+    assert!(
+        text.contains("removed nftables: table ip kube-proxy"),
+        "{text}"
+    );
+    let left = output(ns.command("iptables-nft-save").args(["-t", "nat"]));
+    assert!(!left.contains("KUBE-SERVICES"), "{left}");
+}
