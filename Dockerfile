@@ -15,11 +15,11 @@ RUN cargo xtask setup --toolchain-only \
 
 # Runtime: Debian 12 slim with what `dp` runs: iptables (nft and legacy)
 # and nftables for `dp cleanup-kube-proxy`, iproute2 for debugging from a
-# `kubectl exec`, util-linux's mount/mountpoint for the bpffs init
+# `kubectl exec`, mount (and the base's grep) for the bpffs init
 # container.
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends iptables nftables iproute2 util-linux \
+    && apt-get install -y --no-install-recommends iptables nftables iproute2 mount \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /usr/local/bin/dp /usr/local/bin/dp
 ENTRYPOINT ["/usr/local/bin/dp"]

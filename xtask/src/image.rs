@@ -245,7 +245,7 @@ mod tests {
         let stage = parse_runtime_stage(&text).unwrap();
         assert_eq!(stage.base, "debian:bookworm-slim");
         assert_eq!(stage.suite, "bookworm");
-        for p in ["iptables", "nftables", "util-linux"] {
+        for p in ["iptables", "nftables", "mount"] {
             assert!(
                 stage.packages.iter().any(|q| q == p),
                 "{p}: {:?}",

@@ -67,7 +67,7 @@ fn the_runtime_stage_assembled_into_a_directory_runs_dp_and_its_tools() {
     // What dp and the DaemonSet run, from the image's own packages.
     let tools = "iptables-nft-save iptables-nft-restore iptables-legacy-save \
                  iptables-legacy-restore ip6tables-nft-save ip6tables-legacy-save nft ip \
-                 mount mountpoint sh";
+                 mount grep sh";
     output(Command::new("chroot").arg(&rootfs).args([
         "sh",
         "-c",
@@ -76,12 +76,15 @@ fn the_runtime_stage_assembled_into_a_directory_runs_dp_and_its_tools() {
         ),
     ]));
 
-    // The init container's command mounts a bpffs on /sys/fs/bpf (in a
-    // mount namespace of the test's, gone with it).
+    // The init container's command mounts a bpffs on /sys/fs/bpf, which is
+    // a bind mount of a plain directory there, as a hostPath volume is on a
+    // host without a bpffs (in a mount namespace of the test's, gone with
+    // it). Run twice: the second finds the bpffs and leaves it.
     let script = format!(
-        "set -e; mount -t proc proc /proc; mkdir -p /sys/fs/bpf; {}; \
-         grep -q ' /sys/fs/bpf bpf ' /proc/mounts && echo mounted",
-        init_container_command()
+        "set -e; mount -t proc proc /proc; mkdir -p /sys/fs/bpf /tmp/hostpath; \
+         mount --bind /tmp/hostpath /sys/fs/bpf; {cmd}; {cmd}; \
+         grep -c ' /sys/fs/bpf bpf ' /proc/mounts",
+        cmd = init_container_command()
     );
     let text = output(
         Command::new("unshare")
@@ -89,7 +92,7 @@ fn the_runtime_stage_assembled_into_a_directory_runs_dp_and_its_tools() {
             .arg(&rootfs)
             .args(["sh", "-c", &script]),
     );
-    assert_eq!(text.trim(), "mounted");
+    assert_eq!(text.trim(), "1", "one bpffs on /sys/fs/bpf");
 
     // The image's dp cleans up kube-proxy's rules with the image's tools.
     let mut topo = Topology::new().unwrap();
