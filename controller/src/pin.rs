@@ -49,6 +49,15 @@ pub fn is_bpffs(dir: &Path) -> bool {
     }
 }
 
+/// Undoes `ensure_bpffs`'s mount: a lazy unmount of `dir` (the pins left
+/// in it go with it). Does nothing where nothing is mounted.
+pub fn unmount_bpffs(dir: &Path) {
+    if let Ok(c) = CString::new(dir.as_os_str().as_bytes()) {
+        // SAFETY: a valid NUL-terminated path.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
 /// Makes sure `dir` exists on a bpffs: if it is not on one, a bpffs is
 /// mounted there (as Cilium does when the host has none mounted).
 pub fn ensure_bpffs(dir: &Path) -> Result<()> {

@@ -502,9 +502,15 @@ impl Lab {
         }
     }
 
-    /// Loads the kube-proxy rules for the lab's manifests into a node, in
-    /// full (like kube-proxy's first sync after a restart).
-    fn apply_rules(&self, state: &State, node: &Member) -> anyhow::Result<()> {
+    /// The lab's Service ports as `node` serves them (kube-proxy's
+    /// translation of the manifests directory), and what was skipped.
+    fn service_ports_for(
+        &self,
+        node: &Member,
+    ) -> anyhow::Result<(
+        Vec<crate::translate::ServicePortInfo>,
+        Vec<crate::translate::Skipped>,
+    )> {
         let objects = crate::manifests::load_dir(&self.manifests_dir())?;
         let info = crate::translate::NodeInfo {
             name: node.name.clone(),
@@ -518,6 +524,13 @@ impl Lab {
             &info,
             &mut skipped,
         );
+        Ok((ports, skipped))
+    }
+
+    /// Loads the kube-proxy rules for the lab's manifests into a node, in
+    /// full (like kube-proxy's first sync after a restart).
+    fn apply_rules(&self, state: &State, node: &Member) -> anyhow::Result<()> {
+        let (ports, _) = self.service_ports_for(node)?;
         let config = ProxyConfig {
             cluster_cidr: Some(
                 "10.244.0.0/16"
@@ -717,19 +730,7 @@ impl Lab {
                 processes.join(", ")
             )?;
         }
-        let objects = crate::manifests::load_dir(&self.manifests_dir())?;
-        let node = crate::translate::NodeInfo {
-            name: state.nodes[0].name.clone(),
-            ips: vec![state.nodes[0].ip],
-            zone: None,
-        };
-        let mut skipped = Vec::new();
-        let ports = crate::translate::service_ports(
-            &objects.services,
-            &objects.slices,
-            &node,
-            &mut skipped,
-        );
+        let (ports, skipped) = self.service_ports_for(&state.nodes[0])?;
         writeln!(out, "services ({}):", self.manifests_dir().display())?;
         for p in &ports {
             let mut addrs: Vec<String> = p
@@ -758,7 +759,7 @@ impl Lab {
                 notes.join(" ")
             )?;
         }
-        for s in skipped.iter().chain(&objects.skipped) {
+        for s in &skipped {
             writeln!(out, "  skipped {}: {}", s.object, s.reason)?;
         }
         Ok(())
@@ -799,9 +800,7 @@ impl Lab {
                     let _ = crate::pin::cleanup(&e.path());
                 }
             }
-            let c = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes())?;
-            // SAFETY: a valid path. Detaching drops every pin left in it.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            crate::pin::unmount_bpffs(&bpffs);
         }
         for ns in &namespaces {
             run(Command::new("ip").args(["netns", "del", ns]))?;

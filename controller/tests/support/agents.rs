@@ -127,9 +127,7 @@ impl Drop for Bpffs {
                 let _ = fs::remove_dir(e.path());
             }
         }
-        let c = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a valid path.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        dp::pin::unmount_bpffs(&self.root);
         let _ = fs::remove_dir(&self.root);
     }
 }

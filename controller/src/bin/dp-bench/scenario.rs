@@ -302,10 +302,7 @@ fn remove_stale(cgroup_base: &Path) {
             } else {
                 let bpffs = entry.path().join("bpffs");
                 let _ = dp::pin::cleanup(&bpffs);
-                if let Ok(c) = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes()) {
-                    // SAFETY: a valid NUL-terminated path.
-                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-                }
+                dp::pin::unmount_bpffs(&bpffs);
                 let _ = fs::remove_dir_all(entry.path());
             }
         }
@@ -563,9 +560,7 @@ impl Loaded {
                 unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
                 let _ = child.wait();
                 let _ = dp::pin::cleanup(&bpffs);
-                let c = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes())?;
-                // SAFETY: a valid NUL-terminated path.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                dp::pin::unmount_bpffs(&bpffs);
                 let _ = fs::remove_dir_all(&bpffs);
                 let _ = fs::remove_dir_all(&dir);
             }
