@@ -101,12 +101,9 @@ fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::from((ip, port))
 }
 
-#[test]
-fn node_ports_reach_local_and_remote_backends_through_the_entry_node() {
-    let f = AgentCluster::new(
-        &[MANIFESTS, ADMIN_WITH_SOURCE_RANGES, LOCAL_TRAFFIC_POLICY],
-        "nodeport",
-    );
+/// Through each node, the web NodePort reaches pod-1-0 and pod-2-0, and
+/// the backend sees the entry node as the client.
+fn node_ports_reach_both_backends(f: &AgentCluster) {
     let client = f.cluster.client_ns();
     for entry in [NODE1, NODE2] {
         let mut seen = BTreeMap::new();
@@ -125,6 +122,36 @@ fn node_ports_reach_local_and_remote_backends_through_the_entry_node() {
             "local and remote backends via {entry}"
         );
     }
+}
+
+/// As on kind's nodes (deploy/configmap.yaml: DP_XDP=off): tc alone serves
+/// NodePorts to local and remote backends, and nothing is attached at XDP.
+#[test]
+fn node_ports_work_with_tc_alone_when_xdp_is_off() {
+    let f = AgentCluster::new_with(&[MANIFESTS], "tc-only", &["--xdp", "off"]);
+    node_ports_reach_both_backends(&f);
+    assert!(f.packets("node1", "new_flow") >= 1);
+    let stats = inspect(&f.pins("node1"), &["stats"]);
+    let at_xdp: Vec<_> = stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["hook"] == "xdp")
+        .collect();
+    assert!(at_xdp.is_empty(), "{at_xdp:?}");
+    let status = inspect(&f.pins("node1"), &["status"]);
+    let attached = status["attached"].to_string();
+    assert!(attached.contains("eth0@tc-ingress"), "{attached}");
+    assert!(!attached.contains("eth0@xdp"), "{attached}");
+}
+
+#[test]
+fn node_ports_reach_local_and_remote_backends_through_the_entry_node() {
+    let f = AgentCluster::new(
+        &[MANIFESTS, ADMIN_WITH_SOURCE_RANGES, LOCAL_TRAFFIC_POLICY],
+        "nodeport",
+    );
+    node_ports_reach_both_backends(&f);
     // The XDP fast path served flows to the remote backend on node1.
     assert!(f.packets("node1", "new_flow") >= 1);
     let served_by_xdp = inspect(&f.pins("node1"), &["stats"])

@@ -36,6 +36,18 @@ impl Agent {
         source: (&str, &Path),
         bpffs: &Path,
     ) -> Agent {
+        Self::start_with_args(ns, node, node_ip, source, bpffs, &[])
+    }
+
+    /// And more flags.
+    pub fn start_with_args(
+        ns: &Netns,
+        node: &str,
+        node_ip: &str,
+        source: (&str, &Path),
+        bpffs: &Path,
+        extra: &[&str],
+    ) -> Agent {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", ns.path().display()))
             .args([env!("CARGO_BIN_EXE_dp"), "agent"])
@@ -45,7 +57,8 @@ impl Agent {
             .arg(bpffs)
             .args(["--node-name", node, "--node-ip", node_ip])
             .args(["--devices", "eth0", "--pod-devices", "^lxc"])
-            .args(["--cluster-cidr", "10.244.0.0/16"]);
+            .args(["--cluster-cidr", "10.244.0.0/16"])
+            .args(extra);
         Self::spawn(cmd)
     }
 
@@ -217,6 +230,11 @@ pub struct AgentCluster {
 impl AgentCluster {
     /// `manifests`: YAML documents, written as one file.
     pub fn new(manifests: &[&str], test: &str) -> Self {
+        Self::new_with(manifests, test, &[])
+    }
+
+    /// With more `dp agent` flags for every agent.
+    pub fn new_with(manifests: &[&str], test: &str, agent_args: &[&str]) -> Self {
         e2e::require_root();
         let cluster = e2e::Cluster::new(&[2, 2]).unwrap();
         let servers = cluster.serve_named_tcp(8080).unwrap();
@@ -233,12 +251,13 @@ impl AgentCluster {
             .iter()
             .enumerate()
             .map(|(i, node)| {
-                Agent::start(
+                Agent::start_with_args(
                     cluster.node_ns(i),
                     &node.name,
                     &node.ip.to_string(),
-                    &manifests,
+                    ("--manifests", &manifests),
                     &bpffs.node(&node.name),
+                    agent_args,
                 )
             })
             .collect();
