@@ -191,19 +191,36 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         (agent.opts.metrics_addr, true),
         (agent.opts.healthz_addr, false),
     ] {
-        match metrics::bind(addr) {
+        let what = if is_metrics { "metrics" } else { "health" };
+        let listener = match metrics::bind(addr) {
             Ok(listener) => {
-                info!(%addr, what = if is_metrics { "metrics" } else { "health" }, "listening");
-                servers.push((listener, is_metrics));
+                info!(%addr, what, "listening");
+                Some(listener)
             }
-            Err(e) => warn!(%addr, error = %e, "cannot listen"),
-        }
+            Err(e) => {
+                // E.g. kube-proxy still holds the port: tried again until
+                // it is free, as kube-proxy does.
+                warn!(%addr, what, error = %e, "cannot listen; retrying every 2 s");
+                None
+            }
+        };
+        servers.push((addr, listener, is_metrics));
     }
     agent.sync(&mut dp, &source);
 
-    for (listener, is_metrics) in servers {
+    for (addr, listener, is_metrics) in servers {
         let requests = requests.clone();
         tokio::spawn(async move {
+            let listener = match listener {
+                Some(l) => l,
+                None => loop {
+                    tokio::time::sleep(LISTEN_RETRY).await;
+                    if let Ok(l) = metrics::bind(addr) {
+                        info!(%addr, "listening");
+                        break l;
+                    }
+                },
+            };
             if let Err(e) = metrics::serve(listener, is_metrics, requests).await {
                 warn!(error = %e, "metrics/health server stopped");
             }
@@ -405,6 +422,9 @@ impl Agent {
         }
     }
 }
+
+/// How often a metrics or health address that was taken is tried again.
+const LISTEN_RETRY: Duration = Duration::from_secs(2);
 
 /// Quiet time after a manifest change before it is read.
 const MANIFEST_QUIET: Duration = Duration::from_millis(20);

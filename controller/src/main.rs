@@ -70,10 +70,11 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/dp", env = "DP_BPFFS")]
         bpffs: PathBuf,
     },
-    /// Remove what kube-proxy left on this node (its iptables chains and
-    /// jump rules, IPv4 and IPv6, nft and legacy; its nftables tables), as
-    /// its `--cleanup` does; kubelet's and other programs' rules stay. Run
-    /// after deleting kube-proxy's DaemonSet (docs/deploy.md).
+    /// Remove what kube-proxy's iptables and nftables modes left on this
+    /// node (its chains and jump rules, IPv4 and IPv6, nft and legacy; its
+    /// nftables tables), as its `--cleanup` does; kubelet's and other
+    /// programs' rules stay. Not IPVS mode. Run after deleting kube-proxy's
+    /// DaemonSet, with root (docs/deploy.md).
     CleanupKubeProxy {
         /// Print the iptables-restore input and nft commands instead.
         #[arg(long)]

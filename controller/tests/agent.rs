@@ -510,3 +510,29 @@ fn the_agent_follows_the_kubernetes_api_and_fails_static_when_it_is_down() {
     }
     agent.stop();
 }
+
+/// kube-proxy still holding the health port (mid-migration): the agent
+/// programs the node all the same, and serves /healthz once the port is
+/// free.
+#[test]
+fn a_taken_health_port_is_served_once_free() {
+    require_root();
+    let cluster = Cluster::new(&[1]).unwrap();
+    let dir = manifests_dir("port");
+    let bpffs = Bpffs::new("port");
+    write_web(&dir, &[("10.244.1.10", "node1")]);
+    let node = cluster.node_ns(0);
+    let squatter = node
+        .run(|| std::net::TcpListener::bind("0.0.0.0:10256"))
+        .unwrap()
+        .unwrap();
+    let n = &cluster.nodes[0];
+    let agent = Agent::start(node, &n.name, &n.ip.to_string(), &dir, &bpffs.node(&n.name));
+    agent.wait_for(&["cannot listen", "0.0.0.0:10256"]);
+    agent.wait_for(&["synced", "frontends=1"]);
+    drop(squatter);
+    agent.wait_for(&["listening", "0.0.0.0:10256"]);
+    let health = http_get(node, "127.0.0.1:10256", "/healthz");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    agent.stop();
+}

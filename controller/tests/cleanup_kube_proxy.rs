@@ -4,6 +4,7 @@
 //! iptables-legacy, and nftables mode), kubelet's chains, and a CNI's
 //! masquerade chain. Afterwards kube-proxy's chains, jump rules and tables
 //! are gone, the others are as they were, and a second run finds nothing.
+//! Without the privileges to read a table it fails instead.
 
 use std::path::Path;
 
@@ -104,6 +105,24 @@ fn kube_proxys_leftovers_go_and_everything_else_stays() {
         assert!(before.iter().any(|c| c == "KUBE-SERVICES"), "{save}");
     }
     assert!(in_ns(ns, &["nft", "list", "tables"]).contains("table ip kube-proxy"));
+
+    // Without NET_RAW (as in the agent's container) iptables-legacy cannot
+    // read its tables: that is an error, never "nothing found".
+    let denied = ns
+        .command("setpriv")
+        .args([
+            "--bounding-set=-all,+bpf,+perfmon,+net_admin",
+            "--inh-caps=-all",
+        ])
+        .args([env!("CARGO_BIN_EXE_dp"), "cleanup-kube-proxy", "--dry-run"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&denied.stderr);
+    assert!(!denied.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("iptables-legacy: listing table"),
+        "{stderr}"
+    );
 
     let dry = dp(ns, &["cleanup-kube-proxy", "--dry-run"]);
     assert!(dry.contains("would remove iptables-nft nat:"), "{dry}");

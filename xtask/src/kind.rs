@@ -16,6 +16,7 @@
 //! is missing and fails.
 
 use std::{
+    collections::BTreeSet,
     io::{BufRead as _, BufReader},
     path::Path,
     process::{Command, Stdio},
@@ -245,189 +246,39 @@ pub fn test(ws: &Path) -> Result<()> {
         "--timeout=300s",
     ]))?;
 
-    let mut checks = Checks { failed: Vec::new() };
     let web_ip = jsonpath(
         &["-n", NAMESPACE, "get", "service", "web"],
         "{.spec.clusterIP}",
     )?;
-    let web_pods = jsonpath(
+    let web_pods: BTreeSet<String> = jsonpath(
         &["-n", NAMESPACE, "get", "pods", "-l", "app=web"],
         "{.items[*].metadata.name}",
-    )?;
+    )?
+    .split_whitespace()
+    .map(str::to_string)
+    .collect();
+    let nodes = Nodes {
+        worker: node_ip("dp-worker")?,
+        worker2: node_ip("dp-worker2")?,
+        control_plane: node_ip("dp-control-plane")?,
+    };
 
+    let mut checks = Checks { failed: Vec::new() };
     checks.check(
         "ClusterIP reaches both web pods",
-        (|| {
-            let mut seen = std::collections::BTreeSet::new();
-            for _ in 0..30 {
-                let url = format!("http://{web_ip}/hostname");
-                seen.insert(output(&mut in_client(&[
-                    "curl",
-                    "-sS",
-                    "--max-time",
-                    "5",
-                    &url,
-                ]))?);
-                if seen.len() == 2 {
-                    break;
-                }
-            }
-            let expected: std::collections::BTreeSet<String> =
-                web_pods.split_whitespace().map(str::to_string).collect();
-            if seen != expected {
-                bail!("answered by {seen:?}, expected {expected:?}");
-            }
-            Ok(format!("{web_ip}:80 answered by {seen:?}"))
-        })(),
+        cluster_ip(&web_ip, &web_pods),
     );
-
-    checks.check(
-        "DNS through the kube-dns Service",
-        (|| {
-            let name = format!("web.{NAMESPACE}.svc.cluster.local");
-            let answer = output(&mut in_client(&["nslookup", &name]))?;
-            if !answer.contains(&web_ip) {
-                bail!("{name} did not resolve to {web_ip}: {answer}");
-            }
-            Ok(format!("{name} -> {web_ip}"))
-        })(),
-    );
-
-    let worker = node_ip("dp-worker")?;
-    let worker2 = node_ip("dp-worker2")?;
-    let control_plane = node_ip("dp-control-plane")?;
-
-    checks.check(
-        "NodePort from another node",
-        (|| {
-            let mut seen = std::collections::BTreeSet::new();
-            for _ in 0..30 {
-                let url = format!("http://{worker2}:30080/hostname");
-                seen.insert(output(&mut curl_from_node("dp-control-plane", &url, 5))?);
-                if seen.len() == 2 {
-                    break;
-                }
-            }
-            if seen.len() != 2 {
-                bail!("only {seen:?} answered (a local and a remote backend expected)");
-            }
-            Ok(format!("{worker2}:30080 answered by {seen:?}"))
-        })(),
-    );
-
+    checks.check("DNS through the kube-dns Service", dns(&web_ip));
+    checks.check("NodePort from another node", node_port(&nodes, &web_pods));
     checks.check(
         "a Service without endpoints is refused at once",
-        (|| {
-            let ip = jsonpath(
-                &["-n", NAMESPACE, "get", "service", "empty"],
-                "{.spec.clusterIP}",
-            )?;
-            let started = Instant::now();
-            let out = in_client(&[
-                "/agnhost",
-                "connect",
-                &format!("{ip}:80"),
-                "--timeout=5s",
-                "--protocol=tcp",
-            ])
-            .output()?;
-            let took = started.elapsed();
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            if out.status.success() || !stderr.contains("REFUSED") {
-                bail!("expected REFUSED, got: {}", stderr.trim());
-            }
-            // kubectl exec itself takes a moment; a timeout would take 5 s.
-            if took > Duration::from_secs(4) {
-                bail!("refused only after {took:?}");
-            }
-            Ok(format!("{ip}:80 REFUSED in {took:?}"))
-        })(),
+        no_endpoints(),
     );
-
-    checks.check(
-        "externalTrafficPolicy: Local",
-        (|| {
-            let url = format!("http://{worker}:30081/clientip");
-            let client = output(&mut curl_from_node("dp-control-plane", &url, 5))?;
-            let client_ip = client
-                .rsplit_once(':')
-                .map_or(client.as_str(), |(ip, _)| ip);
-            if client_ip != control_plane {
-                bail!("the backend saw {client}, not the client {control_plane}");
-            }
-            let other = format!("http://{worker2}:30081/clientip");
-            if curl_from_node("dp-control-plane", &other, 3)
-                .output()?
-                .status
-                .success()
-            {
-                bail!("dp-worker2 has no endpoint but answered");
-            }
-            Ok(format!(
-            "dp-worker kept the client address {control_plane}; dp-worker2 (no endpoint) dropped"
-        ))
-        })(),
-    );
-
+    checks.check("externalTrafficPolicy: Local", local_policy(&nodes));
     checks.check(
         "dp trace in a dp pod shows the flows",
-        (|| {
-            let pod = jsonpath(
-                &[
-                    "-n",
-                    "dp-system",
-                    "get",
-                    "pods",
-                    "-l",
-                    "app.kubernetes.io/name=dp",
-                    "--field-selector",
-                    "spec.nodeName=dp-worker2",
-                ],
-                "{.items[0].metadata.name}",
-            )?;
-            let service = format!("{NAMESPACE}/web");
-            let mut trace = kubectl()
-                .args([
-                    "-n",
-                    "dp-system",
-                    "exec",
-                    &pod,
-                    "--",
-                    "dp",
-                    "trace",
-                    "--service",
-                    &service,
-                ])
-                .args(["--count", "3", "--duration", "30"])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()?;
-            // The session is open once it says so; then the traffic.
-            let mut stderr = BufReader::new(trace.stderr.take().unwrap());
-            let mut first = String::new();
-            stderr.read_line(&mut first)?;
-            if !first.contains("open") {
-                bail!("dp trace: {first}");
-            }
-            output(&mut in_client(&[
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                &format!("http://{web_ip}/hostname"),
-            ]))?;
-            let out = trace.wait_with_output()?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            if !text.contains(&service) {
-                bail!("no {service} flow in the trace: {text}");
-            }
-            Ok(format!(
-                "{pod}: {}",
-                text.lines().next().unwrap_or_default()
-            ))
-        })(),
+        trace_in_a_dp_pod(&web_ip),
     );
-
     if checks.failed.is_empty() {
         println!("all checks passed");
         Ok(())
@@ -437,5 +288,179 @@ pub fn test(ws: &Path) -> Result<()> {
             checks.failed.len(),
             checks.failed.join(", ")
         )
+    }
+}
+
+struct Nodes {
+    worker: String,
+    worker2: String,
+    control_plane: String,
+}
+
+/// `curl` from the client pod to `web`'s ClusterIP until both pods answered.
+fn cluster_ip(web_ip: &str, web_pods: &BTreeSet<String>) -> Result<String> {
+    let url = format!("http://{web_ip}/hostname");
+    let mut seen = BTreeSet::new();
+    for _ in 0..30 {
+        seen.insert(output(&mut in_client(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            &url,
+        ]))?);
+        if seen == *web_pods {
+            return Ok(format!("{web_ip}:80 answered by {seen:?}"));
+        }
+    }
+    bail!("answered by {seen:?}, expected {web_pods:?}")
+}
+
+/// The client's resolver is the kube-dns ClusterIP (UDP through dp).
+fn dns(web_ip: &str) -> Result<String> {
+    let name = format!("web.{NAMESPACE}.svc.cluster.local");
+    let answer = output(&mut in_client(&["nslookup", &name]))?;
+    if !answer.contains(web_ip) {
+        bail!("{name} did not resolve to {web_ip}: {answer}");
+    }
+    Ok(format!("{name} -> {web_ip}"))
+}
+
+/// From the control-plane node to dp-worker2's NodePort: its local pod and
+/// the remote one both answer.
+fn node_port(nodes: &Nodes, web_pods: &BTreeSet<String>) -> Result<String> {
+    let url = format!("http://{}:30080/hostname", nodes.worker2);
+    let mut seen = BTreeSet::new();
+    for _ in 0..30 {
+        seen.insert(output(&mut curl_from_node("dp-control-plane", &url, 5))?);
+        if seen == *web_pods {
+            return Ok(format!("{url} answered by {seen:?}"));
+        }
+    }
+    bail!("only {seen:?} answered (a local and a remote backend expected)")
+}
+
+/// kube-proxy's REJECT: refused, well before the 5 s timeout.
+fn no_endpoints() -> Result<String> {
+    let ip = jsonpath(
+        &["-n", NAMESPACE, "get", "service", "empty"],
+        "{.spec.clusterIP}",
+    )?;
+    let started = Instant::now();
+    let out = in_client(&[
+        "/agnhost",
+        "connect",
+        &format!("{ip}:80"),
+        "--timeout=5s",
+        "--protocol=tcp",
+    ])
+    .output()?;
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() || !stderr.contains("REFUSED") {
+        bail!("expected REFUSED, got: {}", stderr.trim());
+    }
+    // kubectl exec itself takes a moment; a timeout would take 5 s.
+    if took > Duration::from_secs(4) {
+        bail!("refused only after {took:?}");
+    }
+    Ok(format!("{ip}:80 REFUSED in {took:?}"))
+}
+
+/// dp-worker (the endpoint's node) keeps the client's address; dp-worker2
+/// (none) drops, so curl times out.
+fn local_policy(nodes: &Nodes) -> Result<String> {
+    let url = format!("http://{}:30081/clientip", nodes.worker);
+    // agnhost answers `IP:port`.
+    let seen = output(&mut curl_from_node("dp-control-plane", &url, 5))?;
+    let seen_ip = seen.rsplit_once(':').map_or(seen.as_str(), |(ip, _)| ip);
+    if seen_ip != nodes.control_plane {
+        bail!(
+            "the backend saw {seen}, not the client {}",
+            nodes.control_plane
+        );
+    }
+    // Dropped: curl times out (exit 28). Refused (7) would mean the
+    // NodePort is not programmed at all.
+    let other = format!("http://{}:30081/clientip", nodes.worker2);
+    let status = curl_from_node("dp-control-plane", &other, 3)
+        .output()?
+        .status;
+    if status.code() != Some(28) {
+        bail!("dp-worker2 (no endpoint): curl exited {status}, expected a timeout (28)");
+    }
+    Ok(format!(
+        "dp-worker kept the client address {}; dp-worker2 (no endpoint) dropped",
+        nodes.control_plane
+    ))
+}
+
+/// `kubectl exec` into the dp pod on the client's node: `dp trace` shows
+/// the client's request to `web`.
+fn trace_in_a_dp_pod(web_ip: &str) -> Result<String> {
+    let pod = jsonpath(
+        &[
+            "-n",
+            "dp-system",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=dp",
+            "--field-selector",
+            "spec.nodeName=dp-worker2",
+        ],
+        "{.items[0].metadata.name}",
+    )?;
+    let service = format!("{NAMESPACE}/web");
+    let child = kubectl()
+        .args(["-n", "dp-system", "exec", &pod, "-c", "agent", "--"])
+        .args(["dp", "trace", "--service", &service])
+        .args(["--count", "3", "--duration", "30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut trace = KillOnDrop(Some(child));
+    // The session is open once it says so (kubectl may say other things
+    // first); then the traffic.
+    let stderr = trace.0.as_mut().and_then(|c| c.stderr.take()).unwrap();
+    let mut stderr = BufReader::new(stderr);
+    let mut said = String::new();
+    loop {
+        let mut line = String::new();
+        if stderr.read_line(&mut line)? == 0 {
+            bail!("dp trace ended before its session opened: {said}");
+        }
+        said.push_str(&line);
+        if line.contains("session") && line.contains("open") {
+            break;
+        }
+    }
+    output(&mut in_client(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        &format!("http://{web_ip}/hostname"),
+    ]))?;
+    let out = trace.0.take().unwrap().wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !text.contains(&service) {
+        bail!("no {service} flow in the trace: {text}");
+    }
+    Ok(format!(
+        "{pod}: {}",
+        text.lines().next().unwrap_or_default()
+    ))
+}
+
+/// A child process killed if a check gives up on it.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
