@@ -460,27 +460,12 @@ fn progress_target(progress: &Receiver<Result<u64, String>>, count: u64) -> Resu
 #[test]
 fn the_agent_follows_the_kubernetes_api_and_fails_static_when_it_is_down() {
     use e2e::apiserver::FakeApiServer;
-    use serde_json::json;
     require_root();
     let cluster = Cluster::new(&[2, 1]).unwrap();
     let _servers = cluster.serve_named_tcp(8080).unwrap();
-    let slice = |ip: &str, node: &str| {
-        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": "web-1", "namespace": "default",
-                "labels": {"kubernetes.io/service-name": "web"}},
-            "addressType": "IPv4", "ports": [{"port": 8080}],
-            "endpoints": [{"addresses": [ip], "nodeName": node}]})
-    };
     // The API server is reachable from node1's namespace, where the agent runs.
     let api = FakeApiServer::start_in(cluster.node_ns(0)).unwrap();
-    api.apply(json!({"apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": "web", "namespace": "default"},
-        "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}}));
-    api.apply(slice("10.244.1.11", "node1"));
-    api.apply(
-        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"},
-        "status": {"addresses": [{"type": "InternalIP", "address": "172.18.0.2"}]}}),
-    );
+    serve_web(&api);
     let dir = manifests_dir("kube");
     let kubeconfig = dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
@@ -493,15 +478,8 @@ fn the_agent_follows_the_kubernetes_api_and_fails_static_when_it_is_down() {
         &bpffs.node("node1"),
     );
     agent.wait_for(&["synced", "frontends=1"]);
+    web_follows_the_watch(&cluster, &api, &agent);
     let client = cluster.pod_ns("pod-1-0");
-    assert_eq!(whoami(client), "pod-1-1");
-
-    // An endpoint change arrives through the watch.
-    api.apply(slice("10.244.2.10", "node2"));
-    agent.wait_for(&["synced", "backends_written=1"]);
-    // The new backend is on node2: node2 has no agent, but it needs none
-    // to deliver to its own pod.
-    assert_eq!(whoami(client), "pod-2-0");
 
     // The API goes down: what is programmed stays (fail static).
     api.set_down(true);

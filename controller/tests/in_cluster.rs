@@ -13,7 +13,7 @@ mod support;
 use std::{
     collections::BTreeMap,
     fs,
-    net::{Ipv4Addr, SocketAddr},
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -21,9 +21,8 @@ use std::{
 
 use e2e::{
     apiserver::{FakeApiServer, TlsFiles},
-    parse_identity, require_root, tcp_echo_once, Cluster, Netns,
+    require_root, Cluster, Netns,
 };
-use serde_json::json;
 use support::agents::*;
 
 const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
@@ -100,12 +99,6 @@ fn in_pod(ns: &Netns, service_account: Option<&Path>, args: &[&str]) -> Command 
     cmd
 }
 
-fn whoami(ns: &Netns) -> String {
-    let web: SocketAddr = "10.96.0.10:80".parse().unwrap();
-    let (reply, _) = tcp_echo_once(ns, web, b"hi", TIMEOUT).unwrap();
-    parse_identity(&reply).unwrap().0
-}
-
 struct TempDir(PathBuf);
 
 impl Drop for TempDir {
@@ -124,21 +117,7 @@ fn the_agent_runs_as_in_its_pod_with_the_in_cluster_config_and_the_listed_capabi
     let token = format!("dp-agent-token-{}", std::process::id());
     let tls = TlsFiles::for_ip(Ipv4Addr::LOCALHOST.into()).unwrap();
     let api = FakeApiServer::start_tls_in(node1, &tls, &token).unwrap();
-    let slice = |ip: &str, node: &str| {
-        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": "web-1", "namespace": "default",
-                "labels": {"kubernetes.io/service-name": "web"}},
-            "addressType": "IPv4", "ports": [{"port": 8080}],
-            "endpoints": [{"addresses": [ip], "nodeName": node}]})
-    };
-    api.apply(json!({"apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": "web", "namespace": "default"},
-        "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}}));
-    api.apply(slice("10.244.1.11", "node1"));
-    api.apply(
-        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"},
-        "status": {"addresses": [{"type": "InternalIP", "address": "172.18.0.2"}]}}),
-    );
+    serve_web(&api);
 
     // What kubelet mounts into the pod.
     let sa = TempDir(std::env::temp_dir().join(format!("dp-sa-{}", std::process::id())));
@@ -166,12 +145,7 @@ fn the_agent_runs_as_in_its_pod_with_the_in_cluster_config_and_the_listed_capabi
     agent.wait_for(&["node addresses from the Node object", "172.18.0.2"]);
     agent.wait_for(&["synced", "frontends=1"]);
 
-    let client = cluster.pod_ns("pod-1-0");
-    assert_eq!(whoami(client), "pod-1-1");
-    // Changes arrive through the watch.
-    api.apply(slice("10.244.2.10", "node2"));
-    agent.wait_for(&["synced", "backends_written=1"]);
-    assert_eq!(whoami(client), "pod-2-0");
+    web_follows_the_watch(&cluster, &api, &agent);
 
     // Every request bore the service account's token (the server answers
     // 401 otherwise), and the Node was watched by the name from NODE_NAME.
@@ -195,7 +169,7 @@ fn the_agent_runs_as_in_its_pod_with_the_in_cluster_config_and_the_listed_capabi
     let mut trace_cmd = in_pod(node1, None, &["trace", "--service", "default/web"]);
     trace_cmd.env("DP_BPFFS", bpffs.node("node1"));
     let mut trace = TraceProcess::spawn(trace_cmd);
-    assert_eq!(whoami(client), "pod-2-0");
+    assert_eq!(web_whoami(&cluster), "pod-2-0");
     let line = trace
         .next_line(Duration::from_secs(5))
         .expect("dp trace shows the flow");

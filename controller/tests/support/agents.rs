@@ -428,3 +428,46 @@ ports: [{port: 8080}]
 endpoints:
 - {addresses: [10.244.1.11], nodeName: node1}
 "#;
+
+/// The web EndpointSlice with one endpoint (port 8080), as the API serves it.
+pub fn web_slice(ip: &str, node: &str) -> serde_json::Value {
+    serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "web-1", "namespace": "default",
+            "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4", "ports": [{"port": 8080}],
+        "endpoints": [{"addresses": [ip], "nodeName": node}]})
+}
+
+/// Gives the fake API server the web Service (10.96.0.10:80) with pod-1-1
+/// as its endpoint, and node1 (172.18.0.2).
+pub fn serve_web(api: &e2e::apiserver::FakeApiServer) {
+    api.apply(serde_json::json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}}));
+    api.apply(web_slice("10.244.1.11", "node1"));
+    api.apply(
+        serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "172.18.0.2"}]}}),
+    );
+}
+
+/// Which pod answers pod-1-0 through the web Service (10.96.0.10:80).
+pub fn web_whoami(cluster: &e2e::Cluster) -> String {
+    let web: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let (reply, _) = e2e::tcp_echo_once(cluster.pod_ns("pod-1-0"), web, b"hi", TIMEOUT).unwrap();
+    e2e::parse_identity(&reply).unwrap().0
+}
+
+/// With `serve_web`'s objects synced: pod-1-1 answers; the slice moves to
+/// pod-2-0 through the watch, and then pod-2-0 does.
+pub fn web_follows_the_watch(
+    cluster: &e2e::Cluster,
+    api: &e2e::apiserver::FakeApiServer,
+    agent: &Agent,
+) {
+    assert_eq!(web_whoami(cluster), "pod-1-1");
+    api.apply(web_slice("10.244.2.10", "node2"));
+    agent.wait_for(&["synced", "backends_written=1"]);
+    // node2 has no agent, but it needs none to deliver to its own pod.
+    assert_eq!(web_whoami(cluster), "pod-2-0");
+}
