@@ -11,22 +11,11 @@ use std::path::Path;
 use e2e::{require_root, Netns, Topology};
 
 fn in_ns(ns: &Netns, args: &[&str]) -> String {
-    let out = ns.exec(args[0], &args[1..]).unwrap();
-    String::from_utf8(out.stdout).unwrap()
+    e2e::stdout_of(ns.command(args[0]).args(&args[1..]))
 }
 
 fn dp(ns: &Netns, args: &[&str]) -> String {
-    let out = ns
-        .command(env!("CARGO_BIN_EXE_dp"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "dp {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    e2e::stdout_of(ns.command(env!("CARGO_BIN_EXE_dp")).args(args))
 }
 
 /// Every chain name and every jump target in an `iptables-save` listing.

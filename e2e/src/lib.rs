@@ -20,7 +20,7 @@ mod topology;
 pub mod xdp_pass;
 
 pub use cluster::Cluster;
-pub use netns::Netns;
+pub use netns::{run_cmd, stdout_of, Netns};
 pub use servers::{
     identity_line, parse_identity, tcp_echo_once, udp_echo_once, TcpEchoServer, UdpEchoServer,
 };

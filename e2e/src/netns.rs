@@ -132,7 +132,8 @@ fn enter(file: &File) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn run_cmd(cmd: &mut Command) -> Result<Output> {
+/// Runs `cmd`; an error unless it exits 0 (with its stderr).
+pub fn run_cmd(cmd: &mut Command) -> Result<Output> {
     let command = format!("{cmd:?}").replace('"', "");
     let out = cmd.output().map_err(io_err(format!("run {command}")))?;
     if !out.status.success() {
@@ -142,4 +143,11 @@ pub(crate) fn run_cmd(cmd: &mut Command) -> Result<Output> {
         });
     }
     Ok(out)
+}
+
+/// For tests: `cmd`'s standard output; panics (with its stderr) unless it
+/// exits 0.
+pub fn stdout_of(cmd: &mut Command) -> String {
+    let out = run_cmd(cmd).unwrap_or_else(|e| panic!("{e}"));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

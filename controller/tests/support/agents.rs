@@ -178,19 +178,14 @@ pub fn manifests_dir(test: &str) -> ManifestsDir {
 
 /// Runs `dp <args> --bpffs <pins> -o json` and parses its output.
 pub fn inspect(pins: &Path, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_dp"))
-        .args(args)
-        .arg("--bpffs")
-        .arg(pins)
-        .args(["-o", "json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "dp {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = e2e::stdout_of(
+        Command::new(env!("CARGO_BIN_EXE_dp"))
+            .args(args)
+            .arg("--bpffs")
+            .arg(pins)
+            .args(["-o", "json"]),
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_str(&out).unwrap()
 }
 
 /// A plain HTTP GET from inside `ns`; the whole response.
