@@ -9,6 +9,8 @@
 pub mod addr;
 pub mod config;
 pub mod ct;
+pub mod device;
+pub mod kernel;
 pub mod lb;
 pub mod names;
 pub mod reason;
@@ -17,6 +19,7 @@ pub mod trace;
 
 pub use config::DatapathConfig;
 pub use ct::{CtEntry, CtKey, CtTimeouts};
+pub use device::DeviceInfo;
 pub use lb::{
     AffinityKey, AffinityValue, Backend, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey,
 };
@@ -43,6 +46,7 @@ pub mod map_names {
     pub const NAMES: &str = "DP_NAMES";
     pub const AFFINITY: &str = "DP_AFFINITY";
     pub const SOURCE_RANGES: &str = "DP_SRC_RANGES";
+    pub const DEVICES: &str = "DP_DEVICES";
 }
 
 /// Default capacities of the maps; userspace may set others at load time.
@@ -59,6 +63,8 @@ pub mod map_sizes {
     pub const AFFINITY: u32 = 65_536;
     /// loadBalancerSourceRanges CIDRs, over all services.
     pub const SOURCE_RANGES: u32 = 16_384;
+    /// Devices the programs are attached to (node devices and pod veths).
+    pub const DEVICES: u32 = 4_096;
 }
 
 /// Names of the programs in the dp object.
@@ -91,4 +97,5 @@ mod user {
     unsafe impl aya::Pod for crate::AffinityKey {}
     unsafe impl aya::Pod for crate::AffinityValue {}
     unsafe impl aya::Pod for crate::SourceRangeKey {}
+    unsafe impl aya::Pod for crate::DeviceInfo {}
 }

@@ -59,7 +59,10 @@ pub struct TraceEvent {
     pub translated: FlowTuple,
     /// How many bytes of `headers` hold the packet (0: none captured).
     pub headers_len: u16,
-    pub _pad2: [u8; 6],
+    pub _pad2: [u8; 2],
+    /// Where the program sent the packet itself (`bpf_redirect*`): the
+    /// device's ifindex; 0 when it was left to the stack (or dropped).
+    pub sent_ifindex: u32,
     /// The first bytes of the frame as it arrived, before any rewrite:
     /// Ethernet, IP and L4 headers (for `dp trace -w`).
     pub headers: [u8; TRACE_HEADER_BYTES],

@@ -85,6 +85,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     if opts.manifests.is_some() && opts.kubeconfig.is_some() {
         bail!("--manifests and --kubeconfig exclude each other");
     }
+    let kernel = crate::host::check_kernel()?;
+    info!(%kernel, sysctls = %crate::host::Sysctls::read().describe(), "node");
     // Maps and links live in bpffs: they outlive this process, and a
     // restarted agent adopts them (same ids, so conntrack stays valid).
     pin::ensure_bpffs(&opts.bpffs).context("preparing --bpffs")?;
@@ -316,6 +318,9 @@ impl Agent {
                 let _ = std::fs::remove_file(pin::link_pin(&self.opts.bpffs, &dev, hook));
             }
             self.attached.remove(&dev);
+            if let Err(e) = dp.forget_interface(&dev) {
+                warn!(device = %dev, error = %e, "forgetting a pod device");
+            }
             info!(device = %dev, "pod device gone");
         }
         for dev in present {

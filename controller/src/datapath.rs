@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, ffi::CString};
 
 use aya::{
     include_bytes_aligned,
-    maps::{Array, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         links::{FdLink, LinkOrder, PinnedLink},
         tc::{SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
@@ -13,7 +13,9 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use common::{map_names, program_names, DatapathConfig, Hook, Reason, ReasonCounter, TraceSession};
+use common::{
+    map_names, program_names, DatapathConfig, DeviceInfo, Hook, Reason, ReasonCounter, TraceSession,
+};
 
 use crate::{
     error::{Error, Result},
@@ -175,8 +177,7 @@ impl Datapath {
             )
             .map_err(|source| Error::Program { name, source })?;
         self.attachments.push(Attachment::Tc(name, link));
-        self.interfaces.insert(ifindex, ifname.to_string());
-        Ok(())
+        self.note_interface(ifindex, ifname)
     }
 
     /// Attaches the XDP program to `ifname` (driver mode where the device
@@ -190,8 +191,7 @@ impl Datapath {
                 source,
             })?;
         self.attachments.push(Attachment::Xdp(link));
-        self.interfaces.insert(ifindex, ifname.to_string());
-        Ok(())
+        self.note_interface(ifindex, ifname)
     }
 
     /// Attaches the tc program for `hook` to `ifname` through a link pinned
@@ -270,8 +270,57 @@ impl Datapath {
             FdLink::from(fd.pin(pin).map_err(|e| pin_err(pin, e))?)
         };
         self.attachments.push(Attachment::Pinned(fd));
+        self.note_interface(ifindex, ifname)
+    }
+
+    /// Records an interface the programs are attached to: its name (for
+    /// trace events) and, in `DP_DEVICES`, its MAC address (the datapath
+    /// addresses packets it hands to this host through that device's
+    /// ingress with it; see `dataplane-ebpf/src/fib.rs`). Called in the
+    /// namespace of the interface.
+    fn note_interface(&mut self, ifindex: u32, ifname: &str) -> Result<()> {
+        let info = DeviceInfo {
+            mac: device_mac(ifname)?,
+            _pad: [0; 2],
+        };
+        let name = map_names::DEVICES;
+        let mut map: BpfHashMap<&mut MapData, u32, DeviceInfo> = self.map_mut(name)?;
+        map.insert(ifindex, info, 0)
+            .map_err(|source| Error::Map { name, source })?;
         self.interfaces.insert(ifindex, ifname.to_string());
         Ok(())
+    }
+
+    /// Forgets an interface that is gone (a deleted pod's veth): its name
+    /// and its `DP_DEVICES` entry.
+    pub fn forget_interface(&mut self, ifname: &str) -> Result<()> {
+        let gone: Vec<u32> = self
+            .interfaces
+            .iter()
+            .filter(|(_, name)| *name == ifname)
+            .map(|(ifindex, _)| *ifindex)
+            .collect();
+        let mut map: BpfHashMap<&mut MapData, u32, DeviceInfo> =
+            self.map_mut(map_names::DEVICES)?;
+        for ifindex in &gone {
+            let _ = map.remove(ifindex);
+        }
+        for ifindex in gone {
+            self.interfaces.remove(&ifindex);
+        }
+        Ok(())
+    }
+
+    /// The `DP_DEVICES` entries: ifindex -> MAC.
+    pub fn devices(&self) -> Result<Vec<(u32, [u8; 6])>> {
+        let name = map_names::DEVICES;
+        let map: BpfHashMap<&MapData, u32, DeviceInfo> = self.map_ref(name)?;
+        map.iter()
+            .map(|r| {
+                r.map(|(k, v)| (k, v.mac))
+                    .map_err(|source| Error::Map { name, source })
+            })
+            .collect()
     }
 
     /// Detaches every program this datapath attached.
@@ -615,6 +664,43 @@ fn pin_err(pin: &std::path::Path, e: impl std::fmt::Display) -> Error {
         context: pin.display().to_string(),
         message: e.to_string(),
     }
+}
+
+/// The MAC address of `ifname` in the calling thread's network namespace
+/// (`SIOCGIFHWADDR`).
+pub fn device_mac(ifname: &str) -> Result<[u8; 6]> {
+    let no_such = || Error::NoSuchInterface(ifname.to_string());
+    let name = ifname.as_bytes();
+    // SAFETY: zeroed ifreq is valid; the name fits (checked) with its NUL.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= req.ifr_name.len() {
+        return Err(no_such());
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain socket call; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(Error::Io {
+            context: "socket for SIOCGIFHWADDR".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: a valid socket and ifreq.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    // SAFETY: our fd.
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        return Err(no_such());
+    }
+    // SAFETY: SIOCGIFHWADDR filled the hardware-address member.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    let mut mac = [0u8; 6];
+    for (dst, src) in mac.iter_mut().zip(data.iter()) {
+        *dst = *src as u8;
+    }
+    Ok(mac)
 }
 
 /// ifindex of `ifname` in the calling thread's network namespace.

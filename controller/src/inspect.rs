@@ -206,6 +206,12 @@ pub struct Status {
     /// Pinned links: `<device>@<hook>`.
     pub attached: Vec<String>,
     pub maps: Vec<MapFill>,
+    /// The running kernel's release, and whether dp supports it.
+    pub kernel: String,
+    pub kernel_supported: bool,
+    /// The node's reverse-path and local-source sysctls (dp needs none
+    /// relaxed).
+    pub sysctls: crate::host::Sysctls,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -253,10 +259,14 @@ pub fn status(bpffs: &Path, healthz: SocketAddr) -> Result<Status> {
             max_entries: max(map_names::NAMES)?,
         },
     ];
+    let kernel = crate::host::kernel_release();
     Ok(Status {
         agent_health: health(healthz),
         attached,
         maps,
+        kernel_supported: common::kernel::check(&kernel).is_ok(),
+        kernel,
+        sysctls: crate::host::Sysctls::read(),
     })
 }
 
@@ -673,6 +683,12 @@ pub mod text {
                 m.name, m.entries, m.max_entries
             ));
         }
+        let kernel = match common::kernel::check(&s.kernel) {
+            Ok(()) => format!("{} (supported)", s.kernel),
+            Err(e) => e.to_string(),
+        };
+        out.push_str(&format!("kernel:       {kernel}\n"));
+        out.push_str(&format!("sysctls:      {}\n", s.sysctls.describe()));
         out
     }
 

@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod dump;
 pub mod error;
 pub mod healthcheck;
+pub mod host;
 pub mod inspect;
 pub mod kube_proxy;
 pub mod kube_source;

@@ -161,12 +161,8 @@ fn the_agent_programs_manifests_follows_edits_and_serves_new_pods() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["agent_health"], "200");
     let attached = status["attached"].as_array().unwrap();
-    for link in [
-        "eth0@xdp",
-        "eth0@tc-ingress",
-        "eth0@tc-egress",
-        "lxc0@tc-ingress",
-    ] {
+    let pod_link = format!("{}@tc-ingress", cluster.pod("pod-1-0").host_device);
+    for link in ["eth0@xdp", "eth0@tc-ingress", "eth0@tc-egress", &pod_link] {
         assert!(attached.iter().any(|a| a == link), "{link} in {attached:?}");
     }
     let services_map = &status["maps"][0];
@@ -513,4 +509,30 @@ fn a_taken_health_port_is_served_once_free() {
     let health = http_get(node, "127.0.0.1:10256", "/healthz");
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
     agent.stop();
+}
+
+/// On a kernel without tcx the agent stops at once and says what it needs
+/// (kind nodes run the host's kernel: Debian 12 has 6.1). The running
+/// kernel is replaced by `DP_KERNEL_RELEASE`.
+#[test]
+fn the_agent_refuses_a_kernel_without_tcx_and_says_what_it_needs() {
+    require_root();
+    let dir = manifests_dir("kernel");
+    let out = Command::new(env!("CARGO_BIN_EXE_dp"))
+        .args(["agent", "--node-name", "node1", "--manifests"])
+        .arg(&dir.0)
+        .env("DP_KERNEL_RELEASE", "6.1.0-28-amd64")
+        .env("DP_BPFFS", "/nonexistent/dp-kernel-test")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("Linux 6.1.0-28-amd64 is too old for dp: it needs Linux 6.6 or newer"),
+        "{stderr}"
+    );
+    assert!(
+        !Path::new("/nonexistent/dp-kernel-test").exists(),
+        "nothing was set up"
+    );
 }

@@ -246,10 +246,12 @@ fn traffic_in_mode(backend: Backend) {
         refused(pod, "10.96.0.42:80".parse().unwrap()),
         "{backend:?}"
     );
-    // NodePort from outside: DNATed and masqueraded to the node's address.
+    // NodePort from outside: DNATed and masqueraded to the node's address
+    // on the device towards the backend (MASQUERADE): for a pod on this node
+    // the pod gateway on its veth, as kindnet's ptp plugin sets it up.
     let (who, seen) = ask(cluster.client_ns(), "172.18.0.2:30003".parse().unwrap());
     assert!(who == "pod-1-1" || who == "pod-1-2", "{who}");
-    assert_eq!(seen.ip(), Ipv4Addr::new(172, 18, 0, 2), "{backend:?}");
+    assert_eq!(seen.ip(), e2e::cluster::pod_gateway(0), "{backend:?}");
 
     // A partial sync: svc1 loses pod-1-1; new connections all go to pod-1-2
     // and the endpoint's chain is gone.
@@ -278,7 +280,7 @@ fn traffic_in_mode(backend: Backend) {
         ask(cluster.client_ns(), "172.18.0.2:30003".parse().unwrap())
             .1
             .ip(),
-        Ipv4Addr::new(172, 18, 0, 2)
+        e2e::cluster::pod_gateway(0)
     );
     applier.cleanup().unwrap();
 }

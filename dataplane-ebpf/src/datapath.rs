@@ -89,7 +89,7 @@ fn icmp_error(ctx: &TcContext, hook: Hook, l4_off: usize, ev: &mut TraceEvent) -
         }
         Ok(true) => {
             let action = if hook == Hook::TcEgress {
-                match fib::redirect_to(ctx, &ev.translated) {
+                match fib::redirect_from_egress(ctx, ev) {
                     Ok(action) => action,
                     Err(()) => {
                         decide(ev, Verdict::Drop, Reason::NoRouteToBackend);
@@ -97,7 +97,7 @@ fn icmp_error(ctx: &TcContext, hook: Hook, l4_off: usize, ev: &mut TraceEvent) -
                     }
                 }
             } else {
-                TC_ACT_OK
+                fib::send_on_from_ingress(ctx, ev)
             };
             decide(ev, Verdict::Forward, Reason::IcmpErrorTranslated);
             action

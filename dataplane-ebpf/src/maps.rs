@@ -9,7 +9,7 @@ use aya_ebpf::{
 use common::{
     map_sizes,
     names::{NameKey, NameValue},
-    AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, ReasonCounter,
+    AffinityKey, AffinityValue, Backend, CtEntry, CtKey, DatapathConfig, DeviceInfo, ReasonCounter,
     RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, TraceEvent, TraceSession, COUNTER_SLOTS,
 };
 
@@ -83,6 +83,11 @@ pub static DP_SRC_RANGES: LpmTrie<SourceRangeKey, u8> =
 #[map(name = "DP_NAMES")]
 pub static DP_NAMES: HashMap<NameKey, NameValue> =
     HashMap::with_max_entries(map_sizes::NAMES, BPF_F_NO_PREALLOC);
+
+/// ifindex -> MAC of each device the programs are attached to, written by
+/// userspace when it attaches (`common::device`).
+#[map(name = "DP_DEVICES")]
+pub static DP_DEVICES: HashMap<u32, DeviceInfo> = HashMap::with_max_entries(map_sizes::DEVICES, 0);
 
 /// `BPF_F_NO_PREALLOC`: entries are allocated as they are added.
 const BPF_F_NO_PREALLOC: u32 = 1;

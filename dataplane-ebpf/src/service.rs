@@ -114,7 +114,7 @@ pub fn handle(
     match step {
         Step::Done(action) => action,
         Step::Forward(reason) => forward(ctx, hook, l4_off, ev, reason),
-        Step::Reply => reply_out(ctx, l4_off, ev),
+        Step::Reply => reply_out(ctx, hook, l4_off, ev),
         Step::Reject(reason) => reject(ctx, hook, ev, reason),
         Step::Reset => reset(ctx, hook, l4_off, ev),
         Step::Track(..) | Step::BackendGone | Step::Reopen => drop(ev, Reason::ServiceInconsistent),
@@ -194,12 +194,18 @@ pub fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
     // kube-proxy: external destinations masquerade everything with
     // eTP=Cluster, only the host's own traffic with eTP=Local; ClusterIPs
     // masquerade what comes from outside the cluster CIDR.
-    let masquerade = hairpin
-        || if master.flags & SERVICE_FLAG_EXTERNAL != 0 {
-            !etp_local || from_host
-        } else {
-            cfg.flags & CONFIG_MASQUERADE_ALL != 0 || (cfg.cluster_cidr_len != 0 && !from_pod)
-        };
+    // A backend that is this node itself (a host-network endpoint) is reached
+    // by local delivery, which kube-proxy's masquerade (POSTROUTING) never
+    // sees; the node's own address as source would also be a martian there
+    // (`accept_local = 0`).
+    let to_this_node = f.hook != Hook::TcEgress && backend.addr == cfg.node_ip;
+    let masquerade = !to_this_node
+        && (hairpin
+            || if master.flags & SERVICE_FLAG_EXTERNAL != 0 {
+                !etp_local || from_host
+            } else {
+                cfg.flags & CONFIG_MASQUERADE_ALL != 0 || (cfg.cluster_cidr_len != 0 && !from_pod)
+            });
     // Recorded when the flow is tracked: XDP may still leave it to tc.
     let affinity = if affinity { CT_FLAG_AFFINITY } else { 0 };
     let x = &mut ev.translated;
@@ -333,14 +339,22 @@ pub fn reply(f: &Flow, ev: &mut TraceEvent, e: *mut CtEntry) -> Step {
     Step::Reply
 }
 
-/// Carries out `Step::Reply` on the skb.
+/// Carries out `Step::Reply` on the skb: at ingress the program sends the
+/// reply on itself (its source is now a service address or this node's, which
+/// strict reverse-path filtering or `accept_local = 0` would refuse); at
+/// egress it leaves as routed.
 #[inline(never)]
-fn reply_out(ctx: &TcContext, l4_off: usize, ev: &mut TraceEvent) -> i32 {
+fn reply_out(ctx: &TcContext, hook: Hook, l4_off: usize, ev: &mut TraceEvent) -> i32 {
     if nat::rewrite(ctx, l4_off, &ev.original, &ev.translated).is_err() {
         return drop(ev, Reason::RewriteFailed);
     }
+    let action = if hook == Hook::TcEgress {
+        TC_ACT_OK
+    } else {
+        fib::send_on_from_ingress(ctx, ev)
+    };
     decide(ev, Verdict::Forward, Reason::ReplyReverseNat);
-    TC_ACT_OK
+    action
 }
 
 /// Refreshes the packet's conntrack entry `e`; a state change (reply seen,
@@ -398,20 +412,22 @@ fn free_nat_port(x: &FlowTuple, now: u64) -> Option<u16> {
 }
 
 /// Rewrites the packet to `ev.translated` and sends it on: at ingress the
-/// stack routes it; at egress (this host's own traffic) it was routed for the
-/// service address, so it is redirected towards the backend.
+/// program sends it where the FIB says (`fib`: the stack's reverse-path and
+/// local-source checks never see it); at egress (this host's own traffic) it
+/// was routed for the service address, so it is redirected towards the
+/// backend.
 #[inline(never)]
 fn forward(ctx: &TcContext, hook: Hook, l4_off: usize, ev: &mut TraceEvent, reason: Reason) -> i32 {
     if nat::rewrite(ctx, l4_off, &ev.original, &ev.translated).is_err() {
         return drop(ev, Reason::RewriteFailed);
     }
     let action = if hook == Hook::TcEgress {
-        match fib::redirect_to(ctx, &ev.translated) {
+        match fib::redirect_from_egress(ctx, ev) {
             Ok(action) => action,
             Err(()) => return drop(ev, Reason::NoRouteToBackend),
         }
     } else {
-        TC_ACT_OK
+        fib::send_on_from_ingress(ctx, ev)
     };
     decide(ev, Verdict::Forward, reason);
     action

@@ -4,14 +4,32 @@
 //!                 net (bridge br0 172.18.0.1/16: the node network)
 //!        ┌──────────────┼───────────────────┬──────────────┐
 //!   node1 eth0 172.18.0.2    node2 eth0 172.18.0.3    client eth0 172.18.0.100
-//!    ├ lxc0 ── pod eth0 10.244.1.10/32   ├ lxc0 ── pod 10.244.2.10
-//!    ├ lxc1 ── pod 10.244.1.11            ...
+//!    ├ veth1a2b3c4d ── pod eth0 10.244.1.10   ├ veth… ── pod 10.244.2.10
+//!    ├ veth5e6f7a8b ── pod eth0 10.244.1.11   ...
 //! ```
 //!
-//! Pods reach their node through a link-local gateway (169.254.1.1 on every
-//! host-side `lxcN`, Calico-style); nodes route each other's pod CIDR
-//! (10.244.N.0/24) via the node network. The client is outside the cluster
-//! CIDR (10.244.0.0/16). Nothing connects to the caller's namespace.
+//! A node is what kind's node image and kindnet make it (see
+//! `../shared/reference/kind-node.md`), and no friendlier:
+//!
+//! - kind's sysctls: `rp_filter = 1` (strict reverse-path filtering) on
+//!   `all`, `default` (so every device created later has it) and the
+//!   loopback, `accept_local = 0`, `route_localnet = 1`, `arp_ignore = 0`,
+//!   `ip_forward = 1`; `send_redirects` left at the kernel's default.
+//! - kindnet's ptp shape: each pod's host-side veth is `veth` plus 8 hex
+//!   digits and carries the node's pod gateway (10.244.N.1/32); the node
+//!   has a /32 route per pod through it; the pod routes everything via the
+//!   gateway.
+//! - Pods keep TX checksum offload on, as kind pods do: their packets reach
+//!   the node partially checksummed (`CHECKSUM_PARTIAL`).
+//!
+//! One thing differs, for a reason: the nodes' and the client's `eth0` finish
+//! checksums in software (`full_checksums`). These tests run dp's XDP
+//! program on `eth0`, which sees no skb metadata and sends frames back out
+//! as they are (`XDP_TX`); on kind dp runs with `--xdp off`.
+//!
+//! Nodes route each other's pod CIDR (10.244.N.0/24) via the node network.
+//! The client is outside the cluster CIDR (10.244.0.0/16). Nothing connects
+//! to the caller's namespace.
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -24,7 +42,22 @@ pub const CLUSTER_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 244, 0, 0), 16);
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 pub const NODE_NETWORK_GATEWAY: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 1);
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
-const POD_GATEWAY: &str = "169.254.1.1";
+
+/// The sysctls of a kind node, set in each node namespace before any device
+/// exists there (devices created later take `default`'s values). From
+/// kind's `10-network-security.conf` and `10-network-magic.conf`; the rest
+/// are the kernel's defaults, written out so a test cannot inherit others.
+pub const KIND_NODE_SYSCTLS: [(&str, &str); 9] = [
+    ("net.ipv4.ip_forward", "1"),
+    ("net.ipv4.conf.all.rp_filter", "1"),
+    ("net.ipv4.conf.default.rp_filter", "1"),
+    ("net.ipv4.conf.lo.rp_filter", "1"),
+    ("net.ipv4.conf.all.accept_local", "0"),
+    ("net.ipv4.conf.default.accept_local", "0"),
+    ("net.ipv4.conf.lo.accept_local", "0"),
+    ("net.ipv4.conf.all.route_localnet", "1"),
+    ("net.ipv4.conf.all.arp_ignore", "0"),
+];
 
 #[derive(Clone, Debug)]
 pub struct Node {
@@ -80,18 +113,7 @@ impl Cluster {
             topo.add_ns(&name)?;
             let node = topo.ns(&name);
             // Before any device exists, so new devices inherit them too.
-            for (key, value) in [
-                ("net.ipv4.ip_forward", "1"),
-                ("net.ipv4.conf.all.rp_filter", "0"),
-                ("net.ipv4.conf.default.rp_filter", "0"),
-                // Masqueraded packets carry the node's own address as source
-                // when the stack routes them after tc ingress.
-                ("net.ipv4.conf.all.accept_local", "1"),
-                ("net.ipv4.conf.default.accept_local", "1"),
-                // Hairpin replies leave by the device they came in on.
-                ("net.ipv4.conf.all.send_redirects", "0"),
-                ("net.ipv4.conf.default.send_redirects", "0"),
-            ] {
+            for (key, value) in KIND_NODE_SYSCTLS {
                 node.sysctl(key, value)?;
             }
             xdp_links.push(attach_to_bridge(&topo, &name, ip, &format!("n{}", i + 1))?);
@@ -139,31 +161,40 @@ impl Cluster {
     }
 
     /// Adds a pod to node `node` (index): `pod-<node+1>-<n>` at
-    /// 10.244.<node+1>.<10+n>, behind host-side `lxc<n>`.
+    /// 10.244.<node+1>.<10+n>, behind a host-side `veth<8 hex digits>`, the
+    /// way kindnet's ptp plugin wires it.
     pub fn add_pod(&mut self, node: usize) -> Result<Pod> {
         let j = self.nodes[node].pod_devices.len();
         let name = format!("pod-{}-{j}", node + 1);
         let ip = Ipv4Addr::new(10, 244, 1 + node as u8, 10 + j as u8);
-        let host_device = format!("lxc{j}");
+        let gateway = pod_gateway(node);
+        let host_device = host_veth_name(&name);
         self.topo.add_ns(&name)?;
         let node_ns = self.nodes[node].name.clone();
         self.topo.veth(&node_ns, &host_device, &name, "eth0")?;
         let host = self.topo.ns(&node_ns);
+        host.add_addr(&host_device, &format!("{gateway}/32"))?;
         host.ip(&[
-            "addr",
+            "route",
             "add",
-            &format!("{POD_GATEWAY}/32"),
+            &format!("{ip}/32"),
             "dev",
             &host_device,
             "scope",
-            "link",
+            "host",
         ])?;
-        host.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_device])?;
         let pod_ns = self.topo.ns(&name);
-        full_checksums(pod_ns)?;
-        pod_ns.add_addr("eth0", &format!("{ip}/32"))?;
-        pod_ns.ip(&["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
-        pod_ns.ip(&["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"])?;
+        pod_ns.ip(&[
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+            "noprefixroute",
+        ])?;
+        let gw = gateway.to_string();
+        pod_ns.ip(&["route", "add", &gw, "dev", "eth0", "scope", "link"])?;
+        pod_ns.ip(&["route", "add", "default", "via", &gw, "dev", "eth0"])?;
         self.nodes[node].pod_devices.push(host_device.clone());
         let pod = Pod {
             name,
@@ -243,6 +274,23 @@ impl Cluster {
             .find(|p| IpAddr::V4(p.ip) == ip)
             .map(|p| &self.nodes[p.node])
     }
+}
+
+/// The pod gateway of node `node` (index): the first address of its pod CIDR,
+/// as host-local IPAM gives it to kindnet.
+pub fn pod_gateway(node: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, 1 + node as u8, 1)
+}
+
+/// kindnet's host-side veth name for a pod: `veth` and 8 hex digits (the
+/// ptp plugin makes them random; these are derived from the pod's name, so
+/// a test's names are stable and differ per pod).
+pub fn host_veth_name(pod: &str) -> String {
+    // FNV-1a, 32 bits.
+    let hash = pod.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!("veth{hash:08x}")
 }
 
 /// `role`'s eth0 <-> `bridge_port` on br0 in `net`, with `ip/16` on eth0.

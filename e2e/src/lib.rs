@@ -19,7 +19,7 @@ mod servers;
 mod topology;
 pub mod xdp_pass;
 
-pub use cluster::Cluster;
+pub use cluster::{Cluster, KIND_NODE_SYSCTLS};
 pub use netns::{run_cmd, stdout_of, Netns};
 pub use servers::{
     identity_line, parse_identity, tcp_echo_once, udp_echo_once, TcpEchoServer, UdpEchoServer,

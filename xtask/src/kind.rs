@@ -105,7 +105,20 @@ fn output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// kind's nodes run the host's kernel: the one dp will meet. Checked before
+/// anything is created (`DP_KERNEL_RELEASE` stands in for the running one).
+pub fn require_kernel() -> Result<()> {
+    let release = std::env::var(common::kernel::KERNEL_RELEASE_OVERRIDE)
+        .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/osrelease"))
+        .context("cannot read the kernel release")?;
+    let release = release.trim();
+    common::kernel::check(release).map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::step(&format!("host kernel {release}: dp runs on it"));
+    Ok(())
+}
+
 pub fn up(ws: &Path) -> Result<()> {
+    require_kernel()?;
     require_tools()?;
     let clusters = output(Command::new("kind").args(["get", "clusters"]))?;
     if clusters.lines().any(|c| c == CLUSTER) {
@@ -119,14 +132,7 @@ pub fn up(ws: &Path) -> Result<()> {
         )?;
     }
     crate::image::build(ws)?;
-    crate::step("kind load docker-image");
-    crate::run(Command::new("kind").args([
-        "load",
-        "docker-image",
-        &crate::image::tag(),
-        "--name",
-        CLUSTER,
-    ]))?;
+    load_image(ws)?;
     crate::step("kubectl apply -k deploy/");
     crate::run(kubectl().arg("apply").arg("-k").arg(ws.join("deploy")))?;
     // A new image under the same tag: the pods must start again.
@@ -163,6 +169,41 @@ pub fn up(ws: &Path) -> Result<()> {
     ]))?;
     println!("dp serves the cluster's Services. Next: cargo xtask kind test");
     Ok(())
+}
+
+/// Loads the image into the nodes: `kind load docker-image`, or, where
+/// that fails (it does with Docker's containerd image store on some
+/// versions), `docker save` and `kind load image-archive`.
+fn load_image(ws: &Path) -> Result<()> {
+    let tag = crate::image::tag();
+    crate::step("kind load docker-image");
+    let direct =
+        crate::run(Command::new("kind").args(["load", "docker-image", &tag, "--name", CLUSTER]));
+    let Err(e) = direct else {
+        return Ok(());
+    };
+    println!("kind load docker-image failed ({e:#}); loading an image archive instead");
+    let archive = ws.join("target/dp-image.tar");
+    if let Some(dir) = archive.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    crate::step(&format!("docker save -o {} {tag}", archive.display()));
+    crate::run(
+        Command::new("docker")
+            .arg("save")
+            .arg("-o")
+            .arg(&archive)
+            .arg(&tag),
+    )?;
+    crate::step("kind load image-archive");
+    let loaded = crate::run(
+        Command::new("kind")
+            .args(["load", "image-archive"])
+            .arg(&archive)
+            .args(["--name", CLUSTER]),
+    );
+    let _ = std::fs::remove_file(&archive);
+    loaded
 }
 
 pub fn down() -> Result<()> {
@@ -263,6 +304,9 @@ pub fn test(ws: &Path) -> Result<()> {
         control_plane: node_ip("dp-control-plane")?,
     };
 
+    let agents = agent_pods()?;
+    wait_until_programmed(&agents)?;
+
     let mut checks = Checks { failed: Vec::new() };
     checks.check(
         "ClusterIP reaches both web pods",
@@ -283,11 +327,145 @@ pub fn test(ws: &Path) -> Result<()> {
         println!("all checks passed");
         Ok(())
     } else {
+        diagnose(&agents);
         bail!(
             "{} checks failed: {}",
             checks.failed.len(),
             checks.failed.join(", ")
         )
+    }
+}
+
+/// The test workloads' Services, as `dp service list` names them.
+const WORKLOAD_SERVICES: [&str; 4] = [
+    "dp-e2e/web",
+    "dp-e2e/web-nodeport",
+    "dp-e2e/empty",
+    "dp-e2e/local",
+];
+
+/// How often a connection is tried before a check fails: a first SYN can
+/// be lost to a neighbour entry being resolved, a DNS query to a busy
+/// CoreDNS.
+const ATTEMPTS: u32 = 3;
+
+fn retried(mut attempt: impl FnMut() -> Result<String>) -> Result<String> {
+    let mut last = None;
+    for i in 0..ATTEMPTS {
+        match attempt() {
+            Ok(out) => return Ok(out),
+            Err(e) => {
+                println!("      attempt {}/{ATTEMPTS}: {e:#}", i + 1);
+                last = Some(e);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+    Err(last.expect("at least one attempt"))
+}
+
+/// The dp agent pods, with their nodes.
+fn agent_pods() -> Result<Vec<(String, String)>> {
+    let text = jsonpath(
+        &[
+            "-n",
+            "dp-system",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=dp",
+        ],
+        "{range .items[*]}{.metadata.name} {.spec.nodeName}{\"\\n\"}{end}",
+    )?;
+    let pods: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(pod, node)| (pod.to_string(), node.to_string()))
+        .collect();
+    if pods.is_empty() {
+        bail!("no dp agent pods in dp-system: is dp deployed (cargo xtask kind up)?");
+    }
+    Ok(pods)
+}
+
+/// `kubectl exec` into an agent pod's agent container.
+fn in_agent(pod: &str, args: &[&str]) -> Command {
+    let mut c = kubectl();
+    c.args(["-n", "dp-system", "exec", pod, "-c", "agent", "--"])
+        .args(args);
+    c
+}
+
+/// Waits until every agent's maps hold the test workloads' Services (the
+/// agents sync on their own schedule after `kubectl apply`).
+fn wait_until_programmed(agents: &[(String, String)]) -> Result<()> {
+    crate::step("waiting until every agent's `dp service list` shows the workloads");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for (pod, node) in agents {
+        loop {
+            let listed = output(&mut in_agent(pod, &["dp", "service", "list"])).unwrap_or_default();
+            let missing: Vec<&str> = WORKLOAD_SERVICES
+                .iter()
+                .copied()
+                .filter(|s| !listed.contains(s))
+                .collect();
+            if missing.is_empty() {
+                println!("      {pod} ({node}): programmed");
+                break;
+            }
+            if Instant::now() > deadline {
+                diagnose(agents);
+                bail!("{pod} ({node}) has not programmed {missing:?} after 120 s");
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    Ok(())
+}
+
+/// What a failed run prints so that it says why: from each agent, the
+/// drops and rejects of the last five minutes with their causes, the
+/// per-reason counters, and the node's counters of packets the stack
+/// refused (strict reverse-path filtering, martian addresses, no route).
+fn diagnose(agents: &[(String, String)]) {
+    const NODE_COUNTERS: &str =
+        "TcpExtIPReversePathFilter IpInAddrErrors IpInNoRoutes IpInDiscards IpOutNoRoutes";
+    for (pod, node) in agents {
+        println!("\n==> {node} ({pod})");
+        for (what, args) in [
+            (
+                "dp trace --since 5m --verdict dropped,rejected --explain",
+                vec![
+                    "dp",
+                    "trace",
+                    "--since",
+                    "5m",
+                    "--verdict",
+                    "dropped,rejected",
+                    "--explain",
+                    "--duration",
+                    "1",
+                ],
+            ),
+            ("dp stats", vec!["dp", "stats"]),
+            ("dp status", vec!["dp", "status"]),
+            (
+                "nstat (the node's stack)",
+                ["nstat", "-asz"]
+                    .into_iter()
+                    .chain(NODE_COUNTERS.split(' '))
+                    .collect(),
+            ),
+        ] {
+            println!("--- {what}");
+            match in_agent(pod, &args).output() {
+                Ok(out) => {
+                    print!("{}", String::from_utf8_lossy(&out.stdout));
+                    print!("{}", String::from_utf8_lossy(&out.stderr));
+                }
+                Err(e) => println!("cannot run kubectl: {e}"),
+            }
+        }
     }
 }
 
@@ -302,13 +480,9 @@ fn cluster_ip(web_ip: &str, web_pods: &BTreeSet<String>) -> Result<String> {
     let url = format!("http://{web_ip}/hostname");
     let mut seen = BTreeSet::new();
     for _ in 0..30 {
-        seen.insert(output(&mut in_client(&[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            &url,
-        ]))?);
+        seen.insert(retried(|| {
+            output(&mut in_client(&["curl", "-sS", "--max-time", "5", &url]))
+        })?);
         if seen == *web_pods {
             return Ok(format!("{web_ip}:80 answered by {seen:?}"));
         }
@@ -319,7 +493,7 @@ fn cluster_ip(web_ip: &str, web_pods: &BTreeSet<String>) -> Result<String> {
 /// The client's resolver is the kube-dns ClusterIP (UDP through dp).
 fn dns(web_ip: &str) -> Result<String> {
     let name = format!("web.{NAMESPACE}.svc.cluster.local");
-    let answer = output(&mut in_client(&["nslookup", &name]))?;
+    let answer = retried(|| output(&mut in_client(&["nslookup", &name])))?;
     if !answer.contains(web_ip) {
         bail!("{name} did not resolve to {web_ip}: {answer}");
     }
@@ -332,7 +506,9 @@ fn node_port(nodes: &Nodes, web_pods: &BTreeSet<String>) -> Result<String> {
     let url = format!("http://{}:30080/hostname", nodes.worker2);
     let mut seen = BTreeSet::new();
     for _ in 0..30 {
-        seen.insert(output(&mut curl_from_node("dp-control-plane", &url, 5))?);
+        seen.insert(retried(|| {
+            output(&mut curl_from_node("dp-control-plane", &url, 5))
+        })?);
         if seen == *web_pods {
             return Ok(format!("{url} answered by {seen:?}"));
         }
@@ -372,7 +548,7 @@ fn no_endpoints() -> Result<String> {
 fn local_policy(nodes: &Nodes) -> Result<String> {
     let url = format!("http://{}:30081/clientip", nodes.worker);
     // agnhost answers `IP:port`.
-    let seen = output(&mut curl_from_node("dp-control-plane", &url, 5))?;
+    let seen = retried(|| output(&mut curl_from_node("dp-control-plane", &url, 5)))?;
     let seen_ip = seen.rsplit_once(':').map_or(seen.as_str(), |(ip, _)| ip);
     if seen_ip != nodes.control_plane {
         bail!(

@@ -23,18 +23,6 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
-/// The eBPF toolchain on Debian 12: rustc with a prebuilt `core` for
-/// bpfel-unknown-none, and the LLVM that bpf-linker is built against
-/// (what building `dp` needs; the image's builder installs only these).
-const TOOLCHAIN_PACKAGES: &[&str] = &[
-    "rustc-web",
-    "libstd-rust-web-dev-bpf",
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "zlib1g-dev",
-    "libzstd-dev",
-];
-
 /// What the tests, the lab and the benchmarks need on top.
 const TEST_PACKAGES: &[&str] = &[
     // What the tests and the demo call: namespaces and links (ip), and the
@@ -67,8 +55,9 @@ const TEST_PACKAGES: &[&str] = &[
 /// kubernetes-validate (PyPI): the Kubernetes OpenAPI schemas, offline.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
-const BPF_LINKER_VERSION: &str = "0.13.0";
-const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// The toolchain's recipe (Debian packages, bpf-linker), shared with the
+/// Dockerfile's builder stage.
+const TOOLCHAIN_SCRIPT: &str = "xtask/toolchain.sh";
 
 #[derive(Parser)]
 #[command(about = "dp project tasks")]
@@ -234,14 +223,14 @@ fn require_root(what: &str) -> Result<()> {
 
 fn setup(toolchain_only: bool) -> Result<()> {
     require_root("cargo xtask setup")?;
-    let wanted: &[&[&str]] = if toolchain_only {
-        &[TOOLCHAIN_PACKAGES]
-    } else {
-        &[TOOLCHAIN_PACKAGES, TEST_PACKAGES]
-    };
-    let missing: Vec<&str> = wanted
+    run(Command::new("sh")
+        .arg(workspace().join(TOOLCHAIN_SCRIPT))
+        .env("CARGO", cargo()))?;
+    if toolchain_only {
+        return Ok(());
+    }
+    let missing: Vec<&str> = TEST_PACKAGES
         .iter()
-        .flat_map(|list| list.iter())
         .copied()
         .filter(|p| !deb_installed(p))
         .collect();
@@ -257,21 +246,6 @@ fn setup(toolchain_only: bool) -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing))?;
-    }
-    if bpf_linker_version().as_deref() == Some(BPF_LINKER_VERSION) {
-        step(&format!("bpf-linker {BPF_LINKER_VERSION}: installed"));
-    } else {
-        step(&format!(
-            "installing bpf-linker {BPF_LINKER_VERSION} (LLVM 22)"
-        ));
-        run(Command::new(cargo())
-            .env("LLVM_PREFIX", LLVM_PREFIX)
-            .args(["install", "bpf-linker", "--locked", "--force"])
-            .args(["--version", BPF_LINKER_VERSION])
-            .args(["--no-default-features", "--features", "llvm-22"]))?;
-    }
-    if toolchain_only {
-        return Ok(());
     }
     python_tools()
 }
@@ -310,13 +284,6 @@ fn deb_installed(package: &str) -> bool {
         .args(["-W", "-f=${db:Status-Abbrev}", package])
         .output()
         .is_ok_and(|o| o.status.success() && o.stdout.starts_with(b"ii"))
-}
-
-/// `bpf-linker --version` prints `bpf-linker 0.13.0`.
-fn bpf_linker_version() -> Option<String> {
-    let out = Command::new("bpf-linker").arg("--version").output().ok()?;
-    let text = String::from_utf8(out.stdout).ok()?;
-    text.split_whitespace().nth(1).map(str::to_string)
 }
 
 fn build_ebpf() -> Result<PathBuf> {

@@ -109,3 +109,56 @@ fn the_runtime_stage_assembled_into_a_directory_runs_dp_and_its_tools() {
     let left = output(ns.command("iptables-nft-save").args(["-t", "nat"]));
     assert!(!left.contains("KUBE-SERVICES"), "{left}");
 }
+
+/// The builder stage installs the toolchain from its recipe alone, before
+/// the sources come in, so a code change reuses those layers; the recipe
+/// is the one `cargo xtask setup` runs, and running it again on this
+/// machine (where the toolchain is installed) installs nothing.
+#[test]
+fn the_builder_installs_the_toolchain_before_the_sources_and_from_the_setup_recipe() {
+    let dockerfile = std::fs::read_to_string(workspace().join("Dockerfile")).unwrap();
+    let builder: Vec<&str> = dockerfile
+        .lines()
+        .skip_while(|l| !l.starts_with("FROM ") || !l.ends_with(" AS builder"))
+        .take_while(|l| !l.ends_with(" AS runtime"))
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .collect();
+    let position = |what: &str| {
+        builder
+            .iter()
+            .position(|l| l.starts_with(what))
+            .unwrap_or_else(|| panic!("no {what:?} in the builder stage: {builder:#?}"))
+    };
+    let copy_recipe = position("COPY xtask/toolchain.sh ");
+    let run_recipe = position("RUN sh ");
+    let copy_sources = position("COPY . .");
+    assert!(
+        copy_recipe < run_recipe && run_recipe < copy_sources,
+        "{builder:#?}"
+    );
+    let copies_before: Vec<&&str> = builder[..copy_sources]
+        .iter()
+        .filter(|l| l.starts_with("COPY"))
+        .collect();
+    assert_eq!(copies_before.len(), 1, "only the recipe: {copies_before:?}");
+    assert!(builder[run_recipe].contains("toolchain.sh"));
+
+    let setup = std::fs::read_to_string(workspace().join("xtask/src/main.rs")).unwrap();
+    assert!(
+        setup.contains("\"xtask/toolchain.sh\""),
+        "cargo xtask setup runs it"
+    );
+    require_root();
+    let out = Command::new("sh")
+        .arg(workspace().join("xtask/toolchain.sh"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("toolchain packages: all installed"), "{text}");
+    assert!(text.contains("bpf-linker 0.13.0: installed"), "{text}");
+}

@@ -58,6 +58,80 @@ fn kind_says_docker_kind_and_kubectl_are_missing() {
 }
 
 #[test]
+fn kind_up_on_a_host_with_an_old_kernel_says_what_dp_needs_before_creating_anything() {
+    // kind, docker and kubectl that record any call: none may happen.
+    let calls = std::env::temp_dir().join(format!("dp-xtask-calls-{}", std::process::id()));
+    let record = format!("echo \"$0 $*\" >> {}; exit 0", calls.display());
+    let tools = bin_dir(
+        "old-kernel",
+        &[("docker", &record), ("kind", &record), ("kubectl", &record)],
+    );
+    for release in ["5.15.0-91-generic", "6.1.0-28-amd64"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["kind", "up"])
+            .env("PATH", &tools.0)
+            .env("DP_KERNEL_RELEASE", release)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text}");
+        assert!(
+            text.contains(&format!("Linux {release} is too old for dp")),
+            "{text}"
+        );
+        assert!(text.contains("6.6 or newer for tcx"), "{text}");
+    }
+    assert!(
+        !calls.exists(),
+        "called before the kernel check: {}",
+        fs::read_to_string(&calls).unwrap_or_default()
+    );
+}
+
+/// `kind load docker-image` fails with some Docker versions' containerd
+/// image store; `kind up` then saves the image and loads the archive.
+#[test]
+fn kind_up_falls_back_to_an_image_archive_when_kind_load_docker_image_fails() {
+    let calls = std::env::temp_dir().join(format!("dp-xtask-load-calls-{}", std::process::id()));
+    let _ = fs::remove_file(&calls);
+    let record = format!("echo \"${{0##*/}} $*\" >> {}", calls.display());
+    let kind = format!(
+        "{record}\ncase \"$1 $2\" in\n  \"load docker-image\") echo 'ERROR: failed to load image: \
+         ctr: content digest sha256:0: not found' >&2; exit 1 ;;\nesac\nexit 0"
+    );
+    let docker = format!("{record}\nif [ \"$1\" = save ]; then echo image > \"$3\"; fi\nexit 0");
+    let tools = bin_dir(
+        "load",
+        &[
+            ("docker", &docker),
+            ("kind", &kind),
+            ("kubectl", &format!("{record}\nexit 0")),
+        ],
+    );
+    let (ok, text) = xtask(&tools, &["kind", "up"]);
+    let log = fs::read_to_string(&calls).unwrap_or_default();
+    let _ = fs::remove_file(&calls);
+    assert!(ok, "{text}\n{log}");
+    assert!(
+        text.contains("kind load docker-image failed") && text.contains("image archive"),
+        "{text}"
+    );
+    let lines: Vec<&str> = log.lines().collect();
+    let at = |prefix: &str| {
+        lines
+            .iter()
+            .position(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in {log}"))
+    };
+    let direct = at("kind load docker-image dp:");
+    let save = at("docker save -o ");
+    let archive = at("kind load image-archive ");
+    let apply = at("kubectl --context kind-dp apply -k ");
+    assert!(direct < save && save < archive && archive < apply, "{log}");
+    assert!(lines[archive].contains("dp-image.tar --name dp"), "{log}");
+}
+
+#[test]
 fn a_docker_client_without_an_engine_is_named_as_such() {
     let client_only = bin_dir(
         "client-only",

@@ -214,8 +214,11 @@ impl Flow {
             wrong.push("expected one endpoint for every connection".into());
         }
         if let Some(member) = e.client {
-            let ip = state.members().find(|m| m.name == member).map(|m| m.ip);
-            if seen.clients.keys().any(|c| Some(*c) != ip) {
+            if seen
+                .clients
+                .keys()
+                .any(|c| client_member(state, *c) != member)
+            {
                 wrong.push(format!("expected the pod to see {member}'s address"));
             }
         }
@@ -297,7 +300,7 @@ pub fn run(out: &mut impl Write) -> anyhow::Result<()> {
     for (i, flow) in FLOWS.iter().enumerate() {
         let dp_wrong = flow.check(&dp_seen[i], dp_state);
         let ipt_wrong = flow.check(&ipt_seen[i], ipt_state);
-        let same = same_result(flow, &dp_seen[i], &ipt_seen[i]);
+        let same = same_result(flow, (&dp_seen[i], dp_state), (&ipt_seen[i], ipt_state));
         let ok = dp_wrong.is_empty() && ipt_wrong.is_empty() && same;
         writeln!(
             out,
@@ -342,10 +345,25 @@ pub fn run(out: &mut impl Write) -> anyhow::Result<()> {
 /// The same client-visible result: outcomes, and client addresses; the
 /// endpoints' spread is random, so only that they were allowed (checked
 /// by the flow) and, with affinity, that there was one.
-fn same_result(flow: &Flow, a: &Observed, b: &Observed) -> bool {
-    a.outcomes.keys().eq(b.outcomes.keys())
-        && a.clients.keys().eq(b.clients.keys())
-        && (!flow.expect.one_pod || (a.pods.len() == 1 && b.pods.len() == 1))
+/// The lab member a pod saw as its client: any of a node's addresses is
+/// the node (kube-proxy's MASQUERADE picks the address of the device the
+/// packet leaves by, dp the node's address; both are the node's).
+fn client_member(state: &State, ip: Ipv4Addr) -> String {
+    state
+        .member_at(ip)
+        .map_or_else(|| ip.to_string(), |m| m.name.clone())
+}
+
+fn same_result(flow: &Flow, a: (&Observed, &State), b: (&Observed, &State)) -> bool {
+    let clients = |(seen, state): (&Observed, &State)| -> BTreeSet<String> {
+        seen.clients
+            .keys()
+            .map(|c| client_member(state, *c))
+            .collect()
+    };
+    a.0.outcomes.keys().eq(b.0.outcomes.keys())
+        && clients(a) == clients(b)
+        && (!flow.expect.one_pod || (a.0.pods.len() == 1 && b.0.pods.len() == 1))
 }
 
 /// Runs one flow and prints what explains it.

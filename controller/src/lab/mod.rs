@@ -105,6 +105,11 @@ pub struct Member {
     /// A pod's node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// A node's pod gateway (on each of its pod veths): also the node's
+    /// address, the one kube-proxy's MASQUERADE gives traffic to a pod on
+    /// this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_gateway: Option<Ipv4Addr>,
 }
 
 /// A process the lab started.
@@ -134,6 +139,12 @@ impl State {
             .iter()
             .chain(&self.pods)
             .chain(std::iter::once(&self.client))
+    }
+
+    /// The member with this address (a node's pod gateway is the node's).
+    pub fn member_at(&self, ip: Ipv4Addr) -> Option<&Member> {
+        self.members()
+            .find(|m| m.ip == ip || m.pod_gateway == Some(ip))
     }
 
     /// The pod with this address.
@@ -304,10 +315,12 @@ impl Lab {
             nodes: cluster
                 .nodes
                 .iter()
-                .map(|n| Member {
+                .enumerate()
+                .map(|(i, n)| Member {
                     name: n.name.clone(),
                     ip: n.ip,
                     node: None,
+                    pod_gateway: Some(e2e::cluster::pod_gateway(i)),
                 })
                 .collect(),
             pods: cluster
@@ -317,12 +330,14 @@ impl Lab {
                     name: p.name.clone(),
                     ip: p.ip,
                     node: Some(cluster.nodes[p.node].name.clone()),
+                    pod_gateway: None,
                 })
                 .collect(),
             client: Member {
                 name: "client".into(),
                 ip: e2e::cluster::CLIENT_IP,
                 node: None,
+                pod_gateway: None,
             },
             processes: Vec::new(),
         };
@@ -458,7 +473,7 @@ impl Lab {
             .arg("--bpffs")
             .arg(self.node_bpffs(&node.name))
             .args(["--node-name", &node.name, "--node-ip", &node.ip.to_string()])
-            .args(["--devices", "eth0", "--pod-devices", "^lxc"])
+            .args(["--devices", "eth0"])
             .args(["--cluster-cidr", "10.244.0.0/16"])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")

@@ -56,7 +56,7 @@ impl Agent {
             .arg("--bpffs")
             .arg(bpffs)
             .args(["--node-name", node, "--node-ip", node_ip])
-            .args(["--devices", "eth0", "--pod-devices", "^lxc"])
+            .args(["--devices", "eth0"])
             .args(["--cluster-cidr", "10.244.0.0/16"])
             .args(extra);
         Self::spawn(cmd)

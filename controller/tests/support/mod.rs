@@ -101,20 +101,90 @@ pub fn fix_ipv4_checksum(frame: &mut [u8]) {
 }
 
 /// Runs `frame` through the program at `hook`: (return value, output frame).
+/// The run happens in an empty network namespace (`in_empty_netns`), so the
+/// program's FIB lookups find no route and a packet it would send on is
+/// left to the stack (`TC_ACT_OK`), whatever the machine's own routes are;
+/// tests of where packets are sent use `run_tc_on` in a namespace of theirs.
 pub fn run(dp: &Datapath, hook: Hook, frame: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 256];
-    let opts = TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        ..TestRunOptions::default()
-    };
-    let result = match hook {
-        Hook::Xdp => dp.xdp_program().unwrap().test_run(opts),
-        _ => dp.tc_program(hook).unwrap().test_run(opts),
-    }
-    .expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
+    in_empty_netns(|| {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        };
+        let result = match hook {
+            Hook::Xdp => dp.xdp_program().unwrap().test_run(opts),
+            _ => dp.tc_program(hook).unwrap().test_run(opts),
+        }
+        .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    })
+}
+
+/// Runs `f` on a thread inside a network namespace of this test process's
+/// own: unnamed, empty (only a loopback device that is down), gone with the
+/// process.
+pub fn in_empty_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    static NETNS: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+    let ns = NETNS.get_or_init(|| {
+        std::thread::spawn(|| {
+            // SAFETY: affects only this thread, which ends right after.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+            OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net").unwrap())
+        })
+        .join()
+        .unwrap()
+    });
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: a network namespace fd; this thread only.
+                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns into the empty namespace");
+                f()
+            })
+            .join()
+            .unwrap()
+    })
+}
+
+/// Runs `frame` through the tc program at `hook` as if it came through
+/// `ifname` in `ns` (the run happens in that namespace, so FIB lookups see
+/// its routes and neighbours): (return value, output frame).
+pub fn run_tc_on(
+    dp: &Datapath,
+    hook: Hook,
+    ns: &e2e::Netns,
+    ifname: &str,
+    frame: &[u8],
+) -> (u32, Vec<u8>) {
+    ns.run(|| {
+        let name = std::ffi::CString::new(ifname).unwrap();
+        // SAFETY: a valid C string.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(ifindex, 0, "{ifname} exists in {}", ns.name());
+        let mut out = vec![0u8; frame.len() + 256];
+        // struct __sk_buff up to and including ifindex (offset 40).
+        let mut ctx = vec![0u8; 44];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::default()
+        };
+        let result = dp
+            .tc_program(hook)
+            .unwrap()
+            .test_run(opts)
+            .expect("BPF_PROG_TEST_RUN (tc)");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    })
+    .expect("enter the namespace")
 }
 
 pub fn sum16(data: &[u8], mut sum: u32) -> u32 {

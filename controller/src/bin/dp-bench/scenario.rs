@@ -390,7 +390,7 @@ pub fn load(
             .args(["sh", "-c", &cgroup.enter_script(), "sh"])
             .arg(dp_binary())
             .args(["agent", "--node-name", "node1", "--node-ip", "172.18.0.2"])
-            .args(["--devices", "eth0", "--pod-devices", "^lxc"])
+            .args(["--devices", "eth0"])
             .args(["--cluster-cidr", "10.244.0.0/16"])
             .arg("--manifests")
             .arg(&dir)
