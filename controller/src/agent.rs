@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
-    datapath::MapSizes,
+    datapath::{MapSizes, TcAttach},
     healthcheck::HealthCheckServer,
     kube_source::{self, KubeSource},
     manifests,
@@ -51,6 +51,7 @@ pub struct AgentOptions {
     pub devices: Vec<String>,
     pub pod_devices: Option<Regex>,
     pub xdp: Xdp,
+    pub tc_attach: TcAttachChoice,
     pub cluster_cidr: Option<Cidr>,
     pub nodeport_addresses: Vec<Cidr>,
     pub masquerade_all: bool,
@@ -74,6 +75,16 @@ pub enum Xdp {
     Off,
 }
 
+/// How the tc programs are attached (`--tc-attach`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttachChoice {
+    /// tcx where the kernel has it (6.6 and newer), netlink tc filters
+    /// before.
+    Auto,
+    Tcx,
+    Netlink,
+}
+
 /// kube-proxy's health timeout (twice its 30 s sync period).
 const HEALTH_GRACE: Duration = Duration::from_secs(60);
 /// EndpointSlice annotation with the time of the change it reflects.
@@ -86,12 +97,23 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         bail!("--manifests and --kubeconfig exclude each other");
     }
     let kernel = crate::host::check_kernel()?;
-    info!(%kernel, sysctls = %crate::host::Sysctls::read().describe(), "node");
+    let tc_attach = match opts.tc_attach {
+        TcAttachChoice::Auto => TcAttach::for_kernel(&kernel),
+        TcAttachChoice::Tcx => TcAttach::Tcx,
+        TcAttachChoice::Netlink => TcAttach::Netlink,
+    };
+    info!(
+        %kernel,
+        tc_attach = %tc_attach.name(),
+        sysctls = %crate::host::Sysctls::read().describe(),
+        "node"
+    );
     // Maps and links live in bpffs: they outlive this process, and a
     // restarted agent adopts them (same ids, so conntrack stays valid).
     pin::ensure_bpffs(&opts.bpffs).context("preparing --bpffs")?;
     let mut dp = Datapath::load_pinned(&pin::maps_dir(&opts.bpffs), opts.map_sizes)
         .context("loading the datapath")?;
+    dp.set_tc_attach(tc_attach);
     let writer = MapWriter::adopt(&mut dp).context("reading the pinned maps")?;
     info!(
         frontends = writer.frontend_count(),

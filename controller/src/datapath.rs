@@ -7,7 +7,9 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         links::{FdLink, LinkOrder, PinnedLink},
-        tc::{SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
+        tc::{
+            self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcHandle,
+        },
         xdp::{XdpLink, XdpLinkId},
         SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
@@ -45,6 +47,114 @@ impl Default for MapSizes {
     }
 }
 
+/// How the tc programs are attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcAttach {
+    /// tcx bpf links (Linux 6.6 and newer): pinned, and swapped atomically
+    /// to a new agent's programs.
+    Tcx,
+    /// Netlink tc filters (`bpf` in direct-action mode on a `clsact` qdisc,
+    /// at `NETLINK_PRIORITY`/`NETLINK_HANDLE`), for older kernels. Not
+    /// pinnable: a new agent replaces the filter in place (one netlink
+    /// request, never a moment without a program), and the program is
+    /// pinned where a tcx link would be so the tools see it.
+    Netlink,
+}
+
+/// The tc filter priority and handle dp's netlink filters use.
+pub const NETLINK_PRIORITY: u16 = 1;
+pub const NETLINK_HANDLE: u16 = 0xd9;
+
+/// Environment variable naming the tc attachment (`tcx` or `netlink`);
+/// `auto` or unset: what the kernel offers.
+pub const TC_ATTACH_ENV: &str = "DP_TC_ATTACH";
+
+impl TcAttach {
+    /// What kernel `release` offers: tcx from 6.6 on.
+    pub fn for_kernel(release: &str) -> Self {
+        if common::kernel::has_tcx(release) {
+            TcAttach::Tcx
+        } else {
+            TcAttach::Netlink
+        }
+    }
+
+    /// `DP_TC_ATTACH` if it names a mode, else what the running kernel offers.
+    pub fn from_env_or_kernel() -> Self {
+        std::env::var(TC_ATTACH_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| Self::for_kernel(&crate::host::kernel_release()))
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TcAttach::Tcx => "tcx",
+            TcAttach::Netlink => "netlink",
+        }
+    }
+}
+
+impl std::str::FromStr for TcAttach {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "tcx" => Ok(TcAttach::Tcx),
+            "netlink" => Ok(TcAttach::Netlink),
+            other => Err(format!("{other:?}: tcx or netlink")),
+        }
+    }
+}
+
+fn netlink_options() -> TcAttachOptions {
+    TcAttachOptions::Netlink(NlOptions {
+        priority: NETLINK_PRIORITY,
+        handle: TcHandle::new(0, NETLINK_HANDLE),
+        ..NlOptions::default()
+    })
+}
+
+/// Adds the `clsact` qdisc netlink filters need; one that is there already
+/// is fine (a failure that matters shows in the attach that follows).
+fn ensure_clsact(ifname: &str) {
+    let _ = tc::qdisc_add_clsact(ifname);
+}
+
+/// Removes dp's netlink tc filters from the devices named by the tc pins
+/// under `bpffs` (`<device>@tc-ingress|egress`), in the calling thread's
+/// network namespace: `dp cleanup`, run on the node. Devices without such
+/// a filter (tcx mode) are left as they are. Returns what it removed.
+pub fn detach_netlink_filters(bpffs: &std::path::Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(crate::pin::links_dir(bpffs)) else {
+        return removed;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let (device, hook) = match name.rsplit_once('@') {
+            Some((d, "tc-ingress")) => (d, Hook::TcIngress),
+            Some((d, "tc-egress")) => (d, Hook::TcEgress),
+            _ => continue,
+        };
+        let (Some(program), Some(attach_type)) = (tc_program_name(hook), tc_attach_type(hook))
+        else {
+            continue;
+        };
+        if tc::qdisc_detach_program(device, attach_type, program).is_ok() {
+            removed.push(name);
+        }
+    }
+    removed
+}
+
+fn tc_attach_type(hook: Hook) -> Option<TcAttachType> {
+    match hook {
+        Hook::TcIngress => Some(TcAttachType::Ingress),
+        Hook::TcEgress => Some(TcAttachType::Egress),
+        Hook::Xdp => None,
+    }
+}
+
 /// A loaded dp object: its programs (verified, not yet attached) and maps.
 ///
 /// Attachments are tcx/XDP links owned by this value: dropping it (or
@@ -60,10 +170,14 @@ pub struct Datapath {
     pub(crate) service_addresses: BTreeMap<[u8; 16], crate::services::AddressUse>,
     /// Service id -> the source ranges written for it in `DP_SRC_RANGES`.
     pub(crate) source_ranges: BTreeMap<u32, Vec<(std::net::Ipv4Addr, u8)>>,
+    tc_attach: TcAttach,
 }
 
 enum Attachment {
     Tc(&'static str, SchedClassifierLinkId),
+    /// A netlink tc filter, with the network namespace it was attached in:
+    /// it is deleted by ifindex, which means something only there.
+    TcNetlink(&'static str, SchedClassifierLinkId, std::os::fd::OwnedFd),
     Xdp(XdpLinkId),
     /// A link pinned in bpffs: it outlives this process (`dp cleanup` removes it).
     Pinned(#[allow(dead_code)] FdLink),
@@ -149,6 +263,7 @@ impl Datapath {
             interfaces: BTreeMap::new(),
             service_addresses: BTreeMap::new(),
             source_ranges: BTreeMap::new(),
+            tc_attach: TcAttach::from_env_or_kernel(),
         };
         // Conntrack timeouts and the rest start from the documented defaults
         // (an adopted configuration is kept).
@@ -158,25 +273,39 @@ impl Datapath {
         Ok(datapath)
     }
 
+    /// How this datapath attaches its tc programs (by default `DP_TC_ATTACH`,
+    /// else what the kernel offers).
+    pub fn tc_attach(&self) -> TcAttach {
+        self.tc_attach
+    }
+
+    pub fn set_tc_attach(&mut self, mode: TcAttach) {
+        self.tc_attach = mode;
+    }
+
     /// Attaches the tc program for `hook` (ingress or egress) to `ifname` in
-    /// the calling thread's network namespace, as the last tcx program.
+    /// the calling thread's network namespace: as the last tcx program, or
+    /// as dp's netlink filter (`TcAttach`).
     pub fn attach_tc(&mut self, ifname: &str, hook: Hook) -> Result<()> {
-        let Some(name) = tc_program_name(hook) else {
+        let (Some(name), Some(attach_type)) = (tc_program_name(hook), tc_attach_type(hook)) else {
             return self.attach_xdp(ifname);
         };
-        let attach_type = match hook {
-            Hook::TcEgress => TcAttachType::Egress,
-            _ => TcAttachType::Ingress,
-        };
         let ifindex = ifindex(ifname)?;
+        let options = match self.tc_attach {
+            TcAttach::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
+            TcAttach::Netlink => {
+                ensure_clsact(ifname);
+                netlink_options()
+            }
+        };
         let link = tc_program_mut(&mut self.ebpf, name)?
-            .attach_with_options(
-                ifname,
-                attach_type,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
+            .attach_with_options(ifname, attach_type, options)
             .map_err(|source| Error::Program { name, source })?;
-        self.attachments.push(Attachment::Tc(name, link));
+        let attachment = match self.tc_attach {
+            TcAttach::Tcx => Attachment::Tc(name, link),
+            TcAttach::Netlink => Attachment::TcNetlink(name, link, current_netns()?),
+        };
+        self.attachments.push(attachment);
         self.note_interface(ifindex, ifname)
     }
 
@@ -204,18 +333,25 @@ impl Datapath {
         hook: Hook,
         pin: &std::path::Path,
     ) -> Result<()> {
-        let Some(name) = tc_program_name(hook) else {
+        let (Some(name), Some(attach_type)) = (tc_program_name(hook), tc_attach_type(hook)) else {
             return self.attach_xdp_pinned(ifname, pin);
         };
-        let attach_type = match hook {
-            Hook::TcEgress => TcAttachType::Egress,
-            _ => TcAttachType::Ingress,
-        };
+        if self.tc_attach == TcAttach::Netlink {
+            return self.attach_netlink_pinned(ifname, name, attach_type, pin);
+        }
         let ifindex = ifindex(ifname)?;
         let prog = tc_program_mut(&mut self.ebpf, name)?;
         let program_err = |source| Error::Program { name, source };
         let adopted = adopt_link(pin)
-            .and_then(|fd| SchedClassifierLink::try_from(fd).ok())
+            .and_then(|fd| {
+                // Not a tcx link (a program pinned by an agent in netlink
+                // mode): this pin is to be replaced.
+                SchedClassifierLink::try_from(fd)
+                    .inspect_err(|_| {
+                        let _ = std::fs::remove_file(pin);
+                    })
+                    .ok()
+            })
             .and_then(|link| swap_or_forget(prog.attach_to_link(link), pin));
         let id = match adopted {
             Some(id) => id,
@@ -230,6 +366,45 @@ impl Datapath {
         let link = prog.take_link(id).map_err(program_err)?;
         let fd = FdLink::try_from(link).map_err(|e| pin_err(pin, e))?;
         self.keep_pinned(fd, pin, ifindex, ifname)
+    }
+
+    /// `attach_tc_pinned` with a netlink filter: an existing dp filter on
+    /// the device (an earlier agent's) gets the new program in place, by its
+    /// priority and handle; otherwise one is created. The filter outlives
+    /// this process; the program is pinned at `pin`, where a tcx link would
+    /// be, so `dp status` lists it and `dp cleanup` finds it.
+    fn attach_netlink_pinned(
+        &mut self,
+        ifname: &str,
+        name: &'static str,
+        attach_type: TcAttachType,
+        pin: &std::path::Path,
+    ) -> Result<()> {
+        let ifindex = ifindex(ifname)?;
+        ensure_clsact(ifname);
+        let prog = tc_program_mut(&mut self.ebpf, name)?;
+        let program_err = |source| Error::Program { name, source };
+        let handle = TcHandle::new(0, NETLINK_HANDLE);
+        let replaced =
+            SchedClassifierLink::attached(ifname, attach_type, NETLINK_PRIORITY, handle, None)
+                .ok()
+                .and_then(|existing| prog.attach_to_link(existing).ok());
+        let id = match replaced {
+            Some(id) => id,
+            None => prog
+                .attach_with_options(ifname, attach_type, netlink_options())
+                .map_err(program_err)?,
+        };
+        let link = prog.take_link(id).map_err(program_err)?;
+        // Dropping the link would delete the filter; like a pinned link, it
+        // stays when this process goes.
+        std::mem::forget(link);
+        let _ = std::fs::remove_file(pin);
+        if let Some(dir) = pin.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| pin_err(pin, e))?;
+        }
+        prog.pin(pin).map_err(|e| pin_err(pin, e))?;
+        self.note_interface(ifindex, ifname)
     }
 
     /// Like `attach_tc_pinned`, for the XDP program.
@@ -330,6 +505,11 @@ impl Datapath {
                 Attachment::Tc(name, link) => tc_program_mut(&mut self.ebpf, name)?
                     .detach(link)
                     .map_err(|source| Error::Program { name, source })?,
+                Attachment::TcNetlink(name, link, netns) => {
+                    let prog = tc_program_mut(&mut self.ebpf, name)?;
+                    in_netns(&netns, || prog.detach(link))?
+                        .map_err(|source| Error::Program { name, source })?
+                }
                 Attachment::Xdp(link) => {
                     xdp_program_mut(&mut self.ebpf)?
                         .detach(link)
@@ -701,6 +881,60 @@ pub fn device_mac(ifname: &str) -> Result<[u8; 6]> {
         *dst = *src as u8;
     }
     Ok(mac)
+}
+
+impl Drop for Datapath {
+    /// Netlink filters are deleted in their own namespace (aya would delete
+    /// them by ifindex in the dropping thread's); tcx and XDP links go with
+    /// their file descriptors.
+    fn drop(&mut self) {
+        let netlink: Vec<Attachment> = self
+            .attachments
+            .extract_if(.., |a| matches!(a, Attachment::TcNetlink(..)))
+            .collect();
+        for attachment in netlink {
+            if let Attachment::TcNetlink(name, link, netns) = attachment {
+                if let Ok(prog) = tc_program_mut(&mut self.ebpf, name) {
+                    let _ = in_netns(&netns, || prog.detach(link));
+                }
+            }
+        }
+    }
+}
+
+/// The calling thread's network namespace, as a file descriptor.
+fn current_netns() -> Result<std::os::fd::OwnedFd> {
+    std::fs::File::open("/proc/thread-self/ns/net")
+        .map(std::os::fd::OwnedFd::from)
+        .map_err(|source| Error::Io {
+            context: "open /proc/thread-self/ns/net".into(),
+            source,
+        })
+}
+
+/// Runs `f` on a thread in network namespace `netns`.
+fn in_netns<T: Send>(netns: &std::os::fd::OwnedFd, f: impl FnOnce() -> T + Send) -> Result<T> {
+    use std::os::fd::AsRawFd;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: a network namespace fd; affects this thread only.
+                if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(Error::Io {
+                        context: "setns into an attachment's namespace".into(),
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|_| {
+                Err(Error::Io {
+                    context: "detaching thread".into(),
+                    source: std::io::Error::other("panicked"),
+                })
+            })
+    })
 }
 
 /// ifindex of `ifname` in the calling thread's network namespace.

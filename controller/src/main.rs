@@ -352,6 +352,11 @@ struct AgentArgs {
     /// does the same work.
     #[arg(long, env = "DP_XDP", value_enum, default_value = "on")]
     xdp: dp::agent::Xdp,
+    /// How the tc programs attach: `tcx` (Linux 6.6 and newer), `netlink`
+    /// (tc filters on a clsact qdisc, for older kernels), or `auto` (tcx
+    /// where the kernel has it).
+    #[arg(long, env = "DP_TC_ATTACH", value_enum, default_value = "auto")]
+    tc_attach: dp::agent::TcAttachChoice,
     /// kube-proxy's --cluster-cidr: service traffic from outside it is
     /// masqueraded.
     #[arg(long, env = "DP_CLUSTER_CIDR")]
@@ -556,6 +561,14 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cleanup { bpffs } => {
+            let filters = dp::datapath::detach_netlink_filters(&bpffs);
+            if !filters.is_empty() {
+                println!(
+                    "removed {} netlink tc filters: {}",
+                    filters.len(),
+                    filters.join(", ")
+                );
+            }
             let removed = dp::pin::cleanup(&bpffs)?;
             println!("removed {} pins under {}", removed.len(), bpffs.display());
             Ok(())
@@ -570,6 +583,7 @@ fn main() -> anyhow::Result<()> {
                 devices: a.devices,
                 pod_devices: Some(a.pod_devices),
                 xdp: a.xdp,
+                tc_attach: a.tc_attach,
                 cluster_cidr: a.cluster_cidr,
                 nodeport_addresses: a.nodeport_addresses,
                 masquerade_all: a.masquerade_all,

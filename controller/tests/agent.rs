@@ -317,7 +317,62 @@ fn assert_verdict(e: &serde_json::Value, verdict: &str, reason: &str) {
 
 #[test]
 fn a_killed_agent_leaves_traffic_flowing_and_its_successor_adopts_the_state() {
+    killed_agent_under_load("restart", &[]);
+}
+
+/// The same with the tc programs as netlink filters (the attachment for
+/// kernels before 6.6, forced here): the filter stays when the agent is
+/// killed, the next agent replaces it in place (one dp filter per hook,
+/// with the new program), and `dp cleanup` on the node removes them.
+#[test]
+fn with_netlink_tc_a_restart_under_load_keeps_traffic_flowing_and_cleanup_removes_the_filters() {
+    let cluster = killed_agent_under_load("restart-nl", &["--tc-attach", "netlink"]);
+    let node = cluster.node_ns(0);
+    let (filters, ids) = dp_filters(node, "ingress");
+    assert_eq!(filters, 0, "dp cleanup removed the filters: {ids:?}");
+}
+
+/// dp's netlink filters on node eth0 at `direction` (`tc filter show`):
+/// how many, and their program ids.
+fn dp_filters(node: &Netns, direction: &str) -> (usize, Vec<String>) {
+    let text = e2e::stdout_of(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                node.name(),
+                "tc",
+                "filter",
+                "show",
+                "dev",
+                "eth0",
+            ])
+            .arg(direction),
+    );
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("dp_tc_")).collect();
+    for l in &lines {
+        assert!(l.contains("pref 1 ") && l.contains("handle 0xd9"), "{text}");
+        assert!(l.contains("direct-action"), "{text}");
+    }
+    let ids = lines
+        .iter()
+        .filter_map(|l| l.split(" id ").nth(1))
+        .map(|rest| {
+            rest.split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    (lines.len(), ids)
+}
+
+/// Two agents, traffic from a pod on node1 over TCP and UDP to a backend on
+/// node2, node1's agent killed and started again under that load: no
+/// exchange fails. `extra`: more agent flags.
+fn killed_agent_under_load(name: &str, extra: &[&str]) -> Cluster {
     require_root();
+    let netlink = extra.contains(&"netlink");
     let cluster = Cluster::new(&[1, 1]).unwrap();
     let backend = cluster.pod("pod-2-0").clone();
     let tcp = TcpEchoServer::start(
@@ -330,8 +385,8 @@ fn a_killed_agent_leaves_traffic_flowing_and_its_successor_adopts_the_state() {
         SocketAddr::from((backend.ip, 5353)),
     )
     .unwrap();
-    let dir = manifests_dir("restart");
-    let bpffs = Bpffs::new("restart");
+    let dir = manifests_dir(name);
+    let bpffs = Bpffs::new(name);
     write_web(&dir, &[("10.244.2.10", "node2")]);
     fs::write(
         dir.join("dns.yaml"),
@@ -346,18 +401,28 @@ fn a_killed_agent_leaves_traffic_flowing_and_its_successor_adopts_the_state() {
     let node1 = &cluster.nodes[0];
     let start = |i: usize| {
         let n = &cluster.nodes[i];
-        Agent::start(
+        Agent::start_with_args(
             cluster.node_ns(i),
             &n.name,
             &n.ip.to_string(),
-            &dir,
+            ("--manifests", &dir),
             &bpffs.node(&n.name),
+            extra,
         )
     };
     let agent1 = start(0);
     let agent2 = start(1);
+    let mode = if netlink {
+        "tc_attach=netlink"
+    } else {
+        "tc_attach=tcx"
+    };
+    agent1.wait_for(&["node", mode]);
     agent1.wait_for(&["synced", "frontends=2"]);
     agent2.wait_for(&["synced", "frontends=2"]);
+    let node1_ns = cluster.node_ns(0);
+    let (before, first_ids) = dp_filters(node1_ns, "ingress");
+    assert_eq!(before, usize::from(netlink), "dp filters: {first_ids:?}");
 
     // One TCP connection and one UDP socket, from the pod on node1, kept
     // busy by a thread that counts request/response exchanges.
@@ -420,6 +485,13 @@ fn a_killed_agent_leaves_traffic_flowing_and_its_successor_adopts_the_state() {
         synced.contains("backends_written=0") && synced.contains("backends_removed=0"),
         "ids kept: {synced}"
     );
+    if netlink {
+        // Replaced in place: still one filter, now with the new program.
+        let (after, ids) = dp_filters(node1_ns, "ingress");
+        assert_eq!(after, 1, "{ids:?}");
+        assert_ne!(ids, first_ids, "the new agent's program");
+        assert_eq!(dp_filters(node1_ns, "egress").0, 1);
+    }
     wait_exchanges(200);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     traffic.join().unwrap();
@@ -428,12 +500,30 @@ fn a_killed_agent_leaves_traffic_flowing_and_its_successor_adopts_the_state() {
     }
     agent1.stop();
     agent2.stop();
-    // Pins are left in place by a stopping agent; cleanup removes them.
+    // Pins are left in place by a stopping agent; `dp cleanup`, on the
+    // node, removes them (and netlink filters).
     let pins = bpffs.node(&node1.name);
     assert!(dp::pin::link_pin(&pins, "eth0", common::Hook::TcIngress).exists());
-    let removed = dp::pin::cleanup(&pins).unwrap();
-    assert!(removed.len() >= 6, "{removed:?}");
+    let cleanup = e2e::stdout_of(
+        Command::new("ip")
+            .args(["netns", "exec", node1_ns.name()])
+            .args([env!("CARGO_BIN_EXE_dp"), "cleanup", "--bpffs"])
+            .arg(&pins),
+    );
+    let removed: usize = cleanup
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("removed ")?
+                .split(" pins")
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("{cleanup}"));
+    assert!(removed >= 6, "{cleanup}");
+    assert_eq!(cleanup.contains("netlink tc filters"), netlink, "{cleanup}");
     drop((tcp, udp));
+    cluster
 }
 
 /// Waits until the traffic thread reports `count` more exchanges (or an error).
@@ -511,28 +601,54 @@ fn a_taken_health_port_is_served_once_free() {
     agent.stop();
 }
 
-/// On a kernel without tcx the agent stops at once and says what it needs
-/// (kind nodes run the host's kernel: Debian 12 has 6.1). The running
-/// kernel is replaced by `DP_KERNEL_RELEASE`.
+/// On a kernel older than dp supports the agent stops at once and says
+/// what it needs; on one without tcx (Debian 12's 6.1) it attaches with
+/// netlink tc filters by itself. The running kernel is replaced by
+/// `DP_KERNEL_RELEASE`.
 #[test]
-fn the_agent_refuses_a_kernel_without_tcx_and_says_what_it_needs() {
+fn the_agent_refuses_an_old_kernel_and_uses_netlink_tc_on_one_without_tcx() {
     require_root();
     let dir = manifests_dir("kernel");
     let out = Command::new(env!("CARGO_BIN_EXE_dp"))
         .args(["agent", "--node-name", "node1", "--manifests"])
         .arg(&dir.0)
-        .env("DP_KERNEL_RELEASE", "6.1.0-28-amd64")
+        .env("DP_KERNEL_RELEASE", "5.4.0-150-generic")
         .env("DP_BPFFS", "/nonexistent/dp-kernel-test")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("Linux 6.1.0-28-amd64 is too old for dp: it needs Linux 6.6 or newer"),
+        stderr.contains("Linux 5.4.0-150-generic is too old for dp: it needs Linux 5.10 or newer"),
         "{stderr}"
     );
     assert!(
         !Path::new("/nonexistent/dp-kernel-test").exists(),
         "nothing was set up"
     );
+
+    let cluster = Cluster::new(&[1]).unwrap();
+    let bpffs = Bpffs::new("kernel");
+    write_web(&dir, &[("10.244.1.10", "node1")]);
+    let node = cluster.node_ns(0);
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", node.path().display()))
+        .args([env!("CARGO_BIN_EXE_dp"), "agent", "--manifests"])
+        .arg(&dir.0)
+        .arg("--bpffs")
+        .arg(bpffs.node("node1"))
+        .args(["--node-name", "node1", "--node-ip", "172.18.0.2"])
+        .args(["--devices", "eth0", "--cluster-cidr", "10.244.0.0/16"])
+        .env("DP_KERNEL_RELEASE", "6.1.0-28-amd64")
+        .env_remove("DP_TC_ATTACH");
+    let agent = Agent::spawn(cmd);
+    agent.wait_for(&["node", "kernel=6.1.0-28-amd64", "tc_attach=netlink"]);
+    agent.wait_for(&["synced", "frontends=1"]);
+    let (filters, _) = dp_filters(node, "ingress");
+    assert_eq!(filters, 1);
+    let client = cluster.pod_ns("pod-1-0");
+    let _server = TcpEchoServer::start(client, "10.244.1.10:8080".parse().unwrap()).unwrap();
+    let (reply, _) = tcp_echo_once(client, WEB.parse().unwrap(), b"hi", TIMEOUT).unwrap();
+    assert_eq!(reply, b"hi", "served through the netlink filters (hairpin)");
+    agent.stop();
 }

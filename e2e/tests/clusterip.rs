@@ -35,6 +35,29 @@ struct Fixture {
     _servers: (Vec<TcpEchoServer>, Vec<UdpEchoServer>),
 }
 
+/// The node's eth0 carries dp's tc programs the way `mode` attaches them:
+/// a netlink filter (`tc filter show`), or none there (tcx). `cargo xtask
+/// test` runs these tests in both modes (`DP_TC_ATTACH=netlink`).
+fn assert_attached_as(cluster: &Cluster, node: usize, mode: dp::datapath::TcAttach) {
+    let filters = e2e::stdout_of(std::process::Command::new("ip").args([
+        "netns",
+        "exec",
+        cluster.node_ns(node).name(),
+        "tc",
+        "filter",
+        "show",
+        "dev",
+        "eth0",
+        "ingress",
+    ]));
+    let netlink = filters.contains("dp_tc_ingress");
+    assert_eq!(
+        netlink,
+        mode == dp::datapath::TcAttach::Netlink,
+        "{mode:?}: {filters}"
+    );
+}
+
 impl Fixture {
     /// Two nodes with three pods each; every pod serves TCP 8080 and UDP 5353.
     fn new() -> Self {
@@ -61,6 +84,7 @@ impl Fixture {
                 })
                 .unwrap()
                 .unwrap();
+            assert_attached_as(&cluster, i, dp.tc_attach());
             datapaths.push(dp);
         }
         let mut tcp = Vec::new();

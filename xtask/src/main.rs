@@ -310,6 +310,22 @@ fn test() -> Result<()> {
     ]))?;
     step("cargo test");
     run(Command::new(cargo()).current_dir(&ws).args(["test"]))?;
+    // The attachment for kernels before 6.6, forced on this one: the
+    // datapath's end-to-end tests again with netlink tc filters.
+    step("the datapath's end-to-end tests with netlink tc (DP_TC_ATTACH=netlink)");
+    run(Command::new(cargo())
+        .current_dir(&ws)
+        .env("DP_TC_ATTACH", "netlink")
+        .args([
+            "test",
+            "-p",
+            "e2e",
+            "--test",
+            "clusterip",
+            "--test",
+            "skeleton",
+        ])
+        .args(["-p", "dp", "--test", "external", "--test", "trace"]))?;
     Ok(())
 }
 
