@@ -190,6 +190,10 @@ pub struct TraceRecord {
     pub backend: Option<BackendInfo>,
     /// The packet's addresses after translation, when translated.
     pub nat: Option<Nat>,
+    /// The device the datapath sent the packet to itself (bypassing the
+    /// stack's routing and its reverse-path checks); `null`: left to the
+    /// stack (or dropped).
+    pub sent_to: Option<String>,
     pub packet_len: u32,
     /// With `--explain`, for drops and rejects.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -429,6 +433,7 @@ impl TraceNames {
             service,
             backend,
             nat,
+            sent_to: (ev.sent_ifindex != 0).then(|| self.interface(ev.sent_ifindex)),
             packet_len: ev.packet_len,
             explain: None,
         };
@@ -716,6 +721,9 @@ pub fn line(r: &TraceRecord) -> String {
             out.push_str(&format!(": now from {} ({})", nat.source, s.name));
         }
     }
+    if let Some(dev) = &r.sent_to {
+        out.push_str(&format!("; sent to {dev}"));
+    }
     if let Some(h) = &r.explain {
         out.push_str(&format!("\n    why: {}", h.cause));
         for n in &h.next {
@@ -944,6 +952,7 @@ mod tests {
             }),
             backend: None,
             nat: None,
+            sent_to: None,
             packet_len: 74,
             explain: None,
         }

@@ -169,6 +169,15 @@ fn trace_names_each_verdict_and_reason_as_it_happens() {
         fwd.get("explain").is_none(),
         "hints only for drops and rejects"
     );
+    // Sent on by the datapath itself: to the local backend's veth, or out
+    // of eth0 towards node2.
+    let sent_to = fwd["sent_to"].as_str().unwrap_or_else(|| panic!("{fwd}"));
+    let expected_device = if backend == "default/pod-1-0" {
+        f.cluster.pod("pod-1-0").host_device.clone()
+    } else {
+        "eth0".to_string()
+    };
+    assert_eq!(sent_to, expected_device, "{fwd}");
     assert_explain_agrees(&pins1, "10.244.1.11", "10.96.0.10:80/tcp", &fwd);
 
     // A service whose only endpoint is not ready: rejected, with the count.
