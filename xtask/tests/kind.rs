@@ -161,3 +161,75 @@ fn a_docker_client_without_an_engine_is_named_as_such() {
     assert!(!ok, "{text}");
     assert!(text.contains("no Docker engine"), "{text}");
 }
+
+/// `kind test` against stand-in kubectl and docker: it waits until the
+/// agent's `dp service list` shows the workloads, tries a failing connection
+/// three times, and on failure prints what explains it from each agent
+/// (recent drops, counters, status) and the node's drop counters.
+#[test]
+fn kind_test_waits_for_the_agents_retries_and_prints_diagnostics_on_failure() {
+    let calls = std::env::temp_dir().join(format!("dp-xtask-test-calls-{}", std::process::id()));
+    let _ = fs::remove_file(&calls);
+    let log = calls.display().to_string();
+    let kubectl = format!(
+        r#"echo "$*" >> {log}
+case "$*" in
+  *"dp service list"*)
+    n=0; [ -f {log}.n ] && read -r n < {log}.n; n=$((n + 1)); echo $n > {log}.n
+    if [ $n -ge 2 ]; then
+      printf 'dp-e2e/web\ndp-e2e/web-nodeport\ndp-e2e/empty\ndp-e2e/local\n'
+    fi ;;
+  *"dp trace --since"*) echo "TRACE: dropped no_route_to_backend" ;;
+  *"-- dp stats"*) echo "STATS: new_flow 0" ;;
+  *"-- dp status"*) echo "STATUS: kernel 6.18" ;;
+  *"-- nstat"*) echo "TcpExtIPReversePathFilter 7" ;;
+  *"dp trace --service"*) exit 1 ;;
+  *"field-selector"*) printf 'dp-a' ;;
+  *"range .items"*) printf 'dp-a dp-worker\n' ;;
+  *"get service web "*) printf '10.96.1.1' ;;
+  *"get service empty "*) printf '10.96.1.2' ;;
+  *"get pods -l app=web"*) printf 'web-a web-b' ;;
+  *"get node "*) printf '172.18.0.3' ;;
+  *" exec client "*) echo "curl: (7) Failed to connect" >&2; exit 7 ;;
+esac
+exit 0"#
+    );
+    let docker = r#"case "$1" in exec) echo "curl: (7) Failed" >&2; exit 7 ;; esac; exit 0"#;
+    let tools = bin_dir(
+        "test",
+        &[
+            ("docker", docker),
+            ("kind", "exit 0"),
+            ("kubectl", &kubectl),
+        ],
+    );
+    let (ok, text) = xtask(&tools, &["kind", "test"]);
+    let called = fs::read_to_string(&calls).unwrap_or_default();
+    let _ = fs::remove_file(&calls);
+    let _ = fs::remove_file(format!("{log}.n"));
+    assert!(!ok, "{text}");
+    assert!(
+        called.matches("dp service list").count() >= 2,
+        "waited for the agent: {called}"
+    );
+    for expected in [
+        "waiting until every agent's `dp service list` shows the workloads",
+        "dp-a (dp-worker): programmed",
+        "attempt 1/3",
+        "attempt 3/3",
+        "FAIL  ClusterIP reaches both web pods",
+        "==> dp-worker (dp-a)",
+        "--- dp trace --since 5m --verdict dropped,rejected --explain",
+        "TRACE: dropped no_route_to_backend",
+        "STATS: new_flow 0",
+        "STATUS: kernel 6.18",
+        "TcpExtIPReversePathFilter 7",
+        "checks failed",
+    ] {
+        assert!(text.contains(expected), "no {expected:?} in {text}");
+    }
+    assert!(
+        called.contains("-c agent -- nstat -asz TcpExtIPReversePathFilter IpInAddrErrors"),
+        "{called}"
+    );
+}
