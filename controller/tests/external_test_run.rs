@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use common::{
     ct::{CT_DIR_ORIGINAL, CT_FLAG_SNAT},
@@ -16,7 +16,6 @@ use dp::{BackendSlots, Datapath, Frontend};
 use e2e::Topology;
 use support::*;
 
-const NODE: [u8; 4] = [172, 18, 0, 2];
 const OUTSIDE: [u8; 4] = [192, 168, 7, 50];
 const STRANGER: [u8; 4] = [192, 168, 8, 1];
 const POD_CLIENT: [u8; 4] = [10, 244, 1, 5];
@@ -36,13 +35,7 @@ const REMOTE2_ID: u32 = 3;
 /// (10.244.1.7) and on another (10.244.2.7, 10.244.2.8), TCP and UDP, port
 /// 8080.
 fn setup() -> Datapath {
-    let mut dp = load();
-    dp.set_node(
-        IpAddr::from(NODE),
-        Some((IpAddr::from([10, 244, 0, 0]), 16)),
-        false,
-    )
-    .unwrap();
+    let mut dp = load_node();
     for (id, ip) in [
         (LOCAL_ID, LOCAL_BACKEND),
         (REMOTE_ID, REMOTE_BACKEND),

@@ -12,14 +12,11 @@
 
 mod support;
 
-use std::net::IpAddr;
-
 use common::{trace::TRACE_MATCH_ADDR, Hook, Reason, TraceSession};
 use dp::{BackendSlots, Datapath, Frontend};
 use e2e::{Netns, Topology, KIND_NODE_SYSCTLS};
 use support::*;
 
-const NODE: [u8; 4] = [172, 18, 0, 2];
 const OUTSIDE: [u8; 4] = [192, 168, 7, 50];
 const POD_CLIENT: [u8; 4] = [10, 244, 1, 5];
 const LOCAL_BACKEND: [u8; 4] = [10, 244, 1, 7];
@@ -94,13 +91,7 @@ impl Node {
         node.ip(&["route", "add", "10.244.1.7/32", "dev", BACKEND_VETH])
             .unwrap();
 
-        let mut dp = load();
-        dp.set_node(
-            IpAddr::from(NODE),
-            Some((IpAddr::from([10, 244, 0, 0]), 16)),
-            false,
-        )
-        .unwrap();
+        let mut dp = load_node();
         for (id, ip) in backends {
             dp.set_backend(*id, sa(*ip, 8080), 6, false).unwrap();
         }
@@ -169,6 +160,11 @@ fn macs(out: &[u8]) -> ([u8; 6], [u8; 6]) {
     (v.dst_mac(), v.src_mac())
 }
 
+/// The backend's answer to a SYN from `dst:dport`.
+fn syn_ack(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    tcp(src, sport, dst, dport, TCP_SYN | TCP_ACK, 5000, 1001, b"")
+}
+
 fn addr_port(out: &[u8]) -> (([u8; 4], u16), ([u8; 4], u16)) {
     let v = Ipv4View::new(out);
     ((v.src(), v.sport()), (v.dst(), v.dport()))
@@ -192,16 +188,7 @@ fn a_pod_to_a_local_backend_is_sent_to_the_backends_veth_and_the_reply_to_the_cl
     // The reply's source becomes the ClusterIP: from the backend's veth the
     // stack's strict reverse-path check would refuse it (the route to
     // 10.96.0.10 is eth0's), so the program sends it to the client's veth.
-    let reply = tcp(
-        LOCAL_BACKEND,
-        8080,
-        POD_CLIENT,
-        40000,
-        TCP_SYN | TCP_ACK,
-        5000,
-        1001,
-        b"",
-    );
+    let reply = syn_ack(LOCAL_BACKEND, 8080, POD_CLIENT, 40000);
     let (ret, back) = node.run(Hook::TcIngress, BACKEND_VETH, &reply);
     assert_eq!(ret, TC_ACT_REDIRECT);
     assert_eq!(addr_port(&back), ((VIP, 80), (POD_CLIENT, 40000)));
@@ -221,16 +208,7 @@ fn a_pod_to_a_remote_backend_is_sent_out_of_eth0_to_the_other_node() {
     assert_eq!(macs(&out), (NODE2_MAC, ETH0_MAC));
 
     // The reply arrives on eth0 and goes to the client's veth.
-    let reply = tcp(
-        REMOTE_BACKEND,
-        8080,
-        POD_CLIENT,
-        40001,
-        TCP_SYN | TCP_ACK,
-        5000,
-        1001,
-        b"",
-    );
+    let reply = syn_ack(REMOTE_BACKEND, 8080, POD_CLIENT, 40001);
     let (ret, back) = node.run(Hook::TcIngress, "eth0", &reply);
     assert_eq!(ret, TC_ACT_REDIRECT);
     assert_eq!(addr_port(&back), ((VIP, 80), (POD_CLIENT, 40001)));
@@ -253,16 +231,7 @@ fn masqueraded_node_port_traffic_never_reaches_the_stack_with_the_nodes_own_sour
 
     // The reply (from 172.18.0.2:30080 once translated) leaves by eth0
     // towards the gateway.
-    let reply = tcp(
-        LOCAL_BACKEND,
-        8080,
-        NODE,
-        40002,
-        TCP_SYN | TCP_ACK,
-        5000,
-        1001,
-        b"",
-    );
+    let reply = syn_ack(LOCAL_BACKEND, 8080, NODE, 40002);
     let (ret, back) = node.run(Hook::TcIngress, BACKEND_VETH, &reply);
     assert_eq!(ret, TC_ACT_REDIRECT);
     assert_eq!(addr_port(&back), ((NODE, NODE_PORT), (OUTSIDE, 40002)));
@@ -295,16 +264,7 @@ fn a_reply_to_a_host_process_enters_the_host_through_the_device_that_routes_to_t
     // reverse-path filtering accepts that source only on eth0 (the route to
     // the service CIDR), so it is redirected into eth0's ingress, addressed
     // to eth0's MAC.
-    let reply = tcp(
-        LOCAL_BACKEND,
-        8080,
-        NODE,
-        40003,
-        TCP_SYN | TCP_ACK,
-        5000,
-        1001,
-        b"",
-    );
+    let reply = syn_ack(LOCAL_BACKEND, 8080, NODE, 40003);
     let (ret, back) = node.run(Hook::TcIngress, BACKEND_VETH, &reply);
     assert_eq!(ret, TC_ACT_REDIRECT);
     assert_eq!(addr_port(&back), ((VIP, 80), (NODE, 40003)));

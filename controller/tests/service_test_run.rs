@@ -20,7 +20,6 @@ use support::*;
 const CLIENT: [u8; 4] = [10, 244, 1, 5];
 const OUTSIDE: [u8; 4] = [192, 168, 7, 50];
 const VIP: [u8; 4] = [10, 96, 0, 10];
-const NODE: [u8; 4] = [172, 18, 0, 2];
 const B1: [u8; 4] = [10, 244, 2, 7];
 const B2: [u8; 4] = [10, 244, 2, 8];
 const B3: [u8; 4] = [10, 244, 3, 9];
@@ -29,13 +28,7 @@ const SERVICE_ID: u32 = 10;
 /// A datapath with node 172.18.0.2, cluster CIDR 10.244.0.0/16 and one TCP
 /// and one UDP frontend on 10.96.0.10:80 with the given backends (port 8080).
 fn setup(ready: &[(u32, [u8; 4])], terminating: &[(u32, [u8; 4])]) -> Datapath {
-    let mut dp = load();
-    dp.set_node(
-        IpAddr::from(NODE),
-        Some((IpAddr::from([10, 244, 0, 0]), 16)),
-        false,
-    )
-    .unwrap();
+    let mut dp = load_node();
     set_backends(&mut dp, ready, terminating);
     dp
 }

@@ -364,17 +364,20 @@ fn retried(mut attempt: impl FnMut() -> Result<String>) -> Result<String> {
     Err(last.expect("at least one attempt"))
 }
 
+/// `kubectl` arguments that list the dp agent pods.
+const AGENT_PODS: [&str; 6] = [
+    "-n",
+    "dp-system",
+    "get",
+    "pods",
+    "-l",
+    "app.kubernetes.io/name=dp",
+];
+
 /// The dp agent pods, with their nodes.
 fn agent_pods() -> Result<Vec<(String, String)>> {
     let text = jsonpath(
-        &[
-            "-n",
-            "dp-system",
-            "get",
-            "pods",
-            "-l",
-            "app.kubernetes.io/name=dp",
-        ],
+        &AGENT_PODS,
         "{range .items[*]}{.metadata.name} {.spec.nodeName}{\"\\n\"}{end}",
     )?;
     let pods: Vec<(String, String)> = text
@@ -576,15 +579,10 @@ fn local_policy(nodes: &Nodes) -> Result<String> {
 fn trace_in_a_dp_pod(web_ip: &str) -> Result<String> {
     let pod = jsonpath(
         &[
-            "-n",
-            "dp-system",
-            "get",
-            "pods",
-            "-l",
-            "app.kubernetes.io/name=dp",
-            "--field-selector",
-            "spec.nodeName=dp-worker2",
-        ],
+            &AGENT_PODS[..],
+            &["--field-selector", "spec.nodeName=dp-worker2"],
+        ]
+        .concat(),
         "{.items[0].metadata.name}",
     )?;
     let service = format!("{NAMESPACE}/web");

@@ -29,6 +29,22 @@ pub fn load() -> Datapath {
     Datapath::load().expect("load the dp object")
 }
 
+/// The node the test-run files configure: 172.18.0.2 in cluster CIDR
+/// 10.244.0.0/16.
+pub const NODE: [u8; 4] = [172, 18, 0, 2];
+
+/// A datapath configured as `NODE`.
+pub fn load_node() -> Datapath {
+    let mut dp = load();
+    dp.set_node(
+        std::net::IpAddr::from(NODE),
+        Some((std::net::IpAddr::from([10, 244, 0, 0]), 16)),
+        false,
+    )
+    .unwrap();
+    dp
+}
+
 /// An Ethernet/IPv4/TCP frame with the given flags, seq/ack and payload.
 #[allow(clippy::too_many_arguments)]
 pub fn tcp(
@@ -161,26 +177,41 @@ pub fn run_tc_on(
     ifname: &str,
     frame: &[u8],
 ) -> (u32, Vec<u8>) {
+    // struct __sk_buff up to and including ifindex (offset 40).
+    let ctx = |ifindex: u32| {
+        let mut ctx = vec![0u8; 44];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        ctx
+    };
+    run_in(ns, ifname, frame, ctx, |opts| {
+        dp.tc_program(hook).unwrap().test_run(opts)
+    })
+}
+
+/// Runs a program on `frame` in `ns` with the context `ctx(ifindex of
+/// ifname)`: (return value, output frame).
+fn run_in(
+    ns: &e2e::Netns,
+    ifname: &str,
+    frame: &[u8],
+    ctx: impl FnOnce(u32) -> Vec<u8> + Send,
+    test_run: impl FnOnce(TestRunOptions) -> Result<aya::programs::TestRunResult, aya::programs::ProgramError>
+        + Send,
+) -> (u32, Vec<u8>) {
     ns.run(|| {
         let name = std::ffi::CString::new(ifname).unwrap();
         // SAFETY: a valid C string.
         let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
         assert_ne!(ifindex, 0, "{ifname} exists in {}", ns.name());
+        let ctx = ctx(ifindex);
         let mut out = vec![0u8; frame.len() + 256];
-        // struct __sk_buff up to and including ifindex (offset 40).
-        let mut ctx = vec![0u8; 44];
-        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
         let opts = TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
             ctx_in: Some(&ctx),
             ..TestRunOptions::default()
         };
-        let result = dp
-            .tc_program(hook)
-            .unwrap()
-            .test_run(opts)
-            .expect("BPF_PROG_TEST_RUN (tc)");
+        let result = test_run(opts).expect("BPF_PROG_TEST_RUN");
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)
     })
@@ -293,31 +324,16 @@ pub const XDP_TX: u32 = 3;
 /// (the test run happens in that namespace, so the program's FIB lookups see
 /// its routes and neighbours): (return value, output frame).
 pub fn run_xdp_on(dp: &Datapath, ns: &e2e::Netns, ifname: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-    ns.run(|| {
-        let name = std::ffi::CString::new(ifname).unwrap();
-        // SAFETY: a valid C string.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        assert_ne!(ifindex, 0, "{ifname} exists in {}", ns.name());
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
-        // rx_queue_index, egress_ifindex.
-        let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..TestRunOptions::default()
-        };
-        let result = dp
-            .xdp_program()
-            .unwrap()
-            .test_run(opts)
-            .expect("BPF_PROG_TEST_RUN (XDP)");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+    // rx_queue_index, egress_ifindex.
+    let len = frame.len() as u32;
+    let ctx = move |ifindex: u32| {
+        let md: [u32; 6] = [0, len, 0, ifindex, 0, 0];
+        md.iter().flat_map(|w| w.to_ne_bytes()).collect()
+    };
+    run_in(ns, ifname, frame, ctx, |opts| {
+        dp.xdp_program().unwrap().test_run(opts)
     })
-    .expect("enter the namespace")
 }
 
 /// A conntrack key from plain IPv4 addresses.
