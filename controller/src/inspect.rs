@@ -452,12 +452,21 @@ impl PinnedMaps {
             .iter()
             .filter_map(|id| programmed.backends.get(id))
             .any(|b| b.0.ip() == from);
-        out.masquerade = (out.hairpin_possible && out.backends.len() == 1)
-            || if m.flags & SERVICE_FLAG_EXTERNAL != 0 {
-                !etp_local || from_host
-            } else {
-                cfg.flags & CONFIG_MASQUERADE_ALL != 0 || (cfg.cluster_cidr_len != 0 && !from_pod)
-            };
+        // As the datapath decides (`service::new_flow`): a backend that is
+        // the node itself is reached without masquerade.
+        let node = crate::services::ip_of(&cfg.node_ip);
+        let only_this_node = eligible
+            .iter()
+            .filter_map(|id| programmed.backends.get(id))
+            .all(|b| b.0.ip() == node);
+        out.masquerade = !only_this_node
+            && ((out.hairpin_possible && out.backends.len() == 1)
+                || if m.flags & SERVICE_FLAG_EXTERNAL != 0 {
+                    !etp_local || from_host
+                } else {
+                    cfg.flags & CONFIG_MASQUERADE_ALL != 0
+                        || (cfg.cluster_cidr_len != 0 && !from_pod)
+                });
         Ok(out)
     }
 
