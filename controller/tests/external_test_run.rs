@@ -402,7 +402,7 @@ fn session_affinity_expires_after_its_timeout() {
 /// A node namespace for the XDP tests: eth0 (172.18.0.2/16) towards the
 /// node network, where 172.18.0.3 (the other node, owner of 10.244.2.0/24)
 /// and the gateway 172.18.0.1 (to 192.168.0.0/16) have fixed neighbour
-/// entries, and lxc1 towards a local pod (10.244.1.0/24).
+/// entries, and veth00000001 (kindnet-style) towards a local pod (10.244.1.0/24).
 struct XdpNode {
     topo: Topology,
 }
@@ -418,12 +418,14 @@ impl XdpNode {
         topo.add_ns("net").unwrap();
         topo.add_ns("pod").unwrap();
         topo.veth("node", "eth0", "net", "eth0").unwrap();
-        topo.veth("node", "lxc1", "pod", "eth0").unwrap();
+        topo.veth("node", "veth00000001", "pod", "eth0").unwrap();
         let node = topo.ns("node");
         node.ip(&["link", "set", "eth0", "address", "02:00:00:00:00:02"])
             .unwrap();
         node.add_addr("eth0", "172.18.0.2/16").unwrap();
-        node.sysctl("net.ipv4.ip_forward", "1").unwrap();
+        for (key, value) in e2e::KIND_NODE_SYSCTLS {
+            node.sysctl(key, value).unwrap();
+        }
         for (ip, mac) in [
             ("172.18.0.3", "02:00:00:00:00:03"),
             ("172.18.0.1", "02:00:00:00:00:04"),
@@ -443,7 +445,7 @@ impl XdpNode {
         }
         node.add_route("10.244.2.0/24", "172.18.0.3").unwrap();
         node.add_route("192.168.0.0/16", "172.18.0.1").unwrap();
-        node.ip(&["route", "add", "10.244.1.0/24", "dev", "lxc1"])
+        node.ip(&["route", "add", "10.244.1.0/24", "dev", "veth00000001"])
             .unwrap();
         XdpNode { topo }
     }
