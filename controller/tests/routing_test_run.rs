@@ -279,6 +279,38 @@ fn a_reply_to_a_host_process_enters_the_host_through_the_device_that_routes_to_t
 }
 
 #[test]
+fn a_packet_left_to_the_stack_is_traced_as_sent_nowhere_after_one_that_was_sent() {
+    let mut node = Node::new(&[(1, LOCAL_BACKEND)]);
+    node.dp
+        .set_trace_session(
+            0,
+            &TraceSession {
+                active: 1,
+                match_flags: TRACE_MATCH_ADDR,
+                addr: common::addr::v4_mapped(POD_CLIENT),
+                ..TraceSession::default()
+            },
+        )
+        .unwrap();
+    let mut events = node.dp.trace_reader_of(0).unwrap();
+    // Both runs on CPU 0: the second reuses the first's decision record.
+    let (ret, _) = node.run(
+        Hook::TcIngress,
+        CLIENT_VETH,
+        &tcp_syn(POD_CLIENT, 40005, VIP, 80),
+    );
+    assert_eq!(ret, TC_ACT_REDIRECT);
+    let not_a_service = tcp_syn(POD_CLIENT, 40006, REMOTE_BACKEND, 8080);
+    let (ret, _) = node.run(Hook::TcIngress, CLIENT_VETH, &not_a_service);
+    assert_eq!(ret, TC_ACT_OK);
+    let traced = events.drain();
+    assert_eq!(traced.len(), 2, "{traced:?}");
+    assert_eq!(node.sent_to(traced[0].sent_ifindex), BACKEND_VETH);
+    assert_eq!(traced[1].reason, Reason::NoService as u32);
+    assert_eq!(traced[1].sent_ifindex, 0, "left to the stack");
+}
+
+#[test]
 fn a_host_network_backend_is_reached_without_masquerade_through_the_stack() {
     // A NodePort whose endpoint is this node itself (hostNetwork): local
     // delivery, where kube-proxy's masquerade does not apply, and where the

@@ -39,6 +39,7 @@ pub fn start(hook: Hook, ifindex: u32, packet_len: u32) -> Option<&'static mut T
     ev.original = FlowTuple::default();
     ev.translated = FlowTuple::default();
     ev.headers_len = 0;
+    ev.sent_ifindex = 0;
     Some(ev)
 }
 

@@ -328,8 +328,10 @@ pub fn run(out: &mut impl Write) -> anyhow::Result<()> {
     ensure!(!lab.exists(), "the demo lab is still there");
     writeln!(
         out,
-        "\n{} of {} flows: the same outcome, endpoints and client address with dp and with \
-         kube-proxy's iptables rules. The lab is gone. ({:.0} s)",
+        "\n{} of {} flows: the same outcome, endpoints and client with dp and with \
+         kube-proxy's iptables rules (any address of a node is that node: kube-proxy's \
+         MASQUERADE takes the address of the device a packet leaves by, the pod gateway for a \
+         pod on the same node; dp takes the node's). The lab is gone. ({:.0} s)",
         FLOWS.len() - failures.len().min(FLOWS.len()),
         FLOWS.len(),
         started.elapsed().as_secs_f64()

@@ -189,7 +189,9 @@ pub fn run_tc_on(
 }
 
 /// Runs a program on `frame` in `ns` with the context `ctx(ifindex of
-/// ifname)`: (return value, output frame).
+/// ifname)`: (return value, output frame). Always on CPU 0, so per-CPU
+/// state (the decision record) carries from one run to the next as it does
+/// on a busy CPU.
 fn run_in(
     ns: &e2e::Netns,
     ifname: &str,
@@ -199,6 +201,15 @@ fn run_in(
         + Send,
 ) -> (u32, Vec<u8>) {
     ns.run(|| {
+        // SAFETY: a zeroed cpu set with CPU 0 in it; this thread only.
+        unsafe {
+            let mut cpus: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut cpus);
+            assert_eq!(
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &cpus),
+                0
+            );
+        }
         let name = std::ffi::CString::new(ifname).unwrap();
         // SAFETY: a valid C string.
         let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
