@@ -12,6 +12,7 @@
 //! they were created in, so a server started in one namespace and a client in
 //! another talk across the veth like two hosts.
 
+#[cfg(feature = "apiserver")]
 pub mod apiserver;
 pub mod cluster;
 mod netns;
