@@ -132,6 +132,26 @@ impl Node {
         (ret, out)
     }
 
+    /// Runs `frame` at tc ingress of `dev` and checks the program sent it on
+    /// itself (`TC_ACT_REDIRECT`); the frame as it left.
+    fn redirected(&self, dev: &str, frame: &[u8]) -> Vec<u8> {
+        let (ret, out) = self.run(Hook::TcIngress, dev, frame);
+        assert_eq!(ret, TC_ACT_REDIRECT, "sent on by the program");
+        out
+    }
+
+    /// A trace session (slot 0) for packets from or to `addr`, and its reader.
+    fn trace(&mut self, addr: [u8; 4]) -> dp::trace::TraceReader {
+        let session = TraceSession {
+            active: 1,
+            match_flags: TRACE_MATCH_ADDR,
+            addr: common::addr::v4_mapped(addr),
+            ..TraceSession::default()
+        };
+        self.dp.set_trace_session(0, &session).unwrap();
+        self.dp.trace_reader_of(0).unwrap()
+    }
+
     /// The device a traced packet was sent to (`TraceEvent::sent_ifindex`),
     /// by name.
     fn sent_to(&self, ifindex: u32) -> String {
@@ -173,12 +193,7 @@ fn addr_port(out: &[u8]) -> (([u8; 4], u16), ([u8; 4], u16)) {
 #[test]
 fn a_pod_to_a_local_backend_is_sent_to_the_backends_veth_and_the_reply_to_the_clients() {
     let node = Node::new(&[(1, LOCAL_BACKEND)]);
-    let (ret, out) = node.run(
-        Hook::TcIngress,
-        CLIENT_VETH,
-        &tcp_syn(POD_CLIENT, 40000, VIP, 80),
-    );
-    assert_eq!(ret, TC_ACT_REDIRECT, "sent on by the program");
+    let out = node.redirected(CLIENT_VETH, &tcp_syn(POD_CLIENT, 40000, VIP, 80));
     assert_eq!(
         addr_port(&out),
         ((POD_CLIENT, 40000), (LOCAL_BACKEND, 8080))
@@ -189,8 +204,7 @@ fn a_pod_to_a_local_backend_is_sent_to_the_backends_veth_and_the_reply_to_the_cl
     // stack's strict reverse-path check would refuse it (the route to
     // 10.96.0.10 is eth0's), so the program sends it to the client's veth.
     let reply = syn_ack(LOCAL_BACKEND, 8080, POD_CLIENT, 40000);
-    let (ret, back) = node.run(Hook::TcIngress, BACKEND_VETH, &reply);
-    assert_eq!(ret, TC_ACT_REDIRECT);
+    let back = node.redirected(BACKEND_VETH, &reply);
     assert_eq!(addr_port(&back), ((VIP, 80), (POD_CLIENT, 40000)));
     assert_eq!(macs(&back), (CLIENT_POD_MAC, CLIENT_VETH_MAC));
 }
@@ -198,19 +212,13 @@ fn a_pod_to_a_local_backend_is_sent_to_the_backends_veth_and_the_reply_to_the_cl
 #[test]
 fn a_pod_to_a_remote_backend_is_sent_out_of_eth0_to_the_other_node() {
     let node = Node::new(&[(2, REMOTE_BACKEND)]);
-    let (ret, out) = node.run(
-        Hook::TcIngress,
-        CLIENT_VETH,
-        &tcp_syn(POD_CLIENT, 40001, VIP, 80),
-    );
-    assert_eq!(ret, TC_ACT_REDIRECT);
+    let out = node.redirected(CLIENT_VETH, &tcp_syn(POD_CLIENT, 40001, VIP, 80));
     assert_eq!(addr_port(&out).1, (REMOTE_BACKEND, 8080));
     assert_eq!(macs(&out), (NODE2_MAC, ETH0_MAC));
 
     // The reply arrives on eth0 and goes to the client's veth.
     let reply = syn_ack(REMOTE_BACKEND, 8080, POD_CLIENT, 40001);
-    let (ret, back) = node.run(Hook::TcIngress, "eth0", &reply);
-    assert_eq!(ret, TC_ACT_REDIRECT);
+    let back = node.redirected("eth0", &reply);
     assert_eq!(addr_port(&back), ((VIP, 80), (POD_CLIENT, 40001)));
     assert_eq!(macs(&back), (CLIENT_POD_MAC, CLIENT_VETH_MAC));
 }
@@ -220,20 +228,14 @@ fn masqueraded_node_port_traffic_never_reaches_the_stack_with_the_nodes_own_sour
     let node = Node::new(&[(1, LOCAL_BACKEND)]);
     // From outside to the NodePort, backend on this node: the source becomes
     // 172.18.0.2, which `accept_local = 0` would refuse on eth0.
-    let (ret, out) = node.run(
-        Hook::TcIngress,
-        "eth0",
-        &tcp_syn(OUTSIDE, 40002, NODE, NODE_PORT),
-    );
-    assert_eq!(ret, TC_ACT_REDIRECT);
+    let out = node.redirected("eth0", &tcp_syn(OUTSIDE, 40002, NODE, NODE_PORT));
     assert_eq!(addr_port(&out), ((NODE, 40002), (LOCAL_BACKEND, 8080)));
     assert_eq!(macs(&out), (BACKEND_POD_MAC, BACKEND_VETH_MAC));
 
     // The reply (from 172.18.0.2:30080 once translated) leaves by eth0
     // towards the gateway.
     let reply = syn_ack(LOCAL_BACKEND, 8080, NODE, 40002);
-    let (ret, back) = node.run(Hook::TcIngress, BACKEND_VETH, &reply);
-    assert_eq!(ret, TC_ACT_REDIRECT);
+    let back = node.redirected(BACKEND_VETH, &reply);
     assert_eq!(addr_port(&back), ((NODE, NODE_PORT), (OUTSIDE, 40002)));
     assert_eq!(macs(&back), (GATEWAY_MAC, ETH0_MAC));
 }
@@ -241,19 +243,7 @@ fn masqueraded_node_port_traffic_never_reaches_the_stack_with_the_nodes_own_sour
 #[test]
 fn a_reply_to_a_host_process_enters_the_host_through_the_device_that_routes_to_the_service() {
     let mut node = Node::new(&[(1, LOCAL_BACKEND)]);
-    let slot = 0;
-    node.dp
-        .set_trace_session(
-            slot,
-            &TraceSession {
-                active: 1,
-                match_flags: TRACE_MATCH_ADDR,
-                addr: common::addr::v4_mapped(LOCAL_BACKEND),
-                ..TraceSession::default()
-            },
-        )
-        .unwrap();
-    let mut events = node.dp.trace_reader_of(slot).unwrap();
+    let mut events = node.trace(LOCAL_BACKEND);
     // A process on the node connects to the ClusterIP: eth0 egress sends it
     // to the backend's veth.
     let (ret, out) = node.run(Hook::TcEgress, "eth0", &tcp_syn(NODE, 40003, VIP, 80));
@@ -265,8 +255,7 @@ fn a_reply_to_a_host_process_enters_the_host_through_the_device_that_routes_to_t
     // the service CIDR), so it is redirected into eth0's ingress, addressed
     // to eth0's MAC.
     let reply = syn_ack(LOCAL_BACKEND, 8080, NODE, 40003);
-    let (ret, back) = node.run(Hook::TcIngress, BACKEND_VETH, &reply);
-    assert_eq!(ret, TC_ACT_REDIRECT);
+    let back = node.redirected(BACKEND_VETH, &reply);
     assert_eq!(addr_port(&back), ((VIP, 80), (NODE, 40003)));
     assert_eq!(Ipv4View::new(&back).dst_mac(), ETH0_MAC);
 
@@ -281,25 +270,9 @@ fn a_reply_to_a_host_process_enters_the_host_through_the_device_that_routes_to_t
 #[test]
 fn a_packet_left_to_the_stack_is_traced_as_sent_nowhere_after_one_that_was_sent() {
     let mut node = Node::new(&[(1, LOCAL_BACKEND)]);
-    node.dp
-        .set_trace_session(
-            0,
-            &TraceSession {
-                active: 1,
-                match_flags: TRACE_MATCH_ADDR,
-                addr: common::addr::v4_mapped(POD_CLIENT),
-                ..TraceSession::default()
-            },
-        )
-        .unwrap();
-    let mut events = node.dp.trace_reader_of(0).unwrap();
+    let mut events = node.trace(POD_CLIENT);
     // Both runs on CPU 0: the second reuses the first's decision record.
-    let (ret, _) = node.run(
-        Hook::TcIngress,
-        CLIENT_VETH,
-        &tcp_syn(POD_CLIENT, 40005, VIP, 80),
-    );
-    assert_eq!(ret, TC_ACT_REDIRECT);
+    let _ = node.redirected(CLIENT_VETH, &tcp_syn(POD_CLIENT, 40005, VIP, 80));
     let not_a_service = tcp_syn(POD_CLIENT, 40006, REMOTE_BACKEND, 8080);
     let (ret, _) = node.run(Hook::TcIngress, CLIENT_VETH, &not_a_service);
     assert_eq!(ret, TC_ACT_OK);
