@@ -17,8 +17,8 @@ use std::{
 };
 
 use dp::{
-    manifests::{self, Objects},
-    sync::MapWriter,
+    source::manifests::{self, Objects},
+    translate::sync::MapWriter,
     translate::{translate, NodeInfo, TranslateOptions},
     Datapath, MapSizes,
 };
@@ -251,7 +251,7 @@ fn agent_level(n: usize, rows: &mut Vec<(String, String)>) {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
-    let _ = dp::pin::cleanup(&bpffs);
+    let _ = dp::kernel::pin::cleanup(&bpffs);
     let c = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: a valid path.
     unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };

@@ -1,33 +1,37 @@
 //! dp: the agent and CLI of an eBPF dataplane that replaces kube-proxy.
 //!
-//! - [`datapath`]: loads the embedded eBPF object, attaches its programs,
-//!   reads and writes its maps.
-//! - [`trace`]: reads trace events from the ring buffer and renders them.
+//! The modules are layered; a module uses only those listed before it
+//! (ARCHITECTURE.md has the map):
+//!
+//! - [`error`]: the one error type.
+//! - [`translate`]: kube-proxy's rules, from Kubernetes objects to the
+//!   desired state, and the writer that brings maps to it (pure logic).
+//! - [`source`]: where the objects come from (API reflectors, manifests).
+//! - [`kernel`]: the eBPF object, its pins, its maps and trace rings.
+//! - [`inspect`]: what users run to look inside (`dp explain`, `dp trace`,
+//!   dumps, pcapng).
+//! - [`agent`]: the node agent and its services (health checks, metrics,
+//!   link events).
+//! - [`kube_proxy`]: kube-proxy's own rules (iptables, nftables), for the
+//!   lab and the benchmark to compare with.
 //! - [`lab`]: `dp lab`, a Kubernetes-shaped lab of network namespaces that
 //!   stays up between commands; its `demo` is the README's main command.
 
-pub mod agent;
-pub mod datapath;
-pub mod dump;
 pub mod error;
-pub mod healthcheck;
-pub mod host;
-pub mod inspect;
-pub mod kube_proxy;
-pub mod kube_source;
-pub mod lab;
-pub mod labels;
-pub mod manifests;
-pub mod metrics;
-pub mod netlink;
-pub mod pcapng;
-pub mod pin;
-pub mod services;
-pub mod sync;
-pub mod trace;
-pub mod trace_view;
 pub mod translate;
 
-pub use datapath::{Counters, Datapath, MapSizes};
+pub mod source;
+
+pub mod kernel;
+
+pub mod inspect;
+
+pub mod agent;
+
+pub mod kube_proxy;
+
+pub mod lab;
+
 pub use error::Error;
-pub use services::{BackendSlots, Frontend};
+pub use kernel::{Counters, Datapath, MapSizes};
+pub use translate::sync::{BackendSlots, Frontend};

@@ -6,7 +6,7 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use dp::{
     agent::AgentOptions,
-    inspect::{text, CtFilter, PinnedMaps},
+    inspect::pinned::{text, CtFilter, PinnedMaps},
     translate::Cidr,
 };
 use regex::Regex;
@@ -244,8 +244,8 @@ struct TraceArgs {
 }
 
 impl TraceArgs {
-    fn filter(&self) -> anyhow::Result<dp::trace_view::TraceFilter> {
-        use dp::trace_view::{parse_protocol, parse_reason, parse_verdict, TraceFilter};
+    fn filter(&self) -> anyhow::Result<dp::inspect::trace::TraceFilter> {
+        use dp::inspect::trace::{parse_protocol, parse_reason, parse_verdict, TraceFilter};
         Ok(TraceFilter {
             service: self.service.clone(),
             ip: self.ip,
@@ -462,7 +462,7 @@ fn main() -> anyhow::Result<()> {
             inspect,
             healthz_addr,
         } => {
-            let s = dp::inspect::status(&inspect.bpffs, healthz_addr)?;
+            let s = dp::inspect::pinned::status(&inspect.bpffs, healthz_addr)?;
             print(&inspect, &s, text::status(&s))
         }
         Command::Stats(i) => {
@@ -475,7 +475,7 @@ fn main() -> anyhow::Result<()> {
                 "text" => false,
                 other => anyhow::bail!("-o {other}: use text or json"),
             };
-            let opts = dp::trace_view::StreamOptions {
+            let opts = dp::inspect::trace::StreamOptions {
                 json,
                 explain: t.explain,
                 count: t.count,
@@ -483,14 +483,14 @@ fn main() -> anyhow::Result<()> {
                 pcapng: t.write.clone(),
                 since: match &t.since {
                     Some(s) => Some(
-                        dp::trace_view::parse_duration(s)
+                        dp::inspect::trace::parse_duration(s)
                             .ok_or_else(|| anyhow::anyhow!("--since {s}: use 90s, 5m or 1h"))?,
                     ),
                     None => None,
                 },
             };
             let filter = t.filter()?;
-            dp::trace_view::stream(
+            dp::inspect::trace::stream(
                 &t.inspect.bpffs,
                 &filter,
                 &opts,
@@ -512,7 +512,7 @@ fn main() -> anyhow::Result<()> {
                 apply::{Applier, Backend},
                 iptables, nftables, ProxyConfig,
             };
-            let objects = dp::manifests::load_dir(&manifests)?;
+            let objects = dp::source::manifests::load_dir(&manifests)?;
             let node = dp::translate::NodeInfo {
                 name: node_name,
                 ips: node_ips.clone(),
@@ -561,7 +561,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cleanup { bpffs } => {
-            let filters = dp::datapath::detach_netlink_filters(&bpffs);
+            let filters = dp::kernel::loader::detach_netlink_filters(&bpffs);
             if !filters.is_empty() {
                 println!(
                     "removed {} netlink tc filters: {}",
@@ -569,7 +569,7 @@ fn main() -> anyhow::Result<()> {
                     filters.join(", ")
                 );
             }
-            let removed = dp::pin::cleanup(&bpffs)?;
+            let removed = dp::kernel::pin::cleanup(&bpffs)?;
             println!("removed {} pins under {}", removed.len(), bpffs.display());
             Ok(())
         }

@@ -281,7 +281,7 @@ fn the_agent_programs_manifests_follows_edits_and_serves_new_pods() {
     let pod = cluster.add_pod(0).unwrap();
     agents[0].wait_for(&["attached tc to pod device", &pod.host_device]);
     assert_eq!(whoami(cluster.pod_ns(&pod.name)), "pod-2-1");
-    let pin = dp::pin::link_pin(
+    let pin = dp::kernel::pin::link_pin(
         &bpffs.node("node1"),
         &pod.host_device,
         common::Hook::TcIngress,
@@ -503,7 +503,7 @@ fn killed_agent_under_load(name: &str, extra: &[&str]) -> Cluster {
     // Pins are left in place by a stopping agent; `dp cleanup`, on the
     // node, removes them (and netlink filters).
     let pins = bpffs.node(&node1.name);
-    assert!(dp::pin::link_pin(&pins, "eth0", common::Hook::TcIngress).exists());
+    assert!(dp::kernel::pin::link_pin(&pins, "eth0", common::Hook::TcIngress).exists());
     let cleanup = e2e::stdout_of(
         Command::new("ip")
             .args(["netns", "exec", node1_ns.name()])

@@ -9,8 +9,8 @@
 use std::{fs, path::Path};
 
 use dp::{
-    manifests,
-    sync::MapWriter,
+    source::manifests,
+    translate::sync::MapWriter,
     translate::{translate, NodeInfo, TranslateOptions},
     Datapath,
 };

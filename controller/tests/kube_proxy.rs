@@ -18,7 +18,7 @@ use dp::{
         apply::{Applier, Backend},
         iptables, nftables, ProxyConfig,
     },
-    manifests::{self, Objects},
+    source::manifests::{self, Objects},
     translate::{service_ports, NodeInfo, ServicePortInfo},
 };
 use e2e::{parse_identity, tcp_echo_once, Cluster, Netns, Topology};

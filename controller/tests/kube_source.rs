@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use dp::kube_source::{self, KubeSource};
+use dp::source::api::{self as kube_source, KubeSource};
 use e2e::apiserver::FakeApiServer;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -66,7 +66,7 @@ async fn start(server: FakeApiServer, test: &str) -> Harness {
 
 impl Harness {
     /// Waits (on change notifications) until `check` holds for a ready source.
-    async fn until(&mut self, what: &str, check: impl Fn(&dp::manifests::Objects) -> bool) {
+    async fn until(&mut self, what: &str, check: impl Fn(&dp::source::manifests::Objects) -> bool) {
         let deadline = tokio::time::Instant::now() + TIMEOUT;
         loop {
             if self.source.ready() && check(&self.source.snapshot()) {
@@ -80,7 +80,7 @@ impl Harness {
     }
 }
 
-fn services(o: &dp::manifests::Objects) -> Vec<String> {
+fn services(o: &dp::source::manifests::Objects) -> Vec<String> {
     let mut names: Vec<String> = o
         .services
         .iter()

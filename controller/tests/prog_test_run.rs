@@ -350,7 +350,7 @@ fn trace_events_describe_each_packet() {
     assert_eq!((e.service_id, e.backend_id), (0, 0));
     assert_eq!((t.sport, t.dport), (41234, 5432));
     assert_eq!(
-        dp::trace::describe_event(e, Some("lxc0")),
+        dp::inspect::trace::describe::describe_event(e, Some("lxc0")),
         "tc/ingress lxc0 10.244.1.5:41234 -> 10.96.0.20:5432 TCP SYN passed: no service for this destination"
     );
 

@@ -141,7 +141,7 @@ impl Node {
     }
 
     /// A trace session (slot 0) for packets from or to `addr`, and its reader.
-    fn trace(&mut self, addr: [u8; 4]) -> dp::trace::TraceReader {
+    fn trace(&mut self, addr: [u8; 4]) -> dp::kernel::ring::TraceReader {
         let session = TraceSession {
             active: 1,
             match_flags: TRACE_MATCH_ADDR,

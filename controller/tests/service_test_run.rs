@@ -73,7 +73,7 @@ fn a_new_tcp_flow_is_dnated_to_its_backend_and_tracked() {
     assert_eq!((orig.state, orig.flags), (CT_STATE_NEW, 0));
     let reply = ct_get(&dp, &ct_key(B1, 8080, CLIENT, 40000, 6)).expect("reply entry");
     assert_eq!(reply.direction, CT_DIR_REPLY);
-    let now = dp::services::monotonic_ns();
+    let now = dp::kernel::maps::monotonic_ns();
     let syn_timeout = u64::from(CtTimeouts::DEFAULT.tcp_syn) * 1_000_000_000;
     assert!(orig.expires_ns > now && orig.expires_ns <= now + syn_timeout);
     assert_eq!(dp.ct_entries().unwrap().len(), 2);
@@ -124,7 +124,7 @@ fn a_flow_keeps_its_backend_and_replies_come_from_the_service_address() {
         1
     );
     // The reply moved both directions to established (long timeout).
-    let now = dp::services::monotonic_ns();
+    let now = dp::kernel::maps::monotonic_ns();
     for key in [
         ct_key(CLIENT, 40001, VIP, 80, 6),
         ct_key(backend, 8080, CLIENT, 40001, 6),
@@ -518,7 +518,7 @@ fn trace_events_carry_service_backend_and_both_tuples() {
     );
     assert_eq!(reply.translated.daddr, v4_mapped(OUTSIDE));
     assert_eq!(
-        dp::trace::describe_event(new, Some("eth0")),
+        dp::inspect::trace::describe::describe_event(new, Some("eth0")),
         "tc/ingress eth0 192.168.7.50:40011 -> 10.96.0.10:80 TCP SYN forwarded: new flow to a backend; \
          service 10, backend 1; now 172.18.0.2:40011 -> 10.244.2.7:8080 TCP"
     );

@@ -5,8 +5,8 @@
 use std::net::Ipv4Addr;
 
 use dp::{
-    manifests::{self, Objects},
-    sync::MapWriter,
+    source::manifests::{self, Objects},
+    translate::sync::MapWriter,
     translate::{translate, DesiredState, NodeInfo, TranslateOptions},
     Datapath, MapSizes,
 };

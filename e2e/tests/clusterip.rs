@@ -38,7 +38,7 @@ struct Fixture {
 /// The node's eth0 carries dp's tc programs the way `mode` attaches them:
 /// a netlink filter (`tc filter show`), or none there (tcx). `cargo xtask
 /// test` runs these tests in both modes (`DP_TC_ATTACH=netlink`).
-fn assert_attached_as(cluster: &Cluster, node: usize, mode: dp::datapath::TcAttach) {
+fn assert_attached_as(cluster: &Cluster, node: usize, mode: dp::kernel::loader::TcAttach) {
     let filters = e2e::stdout_of(std::process::Command::new("ip").args([
         "netns",
         "exec",
@@ -53,7 +53,7 @@ fn assert_attached_as(cluster: &Cluster, node: usize, mode: dp::datapath::TcAtta
     let netlink = filters.contains("dp_tc_ingress");
     assert_eq!(
         netlink,
-        mode == dp::datapath::TcAttach::Netlink,
+        mode == dp::kernel::loader::TcAttach::Netlink,
         "{mode:?}: {filters}"
     );
 }
@@ -462,7 +462,7 @@ fn trace_events_explain_forwarding_and_rejects() {
         .find(|e| e.reason == Reason::NewFlow as u32)
         .unwrap();
     assert_eq!(new.service_id, 7);
-    let backend = dp::services::ip_of(&new.translated.daddr);
+    let backend = common::addr::ip_of(&new.translated.daddr);
     assert_eq!(backend, pod_addr(&f, "pod-2-0"));
     let reject = events
         .iter()
@@ -470,7 +470,7 @@ fn trace_events_explain_forwarding_and_rejects() {
         .unwrap();
     assert_eq!(reject.service_id, 8);
     assert_eq!(
-        dp::services::ip_of(&reject.original.daddr),
+        common::addr::ip_of(&reject.original.daddr),
         IpAddr::V4(Ipv4Addr::new(10, 96, 0, 81))
     );
 }

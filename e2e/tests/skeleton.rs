@@ -34,7 +34,7 @@ fn real_tcp_and_udp_are_counted_and_traced_at_every_hook() {
             dp.attach_xdp("eth0")?;
             dp.attach_tc("eth0", Hook::TcIngress)?;
             dp.attach_tc("eth0", Hook::TcEgress)?;
-            dp::datapath::ifindex("eth0")
+            dp::kernel::loader::ifindex("eth0")
         })
         .unwrap()
         .unwrap();

@@ -122,8 +122,8 @@ impl Bpffs {
     pub fn new(test: &str) -> Bpffs {
         let root =
             std::env::temp_dir().join(format!("dp-bpffs-test-{}-{test}", std::process::id()));
-        dp::pin::ensure_bpffs(&root).expect("mount a bpffs");
-        assert!(dp::pin::is_bpffs(&root));
+        dp::kernel::pin::ensure_bpffs(&root).expect("mount a bpffs");
+        assert!(dp::kernel::pin::is_bpffs(&root));
         Bpffs { root }
     }
 
@@ -136,11 +136,11 @@ impl Drop for Bpffs {
     fn drop(&mut self) {
         if let Ok(entries) = fs::read_dir(&self.root) {
             for e in entries.flatten() {
-                let _ = dp::pin::cleanup(&e.path());
+                let _ = dp::kernel::pin::cleanup(&e.path());
                 let _ = fs::remove_dir(e.path());
             }
         }
-        dp::pin::unmount_bpffs(&self.root);
+        dp::kernel::pin::unmount_bpffs(&self.root);
         let _ = fs::remove_dir(&self.root);
     }
 }

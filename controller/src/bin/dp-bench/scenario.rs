@@ -20,7 +20,7 @@ use dp::{
         apply::{Applier, Backend},
         ProxyConfig,
     },
-    manifests::{self, Objects},
+    source::manifests::{self, Objects},
     translate::{service_ports, NodeInfo, ServicePortInfo},
 };
 use e2e::Cluster;
@@ -301,8 +301,8 @@ fn remove_stale(cgroup_base: &Path) {
                 let _ = fs::remove_dir(entry.path());
             } else {
                 let bpffs = entry.path().join("bpffs");
-                let _ = dp::pin::cleanup(&bpffs);
-                dp::pin::unmount_bpffs(&bpffs);
+                let _ = dp::kernel::pin::cleanup(&bpffs);
+                dp::kernel::pin::unmount_bpffs(&bpffs);
                 let _ = fs::remove_dir_all(entry.path());
             }
         }
@@ -559,8 +559,8 @@ impl Loaded {
                 // SAFETY: signalling our own child.
                 unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
                 let _ = child.wait();
-                let _ = dp::pin::cleanup(&bpffs);
-                dp::pin::unmount_bpffs(&bpffs);
+                let _ = dp::kernel::pin::cleanup(&bpffs);
+                dp::kernel::pin::unmount_bpffs(&bpffs);
                 let _ = fs::remove_dir_all(&bpffs);
                 let _ = fs::remove_dir_all(&dir);
             }

@@ -29,16 +29,18 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
-    datapath::{MapSizes, TcAttach},
-    healthcheck::HealthCheckServer,
-    kube_source::{self, KubeSource},
-    manifests,
-    metrics::{self, AgentMetrics},
-    netlink::LinkEvents,
-    pin,
-    sync::MapWriter,
+    agent::{
+        healthcheck::HealthCheckServer,
+        links::LinkEvents,
+        metrics::{self, AgentMetrics},
+    },
+    kernel::{pin, Datapath, MapSizes, TcAttach},
+    source::{
+        api::{self as kube_source, KubeSource},
+        manifests,
+    },
+    translate::sync::MapWriter,
     translate::{translate, Cidr, NodeInfo, TranslateOptions},
-    Datapath,
 };
 
 /// The flags of `dp agent` (kept stable: other tools drive it).
@@ -96,7 +98,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     if opts.manifests.is_some() && opts.kubeconfig.is_some() {
         bail!("--manifests and --kubeconfig exclude each other");
     }
-    let kernel = crate::host::check_kernel()?;
+    let kernel = crate::kernel::host::check_kernel()?;
     let tc_attach = match opts.tc_attach {
         TcAttachChoice::Auto => TcAttach::for_kernel(&kernel),
         TcAttachChoice::Tcx => TcAttach::Tcx,
@@ -105,7 +107,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     info!(
         %kernel,
         tc_attach = %tc_attach.name(),
-        sysctls = %crate::host::Sysctls::read().describe(),
+        sysctls = %crate::kernel::host::Sysctls::read().describe(),
         "node"
     );
     // Maps and links live in bpffs: they outlive this process, and a
@@ -156,10 +158,12 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             Xdp::On => dp.attach_xdp_pinned(&dev, &xdp_pin),
             // An XDP link a previous agent pinned goes with its pin.
             Xdp::Off => match std::fs::remove_file(&xdp_pin) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(crate::Error::Io {
-                    context: format!("remove {}", xdp_pin.display()),
-                    source: e,
-                }),
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(crate::error::Error::Io {
+                        context: format!("remove {}", xdp_pin.display()),
+                        source: e,
+                    })
+                }
                 _ => Ok(()),
             },
         }

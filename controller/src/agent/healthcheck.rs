@@ -41,7 +41,8 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::{metrics, translate::DesiredState};
+use super::metrics;
+use crate::translate::DesiredState;
 
 /// How long a client may take to send its request head.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);

@@ -11,6 +11,7 @@ use std::{
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use common::{
+    addr::ip_of,
     ct::{CT_DIR_REPLY, CT_FLAG_SNAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED},
     lb::{BACKEND_FLAG_TERMINATING, SOURCE_RANGE_PREFIX_BASE},
     map_names,
@@ -22,8 +23,10 @@ use serde::Serialize;
 
 use crate::{
     error::{Error, Result},
-    pin,
-    services::{ip_of, monotonic_ns, programmed_services},
+    kernel::{
+        maps::{monotonic_ns, programmed_services},
+        pin,
+    },
     translate::protocol_name,
 };
 
@@ -211,7 +214,7 @@ pub struct Status {
     pub kernel_supported: bool,
     /// The node's reverse-path and local-source sysctls (dp needs none
     /// relaxed).
-    pub sysctls: crate::host::Sysctls,
+    pub sysctls: crate::kernel::host::Sysctls,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -259,14 +262,14 @@ pub fn status(bpffs: &Path, healthz: SocketAddr) -> Result<Status> {
             max_entries: max(map_names::NAMES)?,
         },
     ];
-    let kernel = crate::host::kernel_release();
+    let kernel = crate::kernel::host::kernel_release();
     Ok(Status {
         agent_health: health(healthz),
         attached,
         maps,
         kernel_supported: common::kernel::check(&kernel).is_ok(),
         kernel,
-        sysctls: crate::host::Sysctls::read(),
+        sysctls: crate::kernel::host::Sysctls::read(),
     })
 }
 
@@ -317,7 +320,7 @@ impl PinnedMaps {
         to: SocketAddr,
         protocol: u8,
     ) -> Result<Explanation> {
-        use crate::services::addr16;
+        use common::addr::addr16;
         use common::{
             addr::in_prefix,
             config::CONFIG_MASQUERADE_ALL,
@@ -334,8 +337,11 @@ impl PinnedMaps {
         let programmed = programmed_services(&self.services, &self.backends)?;
         let backend_addr = |id: u32| programmed.backends.get(&id).map(|b| b.0.to_string());
         let spn = |id: u32| {
-            self.name(NAME_KIND_SERVICE, id)
-                .map(|n| crate::labels::split_service_label(&n).0.to_string())
+            self.name(NAME_KIND_SERVICE, id).map(|n| {
+                crate::translate::labels::split_service_label(&n)
+                    .0
+                    .to_string()
+            })
         };
         let mut out = Explanation {
             verdict: "pass",
@@ -403,7 +409,7 @@ impl PinnedMaps {
         let from_pod = cfg.cluster_cidr_len != 0
             && in_prefix(&from16, &cfg.cluster_cidr, cfg.cluster_cidr_len);
         let etp_local = m.flags & SERVICE_FLAG_INTERNAL_SCOPE != 0;
-        let frontend = crate::services::Frontend { addr: to, protocol };
+        let frontend = crate::translate::sync::Frontend { addr: to, protocol };
         let slots = programmed
             .frontends
             .get(&frontend)
@@ -454,7 +460,7 @@ impl PinnedMaps {
             .any(|b| b.0.ip() == from);
         // As the datapath decides (`service::new_flow`): a backend that is
         // the node itself is reached without masquerade.
-        let node = crate::services::ip_of(&cfg.node_ip);
+        let node = common::addr::ip_of(&cfg.node_ip);
         let only_this_node = eligible
             .iter()
             .filter_map(|id| programmed.backends.get(id))
@@ -472,7 +478,7 @@ impl PinnedMaps {
 
     /// Service id -> its `loadBalancerSourceRanges` as `a.b.c.d/len`.
     pub fn source_ranges(&self) -> Result<BTreeMap<u32, Vec<String>>> {
-        Ok(crate::services::source_ranges_in(&self.source_ranges)?
+        Ok(crate::kernel::maps::source_ranges_in(&self.source_ranges)?
             .into_iter()
             .map(|(id, v)| (id, v.iter().map(|(a, l)| format!("{a}/{l}")).collect()))
             .collect())
@@ -484,7 +490,7 @@ impl PinnedMaps {
             SOURCE_RANGE_PREFIX_BASE + 128,
             SourceRangeKey {
                 service_id_be: service_id.to_be(),
-                addr: crate::services::addr16(from),
+                addr: common::addr::addr16(from),
             },
         );
         Ok(self.source_ranges.get(&key, 0).is_ok())

@@ -11,14 +11,14 @@
 //!   before the external master that points to them, removed after it.
 //!   Source ranges likewise: before the master that enables them.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 
 use aya::maps::{
     lpm_trie::{Key as LpmKey, LpmTrie},
     HashMap, MapData,
 };
 use common::{
-    addr::{as_v4, v4_mapped},
+    addr::{addr16, as_v4, ip_of, v4_mapped},
     lb::{
         BACKEND_FLAG_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL, SERVICE_FLAG_AFFINITY,
         SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_INTERNAL_SCOPE, SERVICE_FLAG_LOCAL_ONLY,
@@ -28,74 +28,19 @@ use common::{
     map_names, Backend, CtEntry, CtKey, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey,
 };
 
+use super::loader::{AddressUse, Datapath};
 use crate::{
-    datapath::Datapath,
     error::{Error, Result},
+    translate::sync::{BackendSlots, Frontend, ProgrammedServices, ServiceMaps},
 };
 
-/// The 16-byte map form of an address.
-pub fn addr16(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => v4_mapped(v4.octets()),
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
-
-/// The address of a 16-byte map form.
-pub fn ip_of(a: &[u8; 16]) -> IpAddr {
-    match as_v4(a) {
-        Some(v4) => IpAddr::from(v4),
-        None => IpAddr::from(*a),
-    }
-}
-
-/// A service port as clients address it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Frontend {
-    pub addr: SocketAddr,
-    /// IP protocol number (6 TCP, 17 UDP).
-    pub protocol: u8,
-}
-
-impl Frontend {
-    pub fn tcp(addr: SocketAddr) -> Self {
-        Frontend { addr, protocol: 6 }
-    }
-    pub fn udp(addr: SocketAddr) -> Self {
-        Frontend { addr, protocol: 17 }
-    }
-    fn master_key(&self) -> ServiceKey {
-        ServiceKey::master(addr16(self.addr.ip()), self.addr.port(), self.protocol)
-    }
-}
-
-/// The backends of one frontend, by id (`DP_BACKENDS` keys), and the
-/// policies the datapath applies to its new flows.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct BackendSlots {
-    /// Ready backends: new flows go to these.
-    pub ready: Vec<u32>,
-    /// Serving but terminating: new flows only when `ready` is empty.
-    pub terminating: Vec<u32>,
-    /// A Local traffic policy: with no backend, drop instead of reject.
-    pub local_only: bool,
-    /// A NodePort, externalIP or LoadBalancer frontend (not a ClusterIP).
-    pub external: bool,
-    /// eTP=Local: the cluster-wide (ready, terminating) backends, for
-    /// traffic from pods and from the node itself.
-    pub internal: Option<(Vec<u32>, Vec<u32>)>,
-    /// `sessionAffinity: ClientIP` timeout, seconds.
-    pub affinity_seconds: Option<u32>,
-    /// `loadBalancerSourceRanges`; empty: every source.
-    pub source_ranges: Vec<(Ipv4Addr, u8)>,
-}
-
-/// How many frontends use a service address, and how many of them are
-/// ClusterIPs (whose unserved ports are rejected).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AddressUse {
-    pub frontends: u32,
-    pub cluster_ips: u32,
+/// The key of a frontend's master entry (slot 0, external scope).
+fn master_key(frontend: &Frontend) -> ServiceKey {
+    ServiceKey::master(
+        addr16(frontend.addr.ip()),
+        frontend.addr.port(),
+        frontend.protocol,
+    )
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
@@ -144,7 +89,7 @@ impl Datapath {
         service_id: u32,
         slots: &BackendSlots,
     ) -> Result<()> {
-        let key = frontend.master_key();
+        let key = master_key(frontend);
         let reply_source = RevNatValue {
             addr: key.addr,
             port: key.port,
@@ -287,7 +232,7 @@ impl Datapath {
 
     /// Removes a frontend, in the safe order.
     pub fn remove_service(&mut self, frontend: &Frontend) -> Result<()> {
-        let key = frontend.master_key();
+        let key = master_key(frontend);
         let Some(master) = self.remove_slots(&key)? else {
             return Ok(());
         };
@@ -384,15 +329,6 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: valid out pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// What the service maps hold, read back (for adoption and inspection).
-#[derive(Clone, Debug, Default)]
-pub struct ProgrammedServices {
-    /// Frontend -> (service id, slots as programmed).
-    pub frontends: std::collections::BTreeMap<Frontend, (u32, BackendSlots)>,
-    /// Backend id -> (address, protocol, terminating).
-    pub backends: std::collections::BTreeMap<u32, (SocketAddr, u8, bool)>,
 }
 
 /// Reads the programmed services back from service and backend maps, owned
@@ -549,5 +485,40 @@ impl Datapath {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(map_names::NAMES)(e)),
         }
+    }
+}
+
+impl ServiceMaps for Datapath {
+    fn set_backend(
+        &mut self,
+        id: u32,
+        addr: SocketAddr,
+        protocol: u8,
+        terminating: bool,
+    ) -> Result<()> {
+        Datapath::set_backend(self, id, addr, protocol, terminating)
+    }
+    fn remove_backend(&mut self, id: u32) -> Result<()> {
+        Datapath::remove_backend(self, id)
+    }
+    fn set_service(
+        &mut self,
+        frontend: &Frontend,
+        service_id: u32,
+        slots: &BackendSlots,
+    ) -> Result<()> {
+        Datapath::set_service(self, frontend, service_id, slots)
+    }
+    fn remove_service(&mut self, frontend: &Frontend) -> Result<()> {
+        Datapath::remove_service(self, frontend)
+    }
+    fn set_name(&mut self, kind: u32, id: u32, name: &str) -> Result<()> {
+        Datapath::set_name(self, kind, id, name)
+    }
+    fn remove_name(&mut self, kind: u32, id: u32) -> Result<()> {
+        Datapath::remove_name(self, kind, id)
+    }
+    fn read_services(&mut self) -> Result<ProgrammedServices> {
+        Datapath::read_services(self)
     }
 }

@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
 use aya::maps::{HashMap, MapData};
 use common::{
+    addr::ip_of,
     lb::{
         BACKEND_FLAG_TERMINATING, SCOPE_INTERNAL, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_EXTERNAL,
         SERVICE_FLAG_LOCAL_ONLY, SERVICE_FLAG_REJECT_UNSERVED, SERVICE_FLAG_SOURCE_RANGES,
@@ -15,9 +16,8 @@ use common::{
 };
 
 use crate::{
-    datapath::Datapath,
     error::{Error, Result},
-    services::ip_of,
+    kernel::Datapath,
     translate::protocol_name,
 };
 

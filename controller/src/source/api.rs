@@ -30,7 +30,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::manifests::Objects;
+use crate::source::manifests::Objects;
 
 /// The client configuration: `--kubeconfig`, else `KUBECONFIG` or
 /// `~/.kube/config`, else in-cluster (service account token and CA).

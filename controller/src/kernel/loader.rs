@@ -21,8 +21,16 @@ use common::{
 
 use crate::{
     error::{Error, Result},
-    trace::TraceReader,
+    kernel::ring::TraceReader,
 };
+
+/// How many frontends use a service address, and how many of them are
+/// ClusterIPs (whose unserved ports are rejected).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddressUse {
+    pub frontends: u32,
+    pub cluster_ips: u32,
+}
 
 /// The object built from `dataplane-ebpf` by `build.rs`.
 static DATAPLANE_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane"));
@@ -84,7 +92,7 @@ impl TcAttach {
         std::env::var(TC_ATTACH_ENV)
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| Self::for_kernel(&crate::host::kernel_release()))
+            .unwrap_or_else(|| Self::for_kernel(&crate::kernel::host::kernel_release()))
     }
 
     pub fn name(self) -> &'static str {
@@ -126,7 +134,7 @@ fn ensure_clsact(ifname: &str) {
 /// a filter (tcx mode) are left as they are. Returns what it removed.
 pub fn detach_netlink_filters(bpffs: &std::path::Path) -> Vec<String> {
     let mut removed = Vec::new();
-    let Ok(entries) = std::fs::read_dir(crate::pin::links_dir(bpffs)) else {
+    let Ok(entries) = std::fs::read_dir(crate::kernel::pin::links_dir(bpffs)) else {
         return removed;
     };
     for e in entries.flatten() {
@@ -167,7 +175,7 @@ pub struct Datapath {
     interfaces: BTreeMap<u32, String>,
     /// Frontends per service address: the wildcard entry lives while any
     /// exists, and rejects unserved ports while a ClusterIP one does.
-    pub(crate) service_addresses: BTreeMap<[u8; 16], crate::services::AddressUse>,
+    pub(crate) service_addresses: BTreeMap<[u8; 16], AddressUse>,
     /// Service id -> the source ranges written for it in `DP_SRC_RANGES`.
     pub(crate) source_ranges: BTreeMap<u32, Vec<(std::net::Ipv4Addr, u8)>>,
     tc_attach: TcAttach,
@@ -620,10 +628,10 @@ impl Datapath {
         masquerade_all: bool,
     ) -> Result<()> {
         self.update_config(|c| {
-            c.node_ip = crate::services::addr16(node_ip);
+            c.node_ip = common::addr::addr16(node_ip);
             match cluster_cidr {
                 Some((net, len)) => {
-                    c.cluster_cidr = crate::services::addr16(net);
+                    c.cluster_cidr = common::addr::addr16(net);
                     c.cluster_cidr_len = if net.is_ipv4() { 96 + len } else { len };
                 }
                 None => {

@@ -1,6 +1,6 @@
 //! Makes the datapath maps match a `DesiredState`, incrementally: only the
 //! frontends and backends that changed are written, in the order that never
-//! shows a packet a half-written service (`services.rs`): new backends
+//! shows a packet a half-written service (`kernel/maps.rs`): new backends
 //! first, then frontends, then removed frontends, then unused backends.
 //!
 //! Backends are identified by (address, port, protocol) and get the lowest
@@ -13,17 +13,13 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
 };
 
-use crate::{
-    datapath::Datapath,
-    error::Result,
-    services::{BackendSlots, Frontend},
-    translate::{
-        protocol_name, DesiredState, EndpointInfo, FrontendKey, FrontendKind, FrontendSpec,
-    },
+use super::rules::{
+    protocol_name, DesiredState, EndpointInfo, FrontendKey, FrontendKind, FrontendSpec,
 };
+use crate::error::Result;
 
 /// What was written in one `apply`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -52,6 +48,85 @@ struct Applied {
     spec: Option<FrontendSpec>,
 }
 
+/// A service port as clients address it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub addr: SocketAddr,
+    /// IP protocol number (6 TCP, 17 UDP).
+    pub protocol: u8,
+}
+
+impl Frontend {
+    pub fn tcp(addr: SocketAddr) -> Self {
+        Frontend { addr, protocol: 6 }
+    }
+    pub fn udp(addr: SocketAddr) -> Self {
+        Frontend { addr, protocol: 17 }
+    }
+}
+
+/// The backends of one frontend, by id (`DP_BACKENDS` keys), and the
+/// policies the datapath applies to its new flows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackendSlots {
+    /// Ready backends: new flows go to these.
+    pub ready: Vec<u32>,
+    /// Serving but terminating: new flows only when `ready` is empty.
+    pub terminating: Vec<u32>,
+    /// A Local traffic policy: with no backend, drop instead of reject.
+    pub local_only: bool,
+    /// A NodePort, externalIP or LoadBalancer frontend (not a ClusterIP).
+    pub external: bool,
+    /// eTP=Local: the cluster-wide (ready, terminating) backends, for
+    /// traffic from pods and from the node itself.
+    pub internal: Option<(Vec<u32>, Vec<u32>)>,
+    /// `sessionAffinity: ClientIP` timeout, seconds.
+    pub affinity_seconds: Option<u32>,
+    /// `loadBalancerSourceRanges`; empty: every source.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+}
+
+/// What the service maps hold, read back (for adoption and inspection).
+#[derive(Clone, Debug, Default)]
+pub struct ProgrammedServices {
+    /// Frontend -> (service id, slots as programmed).
+    pub frontends: BTreeMap<Frontend, (u32, BackendSlots)>,
+    /// Backend id -> (address, protocol, terminating).
+    pub backends: BTreeMap<u32, (SocketAddr, u8, bool)>,
+}
+
+/// The datapath's service and name maps, as the writer programs them.
+/// `Datapath` implements it on the real maps (`kernel::maps`); the unit
+/// tests below implement it in memory, so kube-proxy's rules can be checked
+/// through the writer without root.
+pub trait ServiceMaps {
+    /// Adds or replaces a backend.
+    fn set_backend(
+        &mut self,
+        id: u32,
+        addr: SocketAddr,
+        protocol: u8,
+        terminating: bool,
+    ) -> Result<()>;
+    /// Removes a backend (absent is fine).
+    fn remove_backend(&mut self, id: u32) -> Result<()>;
+    /// Adds or updates a frontend with its backend slots.
+    fn set_service(
+        &mut self,
+        frontend: &Frontend,
+        service_id: u32,
+        slots: &BackendSlots,
+    ) -> Result<()>;
+    /// Removes a frontend (absent is fine).
+    fn remove_service(&mut self, frontend: &Frontend) -> Result<()>;
+    /// Names an id for traces and dumps.
+    fn set_name(&mut self, kind: u32, id: u32, name: &str) -> Result<()>;
+    /// Forgets the name of an id.
+    fn remove_name(&mut self, kind: u32, id: u32) -> Result<()>;
+    /// What the maps hold now (for adoption).
+    fn read_services(&mut self) -> Result<ProgrammedServices>;
+}
+
 /// The agent's record of what it programmed.
 #[derive(Debug, Default)]
 pub struct MapWriter {
@@ -70,7 +145,7 @@ impl MapWriter {
     /// Starts from what the maps already hold (pinned maps left by an
     /// earlier agent): the same backend and service ids are kept, so the
     /// conntrack entries that refer to them stay right.
-    pub fn adopt(dp: &mut Datapath) -> Result<Self> {
+    pub fn adopt(dp: &mut (impl ServiceMaps + ?Sized)) -> Result<Self> {
         let programmed = dp.read_services()?;
         let mut writer = MapWriter::new();
         for (id, (addr, protocol, terminating)) in programmed.backends {
@@ -99,8 +174,10 @@ impl MapWriter {
             .values()
             .filter_map(|a| {
                 let spec = a.spec.as_ref()?;
-                let label =
-                    crate::labels::service_label(&spec.service.to_string(), &spec.kind.to_string());
+                let label = crate::translate::labels::service_label(
+                    &spec.service.to_string(),
+                    &spec.kind.to_string(),
+                );
                 Some((a.service_id, label))
             })
             .collect()
@@ -109,7 +186,7 @@ impl MapWriter {
     /// Keeps `DP_NAMES` in step: service ids -> `ns/name:port (Kind)`,
     /// backend ids -> `ns/pod on node`, `on node` or `ns/pod` (what is
     /// known of them beyond their address).
-    pub fn write_names(&mut self, dp: &mut Datapath) -> Result<()> {
+    pub fn write_names(&mut self, dp: &mut (impl ServiceMaps + ?Sized)) -> Result<()> {
         use common::names::{NAME_KIND_BACKEND, NAME_KIND_SERVICE};
         let mut wanted: BTreeMap<(u32, u32), String> = self
             .service_names()
@@ -118,7 +195,8 @@ impl MapWriter {
             .collect();
         for (id, ep) in self.backend_endpoints() {
             // What is known beyond the address: the pod and its node.
-            let Some(name) = crate::labels::backend_label(ep.pod.as_deref(), ep.node.as_deref())
+            let Some(name) =
+                crate::translate::labels::backend_label(ep.pod.as_deref(), ep.node.as_deref())
             else {
                 continue;
             };
@@ -176,7 +254,11 @@ impl MapWriter {
         self.backends.len()
     }
 
-    pub fn apply(&mut self, dp: &mut Datapath, desired: &DesiredState) -> Result<SyncStats> {
+    pub fn apply(
+        &mut self,
+        dp: &mut (impl ServiceMaps + ?Sized),
+        desired: &DesiredState,
+    ) -> Result<SyncStats> {
         let mut stats = SyncStats::default();
         // 1. Backends the desired state needs, with their terminating flag.
         let mut wanted: BTreeMap<(SocketAddr, u8), bool> = BTreeMap::new();

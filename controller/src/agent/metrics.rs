@@ -24,7 +24,7 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::{datapath::Datapath, sync::MapWriter};
+use crate::{kernel::Datapath, translate::sync::MapWriter};
 
 /// kube-proxy's buckets: 1 ms doubling, 15 of them.
 fn exponential_buckets() -> Vec<f64> {

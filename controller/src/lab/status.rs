@@ -1,0 +1,109 @@
+//! Running commands in lab members, and `dp lab status`.
+
+use std::{io::Write, os::unix::process::CommandExt, path::Path, process::Command};
+
+use anyhow::{bail, Context as _};
+
+use super::{process::*, *};
+
+impl Lab {
+    /// A command that runs `program args` inside a member's network
+    /// namespace. On a node, `dp` commands find that node's pins
+    /// (`DP_BPFFS`), and `dp` is on the PATH.
+    pub fn command(&self, member: &str, program: &str) -> anyhow::Result<Command> {
+        let state = self.state()?;
+        let Some(m) = state.members().find(|m| m.name == member) else {
+            let names: Vec<&str> = state.members().map(|m| m.name.as_str()).collect();
+            bail!(
+                "lab {:?} has no {member:?}; members: {}",
+                self.name,
+                names.join(", ")
+            );
+        };
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns_path(&m.name).display()))
+            .arg(program);
+        if state.nodes.iter().any(|n| n.name == member) {
+            cmd.env("DP_BPFFS", self.node_bpffs(member));
+        }
+        let exe_dir = std::env::current_exe()?
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![exe_dir];
+        paths.extend(std::env::split_paths(&path));
+        cmd.env("PATH", std::env::join_paths(paths)?);
+        Ok(cmd)
+    }
+
+    /// `dp lab exec`: becomes the command (its exit status is ours).
+    pub fn exec(&self, member: &str, argv: &[String]) -> anyhow::Result<()> {
+        let (program, args) = argv.split_first().context("a command to run")?;
+        let err = self.command(member, program)?.args(args).exec();
+        Err(err).context(format!("running {program}"))
+    }
+
+    /// `dp lab status`.
+    pub fn status(&self, out: &mut impl Write) -> anyhow::Result<()> {
+        let state = self.state()?;
+        writeln!(out, "lab {:?}: {} mode", state.name, state.mode.name())?;
+        for m in state.members() {
+            let present = self.netns_path(&m.name).exists();
+            let processes: Vec<String> = state
+                .processes
+                .iter()
+                .filter(|p| p.member == m.name)
+                .map(|p| {
+                    format!(
+                        "{} pid {} {}",
+                        p.what,
+                        p.pid,
+                        if alive(p.pid) { "running" } else { "EXITED" }
+                    )
+                })
+                .collect();
+            writeln!(
+                out,
+                "  {:<8} {:<13} {}{}",
+                m.name,
+                m.ip,
+                if present { "" } else { "namespace MISSING " },
+                processes.join(", ")
+            )?;
+        }
+        let (ports, skipped) = self.service_ports_for(&state.nodes[0])?;
+        writeln!(out, "services ({}):", self.manifests_dir().display())?;
+        for p in &ports {
+            let mut addrs: Vec<String> = p
+                .cluster_ips
+                .iter()
+                .map(|ip| format!("{ip}:{}", p.port))
+                .collect();
+            if let Some(node_port) = p.node_port {
+                addrs.push(format!("nodePort {node_port}"));
+            }
+            let ready = p.cluster.ready.len();
+            let terminating = p.cluster.terminating.len();
+            let mut notes = Vec::new();
+            if p.etp_local {
+                notes.push("eTP=Local".to_string());
+            }
+            if p.affinity_seconds.is_some() {
+                notes.push("ClientIP affinity".to_string());
+            }
+            writeln!(
+                out,
+                "  {:<28} {:<3} {:<34} {ready} ready, {terminating} terminating {}",
+                p.service.to_string(),
+                crate::kube_proxy::proto(p.protocol),
+                addrs.join(", "),
+                notes.join(" ")
+            )?;
+        }
+        for s in &skipped {
+            writeln!(out, "  skipped {}: {}", s.object, s.reason)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,276 @@
+//! `dp lab up`: building the namespaces, starting servers and agents (or
+//! loading kube-proxy's rules), and waiting until each is ready.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Write},
+    os::unix::process::CommandExt,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context as _};
+
+use super::{process::*, *};
+
+impl Lab {
+    /// Builds the lab: namespaces, servers, dataplane, manifests. On failure
+    /// whatever was built is removed again.
+    pub fn up(&self, opts: &UpOptions, out: &mut impl Write) -> anyhow::Result<State> {
+        ensure!(
+            (1..=9).contains(&opts.nodes),
+            "--nodes {}: 1 to 9",
+            opts.nodes
+        );
+        if self.exists() {
+            bail!(
+                "lab {:?} exists already: `dp lab status --name {0}`, or `dp lab down --name {0}` first",
+                self.name
+            );
+        }
+        let started = Instant::now();
+        let result = self.build(opts, out);
+        match result {
+            Ok(state) => {
+                writeln!(
+                    out,
+                    "lab {:?} up in {:.1} s ({} mode)",
+                    self.name,
+                    started.elapsed().as_secs_f64(),
+                    opts.mode.name()
+                )?;
+                Ok(state)
+            }
+            Err(e) => {
+                let _ = self.down();
+                Err(e)
+            }
+        }
+    }
+
+    pub(super) fn build(&self, opts: &UpOptions, out: &mut impl Write) -> anyhow::Result<State> {
+        fs::create_dir_all(self.root.join("logs"))?;
+        fs::create_dir_all(self.manifests_dir())?;
+        crate::kernel::pin::ensure_bpffs(&self.bpffs())?;
+        let links = self.bpffs().join("lab");
+        fs::create_dir_all(&links)?;
+
+        let cluster = e2e::Cluster::build(
+            e2e::Topology::named(&self.prefix()),
+            &vec![PODS_PER_NODE; opts.nodes],
+        )
+        .context("creating the namespaces")?;
+        let mut state = State {
+            name: self.name.clone(),
+            mode: opts.mode,
+            nodes: cluster
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| Member {
+                    name: n.name.clone(),
+                    ip: n.ip,
+                    node: None,
+                    pod_gateway: Some(e2e::cluster::pod_gateway(i)),
+                })
+                .collect(),
+            pods: cluster
+                .pods
+                .iter()
+                .map(|p| Member {
+                    name: p.name.clone(),
+                    ip: p.ip,
+                    node: Some(cluster.nodes[p.node].name.clone()),
+                    pod_gateway: None,
+                })
+                .collect(),
+            client: Member {
+                name: "client".into(),
+                ip: e2e::cluster::CLIENT_IP,
+                node: None,
+                pod_gateway: None,
+            },
+            processes: Vec::new(),
+        };
+        cluster.keep(&links)?;
+        self.save(&state)?;
+        for node in &state.nodes {
+            let pods: Vec<String> = state
+                .pods
+                .iter()
+                .filter(|p| p.node.as_deref() == Some(&node.name))
+                .map(|p| format!("{} {}", p.name, p.ip))
+                .collect();
+            writeln!(out, "  {} {}: {}", node.name, node.ip, pods.join(", "))?;
+        }
+        writeln!(
+            out,
+            "  client {} (outside the cluster CIDR 10.244.0.0/16; routes 10.96.0.0/16 via node1)",
+            state.client.ip
+        )?;
+
+        match &opts.manifests {
+            Some(dir) => {
+                let mut n = 0;
+                for entry in fs::read_dir(dir).with_context(|| format!("{}", dir.display()))? {
+                    let path = entry?.path();
+                    if crate::source::manifests::is_manifest(&path) {
+                        fs::copy(&path, self.manifests_dir().join(path.file_name().unwrap()))?;
+                        n += 1;
+                    }
+                }
+                writeln!(out, "  {n} manifest files from {}", dir.display())?;
+            }
+            None => {
+                for (name, text) in EXAMPLES {
+                    fs::write(self.manifests_dir().join(name), text)?;
+                }
+                writeln!(
+                    out,
+                    "  the {} example manifests (examples/)",
+                    EXAMPLES.len()
+                )?;
+            }
+        }
+
+        for pod in &state.pods {
+            let pid = self.start_servers(pod)?;
+            state.processes.push(Process {
+                pid,
+                member: pod.name.clone(),
+                what: "servers".into(),
+            });
+            self.save(&state)?;
+        }
+        writeln!(
+            out,
+            "  every pod serves HTTP :{HTTP_PORT}, UDP echo :{UDP_ECHO_PORT}, DNS :{DNS_PORT} (replies name the pod and the client address it saw)"
+        )?;
+
+        match opts.mode {
+            Mode::Dp => {
+                for node in state.nodes.clone() {
+                    let pid = self.start_agent(&node)?;
+                    state.processes.push(Process {
+                        pid,
+                        member: node.name.clone(),
+                        what: "agent".into(),
+                    });
+                    self.save(&state)?;
+                    self.wait_for_log(pid, &self.log(&node.name, "agent"), 0)?;
+                }
+                writeln!(
+                    out,
+                    "  dataplane: a dp agent per node (pins under {})",
+                    self.bpffs().display()
+                )?;
+            }
+            Mode::Iptables | Mode::Nftables => {
+                for node in &state.nodes {
+                    self.apply_rules(&state, node)?;
+                }
+                writeln!(
+                    out,
+                    "  dataplane: kube-proxy's {} rules in every node",
+                    if opts.mode == Mode::Iptables {
+                        "iptables (iptables-nft)"
+                    } else {
+                        "nftables"
+                    }
+                )?;
+            }
+        }
+        Ok(state)
+    }
+
+    /// `dp lab serve` in a pod; returns once its sockets are bound.
+    pub(super) fn start_servers(&self, pod: &Member) -> anyhow::Result<u32> {
+        let exe = std::env::current_exe()?;
+        let mut child = self
+            .detached(&pod.name, &exe, &self.log(&pod.name, "servers"))?
+            .args(["lab", "serve", "--pod", &pod.name])
+            .arg("--state-dir")
+            .arg(&self.root)
+            .args(["--node", pod.node.as_deref().unwrap_or_default()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting dp lab serve")?;
+        // It prints one line once listening, and nothing more.
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(READY_TIMEOUT).unwrap_or_default();
+        ensure!(
+            line.starts_with("ready"),
+            "the servers in {} did not start: {}",
+            pod.name,
+            tail(&self.log(&pod.name, "servers"))
+        );
+        Ok(child.id())
+    }
+
+    /// `dp agent` in a node's namespace, reading the lab's manifests.
+    pub(super) fn start_agent(&self, node: &Member) -> anyhow::Result<u32> {
+        let exe = std::env::current_exe()?;
+        let child = self
+            .detached(&node.name, &exe, &self.log(&node.name, "agent"))?
+            .arg("agent")
+            .arg("--manifests")
+            .arg(self.manifests_dir())
+            .arg("--bpffs")
+            .arg(self.node_bpffs(&node.name))
+            .args(["--node-name", &node.name, "--node-ip", &node.ip.to_string()])
+            .args(["--devices", "eth0"])
+            .args(["--cluster-cidr", "10.244.0.0/16"])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting dp agent")?;
+        Ok(child.id())
+    }
+
+    /// A command that runs `program` in `member`'s network namespace only
+    /// (`nsenter --net` keeps the mounts, so the lab's bpffs stays visible),
+    /// in a process group of its own, logging to `log`, outliving us.
+    pub(super) fn detached(
+        &self,
+        member: &str,
+        program: &Path,
+        log: &Path,
+    ) -> anyhow::Result<Command> {
+        let log = fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns_path(member).display()))
+            .arg(program)
+            .stdin(Stdio::null())
+            .stderr(log)
+            // Ctrl-C in the terminal of `dp lab up` must not reach it.
+            .process_group(0);
+        Ok(cmd)
+    }
+
+    /// Waits until the agent `pid` has logged more than `seen` syncs.
+    pub(super) fn wait_for_log(&self, pid: u32, log: &Path, seen: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let text = fs::read_to_string(log).unwrap_or_default();
+            if count_syncs(&text) > seen {
+                return Ok(());
+            }
+            ensure!(alive(pid), "the agent (pid {pid}) exited: {}", tail(log));
+            ensure!(
+                Instant::now() < deadline,
+                "the agent (pid {pid}) did not sync within {READY_TIMEOUT:?}: {}",
+                tail(log)
+            );
+            // The agent writes its log; there is no other signal to wait on.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

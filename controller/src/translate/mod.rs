@@ -1,0 +1,17 @@
+//! From Kubernetes objects to what the datapath should hold, by kube-proxy's
+//! rules, and the writer that brings the maps there. Pure logic: nothing
+//! here touches the kernel, so it is unit-tested without root.
+//!
+//! - `rules`: Services, EndpointSlices and Nodes to a `DesiredState`
+//!   (frontends, eligible endpoints, policies).
+//! - `sync`: `MapWriter`, the incremental diff from a `DesiredState` to map
+//!   writes, through the `ServiceMaps` trait the kernel side implements.
+//! - `labels`: the names services and backends get in traces and dumps.
+//!
+//! Uses: `error` and the `common` crate only.
+
+pub mod labels;
+mod rules;
+pub mod sync;
+
+pub use rules::*;
