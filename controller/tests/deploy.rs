@@ -12,7 +12,7 @@ use std::{
     process::Command,
 };
 
-use serde_yaml::Value;
+use serde_norway::Value;
 
 /// The Kubernetes version the schemas are taken from (k8s-openapi's
 /// feature in Cargo.toml is the same).
@@ -39,7 +39,7 @@ fn objects(files: &[PathBuf]) -> Vec<Value> {
         .iter()
         .flat_map(|f| {
             let text = fs::read_to_string(f).unwrap();
-            serde_yaml::Deserializer::from_str(&text)
+            serde_norway::Deserializer::from_str(&text)
                 .map(|d| Value::deserialize(d).unwrap())
                 .filter(|v| !v.is_null())
                 .collect::<Vec<_>>()
@@ -158,7 +158,7 @@ fn rbac_grants_exactly_get_list_watch_on_services_endpointslices_and_nodes() {
 
 #[test]
 fn the_kustomization_lists_every_manifest_once() {
-    let k: Value = serde_yaml::from_str(
+    let k: Value = serde_norway::from_str(
         &fs::read_to_string(root().join("deploy/kustomization.yaml")).unwrap(),
     )
     .unwrap();
@@ -281,13 +281,13 @@ fn the_daemonset_fits_the_agent() {
 #[test]
 fn the_kind_cluster_has_no_kube_proxy() {
     let config: Value =
-        serde_yaml::from_str(&fs::read_to_string(root().join("e2e/kind/cluster.yaml")).unwrap())
+        serde_norway::from_str(&fs::read_to_string(root().join("e2e/kind/cluster.yaml")).unwrap())
             .unwrap();
     assert_eq!(config["kind"], "Cluster");
     assert_eq!(config["apiVersion"], "kind.x-k8s.io/v1alpha4");
     assert_eq!(config["networking"]["kubeProxyMode"], "none");
     let cm: Value =
-        serde_yaml::from_str(&fs::read_to_string(root().join("deploy/configmap.yaml")).unwrap())
+        serde_norway::from_str(&fs::read_to_string(root().join("deploy/configmap.yaml")).unwrap())
             .unwrap();
     assert_eq!(
         config["networking"]["podSubnet"],

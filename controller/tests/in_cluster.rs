@@ -27,17 +27,17 @@ use support::agents::*;
 
 const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
-fn deploy_file(name: &str) -> serde_yaml::Value {
+fn deploy_file(name: &str) -> serde_norway::Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../deploy")
         .join(name);
-    serde_yaml::from_str(&fs::read_to_string(&path).unwrap()).unwrap()
+    serde_norway::from_str(&fs::read_to_string(&path).unwrap()).unwrap()
 }
 
 /// deploy/configmap.yaml's data: the agent's environment.
 fn configmap_env() -> BTreeMap<String, String> {
     let cm = deploy_file("configmap.yaml");
-    serde_yaml::from_value(cm["data"].clone()).unwrap()
+    serde_norway::from_value(cm["data"].clone()).unwrap()
 }
 
 /// The agent container's added capabilities, for `setpriv`: `+bpf,+...`.

@@ -21,7 +21,7 @@ fn workspace() -> PathBuf {
 /// The init container's shell command in deploy/daemonset.yaml.
 fn init_container_command() -> String {
     let text = std::fs::read_to_string(workspace().join("deploy/daemonset.yaml")).unwrap();
-    let ds: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let ds: serde_norway::Value = serde_norway::from_str(&text).unwrap();
     let init = &ds["spec"]["template"]["spec"]["initContainers"][0];
     assert_eq!(init["command"][0], "sh");
     assert_eq!(init["command"][1], "-c");

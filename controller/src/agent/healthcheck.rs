@@ -297,7 +297,7 @@ mod tests {
     fn service(ns: &str, name: &str, ty: &str, policy: &str, hc: u16, ip: &str) -> Service {
         let n: u16 = ip.rsplit('.').next().unwrap().parse().unwrap();
         let (np1, np2) = (30000 + 2 * n, 30001 + 2 * n);
-        serde_yaml::from_str(&format!(
+        serde_norway::from_str(&format!(
             r#"
 metadata: {{name: {name}, namespace: {ns}}}
 spec:
@@ -326,7 +326,7 @@ status:
                 )
             })
             .collect();
-        serde_yaml::from_str(&format!(
+        serde_norway::from_str(&format!(
             r#"
 metadata:
   name: {svc}-1

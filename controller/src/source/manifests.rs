@@ -32,10 +32,10 @@ pub fn load_dir(dir: &Path) -> std::io::Result<Objects> {
 
 /// Adds the objects of one file's text to `objects`.
 pub fn load_str(text: &str, origin: &str, objects: &mut Objects) {
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
         let here = format!("{origin} document {}", i + 1);
-        match serde_yaml::Value::deserialize(doc) {
-            Ok(serde_yaml::Value::Null) => {}
+        match serde_norway::Value::deserialize(doc) {
+            Ok(serde_norway::Value::Null) => {}
             Ok(value) => add(value, &here, objects),
             Err(e) => {
                 // After a syntax error the parser cannot find the next
@@ -50,8 +50,8 @@ pub fn load_str(text: &str, origin: &str, objects: &mut Objects) {
     }
 }
 
-fn add(value: serde_yaml::Value, here: &str, objects: &mut Objects) {
-    let size = serde_yaml::to_string(&value).map_or(0, |s| s.len());
+fn add(value: serde_norway::Value, here: &str, objects: &mut Objects) {
+    let size = serde_norway::to_string(&value).map_or(0, |s| s.len());
     if size > MAX_DOCUMENT_BYTES {
         objects.skipped.push(invalid(
             here,
@@ -67,11 +67,11 @@ fn add(value: serde_yaml::Value, here: &str, objects: &mut Objects) {
                 add(item, &format!("{here} item {}", j + 1), objects);
             }
         }
-        "Service" => match serde_yaml::from_value::<Service>(value) {
+        "Service" => match serde_norway::from_value::<Service>(value) {
             Ok(svc) => objects.services.push(svc),
             Err(e) => objects.skipped.push(invalid(here, format!("Service: {e}"))),
         },
-        "EndpointSlice" => match serde_yaml::from_value::<EndpointSlice>(value) {
+        "EndpointSlice" => match serde_norway::from_value::<EndpointSlice>(value) {
             Ok(slice) if slice.endpoints.len() > MAX_SLICE_ENDPOINTS => {
                 objects.skipped.push(invalid(
                     here,
@@ -92,7 +92,7 @@ fn add(value: serde_yaml::Value, here: &str, objects: &mut Objects) {
                 .skipped
                 .push(invalid(here, format!("EndpointSlice: {e}"))),
         },
-        "Node" => match serde_yaml::from_value::<Node>(value) {
+        "Node" => match serde_norway::from_value::<Node>(value) {
             Ok(node) => objects.nodes.push(node),
             Err(e) => objects.skipped.push(invalid(here, format!("Node: {e}"))),
         },
