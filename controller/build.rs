@@ -16,12 +16,21 @@ fn main() {
         println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
     }
     println!("cargo:rerun-if-changed={}", ebpf::EBPF_RUSTC);
+    println!("cargo:rerun-if-env-changed={}", ebpf::STUB_ENV);
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR")).join(ebpf::EBPF_BIN);
+    if ebpf::stub_requested(env::var_os(ebpf::STUB_ENV).as_deref()) {
+        println!(
+            "cargo:warning={}=1: embedding an empty stub, not the eBPF object; this dp cannot load its datapath",
+            ebpf::STUB_ENV
+        );
+        fs::write(&out, []).unwrap_or_else(|e| panic!("write {}: {e}", out.display()));
+        return;
+    }
     let cargo = PathBuf::from(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     let object = match ebpf::build_ebpf(&workspace, &cargo) {
         Ok(object) => object,
         Err(e) => panic!("building the eBPF object: {e}"),
     };
-    let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR")).join(ebpf::EBPF_BIN);
     fs::copy(&object, &out)
         .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", object.display(), out.display()));
 }

@@ -2,6 +2,10 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum Error {
+    #[error(
+        "this dp was built with DP_EBPF_STUB=1 and has no eBPF object; build it without that variable"
+    )]
+    StubObject,
     #[error("loading the dp eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]

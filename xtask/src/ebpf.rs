@@ -20,6 +20,16 @@ pub const EBPF_BIN: &str = "dataplane";
 /// Debian's rustc-web: the compiler with a `core` for the BPF target.
 pub const EBPF_RUSTC: &str = "/usr/bin/rustc";
 
+/// Set to `1`, `controller/build.rs` embeds an empty stub instead of the
+/// eBPF object, so `cargo check` and clippy run without the eBPF toolchain
+/// (as aya-template's build script does). The `dp` built so refuses to load.
+pub const STUB_ENV: &str = "DP_EBPF_STUB";
+
+/// Whether the value of `STUB_ENV` asks for the stub.
+pub fn stub_requested(value: Option<&std::ffi::OsStr>) -> bool {
+    matches!(value.and_then(|v| v.to_str()), Some("1" | "true" | "yes"))
+}
+
 /// Builds the eBPF object in `<workspace>/target/ebpf` and returns its path.
 pub fn build_ebpf(workspace: &Path, cargo: &Path) -> Result<PathBuf, String> {
     if !Path::new(EBPF_RUSTC).exists() {
@@ -60,4 +70,22 @@ pub fn build_ebpf(workspace: &Path, cargo: &Path) -> Result<PathBuf, String> {
         return Err(format!("eBPF build failed ({status}): {cmd:?}"));
     }
     Ok(target_dir.join(EBPF_TARGET).join("release").join(EBPF_BIN))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    use super::stub_requested;
+
+    #[test]
+    fn only_an_explicit_yes_asks_for_the_stub() {
+        for yes in ["1", "true", "yes"] {
+            assert!(stub_requested(Some(OsStr::new(yes))), "{yes}");
+        }
+        for no in ["", "0", "false", "no"] {
+            assert!(!stub_requested(Some(OsStr::new(no))), "{no:?}");
+        }
+        assert!(!stub_requested(None));
+    }
 }

@@ -35,6 +35,16 @@ pub struct AddressUse {
 /// The object built from `dataplane-ebpf` by `build.rs`.
 static DATAPLANE_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane"));
 
+/// The object `build.rs` embedded is real: with `DP_EBPF_STUB=1` (checking
+/// and linting without the eBPF toolchain) it is empty, and loading says so
+/// instead of failing on an unparsable ELF.
+fn check_object(object: &[u8]) -> Result<()> {
+    if object.is_empty() {
+        return Err(Error::StubObject);
+    }
+    Ok(())
+}
+
 /// Map capacities chosen at load time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
@@ -237,6 +247,7 @@ impl Datapath {
     }
 
     fn load_inner(sizes: MapSizes, maps_dir: Option<&std::path::Path>) -> Result<Self> {
+        check_object(DATAPLANE_OBJECT)?;
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(map_names::SERVICES, sizes.services)
@@ -952,5 +963,18 @@ pub fn ifindex(ifname: &str) -> Result<u32> {
     match unsafe { libc::if_nametoindex(c.as_ptr()) } {
         0 => Err(Error::NoSuchInterface(ifname.to_string())),
         i => Ok(i),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stub_object_is_refused_with_how_to_build_the_real_one() {
+        let err = check_object(&[]).unwrap_err();
+        assert!(matches!(err, Error::StubObject));
+        assert!(err.to_string().contains("DP_EBPF_STUB"), "{err}");
+        check_object(DATAPLANE_OBJECT).expect("the tests embed the real object");
     }
 }
