@@ -15,3 +15,6 @@ mod rules;
 pub mod sync;
 
 pub use rules::*;
+
+#[cfg(test)]
+mod tests;
