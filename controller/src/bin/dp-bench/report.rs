@@ -1,9 +1,17 @@
 //! The results as JSON, markdown tables (ratios to iptables mode with the
-//! nft backend and to the direct floor) and SVG line charts of figures vs N.
+//! nft backend and to the direct floor) and SVG line charts of figures vs N,
+//! drawn with plotters: p50 (or the median over the runs) as the line, p99
+//! (or the runs' range) as error bars, log axes where values span more than
+//! a decade, round ticks.
 
 use std::{fmt::Write as _, fs, path::Path};
 
 use anyhow::{Context as _, Result};
+use plotters::{
+    coord::ranged1d::{DefaultFormatting, KeyPointHint},
+    prelude::*,
+    style::text_anchor::{HPos, Pos, VPos},
+};
 
 use crate::{loadgen::Summary, scenario::Dataplane, Percentiles, Point, Results, Traffic};
 
@@ -28,8 +36,8 @@ pub fn read(path: &Path) -> Result<Results> {
 /// tables.md and the plots (not results.json).
 pub fn write_report(results: &Results, out: &Path) -> Result<()> {
     fs::write(out.join("tables.md"), tables(results))?;
-    for (file, title, unit, get) in charts() {
-        fs::write(out.join(file), chart(results, title, unit, get))?;
+    for c in charts() {
+        fs::write(out.join(c.file), chart(results, &c)?)?;
     }
     Ok(())
 }
@@ -45,46 +53,134 @@ pub fn update_markdown(results: &Results, path: &Path) -> Result<()> {
     Ok(())
 }
 
-type Getter = fn(&Point) -> Option<f64>;
+/// One figure of one point: `mid` is drawn as the line with markers, `bar`
+/// (low and high end) as an error bar, where the results have a spread.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Value {
+    mid: f64,
+    bar: Option<(f64, f64)>,
+}
 
-fn charts() -> Vec<(&'static str, &'static str, &'static str, Getter)> {
+type Getter = fn(&Point) -> Option<Value>;
+
+/// What a chart's bars show: said in the subtitle and the legend's key.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Spread {
+    /// Per-run p50 and p99, each the median over the runs.
+    P50ToP99,
+    /// The median over the runs, the bar from the lowest to the highest run.
+    Runs,
+    /// p50 and p99 over the endpoint changes.
+    Changes,
+    /// One measurement per point.
+    Single,
+}
+
+impl Spread {
+    fn subtitle(self) -> &'static str {
+        match self {
+            Spread::P50ToP99 => {
+                "Line: p50; bar: from p50 up to p99 (each the median over the runs)."
+            }
+            Spread::Runs => "Line: median over the runs; bar: lowest to highest run.",
+            Spread::Changes => "Line: p50 of the changes; bar: from p50 up to p99.",
+            Spread::Single => {
+                "One load per dataplane and N (no spread); not loaded: stopped at --load-timeout."
+            }
+        }
+    }
+
+    /// Labels of the legend's sample bar: top, marker, bottom.
+    fn key(self) -> Option<[&'static str; 3]> {
+        match self {
+            Spread::P50ToP99 | Spread::Changes => Some(["p99", "p50", ""]),
+            Spread::Runs => Some(["highest run", "median", "lowest run"]),
+            Spread::Single => None,
+        }
+    }
+}
+
+struct Chart {
+    file: &'static str,
+    title: &'static str,
+    /// The y axis: what and its unit.
+    y_desc: &'static str,
+    spread: Spread,
+    get: Getter,
+}
+
+/// p50 with a bar up to p99 (medians over the runs).
+fn p50_to_p99(p: &Percentiles) -> Option<Value> {
+    let mid = p.p50?.median;
+    Some(Value {
+        mid,
+        bar: p.p99.map(|s| (mid, s.median)),
+    })
+}
+
+/// The median over the runs with their range.
+fn over_runs(s: &Option<Summary>) -> Option<Value> {
+    let s = s.as_ref()?;
+    Some(Value {
+        mid: s.median,
+        bar: (s.runs > 1).then_some((s.min, s.max)),
+    })
+}
+
+fn charts() -> Vec<Chart> {
     vec![
-        (
-            "first-connection-last-service.svg",
-            "New connection + 1 request/response, ClusterIP evaluated last (p50)",
-            "µs",
-            |p| p.cluster_ip.first_packet_last.p50.map(|s| s.median),
-        ),
-        (
-            "first-connection-random-service.svg",
-            "New connection + 1 request/response, random ClusterIP (p50)",
-            "µs",
-            |p| p.cluster_ip.first_packet_random.p50.map(|s| s.median),
-        ),
-        (
-            "first-connection-nodeport.svg",
-            "New connection + 1 request/response, NodePort evaluated last, external client (p50)",
-            "µs",
-            |p| p.node_port.first_packet_last.p50.map(|s| s.median),
-        ),
-        (
-            "connection-rate.svg",
-            "New connections per second to random ClusterIPs",
-            "conn/s",
-            |p| p.cluster_ip.connections_per_second.map(|s| s.median),
-        ),
-        (
-            "endpoint-change.svg",
-            "One endpoint change until applied (p50)",
-            "ms",
-            |p| p.endpoint_change.as_ref().map(|c| c.p50_ms),
-        ),
-        (
-            "initial-load.svg",
-            "Programming all N services from nothing",
-            "s",
-            |p| (p.dataplane != Dataplane::Direct && p.load_finished).then_some(p.load_seconds),
-        ),
+        Chart {
+            file: "first-connection-last-service.svg",
+            title: "New connection + 1 request/response, ClusterIP evaluated last",
+            y_desc: "latency (µs)",
+            spread: Spread::P50ToP99,
+            get: |p| p50_to_p99(&p.cluster_ip.first_packet_last),
+        },
+        Chart {
+            file: "first-connection-random-service.svg",
+            title: "New connection + 1 request/response, random ClusterIP",
+            y_desc: "latency (µs)",
+            spread: Spread::P50ToP99,
+            get: |p| p50_to_p99(&p.cluster_ip.first_packet_random),
+        },
+        Chart {
+            file: "first-connection-nodeport.svg",
+            title: "New connection + 1 request/response, NodePort evaluated last, external client",
+            y_desc: "latency (µs)",
+            spread: Spread::P50ToP99,
+            get: |p| p50_to_p99(&p.node_port.first_packet_last),
+        },
+        Chart {
+            file: "connection-rate.svg",
+            title: "New connections per second to random ClusterIPs",
+            y_desc: "connections/s",
+            spread: Spread::Runs,
+            get: |p| over_runs(&p.cluster_ip.connections_per_second),
+        },
+        Chart {
+            file: "endpoint-change.svg",
+            title: "One endpoint change until applied",
+            y_desc: "time (ms)",
+            spread: Spread::Changes,
+            get: |p| {
+                p.endpoint_change.as_ref().map(|c| Value {
+                    mid: c.p50_ms,
+                    bar: Some((c.p50_ms, c.p99_ms)),
+                })
+            },
+        },
+        Chart {
+            file: "initial-load.svg",
+            title: "Programming all N services from nothing",
+            y_desc: "time (s)",
+            spread: Spread::Single,
+            get: |p| {
+                (p.dataplane != Dataplane::Direct && p.load_finished).then_some(Value {
+                    mid: p.load_seconds,
+                    bar: None,
+                })
+            },
+        },
     ]
 }
 
@@ -105,155 +201,405 @@ fn sizes(results: &Results) -> Vec<usize> {
     out
 }
 
-fn color(d: Dataplane) -> &'static str {
+fn color(d: Dataplane) -> RGBColor {
     match d {
-        Dataplane::Direct => "#7f7f7f",
-        Dataplane::Dp => "#d62728",
-        Dataplane::IptablesNft => "#1f77b4",
-        Dataplane::IptablesLegacy => "#17becf",
-        Dataplane::Nftables => "#2ca02c",
+        Dataplane::Direct => RGBColor(0x7f, 0x7f, 0x7f),
+        Dataplane::Dp => RGBColor(0xd6, 0x27, 0x28),
+        Dataplane::IptablesNft => RGBColor(0x1f, 0x77, 0xb4),
+        Dataplane::IptablesLegacy => RGBColor(0x17, 0xbe, 0xcf),
+        Dataplane::Nftables => RGBColor(0x2c, 0xa0, 0x2c),
     }
 }
 
-/// A line chart: x = N (log scale), one line per dataplane.
-fn chart(results: &Results, title: &str, unit: &str, get: Getter) -> String {
-    let (w, h, left, right, top, bottom) = (720.0, 420.0, 80.0, 170.0, 40.0, 50.0);
-    let ns = sizes(results);
-    let series: Vec<(Dataplane, Vec<(usize, f64)>)> = dataplanes(results)
+/// A ratio of largest to smallest value beyond which an axis is logarithmic.
+const LOG_ABOVE: f64 = 10.0;
+
+/// One axis, a plotters coordinate of our own: linear or log, with the
+/// ticks chosen here. Its "axis space" is log10 of the value on a log axis,
+/// the value itself on a linear one; pixels are linear in axis space.
+#[derive(Clone, Debug, PartialEq)]
+struct Axis {
+    log: bool,
+    /// The values at the ends.
+    range: std::ops::Range<f64>,
+    /// Labelled ticks with grid lines: 1, 2, 5 x 10^k values (linear: their
+    /// multiples).
+    ticks: Vec<f64>,
+    /// Unlabelled grid lines (log axes: the other 1..9 x 10^k).
+    minor: Vec<f64>,
+}
+
+impl Axis {
+    /// An axis for these values (the non-finite ones are ignored): log when
+    /// they are all positive and span more than `LOG_ABOVE`, else linear
+    /// from zero.
+    fn fit(values: &[f64]) -> Axis {
+        let v: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+        if v.is_empty() {
+            return Axis::linear(0.0, 1.0);
+        }
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        if lo > 0.0 && hi / lo > LOG_ABOVE {
+            Axis::logarithmic(lo, hi)
+        } else {
+            Axis::linear(lo.min(0.0), hi)
+        }
+    }
+
+    fn linear(lo: f64, hi: f64) -> Axis {
+        let hi = if hi > lo { hi } else { lo + 1.0 };
+        // At most eight steps, with 5 % room above the largest value.
+        let step = nice_step((hi * 1.05 - lo) / 8.0);
+        // The decimals a multiple of the step has (0.05: 2); printed with
+        // them and read back, the ticks lose their float noise
+        // (0.30000000000000004) and print as they should.
+        let decimals = (-step.log10().floor()).max(0.0) as usize;
+        let first = (lo / step).floor() as i64;
+        let last = ((hi * 1.05 / step).ceil() as i64).max(first + 1);
+        let ticks: Vec<f64> = (first..=last)
+            .map(|i| i as f64 * step)
+            .map(|v| format!("{v:.decimals$}").parse().unwrap_or(v))
+            .collect();
+        Axis {
+            log: false,
+            range: ticks[0]..ticks[ticks.len() - 1],
+            ticks,
+            minor: Vec::new(),
+        }
+    }
+
+    fn logarithmic(lo: f64, hi: f64) -> Axis {
+        // m x 10^k for each m, over the decades around lo..hi.
+        let multiples = |m: &[f64]| -> Vec<f64> {
+            ((lo.log10().floor() as i32 - 1)..=(hi.log10().ceil() as i32 + 1))
+                .flat_map(|k| m.iter().map(move |m| format!("{m}e{k}")))
+                .filter_map(|v| v.parse::<f64>().ok())
+                .collect()
+        };
+        // From the 1, 2, 5 x 10^k below the smallest value to the one above
+        // the largest, with a little room for the markers.
+        let steps = multiples(&[1.0, 2.0, 5.0]);
+        let start = steps.iter().rev().find(|v| **v <= lo * 0.97).copied();
+        let end = steps.iter().find(|v| **v >= hi * 1.03).copied();
+        let range = start.unwrap_or(lo)..end.unwrap_or(hi);
+        let inside = |m: &[f64]| -> Vec<f64> {
+            multiples(m)
+                .into_iter()
+                .filter(|v| range.start <= *v && *v <= range.end)
+                .collect()
+        };
+        // Decades alone where there are three or more, else 1, 2, 5 x 10^k.
+        let decades = inside(&[1.0]);
+        let ticks = if decades.len() >= 3 {
+            decades
+        } else {
+            inside(&[1.0, 2.0, 5.0])
+        };
+        let minor = inside(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0])
+            .into_iter()
+            .filter(|v| !ticks.contains(v))
+            .collect();
+        Axis {
+            log: true,
+            range,
+            ticks,
+            minor,
+        }
+    }
+
+    /// A value in axis space.
+    fn to(&self, v: f64) -> f64 {
+        if self.log {
+            v.log10()
+        } else {
+            v
+        }
+    }
+
+    /// The value at a point of axis space.
+    fn from(&self, t: f64) -> f64 {
+        if self.log {
+            10f64.powf(t)
+        } else {
+            t
+        }
+    }
+
+    /// `v` moved by `dt` in axis space.
+    fn shift(&self, v: f64, dt: f64) -> f64 {
+        self.from(self.to(v) + dt)
+    }
+
+    /// Whether the axis can show this value.
+    fn shows(&self, v: f64) -> bool {
+        v.is_finite() && (!self.log || v > 0.0)
+    }
+
+    /// A tick's label: ticks are exact decimal numbers (see `linear` and
+    /// `logarithmic`), which `Display` prints without noise or exponent.
+    fn label(&self, v: f64) -> String {
+        format!("{v}")
+    }
+
+    fn span(&self) -> f64 {
+        self.to(self.range.end) - self.to(self.range.start)
+    }
+}
+
+impl Ranged for Axis {
+    type FormatOption = DefaultFormatting;
+    type ValueType = f64;
+
+    fn map(&self, v: &f64, limit: (i32, i32)) -> i32 {
+        let f = (self.to(*v) - self.to(self.range.start)) / self.span();
+        (f64::from(limit.0) + f * f64::from(limit.1 - limit.0)).round() as i32
+    }
+
+    /// plotters asks for the light grid lines, then for the bold ones,
+    /// which are the labelled ones.
+    fn key_points<H: KeyPointHint>(&self, hint: H) -> Vec<f64> {
+        if hint.weight().allow_light_points() {
+            self.minor.clone()
+        } else {
+            self.ticks.clone()
+        }
+    }
+
+    fn range(&self) -> std::ops::Range<f64> {
+        self.range.clone()
+    }
+}
+
+/// The smallest 1, 2 or 5 x 10^k at least `raw`.
+fn nice_step(raw: f64) -> f64 {
+    let raw = if raw > 0.0 && raw.is_finite() {
+        raw
+    } else {
+        1.0
+    };
+    let p = 10f64.powf(raw.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * p)
+        .find(|s| *s >= raw * (1.0 - 1e-9))
+        .unwrap_or(10.0 * p)
+}
+
+const WIDTH: u32 = 780;
+const HEIGHT: u32 = 440;
+const LEGEND_WIDTH: u32 = 180;
+const FONT: &str = "sans-serif";
+/// Text sizes in px; plotters' SVG backend writes a font size of s / 1.24.
+const TEXT: f64 = 12.0 * 1.24;
+const NOTE: f64 = 11.0 * 1.24;
+const TITLE: f64 = 14.0 * 1.24;
+
+type Series = (Dataplane, Vec<(usize, Value)>);
+
+/// What a chart draws: per dataplane (in the order of the results), its
+/// points in ascending N, values that cannot be drawn left out.
+fn series(results: &Results, get: Getter) -> Vec<Series> {
+    dataplanes(results)
         .into_iter()
         .map(|d| {
-            let pts = results
+            let mut pts: Vec<(usize, Value)> = results
                 .points
                 .iter()
                 .filter(|p| p.dataplane == d)
-                .filter_map(|p| get(p).filter(|v| v.is_finite()).map(|v| (p.services, v)))
+                .filter_map(|p| get(p).map(|v| (p.services, v)))
+                .filter(|(_, v)| v.mid.is_finite())
+                .map(|(n, v)| {
+                    let bar = v
+                        .bar
+                        .filter(|(lo, hi)| lo.is_finite() && hi.is_finite())
+                        .map(|(lo, hi)| (lo.min(v.mid), hi.max(v.mid)));
+                    (n, Value { mid: v.mid, bar })
+                })
                 .collect();
+            pts.sort_by_key(|(n, _)| *n);
             (d, pts)
         })
-        .filter(|(_, pts): &(Dataplane, Vec<(usize, f64)>)| !pts.is_empty())
-        .collect();
-    let ymax = series
-        .iter()
-        .flat_map(|(_, p)| p.iter().map(|(_, v)| *v))
-        .fold(0.0f64, f64::max)
-        .max(1e-9)
-        * 1.1;
-    let lx = |n: usize| ((n.max(1)) as f64).log10();
-    let (xmin, xmax) = (
-        ns.first().map_or(0.0, |n| lx(*n)),
-        ns.last().map_or(1.0, |n| lx(*n)),
-    );
-    let span = (xmax - xmin).max(1e-9);
-    let px = |n: usize| left + (lx(n) - xmin) / span * (w - left - right);
-    let py = |v: f64| top + (1.0 - v / ymax) * (h - top - bottom);
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">"
-    );
-    let _ = writeln!(s, "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>");
-    let _ = writeln!(
-        s,
-        "<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"14\">{}</text>",
-        w / 2.0,
-        escape(title)
-    );
-    // Axes, y ticks, x ticks at the measured N.
-    let _ = writeln!(
-        s,
-        "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>",
-        h - bottom,
-        w - right,
-        h - bottom
-    );
-    let _ = writeln!(
-        s,
-        "<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>",
-        h - bottom
-    );
-    for i in 0..=5 {
-        let v = ymax * i as f64 / 5.0;
-        let y = py(v);
-        let _ = writeln!(
-            s,
-            "<line x1=\"{}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#e0e0e0\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
-            left,
-            w - right,
-            left - 6.0,
-            y + 4.0,
-            short(v)
-        );
-    }
-    let _ = writeln!(
-        s,
-        "<text x=\"16\" y=\"{}\" transform=\"rotate(-90 16 {})\" text-anchor=\"middle\">{unit}</text>",
-        h / 2.0,
-        h / 2.0
-    );
-    for n in &ns {
-        let _ = writeln!(
-            s,
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{n}</text>",
-            px(*n),
-            h - bottom + 18.0
-        );
-    }
-    let _ = writeln!(
-        s,
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">services (x 10 endpoints), log scale</text>",
-        (left + w - right) / 2.0,
-        h - 10.0
-    );
-    for (k, (d, pts)) in series.iter().enumerate() {
-        let path: Vec<String> = pts
+        .filter(|(_, pts)| !pts.is_empty())
+        .collect()
+}
+
+/// A line chart of one figure against N, one line per dataplane, with the
+/// spread as error bars; axes chosen from the data (see `Axis::fit`).
+fn chart(results: &Results, c: &Chart) -> Result<String> {
+    let mut series = series(results, c.get);
+    let mut x = Axis::fit(
+        &sizes(results)
             .iter()
-            .map(|(n, v)| format!("{:.1},{:.1}", px(*n), py(*v)))
-            .collect();
-        let _ = writeln!(
-            s,
-            "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\" points=\"{}\"/>",
-            color(*d),
-            path.join(" ")
-        );
-        for (n, v) in pts {
-            let _ = writeln!(
-                s,
-                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{}\"/>",
-                px(*n),
-                py(*v),
-                color(*d)
-            );
+            .map(|n| (*n).max(1) as f64)
+            .collect::<Vec<_>>(),
+    );
+    // N is only measured at a few values: no grid lines between them.
+    x.minor.clear();
+    let y = Axis::fit(
+        &series
+            .iter()
+            .flat_map(|(_, pts)| pts.iter())
+            .flat_map(|(_, v)| {
+                std::iter::once(v.mid).chain(v.bar.into_iter().flat_map(|(lo, hi)| [lo, hi]))
+            })
+            .collect::<Vec<_>>(),
+    );
+    for (_, pts) in &mut series {
+        pts.retain(|(_, v)| y.shows(v.mid));
+        for (_, v) in pts.iter_mut() {
+            v.bar = v.bar.filter(|(lo, hi)| y.shows(*lo) && y.shows(*hi));
         }
-        let ly = top + 10.0 + 20.0 * k as f64;
-        let _ = writeln!(
-            s,
-            "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{}\">{}</text>",
-            w - right + 10.0,
-            w - right + 30.0,
-            color(*d),
-            w - right + 36.0,
-            ly + 4.0,
-            d.name()
-        );
     }
-    s.push_str("</svg>\n");
-    s
+    series.retain(|(_, pts)| !pts.is_empty());
+    // The legend: the dataplanes drawn, and those that have no figures
+    // because they did not load.
+    let legend: Vec<(Dataplane, Vec<usize>)> = dataplanes(results)
+        .into_iter()
+        .map(|d| {
+            let stopped = results
+                .points
+                .iter()
+                .filter(|p| p.dataplane == d && !p.load_finished)
+                .map(|p| p.services)
+                .collect();
+            (d, stopped)
+        })
+        .filter(|(d, stopped): &(Dataplane, Vec<usize>)| {
+            !stopped.is_empty() || series.iter().any(|(s, _)| s == d)
+        })
+        .collect();
+    let mut svg = String::new();
+    draw(&mut svg, c, &series, &legend, &x, &y)
+        .map_err(|e| anyhow::anyhow!("drawing {}: {e}", c.file))?;
+    Ok(svg)
 }
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;")
-}
+fn draw(
+    svg: &mut String,
+    c: &Chart,
+    series: &[Series],
+    legend_rows: &[(Dataplane, Vec<usize>)],
+    x: &Axis,
+    y: &Axis,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::with_string(svg, (WIDTH, HEIGHT)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(c.title, (FONT, TITLE))?;
+    let (subtitle, body) = root.split_vertically(22);
+    let centered = TextStyle::from((FONT, TEXT).into_font())
+        .color(&RGBColor(0x55, 0x55, 0x55))
+        .pos(Pos::new(HPos::Center, VPos::Top));
+    subtitle.draw(&Text::new(
+        c.spread.subtitle(),
+        ((WIDTH / 2) as i32, 0),
+        centered,
+    ))?;
+    let (plot, legend) = body.split_horizontally(WIDTH - LEGEND_WIDTH);
 
-fn short(v: f64) -> String {
-    if v >= 10_000.0 {
-        format!("{:.0}k", v / 1000.0)
-    } else if v >= 100.0 {
-        format!("{v:.0}")
-    } else if v >= 1.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.3}")
+    let log = |a: &Axis| if a.log { ", log scale" } else { "" };
+    let x_desc = format!(
+        "services (× 10 endpoints each){}; dataplanes side by side at each N",
+        log(x)
+    );
+    let y_desc = format!("{}{}", c.y_desc, log(y));
+    let mut chart = ChartBuilder::on(&plot)
+        .margin_left(8)
+        .margin_right(12)
+        .margin_bottom(6)
+        .x_label_area_size(44)
+        .y_label_area_size(72)
+        .build_cartesian_2d(x.clone(), y.clone())?;
+    let x_label = |t: &f64| x.label(*t);
+    let y_label = |t: &f64| y.label(*t);
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .x_label_formatter(&x_label)
+        .y_label_formatter(&y_label)
+        .label_style((FONT, TEXT).into_font())
+        .axis_desc_style((FONT, TEXT).into_font())
+        .bold_line_style(RGBColor(0xd9, 0xd9, 0xd9))
+        .light_line_style(RGBColor(0xf0, 0xf0, 0xf0))
+        .draw()?;
+
+    if series.is_empty() {
+        plot.draw(&Text::new(
+            "no data",
+            ((WIDTH - LEGEND_WIDTH) as i32 / 2, (HEIGHT / 2) as i32),
+            TextStyle::from((FONT, TEXT).into_font()).pos(Pos::new(HPos::Center, VPos::Center)),
+        ))?;
     }
+    // Points at the same N are spread sideways a little so that their bars
+    // stay apart.
+    let dodge = 0.012 * x.span();
+    let middle = (series.len() as f64 - 1.0) / 2.0;
+    for (k, (d, pts)) in series.iter().enumerate() {
+        let color = color(*d);
+        let dx = (k as f64 - middle) * dodge;
+        let at = |n: usize| x.shift(n.max(1) as f64, dx);
+        chart.draw_series(pts.iter().filter_map(|(n, v)| {
+            v.bar.map(|(lo, hi)| {
+                ErrorBar::new_vertical(at(*n), lo, v.mid, hi, color.stroke_width(1), 6)
+            })
+        }))?;
+        chart.draw_series(LineSeries::new(
+            pts.iter().map(|(n, v)| (at(*n), v.mid)),
+            color.stroke_width(2),
+        ))?;
+        chart.draw_series(
+            pts.iter()
+                .map(|(n, v)| Circle::new((at(*n), v.mid), 4, color.filled())),
+        )?;
+    }
+
+    // The legend: one line per dataplane, then what the bars mean.
+    let left = TextStyle::from((FONT, TEXT).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+    let note = TextStyle::from((FONT, NOTE).into_font())
+        .color(&RGBColor(0x55, 0x55, 0x55))
+        .pos(Pos::new(HPos::Left, VPos::Center));
+    let mut row = 24;
+    for (d, stopped) in legend_rows {
+        let color = color(*d);
+        legend.draw(&PathElement::new(
+            vec![(8, row), (36, row)],
+            color.stroke_width(2),
+        ))?;
+        legend.draw(&Circle::new((22, row), 4, color.filled()))?;
+        legend.draw(&Text::new(d.name(), (44, row), left.clone()))?;
+        if !stopped.is_empty() {
+            let ns: Vec<String> = stopped.iter().map(|n| n.to_string()).collect();
+            row += 16;
+            legend.draw(&Text::new(
+                format!("not loaded: {}", ns.join(", ")),
+                (44, row),
+                note.clone(),
+            ))?;
+        }
+        row += 22;
+    }
+    if let Some([top, mid, bottom]) = c.spread.key() {
+        let grey = RGBColor(0x55, 0x55, 0x55);
+        let (y_top, y_mid) = (row + 14, row + 38);
+        let y_bottom = if bottom.is_empty() { y_mid } else { row + 62 };
+        legend.draw(&ErrorBar::new_vertical(
+            22,
+            y_bottom,
+            y_mid,
+            y_top,
+            grey.stroke_width(1),
+            6,
+        ))?;
+        legend.draw(&Circle::new((22, y_mid), 4, grey.filled()))?;
+        for (text, at) in [(top, y_top), (mid, y_mid), (bottom, y_bottom)] {
+            if !text.is_empty() {
+                legend.draw(&Text::new(text, (44, at), left.clone()))?;
+            }
+        }
+    }
+    root.present()?;
+    Ok(())
 }
 
 /// `median (min–max)`.
@@ -447,4 +793,382 @@ pub fn tables(results: &Results) -> String {
     }
     s.push('\n');
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ChangeFigures, Machine, Settings};
+
+    fn summary(median: f64, min: f64, max: f64) -> Option<Summary> {
+        Some(Summary {
+            median,
+            min,
+            max,
+            runs: 3,
+        })
+    }
+
+    /// A point whose new-connection latency (last service) has p50 `p50`
+    /// and, if given, p99 `p99`; a connection rate of `rate` (range ±10 %).
+    fn point(d: Dataplane, n: usize, p50: f64, p99: Option<f64>, rate: f64) -> Point {
+        let first = Percentiles {
+            p50: summary(p50, p50 * 0.9, p50 * 1.1),
+            p90: None,
+            p99: p99.and_then(|v| summary(v, v * 0.9, v * 1.1)),
+            errors: 0,
+        };
+        Point {
+            dataplane: d,
+            services: n,
+            load_finished: true,
+            load_seconds: n as f64 / 1000.0,
+            objects: n,
+            kernel_memory_bytes: 0,
+            agent_rss_bytes: None,
+            cluster_ip: Traffic {
+                first_packet_last: first,
+                connections_per_second: summary(rate, rate * 0.9, rate * 1.1),
+                ..Traffic::default()
+            },
+            node_port: Traffic::default(),
+            endpoint_change: (d != Dataplane::Direct).then(|| ChangeFigures {
+                changes: 10,
+                p50_ms: n as f64 / 10.0,
+                p99_ms: n as f64 / 5.0,
+                agent_p50_ms: None,
+                agent_p99_ms: None,
+            }),
+        }
+    }
+
+    fn results(points: Vec<Point>) -> Results {
+        Results {
+            schema: "dp.bench/v1".into(),
+            command: "test".into(),
+            quick: true,
+            started: "now".into(),
+            machine: Machine {
+                nproc: 2,
+                kernel: "k".into(),
+                cpu: "c".into(),
+                iptables: "i".into(),
+                nft: "n".into(),
+            },
+            settings: Settings {
+                runs: 3,
+                first_packets: 10,
+                rr_round_trips: 10,
+                rate_seconds: 1.0,
+                udp_seconds: 1.0,
+                client_threads: 1,
+                changes: 10,
+                client_cpu: None,
+                server_cpu: None,
+            },
+            points,
+        }
+    }
+
+    /// Direct flat, dp flat, iptables-nft growing with N (a 1385 µs p50
+    /// that must not show up as a tick), at N = 100, 1000, 10000.
+    fn handmade(with_p99: bool) -> Results {
+        let mut points = Vec::new();
+        for (n, ipt) in [(100, 40.0), (1000, 150.0), (10_000, 1385.0)] {
+            let p99 = |v: f64| with_p99.then_some(v * 3.0);
+            points.push(point(Dataplane::Direct, n, 20.0, p99(20.0), 50_000.0));
+            points.push(point(Dataplane::Dp, n, 25.0, p99(25.0), 40_000.0));
+            points.push(point(Dataplane::IptablesNft, n, ipt, p99(ipt), 23_000.0));
+        }
+        results(points)
+    }
+
+    fn render(r: &Results, file: &str) -> String {
+        let c = charts()
+            .into_iter()
+            .find(|c| c.file == file)
+            .expect("chart");
+        chart(r, &c).expect("chart renders")
+    }
+
+    /// The SVG's tags nest properly and the document is one <svg> element.
+    fn assert_balanced(svg: &str) {
+        assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(80)]);
+        let mut open: Vec<&str> = Vec::new();
+        let mut rest = svg;
+        let mut elements = 0;
+        while let Some(a) = rest.find('<') {
+            let b = rest[a..].find('>').expect("unclosed tag") + a;
+            let tag = &rest[a + 1..b];
+            assert!(!tag.contains('<'), "tag inside a tag: {tag}");
+            if let Some(name) = tag.strip_prefix('/') {
+                assert_eq!(open.pop(), Some(name.trim()), "mismatched </{name}>");
+            } else if !tag.ends_with('/') {
+                open.push(tag.split_whitespace().next().expect("tag name"));
+            }
+            if open.is_empty() {
+                elements += 1;
+                assert!(
+                    rest[b + 1..].trim().is_empty(),
+                    "content after the root element"
+                );
+            }
+            rest = &rest[b + 1..];
+        }
+        assert!(open.is_empty(), "unclosed: {open:?}");
+        assert_eq!(elements, 1);
+    }
+
+    /// The contents of the <text> elements.
+    fn texts(svg: &str) -> Vec<String> {
+        svg.split("<text")
+            .skip(1)
+            .filter_map(|t| {
+                let start = t.find('>')? + 1;
+                let end = t.find("</text>")?;
+                Some(t[start..end].trim().to_string())
+            })
+            .collect()
+    }
+
+    /// The numeric labels of one axis: the y axis's are right-aligned, the
+    /// x axis's centred.
+    fn ticks(svg: &str, axis: char) -> Vec<f64> {
+        let anchor = if axis == 'y' { "end" } else { "middle" };
+        let mut v: Vec<f64> = svg
+            .split("<text")
+            .skip(1)
+            .filter(|t| t.contains(&format!("text-anchor=\"{anchor}\"")))
+            .filter_map(|t| t[t.find('>')? + 1..t.find("</text>")?].trim().parse().ok())
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v
+    }
+
+    /// Round tick labels: all 1, 2 or 5 x 10^k (log axis) or 0, s, 2s, ...
+    /// with s such a number (linear axis).
+    fn assert_round(labels: &[f64]) {
+        assert!(labels.len() >= 2, "{labels:?}");
+        if labels.iter().all(|v| one_two_five(*v)) {
+            return;
+        }
+        let step = labels[1] - labels[0];
+        assert!(one_two_five(step), "{labels:?}");
+        for (i, v) in labels.iter().enumerate() {
+            assert_eq!(*v, labels[0] + step * i as f64, "{labels:?}");
+            assert_eq!(v % step, 0.0, "{labels:?}");
+        }
+    }
+
+    /// 1, 2 or 5 x 10^k.
+    fn one_two_five(v: f64) -> bool {
+        let k = v.log10().floor();
+        let m = v / 10f64.powf(k);
+        [1.0, 2.0, 5.0, 10.0].iter().any(|x| (m - x).abs() < 1e-9)
+    }
+
+    fn hex(c: RGBColor) -> String {
+        format!("#{:02X}{:02X}{:02X}", c.0, c.1, c.2)
+    }
+
+    /// Vertical <line>s drawn in this colour (error bars and their caps' ends
+    /// are the only such lines; the series lines are polylines).
+    fn vertical_lines(svg: &str, color: RGBColor) -> usize {
+        let attr = |line: &str, name: &str| -> Option<String> {
+            let at = line.find(&format!(" {name}=\""))? + name.len() + 3;
+            Some(line[at..].split('"').next()?.to_string())
+        };
+        svg.lines()
+            .filter(|l| l.starts_with("<line"))
+            .filter(|l| attr(l, "stroke").as_deref() == Some(hex(color).as_str()))
+            .filter(|l| attr(l, "x1") == attr(l, "x2") && attr(l, "y1") != attr(l, "y2"))
+            .count()
+    }
+
+    #[test]
+    fn chart_is_well_formed_with_legend_and_round_log_ticks() {
+        let svg = render(&handmade(true), "first-connection-last-service.svg");
+        assert_balanced(&svg);
+        let texts = texts(&svg);
+        for d in [Dataplane::Direct, Dataplane::Dp, Dataplane::IptablesNft] {
+            assert!(texts.iter().any(|t| t == d.name()), "no legend for {d:?}");
+        }
+        // 20 to 4155 µs: more than a decade, so log y; N from 100 to 10000: log x.
+        assert!(
+            texts.iter().any(|t| t == "latency (µs), log scale"),
+            "{texts:?}"
+        );
+        assert!(texts
+            .iter()
+            .any(|t| t.starts_with("services") && t.contains("log scale")));
+        let x = ticks(&svg, 'x');
+        for n in [100.0, 1000.0, 10_000.0] {
+            assert!(x.contains(&n), "no x tick {n}: {x:?}");
+        }
+        let y = ticks(&svg, 'y');
+        for v in x.iter().chain(&y) {
+            assert!(one_two_five(*v), "tick label {v} is not 1, 2, 5 x 10^k");
+        }
+        // 10 to 5000 µs: three decades, labelled alone.
+        assert_eq!(y, [10.0, 100.0, 1000.0]);
+        assert!(!texts.iter().any(|t| t.contains("1385")));
+        // The key says what the bars are.
+        assert!(texts.iter().any(|t| t.contains("up to p99")));
+        assert!(texts.iter().any(|t| t == "p99"));
+    }
+
+    #[test]
+    fn p99_is_drawn_as_bars_only_when_there_is_one() {
+        let with = render(&handmade(true), "first-connection-last-service.svg");
+        let without = render(&handmade(false), "first-connection-last-service.svg");
+        for d in [Dataplane::Direct, Dataplane::Dp, Dataplane::IptablesNft] {
+            // One bar per N: the bar itself is a vertical line.
+            assert!(vertical_lines(&with, color(d)) >= 3, "{d:?}: no p99 bars");
+            assert_eq!(vertical_lines(&without, color(d)), 0, "{d:?}");
+        }
+        assert_balanced(&without);
+        // The series are there all the same: a polyline per dataplane.
+        let polylines = |svg: &str, d| {
+            svg.lines()
+                .filter(|l| l.starts_with("<polyline") && l.contains(&hex(color(d))))
+                .count()
+        };
+        assert_eq!(polylines(&without, Dataplane::Dp), 2); // the line and the legend's
+    }
+
+    #[test]
+    fn runs_range_bars_and_a_linear_axis_from_zero() {
+        // 20 700 to 55 000 connections/s: within a decade, so linear from 0.
+        let svg = render(&handmade(true), "connection-rate.svg");
+        assert_balanced(&svg);
+        let texts = texts(&svg);
+        assert!(texts.iter().any(|t| t == "connections/s"), "{texts:?}");
+        assert!(texts.iter().any(|t| t.contains("lowest to highest run")));
+        assert!(vertical_lines(&svg, color(Dataplane::Dp)) >= 3);
+        // The y labels: 0 and evenly spaced multiples of a 1, 2, 5 x 10^k step.
+        let y = ticks(&svg, 'y');
+        assert_round(&y);
+        assert!(!y.iter().all(|v| one_two_five(*v)), "not linear: {y:?}");
+        assert_eq!(y[0], 0.0);
+        assert!(*y.last().expect("ticks") >= 55_000.0, "{y:?}");
+        // One run: no range to draw.
+        let mut one_run = handmade(true);
+        for p in &mut one_run.points {
+            if let Some(s) = &mut p.cluster_ip.connections_per_second {
+                s.runs = 1;
+            }
+        }
+        let svg = render(&one_run, "connection-rate.svg");
+        assert_eq!(vertical_lines(&svg, color(Dataplane::Dp)), 0);
+    }
+
+    #[test]
+    fn a_dataplane_that_did_not_load_is_named_in_the_legend() {
+        let mut r = handmade(true);
+        let p = r
+            .points
+            .iter_mut()
+            .find(|p| p.dataplane == Dataplane::IptablesNft && p.services == 10_000)
+            .expect("point");
+        *p = Point {
+            load_finished: false,
+            load_seconds: 900.0,
+            cluster_ip: Traffic::default(),
+            endpoint_change: None,
+            ..p.clone()
+        };
+        for c in charts() {
+            let svg = chart(&r, &c).expect("renders");
+            assert_balanced(&svg);
+            assert!(
+                texts(&svg).iter().any(|t| t == "not loaded: 10000"),
+                "{}",
+                c.file
+            );
+        }
+    }
+
+    #[test]
+    fn a_chart_without_figures_still_renders() {
+        let svg = render(&results(Vec::new()), "initial-load.svg");
+        assert_balanced(&svg);
+        assert!(texts(&svg).iter().any(|t| t == "no data"));
+        let svg = render(&handmade(true), "first-connection-nodeport.svg");
+        assert_balanced(&svg);
+        assert!(texts(&svg).iter().any(|t| t == "no data"));
+    }
+
+    #[test]
+    fn axes() {
+        let a = Axis::fit(&[22.8, 311.0]);
+        assert!(a.log);
+        assert_eq!(a.ticks, [20.0, 50.0, 100.0, 200.0, 500.0]);
+        assert_eq!(a.range(), 20.0..500.0);
+        // Three decades or more: decades only, 2..9 x 10^k as grid lines.
+        let a = Axis::fit(&[0.416, 2166.0]);
+        assert_eq!(a.ticks, [1.0, 10.0, 100.0, 1000.0]);
+        assert!(a.minor.contains(&0.2) && a.minor.contains(&5000.0));
+        let a = Axis::fit(&[1.0, 1000.0, 10_000.0]);
+        assert_eq!(a.ticks, [1.0, 10.0, 100.0, 1000.0, 10_000.0]);
+        // Within a decade, or not all positive: linear from 0.
+        let a = Axis::fit(&[13_033.0, 59_058.0]);
+        assert!(!a.log);
+        assert_eq!(a.ticks.first(), Some(&0.0));
+        assert_eq!(a.ticks.last(), Some(&70_000.0));
+        assert!(!Axis::fit(&[0.0, 100.0]).log);
+        assert!(!Axis::fit(&[f64::NAN, 5.0, 7.0]).log);
+        let a = Axis::fit(&[]);
+        assert!(!a.log && a.range().start == 0.0 && a.range().end >= 1.0);
+        let a = Axis::fit(&[0.3]);
+        assert_eq!(a.ticks, [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35]);
+        // Pixels are linear in log10 on a log axis.
+        let a = Axis::fit(&[1.0, 10_000.0]);
+        let (p1, p10, p100) = (
+            a.map(&1.0, (0, 1000)),
+            a.map(&10.0, (0, 1000)),
+            a.map(&100.0, (0, 1000)),
+        );
+        assert!((p100 - p10 - (p10 - p1)).abs() <= 1, "{p1} {p10} {p100}");
+    }
+
+    #[test]
+    fn steps_and_labels_are_round() {
+        assert_eq!(nice_step(1385.0), 2000.0);
+        assert_eq!(nice_step(0.03), 0.05);
+        assert_eq!(nice_step(5.0), 5.0);
+        let labels = |a: Axis| -> Vec<String> { a.ticks.iter().map(|v| a.label(*v)).collect() };
+        assert_eq!(
+            labels(Axis::fit(&[0.07, 0.28])),
+            ["0", "0.05", "0.1", "0.15", "0.2", "0.25", "0.3"]
+        );
+        assert_eq!(
+            labels(Axis::fit(&[0.0021, 0.38])),
+            ["0.002", "0.005", "0.01", "0.02", "0.05", "0.1", "0.2", "0.5"]
+        );
+        assert_eq!(labels(Axis::fit(&[3e5, 1.2e6]))[1], "200000");
+    }
+
+    /// The committed run: tables.md and results.json come out byte for byte
+    /// as committed (the charts are the only part of the report that
+    /// changed), and every chart renders.
+    #[test]
+    fn committed_results_render_as_committed() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench");
+        let r = read(&dir.join("results.json")).expect("docs/bench/results.json");
+        assert_eq!(
+            serde_json::to_string_pretty(&r).expect("json"),
+            fs::read_to_string(dir.join("results.json")).expect("read")
+        );
+        assert_eq!(
+            tables(&r),
+            fs::read_to_string(dir.join("tables.md")).expect("tables.md"),
+            "docs/bench/tables.md is not what `dp-bench report` writes"
+        );
+        for c in charts() {
+            let svg = chart(&r, &c).expect("renders");
+            assert_balanced(&svg);
+            assert_eq!(ticks(&svg, 'x'), [1.0, 10.0, 100.0, 1000.0, 10_000.0]);
+            assert_round(&ticks(&svg, 'y'));
+        }
+    }
 }
