@@ -31,8 +31,13 @@ use loadgen::{summary, Latencies, Servers, Summary};
 use scenario::{Dataplane, Input};
 
 #[derive(Parser)]
-#[command(about = "dp vs kube-proxy (iptables, nftables): latency, rates, sync times, memory")]
+#[command(
+    about = "dp vs kube-proxy (iptables, nftables): latency, rates, sync times, memory",
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    #[command(subcommand)]
+    action: Option<Action>,
     /// A short run that proves the harness (N up to 1 000, a few seconds per point).
     #[arg(long)]
     quick: bool,
@@ -65,6 +70,24 @@ struct Args {
     /// The command line to record in the results (what the user typed).
     #[arg(long, default_value = "cargo xtask bench")]
     command: String,
+}
+
+#[derive(clap::Subcommand)]
+enum Action {
+    /// Render tables.md and the plots again from the results.json of an
+    /// earlier run, measuring nothing (no root needed); results.json itself
+    /// is left as it is.
+    Report {
+        /// The results.json to render.
+        #[arg(long)]
+        from: PathBuf,
+        /// Where tables.md and the plots go (default: the directory of --from).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace the generated section of this markdown file with the tables.
+        #[arg(long)]
+        update_markdown: Option<PathBuf>,
+    },
 }
 
 /// How much of each measurement one run does.
@@ -157,6 +180,14 @@ pub struct Results {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(Action::Report {
+        from,
+        out,
+        update_markdown,
+    }) = &args.action
+    {
+        return rerender(from, out.as_deref(), update_markdown.as_deref());
+    }
     e2e::require_root();
     let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (client_cpu, server_cpu) = if nproc >= 2 {
@@ -225,8 +256,7 @@ fn main() -> Result<()> {
     };
     let earlier = args.out.join("results.json");
     if args.resume && earlier.exists() {
-        let old: Results = serde_json::from_str(&std::fs::read_to_string(&earlier)?)
-            .context("reading the earlier results")?;
+        let old = report::read(&earlier).context("reading the earlier results")?;
         if old.quick != args.quick {
             bail!("--resume: the earlier run's --quick differs");
         }
@@ -269,6 +299,33 @@ fn main() -> Result<()> {
         "done in {:.0} s: {}",
         bench_start.elapsed().as_secs_f64(),
         args.out.display()
+    ));
+    Ok(())
+}
+
+/// `dp-bench report`: tables.md and the plots from an existing results.json.
+fn rerender(
+    from: &std::path::Path,
+    out: Option<&std::path::Path>,
+    update_markdown: Option<&std::path::Path>,
+) -> Result<()> {
+    let results = report::read(from)?;
+    let out = match out {
+        Some(out) => out.to_path_buf(),
+        None => match from.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        },
+    };
+    std::fs::create_dir_all(&out)?;
+    report::write_report(&results, &out)?;
+    if let Some(md) = update_markdown {
+        report::update_markdown(&results, md)?;
+    }
+    progress(&format!(
+        "rendered {} into {}",
+        from.display(),
+        out.display()
     ));
     Ok(())
 }
