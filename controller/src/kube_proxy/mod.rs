@@ -12,6 +12,9 @@
 //! Services are emitted in namespace/name order (kube-proxy iterates a Go
 //! map, so its order is random per sync); `order()` says which service port
 //! a linear rule walk meets last.
+//!
+//! Uses: `translate` (the same `ServicePortInfo` dp's frontends come from)
+//! and `error`; never the kernel side, the agent or the lab.
 
 pub mod apply;
 pub mod cleanup;

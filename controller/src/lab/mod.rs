@@ -15,6 +15,13 @@
 //!
 //! [`Lab::down`] finds all of it by name, not from `lab.json` alone, so it
 //! also cleans up after a crash.
+//!
+//! Files: `up` (build and start), `apply` (new manifests), `status` (exec,
+//! status), `down` (remove), `process` (the lab's processes and logs),
+//! `demo`, `probe` (the demo's clients), `serve` (the pods' servers).
+//!
+//! Uses: `kube_proxy`, `kernel` (pins), `source` (manifests), `translate`,
+//! and `e2e`'s namespace topology (`Cluster`); it is the top layer.
 
 mod apply;
 pub mod demo;
