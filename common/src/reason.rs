@@ -121,9 +121,11 @@ pub enum Reason {
     XdpPassToTc = 18,
     /// A translated packet from this host could not be routed to its backend.
     NoRouteToBackend = 19,
-    /// Building the ICMP error or TCP reset failed (resizing the packet).
+    /// Building the ICMP error or TCP reset failed: resizing the packet
+    /// failed, or it is too short to quote.
     RejectFailed = 20,
-    /// Rewriting the packet's addresses or ports failed.
+    /// Rewriting the packet's addresses or ports failed: its headers are not
+    /// where the rewrite can reach them (XDP), or an ICMP quote is too long.
     RewriteFailed = 21,
     /// The per-CPU scratch record was unavailable (an array map index that
     /// always exists; counted rather than assumed).
@@ -135,11 +137,21 @@ pub enum Reason {
     SourceRangeDenied = 24,
     /// A new flow sent to the backend the client's session affinity names.
     NewFlowAffinity = 25,
+    /// Reading bytes of the packet failed: it is shorter than the headers
+    /// the datapath had to read (e.g. an ICMP error quoting too little).
+    PacketLoadFailed = 26,
+    /// Writing bytes into the packet failed (the skb could not be made
+    /// writable).
+    PacketStoreFailed = 27,
+    /// Updating an IP or L4 checksum with the kernel's helper failed.
+    ChecksumUpdateFailed = 28,
+    /// The kernel refused the redirect the datapath asked for.
+    RedirectFailed = 29,
 }
 
 impl Reason {
     /// Every reason, in number order.
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 29] = [
         Reason::NotIpv4,
         Reason::NoService,
         Reason::UnsupportedProtocol,
@@ -165,6 +177,10 @@ impl Reason {
         Reason::NoLocalEndpoints,
         Reason::SourceRangeDenied,
         Reason::NewFlowAffinity,
+        Reason::PacketLoadFailed,
+        Reason::PacketStoreFailed,
+        Reason::ChecksumUpdateFailed,
+        Reason::RedirectFailed,
     ];
 
     pub fn from_u32(v: u32) -> Option<Self> {
@@ -199,6 +215,10 @@ impl Reason {
             Reason::NoLocalEndpoints => "no_local_endpoints",
             Reason::SourceRangeDenied => "source_range_denied",
             Reason::NewFlowAffinity => "new_flow_affinity",
+            Reason::PacketLoadFailed => "packet_load_failed",
+            Reason::PacketStoreFailed => "packet_store_failed",
+            Reason::ChecksumUpdateFailed => "checksum_update_failed",
+            Reason::RedirectFailed => "redirect_failed",
         }
     }
 
@@ -230,6 +250,12 @@ impl Reason {
             Reason::NoLocalEndpoints => "traffic policy Local and no endpoint on this node",
             Reason::SourceRangeDenied => "source not in the service's loadBalancerSourceRanges",
             Reason::NewFlowAffinity => "new flow to the client's session-affinity backend",
+            Reason::PacketLoadFailed => {
+                "could not read the packet's bytes (shorter than its headers)"
+            }
+            Reason::PacketStoreFailed => "could not write into the packet",
+            Reason::ChecksumUpdateFailed => "could not update a checksum",
+            Reason::RedirectFailed => "the kernel refused the redirect",
         }
     }
 }
@@ -268,6 +294,10 @@ mod tests {
             (Reason::NoLocalEndpoints, 23, "no_local_endpoints"),
             (Reason::SourceRangeDenied, 24, "source_range_denied"),
             (Reason::NewFlowAffinity, 25, "new_flow_affinity"),
+            (Reason::PacketLoadFailed, 26, "packet_load_failed"),
+            (Reason::PacketStoreFailed, 27, "packet_store_failed"),
+            (Reason::ChecksumUpdateFailed, 28, "checksum_update_failed"),
+            (Reason::RedirectFailed, 29, "redirect_failed"),
         ];
         assert_eq!(Reason::ALL.len(), expected.len(), "update this list");
         for (reason, number, id) in expected {

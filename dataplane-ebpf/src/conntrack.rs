@@ -5,7 +5,7 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use common::{
     ct::{CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW},
     trace::proto,
-    CtEntry, CtKey, CtTimeouts, FlowTuple,
+    CtEntry, CtKey, CtTimeouts, FlowTuple, Reason,
 };
 
 use crate::maps::DP_CT;
@@ -101,9 +101,13 @@ pub fn set_state(key: &CtKey, protocol: u8, state: u8, now: u64, t: &CtTimeouts)
     }
 }
 
+/// Creates or replaces the entry at `key`. An LRU map evicts to make room,
+/// so a failure means even that was impossible.
 #[inline(always)]
-pub fn insert(key: &CtKey, entry: &CtEntry) -> Result<(), ()> {
-    DP_CT.insert(key, entry, 0).map_err(|_| ())
+pub fn insert(key: &CtKey, entry: &CtEntry) -> Result<(), Reason> {
+    DP_CT
+        .insert(key, entry, 0)
+        .map_err(|_| Reason::ConntrackFull)
 }
 
 #[inline(always)]

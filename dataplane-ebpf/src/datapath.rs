@@ -9,7 +9,7 @@ use aya_ebpf::{
 use common::{trace::proto, DatapathConfig, Hook, Reason, TraceEvent, Verdict};
 
 use crate::{
-    fib, icmp,
+    icmp,
     maps::DP_CONFIG,
     packet::{Packet, SkbPacket, XdpPacket},
     parse::{parse, Ipv4Packet, Parsed},
@@ -78,32 +78,36 @@ pub fn run_xdp(ctx: &XdpContext) -> u32 {
 /// ICMP passes.
 #[inline(never)]
 fn icmp_error(ctx: &TcContext, hook: Hook, l4_off: usize, ev: &mut TraceEvent) -> i32 {
-    if !icmp::is_error(ctx, l4_off) {
-        decide(ev, Verdict::Pass, Reason::UnsupportedProtocol);
-        return TC_ACT_OK;
-    }
-    match icmp::translate_error(ctx, l4_off, ev) {
+    match icmp::is_error(ctx, l4_off) {
+        Ok(true) => {}
         Ok(false) => {
             decide(ev, Verdict::Pass, Reason::UnsupportedProtocol);
-            TC_ACT_OK
+            return TC_ACT_OK;
         }
-        Ok(true) => {
-            let action = if hook == Hook::TcEgress {
-                match fib::redirect_from_egress(ctx, ev) {
-                    Ok(action) => action,
-                    Err(()) => {
-                        decide(ev, Verdict::Drop, Reason::NoRouteToBackend);
-                        return TC_ACT_SHOT;
-                    }
-                }
-            } else {
-                fib::send_on_from_ingress(ctx, ev)
-            };
+        // Too short to have a type: nothing to translate; the stack judges
+        // it (and drops it).
+        Err(reason) => {
+            decide(ev, Verdict::Pass, reason);
+            return TC_ACT_OK;
+        }
+    }
+    let sent = match icmp::translate_error(ctx, l4_off, ev) {
+        Ok(false) => {
+            decide(ev, Verdict::Pass, Reason::UnsupportedProtocol);
+            return TC_ACT_OK;
+        }
+        // Sent on as a translated packet of a flow is (the FIB at ingress,
+        // a redirect at egress).
+        Ok(true) => service::send_on(ctx, hook, ev, false),
+        Err(reason) => Err(reason),
+    };
+    match sent {
+        Ok(action) => {
             decide(ev, Verdict::Forward, Reason::IcmpErrorTranslated);
             action
         }
-        Err(()) => {
-            decide(ev, Verdict::Drop, Reason::RewriteFailed);
+        Err(reason) => {
+            decide(ev, Verdict::Drop, reason);
             TC_ACT_SHOT
         }
     }

@@ -3,17 +3,14 @@
 //! (flow to a removed backend). The packet is rewritten in place into the
 //! answer and redirected back towards the sender.
 
-use aya_ebpf::{
-    bindings::BPF_F_INGRESS,
-    helpers::{bpf_redirect, bpf_skb_change_tail},
-    programs::TcContext,
-};
-use common::{trace::proto, Hook};
+use aya_ebpf::{bindings::BPF_F_INGRESS, helpers::bpf_skb_change_tail, programs::TcContext};
+use common::{trace::proto, Hook, Reason};
 
 use crate::{
     csum::{fold, sum_words},
+    fib::redirect,
     maps::DP_SCRATCH,
-    packet::{skb_load, skb_store},
+    packet::{load, skb_load, skb_store},
     parse::{EthHdr, Ipv4Hdr, ETH_HLEN},
 };
 
@@ -38,24 +35,24 @@ const TCP_FLAG_ACK: u8 = 0x10;
 /// Turns the packet into an ICMP port unreachable from its destination to
 /// its source and redirects it back; returns the tc action.
 #[inline(always)]
-pub fn icmp_port_unreachable(ctx: &TcContext, hook: Hook) -> Result<i32, ()> {
-    let eth: EthHdr = ctx.load(0).map_err(|_| ())?;
-    let ip: Ipv4Hdr = ctx.load(ETH_HLEN).map_err(|_| ())?;
+pub fn icmp_port_unreachable(ctx: &TcContext, hook: Hook) -> Result<i32, Reason> {
+    let eth: EthHdr = load(ctx, 0)?;
+    let ip: Ipv4Hdr = load(ctx, ETH_HLEN)?;
     // Explicit bounds on a fresh read: the verifier needs them for the
-    // variable-length copy below.
+    // variable-length copy below. A packet too short to quote gets no answer.
     let inner_len = usize::from(ip.version_ihl & 0x0f) * 4 + 8;
     if inner_len < IPV4_HLEN + 8 || inner_len > INNER_MAX {
-        return Err(());
+        return Err(Reason::RejectFailed);
     }
     if (ctx.len() as usize) < ETH_HLEN + inner_len {
-        return Err(());
+        return Err(Reason::RejectFailed);
     }
     let buf = scratch()?;
     *buf = [0; SCRATCH_LEN];
     let inner_off = ETH_HLEN + IPV4_HLEN + ICMP_HLEN;
     let inner_end = inner_off + inner_len;
     if inner_end > SCRATCH_LEN {
-        return Err(());
+        return Err(Reason::RejectFailed);
     }
     skb_load(ctx, ETH_HLEN, &mut buf[inner_off..inner_end])?;
     let total = inner_off + inner_len;
@@ -81,7 +78,7 @@ pub fn icmp_port_unreachable(ctx: &TcContext, hook: Hook) -> Result<i32, ()> {
 /// headers are staged in the scratch buffer after the answer's bytes, not on
 /// the stack (the call chain's 512 bytes are tight).
 #[inline(always)]
-pub fn tcp_reset(ctx: &TcContext, hook: Hook, l4_off: usize) -> Result<i32, ()> {
+pub fn tcp_reset(ctx: &TcContext, hook: Hook, l4_off: usize) -> Result<i32, Reason> {
     let buf = scratch()?;
     *buf = [0; SCRATCH_LEN];
     // Staging, after the answer's TCP_RESET_LEN bytes: the original
@@ -148,12 +145,12 @@ pub fn tcp_reset(ctx: &TcContext, hook: Hook, l4_off: usize) -> Result<i32, ()> 
 
 /// This CPU's scratch buffer (too big for the 512-byte BPF stack).
 #[inline(always)]
-pub fn scratch() -> Result<&'static mut [u8; SCRATCH_LEN], ()> {
+pub fn scratch() -> Result<&'static mut [u8; SCRATCH_LEN], Reason> {
     // SAFETY: per-CPU value; programs do not nest on one CPU in tc.
     DP_SCRATCH
         .get_ptr_mut(0)
         .map(|p| unsafe { &mut *p })
-        .ok_or(())
+        .ok_or(Reason::ScratchUnavailable)
 }
 
 /// Ethernet header of a reply: addresses swapped, IPv4.
@@ -188,26 +185,22 @@ fn send_back<const N: usize>(
     hook: Hook,
     buf: &[u8; N],
     len: usize,
-) -> Result<i32, ()> {
+) -> Result<i32, Reason> {
     if len > N {
-        return Err(());
+        return Err(Reason::RejectFailed);
     }
     let skb = ctx.skb.skb;
     // SAFETY: the context pointer; `len` is within `buf`.
-    unsafe {
-        if bpf_skb_change_tail(skb, len as u32, 0) != 0 {
-            return Err(());
-        }
+    if unsafe { bpf_skb_change_tail(skb, len as u32, 0) } != 0 {
+        return Err(Reason::RejectFailed);
     }
     skb_store(ctx, 0, &buf[..len])?;
     // SAFETY: the context pointer.
-    unsafe {
-        let ifindex = (*skb).ifindex;
-        let flags = if hook == Hook::TcEgress {
-            u64::from(BPF_F_INGRESS)
-        } else {
-            0
-        };
-        Ok(bpf_redirect(ifindex, flags) as i32)
-    }
+    let ifindex = unsafe { (*skb).ifindex };
+    let flags = if hook == Hook::TcEgress {
+        u64::from(BPF_F_INGRESS)
+    } else {
+        0
+    };
+    redirect(ifindex, flags)
 }

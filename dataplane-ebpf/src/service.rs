@@ -111,13 +111,34 @@ pub fn handle(
         Step::Track(flags, reason) => track(&f, ev, flags, reason),
         other => other,
     };
-    match step {
-        Step::Done(action) => action,
-        Step::Forward(reason) => forward(ctx, hook, l4_off, ev, reason),
-        Step::Reply => reply_out(ctx, hook, l4_off, ev),
-        Step::Reject(reason) => reject(ctx, hook, ev, reason),
-        Step::Reset => reset(ctx, hook, l4_off, ev),
-        Step::Track(..) | Step::BackendGone | Step::Reopen => drop(ev, Reason::ServiceInconsistent),
+    let (verdict, reason, sent) = match step {
+        Step::Done(action) => return action,
+        Step::Forward(reason) => (
+            Verdict::Forward,
+            reason,
+            rewrite(ctx, l4_off, ev).and_then(|()| send_on(ctx, hook, ev, false)),
+        ),
+        Step::Reply => (
+            Verdict::Forward,
+            Reason::ReplyReverseNat,
+            rewrite(ctx, l4_off, ev).and_then(|()| send_on(ctx, hook, ev, true)),
+        ),
+        Step::Reject(reason) => (Verdict::Reject, reason, reject(ctx, hook)),
+        Step::Reset => (
+            Verdict::Reject,
+            Reason::BackendGoneReset,
+            reset(ctx, hook, l4_off),
+        ),
+        Step::Track(..) | Step::BackendGone | Step::Reopen => {
+            return drop(ev, Reason::ServiceInconsistent)
+        }
+    };
+    match sent {
+        Ok(action) => {
+            decide(ev, verdict, reason);
+            action
+        }
+        Err(why) => drop(ev, why),
     }
 }
 
@@ -240,15 +261,15 @@ pub fn track(f: &Flow, ev: &mut TraceEvent, flags: u8, reason: Reason) -> Step {
         _pad: [0; 3],
     };
     let reply_key = reversed_key(x);
-    if ct::insert(&reply_key, &entry).is_err() {
-        return Step::Done(drop(ev, Reason::ConntrackFull));
+    if let Err(reason) = ct::insert(&reply_key, &entry) {
+        return Step::Done(drop(ev, reason));
     }
     entry.nat_addr = x.saddr;
     entry.nat_port = x.sport;
     entry.direction = CT_DIR_ORIGINAL;
-    if ct::insert(&ct::key(t), &entry).is_err() {
+    if let Err(reason) = ct::insert(&ct::key(t), &entry) {
         ct::remove(&reply_key);
-        return Step::Done(drop(ev, Reason::ConntrackFull));
+        return Step::Done(drop(ev, reason));
     }
     if flags & CT_FLAG_AFFINITY != 0 {
         lb::remember_affinity(ev.service_id, &ev.original.saddr, ev.backend_id, f.now);
@@ -308,8 +329,8 @@ fn backend_gone(f: &Flow, ev: &mut TraceEvent) -> Step {
         direction: CT_DIR_REPLY,
         ..*entry
     };
-    if ct::insert(&reversed_key(&ev.translated), &reply_entry).is_err() {
-        return Step::Done(drop(ev, Reason::ConntrackFull));
+    if let Err(reason) = ct::insert(&reversed_key(&ev.translated), &reply_entry) {
+        return Step::Done(drop(ev, reason));
     }
     Step::Forward(Reason::BackendGoneRepicked)
 }
@@ -337,24 +358,6 @@ pub fn reply(f: &Flow, ev: &mut TraceEvent, e: *mut CtEntry) -> Step {
     }
     refresh_both(f, ev, e, true);
     Step::Reply
-}
-
-/// Carries out `Step::Reply` on the skb: at ingress the program sends the
-/// reply on itself (its source is now a service address or this node's, which
-/// strict reverse-path filtering or `accept_local = 0` would refuse); at
-/// egress it leaves as routed.
-#[inline(never)]
-fn reply_out(ctx: &TcContext, hook: Hook, l4_off: usize, ev: &mut TraceEvent) -> i32 {
-    if nat::rewrite(ctx, l4_off, &ev.original, &ev.translated).is_err() {
-        return drop(ev, Reason::RewriteFailed);
-    }
-    let action = if hook == Hook::TcEgress {
-        TC_ACT_OK
-    } else {
-        fib::send_on_from_ingress(ctx, ev)
-    };
-    decide(ev, Verdict::Forward, Reason::ReplyReverseNat);
-    action
 }
 
 /// Refreshes the packet's conntrack entry `e`; a state change (reply seen,
@@ -411,50 +414,43 @@ fn free_nat_port(x: &FlowTuple, now: u64) -> Option<u16> {
     None
 }
 
-/// Rewrites the packet to `ev.translated` and sends it on: at ingress the
-/// program sends it where the FIB says (`fib`: the stack's reverse-path and
-/// local-source checks never see it); at egress (this host's own traffic) it
-/// was routed for the service address, so it is redirected towards the
-/// backend.
+/// Rewrites the packet to `ev.translated` (addresses, ports, checksums).
+/// Then `send_on`: separate BPF functions called one after the other, so
+/// the rewrite's and the FIB lookup's stack frames are never stacked.
 #[inline(never)]
-fn forward(ctx: &TcContext, hook: Hook, l4_off: usize, ev: &mut TraceEvent, reason: Reason) -> i32 {
-    if nat::rewrite(ctx, l4_off, &ev.original, &ev.translated).is_err() {
-        return drop(ev, Reason::RewriteFailed);
+fn rewrite(ctx: &TcContext, l4_off: usize, ev: &TraceEvent) -> Result<(), Reason> {
+    nat::rewrite(ctx, l4_off, &ev.original, &ev.translated)
+}
+
+/// Sends a rewritten packet on. At ingress the program sends it where the
+/// FIB says (`fib`: the stack's reverse-path and local-source checks never
+/// see it). At egress (this host's own traffic) a packet to a backend was
+/// routed for the service address, so it is redirected towards the backend;
+/// a reply leaves as routed.
+#[inline(never)]
+pub fn send_on(
+    ctx: &TcContext,
+    hook: Hook,
+    ev: &mut TraceEvent,
+    reply: bool,
+) -> Result<i32, Reason> {
+    match hook {
+        Hook::TcEgress if reply => Ok(TC_ACT_OK),
+        Hook::TcEgress => fib::redirect_from_egress(ctx, ev),
+        _ => fib::send_on_from_ingress(ctx, ev),
     }
-    let action = if hook == Hook::TcEgress {
-        match fib::redirect_from_egress(ctx, ev) {
-            Ok(action) => action,
-            Err(()) => return drop(ev, Reason::NoRouteToBackend),
-        }
-    } else {
-        fib::send_on_from_ingress(ctx, ev)
-    };
-    decide(ev, Verdict::Forward, reason);
-    action
 }
 
 /// Answers with ICMP port unreachable (kube-proxy's REJECT).
 #[inline(never)]
-fn reject(ctx: &TcContext, hook: Hook, ev: &mut TraceEvent, reason: Reason) -> i32 {
-    match reject::icmp_port_unreachable(ctx, hook) {
-        Ok(action) => {
-            decide(ev, Verdict::Reject, reason);
-            action
-        }
-        Err(()) => drop(ev, Reason::RejectFailed),
-    }
+fn reject(ctx: &TcContext, hook: Hook) -> Result<i32, Reason> {
+    reject::icmp_port_unreachable(ctx, hook)
 }
 
 /// Resets a TCP flow whose backend is gone.
 #[inline(never)]
-fn reset(ctx: &TcContext, hook: Hook, l4_off: usize, ev: &mut TraceEvent) -> i32 {
-    match reject::tcp_reset(ctx, hook, l4_off) {
-        Ok(action) => {
-            decide(ev, Verdict::Reject, Reason::BackendGoneReset);
-            action
-        }
-        Err(()) => drop(ev, Reason::RejectFailed),
-    }
+fn reset(ctx: &TcContext, hook: Hook, l4_off: usize) -> Result<i32, Reason> {
+    reject::tcp_reset(ctx, hook, l4_off)
 }
 
 /// Drops the packet for `reason`.

@@ -63,8 +63,8 @@ pub fn handle(ctx: &XdpContext, cfg: &DatapathConfig, l4_off: usize, ev: &mut Tr
         }
         return pass_to_tc(ev);
     };
-    if rewrite(ctx, l4_off, &ev.original, &ev.translated, &macs).is_err() {
-        service::drop(ev, Reason::RewriteFailed);
+    if let Err(reason) = rewrite(ctx, l4_off, &ev.original, &ev.translated, &macs) {
+        service::drop(ev, reason);
         return xdp_action::XDP_DROP;
     }
     decide(ev, Verdict::Forward, reason);
@@ -109,20 +109,21 @@ fn rewrite(
     from: &FlowTuple,
     to: &FlowTuple,
     macs: &[u8; 12],
-) -> Result<(), ()> {
+) -> Result<(), Reason> {
+    // Bounds for the verifier: `parse` checked these headers on this frame.
     if l4_off > MAX_L4_OFF {
-        return Err(());
+        return Err(Reason::RewriteFailed);
     }
     let (data, end) = (ctx.data(), ctx.data_end());
     let l4 = data + l4_off;
     let is_tcp = from.protocol == proto::IPPROTO_TCP;
     if data + ETH_HLEN + 20 > end || l4 + 8 > end {
-        return Err(());
+        return Err(Reason::RewriteFailed);
     }
     // TCP's checksum ends at byte 18 of its header, UDP's at 8.
     let csum_ptr = if is_tcp {
         if l4 + 18 > end {
-            return Err(());
+            return Err(Reason::RewriteFailed);
         }
         l4 + 16
     } else {
