@@ -21,7 +21,7 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_REDIRECT,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_INGRESS, TC_ACT_REDIRECT,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
@@ -29,6 +29,7 @@ use aya_ebpf::{
 use common::{FlowTuple, Reason, TraceEvent};
 
 use crate::{
+    action::TcAction,
     maps::DP_DEVICES,
     packet::{load, store},
 };
@@ -74,14 +75,14 @@ fn ifindex(ctx: &TcContext) -> u32 {
 /// `ev.translated`, already rewritten); returns the tc action and records
 /// the device in `ev.sent_ifindex`.
 #[inline(always)]
-pub fn send_on_from_ingress(ctx: &TcContext, ev: &mut TraceEvent) -> Result<i32, Reason> {
+pub fn send_on_from_ingress(ctx: &TcContext, ev: &mut TraceEvent) -> Result<TcAction, Reason> {
     let mut p = params(&ev.translated, ifindex(ctx), 0);
     match lookup(ctx, &mut p) {
         BPF_FIB_LKUP_RET_SUCCESS => {
             // MACs that cannot be written: the stack routes the packet
             // instead (as before dp sent packets on itself).
             if store(ctx, 0, &p.dmac).is_err() || store(ctx, 6, &p.smac).is_err() {
-                return Ok(TC_ACT_OK);
+                return Ok(TcAction::Pass);
             }
             sent(ev, p.ifindex, redirect(p.ifindex, 0))
         }
@@ -92,7 +93,7 @@ pub fn send_on_from_ingress(ctx: &TcContext, ev: &mut TraceEvent) -> Result<i32,
         // For this host with the source it arrived with (which the stack
         // accepted before translation), or nothing the program should
         // decide: the stack.
-        _ => Ok(TC_ACT_OK),
+        _ => Ok(TcAction::Pass),
     }
 }
 
@@ -101,7 +102,7 @@ pub fn send_on_from_ingress(ctx: &TcContext, ev: &mut TraceEvent) -> Result<i32,
 /// that routes back to that source, where strict reverse-path filtering
 /// accepts it. Its own BPF function: a second set of FIB parameters.
 #[inline(never)]
-fn deliver_to_host(ctx: &TcContext, ev: &mut TraceEvent) -> Result<i32, Reason> {
+fn deliver_to_host(ctx: &TcContext, ev: &mut TraceEvent) -> Result<TcAction, Reason> {
     let t = &ev.translated;
     let mut p = params(t, ifindex(ctx), 0);
     p.__bindgen_anon_3.ipv4_src = v4_word(&t.daddr);
@@ -111,15 +112,15 @@ fn deliver_to_host(ctx: &TcContext, ev: &mut TraceEvent) -> Result<i32, Reason> 
     // No route back, or a device dp is not attached to: the stack decides.
     match lookup(ctx, &mut p) {
         BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => {}
-        _ => return Ok(TC_ACT_OK),
+        _ => return Ok(TcAction::Pass),
     }
     let dev = p.ifindex;
     let Some(info) = (unsafe { DP_DEVICES.get(&dev) }) else {
-        return Ok(TC_ACT_OK);
+        return Ok(TcAction::Pass);
     };
     // A MAC that cannot be written: the stack, as above.
     if store(ctx, 0, &info.mac).is_err() {
-        return Ok(TC_ACT_OK);
+        return Ok(TcAction::Pass);
     }
     sent(ev, dev, redirect(dev, u64::from(BPF_F_INGRESS)))
 }
@@ -129,7 +130,7 @@ fn deliver_to_host(ctx: &TcContext, ev: &mut TraceEvent) -> Result<i32, Reason> 
 /// FIB picks, with the neighbour resolved by the kernel, or into this
 /// host's stack if the backend is a local address.
 #[inline(always)]
-pub fn redirect_from_egress(ctx: &TcContext, ev: &mut TraceEvent) -> Result<i32, Reason> {
+pub fn redirect_from_egress(ctx: &TcContext, ev: &mut TraceEvent) -> Result<TcAction, Reason> {
     let ifindex = ifindex(ctx);
     let mut p = params(&ev.translated, ifindex, 0);
     match lookup(ctx, &mut p) {
@@ -149,17 +150,21 @@ pub fn redirect_from_egress(ctx: &TcContext, ev: &mut TraceEvent) -> Result<i32,
 
 /// Records where a redirect that succeeded sent the packet.
 #[inline(always)]
-fn sent(ev: &mut TraceEvent, ifindex: u32, action: Result<i32, Reason>) -> Result<i32, Reason> {
+fn sent(
+    ev: &mut TraceEvent,
+    ifindex: u32,
+    action: Result<TcAction, Reason>,
+) -> Result<TcAction, Reason> {
     if action.is_ok() {
         ev.sent_ifindex = ifindex;
     }
     action
 }
 
-/// `bpf_redirect`: `TC_ACT_REDIRECT`, or `RedirectFailed` if the kernel
+/// `bpf_redirect`: `TcAction::Redirect`, or `RedirectFailed` if the kernel
 /// refused (it answers `TC_ACT_SHOT`).
 #[inline(always)]
-pub fn redirect(ifindex: u32, flags: u64) -> Result<i32, Reason> {
+pub fn redirect(ifindex: u32, flags: u64) -> Result<TcAction, Reason> {
     // SAFETY: helper without pointer arguments.
     redirected(unsafe { bpf_redirect(ifindex, flags) })
 }
@@ -167,15 +172,15 @@ pub fn redirect(ifindex: u32, flags: u64) -> Result<i32, Reason> {
 /// `bpf_redirect_neigh` without parameters: the kernel resolves the
 /// neighbour of the packet's destination on `ifindex`.
 #[inline(always)]
-fn redirect_neigh(ifindex: u32) -> Result<i32, Reason> {
+fn redirect_neigh(ifindex: u32) -> Result<TcAction, Reason> {
     // SAFETY: helper; no params (null, length 0).
     redirected(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) })
 }
 
 #[inline(always)]
-fn redirected(rc: i64) -> Result<i32, Reason> {
+fn redirected(rc: i64) -> Result<TcAction, Reason> {
     if rc == i64::from(TC_ACT_REDIRECT) {
-        Ok(TC_ACT_REDIRECT)
+        Ok(TcAction::Redirect)
     } else {
         Err(Reason::RedirectFailed)
     }

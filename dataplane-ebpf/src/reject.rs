@@ -7,6 +7,7 @@ use aya_ebpf::{bindings::BPF_F_INGRESS, helpers::bpf_skb_change_tail, programs::
 use common::{trace::proto, Hook, Reason};
 
 use crate::{
+    action::TcAction,
     csum::{fold, sum_words},
     fib::redirect,
     maps::DP_SCRATCH,
@@ -35,7 +36,7 @@ const TCP_FLAG_ACK: u8 = 0x10;
 /// Turns the packet into an ICMP port unreachable from its destination to
 /// its source and redirects it back; returns the tc action.
 #[inline(always)]
-pub fn icmp_port_unreachable(ctx: &TcContext, hook: Hook) -> Result<i32, Reason> {
+pub fn icmp_port_unreachable(ctx: &TcContext, hook: Hook) -> Result<TcAction, Reason> {
     let eth: EthHdr = load(ctx, 0)?;
     let ip: Ipv4Hdr = load(ctx, ETH_HLEN)?;
     // Explicit bounds on a fresh read: the verifier needs them for the
@@ -78,7 +79,7 @@ pub fn icmp_port_unreachable(ctx: &TcContext, hook: Hook) -> Result<i32, Reason>
 /// headers are staged in the scratch buffer after the answer's bytes, not on
 /// the stack (the call chain's 512 bytes are tight).
 #[inline(always)]
-pub fn tcp_reset(ctx: &TcContext, hook: Hook, l4_off: usize) -> Result<i32, Reason> {
+pub fn tcp_reset(ctx: &TcContext, hook: Hook, l4_off: usize) -> Result<TcAction, Reason> {
     let buf = scratch()?;
     *buf = [0; SCRATCH_LEN];
     // Staging, after the answer's TCP_RESET_LEN bytes: the original
@@ -185,7 +186,7 @@ fn send_back<const N: usize>(
     hook: Hook,
     buf: &[u8; N],
     len: usize,
-) -> Result<i32, Reason> {
+) -> Result<TcAction, Reason> {
     if len > N {
         return Err(Reason::RejectFailed);
     }

@@ -7,11 +7,7 @@
 //! `ev.translated` and records its decision in `ev` (the packet's per-CPU
 //! decision record, see `trace`).
 
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_get_prandom_u32,
-    programs::TcContext,
-};
+use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
 use common::{
     addr::in_prefix,
     config::CONFIG_MASQUERADE_ALL,
@@ -28,12 +24,13 @@ use common::{
 };
 
 use crate::{
+    action::TcAction,
     conntrack::{self as ct, now_ns},
     fib,
     lb::{self, ServiceLookup},
     maps::DP_REVNAT,
     nat, reject,
-    trace::decide,
+    trace::{decide, decide_drop},
 };
 
 /// Ephemeral range for masquerade ports when the client's port is taken.
@@ -50,12 +47,15 @@ pub struct Flow<'a> {
     pub now: u64,
 }
 
-/// What a step decided; the hook's `handle` carries it out. Steps never
-/// call each other: the BPF stack (512 bytes) is shared by the whole call
-/// chain, so the chain is kept at entry point -> `handle` -> one step.
+/// What a step decided, in no hook's terms; the hook's `handle` carries it
+/// out and records the verdict. Steps never call each other: the BPF stack
+/// (512 bytes) is shared by the whole call chain, so the chain is kept at
+/// entry point -> `handle` -> one step.
 pub enum Step {
-    /// Decided; the tc action (`TC_ACT_OK` passes, `TC_ACT_SHOT` drops).
-    Done(i32),
+    /// Not a packet to translate: it passes untouched, for this reason.
+    Pass(Reason),
+    /// Drop the packet, for this reason.
+    Drop(Reason),
     /// A backend was picked for a new flow: track it (flags for `CtEntry`),
     /// then forward with this reason.
     Track(u8, Reason),
@@ -95,7 +95,7 @@ pub fn handle(
     cfg: &DatapathConfig,
     l4_off: usize,
     ev: &mut TraceEvent,
-) -> i32 {
+) -> TcAction {
     let f = Flow {
         hook,
         cfg,
@@ -112,7 +112,11 @@ pub fn handle(
         other => other,
     };
     let (verdict, reason, sent) = match step {
-        Step::Done(action) => return action,
+        Step::Pass(reason) => {
+            decide(ev, Verdict::Pass, reason);
+            return TcAction::Pass;
+        }
+        Step::Drop(reason) => return drop_packet(ev, reason),
         Step::Forward(reason) => (
             Verdict::Forward,
             reason,
@@ -130,7 +134,7 @@ pub fn handle(
             reset(ctx, hook, l4_off),
         ),
         Step::Track(..) | Step::BackendGone | Step::Reopen => {
-            return drop(ev, Reason::ServiceInconsistent)
+            return drop_packet(ev, Reason::ServiceInconsistent)
         }
     };
     match sent {
@@ -138,8 +142,15 @@ pub fn handle(
             decide(ev, verdict, reason);
             action
         }
-        Err(why) => drop(ev, why),
+        Err(why) => drop_packet(ev, why),
     }
+}
+
+/// tc: drops the packet for `reason`.
+#[inline(always)]
+fn drop_packet(ev: &mut TraceEvent, reason: Reason) -> TcAction {
+    decide_drop(ev, reason);
+    TcAction::Drop
 }
 
 /// A TCP SYN (without ACK) on an original-direction entry that is closing or
@@ -165,10 +176,7 @@ const TCP_ACK: u8 = 0x10;
 pub fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
     let t = &ev.original;
     let (mut key, mut master) = match lb::lookup(&t.daddr, t.dport, t.protocol) {
-        ServiceLookup::NotAService => {
-            decide(ev, Verdict::Pass, Reason::NoService);
-            return Step::Done(TC_ACT_OK);
-        }
+        ServiceLookup::NotAService => return Step::Pass(Reason::NoService),
         ServiceLookup::PortNotServed => return Step::Reject(Reason::PortNotServed),
         ServiceLookup::Frontend(key, master) => (key, master),
     };
@@ -176,7 +184,7 @@ pub fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
     if master.flags & SERVICE_FLAG_SOURCE_RANGES != 0
         && !lb::source_allowed(master.service_id, &t.saddr)
     {
-        return Step::Done(drop(ev, Reason::SourceRangeDenied));
+        return Step::Drop(Reason::SourceRangeDenied);
     }
     let cfg = f.cfg;
     let from_host = f.hook == Hook::TcEgress || t.saddr == cfg.node_ip;
@@ -188,7 +196,7 @@ pub fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
         key = key.with_scope(SCOPE_INTERNAL);
         master = match lb::master(&key) {
             Some(m) => m,
-            None => return Step::Done(drop(ev, Reason::ServiceInconsistent)),
+            None => return Step::Drop(Reason::ServiceInconsistent),
         };
     }
     let affinity = master.flags & SERVICE_FLAG_AFFINITY != 0;
@@ -204,10 +212,10 @@ pub fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
     let (backend_id, backend) = match picked {
         Ok(b) => b,
         Err(Reason::NoEndpoints) if master.flags & SERVICE_FLAG_LOCAL_ONLY != 0 => {
-            return Step::Done(drop(ev, Reason::NoLocalEndpoints))
+            return Step::Drop(Reason::NoLocalEndpoints)
         }
         Err(Reason::NoEndpoints) => return Step::Reject(Reason::NoEndpoints),
-        Err(r) => return Step::Done(drop(ev, r)),
+        Err(r) => return Step::Drop(r),
     };
     ev.backend_id = backend_id;
     let t = &ev.original;
@@ -238,7 +246,7 @@ pub fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
     x.saddr = cfg.node_ip;
     match free_nat_port(x, f.now) {
         Some(port) => x.sport = port,
-        None => return Step::Done(drop(ev, Reason::NatPortsExhausted)),
+        None => return Step::Drop(Reason::NatPortsExhausted),
     }
     let hairpin = if hairpin { CT_FLAG_HAIRPIN } else { 0 };
     Step::Track(CT_FLAG_SNAT | hairpin | affinity, reason)
@@ -262,14 +270,14 @@ pub fn track(f: &Flow, ev: &mut TraceEvent, flags: u8, reason: Reason) -> Step {
     };
     let reply_key = reversed_key(x);
     if let Err(reason) = ct::insert(&reply_key, &entry) {
-        return Step::Done(drop(ev, reason));
+        return Step::Drop(reason);
     }
     entry.nat_addr = x.saddr;
     entry.nat_port = x.sport;
     entry.direction = CT_DIR_ORIGINAL;
     if let Err(reason) = ct::insert(&ct::key(t), &entry) {
         ct::remove(&reply_key);
-        return Step::Done(drop(ev, reason));
+        return Step::Drop(reason);
     }
     if flags & CT_FLAG_AFFINITY != 0 {
         lb::remember_affinity(ev.service_id, &ev.original.saddr, ev.backend_id, f.now);
@@ -299,7 +307,7 @@ fn backend_gone(f: &Flow, ev: &mut TraceEvent) -> Step {
     let t = &ev.original;
     // Looked up again (rare path): a map pointer does not survive `Step`.
     let Some(e) = ct::lookup(&ct::key(t), f.now) else {
-        return Step::Done(drop(ev, Reason::ServiceInconsistent));
+        return Step::Drop(Reason::ServiceInconsistent);
     };
     if t.protocol == proto::IPPROTO_TCP {
         ct::remove(&ct::key(t));
@@ -315,7 +323,7 @@ fn backend_gone(f: &Flow, ev: &mut TraceEvent) -> Step {
             ct::remove(&ct::key(t));
             return Step::Reject(Reason::NoEndpoints);
         }
-        Err(r) => return Step::Done(drop(ev, r)),
+        Err(r) => return Step::Drop(r),
     };
     // SAFETY: map value pointer from the lookup in `handle`.
     let entry = unsafe { &mut *e };
@@ -330,7 +338,7 @@ fn backend_gone(f: &Flow, ev: &mut TraceEvent) -> Step {
         ..*entry
     };
     if let Err(reason) = ct::insert(&reversed_key(&ev.translated), &reply_entry) {
-        return Step::Done(drop(ev, reason));
+        return Step::Drop(reason);
     }
     Step::Forward(Reason::BackendGoneRepicked)
 }
@@ -344,7 +352,7 @@ pub fn reply(f: &Flow, ev: &mut TraceEvent, e: *mut CtEntry) -> Step {
     ev.service_id = entry.service_id;
     ev.backend_id = entry.backend_id;
     let Some(frontend) = DP_REVNAT.get_ptr(&entry.service_id) else {
-        return Step::Done(drop(ev, Reason::ServiceInconsistent));
+        return Step::Drop(Reason::ServiceInconsistent);
     };
     let x = &mut ev.translated;
     // SAFETY: map value pointer.
@@ -433,9 +441,9 @@ pub fn send_on(
     hook: Hook,
     ev: &mut TraceEvent,
     reply: bool,
-) -> Result<i32, Reason> {
+) -> Result<TcAction, Reason> {
     match hook {
-        Hook::TcEgress if reply => Ok(TC_ACT_OK),
+        Hook::TcEgress if reply => Ok(TcAction::Pass),
         Hook::TcEgress => fib::redirect_from_egress(ctx, ev),
         _ => fib::send_on_from_ingress(ctx, ev),
     }
@@ -443,20 +451,12 @@ pub fn send_on(
 
 /// Answers with ICMP port unreachable (kube-proxy's REJECT).
 #[inline(never)]
-fn reject(ctx: &TcContext, hook: Hook) -> Result<i32, Reason> {
+fn reject(ctx: &TcContext, hook: Hook) -> Result<TcAction, Reason> {
     reject::icmp_port_unreachable(ctx, hook)
 }
 
 /// Resets a TCP flow whose backend is gone.
 #[inline(never)]
-fn reset(ctx: &TcContext, hook: Hook, l4_off: usize) -> Result<i32, Reason> {
+fn reset(ctx: &TcContext, hook: Hook, l4_off: usize) -> Result<TcAction, Reason> {
     reject::tcp_reset(ctx, hook, l4_off)
-}
-
-/// Drops the packet for `reason`.
-#[inline(always)]
-pub fn drop(ev: &mut TraceEvent, reason: Reason) -> i32 {
-    ev.translated = ev.original;
-    decide(ev, Verdict::Drop, reason);
-    TC_ACT_SHOT
 }
