@@ -13,6 +13,7 @@ pub mod device;
 pub mod kernel;
 pub mod lb;
 pub mod names;
+pub mod proto;
 pub mod reason;
 pub mod stats;
 pub mod trace;

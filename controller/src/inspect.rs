@@ -366,7 +366,7 @@ impl PinnedMaps {
                             out.backends = vec![b];
                             return Ok(out);
                         }
-                        None if protocol == 6 => {
+                        None if protocol == common::proto::IPPROTO_TCP => {
                             out.verdict = "reject";
                             out.reason = Reason::BackendGoneReset.id();
                             return Ok(out);

@@ -59,10 +59,16 @@ pub struct Frontend {
 
 impl Frontend {
     pub fn tcp(addr: SocketAddr) -> Self {
-        Frontend { addr, protocol: 6 }
+        Frontend {
+            addr,
+            protocol: common::proto::IPPROTO_TCP,
+        }
     }
     pub fn udp(addr: SocketAddr) -> Self {
-        Frontend { addr, protocol: 17 }
+        Frontend {
+            addr,
+            protocol: common::proto::IPPROTO_UDP,
+        }
     }
     fn master_key(&self) -> ServiceKey {
         ServiceKey::master(addr16(self.addr.ip()), self.addr.port(), self.protocol)

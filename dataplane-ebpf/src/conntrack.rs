@@ -4,14 +4,12 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use common::{
     ct::{CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW},
-    trace::proto,
+    proto::{self, TCP_FIN, TCP_RST},
     CtEntry, CtKey, CtTimeouts, FlowTuple, Reason,
 };
 
 use crate::maps::DP_CT;
 
-const TCP_FIN: u8 = 0x01;
-const TCP_RST: u8 = 0x04;
 const NS_PER_SEC: u64 = 1_000_000_000;
 
 #[inline(always)]

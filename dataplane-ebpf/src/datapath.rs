@@ -3,7 +3,7 @@
 //! packet's decision record (`trace::start`).
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use common::{trace::proto, DatapathConfig, Hook, Reason, TraceEvent, Verdict};
+use common::{proto, DatapathConfig, Hook, Reason, TraceEvent, Verdict};
 
 use crate::{
     action::{TcAction, XdpAction},

@@ -19,7 +19,7 @@ use aya_ebpf::programs::TcContext;
 use common::{
     addr::v4_mapped,
     ct::{CT_DIR_REPLY, CT_FLAG_SNAT},
-    trace::proto,
+    proto::{self, ICMP_DEST_UNREACH, ICMP_PARAMETERPROB, ICMP_TIME_EXCEEDED},
     CtKey, Reason, TraceEvent,
 };
 
@@ -29,19 +29,12 @@ use crate::{
     lb,
     maps::DP_REVNAT,
     packet::{l3_csum_replace, load, skb_load, skb_store, store},
-    parse::{Ipv4Hdr, ETH_HLEN},
+    parse::{Ipv4Hdr, ETH_HLEN, ICMP_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF},
     reject::{scratch, SCRATCH_LEN},
 };
 
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMP_PARAMETERPROB: u8 = 12;
-const ICMP_HLEN: usize = 8;
 /// Quoted IP header (with options) + 8 bytes.
 const QUOTE_MAX: usize = 60 + 8;
-const IP_CSUM_OFF: usize = ETH_HLEN + 10;
-const IP_SRC_OFF: usize = ETH_HLEN + 12;
-const IP_DST_OFF: usize = ETH_HLEN + 16;
 
 /// What the quoted packet and the outer header become.
 #[derive(Default)]

@@ -6,16 +6,12 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use common::{trace::proto, FlowTuple, Reason};
+use common::{proto, FlowTuple, Reason};
 
 use crate::{
     packet::{l3_csum_replace, l4_csum_replace, store},
-    parse::ETH_HLEN,
+    parse::{IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF},
 };
-
-const IP_CSUM_OFF: usize = ETH_HLEN + 10;
-const IP_SRC_OFF: usize = ETH_HLEN + 12;
-const IP_DST_OFF: usize = ETH_HLEN + 16;
 
 /// Rewrites the packet from tuple `from` to tuple `to` (fields that differ).
 #[inline(always)]

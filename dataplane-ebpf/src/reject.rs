@@ -4,7 +4,10 @@
 //! answer and redirected back towards the sender.
 
 use aya_ebpf::{bindings::BPF_F_INGRESS, helpers::bpf_skb_change_tail, programs::TcContext};
-use common::{trace::proto, Hook, Reason};
+use common::{
+    proto::{self, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    Hook, Reason,
+};
 
 use crate::{
     action::TcAction,
@@ -12,11 +15,10 @@ use crate::{
     fib::redirect,
     maps::DP_SCRATCH,
     packet::{load, skb_load, skb_store},
-    parse::{EthHdr, Ipv4Hdr, ETH_HLEN},
+    parse::{EthHdr, Ipv4Hdr, ETH_HLEN, ICMP_HLEN},
 };
 
 const IPV4_HLEN: usize = 20;
-const ICMP_HLEN: usize = 8;
 const TCP_HLEN: usize = 20;
 /// The original IP header (with options) and the first 8 bytes after it.
 const INNER_MAX: usize = 60 + 8;
@@ -25,13 +27,6 @@ const ICMP_REPLY_MAX: usize = ETH_HLEN + IPV4_HLEN + ICMP_HLEN + INNER_MAX;
 pub const SCRATCH_LEN: usize = 128;
 const _: () = assert!(ICMP_REPLY_MAX <= SCRATCH_LEN);
 const TCP_RESET_LEN: usize = ETH_HLEN + IPV4_HLEN + TCP_HLEN;
-
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_PORT_UNREACH: u8 = 3;
-const TCP_FLAG_FIN: u8 = 0x01;
-const TCP_FLAG_SYN: u8 = 0x02;
-const TCP_FLAG_RST: u8 = 0x04;
-const TCP_FLAG_ACK: u8 = 0x10;
 
 /// Turns the packet into an ICMP port unreachable from its destination to
 /// its source and redirects it back; returns the tc action.
@@ -121,19 +116,19 @@ pub fn tcp_reset(ctx: &TcContext, hook: Hook, l4_off: usize) -> Result<TcAction,
     let t = ETH_HLEN + IPV4_HLEN;
     buf.copy_within(ORIG_TCP + 2..ORIG_TCP + 4, t);
     buf.copy_within(ORIG_TCP..ORIG_TCP + 2, t + 2);
-    if flags & TCP_FLAG_ACK != 0 {
+    if flags & TCP_ACK != 0 {
         buf.copy_within(ORIG_TCP + 8..ORIG_TCP + 12, t + 4);
-        buf[t + 13] = TCP_FLAG_RST;
+        buf[t + 13] = TCP_RST;
     } else {
         let mut ack = seq.wrapping_add(payload);
-        if flags & TCP_FLAG_SYN != 0 {
+        if flags & TCP_SYN != 0 {
             ack = ack.wrapping_add(1);
         }
-        if flags & TCP_FLAG_FIN != 0 {
+        if flags & TCP_FIN != 0 {
             ack = ack.wrapping_add(1);
         }
         buf[t + 8..t + 12].copy_from_slice(&ack.to_be_bytes());
-        buf[t + 13] = TCP_FLAG_RST | TCP_FLAG_ACK;
+        buf[t + 13] = TCP_RST | TCP_ACK;
     }
     buf[t + 12] = (TCP_HLEN as u8 / 4) << 4;
     // Pseudo header: addresses, protocol, TCP length.

@@ -19,7 +19,7 @@ use common::{
         SCOPE_INTERNAL, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_INTERNAL_SCOPE,
         SERVICE_FLAG_LOCAL_ONLY, SERVICE_FLAG_SOURCE_RANGES,
     },
-    trace::proto,
+    proto::{self, TCP_ACK, TCP_SYN},
     Backend, CtEntry, CtKey, DatapathConfig, FlowTuple, Hook, Reason, TraceEvent, Verdict,
 };
 
@@ -164,9 +164,6 @@ pub fn syn_reopens(ev: &TraceEvent, e: *mut CtEntry) -> bool {
     let (state, backend_id) = unsafe { ((*e).state, (*e).backend_id) };
     state == CT_STATE_CLOSING || lb::backend(backend_id).is_none()
 }
-
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
 
 // The steps below are separate BPF functions (not inlined), each with its
 // own stack frame.

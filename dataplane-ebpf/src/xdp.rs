@@ -15,7 +15,7 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
-use common::{trace::proto, DatapathConfig, FlowTuple, Hook, Reason, TraceEvent, Verdict};
+use common::{proto, DatapathConfig, FlowTuple, Hook, Reason, TraceEvent, Verdict};
 
 use crate::{
     action::XdpAction,
