@@ -187,6 +187,24 @@ impl Reason {
         Self::ALL.into_iter().find(|r| *r as u32 == v)
     }
 
+    /// Whether the reason is a fault: something the datapath relies on
+    /// failed (a map update, the scratch buffer, a packet write, a checksum
+    /// helper, a redirect), which should never happen. The datapath also
+    /// logs those (aya-log), unlike decisions about packets, which only
+    /// traces show.
+    pub const fn is_fault(self) -> bool {
+        matches!(
+            self,
+            Reason::ConntrackFull
+                | Reason::RejectFailed
+                | Reason::RewriteFailed
+                | Reason::ScratchUnavailable
+                | Reason::PacketStoreFailed
+                | Reason::ChecksumUpdateFailed
+                | Reason::RedirectFailed
+        )
+    }
+
     /// Short stable identifier, used in JSON output and metric labels.
     pub fn id(self) -> &'static str {
         match self {
@@ -260,6 +278,26 @@ impl Reason {
     }
 }
 
+/// Bit `1 << n` for each reason number `n` that `Reason::is_fault`, for
+/// the datapath's check on a number.
+pub const FAULT_REASONS: u64 = {
+    let mut mask = 0;
+    let mut i = 0;
+    while i < Reason::ALL.len() {
+        if Reason::ALL[i].is_fault() {
+            mask |= 1 << Reason::ALL[i] as u32;
+        }
+        i += 1;
+    }
+    mask
+};
+
+/// Whether reason number `reason` is a fault (`Reason::is_fault`).
+#[inline(always)]
+pub const fn is_fault_number(reason: u32) -> bool {
+    reason < 64 && FAULT_REASONS & (1 << reason) != 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,6 +344,19 @@ mod tests {
             assert_eq!(Reason::from_u32(number), Some(reason));
         }
         assert_eq!(Reason::from_u32(0), None, "0 means no reason");
+    }
+
+    #[test]
+    fn faults_by_number_are_the_faults() {
+        for r in Reason::ALL {
+            assert_eq!(is_fault_number(r as u32), r.is_fault(), "{r:?}");
+        }
+        assert!(!is_fault_number(0));
+        assert!(!is_fault_number(64));
+        assert!(Reason::PacketStoreFailed.is_fault());
+        // Decisions about packets, which a sender can cause, are not faults.
+        assert!(!Reason::PacketLoadFailed.is_fault());
+        assert!(!Reason::NoRouteToBackend.is_fault());
     }
 
     #[test]

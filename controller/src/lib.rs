@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod datapath;
 pub mod dump;
+pub mod ebpf_log;
 pub mod error;
 pub mod healthcheck;
 pub mod host;

@@ -592,7 +592,8 @@ pub fn hint(reason: Reason, r: &TraceRecord) -> Hint {
         | Reason::ChecksumUpdateFailed
         | Reason::RedirectFailed => (
             "the datapath could not rewrite or send the packet (resizing, storing bytes, a \
-             checksum update or a redirect failed)",
+             checksum update or a redirect failed); the agent's log has a line from the \
+             datapath about it",
             vec!["dp stats".to_string()],
         ),
         _ => ("dp dropped this packet", vec![explain, "dp stats".to_string()]),

@@ -3,11 +3,11 @@
 //! packet's decision record (`trace::start`).
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use common::{proto, DatapathConfig, Hook, Reason, TraceEvent, Verdict};
+use common::{proto, reason::is_fault_number, DatapathConfig, Hook, Reason, TraceEvent, Verdict};
 
 use crate::{
     action::{TcAction, XdpAction},
-    icmp,
+    diag, icmp,
     maps::DP_CONFIG,
     packet::{Packet, SkbPacket, XdpPacket},
     parse::{parse, Ipv4Packet, Parsed},
@@ -33,6 +33,7 @@ pub fn run_tc<const TRACED: bool>(ctx: &TcContext, hook: Hook) -> TcAction {
     let cfg = config();
     let Some(ev) = trace::start(hook, pkt.ifindex(), pkt.len()) else {
         stats::count(hook, Reason::ScratchUnavailable, pkt.len());
+        diag::no_decision_record(hook);
         return TcAction::Pass;
     };
     let ip = classify(&pkt, ev);
@@ -54,6 +55,7 @@ pub fn run_xdp(ctx: &XdpContext) -> XdpAction {
     let cfg = config();
     let Some(ev) = trace::start(Hook::Xdp, pkt.ifindex(), pkt.len()) else {
         stats::count(Hook::Xdp, Reason::ScratchUnavailable, pkt.len());
+        diag::no_decision_record(Hook::Xdp);
         return XdpAction::Pass;
     };
     let ip = classify(&pkt, ev);
@@ -170,5 +172,9 @@ fn finish<const TRACED: bool>(hook: Hook, ev: &mut TraceEvent) {
     }
     if ev.verdict == Verdict::Drop as u8 || ev.verdict == Verdict::Reject as u8 {
         trace::remember(ev);
+        // Faults are drops: checked on that path only.
+        if is_fault_number(ev.reason) {
+            diag::fault(ev);
+        }
     }
 }

@@ -30,6 +30,7 @@ use common::{FlowTuple, Reason, TraceEvent};
 
 use crate::{
     action::TcAction,
+    diag,
     maps::DP_DEVICES,
     packet::{load, store},
 };
@@ -82,6 +83,7 @@ pub fn send_on_from_ingress(ctx: &TcContext, ev: &mut TraceEvent) -> Result<TcAc
             // MACs that cannot be written: the stack routes the packet
             // instead (as before dp sent packets on itself).
             if store(ctx, 0, &p.dmac).is_err() || store(ctx, 6, &p.smac).is_err() {
+                diag::mac_store_failed(p.ifindex);
                 return Ok(TcAction::Pass);
             }
             sent(ev, p.ifindex, redirect(p.ifindex, 0))
@@ -120,6 +122,7 @@ fn deliver_to_host(ctx: &TcContext, ev: &mut TraceEvent) -> Result<TcAction, Rea
     };
     // A MAC that cannot be written: the stack, as above.
     if store(ctx, 0, &info.mac).is_err() {
+        diag::mac_store_failed(dev);
         return Ok(TcAction::Pass);
     }
     sent(ev, dev, redirect(dev, u64::from(BPF_F_INGRESS)))

@@ -134,5 +134,7 @@ pub fn remember_affinity(service_id: u32, client: &[u8; 16], backend_id: u32, no
     };
     // A full LRU map evicts its oldest entry; an insert can still fail under
     // memory pressure, and then the flow simply has no affinity record.
-    let _ = DP_AFFINITY.insert(&key, &value, 0);
+    if DP_AFFINITY.insert(&key, &value, 0).is_err() {
+        crate::diag::affinity_not_recorded(service_id);
+    }
 }

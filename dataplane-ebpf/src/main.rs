@@ -6,7 +6,8 @@
 //! and a `Reason` (see `common::reason`). One module per concern: `parse`,
 //! `lb` (service maps), `conntrack`, `nat` (rewrites), `reject` (ICMP/RST
 //! answers), `icmp` (errors about flows), `fib` (redirects), `service` (the flow logic, shared by tc and XDP),
-//! `xdp` (the XDP fast path), `stats`, `trace`.
+//! `xdp` (the XDP fast path), `stats`, `trace`, `diag` (log records for
+//! what should never happen).
 #![no_std]
 #![no_main]
 
@@ -14,6 +15,7 @@ mod action;
 mod conntrack;
 mod csum;
 mod datapath;
+mod diag;
 mod fib;
 mod icmp;
 mod lb;
