@@ -9,7 +9,7 @@
 //! there (and kept out of the frames of the hot path's functions).
 
 use aya_log_ebpf::{error, warn};
-use common::{Hook, Reason, TraceEvent};
+use common::{Hook, TraceEvent};
 
 /// A packet dropped for a fault reason (`Reason::is_fault`).
 #[inline(never)]
