@@ -15,6 +15,7 @@ pub mod lb;
 pub mod names;
 pub mod proto;
 pub mod reason;
+pub mod rules;
 pub mod stats;
 pub mod trace;
 

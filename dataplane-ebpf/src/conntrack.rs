@@ -5,7 +5,7 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use common::{
     ct::{CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW},
     proto::{self, TCP_FIN, TCP_RST},
-    CtEntry, CtKey, CtTimeouts, FlowTuple, Reason,
+    rules, CtEntry, CtKey, CtTimeouts, FlowTuple, Reason,
 };
 
 use crate::maps::DP_CT;
@@ -35,10 +35,7 @@ pub fn key(t: &FlowTuple) -> CtKey {
 pub fn lookup(key: &CtKey, now: u64) -> Option<*mut CtEntry> {
     let e = DP_CT.get_ptr_mut(key)?;
     // SAFETY: map value pointer.
-    if unsafe { (*e).expires_ns } <= now {
-        return None;
-    }
-    Some(e)
+    rules::ct_live(unsafe { &*e }, now).then_some(e)
 }
 
 #[inline(always)]

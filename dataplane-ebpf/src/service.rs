@@ -1,7 +1,9 @@
 //! Service handling in tc: conntrack first (established flows and replies),
 //! then the service maps (new flows, rejects). kube-proxy's semantics:
 //! random backend per new flow, terminating fallback, REJECT without
-//! endpoints, masquerade from outside the cluster CIDR and for hairpin.
+//! endpoints, masquerade from outside the cluster CIDR and for hairpin. The
+//! rules themselves are `common::rules`, which `dp explain` applies too;
+//! here they meet the maps and the packet.
 //!
 //! The packet's tuple is `ev.original`; each step writes the translation to
 //! `ev.translated` and records its decision in `ev` (the packet's per-CPU
@@ -9,25 +11,20 @@
 
 use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
 use common::{
-    addr::in_prefix,
-    config::CONFIG_MASQUERADE_ALL,
     ct::{
         CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_FLAG_AFFINITY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT,
         CT_STATE_CLOSING, CT_STATE_NEW,
     },
-    lb::{
-        SCOPE_INTERNAL, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_INTERNAL_SCOPE,
-        SERVICE_FLAG_LOCAL_ONLY, SERVICE_FLAG_SOURCE_RANGES,
-    },
+    lb::SCOPE_INTERNAL,
     proto::{self, TCP_ACK, TCP_SYN},
+    rules::{self, Frontend, Origin},
     Backend, CtEntry, CtKey, DatapathConfig, FlowTuple, Hook, Reason, TraceEvent, Verdict,
 };
 
 use crate::{
     action::TcAction,
     conntrack::{self as ct, now_ns},
-    fib,
-    lb::{self, ServiceLookup},
+    fib, lb,
     maps::DP_REVNAT,
     nat, reject,
     trace::{decide, decide_drop},
@@ -173,30 +170,26 @@ pub fn syn_reopens(ev: &TraceEvent, e: *mut CtEntry) -> bool {
 pub fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
     let t = &ev.original;
     let (mut key, mut master) = match lb::lookup(&t.daddr, t.dport, t.protocol) {
-        ServiceLookup::NotAService => return Step::Pass(Reason::NoService),
-        ServiceLookup::PortNotServed => return Step::Reject(Reason::PortNotServed),
-        ServiceLookup::Frontend(key, master) => (key, master),
+        Frontend::NotAService => return Step::Pass(Reason::NoService),
+        Frontend::PortNotServed => return Step::Reject(Reason::PortNotServed),
+        Frontend::Found(found) => found,
     };
     ev.service_id = master.service_id;
-    if master.flags & SERVICE_FLAG_SOURCE_RANGES != 0
-        && !lb::source_allowed(master.service_id, &t.saddr)
-    {
+    if rules::source_ranges_apply(&master) && !lb::source_allowed(master.service_id, &t.saddr) {
         return Step::Drop(Reason::SourceRangeDenied);
     }
     let cfg = f.cfg;
-    let from_host = f.hook == Hook::TcEgress || t.saddr == cfg.node_ip;
-    let from_pod =
-        cfg.cluster_cidr_len != 0 && in_prefix(&t.saddr, &cfg.cluster_cidr, cfg.cluster_cidr_len);
-    // eTP=Local: traffic from inside the cluster uses the cluster-wide view.
-    let etp_local = master.flags & SERVICE_FLAG_INTERNAL_SCOPE != 0;
-    if etp_local && (from_host || from_pod) {
+    let origin = Origin::of(cfg, &t.saddr, f.hook == Hook::TcEgress);
+    // The masquerade rule reads the frontend's own flags.
+    let frontend_flags = master.flags;
+    if rules::internal_scope(&master, origin) {
         key = key.with_scope(SCOPE_INTERNAL);
         master = match lb::master(&key) {
             Some(m) => m,
             None => return Step::Drop(Reason::ServiceInconsistent),
         };
     }
-    let affinity = master.flags & SERVICE_FLAG_AFFINITY != 0;
+    let affinity = rules::has_affinity(&master);
     let remembered = if affinity {
         lb::affinity_backend(master.service_id, &t.saddr, &master, f.now)
     } else {
@@ -208,30 +201,19 @@ pub fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
     };
     let (backend_id, backend) = match picked {
         Ok(b) => b,
-        Err(Reason::NoEndpoints) if master.flags & SERVICE_FLAG_LOCAL_ONLY != 0 => {
-            return Step::Drop(Reason::NoLocalEndpoints)
+        Err(Reason::NoEndpoints) => {
+            return match rules::no_endpoints(&master) {
+                (Verdict::Drop, why) => Step::Drop(why),
+                (_, why) => Step::Reject(why),
+            }
         }
-        Err(Reason::NoEndpoints) => return Step::Reject(Reason::NoEndpoints),
         Err(r) => return Step::Drop(r),
     };
     ev.backend_id = backend_id;
     let t = &ev.original;
     let hairpin = t.saddr == backend.addr;
-    // kube-proxy: external destinations masquerade everything with
-    // eTP=Cluster, only the host's own traffic with eTP=Local; ClusterIPs
-    // masquerade what comes from outside the cluster CIDR.
-    // A backend that is this node itself (a host-network endpoint) is reached
-    // by local delivery, which kube-proxy's masquerade (POSTROUTING) never
-    // sees; the node's own address as source would also be a martian there
-    // (`accept_local = 0`).
-    let to_this_node = f.hook != Hook::TcEgress && backend.addr == cfg.node_ip;
-    let masquerade = !to_this_node
-        && (hairpin
-            || if master.flags & SERVICE_FLAG_EXTERNAL != 0 {
-                !etp_local || from_host
-            } else {
-                cfg.flags & CONFIG_MASQUERADE_ALL != 0 || (cfg.cluster_cidr_len != 0 && !from_pod)
-            });
+    let to_this_node = rules::reaches_this_node(cfg, &backend.addr, origin);
+    let masquerade = rules::masquerade(cfg, frontend_flags, origin, hairpin, to_this_node);
     // Recorded when the flow is tracked: XDP may still leave it to tc.
     let affinity = if affinity { CT_FLAG_AFFINITY } else { 0 };
     let x = &mut ev.translated;
@@ -306,12 +288,12 @@ fn backend_gone(f: &Flow, ev: &mut TraceEvent) -> Step {
     let Some(e) = ct::lookup(&ct::key(t), f.now) else {
         return Step::Drop(Reason::ServiceInconsistent);
     };
-    if t.protocol == proto::IPPROTO_TCP {
+    if rules::resets_when_backend_gone(t.protocol) {
         ct::remove(&ct::key(t));
         return Step::Reset;
     }
     let picked = match lb::lookup(&t.daddr, t.dport, t.protocol) {
-        ServiceLookup::Frontend(key, master) => lb::select_backend(&key, &master),
+        Frontend::Found((key, master)) => lb::select_backend(&key, &master),
         _ => Err(Reason::NoEndpoints),
     };
     let (backend_id, backend) = match picked {
