@@ -39,6 +39,22 @@ pub fn in_prefix(addr: &[u8; 16], net: &[u8; 16], prefix_len: u8) -> bool {
     true
 }
 
+/// The 16-byte form of an address (IPv4 as `::ffff:a.b.c.d`).
+pub fn addr16(ip: core::net::IpAddr) -> [u8; 16] {
+    match ip {
+        core::net::IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        core::net::IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The address a 16-byte form stands for.
+pub fn ip_of(a: &[u8; 16]) -> core::net::IpAddr {
+    match as_v4(a) {
+        Some(v4) => core::net::IpAddr::from(v4),
+        None => core::net::IpAddr::from(*a),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,21 +74,5 @@ mod tests {
             &v4_mapped([10, 244, 1, 4]),
             128
         ));
-    }
-}
-
-/// The 16-byte form of an address (IPv4 as `::ffff:a.b.c.d`).
-pub fn addr16(ip: core::net::IpAddr) -> [u8; 16] {
-    match ip {
-        core::net::IpAddr::V4(v4) => v4_mapped(v4.octets()),
-        core::net::IpAddr::V6(v6) => v6.octets(),
-    }
-}
-
-/// The address a 16-byte form stands for.
-pub fn ip_of(a: &[u8; 16]) -> core::net::IpAddr {
-    match as_v4(a) {
-        Some(v4) => core::net::IpAddr::from(v4),
-        None => core::net::IpAddr::from(*a),
     }
 }

@@ -13,7 +13,9 @@ pub mod device;
 pub mod kernel;
 pub mod lb;
 pub mod names;
+pub mod proto;
 pub mod reason;
+pub mod rules;
 pub mod stats;
 pub mod trace;
 

@@ -121,9 +121,11 @@ pub enum Reason {
     XdpPassToTc = 18,
     /// A translated packet from this host could not be routed to its backend.
     NoRouteToBackend = 19,
-    /// Building the ICMP error or TCP reset failed (resizing the packet).
+    /// Building the ICMP error or TCP reset failed: resizing the packet
+    /// failed, or it is too short to quote.
     RejectFailed = 20,
-    /// Rewriting the packet's addresses or ports failed.
+    /// Rewriting the packet's addresses or ports failed: its headers are not
+    /// where the rewrite can reach them (XDP), or an ICMP quote is too long.
     RewriteFailed = 21,
     /// The per-CPU scratch record was unavailable (an array map index that
     /// always exists; counted rather than assumed).
@@ -135,11 +137,21 @@ pub enum Reason {
     SourceRangeDenied = 24,
     /// A new flow sent to the backend the client's session affinity names.
     NewFlowAffinity = 25,
+    /// Reading bytes of the packet failed: it is shorter than the headers
+    /// the datapath had to read (e.g. an ICMP error quoting too little).
+    PacketLoadFailed = 26,
+    /// Writing bytes into the packet failed (the skb could not be made
+    /// writable).
+    PacketStoreFailed = 27,
+    /// Updating an IP or L4 checksum with the kernel's helper failed.
+    ChecksumUpdateFailed = 28,
+    /// The kernel refused the redirect the datapath asked for.
+    RedirectFailed = 29,
 }
 
 impl Reason {
     /// Every reason, in number order.
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 29] = [
         Reason::NotIpv4,
         Reason::NoService,
         Reason::UnsupportedProtocol,
@@ -165,10 +177,32 @@ impl Reason {
         Reason::NoLocalEndpoints,
         Reason::SourceRangeDenied,
         Reason::NewFlowAffinity,
+        Reason::PacketLoadFailed,
+        Reason::PacketStoreFailed,
+        Reason::ChecksumUpdateFailed,
+        Reason::RedirectFailed,
     ];
 
     pub fn from_u32(v: u32) -> Option<Self> {
         Self::ALL.into_iter().find(|r| *r as u32 == v)
+    }
+
+    /// Whether the reason is a fault: something the datapath relies on
+    /// failed (a map update, the scratch buffer, a packet write, a checksum
+    /// helper, a redirect), which should never happen. The datapath also
+    /// logs those (aya-log), unlike decisions about packets, which only
+    /// traces show.
+    pub const fn is_fault(self) -> bool {
+        matches!(
+            self,
+            Reason::ConntrackFull
+                | Reason::RejectFailed
+                | Reason::RewriteFailed
+                | Reason::ScratchUnavailable
+                | Reason::PacketStoreFailed
+                | Reason::ChecksumUpdateFailed
+                | Reason::RedirectFailed
+        )
     }
 
     /// Short stable identifier, used in JSON output and metric labels.
@@ -199,6 +233,10 @@ impl Reason {
             Reason::NoLocalEndpoints => "no_local_endpoints",
             Reason::SourceRangeDenied => "source_range_denied",
             Reason::NewFlowAffinity => "new_flow_affinity",
+            Reason::PacketLoadFailed => "packet_load_failed",
+            Reason::PacketStoreFailed => "packet_store_failed",
+            Reason::ChecksumUpdateFailed => "checksum_update_failed",
+            Reason::RedirectFailed => "redirect_failed",
         }
     }
 
@@ -230,8 +268,34 @@ impl Reason {
             Reason::NoLocalEndpoints => "traffic policy Local and no endpoint on this node",
             Reason::SourceRangeDenied => "source not in the service's loadBalancerSourceRanges",
             Reason::NewFlowAffinity => "new flow to the client's session-affinity backend",
+            Reason::PacketLoadFailed => {
+                "could not read the packet's bytes (shorter than its headers)"
+            }
+            Reason::PacketStoreFailed => "could not write into the packet",
+            Reason::ChecksumUpdateFailed => "could not update a checksum",
+            Reason::RedirectFailed => "the kernel refused the redirect",
         }
     }
+}
+
+/// Bit `1 << n` for each reason number `n` that `Reason::is_fault`, for
+/// the datapath's check on a number.
+pub const FAULT_REASONS: u64 = {
+    let mut mask = 0;
+    let mut i = 0;
+    while i < Reason::ALL.len() {
+        if Reason::ALL[i].is_fault() {
+            mask |= 1 << Reason::ALL[i] as u32;
+        }
+        i += 1;
+    }
+    mask
+};
+
+/// Whether reason number `reason` is a fault (`Reason::is_fault`).
+#[inline(always)]
+pub const fn is_fault_number(reason: u32) -> bool {
+    reason < 64 && FAULT_REASONS & (1 << reason) != 0
 }
 
 #[cfg(test)]
@@ -268,6 +332,10 @@ mod tests {
             (Reason::NoLocalEndpoints, 23, "no_local_endpoints"),
             (Reason::SourceRangeDenied, 24, "source_range_denied"),
             (Reason::NewFlowAffinity, 25, "new_flow_affinity"),
+            (Reason::PacketLoadFailed, 26, "packet_load_failed"),
+            (Reason::PacketStoreFailed, 27, "packet_store_failed"),
+            (Reason::ChecksumUpdateFailed, 28, "checksum_update_failed"),
+            (Reason::RedirectFailed, 29, "redirect_failed"),
         ];
         assert_eq!(Reason::ALL.len(), expected.len(), "update this list");
         for (reason, number, id) in expected {
@@ -276,6 +344,19 @@ mod tests {
             assert_eq!(Reason::from_u32(number), Some(reason));
         }
         assert_eq!(Reason::from_u32(0), None, "0 means no reason");
+    }
+
+    #[test]
+    fn faults_by_number_are_the_faults() {
+        for r in Reason::ALL {
+            assert_eq!(is_fault_number(r as u32), r.is_fault(), "{r:?}");
+        }
+        assert!(!is_fault_number(0));
+        assert!(!is_fault_number(64));
+        assert!(Reason::PacketStoreFailed.is_fault());
+        // Decisions about packets, which a sender can cause, are not faults.
+        assert!(!Reason::PacketLoadFailed.is_fault());
+        assert!(!Reason::NoRouteToBackend.is_fault());
     }
 
     #[test]

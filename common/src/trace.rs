@@ -22,7 +22,7 @@ pub struct FlowTuple {
     pub daddr: [u8; 16],
     pub sport: u16,
     pub dport: u16,
-    /// IP protocol number (6 TCP, 17 UDP, 1 ICMP); 0 when not IP.
+    /// IP protocol number (`proto::IPPROTO_*`); 0 when not IP.
     pub protocol: u8,
     /// `FAMILY_IPV4`, `FAMILY_IPV6` or 0 (not IP).
     pub family: u8,
@@ -45,7 +45,7 @@ pub struct TraceEvent {
     pub hook: u8,
     /// `Verdict` number.
     pub verdict: u8,
-    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10), 0 otherwise.
+    /// TCP flags byte (`proto::TCP_*`), 0 otherwise.
     pub tcp_flags: u8,
     /// Bit per session slot that may want this packet (set on arrival).
     pub trace_sessions: u8,
@@ -180,14 +180,4 @@ impl TraceSession {
             self.reasons[word] |= 1 << (reason % 64);
         }
     }
-}
-
-/// Ethertype and protocol numbers the datapath and its tests share.
-pub mod proto {
-    pub const ETH_P_IP: u16 = 0x0800;
-    pub const ETH_P_IPV6: u16 = 0x86dd;
-    pub const ETH_P_ARP: u16 = 0x0806;
-    pub const IPPROTO_ICMP: u8 = 1;
-    pub const IPPROTO_TCP: u8 = 6;
-    pub const IPPROTO_UDP: u8 = 17;
 }

@@ -450,10 +450,10 @@ fn main() -> anyhow::Result<()> {
                 Err(_) => (from.parse()?, None),
             };
             let (to, protocol) = match to.split_once('/') {
-                Some((addr, "tcp" | "TCP")) => (addr.parse()?, 6),
-                Some((addr, "udp" | "UDP")) => (addr.parse()?, 17),
+                Some((addr, "tcp" | "TCP")) => (addr.parse()?, common::proto::IPPROTO_TCP),
+                Some((addr, "udp" | "UDP")) => (addr.parse()?, common::proto::IPPROTO_UDP),
                 Some((_, p)) => anyhow::bail!("--to: protocol {p:?}: use tcp or udp"),
-                None => (to.parse()?, 6),
+                None => (to.parse()?, common::proto::IPPROTO_TCP),
             };
             let e = PinnedMaps::open(&inspect.bpffs)?.explain(from_ip, from_port, to, protocol)?;
             print(&inspect, &e, text::explanation(&e))

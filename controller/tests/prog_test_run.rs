@@ -3,10 +3,7 @@
 
 mod support;
 
-use common::{
-    trace::{proto, FAMILY_IPV4},
-    Hook, Reason, TraceEvent, Verdict,
-};
+use common::{proto, trace::FAMILY_IPV4, Hook, Reason, TraceEvent, Verdict};
 use etherparse::PacketBuilder;
 use support::{
     fix_ipv4_checksum, load, run, CLIENT_MAC, SERVER_MAC, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP,

@@ -4,14 +4,12 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use common::{
     ct::{CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW},
-    trace::proto,
-    CtEntry, CtKey, CtTimeouts, FlowTuple,
+    proto::{self, TCP_FIN, TCP_RST},
+    rules, CtEntry, CtKey, CtTimeouts, FlowTuple, Reason,
 };
 
 use crate::maps::DP_CT;
 
-const TCP_FIN: u8 = 0x01;
-const TCP_RST: u8 = 0x04;
 const NS_PER_SEC: u64 = 1_000_000_000;
 
 #[inline(always)]
@@ -37,10 +35,7 @@ pub fn key(t: &FlowTuple) -> CtKey {
 pub fn lookup(key: &CtKey, now: u64) -> Option<*mut CtEntry> {
     let e = DP_CT.get_ptr_mut(key)?;
     // SAFETY: map value pointer.
-    if unsafe { (*e).expires_ns } <= now {
-        return None;
-    }
-    Some(e)
+    rules::ct_live(unsafe { &*e }, now).then_some(e)
 }
 
 #[inline(always)]
@@ -101,9 +96,13 @@ pub fn set_state(key: &CtKey, protocol: u8, state: u8, now: u64, t: &CtTimeouts)
     }
 }
 
+/// Creates or replaces the entry at `key`. An LRU map evicts to make room,
+/// so a failure means even that was impossible.
 #[inline(always)]
-pub fn insert(key: &CtKey, entry: &CtEntry) -> Result<(), ()> {
-    DP_CT.insert(key, entry, 0).map_err(|_| ())
+pub fn insert(key: &CtKey, entry: &CtEntry) -> Result<(), Reason> {
+    DP_CT
+        .insert(key, entry, 0)
+        .map_err(|_| Reason::ConntrackFull)
 }
 
 #[inline(always)]

@@ -2,14 +2,12 @@
 //! count and trace. Every path records a verdict and a reason in the
 //! packet's decision record (`trace::start`).
 
-use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
-    programs::{TcContext, XdpContext},
-};
-use common::{trace::proto, DatapathConfig, Hook, Reason, TraceEvent, Verdict};
+use aya_ebpf::programs::{TcContext, XdpContext};
+use common::{proto, reason::is_fault_number, DatapathConfig, Hook, Reason, TraceEvent, Verdict};
 
 use crate::{
-    fib, icmp,
+    action::{TcAction, XdpAction},
+    diag, icmp,
     maps::DP_CONFIG,
     packet::{Packet, SkbPacket, XdpPacket},
     parse::{parse, Ipv4Packet, Parsed},
@@ -30,12 +28,13 @@ fn config() -> &'static DatapathConfig {
 /// `TRACED` false compiles tracing out (the benchmarks' `dp_tc_untraced`,
 /// to show that with no session open tracing costs nothing measurable).
 #[inline(always)]
-pub fn run_tc<const TRACED: bool>(ctx: &TcContext, hook: Hook) -> i32 {
+pub fn run_tc<const TRACED: bool>(ctx: &TcContext, hook: Hook) -> TcAction {
     let pkt = SkbPacket::new(ctx);
     let cfg = config();
     let Some(ev) = trace::start(hook, pkt.ifindex(), pkt.len()) else {
         stats::count(hook, Reason::ScratchUnavailable, pkt.len());
-        return TC_ACT_OK;
+        diag::no_decision_record(hook);
+        return TcAction::Pass;
     };
     let ip = classify(&pkt, ev);
     if TRACED {
@@ -51,12 +50,13 @@ pub fn run_tc<const TRACED: bool>(ctx: &TcContext, hook: Hook) -> i32 {
 }
 
 #[inline(always)]
-pub fn run_xdp(ctx: &XdpContext) -> u32 {
+pub fn run_xdp(ctx: &XdpContext) -> XdpAction {
     let pkt = XdpPacket::new(ctx);
     let cfg = config();
     let Some(ev) = trace::start(Hook::Xdp, pkt.ifindex(), pkt.len()) else {
         stats::count(Hook::Xdp, Reason::ScratchUnavailable, pkt.len());
-        return xdp_action::XDP_PASS;
+        diag::no_decision_record(Hook::Xdp);
+        return XdpAction::Pass;
     };
     let ip = classify(&pkt, ev);
     trace::arrival(&pkt, ev);
@@ -64,11 +64,11 @@ pub fn run_xdp(ctx: &XdpContext) -> u32 {
         // ICMP errors about flows are translated in tc.
         Some(ip) if ip.protocol == proto::IPPROTO_ICMP => {
             decide(ev, Verdict::Pass, Reason::XdpPassToTc);
-            xdp_action::XDP_PASS
+            XdpAction::Pass
         }
         Some(ip) => xdp::handle(ctx, cfg, ip.l4_off, ev),
-        None if ev.verdict == Verdict::Drop as u8 => xdp_action::XDP_DROP,
-        None => xdp_action::XDP_PASS,
+        None if ev.verdict == Verdict::Drop as u8 => XdpAction::Drop,
+        None => XdpAction::Pass,
     };
     finish::<true>(Hook::Xdp, ev);
     action
@@ -77,45 +77,49 @@ pub fn run_xdp(ctx: &XdpContext) -> u32 {
 /// An ICMP error about a tracked flow is translated like the flow; other
 /// ICMP passes.
 #[inline(never)]
-fn icmp_error(ctx: &TcContext, hook: Hook, l4_off: usize, ev: &mut TraceEvent) -> i32 {
-    if !icmp::is_error(ctx, l4_off) {
-        decide(ev, Verdict::Pass, Reason::UnsupportedProtocol);
-        return TC_ACT_OK;
-    }
-    match icmp::translate_error(ctx, l4_off, ev) {
+fn icmp_error(ctx: &TcContext, hook: Hook, l4_off: usize, ev: &mut TraceEvent) -> TcAction {
+    match icmp::is_error(ctx, l4_off) {
+        Ok(true) => {}
         Ok(false) => {
             decide(ev, Verdict::Pass, Reason::UnsupportedProtocol);
-            TC_ACT_OK
+            return TcAction::Pass;
         }
-        Ok(true) => {
-            let action = if hook == Hook::TcEgress {
-                match fib::redirect_from_egress(ctx, ev) {
-                    Ok(action) => action,
-                    Err(()) => {
-                        decide(ev, Verdict::Drop, Reason::NoRouteToBackend);
-                        return TC_ACT_SHOT;
-                    }
-                }
-            } else {
-                fib::send_on_from_ingress(ctx, ev)
-            };
+        // Too short to have a type: nothing to translate; the stack judges
+        // it (and drops it).
+        Err(reason) => {
+            decide(ev, Verdict::Pass, reason);
+            return TcAction::Pass;
+        }
+    }
+    let sent = match icmp::translate_error(ctx, l4_off, ev) {
+        Ok(false) => {
+            decide(ev, Verdict::Pass, Reason::UnsupportedProtocol);
+            return TcAction::Pass;
+        }
+        // Sent on as a translated packet of a flow is (the FIB at ingress,
+        // a redirect at egress).
+        Ok(true) => service::send_on(ctx, hook, ev, false),
+        Err(reason) => Err(reason),
+    };
+    match sent {
+        Ok(action) => {
             decide(ev, Verdict::Forward, Reason::IcmpErrorTranslated);
             action
         }
-        Err(()) => {
-            decide(ev, Verdict::Drop, Reason::RewriteFailed);
-            TC_ACT_SHOT
+        Err(reason) => {
+            decide(ev, Verdict::Drop, reason);
+            TcAction::Drop
         }
     }
 }
 
 /// The tc action for a decision that needs no more than the verdict.
 #[inline(always)]
-fn tc_action(ev: &TraceEvent) -> i32 {
+fn tc_action(ev: &TraceEvent) -> TcAction {
     if ev.verdict == Verdict::Drop as u8 {
-        TC_ACT_SHOT
+        TcAction::Drop
     } else {
-        TC_ACT_OK
+        TcAction::Pass
     }
 }
 
@@ -168,5 +172,9 @@ fn finish<const TRACED: bool>(hook: Hook, ev: &mut TraceEvent) {
     }
     if ev.verdict == Verdict::Drop as u8 || ev.verdict == Verdict::Reject as u8 {
         trace::remember(ev);
+        // Faults are drops: checked on that path only.
+        if is_fault_number(ev.reason) {
+            diag::fault(ev);
+        }
     }
 }

@@ -21,14 +21,19 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_INGRESS, TC_ACT_OK,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_INGRESS, TC_ACT_REDIRECT,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use common::{FlowTuple, TraceEvent};
+use common::{FlowTuple, Reason, TraceEvent};
 
-use crate::maps::DP_DEVICES;
+use crate::{
+    action::TcAction,
+    diag,
+    maps::DP_DEVICES,
+    packet::{load, store},
+};
 
 const AF_INET: u8 = 2;
 
@@ -71,29 +76,26 @@ fn ifindex(ctx: &TcContext) -> u32 {
 /// `ev.translated`, already rewritten); returns the tc action and records
 /// the device in `ev.sent_ifindex`.
 #[inline(always)]
-pub fn send_on_from_ingress(ctx: &TcContext, ev: &mut TraceEvent) -> i32 {
+pub fn send_on_from_ingress(ctx: &TcContext, ev: &mut TraceEvent) -> Result<TcAction, Reason> {
     let mut p = params(&ev.translated, ifindex(ctx), 0);
     match lookup(ctx, &mut p) {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            if ctx.store(0, &p.dmac, 0).is_err() || ctx.store(6, &p.smac, 0).is_err() {
-                return TC_ACT_OK;
+            // MACs that cannot be written: the stack routes the packet
+            // instead (as before dp sent packets on itself).
+            if store(ctx, 0, &p.dmac).is_err() || store(ctx, 6, &p.smac).is_err() {
+                diag::mac_store_failed(p.ifindex);
+                return Ok(TcAction::Pass);
             }
-            ev.sent_ifindex = p.ifindex;
-            // SAFETY: helper; an ifindex from the FIB.
-            unsafe { bpf_redirect(p.ifindex, 0) as i32 }
+            sent(ev, p.ifindex, redirect(p.ifindex, 0))
         }
-        BPF_FIB_LKUP_RET_NO_NEIGH => {
-            ev.sent_ifindex = p.ifindex;
-            // SAFETY: helper; an ifindex from the FIB, no params.
-            unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
-        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => sent(ev, p.ifindex, redirect_neigh(p.ifindex)),
         BPF_FIB_LKUP_RET_NOT_FWDED if ev.translated.saddr != ev.original.saddr => {
             deliver_to_host(ctx, ev)
         }
         // For this host with the source it arrived with (which the stack
         // accepted before translation), or nothing the program should
         // decide: the stack.
-        _ => TC_ACT_OK,
+        _ => Ok(TcAction::Pass),
     }
 }
 
@@ -102,27 +104,28 @@ pub fn send_on_from_ingress(ctx: &TcContext, ev: &mut TraceEvent) -> i32 {
 /// that routes back to that source, where strict reverse-path filtering
 /// accepts it. Its own BPF function: a second set of FIB parameters.
 #[inline(never)]
-fn deliver_to_host(ctx: &TcContext, ev: &mut TraceEvent) -> i32 {
+fn deliver_to_host(ctx: &TcContext, ev: &mut TraceEvent) -> Result<TcAction, Reason> {
     let t = &ev.translated;
     let mut p = params(t, ifindex(ctx), 0);
     p.__bindgen_anon_3.ipv4_src = v4_word(&t.daddr);
     p.__bindgen_anon_4.ipv4_dst = v4_word(&t.saddr);
     p.sport = t.dport.to_be();
     p.dport = t.sport.to_be();
+    // No route back, or a device dp is not attached to: the stack decides.
     match lookup(ctx, &mut p) {
         BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => {}
-        _ => return TC_ACT_OK,
+        _ => return Ok(TcAction::Pass),
     }
     let dev = p.ifindex;
     let Some(info) = (unsafe { DP_DEVICES.get(&dev) }) else {
-        return TC_ACT_OK;
+        return Ok(TcAction::Pass);
     };
-    if ctx.store(0, &info.mac, 0).is_err() {
-        return TC_ACT_OK;
+    // A MAC that cannot be written: the stack, as above.
+    if store(ctx, 0, &info.mac).is_err() {
+        diag::mac_store_failed(dev);
+        return Ok(TcAction::Pass);
     }
-    ev.sent_ifindex = dev;
-    // SAFETY: helper; an ifindex from the FIB.
-    unsafe { bpf_redirect(dev, u64::from(BPF_F_INGRESS)) as i32 }
+    sent(ev, dev, redirect(dev, u64::from(BPF_F_INGRESS)))
 }
 
 /// Redirects a packet translated at tc egress (this host's own traffic,
@@ -130,24 +133,58 @@ fn deliver_to_host(ctx: &TcContext, ev: &mut TraceEvent) -> i32 {
 /// FIB picks, with the neighbour resolved by the kernel, or into this
 /// host's stack if the backend is a local address.
 #[inline(always)]
-pub fn redirect_from_egress(ctx: &TcContext, ev: &mut TraceEvent) -> Result<i32, ()> {
+pub fn redirect_from_egress(ctx: &TcContext, ev: &mut TraceEvent) -> Result<TcAction, Reason> {
     let ifindex = ifindex(ctx);
     let mut p = params(&ev.translated, ifindex, 0);
     match lookup(ctx, &mut p) {
         BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => {
-            ev.sent_ifindex = p.ifindex;
-            // SAFETY: helper with a valid ifindex from the FIB; no params.
-            Ok(unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+            sent(ev, p.ifindex, redirect_neigh(p.ifindex))
         }
         BPF_FIB_LKUP_RET_NOT_FWDED => {
             // The backend is this host: deliver the packet to the local
             // stack, addressed to this device's own MAC.
-            let own_mac: [u8; 6] = ctx.load(6).map_err(|_| ())?;
-            ctx.store(0, &own_mac, 0).map_err(|_| ())?;
-            ev.sent_ifindex = ifindex;
-            // SAFETY: helper; ifindex of the current device.
-            Ok(unsafe { bpf_redirect(ifindex, u64::from(BPF_F_INGRESS)) } as i32)
+            let own_mac: [u8; 6] = load(ctx, 6)?;
+            store(ctx, 0, &own_mac)?;
+            sent(ev, ifindex, redirect(ifindex, u64::from(BPF_F_INGRESS)))
         }
-        _ => Err(()),
+        _ => Err(Reason::NoRouteToBackend),
+    }
+}
+
+/// Records where a redirect that succeeded sent the packet.
+#[inline(always)]
+fn sent(
+    ev: &mut TraceEvent,
+    ifindex: u32,
+    action: Result<TcAction, Reason>,
+) -> Result<TcAction, Reason> {
+    if action.is_ok() {
+        ev.sent_ifindex = ifindex;
+    }
+    action
+}
+
+/// `bpf_redirect`: `TcAction::Redirect`, or `RedirectFailed` if the kernel
+/// refused (it answers `TC_ACT_SHOT`).
+#[inline(always)]
+pub fn redirect(ifindex: u32, flags: u64) -> Result<TcAction, Reason> {
+    // SAFETY: helper without pointer arguments.
+    redirected(unsafe { bpf_redirect(ifindex, flags) })
+}
+
+/// `bpf_redirect_neigh` without parameters: the kernel resolves the
+/// neighbour of the packet's destination on `ifindex`.
+#[inline(always)]
+fn redirect_neigh(ifindex: u32) -> Result<TcAction, Reason> {
+    // SAFETY: helper; no params (null, length 0).
+    redirected(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) })
+}
+
+#[inline(always)]
+fn redirected(rc: i64) -> Result<TcAction, Reason> {
+    if rc == i64::from(TC_ACT_REDIRECT) {
+        Ok(TcAction::Redirect)
+    } else {
+        Err(Reason::RedirectFailed)
     }
 }

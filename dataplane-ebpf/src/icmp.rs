@@ -19,8 +19,8 @@ use aya_ebpf::programs::TcContext;
 use common::{
     addr::v4_mapped,
     ct::{CT_DIR_REPLY, CT_FLAG_SNAT},
-    trace::proto,
-    CtKey, TraceEvent,
+    proto::{self, ICMP_DEST_UNREACH, ICMP_PARAMETERPROB, ICMP_TIME_EXCEEDED},
+    CtKey, Reason, TraceEvent,
 };
 
 use crate::{
@@ -28,20 +28,13 @@ use crate::{
     csum::{fold, replace16, sum_words},
     lb,
     maps::DP_REVNAT,
-    packet::{skb_load, skb_store},
-    parse::{Ipv4Hdr, ETH_HLEN},
+    packet::{l3_csum_replace, load, skb_load, skb_store, store},
+    parse::{Ipv4Hdr, ETH_HLEN, ICMP_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF},
     reject::{scratch, SCRATCH_LEN},
 };
 
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMP_PARAMETERPROB: u8 = 12;
-const ICMP_HLEN: usize = 8;
 /// Quoted IP header (with options) + 8 bytes.
 const QUOTE_MAX: usize = 60 + 8;
-const IP_CSUM_OFF: usize = ETH_HLEN + 10;
-const IP_SRC_OFF: usize = ETH_HLEN + 12;
-const IP_DST_OFF: usize = ETH_HLEN + 16;
 
 /// What the quoted packet and the outer header become.
 #[derive(Default)]
@@ -60,20 +53,25 @@ pub struct Rewrite {
 
 /// Whether the ICMP message at `l4_off` is an error that quotes a packet.
 #[inline(always)]
-pub fn is_error(ctx: &TcContext, l4_off: usize) -> bool {
-    matches!(
-        ctx.load::<u8>(l4_off),
-        Ok(ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB)
-    )
+pub fn is_error(ctx: &TcContext, l4_off: usize) -> Result<bool, Reason> {
+    Ok(matches!(
+        load::<u8>(ctx, l4_off)?,
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
+    ))
 }
 
 /// Translates the ICMP error at `l4_off` if it is about a tracked flow.
 /// `Ok(true)`: translated (`ev.translated` holds the new outer addresses);
-/// `Ok(false)`: not about a tracked service flow; `Err`: rewriting failed.
+/// `Ok(false)`: not about a tracked service flow; `Err`: why reading or
+/// rewriting it failed.
 /// The lookup and the rewrite are separate BPF functions, called one after
 /// the other (not nested), to keep the call chain within the 512-byte stack.
 #[inline(always)]
-pub fn translate_error(ctx: &TcContext, l4_off: usize, ev: &mut TraceEvent) -> Result<bool, ()> {
+pub fn translate_error(
+    ctx: &TcContext,
+    l4_off: usize,
+    ev: &mut TraceEvent,
+) -> Result<bool, Reason> {
     let mut rw = Rewrite::default();
     if !plan(ctx, l4_off, ev, &mut rw)? {
         return Ok(false);
@@ -87,9 +85,14 @@ pub fn translate_error(ctx: &TcContext, l4_off: usize, ev: &mut TraceEvent) -> R
 
 /// Finds the flow the error is about and fills `rw`; `false` if none.
 #[inline(never)]
-fn plan(ctx: &TcContext, l4_off: usize, ev: &mut TraceEvent, rw: &mut Rewrite) -> Result<bool, ()> {
+fn plan(
+    ctx: &TcContext,
+    l4_off: usize,
+    ev: &mut TraceEvent,
+    rw: &mut Rewrite,
+) -> Result<bool, Reason> {
     let quote_off = l4_off + ICMP_HLEN;
-    let inner: Ipv4Hdr = ctx.load(quote_off).map_err(|_| ())?;
+    let inner: Ipv4Hdr = load(ctx, quote_off)?;
     let quote_len = usize::from(inner.version_ihl & 0x0f) * 4 + 8;
     if quote_len < 28 || quote_len > QUOTE_MAX {
         return Ok(false);
@@ -98,7 +101,7 @@ fn plan(ctx: &TcContext, l4_off: usize, ev: &mut TraceEvent, rw: &mut Rewrite) -
         return Ok(false);
     }
     let ports_off = quote_off + quote_len - 8;
-    let ports: [u8; 4] = ctx.load(ports_off).map_err(|_| ())?;
+    let ports: [u8; 4] = load(ctx, ports_off)?;
     let (sport, dport) = (
         u16::from_be_bytes([ports[0], ports[1]]),
         u16::from_be_bytes([ports[2], ports[3]]),
@@ -118,7 +121,7 @@ fn plan(ctx: &TcContext, l4_off: usize, ev: &mut TraceEvent, rw: &mut Rewrite) -
     };
     // SAFETY: map value pointer, copied.
     let entry = unsafe { *e };
-    let outer: Ipv4Hdr = ctx.load(ETH_HLEN).map_err(|_| ())?;
+    let outer: Ipv4Hdr = load(ctx, ETH_HLEN)?;
     let snat = entry.flags & CT_FLAG_SNAT != 0;
     *rw = Rewrite {
         quote_len,
@@ -175,12 +178,13 @@ fn v4(a: &[u8; 16]) -> [u8; 4] {
 
 /// Rewrites the quoted packet and the ICMP checksum, in the scratch buffer.
 #[inline(never)]
-fn rewrite_icmp(ctx: &TcContext, l4_off: usize, rw: &Rewrite) -> Result<(), ()> {
+fn rewrite_icmp(ctx: &TcContext, l4_off: usize, rw: &Rewrite) -> Result<(), Reason> {
     let (quote_len, protocol) = (rw.quote_len, rw.protocol);
     let buf = scratch()?;
     let len = ICMP_HLEN + quote_len;
+    // `plan` bounds the quote; the verifier wants to see it here.
     if len > SCRATCH_LEN || !(36..=ICMP_HLEN + QUOTE_MAX).contains(&len) {
-        return Err(());
+        return Err(Reason::RewriteFailed);
     }
     skb_load(ctx, l4_off, &mut buf[..len])?;
     let q = ICMP_HLEN; // quoted IP header
@@ -258,16 +262,15 @@ fn replace_words(c: u16, old: &[u8; 4], new: &[u8; 4]) -> u16 {
 
 /// The outer addresses; ICMP has no pseudo header, so only the IP checksum.
 #[inline(always)]
-fn rewrite_outer(ctx: &TcContext, rw: &Rewrite) -> Result<(), ()> {
+fn rewrite_outer(ctx: &TcContext, rw: &Rewrite) -> Result<(), Reason> {
     for (off, old, new) in [
         (IP_SRC_OFF, rw.old_outer_src, rw.outer_src),
         (IP_DST_OFF, rw.old_outer_dst, rw.outer_dst),
     ] {
         if old != new {
             let (o, n) = (u32::from_ne_bytes(old), u32::from_ne_bytes(new));
-            ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(o), u64::from(n), 4)
-                .map_err(|_| ())?;
-            ctx.store(off, &n, 0).map_err(|_| ())?;
+            l3_csum_replace(ctx, IP_CSUM_OFF, u64::from(o), u64::from(n), 4)?;
+            store(ctx, off, &n)?;
         }
     }
     Ok(())

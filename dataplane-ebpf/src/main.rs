@@ -1,17 +1,21 @@
 //! dp's datapath programs.
 //!
 //! The entry points are thin: each names its hook and hands the packet to
-//! `datapath`, which decides, counts and traces. Every exit carries a verdict
+//! `datapath`, which decides, counts and traces, and turns the hook's
+//! action (`action`) into the kernel's return code. Every exit carries a verdict
 //! and a `Reason` (see `common::reason`). One module per concern: `parse`,
 //! `lb` (service maps), `conntrack`, `nat` (rewrites), `reject` (ICMP/RST
 //! answers), `icmp` (errors about flows), `fib` (redirects), `service` (the flow logic, shared by tc and XDP),
-//! `xdp` (the XDP fast path), `stats`, `trace`.
+//! `xdp` (the XDP fast path), `stats`, `trace`, `diag` (log records for
+//! what should never happen).
 #![no_std]
 #![no_main]
 
+mod action;
 mod conntrack;
 mod csum;
 mod datapath;
+mod diag;
 mod fib;
 mod icmp;
 mod lb;
@@ -34,24 +38,24 @@ use common::Hook;
 
 #[classifier]
 pub fn dp_tc_ingress(ctx: TcContext) -> i32 {
-    datapath::run_tc::<true>(&ctx, Hook::TcIngress)
+    datapath::run_tc::<true>(&ctx, Hook::TcIngress) as i32
 }
 
 #[classifier]
 pub fn dp_tc_egress(ctx: TcContext) -> i32 {
-    datapath::run_tc::<true>(&ctx, Hook::TcEgress)
+    datapath::run_tc::<true>(&ctx, Hook::TcEgress) as i32
 }
 
 #[xdp]
 pub fn dp_xdp(ctx: XdpContext) -> u32 {
-    datapath::run_xdp(&ctx)
+    datapath::run_xdp(&ctx) as u32
 }
 
 /// `dp_tc_ingress` with tracing compiled out: only for the benchmarks,
 /// which compare it with `dp_tc_ingress` with no trace session open.
 #[classifier]
 pub fn dp_tc_untraced(ctx: TcContext) -> i32 {
-    datapath::run_tc::<false>(&ctx, Hook::TcIngress)
+    datapath::run_tc::<false>(&ctx, Hook::TcIngress) as i32
 }
 
 /// Does nothing: the floor the benchmarks compare the datapath with.

@@ -6,17 +6,21 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use common::{trace::proto, FlowTuple};
+use common::{proto, FlowTuple, Reason};
 
-use crate::parse::ETH_HLEN;
-
-const IP_CSUM_OFF: usize = ETH_HLEN + 10;
-const IP_SRC_OFF: usize = ETH_HLEN + 12;
-const IP_DST_OFF: usize = ETH_HLEN + 16;
+use crate::{
+    packet::{l3_csum_replace, l4_csum_replace, store},
+    parse::{IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF},
+};
 
 /// Rewrites the packet from tuple `from` to tuple `to` (fields that differ).
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, l4_off: usize, from: &FlowTuple, to: &FlowTuple) -> Result<(), ()> {
+pub fn rewrite(
+    ctx: &TcContext,
+    l4_off: usize,
+    from: &FlowTuple,
+    to: &FlowTuple,
+) -> Result<(), Reason> {
     let (csum_off, l4_flags) = if from.protocol == proto::IPPROTO_TCP {
         (l4_off + 16, 0)
     } else {
@@ -52,18 +56,12 @@ fn set_addr(
     from: &[u8; 16],
     to: &[u8; 16],
     l4_flags: u64,
-) -> Result<(), ()> {
+) -> Result<(), Reason> {
     let (old, new) = (u64::from(word(from)), u64::from(word(to)));
-    ctx.l4_csum_replace(
-        csum_off,
-        old,
-        new,
-        u64::from(BPF_F_PSEUDO_HDR) | 4 | l4_flags,
-    )
-    .map_err(|_| ())?;
-    ctx.l3_csum_replace(IP_CSUM_OFF, old, new, 4)
-        .map_err(|_| ())?;
-    ctx.store(off, &word(to), 0).map_err(|_| ())
+    let pseudo = u64::from(BPF_F_PSEUDO_HDR) | 4 | l4_flags;
+    l4_csum_replace(ctx, csum_off, old, new, pseudo)?;
+    l3_csum_replace(ctx, IP_CSUM_OFF, old, new, 4)?;
+    store(ctx, off, &word(to))
 }
 
 #[inline(always)]
@@ -74,9 +72,8 @@ fn set_port(
     from: u16,
     to: u16,
     l4_flags: u64,
-) -> Result<(), ()> {
+) -> Result<(), Reason> {
     let (old, new) = (u64::from(from.to_be()), u64::from(to.to_be()));
-    ctx.l4_csum_replace(csum_off, old, new, 2 | l4_flags)
-        .map_err(|_| ())?;
-    ctx.store(off, &to.to_be(), 0).map_err(|_| ())
+    l4_csum_replace(ctx, csum_off, old, new, 2 | l4_flags)?;
+    store(ctx, off, &to.to_be())
 }

@@ -4,6 +4,7 @@ use aya_ebpf::{
     helpers::{bpf_skb_load_bytes, bpf_skb_store_bytes, bpf_xdp_load_bytes},
     programs::{TcContext, XdpContext},
 };
+use common::Reason;
 
 use crate::parse::MAX_HEADERS_LEN;
 
@@ -19,7 +20,7 @@ pub trait Packet {
         false
     }
     /// Copies `dst.len()` bytes at `off` (linear or not) into `dst`.
-    fn load(&self, off: usize, dst: &mut [u8]) -> Result<(), ()>;
+    fn load(&self, off: usize, dst: &mut [u8]) -> Result<(), Reason>;
 }
 
 pub struct SkbPacket<'a> {
@@ -67,7 +68,7 @@ impl Packet for SkbPacket<'_> {
         self.pull_failed
     }
     #[inline(always)]
-    fn load(&self, off: usize, dst: &mut [u8]) -> Result<(), ()> {
+    fn load(&self, off: usize, dst: &mut [u8]) -> Result<(), Reason> {
         skb_load(self.ctx, off, dst)
     }
 }
@@ -101,7 +102,7 @@ impl Packet for XdpPacket<'_> {
         self.ctx.ingress_ifindex() as u32
     }
     #[inline(always)]
-    fn load(&self, off: usize, dst: &mut [u8]) -> Result<(), ()> {
+    fn load(&self, off: usize, dst: &mut [u8]) -> Result<(), Reason> {
         // SAFETY: `dst` is valid for `dst.len()` bytes.
         let rc = unsafe {
             bpf_xdp_load_bytes(
@@ -111,7 +112,7 @@ impl Packet for XdpPacket<'_> {
                 dst.len() as u32,
             )
         };
-        helper_result(rc)
+        helper_result(rc, Reason::PacketLoadFailed)
     }
 }
 
@@ -119,7 +120,7 @@ impl Packet for XdpPacket<'_> {
 /// aya's `load_bytes` clamps the length to the packet, which the verifier
 /// then sees as possibly zero. Callers bound `dst.len()` explicitly.
 #[inline(always)]
-pub fn skb_load(ctx: &TcContext, off: usize, dst: &mut [u8]) -> Result<(), ()> {
+pub fn skb_load(ctx: &TcContext, off: usize, dst: &mut [u8]) -> Result<(), Reason> {
     // SAFETY: `dst` is valid for `dst.len()` bytes.
     let rc = unsafe {
         bpf_skb_load_bytes(
@@ -129,12 +130,12 @@ pub fn skb_load(ctx: &TcContext, off: usize, dst: &mut [u8]) -> Result<(), ()> {
             dst.len() as u32,
         )
     };
-    helper_result(rc)
+    helper_result(rc, Reason::PacketLoadFailed)
 }
 
 /// Writes `src` into the skb at `off` (a variable but bounded length).
 #[inline(always)]
-pub fn skb_store(ctx: &TcContext, off: usize, src: &[u8]) -> Result<(), ()> {
+pub fn skb_store(ctx: &TcContext, off: usize, src: &[u8]) -> Result<(), Reason> {
     // SAFETY: `src` is valid for `src.len()` bytes.
     let rc = unsafe {
         bpf_skb_store_bytes(
@@ -145,15 +146,53 @@ pub fn skb_store(ctx: &TcContext, off: usize, src: &[u8]) -> Result<(), ()> {
             0,
         )
     };
-    helper_result(rc)
+    helper_result(rc, Reason::PacketStoreFailed)
 }
 
-/// A helper's return code: 0 is success.
+/// A `T` read from the skb at `off` (aya's `load`, with the reason).
 #[inline(always)]
-fn helper_result(rc: i64) -> Result<(), ()> {
+pub fn load<T>(ctx: &TcContext, off: usize) -> Result<T, Reason> {
+    ctx.load(off).map_err(|_| Reason::PacketLoadFailed)
+}
+
+/// Writes `v` into the skb at `off` (aya's `store`, with the reason).
+#[inline(always)]
+pub fn store<T>(ctx: &TcContext, off: usize, v: &T) -> Result<(), Reason> {
+    ctx.store(off, v, 0).map_err(|_| Reason::PacketStoreFailed)
+}
+
+/// `bpf_l3_csum_replace` at `off` (the IP header checksum).
+#[inline(always)]
+pub fn l3_csum_replace(
+    ctx: &TcContext,
+    off: usize,
+    from: u64,
+    to: u64,
+    size: u64,
+) -> Result<(), Reason> {
+    ctx.l3_csum_replace(off, from, to, size)
+        .map_err(|_| Reason::ChecksumUpdateFailed)
+}
+
+/// `bpf_l4_csum_replace` at `off` (a TCP or UDP checksum).
+#[inline(always)]
+pub fn l4_csum_replace(
+    ctx: &TcContext,
+    off: usize,
+    from: u64,
+    to: u64,
+    flags: u64,
+) -> Result<(), Reason> {
+    ctx.l4_csum_replace(off, from, to, flags)
+        .map_err(|_| Reason::ChecksumUpdateFailed)
+}
+
+/// A helper's return code: 0 is success, anything else fails for `reason`.
+#[inline(always)]
+fn helper_result(rc: i64, reason: Reason) -> Result<(), Reason> {
     if rc == 0 {
         Ok(())
     } else {
-        Err(())
+        Err(reason)
     }
 }

@@ -5,15 +5,17 @@
 
 use core::mem::size_of;
 
-use common::{
-    addr::v4_mapped,
-    trace::{proto, FAMILY_IPV4},
-    FlowTuple, Reason,
-};
+use common::{addr::v4_mapped, proto, trace::FAMILY_IPV4, FlowTuple, Reason};
 
 use crate::packet::Packet;
 
 pub const ETH_HLEN: usize = 14;
+/// Offsets of the IPv4 header's checksum and addresses in a frame.
+pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+pub const IP_SRC_OFF: usize = ETH_HLEN + 12;
+pub const IP_DST_OFF: usize = ETH_HLEN + 16;
+/// ICMP header: type, code, checksum, 4 bytes that depend on the type.
+pub const ICMP_HLEN: usize = 8;
 const IPV4_MIN_HLEN: usize = 20;
 const IPV4_MAX_HLEN: usize = 60;
 const TCP_MIN_HLEN: usize = 20;

@@ -3,22 +3,22 @@
 //! (flow to a removed backend). The packet is rewritten in place into the
 //! answer and redirected back towards the sender.
 
-use aya_ebpf::{
-    bindings::BPF_F_INGRESS,
-    helpers::{bpf_redirect, bpf_skb_change_tail},
-    programs::TcContext,
+use aya_ebpf::{bindings::BPF_F_INGRESS, helpers::bpf_skb_change_tail, programs::TcContext};
+use common::{
+    proto::{self, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    Hook, Reason,
 };
-use common::{trace::proto, Hook};
 
 use crate::{
+    action::TcAction,
     csum::{fold, sum_words},
+    fib::redirect,
     maps::DP_SCRATCH,
-    packet::{skb_load, skb_store},
-    parse::{EthHdr, Ipv4Hdr, ETH_HLEN},
+    packet::{load, skb_load, skb_store},
+    parse::{EthHdr, Ipv4Hdr, ETH_HLEN, ICMP_HLEN},
 };
 
 const IPV4_HLEN: usize = 20;
-const ICMP_HLEN: usize = 8;
 const TCP_HLEN: usize = 20;
 /// The original IP header (with options) and the first 8 bytes after it.
 const INNER_MAX: usize = 60 + 8;
@@ -28,34 +28,27 @@ pub const SCRATCH_LEN: usize = 128;
 const _: () = assert!(ICMP_REPLY_MAX <= SCRATCH_LEN);
 const TCP_RESET_LEN: usize = ETH_HLEN + IPV4_HLEN + TCP_HLEN;
 
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_PORT_UNREACH: u8 = 3;
-const TCP_FLAG_FIN: u8 = 0x01;
-const TCP_FLAG_SYN: u8 = 0x02;
-const TCP_FLAG_RST: u8 = 0x04;
-const TCP_FLAG_ACK: u8 = 0x10;
-
 /// Turns the packet into an ICMP port unreachable from its destination to
 /// its source and redirects it back; returns the tc action.
 #[inline(always)]
-pub fn icmp_port_unreachable(ctx: &TcContext, hook: Hook) -> Result<i32, ()> {
-    let eth: EthHdr = ctx.load(0).map_err(|_| ())?;
-    let ip: Ipv4Hdr = ctx.load(ETH_HLEN).map_err(|_| ())?;
+pub fn icmp_port_unreachable(ctx: &TcContext, hook: Hook) -> Result<TcAction, Reason> {
+    let eth: EthHdr = load(ctx, 0)?;
+    let ip: Ipv4Hdr = load(ctx, ETH_HLEN)?;
     // Explicit bounds on a fresh read: the verifier needs them for the
-    // variable-length copy below.
+    // variable-length copy below. A packet too short to quote gets no answer.
     let inner_len = usize::from(ip.version_ihl & 0x0f) * 4 + 8;
     if inner_len < IPV4_HLEN + 8 || inner_len > INNER_MAX {
-        return Err(());
+        return Err(Reason::RejectFailed);
     }
     if (ctx.len() as usize) < ETH_HLEN + inner_len {
-        return Err(());
+        return Err(Reason::RejectFailed);
     }
     let buf = scratch()?;
     *buf = [0; SCRATCH_LEN];
     let inner_off = ETH_HLEN + IPV4_HLEN + ICMP_HLEN;
     let inner_end = inner_off + inner_len;
     if inner_end > SCRATCH_LEN {
-        return Err(());
+        return Err(Reason::RejectFailed);
     }
     skb_load(ctx, ETH_HLEN, &mut buf[inner_off..inner_end])?;
     let total = inner_off + inner_len;
@@ -81,7 +74,7 @@ pub fn icmp_port_unreachable(ctx: &TcContext, hook: Hook) -> Result<i32, ()> {
 /// headers are staged in the scratch buffer after the answer's bytes, not on
 /// the stack (the call chain's 512 bytes are tight).
 #[inline(always)]
-pub fn tcp_reset(ctx: &TcContext, hook: Hook, l4_off: usize) -> Result<i32, ()> {
+pub fn tcp_reset(ctx: &TcContext, hook: Hook, l4_off: usize) -> Result<TcAction, Reason> {
     let buf = scratch()?;
     *buf = [0; SCRATCH_LEN];
     // Staging, after the answer's TCP_RESET_LEN bytes: the original
@@ -123,19 +116,19 @@ pub fn tcp_reset(ctx: &TcContext, hook: Hook, l4_off: usize) -> Result<i32, ()> 
     let t = ETH_HLEN + IPV4_HLEN;
     buf.copy_within(ORIG_TCP + 2..ORIG_TCP + 4, t);
     buf.copy_within(ORIG_TCP..ORIG_TCP + 2, t + 2);
-    if flags & TCP_FLAG_ACK != 0 {
+    if flags & TCP_ACK != 0 {
         buf.copy_within(ORIG_TCP + 8..ORIG_TCP + 12, t + 4);
-        buf[t + 13] = TCP_FLAG_RST;
+        buf[t + 13] = TCP_RST;
     } else {
         let mut ack = seq.wrapping_add(payload);
-        if flags & TCP_FLAG_SYN != 0 {
+        if flags & TCP_SYN != 0 {
             ack = ack.wrapping_add(1);
         }
-        if flags & TCP_FLAG_FIN != 0 {
+        if flags & TCP_FIN != 0 {
             ack = ack.wrapping_add(1);
         }
         buf[t + 8..t + 12].copy_from_slice(&ack.to_be_bytes());
-        buf[t + 13] = TCP_FLAG_RST | TCP_FLAG_ACK;
+        buf[t + 13] = TCP_RST | TCP_ACK;
     }
     buf[t + 12] = (TCP_HLEN as u8 / 4) << 4;
     // Pseudo header: addresses, protocol, TCP length.
@@ -148,12 +141,12 @@ pub fn tcp_reset(ctx: &TcContext, hook: Hook, l4_off: usize) -> Result<i32, ()> 
 
 /// This CPU's scratch buffer (too big for the 512-byte BPF stack).
 #[inline(always)]
-pub fn scratch() -> Result<&'static mut [u8; SCRATCH_LEN], ()> {
+pub fn scratch() -> Result<&'static mut [u8; SCRATCH_LEN], Reason> {
     // SAFETY: per-CPU value; programs do not nest on one CPU in tc.
     DP_SCRATCH
         .get_ptr_mut(0)
         .map(|p| unsafe { &mut *p })
-        .ok_or(())
+        .ok_or(Reason::ScratchUnavailable)
 }
 
 /// Ethernet header of a reply: addresses swapped, IPv4.
@@ -188,26 +181,22 @@ fn send_back<const N: usize>(
     hook: Hook,
     buf: &[u8; N],
     len: usize,
-) -> Result<i32, ()> {
+) -> Result<TcAction, Reason> {
     if len > N {
-        return Err(());
+        return Err(Reason::RejectFailed);
     }
     let skb = ctx.skb.skb;
     // SAFETY: the context pointer; `len` is within `buf`.
-    unsafe {
-        if bpf_skb_change_tail(skb, len as u32, 0) != 0 {
-            return Err(());
-        }
+    if unsafe { bpf_skb_change_tail(skb, len as u32, 0) } != 0 {
+        return Err(Reason::RejectFailed);
     }
     skb_store(ctx, 0, &buf[..len])?;
     // SAFETY: the context pointer.
-    unsafe {
-        let ifindex = (*skb).ifindex;
-        let flags = if hook == Hook::TcEgress {
-            u64::from(BPF_F_INGRESS)
-        } else {
-            0
-        };
-        Ok(bpf_redirect(ifindex, flags) as i32)
-    }
+    let ifindex = unsafe { (*skb).ifindex };
+    let flags = if hook == Hook::TcEgress {
+        u64::from(BPF_F_INGRESS)
+    } else {
+        0
+    };
+    redirect(ifindex, flags)
 }

@@ -1,39 +1,33 @@
 //! Service handling in tc: conntrack first (established flows and replies),
 //! then the service maps (new flows, rejects). kube-proxy's semantics:
 //! random backend per new flow, terminating fallback, REJECT without
-//! endpoints, masquerade from outside the cluster CIDR and for hairpin.
+//! endpoints, masquerade from outside the cluster CIDR and for hairpin. The
+//! rules themselves are `common::rules`, which `dp explain` applies too;
+//! here they meet the maps and the packet.
 //!
 //! The packet's tuple is `ev.original`; each step writes the translation to
 //! `ev.translated` and records its decision in `ev` (the packet's per-CPU
 //! decision record, see `trace`).
 
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_get_prandom_u32,
-    programs::TcContext,
-};
+use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
 use common::{
-    addr::in_prefix,
-    config::CONFIG_MASQUERADE_ALL,
     ct::{
         CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_FLAG_AFFINITY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT,
         CT_STATE_CLOSING, CT_STATE_NEW,
     },
-    lb::{
-        SCOPE_INTERNAL, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_INTERNAL_SCOPE,
-        SERVICE_FLAG_LOCAL_ONLY, SERVICE_FLAG_SOURCE_RANGES,
-    },
-    trace::proto,
+    lb::SCOPE_INTERNAL,
+    proto::{self, TCP_ACK, TCP_SYN},
+    rules::{self, Frontend, Origin},
     Backend, CtEntry, CtKey, DatapathConfig, FlowTuple, Hook, Reason, TraceEvent, Verdict,
 };
 
 use crate::{
+    action::TcAction,
     conntrack::{self as ct, now_ns},
-    fib,
-    lb::{self, ServiceLookup},
+    fib, lb,
     maps::DP_REVNAT,
     nat, reject,
-    trace::decide,
+    trace::{decide, decide_drop},
 };
 
 /// Ephemeral range for masquerade ports when the client's port is taken.
@@ -50,12 +44,15 @@ pub struct Flow<'a> {
     pub now: u64,
 }
 
-/// What a step decided; the hook's `handle` carries it out. Steps never
-/// call each other: the BPF stack (512 bytes) is shared by the whole call
-/// chain, so the chain is kept at entry point -> `handle` -> one step.
+/// What a step decided, in no hook's terms; the hook's `handle` carries it
+/// out and records the verdict. Steps never call each other: the BPF stack
+/// (512 bytes) is shared by the whole call chain, so the chain is kept at
+/// entry point -> `handle` -> one step.
 pub enum Step {
-    /// Decided; the tc action (`TC_ACT_OK` passes, `TC_ACT_SHOT` drops).
-    Done(i32),
+    /// Not a packet to translate: it passes untouched, for this reason.
+    Pass(Reason),
+    /// Drop the packet, for this reason.
+    Drop(Reason),
     /// A backend was picked for a new flow: track it (flags for `CtEntry`),
     /// then forward with this reason.
     Track(u8, Reason),
@@ -95,7 +92,7 @@ pub fn handle(
     cfg: &DatapathConfig,
     l4_off: usize,
     ev: &mut TraceEvent,
-) -> i32 {
+) -> TcAction {
     let f = Flow {
         hook,
         cfg,
@@ -111,14 +108,46 @@ pub fn handle(
         Step::Track(flags, reason) => track(&f, ev, flags, reason),
         other => other,
     };
-    match step {
-        Step::Done(action) => action,
-        Step::Forward(reason) => forward(ctx, hook, l4_off, ev, reason),
-        Step::Reply => reply_out(ctx, hook, l4_off, ev),
-        Step::Reject(reason) => reject(ctx, hook, ev, reason),
-        Step::Reset => reset(ctx, hook, l4_off, ev),
-        Step::Track(..) | Step::BackendGone | Step::Reopen => drop(ev, Reason::ServiceInconsistent),
+    let (verdict, reason, sent) = match step {
+        Step::Pass(reason) => {
+            decide(ev, Verdict::Pass, reason);
+            return TcAction::Pass;
+        }
+        Step::Drop(reason) => return drop_packet(ev, reason),
+        Step::Forward(reason) => (
+            Verdict::Forward,
+            reason,
+            rewrite(ctx, l4_off, ev).and_then(|()| send_on(ctx, hook, ev, false)),
+        ),
+        Step::Reply => (
+            Verdict::Forward,
+            Reason::ReplyReverseNat,
+            rewrite(ctx, l4_off, ev).and_then(|()| send_on(ctx, hook, ev, true)),
+        ),
+        Step::Reject(reason) => (Verdict::Reject, reason, reject(ctx, hook)),
+        Step::Reset => (
+            Verdict::Reject,
+            Reason::BackendGoneReset,
+            reset(ctx, hook, l4_off),
+        ),
+        Step::Track(..) | Step::BackendGone | Step::Reopen => {
+            return drop_packet(ev, Reason::ServiceInconsistent)
+        }
+    };
+    match sent {
+        Ok(action) => {
+            decide(ev, verdict, reason);
+            action
+        }
+        Err(why) => drop_packet(ev, why),
     }
+}
+
+/// tc: drops the packet for `reason`.
+#[inline(always)]
+fn drop_packet(ev: &mut TraceEvent, reason: Reason) -> TcAction {
+    decide_drop(ev, reason);
+    TcAction::Drop
 }
 
 /// A TCP SYN (without ACK) on an original-direction entry that is closing or
@@ -133,9 +162,6 @@ pub fn syn_reopens(ev: &TraceEvent, e: *mut CtEntry) -> bool {
     state == CT_STATE_CLOSING || lb::backend(backend_id).is_none()
 }
 
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
-
 // The steps below are separate BPF functions (not inlined), each with its
 // own stack frame.
 
@@ -144,33 +170,26 @@ const TCP_ACK: u8 = 0x10;
 pub fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
     let t = &ev.original;
     let (mut key, mut master) = match lb::lookup(&t.daddr, t.dport, t.protocol) {
-        ServiceLookup::NotAService => {
-            decide(ev, Verdict::Pass, Reason::NoService);
-            return Step::Done(TC_ACT_OK);
-        }
-        ServiceLookup::PortNotServed => return Step::Reject(Reason::PortNotServed),
-        ServiceLookup::Frontend(key, master) => (key, master),
+        Frontend::NotAService => return Step::Pass(Reason::NoService),
+        Frontend::PortNotServed => return Step::Reject(Reason::PortNotServed),
+        Frontend::Found(found) => found,
     };
     ev.service_id = master.service_id;
-    if master.flags & SERVICE_FLAG_SOURCE_RANGES != 0
-        && !lb::source_allowed(master.service_id, &t.saddr)
-    {
-        return Step::Done(drop(ev, Reason::SourceRangeDenied));
+    if rules::source_ranges_apply(&master) && !lb::source_allowed(master.service_id, &t.saddr) {
+        return Step::Drop(Reason::SourceRangeDenied);
     }
     let cfg = f.cfg;
-    let from_host = f.hook == Hook::TcEgress || t.saddr == cfg.node_ip;
-    let from_pod =
-        cfg.cluster_cidr_len != 0 && in_prefix(&t.saddr, &cfg.cluster_cidr, cfg.cluster_cidr_len);
-    // eTP=Local: traffic from inside the cluster uses the cluster-wide view.
-    let etp_local = master.flags & SERVICE_FLAG_INTERNAL_SCOPE != 0;
-    if etp_local && (from_host || from_pod) {
+    let origin = Origin::of(cfg, &t.saddr, f.hook == Hook::TcEgress);
+    // The masquerade rule reads the frontend's own flags.
+    let frontend_flags = master.flags;
+    if rules::internal_scope(&master, origin) {
         key = key.with_scope(SCOPE_INTERNAL);
         master = match lb::master(&key) {
             Some(m) => m,
-            None => return Step::Done(drop(ev, Reason::ServiceInconsistent)),
+            None => return Step::Drop(Reason::ServiceInconsistent),
         };
     }
-    let affinity = master.flags & SERVICE_FLAG_AFFINITY != 0;
+    let affinity = rules::has_affinity(&master);
     let remembered = if affinity {
         lb::affinity_backend(master.service_id, &t.saddr, &master, f.now)
     } else {
@@ -182,30 +201,19 @@ pub fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
     };
     let (backend_id, backend) = match picked {
         Ok(b) => b,
-        Err(Reason::NoEndpoints) if master.flags & SERVICE_FLAG_LOCAL_ONLY != 0 => {
-            return Step::Done(drop(ev, Reason::NoLocalEndpoints))
+        Err(Reason::NoEndpoints) => {
+            return match rules::no_endpoints(&master) {
+                (Verdict::Drop, why) => Step::Drop(why),
+                (_, why) => Step::Reject(why),
+            }
         }
-        Err(Reason::NoEndpoints) => return Step::Reject(Reason::NoEndpoints),
-        Err(r) => return Step::Done(drop(ev, r)),
+        Err(r) => return Step::Drop(r),
     };
     ev.backend_id = backend_id;
     let t = &ev.original;
     let hairpin = t.saddr == backend.addr;
-    // kube-proxy: external destinations masquerade everything with
-    // eTP=Cluster, only the host's own traffic with eTP=Local; ClusterIPs
-    // masquerade what comes from outside the cluster CIDR.
-    // A backend that is this node itself (a host-network endpoint) is reached
-    // by local delivery, which kube-proxy's masquerade (POSTROUTING) never
-    // sees; the node's own address as source would also be a martian there
-    // (`accept_local = 0`).
-    let to_this_node = f.hook != Hook::TcEgress && backend.addr == cfg.node_ip;
-    let masquerade = !to_this_node
-        && (hairpin
-            || if master.flags & SERVICE_FLAG_EXTERNAL != 0 {
-                !etp_local || from_host
-            } else {
-                cfg.flags & CONFIG_MASQUERADE_ALL != 0 || (cfg.cluster_cidr_len != 0 && !from_pod)
-            });
+    let to_this_node = rules::reaches_this_node(cfg, &backend.addr, origin);
+    let masquerade = rules::masquerade(cfg, frontend_flags, origin, hairpin, to_this_node);
     // Recorded when the flow is tracked: XDP may still leave it to tc.
     let affinity = if affinity { CT_FLAG_AFFINITY } else { 0 };
     let x = &mut ev.translated;
@@ -217,7 +225,7 @@ pub fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
     x.saddr = cfg.node_ip;
     match free_nat_port(x, f.now) {
         Some(port) => x.sport = port,
-        None => return Step::Done(drop(ev, Reason::NatPortsExhausted)),
+        None => return Step::Drop(Reason::NatPortsExhausted),
     }
     let hairpin = if hairpin { CT_FLAG_HAIRPIN } else { 0 };
     Step::Track(CT_FLAG_SNAT | hairpin | affinity, reason)
@@ -240,15 +248,15 @@ pub fn track(f: &Flow, ev: &mut TraceEvent, flags: u8, reason: Reason) -> Step {
         _pad: [0; 3],
     };
     let reply_key = reversed_key(x);
-    if ct::insert(&reply_key, &entry).is_err() {
-        return Step::Done(drop(ev, Reason::ConntrackFull));
+    if let Err(reason) = ct::insert(&reply_key, &entry) {
+        return Step::Drop(reason);
     }
     entry.nat_addr = x.saddr;
     entry.nat_port = x.sport;
     entry.direction = CT_DIR_ORIGINAL;
-    if ct::insert(&ct::key(t), &entry).is_err() {
+    if let Err(reason) = ct::insert(&ct::key(t), &entry) {
         ct::remove(&reply_key);
-        return Step::Done(drop(ev, Reason::ConntrackFull));
+        return Step::Drop(reason);
     }
     if flags & CT_FLAG_AFFINITY != 0 {
         lb::remember_affinity(ev.service_id, &ev.original.saddr, ev.backend_id, f.now);
@@ -278,14 +286,14 @@ fn backend_gone(f: &Flow, ev: &mut TraceEvent) -> Step {
     let t = &ev.original;
     // Looked up again (rare path): a map pointer does not survive `Step`.
     let Some(e) = ct::lookup(&ct::key(t), f.now) else {
-        return Step::Done(drop(ev, Reason::ServiceInconsistent));
+        return Step::Drop(Reason::ServiceInconsistent);
     };
-    if t.protocol == proto::IPPROTO_TCP {
+    if rules::resets_when_backend_gone(t.protocol) {
         ct::remove(&ct::key(t));
         return Step::Reset;
     }
     let picked = match lb::lookup(&t.daddr, t.dport, t.protocol) {
-        ServiceLookup::Frontend(key, master) => lb::select_backend(&key, &master),
+        Frontend::Found((key, master)) => lb::select_backend(&key, &master),
         _ => Err(Reason::NoEndpoints),
     };
     let (backend_id, backend) = match picked {
@@ -294,7 +302,7 @@ fn backend_gone(f: &Flow, ev: &mut TraceEvent) -> Step {
             ct::remove(&ct::key(t));
             return Step::Reject(Reason::NoEndpoints);
         }
-        Err(r) => return Step::Done(drop(ev, r)),
+        Err(r) => return Step::Drop(r),
     };
     // SAFETY: map value pointer from the lookup in `handle`.
     let entry = unsafe { &mut *e };
@@ -308,8 +316,8 @@ fn backend_gone(f: &Flow, ev: &mut TraceEvent) -> Step {
         direction: CT_DIR_REPLY,
         ..*entry
     };
-    if ct::insert(&reversed_key(&ev.translated), &reply_entry).is_err() {
-        return Step::Done(drop(ev, Reason::ConntrackFull));
+    if let Err(reason) = ct::insert(&reversed_key(&ev.translated), &reply_entry) {
+        return Step::Drop(reason);
     }
     Step::Forward(Reason::BackendGoneRepicked)
 }
@@ -323,7 +331,7 @@ pub fn reply(f: &Flow, ev: &mut TraceEvent, e: *mut CtEntry) -> Step {
     ev.service_id = entry.service_id;
     ev.backend_id = entry.backend_id;
     let Some(frontend) = DP_REVNAT.get_ptr(&entry.service_id) else {
-        return Step::Done(drop(ev, Reason::ServiceInconsistent));
+        return Step::Drop(Reason::ServiceInconsistent);
     };
     let x = &mut ev.translated;
     // SAFETY: map value pointer.
@@ -337,24 +345,6 @@ pub fn reply(f: &Flow, ev: &mut TraceEvent, e: *mut CtEntry) -> Step {
     }
     refresh_both(f, ev, e, true);
     Step::Reply
-}
-
-/// Carries out `Step::Reply` on the skb: at ingress the program sends the
-/// reply on itself (its source is now a service address or this node's, which
-/// strict reverse-path filtering or `accept_local = 0` would refuse); at
-/// egress it leaves as routed.
-#[inline(never)]
-fn reply_out(ctx: &TcContext, hook: Hook, l4_off: usize, ev: &mut TraceEvent) -> i32 {
-    if nat::rewrite(ctx, l4_off, &ev.original, &ev.translated).is_err() {
-        return drop(ev, Reason::RewriteFailed);
-    }
-    let action = if hook == Hook::TcEgress {
-        TC_ACT_OK
-    } else {
-        fib::send_on_from_ingress(ctx, ev)
-    };
-    decide(ev, Verdict::Forward, Reason::ReplyReverseNat);
-    action
 }
 
 /// Refreshes the packet's conntrack entry `e`; a state change (reply seen,
@@ -411,56 +401,41 @@ fn free_nat_port(x: &FlowTuple, now: u64) -> Option<u16> {
     None
 }
 
-/// Rewrites the packet to `ev.translated` and sends it on: at ingress the
-/// program sends it where the FIB says (`fib`: the stack's reverse-path and
-/// local-source checks never see it); at egress (this host's own traffic) it
-/// was routed for the service address, so it is redirected towards the
-/// backend.
+/// Rewrites the packet to `ev.translated` (addresses, ports, checksums).
+/// Then `send_on`: separate BPF functions called one after the other, so
+/// the rewrite's and the FIB lookup's stack frames are never stacked.
 #[inline(never)]
-fn forward(ctx: &TcContext, hook: Hook, l4_off: usize, ev: &mut TraceEvent, reason: Reason) -> i32 {
-    if nat::rewrite(ctx, l4_off, &ev.original, &ev.translated).is_err() {
-        return drop(ev, Reason::RewriteFailed);
+fn rewrite(ctx: &TcContext, l4_off: usize, ev: &TraceEvent) -> Result<(), Reason> {
+    nat::rewrite(ctx, l4_off, &ev.original, &ev.translated)
+}
+
+/// Sends a rewritten packet on. At ingress the program sends it where the
+/// FIB says (`fib`: the stack's reverse-path and local-source checks never
+/// see it). At egress (this host's own traffic) a packet to a backend was
+/// routed for the service address, so it is redirected towards the backend;
+/// a reply leaves as routed.
+#[inline(never)]
+pub fn send_on(
+    ctx: &TcContext,
+    hook: Hook,
+    ev: &mut TraceEvent,
+    reply: bool,
+) -> Result<TcAction, Reason> {
+    match hook {
+        Hook::TcEgress if reply => Ok(TcAction::Pass),
+        Hook::TcEgress => fib::redirect_from_egress(ctx, ev),
+        _ => fib::send_on_from_ingress(ctx, ev),
     }
-    let action = if hook == Hook::TcEgress {
-        match fib::redirect_from_egress(ctx, ev) {
-            Ok(action) => action,
-            Err(()) => return drop(ev, Reason::NoRouteToBackend),
-        }
-    } else {
-        fib::send_on_from_ingress(ctx, ev)
-    };
-    decide(ev, Verdict::Forward, reason);
-    action
 }
 
 /// Answers with ICMP port unreachable (kube-proxy's REJECT).
 #[inline(never)]
-fn reject(ctx: &TcContext, hook: Hook, ev: &mut TraceEvent, reason: Reason) -> i32 {
-    match reject::icmp_port_unreachable(ctx, hook) {
-        Ok(action) => {
-            decide(ev, Verdict::Reject, reason);
-            action
-        }
-        Err(()) => drop(ev, Reason::RejectFailed),
-    }
+fn reject(ctx: &TcContext, hook: Hook) -> Result<TcAction, Reason> {
+    reject::icmp_port_unreachable(ctx, hook)
 }
 
 /// Resets a TCP flow whose backend is gone.
 #[inline(never)]
-fn reset(ctx: &TcContext, hook: Hook, l4_off: usize, ev: &mut TraceEvent) -> i32 {
-    match reject::tcp_reset(ctx, hook, l4_off) {
-        Ok(action) => {
-            decide(ev, Verdict::Reject, Reason::BackendGoneReset);
-            action
-        }
-        Err(()) => drop(ev, Reason::RejectFailed),
-    }
-}
-
-/// Drops the packet for `reason`.
-#[inline(always)]
-pub fn drop(ev: &mut TraceEvent, reason: Reason) -> i32 {
-    ev.translated = ev.original;
-    decide(ev, Verdict::Drop, reason);
-    TC_ACT_SHOT
+fn reset(ctx: &TcContext, hook: Hook, l4_off: usize) -> Result<TcAction, Reason> {
+    reject::tcp_reset(ctx, hook, l4_off)
 }

@@ -50,6 +50,14 @@ pub fn decide(ev: &mut TraceEvent, verdict: Verdict, reason: Reason) {
     ev.reason = reason as u32;
 }
 
+/// Records a drop for `reason`: whatever translation was planned, the
+/// packet leaves as it came (it does not leave).
+#[inline(always)]
+pub fn decide_drop(ev: &mut TraceEvent, reason: Reason) {
+    ev.translated = ev.original;
+    decide(ev, Verdict::Drop, reason);
+}
+
 /// Notes in the record which sessions may want this packet, judged on the
 /// packet as it arrived, and keeps its headers for them. With no session
 /// open, the slot checks are all tracing costs.

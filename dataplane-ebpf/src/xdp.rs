@@ -11,19 +11,20 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT},
+    bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS},
     helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
-use common::{trace::proto, DatapathConfig, FlowTuple, Hook, Reason, TraceEvent, Verdict};
+use common::{proto, DatapathConfig, FlowTuple, Hook, Reason, TraceEvent, Verdict};
 
 use crate::{
+    action::XdpAction,
     conntrack::now_ns,
     csum::replace16,
     fib,
     parse::ETH_HLEN,
     service::{self, Flow, Step},
-    trace::decide,
+    trace::{decide, decide_drop},
 };
 
 /// Largest L4 offset: Ethernet plus an IPv4 header with every option.
@@ -31,15 +32,23 @@ const MAX_L4_OFF: usize = ETH_HLEN + 60;
 
 /// Decides for a TCP/UDP packet at XDP and carries the decision out.
 #[inline(never)]
-pub fn handle(ctx: &XdpContext, cfg: &DatapathConfig, l4_off: usize, ev: &mut TraceEvent) -> u32 {
+pub fn handle(
+    ctx: &XdpContext,
+    cfg: &DatapathConfig,
+    l4_off: usize,
+    ev: &mut TraceEvent,
+) -> XdpAction {
     let f = Flow {
         hook: Hook::Xdp,
         cfg,
         now: now_ns(),
     };
     let (reason, track_flags) = match service::first_step(&f, ev) {
-        Step::Done(action) if action == TC_ACT_SHOT => return xdp_action::XDP_DROP,
-        Step::Done(_) => return xdp_action::XDP_PASS,
+        Step::Pass(reason) => {
+            decide(ev, Verdict::Pass, reason);
+            return XdpAction::Pass;
+        }
+        Step::Drop(reason) => return drop_packet(ev, reason),
         Step::Forward(reason) => (reason, None),
         Step::Reply => (Reason::ReplyReverseNat, None),
         Step::Track(flags, reason) => (reason, Some(flags)),
@@ -51,7 +60,7 @@ pub fn handle(ctx: &XdpContext, cfg: &DatapathConfig, l4_off: usize, ev: &mut Tr
         // cannot send, those to local backends, gave remote ones 3/4.)
         match service::track(&f, ev, flags, reason) {
             Step::Forward(_) => {}
-            Step::Done(_) => return xdp_action::XDP_DROP,
+            Step::Drop(why) => return drop_packet(ev, why),
             _ => return pass_to_tc(ev),
         }
     }
@@ -59,26 +68,32 @@ pub fn handle(ctx: &XdpContext, cfg: &DatapathConfig, l4_off: usize, ev: &mut Tr
         if track_flags.is_some() {
             // The new flow is decided (and counted) here; tc carries it out.
             decide(ev, Verdict::Forward, reason);
-            return xdp_action::XDP_PASS;
+            return XdpAction::Pass;
         }
         return pass_to_tc(ev);
     };
-    if rewrite(ctx, l4_off, &ev.original, &ev.translated, &macs).is_err() {
-        service::drop(ev, Reason::RewriteFailed);
-        return xdp_action::XDP_DROP;
+    if let Err(why) = rewrite(ctx, l4_off, &ev.original, &ev.translated, &macs) {
+        return drop_packet(ev, why);
     }
     decide(ev, Verdict::Forward, reason);
-    xdp_action::XDP_TX
+    XdpAction::Tx
+}
+
+/// XDP: drops the packet for `reason`.
+#[inline(always)]
+fn drop_packet(ev: &mut TraceEvent, reason: Reason) -> XdpAction {
+    decide_drop(ev, reason);
+    XdpAction::Drop
 }
 
 /// Leaves the packet, untouched, to tc.
 #[inline(always)]
-fn pass_to_tc(ev: &mut TraceEvent) -> u32 {
+fn pass_to_tc(ev: &mut TraceEvent) -> XdpAction {
     ev.translated = ev.original;
     ev.service_id = 0;
     ev.backend_id = 0;
     decide(ev, Verdict::Pass, Reason::XdpPassToTc);
-    xdp_action::XDP_PASS
+    XdpAction::Pass
 }
 
 /// The MAC addresses (destination, then source) for sending the translated
@@ -109,20 +124,21 @@ fn rewrite(
     from: &FlowTuple,
     to: &FlowTuple,
     macs: &[u8; 12],
-) -> Result<(), ()> {
+) -> Result<(), Reason> {
+    // Bounds for the verifier: `parse` checked these headers on this frame.
     if l4_off > MAX_L4_OFF {
-        return Err(());
+        return Err(Reason::RewriteFailed);
     }
     let (data, end) = (ctx.data(), ctx.data_end());
     let l4 = data + l4_off;
     let is_tcp = from.protocol == proto::IPPROTO_TCP;
     if data + ETH_HLEN + 20 > end || l4 + 8 > end {
-        return Err(());
+        return Err(Reason::RewriteFailed);
     }
     // TCP's checksum ends at byte 18 of its header, UDP's at 8.
     let csum_ptr = if is_tcp {
         if l4 + 18 > end {
-            return Err(());
+            return Err(Reason::RewriteFailed);
         }
         l4 + 16
     } else {

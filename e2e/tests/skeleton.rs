@@ -5,7 +5,8 @@
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use common::{
-    trace::{proto, FAMILY_IPV4},
+    proto::{self, TCP_ACK, TCP_SYN},
+    trace::FAMILY_IPV4,
     Hook, Reason, TraceEvent, Verdict,
 };
 use dp::Datapath;
@@ -118,7 +119,11 @@ fn real_tcp_and_udp_are_counted_and_traced_at_every_hook() {
                 );
             }
             let first = seen[0].tcp_flags;
-            let expected = if hook == Hook::TcEgress { 0x12 } else { 0x02 };
+            let expected = if hook == Hook::TcEgress {
+                TCP_SYN | TCP_ACK
+            } else {
+                TCP_SYN
+            };
             assert_eq!(
                 first,
                 expected,

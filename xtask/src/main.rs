@@ -133,6 +133,15 @@ enum KindCommand {
 }
 
 fn main() -> Result<()> {
+    // xtask's commands (test, demo, bench, image) need the real object; a
+    // DP_EBPF_STUB=1 left in the shell from a check would embed a stub.
+    if ebpf::stub_requested(std::env::var_os(ebpf::STUB_ENV).as_deref()) {
+        eprintln!(
+            "==> ignoring {}=1: cargo xtask always builds the real eBPF object",
+            ebpf::STUB_ENV
+        );
+        std::env::remove_var(ebpf::STUB_ENV);
+    }
     match Cli::parse().command {
         Task::Setup { toolchain_only } => setup(toolchain_only),
         Task::BuildEbpf => {

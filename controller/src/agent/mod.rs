@@ -6,9 +6,12 @@
 //!   services and the proxy's own healthz.
 //! - `metrics`: the Prometheus endpoint.
 //! - `links`: netlink link events (pod veths coming and going).
+//! - `ebpf_log`: the datapath's rare diagnostics (aya-log) into this log,
+//!   rate-limited.
 //!
 //! Uses: `source`, `translate`, `kernel`, `error`.
 
+pub mod ebpf_log;
 pub mod healthcheck;
 pub mod links;
 pub mod metrics;

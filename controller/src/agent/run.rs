@@ -115,6 +115,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     pin::ensure_bpffs(&opts.bpffs).context("preparing --bpffs")?;
     let mut dp = Datapath::load_pinned(&pin::maps_dir(&opts.bpffs), opts.map_sizes)
         .context("loading the datapath")?;
+    // The datapath's rare diagnostics, in this log (rate-limited).
+    if let Err(e) = super::ebpf_log::forward_to_tracing(&dp) {
+        warn!(error = %e, "not reading the datapath's log");
+    }
     dp.set_tc_attach(tc_attach);
     let writer = MapWriter::adopt(&mut dp).context("reading the pinned maps")?;
     info!(

@@ -13,7 +13,7 @@ use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use common::{
     addr::ip_of,
     ct::{CT_DIR_REPLY, CT_FLAG_SNAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED},
-    lb::{BACKEND_FLAG_TERMINATING, SOURCE_RANGE_PREFIX_BASE},
+    lb::SOURCE_RANGE_PREFIX_BASE,
     map_names,
     names::{NameKey, NameValue, NAME_KIND_BACKEND, NAME_KIND_SERVICE},
     AffinityKey, AffinityValue, Backend, CtEntry, CtKey, Hook, Reason, ReasonCounter, ServiceKey,
@@ -322,13 +322,9 @@ impl PinnedMaps {
     ) -> Result<Explanation> {
         use common::addr::addr16;
         use common::{
-            addr::in_prefix,
-            config::CONFIG_MASQUERADE_ALL,
-            lb::{
-                SCOPE_INTERNAL, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_EXTERNAL,
-                SERVICE_FLAG_INTERNAL_SCOPE, SERVICE_FLAG_LOCAL_ONLY, SERVICE_FLAG_REJECT_UNSERVED,
-                SERVICE_FLAG_SOURCE_RANGES, SERVICE_FLAG_WILDCARD,
-            },
+            lb::SCOPE_INTERNAL,
+            rules::{self, Frontend, Origin},
+            Verdict,
         };
         let cfg = self.config.get(&0, 0).map_err(|source| Error::Map {
             name: map_names::CONFIG,
@@ -362,7 +358,7 @@ impl PinnedMaps {
                 _pad: [0; 3],
             };
             if let Ok(e) = self.ct.get(&key, 0) {
-                if e.expires_ns > monotonic_ns() && e.direction != CT_DIR_REPLY {
+                if rules::ct_live(&e, monotonic_ns()) && e.direction != CT_DIR_REPLY {
                     out.service = spn(e.service_id);
                     out.masquerade = e.flags & CT_FLAG_SNAT != 0;
                     match backend_addr(e.backend_id) {
@@ -372,7 +368,7 @@ impl PinnedMaps {
                             out.backends = vec![b];
                             return Ok(out);
                         }
-                        None if protocol == 6 => {
+                        None if rules::resets_when_backend_gone(protocol) => {
                             out.verdict = "reject";
                             out.reason = Reason::BackendGoneReset.id();
                             return Ok(out);
@@ -383,39 +379,37 @@ impl PinnedMaps {
                 }
             }
         }
-        // A new flow: the same steps as the datapath's `service::new_flow`.
+        // A new flow: the datapath's rules (`common::rules`), on the pinned maps.
         let master_key = ServiceKey::master(addr16(to.ip()), to.port(), protocol);
-        let wildcard_flags = match self.services.get(&ServiceKey::wildcard(addr16(to.ip())), 0) {
-            Ok(w) if w.flags & SERVICE_FLAG_WILDCARD != 0 => w.flags,
-            _ => return Ok(out),
-        };
-        let Ok(mut m) = self.services.get(&master_key, 0) else {
-            // Other ports of a ClusterIP are rejected; of node, external
-            // and LoadBalancer addresses, left to the host.
-            if wildcard_flags & SERVICE_FLAG_REJECT_UNSERVED != 0 {
+        let wildcard = self.services.get(&ServiceKey::wildcard(addr16(to.ip())), 0);
+        let lookup = || self.services.get(&master_key, 0).ok();
+        let mut m = match rules::frontend(wildcard.ok().map(|w| w.flags), lookup) {
+            Frontend::Found(m) => m,
+            Frontend::NotAService => return Ok(out),
+            Frontend::PortNotServed => {
                 out.verdict = "reject";
                 out.reason = Reason::PortNotServed.id();
+                return Ok(out);
             }
-            return Ok(out);
         };
         out.service = spn(m.service_id);
         let from16 = addr16(from);
-        if m.flags & SERVICE_FLAG_SOURCE_RANGES != 0 && !self.source_allowed(m.service_id, from)? {
+        if rules::source_ranges_apply(&m) && !self.source_allowed(m.service_id, from)? {
             out.verdict = "drop";
             out.reason = Reason::SourceRangeDenied.id();
             return Ok(out);
         }
-        let from_host = from16 == cfg.node_ip;
-        let from_pod = cfg.cluster_cidr_len != 0
-            && in_prefix(&from16, &cfg.cluster_cidr, cfg.cluster_cidr_len);
-        let etp_local = m.flags & SERVICE_FLAG_INTERNAL_SCOPE != 0;
+        // `dp explain` has no hook: a host source is taken as the node's
+        // address arriving, not a local process at tc egress.
+        let origin = Origin::of(&cfg, &from16, false);
+        let frontend_flags = m.flags;
         let frontend = crate::translate::sync::Frontend { addr: to, protocol };
         let slots = programmed
             .frontends
             .get(&frontend)
             .map(|(_, s)| s.clone())
             .unwrap_or_default();
-        let (ready, terminating) = if etp_local && (from_host || from_pod) {
+        let (ready, terminating) = if rules::internal_scope(&m, origin) {
             m = self
                 .services
                 .get(&master_key.with_scope(SCOPE_INTERNAL), 0)
@@ -427,13 +421,13 @@ impl PinnedMaps {
         } else {
             (slots.ready.clone(), slots.terminating.clone())
         };
-        let eligible = if ready.is_empty() {
-            &terminating
-        } else {
-            &ready
+        let eligible = match rules::eligible(&m) {
+            Some(e) if e.terminating => &terminating,
+            Some(_) => &ready,
+            None => &Vec::new(),
         };
         out.backends = eligible.iter().filter_map(|id| backend_addr(*id)).collect();
-        let remembered = (m.flags & SERVICE_FLAG_AFFINITY != 0)
+        let remembered = rules::has_affinity(&m)
             .then(|| self.affinity_backend(&m, from16))
             .flatten()
             .and_then(backend_addr);
@@ -442,13 +436,13 @@ impl PinnedMaps {
             out.reason = Reason::NewFlowAffinity.id();
             out.backends = vec![addr];
         } else if out.backends.is_empty() {
-            if m.flags & SERVICE_FLAG_LOCAL_ONLY != 0 {
-                out.verdict = "drop";
-                out.reason = Reason::NoLocalEndpoints.id();
+            let (verdict, reason) = rules::no_endpoints(&m);
+            out.verdict = if verdict == Verdict::Drop {
+                "drop"
             } else {
-                out.verdict = "reject";
-                out.reason = Reason::NoEndpoints.id();
-            }
+                "reject"
+            };
+            out.reason = reason.id();
             return Ok(out);
         } else {
             out.verdict = "forward";
@@ -458,21 +452,14 @@ impl PinnedMaps {
             .iter()
             .filter_map(|id| programmed.backends.get(id))
             .any(|b| b.0.ip() == from);
-        // As the datapath decides (`service::new_flow`): a backend that is
-        // the node itself is reached without masquerade.
-        let node = common::addr::ip_of(&cfg.node_ip);
-        let only_this_node = eligible
+        // Over the backends the flow may get: hairpin if the only one is
+        // the client, to this node if all are the node itself.
+        let to_this_node = eligible
             .iter()
             .filter_map(|id| programmed.backends.get(id))
-            .all(|b| b.0.ip() == node);
-        out.masquerade = !only_this_node
-            && ((out.hairpin_possible && out.backends.len() == 1)
-                || if m.flags & SERVICE_FLAG_EXTERNAL != 0 {
-                    !etp_local || from_host
-                } else {
-                    cfg.flags & CONFIG_MASQUERADE_ALL != 0
-                        || (cfg.cluster_cidr_len != 0 && !from_pod)
-                });
+            .all(|b| rules::reaches_this_node(&cfg, &addr16(b.0.ip()), origin));
+        let hairpin = out.hairpin_possible && out.backends.len() == 1;
+        out.masquerade = rules::masquerade(&cfg, frontend_flags, origin, hairpin, to_this_node);
         Ok(out)
     }
 
@@ -496,19 +483,16 @@ impl PinnedMaps {
         Ok(self.source_ranges.get(&key, 0).is_ok())
     }
 
-    /// The backend session affinity pins this client to, if the record is
-    /// live and the datapath would use it (`lb::affinity_backend`).
+    /// The backend session affinity pins this client to, if the record
+    /// holds (`rules::affinity_backend`, as the datapath decides).
     fn affinity_backend(&self, m: &ServiceValue, client: [u8; 16]) -> Option<u32> {
         let key = AffinityKey {
             client,
             service_id: m.service_id,
         };
         let v = self.affinity.get(&key, 0).ok()?;
-        let age = monotonic_ns().saturating_sub(v.last_used_ns);
-        let live = age <= u64::from(m.affinity_timeout_s) * 1_000_000_000;
-        let b = self.backends.get(&v.backend_id, 0).ok()?;
-        let usable = b.flags & BACKEND_FLAG_TERMINATING == 0 || m.count == 0;
-        (live && usable).then_some(v.backend_id)
+        let backend = |id| self.backends.get(&id, 0).ok();
+        common::rules::affinity_backend(m, &v, monotonic_ns(), backend).map(|_| v.backend_id)
     }
 }
 

@@ -1,6 +1,5 @@
-//! Trace sessions: claiming a session slot in the pinned `DP_TRACE_SESS`,
-//! reading its ring buffer, and the plain rendering of an event (the
-//! Kubernetes-named one is in `trace_view`).
+//! Trace sessions: claiming a session slot in the pinned `DP_TRACE_SESS`
+//! and reading its ring buffer (rendering is in `inspect::trace`).
 
 use std::{
     fs::File,

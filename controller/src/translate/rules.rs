@@ -46,8 +46,8 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// kube-proxy's default ClientIP affinity timeout (3 h).
 pub const DEFAULT_AFFINITY_SECONDS: u32 = 10_800;
 
-pub const TCP: u8 = 6;
-pub const UDP: u8 = 17;
+pub const TCP: u8 = common::proto::IPPROTO_TCP;
+pub const UDP: u8 = common::proto::IPPROTO_UDP;
 
 /// An IPv4 CIDR.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

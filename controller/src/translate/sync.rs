@@ -58,10 +58,16 @@ pub struct Frontend {
 
 impl Frontend {
     pub fn tcp(addr: SocketAddr) -> Self {
-        Frontend { addr, protocol: 6 }
+        Frontend {
+            addr,
+            protocol: common::proto::IPPROTO_TCP,
+        }
     }
     pub fn udp(addr: SocketAddr) -> Self {
-        Frontend { addr, protocol: 17 }
+        Frontend {
+            addr,
+            protocol: common::proto::IPPROTO_UDP,
+        }
     }
 }
 

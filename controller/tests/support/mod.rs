@@ -18,11 +18,7 @@ pub const XDP_PASS: u32 = 2;
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
 pub const SERVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_PSH: u8 = 0x08;
-pub const TCP_ACK: u8 = 0x10;
+pub use common::proto::{TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN};
 
 pub fn load() -> Datapath {
     e2e::require_root();
@@ -320,7 +316,7 @@ impl<'a> Ipv4View<'a> {
     /// Everything after the L4 header (TCP data offset or the UDP header).
     pub fn payload(&self) -> &'a [u8] {
         let l4 = self.l4();
-        let hl = if self.protocol() == 6 {
+        let hl = if self.protocol() == common::proto::IPPROTO_TCP {
             usize::from(l4[12] >> 4) * 4
         } else {
             8

@@ -5,7 +5,8 @@
 use std::net::IpAddr;
 
 use common::{
-    trace::{proto, FAMILY_IPV4, FAMILY_IPV6},
+    proto,
+    trace::{FAMILY_IPV4, FAMILY_IPV6},
     FlowTuple, Hook, Reason, TraceEvent, Verdict,
 };
 
@@ -29,12 +30,12 @@ pub fn protocol_name(protocol: u8) -> String {
 /// TCP flags as `SYN`, `SYN|ACK`, ...; empty when none are set.
 pub fn tcp_flags_names(flags: u8) -> String {
     const NAMES: [(u8, &str); 6] = [
-        (0x02, "SYN"),
-        (0x10, "ACK"),
-        (0x08, "PSH"),
-        (0x01, "FIN"),
-        (0x04, "RST"),
-        (0x20, "URG"),
+        (proto::TCP_SYN, "SYN"),
+        (proto::TCP_ACK, "ACK"),
+        (proto::TCP_PSH, "PSH"),
+        (proto::TCP_FIN, "FIN"),
+        (proto::TCP_RST, "RST"),
+        (proto::TCP_URG, "URG"),
     ];
     NAMES
         .iter()

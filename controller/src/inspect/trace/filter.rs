@@ -3,8 +3,9 @@
 use std::{ffi::CString, net::IpAddr};
 
 use common::{
+    proto,
     trace::{
-        proto, TRACE_MATCH_ADDR, TRACE_MATCH_IFINDEX, TRACE_MATCH_PORT, TRACE_MATCH_PROTOCOL,
+        TRACE_MATCH_ADDR, TRACE_MATCH_IFINDEX, TRACE_MATCH_PORT, TRACE_MATCH_PROTOCOL,
         TRACE_MATCH_REASON, TRACE_MATCH_SERVICE, TRACE_MATCH_VERDICT, TRACE_SERVICE_IDS,
     },
     Reason, TraceSession, Verdict,

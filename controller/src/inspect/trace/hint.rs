@@ -85,12 +85,18 @@ pub fn hint(reason: Reason, r: &TraceRecord) -> Hint {
             "the node has no route to the backend's address",
             vec!["ip route get BACKEND_IP".to_string(), explain],
         ),
-        Reason::Malformed => (
+        Reason::Malformed | Reason::PacketLoadFailed => (
             "the packet's headers are cut short or inconsistent; the kernel would drop it too",
             vec!["dp trace -w FILE.pcapng   # look at the headers".to_string()],
         ),
-        Reason::RejectFailed | Reason::RewriteFailed => (
-            "the datapath could not rewrite the packet (resizing or storing bytes failed)",
+        Reason::RejectFailed
+        | Reason::RewriteFailed
+        | Reason::PacketStoreFailed
+        | Reason::ChecksumUpdateFailed
+        | Reason::RedirectFailed => (
+            "the datapath could not rewrite or send the packet (resizing, storing bytes, a \
+             checksum update or a redirect failed); the agent's log has a line from the \
+             datapath about it",
             vec!["dp stats".to_string()],
         ),
         _ => ("dp dropped this packet", vec![explain, "dp stats".to_string()]),

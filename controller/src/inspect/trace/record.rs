@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{trace::proto, Hook, Reason, TraceEvent, Verdict};
+use common::{proto, Hook, Reason, TraceEvent, Verdict};
 use serde::Serialize;
 
 use crate::{

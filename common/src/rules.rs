@@ -1,0 +1,441 @@
+//! The datapath's rules for a packet, as pure functions over the common
+//! types: the programs (`dataplane-ebpf/src/service.rs`, `lb.rs`,
+//! `conntrack.rs`) and `dp explain` (`controller/src/inspect.rs`) decide
+//! with these same functions, so the two cannot drift apart. The map
+//! lookups stay with each caller (BPF maps there, pinned maps here); where
+//! a rule decides whether a lookup happens at all, it takes it as a
+//! closure.
+//!
+//! The order of a new flow, as both apply it: the frontend
+//! ([`frontend`]), its source ranges ([`source_ranges_apply`]), the scope
+//! ([`internal_scope`]), session affinity ([`affinity_backend`]), else the
+//! eligible backends ([`eligible`]) or, with none, [`no_endpoints`]; then
+//! masquerade ([`masquerade`], [`reaches_this_node`]).
+
+use crate::{
+    addr::in_prefix,
+    config::CONFIG_MASQUERADE_ALL,
+    lb::{
+        BACKEND_FLAG_TERMINATING, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_EXTERNAL,
+        SERVICE_FLAG_INTERNAL_SCOPE, SERVICE_FLAG_LOCAL_ONLY, SERVICE_FLAG_REJECT_UNSERVED,
+        SERVICE_FLAG_SOURCE_RANGES, SERVICE_FLAG_WILDCARD,
+    },
+    proto::IPPROTO_TCP,
+    AffinityValue, Backend, CtEntry, DatapathConfig, Reason, ServiceValue, Verdict,
+};
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// What a destination is for the service maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Frontend<T> {
+    /// Not a service address, or a port of a node, external or
+    /// LoadBalancer address that no Service uses: left to the stack.
+    NotAService,
+    /// A ClusterIP, but not this port and protocol: rejected.
+    PortNotServed,
+    /// The frontend (what `master` returned).
+    Found(T),
+}
+
+/// The frontend for a destination, from the flags of its address's wildcard
+/// entry (`None`: no entry) and, only for a service address, its master
+/// entry for the port and protocol. kube-proxy rejects the ports a
+/// ClusterIP does not serve (the wildcard carries
+/// `SERVICE_FLAG_REJECT_UNSERVED`) and leaves other addresses' to the host.
+#[inline(always)]
+pub fn frontend<T>(wildcard_flags: Option<u16>, master: impl FnOnce() -> Option<T>) -> Frontend<T> {
+    match wildcard_flags {
+        Some(flags) if flags & SERVICE_FLAG_WILDCARD != 0 => match master() {
+            Some(m) => Frontend::Found(m),
+            None if flags & SERVICE_FLAG_REJECT_UNSERVED != 0 => Frontend::PortNotServed,
+            None => Frontend::NotAService,
+        },
+        _ => Frontend::NotAService,
+    }
+}
+
+/// Whether the source must be in the frontend's `loadBalancerSourceRanges`
+/// (`DP_SRC_RANGES`); outside them the packet is dropped
+/// (`SourceRangeDenied`), whoever sends it (kube-proxy filters before DNAT).
+#[inline(always)]
+pub fn source_ranges_apply(master: &ServiceValue) -> bool {
+    master.flags & SERVICE_FLAG_SOURCE_RANGES != 0
+}
+
+/// Where a new flow comes from, as the rules see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Origin {
+    /// This node: a local process, or the node's address as source.
+    pub from_host: bool,
+    /// The source is in the cluster CIDR (a pod).
+    pub from_pod: bool,
+    /// A process on this node, its packet seen at tc egress.
+    pub local_process: bool,
+}
+
+impl Origin {
+    /// The origin of a packet from `saddr`; `local_process`: seen at tc
+    /// egress, so sent by this node.
+    #[inline(always)]
+    pub fn of(cfg: &DatapathConfig, saddr: &[u8; 16], local_process: bool) -> Self {
+        Origin {
+            from_host: local_process || *saddr == cfg.node_ip,
+            from_pod: cfg.cluster_cidr_len != 0
+                && in_prefix(saddr, &cfg.cluster_cidr, cfg.cluster_cidr_len),
+            local_process,
+        }
+    }
+}
+
+/// Whether the flow uses the frontend's cluster-wide backends (the
+/// `SCOPE_INTERNAL` master) rather than its own: eTP=Local frontends keep
+/// external clients on this node's endpoints, but traffic from pods and
+/// the node itself goes anywhere in the cluster.
+#[inline(always)]
+pub fn internal_scope(frontend: &ServiceValue, origin: Origin) -> bool {
+    frontend.flags & SERVICE_FLAG_INTERNAL_SCOPE != 0 && (origin.from_host || origin.from_pod)
+}
+
+/// The backend slots a new flow picks from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Eligible {
+    /// First slot (`ServiceKey::slot`) of the run.
+    pub first_slot: u16,
+    pub count: u16,
+    /// The serving-terminating backends (no ready one exists).
+    pub terminating: bool,
+}
+
+/// The backends a new flow may go to: the ready ones (slots
+/// `1..=count`); if none is ready, the serving-terminating ones
+/// (kube-proxy's fallback); `None` if there are neither.
+#[inline(always)]
+pub fn eligible(master: &ServiceValue) -> Option<Eligible> {
+    if master.count > 0 {
+        Some(Eligible {
+            first_slot: 1,
+            count: master.count,
+            terminating: false,
+        })
+    } else if master.terminating_count > 0 {
+        Some(Eligible {
+            first_slot: master.count + 1,
+            count: master.terminating_count,
+            terminating: true,
+        })
+    } else {
+        None
+    }
+}
+
+/// What happens to a new flow without eligible backends: a Local traffic
+/// policy drops it (`NoLocalEndpoints`), anything else rejects it
+/// (`NoEndpoints`, ICMP port unreachable), as kube-proxy does. `master`:
+/// the one the backends were looked for in.
+#[inline(always)]
+pub fn no_endpoints(master: &ServiceValue) -> (Verdict, Reason) {
+    if master.flags & SERVICE_FLAG_LOCAL_ONLY != 0 {
+        (Verdict::Drop, Reason::NoLocalEndpoints)
+    } else {
+        (Verdict::Reject, Reason::NoEndpoints)
+    }
+}
+
+/// Whether the frontend has `sessionAffinity: ClientIP`.
+#[inline(always)]
+pub fn has_affinity(master: &ServiceValue) -> bool {
+    master.flags & SERVICE_FLAG_AFFINITY != 0
+}
+
+/// The backend a client's session-affinity record sends its new flow to:
+/// the record is younger than the timeout (counted from the client's last
+/// new flow, like `recent --rcheck --seconds`), its backend still exists
+/// (`backend` looks it up, only for a live record) and is not terminating
+/// while ready backends exist (kube-proxy checks affinity only against the
+/// endpoints in the chain).
+#[inline(always)]
+pub fn affinity_backend(
+    master: &ServiceValue,
+    record: &AffinityValue,
+    now_ns: u64,
+    backend: impl FnOnce(u32) -> Option<Backend>,
+) -> Option<Backend> {
+    let timeout = u64::from(master.affinity_timeout_s) * NS_PER_SEC;
+    if now_ns.saturating_sub(record.last_used_ns) > timeout {
+        return None;
+    }
+    let b = backend(record.backend_id)?;
+    if b.flags & BACKEND_FLAG_TERMINATING != 0 && master.count > 0 {
+        return None;
+    }
+    Some(b)
+}
+
+/// Whether a backend at `backend_addr` is this node reached by local
+/// delivery: a host-network endpoint, for a packet that arrived from
+/// elsewhere (a local process's packet, at tc egress, is not delivered so).
+#[inline(always)]
+pub fn reaches_this_node(cfg: &DatapathConfig, backend_addr: &[u8; 16], origin: Origin) -> bool {
+    !origin.local_process && *backend_addr == cfg.node_ip
+}
+
+/// Whether a new flow is masqueraded (source -> the node's address).
+/// kube-proxy: external destinations (NodePort, externalIP, LoadBalancer)
+/// masquerade everything with eTP=Cluster and only the host's own traffic
+/// with eTP=Local; ClusterIPs masquerade what comes from outside the
+/// cluster CIDR (or everything with `--masquerade-all`); hairpin traffic
+/// (the client is the backend) always. Never a flow to this node itself
+/// (`to_this_node`, see [`reaches_this_node`]): local delivery skips
+/// kube-proxy's POSTROUTING, and the node's address as source would be a
+/// martian there (`accept_local = 0`). `frontend_flags`: the flags of the
+/// frontend's own master (not its internal-scope one).
+#[inline(always)]
+pub fn masquerade(
+    cfg: &DatapathConfig,
+    frontend_flags: u16,
+    origin: Origin,
+    hairpin: bool,
+    to_this_node: bool,
+) -> bool {
+    let by_policy = if frontend_flags & SERVICE_FLAG_EXTERNAL != 0 {
+        frontend_flags & SERVICE_FLAG_INTERNAL_SCOPE == 0 || origin.from_host
+    } else {
+        cfg.flags & CONFIG_MASQUERADE_ALL != 0 || (cfg.cluster_cidr_len != 0 && !origin.from_pod)
+    };
+    !to_this_node && (hairpin || by_policy)
+}
+
+/// Whether a conntrack entry is live at `now_ns`: an expired one counts as
+/// absent (the GC deletes it later).
+#[inline(always)]
+pub fn ct_live(entry: &CtEntry, now_ns: u64) -> bool {
+    entry.expires_ns > now_ns
+}
+
+/// A tracked flow whose backend is gone: TCP is reset
+/// (`BackendGoneReset`), anything else moves to a live backend
+/// (`BackendGoneRepicked`).
+#[inline(always)]
+pub fn resets_when_backend_gone(protocol: u8) -> bool {
+    protocol == IPPROTO_TCP
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{addr::v4_mapped, proto::IPPROTO_UDP};
+
+    const NODE: [u8; 4] = [172, 18, 0, 2];
+
+    fn cfg() -> DatapathConfig {
+        DatapathConfig {
+            node_ip: v4_mapped(NODE),
+            cluster_cidr: v4_mapped([10, 244, 0, 0]),
+            cluster_cidr_len: 96 + 16,
+            ..DatapathConfig::default()
+        }
+    }
+
+    fn master(flags: u16, count: u16, terminating_count: u16) -> ServiceValue {
+        ServiceValue {
+            flags,
+            count,
+            terminating_count,
+            ..ServiceValue::default()
+        }
+    }
+
+    #[test]
+    fn frontends_and_unserved_ports() {
+        let wildcard = SERVICE_FLAG_WILDCARD;
+        let cluster_ip = SERVICE_FLAG_WILDCARD | SERVICE_FLAG_REJECT_UNSERVED;
+        assert_eq!(frontend(None, || Some(1)), Frontend::NotAService);
+        assert_eq!(frontend(Some(0), || Some(1)), Frontend::NotAService);
+        assert_eq!(frontend(Some(wildcard), || Some(1)), Frontend::Found(1));
+        assert_eq!(frontend(Some(cluster_ip), || Some(1)), Frontend::Found(1));
+        assert_eq!(
+            frontend(Some(cluster_ip), || None::<u8>),
+            Frontend::PortNotServed
+        );
+        assert_eq!(
+            frontend(Some(wildcard), || None::<u8>),
+            Frontend::NotAService,
+            "node, external and LB addresses leave other ports to the host"
+        );
+        // No master lookup for an address that is not a service address.
+        let mut looked = false;
+        let _ = frontend(None, || {
+            looked = true;
+            Some(1)
+        });
+        assert!(!looked);
+    }
+
+    #[test]
+    fn origins() {
+        let c = cfg();
+        let pod = Origin::of(&c, &v4_mapped([10, 244, 1, 5]), false);
+        assert_eq!((pod.from_host, pod.from_pod), (false, true));
+        let node = Origin::of(&c, &v4_mapped(NODE), false);
+        assert_eq!((node.from_host, node.from_pod), (true, false));
+        let outside = Origin::of(&c, &v4_mapped([192, 168, 7, 50]), false);
+        assert_eq!((outside.from_host, outside.from_pod), (false, false));
+        let local = Origin::of(&c, &v4_mapped([192, 168, 7, 50]), true);
+        assert!(local.from_host && local.local_process);
+        let no_cidr = DatapathConfig {
+            cluster_cidr_len: 0,
+            ..c
+        };
+        assert!(!Origin::of(&no_cidr, &v4_mapped([10, 244, 1, 5]), false).from_pod);
+    }
+
+    #[test]
+    fn scope_source_ranges_and_affinity_flags() {
+        let c = cfg();
+        let etp_local = master(SERVICE_FLAG_EXTERNAL | SERVICE_FLAG_INTERNAL_SCOPE, 1, 0);
+        let pod = Origin::of(&c, &v4_mapped([10, 244, 1, 5]), false);
+        let host = Origin::of(&c, &v4_mapped(NODE), false);
+        let outside = Origin::of(&c, &v4_mapped([192, 168, 7, 50]), false);
+        assert!(internal_scope(&etp_local, pod));
+        assert!(internal_scope(&etp_local, host));
+        assert!(!internal_scope(&etp_local, outside));
+        assert!(!internal_scope(&master(SERVICE_FLAG_EXTERNAL, 1, 0), pod));
+        assert!(source_ranges_apply(&master(
+            SERVICE_FLAG_SOURCE_RANGES,
+            1,
+            0
+        )));
+        assert!(!source_ranges_apply(&etp_local));
+        assert!(has_affinity(&master(SERVICE_FLAG_AFFINITY, 1, 0)));
+        assert!(!has_affinity(&etp_local));
+    }
+
+    #[test]
+    fn ready_then_terminating_then_none() {
+        assert_eq!(
+            eligible(&master(0, 2, 3)),
+            Some(Eligible {
+                first_slot: 1,
+                count: 2,
+                terminating: false
+            })
+        );
+        assert_eq!(
+            eligible(&master(0, 0, 3)),
+            Some(Eligible {
+                first_slot: 1,
+                count: 3,
+                terminating: true
+            })
+        );
+        assert_eq!(eligible(&master(0, 0, 0)), None);
+        assert_eq!(
+            no_endpoints(&master(SERVICE_FLAG_LOCAL_ONLY, 0, 0)),
+            (Verdict::Drop, Reason::NoLocalEndpoints)
+        );
+        assert_eq!(
+            no_endpoints(&master(SERVICE_FLAG_EXTERNAL, 0, 0)),
+            (Verdict::Reject, Reason::NoEndpoints)
+        );
+    }
+
+    #[test]
+    fn affinity_records() {
+        let s = NS_PER_SEC;
+        let m = ServiceValue {
+            affinity_timeout_s: 10,
+            ..master(SERVICE_FLAG_AFFINITY, 1, 0)
+        };
+        let record = AffinityValue {
+            backend_id: 7,
+            _pad: 0,
+            last_used_ns: 100 * s,
+        };
+        let ready = Backend::default();
+        let terminating = Backend {
+            flags: BACKEND_FLAG_TERMINATING,
+            ..Backend::default()
+        };
+        let found = |b: Backend| move |id: u32| (id == 7).then_some(b);
+        assert_eq!(
+            affinity_backend(&m, &record, 110 * s, found(ready)),
+            Some(ready)
+        );
+        assert_eq!(
+            affinity_backend(&m, &record, 110 * s + 1, found(ready)),
+            None
+        );
+        assert_eq!(
+            affinity_backend(&m, &record, 105 * s, |_| None),
+            None,
+            "gone"
+        );
+        assert_eq!(
+            affinity_backend(&m, &record, 105 * s, found(terminating)),
+            None,
+            "terminating while a ready backend exists"
+        );
+        let only_terminating = ServiceValue { count: 0, ..m };
+        assert_eq!(
+            affinity_backend(&only_terminating, &record, 105 * s, found(terminating)),
+            Some(terminating)
+        );
+        // An expired record looks nothing up.
+        let mut looked = false;
+        let _ = affinity_backend(&m, &record, 200 * s, |_| {
+            looked = true;
+            None
+        });
+        assert!(!looked);
+    }
+
+    #[test]
+    fn masquerade_rules() {
+        let c = cfg();
+        let all = DatapathConfig {
+            flags: CONFIG_MASQUERADE_ALL,
+            ..c
+        };
+        let pod = Origin::of(&c, &v4_mapped([10, 244, 1, 5]), false);
+        let host = Origin::of(&c, &v4_mapped(NODE), false);
+        let local = Origin::of(&c, &v4_mapped(NODE), true);
+        let outside = Origin::of(&c, &v4_mapped([192, 168, 7, 50]), false);
+        let cluster_ip = 0;
+        let etp_cluster = SERVICE_FLAG_EXTERNAL;
+        let etp_local = SERVICE_FLAG_EXTERNAL | SERVICE_FLAG_INTERNAL_SCOPE;
+        // ClusterIP: from outside the cluster CIDR, or everything with
+        // --masquerade-all.
+        assert!(!masquerade(&c, cluster_ip, pod, false, false));
+        assert!(masquerade(&c, cluster_ip, outside, false, false));
+        assert!(masquerade(&c, cluster_ip, host, false, false));
+        assert!(masquerade(&all, cluster_ip, pod, false, false));
+        // eTP=Cluster: everything; eTP=Local: only the host's own.
+        assert!(masquerade(&c, etp_cluster, pod, false, false));
+        assert!(masquerade(&c, etp_cluster, outside, false, false));
+        assert!(!masquerade(&c, etp_local, outside, false, false));
+        assert!(!masquerade(&c, etp_local, pod, false, false));
+        assert!(masquerade(&c, etp_local, host, false, false));
+        // Hairpin always; a flow to this node itself never.
+        assert!(masquerade(&c, cluster_ip, pod, true, false));
+        assert!(!masquerade(&c, etp_cluster, outside, true, true));
+        // This node itself, unless the sender is a local process.
+        let node = v4_mapped(NODE);
+        assert!(reaches_this_node(&c, &node, outside));
+        assert!(reaches_this_node(&c, &node, host));
+        assert!(!reaches_this_node(&c, &node, local));
+        assert!(!reaches_this_node(&c, &v4_mapped([10, 244, 2, 7]), outside));
+    }
+
+    #[test]
+    fn conntrack_liveness_and_gone_backends() {
+        let e = CtEntry {
+            expires_ns: 100,
+            ..CtEntry::default()
+        };
+        assert!(ct_live(&e, 99));
+        assert!(!ct_live(&e, 100));
+        assert!(resets_when_backend_gone(IPPROTO_TCP));
+        assert!(!resets_when_backend_gone(IPPROTO_UDP));
+    }
+}
