@@ -21,7 +21,7 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_INGRESS, TC_ACT_REDIRECT,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_INGRESS,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
@@ -182,7 +182,7 @@ fn redirect_neigh(ifindex: u32) -> Result<TcAction, Reason> {
 
 #[inline(always)]
 fn redirected(rc: i64) -> Result<TcAction, Reason> {
-    if rc == i64::from(TC_ACT_REDIRECT) {
+    if rc == TcAction::Redirect as i64 {
         Ok(TcAction::Redirect)
     } else {
         Err(Reason::RedirectFailed)

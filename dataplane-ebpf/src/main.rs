@@ -29,8 +29,8 @@ mod stats;
 mod trace;
 mod xdp;
 
+use action::TcAction;
 use aya_ebpf::{
-    bindings::TC_ACT_OK,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -61,7 +61,7 @@ pub fn dp_tc_untraced(ctx: TcContext) -> i32 {
 /// Does nothing: the floor the benchmarks compare the datapath with.
 #[classifier]
 pub fn dp_tc_noop(_ctx: TcContext) -> i32 {
-    TC_ACT_OK
+    TcAction::Pass as i32
 }
 
 #[cfg(not(test))]
