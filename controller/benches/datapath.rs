@@ -16,7 +16,7 @@ mod test_run;
 use test_run::run_once;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use dp::{BackendSlots, Datapath, Frontend, MapSizes};
+use dp::{BackendSlots, Datapath, Frontend, MapSizes, ServiceMaps};
 use etherparse::PacketBuilder;
 
 const CLIENT: [u8; 4] = [10, 244, 1, 5];

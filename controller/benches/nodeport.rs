@@ -19,7 +19,7 @@ use std::{
 };
 
 use common::Hook;
-use dp::{BackendSlots, Datapath, Frontend};
+use dp::{BackendSlots, Datapath, Frontend, ServiceMaps};
 use e2e::{cluster::CLUSTER_CIDR, Cluster};
 
 const NODE_PORT: u16 = 30090;

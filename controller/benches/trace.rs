@@ -28,7 +28,7 @@ mod test_run;
 use test_run::run_once;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use dp::{BackendSlots, Datapath, Frontend};
+use dp::{BackendSlots, Datapath, Frontend, ServiceMaps};
 use etherparse::PacketBuilder;
 
 const CLIENT: [u8; 4] = [10, 244, 1, 5];

@@ -34,4 +34,4 @@ pub mod lab;
 
 pub use error::Error;
 pub use kernel::{Counters, Datapath, MapSizes};
-pub use translate::sync::{BackendSlots, Frontend};
+pub use translate::sync::{BackendSlots, Frontend, ServiceMaps};

@@ -16,7 +16,7 @@ use std::{
 use common::{map_names, CtEntry, CtKey, Hook, Reason};
 use dp::{
     agent::ebpf_log::{self, DatapathLog, Sink, SystemClock},
-    BackendSlots, Datapath, Frontend, MapSizes,
+    BackendSlots, Datapath, Frontend, MapSizes, ServiceMaps,
 };
 use log::Level;
 use support::*;

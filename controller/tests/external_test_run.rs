@@ -12,7 +12,7 @@ use common::{
     ct::{CT_DIR_ORIGINAL, CT_FLAG_SNAT},
     Hook, Reason,
 };
-use dp::{BackendSlots, Datapath, Frontend};
+use dp::{BackendSlots, Datapath, Frontend, ServiceMaps};
 use e2e::Topology;
 use support::*;
 

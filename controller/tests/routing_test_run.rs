@@ -13,7 +13,7 @@
 mod support;
 
 use common::{trace::TRACE_MATCH_ADDR, Hook, Reason, TraceSession};
-use dp::{BackendSlots, Datapath, Frontend};
+use dp::{BackendSlots, Datapath, Frontend, ServiceMaps};
 use e2e::{Netns, Topology, KIND_NODE_SYSCTLS};
 use support::*;
 

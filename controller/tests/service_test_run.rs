@@ -14,7 +14,7 @@ use common::{
     },
     CtTimeouts, Hook, Reason, Verdict,
 };
-use dp::{BackendSlots, Datapath, Frontend, MapSizes};
+use dp::{BackendSlots, Datapath, Frontend, MapSizes, ServiceMaps};
 use support::*;
 
 const CLIENT: [u8; 4] = [10, 244, 1, 5];

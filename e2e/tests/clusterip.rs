@@ -13,7 +13,7 @@ use std::{
 };
 
 use common::{Hook, Reason};
-use dp::{BackendSlots, Datapath, Frontend};
+use dp::{BackendSlots, Datapath, Frontend, ServiceMaps};
 use e2e::{
     cluster::CLUSTER_CIDR, parse_identity, require_root, tcp_echo_once, Cluster, Netns,
     TcpEchoServer, UdpEchoServer,

@@ -48,85 +48,6 @@ fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
 }
 
 impl Datapath {
-    /// Adds or replaces a backend. `terminating` marks it for traces and
-    /// inspection; whether it gets new flows depends on the slots it is in.
-    pub fn set_backend(
-        &mut self,
-        id: u32,
-        addr: SocketAddr,
-        protocol: u8,
-        terminating: bool,
-    ) -> Result<()> {
-        let backend = Backend {
-            addr: addr16(addr.ip()),
-            port: addr.port(),
-            protocol,
-            flags: if terminating {
-                BACKEND_FLAG_TERMINATING
-            } else {
-                0
-            },
-        };
-        let mut map: HashMap<&mut MapData, u32, Backend> = self.map_mut(map_names::BACKENDS)?;
-        map.insert(id, backend, 0)
-            .map_err(map_err(map_names::BACKENDS))
-    }
-
-    /// Removes a backend. Flows still pinned to it are moved (UDP) or reset
-    /// (TCP) by the datapath on their next packet.
-    pub fn remove_backend(&mut self, id: u32) -> Result<()> {
-        let mut map: HashMap<&mut MapData, u32, Backend> = self.map_mut(map_names::BACKENDS)?;
-        match map.remove(&id) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(map_names::BACKENDS)(e)),
-        }
-    }
-
-    /// Adds or updates a frontend with its backend slots, in the safe order.
-    pub fn set_service(
-        &mut self,
-        frontend: &Frontend,
-        service_id: u32,
-        slots: &BackendSlots,
-    ) -> Result<()> {
-        let key = master_key(frontend);
-        let reply_source = RevNatValue {
-            addr: key.addr,
-            port: key.port,
-            _pad: [0; 2],
-        };
-        self.map_mut::<HashMap<&mut MapData, u32, RevNatValue>>(map_names::REVNAT)?
-            .insert(service_id, reply_source, 0)
-            .map_err(map_err(map_names::REVNAT))?;
-        self.write_source_ranges(service_id, &slots.source_ranges)?;
-        let internal_key = key.with_scope(SCOPE_INTERNAL);
-        if let Some((ready, terminating)) = &slots.internal {
-            let internal = BackendSlots {
-                ready: ready.clone(),
-                terminating: terminating.clone(),
-                internal: None,
-                source_ranges: Vec::new(),
-                local_only: false,
-                ..slots.clone()
-            };
-            self.write_slots(&internal_key, service_id, &internal)?;
-        }
-        let existed = self.write_slots(&key, service_id, slots)?;
-        if slots.internal.is_none() {
-            self.remove_slots(&internal_key)?;
-        }
-        if slots.source_ranges.is_empty() {
-            self.write_source_ranges(service_id, &[])?;
-        }
-        let use_ = self.service_addresses.entry(key.addr).or_default();
-        if !existed {
-            use_.frontends += 1;
-            use_.cluster_ips += u32::from(!slots.external);
-        }
-        let use_ = *use_;
-        self.write_wildcard(key.addr, use_)
-    }
-
     /// The address's wildcard entry, as its frontends need it.
     fn write_wildcard(&mut self, addr: [u8; 16], use_: AddressUse) -> Result<()> {
         let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
@@ -228,35 +149,6 @@ impl Datapath {
             let _ = services.remove(&key.with_slot(slot as u16));
         }
         Ok(old.is_some())
-    }
-
-    /// Removes a frontend, in the safe order.
-    pub fn remove_service(&mut self, frontend: &Frontend) -> Result<()> {
-        let key = master_key(frontend);
-        let Some(master) = self.remove_slots(&key)? else {
-            return Ok(());
-        };
-        self.remove_slots(&key.with_scope(SCOPE_INTERNAL))?;
-        self.write_source_ranges(master.service_id, &[])?;
-        let mut use_ = self
-            .service_addresses
-            .get(&key.addr)
-            .copied()
-            .unwrap_or_default();
-        use_.frontends = use_.frontends.saturating_sub(1);
-        if master.flags & SERVICE_FLAG_EXTERNAL == 0 {
-            use_.cluster_ips = use_.cluster_ips.saturating_sub(1);
-        }
-        if use_.frontends == 0 {
-            self.service_addresses.remove(&key.addr);
-        } else {
-            self.service_addresses.insert(key.addr, use_);
-        }
-        self.write_wildcard(key.addr, use_)?;
-        let _ = self
-            .map_mut::<HashMap<&mut MapData, u32, RevNatValue>>(map_names::REVNAT)?
-            .remove(&master.service_id);
-        Ok(())
     }
 
     /// Master entry first, then its slots; returns the old master entry.
@@ -409,31 +301,6 @@ where
 }
 
 impl Datapath {
-    /// Reads the programmed services back from the maps, and rebuilds the
-    /// per-address frontend counts the wildcard entries depend on.
-    pub fn read_services(&mut self) -> Result<ProgrammedServices> {
-        let mut programmed = {
-            let services: HashMap<&MapData, ServiceKey, ServiceValue> =
-                self.map_ref(map_names::SERVICES)?;
-            let backends: HashMap<&MapData, u32, Backend> = self.map_ref(map_names::BACKENDS)?;
-            programmed_services(&services, &backends)?
-        };
-        self.service_addresses.clear();
-        for (frontend, (_, slots)) in &programmed.frontends {
-            let use_ = self
-                .service_addresses
-                .entry(addr16(frontend.addr.ip()))
-                .or_default();
-            use_.frontends += 1;
-            use_.cluster_ips += u32::from(!slots.external);
-        }
-        self.source_ranges = self.read_source_ranges()?;
-        for (id, slots) in programmed.frontends.values_mut() {
-            slots.source_ranges = self.source_ranges.get(id).cloned().unwrap_or_default();
-        }
-        Ok(programmed)
-    }
-
     /// Service id -> its source ranges, read from `DP_SRC_RANGES`.
     pub fn read_source_ranges(
         &self,
@@ -465,9 +332,113 @@ pub fn source_ranges_in<T: std::borrow::Borrow<MapData>>(
     Ok(out)
 }
 
-impl Datapath {
+impl ServiceMaps for Datapath {
+    /// Adds or replaces a backend. `terminating` marks it for traces and
+    /// inspection; whether it gets new flows depends on the slots it is in.
+    fn set_backend(
+        &mut self,
+        id: u32,
+        addr: SocketAddr,
+        protocol: u8,
+        terminating: bool,
+    ) -> Result<()> {
+        let backend = Backend {
+            addr: addr16(addr.ip()),
+            port: addr.port(),
+            protocol,
+            flags: if terminating {
+                BACKEND_FLAG_TERMINATING
+            } else {
+                0
+            },
+        };
+        let mut map: HashMap<&mut MapData, u32, Backend> = self.map_mut(map_names::BACKENDS)?;
+        map.insert(id, backend, 0)
+            .map_err(map_err(map_names::BACKENDS))
+    }
+    /// Removes a backend. Flows still pinned to it are moved (UDP) or reset
+    /// (TCP) by the datapath on their next packet.
+    fn remove_backend(&mut self, id: u32) -> Result<()> {
+        let mut map: HashMap<&mut MapData, u32, Backend> = self.map_mut(map_names::BACKENDS)?;
+        match map.remove(&id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(map_names::BACKENDS)(e)),
+        }
+    }
+    /// Adds or updates a frontend with its backend slots, in the safe order.
+    fn set_service(
+        &mut self,
+        frontend: &Frontend,
+        service_id: u32,
+        slots: &BackendSlots,
+    ) -> Result<()> {
+        let key = master_key(frontend);
+        let reply_source = RevNatValue {
+            addr: key.addr,
+            port: key.port,
+            _pad: [0; 2],
+        };
+        self.map_mut::<HashMap<&mut MapData, u32, RevNatValue>>(map_names::REVNAT)?
+            .insert(service_id, reply_source, 0)
+            .map_err(map_err(map_names::REVNAT))?;
+        self.write_source_ranges(service_id, &slots.source_ranges)?;
+        let internal_key = key.with_scope(SCOPE_INTERNAL);
+        if let Some((ready, terminating)) = &slots.internal {
+            let internal = BackendSlots {
+                ready: ready.clone(),
+                terminating: terminating.clone(),
+                internal: None,
+                source_ranges: Vec::new(),
+                local_only: false,
+                ..slots.clone()
+            };
+            self.write_slots(&internal_key, service_id, &internal)?;
+        }
+        let existed = self.write_slots(&key, service_id, slots)?;
+        if slots.internal.is_none() {
+            self.remove_slots(&internal_key)?;
+        }
+        if slots.source_ranges.is_empty() {
+            self.write_source_ranges(service_id, &[])?;
+        }
+        let use_ = self.service_addresses.entry(key.addr).or_default();
+        if !existed {
+            use_.frontends += 1;
+            use_.cluster_ips += u32::from(!slots.external);
+        }
+        let use_ = *use_;
+        self.write_wildcard(key.addr, use_)
+    }
+    /// Removes a frontend, in the safe order.
+    fn remove_service(&mut self, frontend: &Frontend) -> Result<()> {
+        let key = master_key(frontend);
+        let Some(master) = self.remove_slots(&key)? else {
+            return Ok(());
+        };
+        self.remove_slots(&key.with_scope(SCOPE_INTERNAL))?;
+        self.write_source_ranges(master.service_id, &[])?;
+        let mut use_ = self
+            .service_addresses
+            .get(&key.addr)
+            .copied()
+            .unwrap_or_default();
+        use_.frontends = use_.frontends.saturating_sub(1);
+        if master.flags & SERVICE_FLAG_EXTERNAL == 0 {
+            use_.cluster_ips = use_.cluster_ips.saturating_sub(1);
+        }
+        if use_.frontends == 0 {
+            self.service_addresses.remove(&key.addr);
+        } else {
+            self.service_addresses.insert(key.addr, use_);
+        }
+        self.write_wildcard(key.addr, use_)?;
+        let _ = self
+            .map_mut::<HashMap<&mut MapData, u32, RevNatValue>>(map_names::REVNAT)?
+            .remove(&master.service_id);
+        Ok(())
+    }
     /// Sets the name of a service or backend id in `DP_NAMES`.
-    pub fn set_name(&mut self, kind: u32, id: u32, name: &str) -> Result<()> {
+    fn set_name(&mut self, kind: u32, id: u32, name: &str) -> Result<()> {
         let mut map: HashMap<&mut MapData, common::names::NameKey, common::names::NameValue> =
             self.map_mut(map_names::NAMES)?;
         map.insert(
@@ -477,8 +448,7 @@ impl Datapath {
         )
         .map_err(map_err(map_names::NAMES))
     }
-
-    pub fn remove_name(&mut self, kind: u32, id: u32) -> Result<()> {
+    fn remove_name(&mut self, kind: u32, id: u32) -> Result<()> {
         let mut map: HashMap<&mut MapData, common::names::NameKey, common::names::NameValue> =
             self.map_mut(map_names::NAMES)?;
         match map.remove(&common::names::NameKey { kind, id }) {
@@ -486,39 +456,28 @@ impl Datapath {
             Err(e) => Err(map_err(map_names::NAMES)(e)),
         }
     }
-}
-
-impl ServiceMaps for Datapath {
-    fn set_backend(
-        &mut self,
-        id: u32,
-        addr: SocketAddr,
-        protocol: u8,
-        terminating: bool,
-    ) -> Result<()> {
-        Datapath::set_backend(self, id, addr, protocol, terminating)
-    }
-    fn remove_backend(&mut self, id: u32) -> Result<()> {
-        Datapath::remove_backend(self, id)
-    }
-    fn set_service(
-        &mut self,
-        frontend: &Frontend,
-        service_id: u32,
-        slots: &BackendSlots,
-    ) -> Result<()> {
-        Datapath::set_service(self, frontend, service_id, slots)
-    }
-    fn remove_service(&mut self, frontend: &Frontend) -> Result<()> {
-        Datapath::remove_service(self, frontend)
-    }
-    fn set_name(&mut self, kind: u32, id: u32, name: &str) -> Result<()> {
-        Datapath::set_name(self, kind, id, name)
-    }
-    fn remove_name(&mut self, kind: u32, id: u32) -> Result<()> {
-        Datapath::remove_name(self, kind, id)
-    }
+    /// Reads the programmed services back from the maps, and rebuilds the
+    /// per-address frontend counts the wildcard entries depend on.
     fn read_services(&mut self) -> Result<ProgrammedServices> {
-        Datapath::read_services(self)
+        let mut programmed = {
+            let services: HashMap<&MapData, ServiceKey, ServiceValue> =
+                self.map_ref(map_names::SERVICES)?;
+            let backends: HashMap<&MapData, u32, Backend> = self.map_ref(map_names::BACKENDS)?;
+            programmed_services(&services, &backends)?
+        };
+        self.service_addresses.clear();
+        for (frontend, (_, slots)) in &programmed.frontends {
+            let use_ = self
+                .service_addresses
+                .entry(addr16(frontend.addr.ip()))
+                .or_default();
+            use_.frontends += 1;
+            use_.cluster_ips += u32::from(!slots.external);
+        }
+        self.source_ranges = self.read_source_ranges()?;
+        for (id, slots) in programmed.frontends.values_mut() {
+            slots.source_ranges = self.source_ranges.get(id).cloned().unwrap_or_default();
+        }
+        Ok(programmed)
     }
 }
