@@ -38,8 +38,13 @@ pub const CT_FLAG_AFFINITY: u8 = 1 << 2;
 pub const CT_STATE_NEW: u8 = 0;
 /// A reply has been seen (TCP: past the handshake; UDP: "stream").
 pub const CT_STATE_ESTABLISHED: u8 = 1;
-/// TCP FIN or RST seen.
+/// TCP FIN seen (the other side may still send: a half-close).
 pub const CT_STATE_CLOSING: u8 = 2;
+/// TCP RST seen: neither end keeps the connection (a reset leaves no
+/// TIME_WAIT). The entries stay until they expire, for late packets, but
+/// once quiet their masquerade port may go to a new flow
+/// (`rules::frees_nat_port`).
+pub const CT_STATE_CLOSED: u8 = 3;
 
 /// Value of `DP_CT`.
 #[repr(C)]

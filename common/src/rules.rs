@@ -15,6 +15,7 @@
 use crate::{
     addr::in_prefix,
     config::CONFIG_MASQUERADE_ALL,
+    ct::{CT_STATE_CLOSED, CT_STATE_CLOSING},
     lb::{
         BACKEND_FLAG_TERMINATING, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_EXTERNAL,
         SERVICE_FLAG_INTERNAL_SCOPE, SERVICE_FLAG_LOCAL_ONLY, SERVICE_FLAG_REJECT_UNSERVED,
@@ -211,6 +212,36 @@ pub fn masquerade(
 #[inline(always)]
 pub fn ct_live(entry: &CtEntry, now_ns: u64) -> bool {
     entry.expires_ns > now_ns
+}
+
+/// Whether a flow in `state` is ending (FIN or RST seen): a new SYN on its
+/// original direction starts a new flow instead.
+#[inline(always)]
+pub fn ct_closing(state: u8) -> bool {
+    state == CT_STATE_CLOSING || state == CT_STATE_CLOSED
+}
+
+/// How long a reset flow must have been quiet before its masquerade port
+/// goes to a new flow: a connection that goes on after a RST its peer
+/// ignored (out of window) keeps refreshing its entries, so it keeps its
+/// port.
+pub const NAT_PORT_REUSE_QUIET_NS: u64 = NS_PER_SEC;
+
+/// Whether an existing entry leaves its tuple (the masquerade port towards
+/// its backend) free for a new flow: it expired, or it was reset and has
+/// been quiet for `NAT_PORT_REUSE_QUIET_NS`. As Linux reuses the tuples of
+/// connections in CLOSE for new NAT mappings; without this a client making
+/// short connections at a few thousand per second ran out of ports, each
+/// closed flow holding one for `tcp_closing` seconds.
+#[inline(always)]
+pub fn frees_nat_port(entry: &CtEntry, now_ns: u64, tcp_closing_s: u32) -> bool {
+    if !ct_live(entry, now_ns) {
+        return true;
+    }
+    let last_seen = entry
+        .expires_ns
+        .saturating_sub(u64::from(tcp_closing_s) * NS_PER_SEC);
+    entry.state == CT_STATE_CLOSED && now_ns.saturating_sub(last_seen) >= NAT_PORT_REUSE_QUIET_NS
 }
 
 /// A tracked flow whose backend is gone: TCP is reset
@@ -437,5 +468,26 @@ mod tests {
         assert!(!ct_live(&e, 100));
         assert!(resets_when_backend_gone(IPPROTO_TCP));
         assert!(!resets_when_backend_gone(IPPROTO_UDP));
+    }
+
+    #[test]
+    fn a_reset_flow_frees_its_masquerade_port_once_quiet() {
+        const S: u64 = NS_PER_SEC;
+        // Reset at 100 s, tcp_closing 10 s: expires at 110 s.
+        let reset = CtEntry {
+            expires_ns: 110 * S,
+            state: CT_STATE_CLOSED,
+            ..CtEntry::default()
+        };
+        assert!(!frees_nat_port(&reset, 100 * S + S / 2, 10), "just reset");
+        assert!(frees_nat_port(&reset, 101 * S, 10), "quiet for 1 s");
+        let fin = CtEntry {
+            state: CT_STATE_CLOSING,
+            ..reset
+        };
+        assert!(!frees_nat_port(&fin, 105 * S, 10), "a half-close may go on");
+        assert!(frees_nat_port(&fin, 110 * S, 10), "expired");
+        assert!(ct_closing(CT_STATE_CLOSING) && ct_closing(CT_STATE_CLOSED));
+        assert!(!ct_closing(crate::ct::CT_STATE_ESTABLISHED));
     }
 }

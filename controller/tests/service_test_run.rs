@@ -285,6 +285,39 @@ fn a_masquerade_port_collision_picks_another_port() {
 }
 
 #[test]
+fn a_reset_flow_gives_up_its_masquerade_port_once_quiet() {
+    let dp = setup(&[(1, B1)], &[]);
+    let a = forward(&dp, &tcp_syn(OUTSIDE, 40030, VIP, 80));
+    assert_eq!(Ipv4View::new(&a).sport(), 40030);
+    forward(
+        &dp,
+        &tcp(OUTSIDE, 40030, VIP, 80, TCP_RST | TCP_ACK, 2, 1, &[]),
+    );
+    let e = ct_get(&dp, &ct_key(OUTSIDE, 40030, VIP, 80, 6)).unwrap();
+    assert_eq!(e.state, common::ct::CT_STATE_CLOSED);
+    let b = forward(&dp, &tcp_syn([192, 168, 7, 52], 40030, VIP, 80));
+    assert_ne!(
+        Ipv4View::new(&b).sport(),
+        40030,
+        "a flow reset a moment ago keeps its port"
+    );
+    // The rule is about time since the reset's last packet; no event marks it.
+    std::thread::sleep(std::time::Duration::from_millis(1_100));
+    let c = forward(&dp, &tcp_syn([192, 168, 7, 53], 40030, VIP, 80));
+    assert_eq!(
+        Ipv4View::new(&c).sport(),
+        40030,
+        "quiet for a second: the reset flow's port goes to the new one"
+    );
+    let reply = forward(
+        &dp,
+        &tcp(B1, 8080, NODE, 40030, TCP_SYN | TCP_ACK, 7, 1001, &[]),
+    );
+    let v = Ipv4View::new(&reply);
+    assert_eq!((v.dst(), v.dport()), ([192, 168, 7, 53], 40030));
+}
+
+#[test]
 fn new_flows_are_spread_over_all_backends() {
     let dp = setup(&[(1, B1), (2, B2), (3, B3)], &[]);
     let mut hits = std::collections::BTreeMap::new();

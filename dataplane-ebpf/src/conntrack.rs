@@ -3,7 +3,7 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use common::{
-    ct::{CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW},
+    ct::{CT_STATE_CLOSED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW},
     proto::{self, TCP_FIN, TCP_RST},
     rules, CtEntry, CtKey, CtTimeouts, FlowTuple, Reason,
 };
@@ -53,8 +53,15 @@ pub fn lifetime_ns(protocol: u8, state: u8, t: &CtTimeouts) -> u64 {
 /// The flow's state after a packet with `tcp_flags` in the given direction.
 #[inline(always)]
 pub fn next_state(protocol: u8, state: u8, tcp_flags: u8, is_reply: bool) -> u8 {
-    if protocol == proto::IPPROTO_TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        CT_STATE_CLOSING
+    if protocol == proto::IPPROTO_TCP && tcp_flags & TCP_RST != 0 {
+        CT_STATE_CLOSED
+    } else if protocol == proto::IPPROTO_TCP && tcp_flags & TCP_FIN != 0 {
+        // A FIN after a reset does not reopen anything.
+        if state == CT_STATE_CLOSED {
+            CT_STATE_CLOSED
+        } else {
+            CT_STATE_CLOSING
+        }
     } else if is_reply && state == CT_STATE_NEW {
         CT_STATE_ESTABLISHED
     } else {
@@ -105,9 +112,15 @@ pub fn insert(key: &CtKey, entry: &CtEntry) -> Result<(), Reason> {
         .map_err(|_| Reason::ConntrackFull)
 }
 
+/// Whether `key` is taken for a new flow's reply direction: a live entry
+/// holds it unless it was reset and has gone quiet (`rules::frees_nat_port`).
 #[inline(always)]
-pub fn exists(key: &CtKey, now: u64) -> bool {
-    lookup(key, now).is_some()
+pub fn holds_tuple(key: &CtKey, now: u64, t: &CtTimeouts) -> bool {
+    match DP_CT.get_ptr_mut(key) {
+        // SAFETY: map value pointer.
+        Some(e) => !rules::frees_nat_port(unsafe { &*e }, now, t.tcp_closing),
+        None => false,
+    }
 }
 
 #[inline(always)]

@@ -13,12 +13,13 @@ use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
 use common::{
     ct::{
         CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_FLAG_AFFINITY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT,
-        CT_STATE_CLOSING, CT_STATE_NEW,
+        CT_STATE_NEW,
     },
     lb::SCOPE_INTERNAL,
     proto::{self, TCP_ACK, TCP_SYN},
     rules::{self, Frontend, Origin},
-    Backend, CtEntry, CtKey, DatapathConfig, FlowTuple, Hook, Reason, TraceEvent, Verdict,
+    Backend, CtEntry, CtKey, CtTimeouts, DatapathConfig, FlowTuple, Hook, Reason, TraceEvent,
+    Verdict,
 };
 
 use crate::{
@@ -30,10 +31,16 @@ use crate::{
     trace::{decide, decide_drop},
 };
 
-/// Ephemeral range for masquerade ports when the client's port is taken.
+/// Masquerade ports when the client's own port is taken: random tries in
+/// the ephemeral range, up to 128 of them, as many as Linux's NAT makes for
+/// kube-proxy's MASQUERADE. Four tries were too few: once a third of the
+/// ports towards one backend were held by the conntrack entries of recently
+/// closed flows, about one new connection in 1 000 found no port, its SYN was
+/// dropped and the client sent it again a second later (BENCHMARKS.md,
+/// "Masquerade ports under short connections").
 const NAT_PORT_MIN: u32 = 32_768;
 const NAT_PORT_SPAN: u32 = 28_232;
-const NAT_PORT_TRIES: u32 = 4;
+const NAT_PORT_TRIES: u32 = 128;
 
 /// One packet being handled: what every step reads. Passed by reference,
 /// since BPF functions take at most five arguments. The decision steps are
@@ -159,7 +166,7 @@ pub fn syn_reopens(ev: &TraceEvent, e: *mut CtEntry) -> bool {
     }
     // SAFETY: map value pointer from a successful lookup.
     let (state, backend_id) = unsafe { ((*e).state, (*e).backend_id) };
-    state == CT_STATE_CLOSING || lb::backend(backend_id).is_none()
+    rules::ct_closing(state) || lb::backend(backend_id).is_none()
 }
 
 // The steps below are separate BPF functions (not inlined), each with its
@@ -223,7 +230,7 @@ pub fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
         return Step::Track(affinity, reason);
     }
     x.saddr = cfg.node_ip;
-    match free_nat_port(x, f.now) {
+    match free_nat_port(x, f.now, &cfg.ct_timeouts) {
         Some(port) => x.sport = port,
         None => return Step::Drop(Reason::NatPortsExhausted),
     }
@@ -386,11 +393,11 @@ fn reversed_key(x: &FlowTuple) -> CtKey {
 /// A masquerade source port for `x` (whose `saddr` is the masquerade
 /// address): the client's own port if free, else a few random tries.
 #[inline(always)]
-fn free_nat_port(x: &FlowTuple, now: u64) -> Option<u16> {
+fn free_nat_port(x: &FlowTuple, now: u64, t: &CtTimeouts) -> Option<u16> {
     let mut key = reversed_key(x);
     let mut i = 0;
     while i <= NAT_PORT_TRIES {
-        if !ct::exists(&key, now) {
+        if !ct::holds_tuple(&key, now, t) {
             return Some(key.dport);
         }
         // SAFETY: helper without preconditions.

@@ -12,7 +12,7 @@ use std::{
 use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use common::{
     addr::ip_of,
-    ct::{CT_DIR_REPLY, CT_FLAG_SNAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED},
+    ct::{CT_DIR_REPLY, CT_FLAG_SNAT, CT_STATE_CLOSED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED},
     lb::SOURCE_RANGE_PREFIX_BASE,
     map_names,
     names::{NameKey, NameValue, NAME_KIND_BACKEND, NAME_KIND_SERVICE},
@@ -145,6 +145,7 @@ impl PinnedMaps {
                 state: match e.state {
                     CT_STATE_ESTABLISHED => "established",
                     CT_STATE_CLOSING => "closing",
+                    CT_STATE_CLOSED => "closed",
                     _ => "new",
                 },
                 masqueraded: e.flags & CT_FLAG_SNAT != 0,
