@@ -1,6 +1,6 @@
 //! The datapath's rules for a packet, as pure functions over the common
 //! types: the programs (`dataplane-ebpf/src/service.rs`, `lb.rs`,
-//! `conntrack.rs`) and `dp explain` (`controller/src/inspect.rs`) decide
+//! `conntrack.rs`) and `dp explain` (`controller/src/inspect/pinned.rs`) decide
 //! with these same functions, so the two cannot drift apart. The map
 //! lookups stay with each caller (BPF maps there, pinned maps here); where
 //! a rule decides whether a lookup happens at all, it takes it as a

@@ -10,7 +10,7 @@
 //! Sources, feeding the same translation: `--manifests DIR` (a directory of
 //! ordinary manifests, watched with inotify: a change is applied as soon as
 //! it is written), or the Kubernetes API (`--kubeconfig`, `KUBECONFIG`, or
-//! in-cluster; see `kube_source`). Pod devices are followed with rtnetlink
+//! in-cluster; see `source::api`). Pod devices are followed with rtnetlink
 //! link events.
 
 use std::{
