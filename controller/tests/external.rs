@@ -321,20 +321,7 @@ fn short_connections(
                     s.write_all(b"hi").unwrap();
                     let mut buf = [0u8; 64];
                     assert!(s.read(&mut buf).unwrap() > 0, "a reply from {addr}");
-                    let linger = libc::linger {
-                        l_onoff: 1,
-                        l_linger: 0,
-                    };
-                    // SAFETY: a valid socket, and `linger` with its size.
-                    unsafe {
-                        libc::setsockopt(
-                            s.as_raw_fd(),
-                            libc::SOL_SOCKET,
-                            libc::SO_LINGER,
-                            (&linger as *const libc::linger).cast(),
-                            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                        )
-                    };
+                    e2e::rst_on_close(&s).unwrap();
                     done += 1;
                 }
                 (done, retransmitted)

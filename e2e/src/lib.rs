@@ -23,7 +23,8 @@ pub mod xdp_pass;
 pub use cluster::{Cluster, KIND_NODE_SYSCTLS};
 pub use netns::{run_cmd, stdout_of, Netns};
 pub use servers::{
-    identity_line, parse_identity, tcp_echo_once, udp_echo_once, TcpEchoServer, UdpEchoServer,
+    identity_line, parse_identity, rst_on_close, tcp_echo_once, udp_echo_once, TcpEchoServer,
+    UdpEchoServer,
 };
 pub use topology::{Topology, NETNS_PREFIX};
 

@@ -212,3 +212,27 @@ pub fn udp_echo_once(
         Ok((buf[..n].to_vec(), local))
     })?
 }
+
+/// Makes closing `stream` send a RST (SO_LINGER 0), as short-connection
+/// clients and the benchmark's load do: no FIN handshake, no TIME_WAIT.
+pub fn rst_on_close(stream: &TcpStream) -> std::io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd, and a pointer/length pair describing `linger`.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
