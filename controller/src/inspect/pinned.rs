@@ -241,28 +241,21 @@ pub fn status(bpffs: &Path, healthz: SocketAddr) -> Result<Status> {
             .map_err(|source| Error::Map { name, source })?;
         Ok(info.max_entries())
     };
-    let maps = vec![
-        MapFill {
-            name: map_names::SERVICES,
-            entries: pinned.services.keys().count(),
-            max_entries: max(map_names::SERVICES)?,
-        },
-        MapFill {
-            name: map_names::BACKENDS,
-            entries: pinned.backends.keys().count(),
-            max_entries: max(map_names::BACKENDS)?,
-        },
-        MapFill {
-            name: map_names::CT,
-            entries: pinned.ct.keys().count(),
-            max_entries: max(map_names::CT)?,
-        },
-        MapFill {
-            name: map_names::NAMES,
-            entries: pinned.names.keys().count(),
-            max_entries: max(map_names::NAMES)?,
-        },
-    ];
+    let maps = [
+        (map_names::SERVICES, pinned.services.keys().count()),
+        (map_names::BACKENDS, pinned.backends.keys().count()),
+        (map_names::CT, pinned.ct.keys().count()),
+        (map_names::NAMES, pinned.names.keys().count()),
+    ]
+    .into_iter()
+    .map(|(name, entries)| {
+        Ok(MapFill {
+            name,
+            entries,
+            max_entries: max(name)?,
+        })
+    })
+    .collect::<Result<Vec<_>>>()?;
     let kernel = crate::kernel::host::kernel_release();
     Ok(Status {
         agent_health: health(healthz),
