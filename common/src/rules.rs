@@ -229,8 +229,8 @@ pub const NAT_PORT_REUSE_QUIET_NS: u64 = NS_PER_SEC;
 
 /// Whether an existing entry leaves its tuple (the masquerade port towards
 /// its backend) free for a new flow: it expired, or it was reset and has
-/// been quiet for `NAT_PORT_REUSE_QUIET_NS`. As Linux reuses the tuples of
-/// connections in CLOSE for new NAT mappings; without this a client making
+/// been quiet for `NAT_PORT_REUSE_QUIET_NS` (a reset leaves neither end
+/// with state for the tuple, no TIME_WAIT). Without this a client making
 /// short connections at a few thousand per second ran out of ports, each
 /// closed flow holding one for `tcp_closing` seconds.
 #[inline(always)]

@@ -31,13 +31,12 @@ use crate::{
     trace::{decide, decide_drop},
 };
 
-/// Masquerade ports when the client's own port is taken: random tries in
-/// the ephemeral range, up to 128 of them, as many as Linux's NAT makes for
-/// kube-proxy's MASQUERADE. Four tries were too few: once a third of the
-/// ports towards one backend were held by the conntrack entries of recently
-/// closed flows, about one new connection in 1 000 found no port, its SYN was
-/// dropped and the client sent it again a second later (BENCHMARKS.md,
-/// "Masquerade ports under short connections").
+/// Masquerade ports when the client's own port is taken: up to 128 random
+/// tries in the ephemeral range. Four tries were too few: once a third of
+/// the ports towards one backend were held by the conntrack entries of
+/// recently closed flows, about one new connection in 1 000 found no port,
+/// its SYN was dropped and the client sent it again a second later
+/// (BENCHMARKS.md, "Masquerade ports under short connections").
 const NAT_PORT_MIN: u32 = 32_768;
 const NAT_PORT_SPAN: u32 = 28_232;
 const NAT_PORT_TRIES: u32 = 128;
