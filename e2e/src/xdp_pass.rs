@@ -16,6 +16,7 @@ const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
+const XDP_DROP: i32 = 1;
 const XDP_PASS: i32 = 2;
 
 fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<OwnedFd> {
@@ -31,7 +32,19 @@ fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<OwnedFd> {
 /// Attaches the pass-everything program to `ifname` in `ns`. The returned
 /// link keeps it attached; deleting the interface (or its namespace) ends it.
 pub fn attach_xdp_pass(ns: &Netns, ifname: &str) -> Result<OwnedFd> {
+    attach_xdp_return(ns, ifname, XDP_PASS, b"xdp_pass")
+}
+
+/// Attaches a program that drops every frame, as early as the kernel can:
+/// the benchmarks' measure of what delivering a frame to a device costs.
+pub fn attach_xdp_drop(ns: &Netns, ifname: &str) -> Result<OwnedFd> {
+    attach_xdp_return(ns, ifname, XDP_DROP, b"xdp_drop")
+}
+
+/// `r0 = verdict; exit` on `ifname` in `ns`, named `name`.
+fn attach_xdp_return(ns: &Netns, ifname: &str, verdict: i32, name: &[u8; 8]) -> Result<OwnedFd> {
     let ifname = ifname.to_string();
+    let name = *name;
     ns.run(move || -> Result<OwnedFd> {
         let err = |what: &str| {
             let what = format!("{what} {ifname}");
@@ -40,10 +53,10 @@ pub fn attach_xdp_pass(ns: &Netns, ifname: &str) -> Result<OwnedFd> {
                 source,
             }
         };
-        // r0 = XDP_PASS; exit.
+        // r0 = verdict; exit.
         let mut insns = [0u8; 16];
         insns[0] = 0xb7;
-        insns[4..8].copy_from_slice(&XDP_PASS.to_ne_bytes());
+        insns[4..8].copy_from_slice(&verdict.to_ne_bytes());
         insns[8] = 0x95;
         let license = CString::new("GPL").unwrap();
         let mut attr = [0u8; 128];
@@ -51,8 +64,8 @@ pub fn attach_xdp_pass(ns: &Netns, ifname: &str) -> Result<OwnedFd> {
         attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
         attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
         attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-        attr[48..56].copy_from_slice(b"xdp_pass");
-        let prog = bpf(BPF_PROG_LOAD, &mut attr).map_err(err("load the XDP pass program for"))?;
+        attr[48..56].copy_from_slice(&name);
+        let prog = bpf(BPF_PROG_LOAD, &mut attr).map_err(err("load the XDP program for"))?;
 
         let name = CString::new(ifname.clone()).unwrap();
         // SAFETY: a valid C string.
@@ -65,7 +78,7 @@ pub fn attach_xdp_pass(ns: &Netns, ifname: &str) -> Result<OwnedFd> {
         attr[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
         attr[4..8].copy_from_slice(&ifindex.to_ne_bytes());
         attr[8..12].copy_from_slice(&BPF_XDP.to_ne_bytes());
-        bpf(BPF_LINK_CREATE, &mut attr).map_err(err("attach the XDP pass program to"))
+        bpf(BPF_LINK_CREATE, &mut attr).map_err(err("attach the XDP program to"))
     })?
 }
 

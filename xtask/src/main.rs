@@ -381,7 +381,23 @@ fn bench(quick: bool, with_30k: bool, args: &[String]) -> Result<()> {
     step(&format!(
         "{typed}: dp vs kube-proxy (iptables nft/legacy, nftables) vs direct"
     ));
-    run(cmd.args(args))
+    run(cmd.args(args))?;
+    if quick {
+        return Ok(());
+    }
+    // The sender is not the bottleneck there: CPU per forwarded packet at a
+    // fixed offered load, dp XDP / tc vs kube-proxy's modes.
+    step("NodePort forwarding cost: CPU per packet (cargo bench --bench nodeport)");
+    run(Command::new(cargo()).current_dir(&ws).args([
+        "bench",
+        "-p",
+        "dp",
+        "--bench",
+        "nodeport",
+        "--",
+        "--update-markdown",
+        "BENCHMARKS.md",
+    ]))
 }
 
 fn micro_bench(args: &[String]) -> Result<()> {
