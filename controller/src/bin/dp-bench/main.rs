@@ -144,6 +144,10 @@ pub struct Point {
     /// was stopped; nothing else was measured.
     #[serde(default = "finished")]
     pub load_finished: bool,
+    /// Not attempted: this dataplane's first full sync had already not
+    /// finished at this smaller N (a larger one only takes longer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_tried_after: Option<usize>,
     pub load_seconds: f64,
     /// Rules written (kube-proxy modes) or frontends programmed (dp).
     pub objects: usize,
@@ -156,6 +160,31 @@ pub struct Point {
 
 fn finished() -> bool {
     true
+}
+
+impl Point {
+    /// A dataplane whose first full sync did not finish within
+    /// `load_seconds` (or, with `not_tried_after`, was not attempted).
+    pub fn not_loaded(
+        dataplane: Dataplane,
+        services: usize,
+        load_seconds: f64,
+        not_tried_after: Option<usize>,
+    ) -> Self {
+        Point {
+            dataplane,
+            services,
+            load_finished: false,
+            not_tried_after,
+            load_seconds,
+            objects: 0,
+            kernel_memory_bytes: 0,
+            agent_rss_bytes: None,
+            cluster_ip: Traffic::default(),
+            node_port: Traffic::default(),
+            endpoint_change: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -283,8 +312,21 @@ fn main() -> Result<()> {
                 bench_start.elapsed().as_secs_f64()
             ));
             let limit = Duration::from_secs(args.load_timeout);
-            let point = measure_point(dataplane, n, &results.settings.clone(), &work, limit)
-                .with_context(|| format!("{} at N={n}", dataplane.name()))?;
+            let failed_before = results
+                .points
+                .iter()
+                .filter(|p| p.dataplane == dataplane && !p.load_finished && p.services < n)
+                .map(|p| p.services)
+                .min();
+            let point = if let Some(smaller) = failed_before {
+                progress(&format!(
+                    "    not tried: its first full sync did not finish at N = {smaller}"
+                ));
+                Point::not_loaded(dataplane, n, args.load_timeout as f64, Some(smaller))
+            } else {
+                measure_point(dataplane, n, &results.settings.clone(), &work, limit)
+                    .with_context(|| format!("{} at N={n}", dataplane.name()))?
+            };
             results.points.push(point);
             // Written after every point: a long run that stops keeps its figures.
             report::write(&results, &args.out)?;
@@ -452,18 +494,12 @@ fn measure_point(
         Ok(l) => l,
         Err(e) if is_timeout(&e) => {
             progress(&format!("    {e:#}"));
-            return Ok(Point {
+            return Ok(Point::not_loaded(
                 dataplane,
-                services: n,
-                load_finished: false,
-                load_seconds: load_timeout.as_secs_f64(),
-                objects: 0,
-                kernel_memory_bytes: 0,
-                agent_rss_bytes: None,
-                cluster_ip: Traffic::default(),
-                node_port: Traffic::default(),
-                endpoint_change: None,
-            });
+                n,
+                load_timeout.as_secs_f64(),
+                None,
+            ));
         }
         Err(e) => return Err(e),
     };
@@ -541,6 +577,7 @@ fn measure_point(
         dataplane,
         services: n,
         load_finished: true,
+        not_tried_after: None,
         load_seconds: loaded.load_seconds,
         objects: loaded.objects,
         kernel_memory_bytes: loaded.kernel_bytes,

@@ -764,12 +764,11 @@ pub fn tables(results: &Results) -> String {
                 None => "–".into(),
             };
             if !p.load_finished {
-                let _ = writeln!(
-                    s,
-                    "| {n} | {} | did not finish in {:.0} s (stopped) | – | – | – | – | – | – |",
-                    d.name(),
-                    p.load_seconds
-                );
+                let why = match p.not_tried_after {
+                    Some(smaller) => format!("not tried (did not finish at N = {smaller})"),
+                    None => format!("did not finish in {:.0} s (stopped)", p.load_seconds),
+                };
+                let _ = writeln!(s, "| {n} | {} | {why} | – | – | – | – | – | – |", d.name());
                 continue;
             }
             let _ = writeln!(
@@ -822,6 +821,7 @@ mod tests {
             dataplane: d,
             services: n,
             load_finished: true,
+            not_tried_after: None,
             load_seconds: n as f64 / 1000.0,
             objects: n,
             kernel_memory_bytes: 0,
@@ -1072,6 +1072,7 @@ mod tests {
             .expect("point");
         *p = Point {
             load_finished: false,
+            not_tried_after: None,
             load_seconds: 900.0,
             cluster_ip: Traffic::default(),
             endpoint_change: None,
