@@ -16,7 +16,7 @@
 //! - Anything else (no route, a blackhole, a packet too big for the route):
 //!   left to the stack, which knows how to answer it.
 
-use core::mem::size_of;
+use core::mem::{size_of, MaybeUninit};
 
 use aya_ebpf::{
     bindings::{
@@ -41,9 +41,14 @@ const AF_INET: u8 = 2;
 /// `ip_len` 0 (tc) has the kernel check the skb against the output device's
 /// MTU itself, which is right for GSO packets; XDP passes the frame's length.
 #[inline(always)]
-pub fn params(t: &FlowTuple, ifindex: u32, ip_len: usize) -> FibParams {
-    // SAFETY: plain-old-data struct of integers and unions of integers.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
+pub fn params<'a>(
+    slot: &'a mut MaybeUninit<FibParams>,
+    t: &FlowTuple,
+    ifindex: u32,
+    ip_len: usize,
+) -> &'a mut FibParams {
+    // Plain-old-data: integers and unions of integers.
+    let p = crate::zero::fill32(slot);
     p.family = AF_INET;
     p.l4_protocol = t.protocol;
     p.sport = t.sport.to_be();
@@ -77,8 +82,9 @@ fn ifindex(ctx: &TcContext) -> u32 {
 /// the device in `ev.sent_ifindex`.
 #[inline(always)]
 pub fn send_on_from_ingress(ctx: &TcContext, ev: &mut TraceEvent) -> Result<TcAction, Reason> {
-    let mut p = params(&ev.translated, ifindex(ctx), 0);
-    match lookup(ctx, &mut p) {
+    let mut slot = MaybeUninit::uninit();
+    let p = params(&mut slot, &ev.translated, ifindex(ctx), 0);
+    match lookup(ctx, p) {
         BPF_FIB_LKUP_RET_SUCCESS => {
             // MACs that cannot be written: the stack routes the packet
             // instead (as before dp sent packets on itself).
@@ -106,13 +112,14 @@ pub fn send_on_from_ingress(ctx: &TcContext, ev: &mut TraceEvent) -> Result<TcAc
 #[inline(never)]
 fn deliver_to_host(ctx: &TcContext, ev: &mut TraceEvent) -> Result<TcAction, Reason> {
     let t = &ev.translated;
-    let mut p = params(t, ifindex(ctx), 0);
+    let mut slot = MaybeUninit::uninit();
+    let p = params(&mut slot, t, ifindex(ctx), 0);
     p.__bindgen_anon_3.ipv4_src = v4_word(&t.daddr);
     p.__bindgen_anon_4.ipv4_dst = v4_word(&t.saddr);
     p.sport = t.dport.to_be();
     p.dport = t.sport.to_be();
     // No route back, or a device dp is not attached to: the stack decides.
-    match lookup(ctx, &mut p) {
+    match lookup(ctx, p) {
         BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => {}
         _ => return Ok(TcAction::Pass),
     }
@@ -135,8 +142,9 @@ fn deliver_to_host(ctx: &TcContext, ev: &mut TraceEvent) -> Result<TcAction, Rea
 #[inline(always)]
 pub fn redirect_from_egress(ctx: &TcContext, ev: &mut TraceEvent) -> Result<TcAction, Reason> {
     let ifindex = ifindex(ctx);
-    let mut p = params(&ev.translated, ifindex, 0);
-    match lookup(ctx, &mut p) {
+    let mut slot = MaybeUninit::uninit();
+    let p = params(&mut slot, &ev.translated, ifindex, 0);
+    match lookup(ctx, p) {
         BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => {
             sent(ev, p.ifindex, redirect_neigh(p.ifindex))
         }

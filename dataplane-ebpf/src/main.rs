@@ -7,7 +7,7 @@
 //! `lb` (service maps), `conntrack`, `nat` (rewrites), `reject` (ICMP/RST
 //! answers), `icmp` (errors about flows), `fib` (redirects), `service` (the flow logic, shared by tc and XDP),
 //! `xdp` (the XDP fast path), `stats`, `trace`, `diag` (log records for
-//! what should never happen).
+//! what should never happen), `zero` (zeroing without the byte-wise `memset`).
 #![no_std]
 #![no_main]
 
@@ -28,6 +28,7 @@ mod service;
 mod stats;
 mod trace;
 mod xdp;
+mod zero;
 
 use action::TcAction;
 use aya_ebpf::{

@@ -5,9 +5,9 @@
 
 use core::mem::size_of;
 
-use common::{addr::v4_mapped, proto, trace::FAMILY_IPV4, FlowTuple, Reason};
+use common::{proto, trace::FAMILY_IPV4, FlowTuple, Reason};
 
-use crate::packet::Packet;
+use crate::{packet::Packet, zero::set_v4_mapped};
 
 pub const ETH_HLEN: usize = 14;
 /// Offsets of the IPv4 header's checksum and addresses in a frame.
@@ -102,7 +102,8 @@ pub fn header<P: Packet, T>(pkt: &P, off: usize) -> Option<&T> {
     Some(unsafe { &*(start as *const T) })
 }
 
-/// Parses the frame's headers into `tuple` (addresses IPv4-mapped; ports
+/// Parses the frame's headers into `tuple` (8-byte aligned, as a decision
+/// record's is: see `zero::set_v4_mapped`; addresses IPv4-mapped; ports
 /// zero when not TCP/UDP or a later fragment). `Err` is the reason for
 /// dropping it.
 #[inline(always)]
@@ -120,8 +121,8 @@ pub fn parse<P: Packet>(pkt: &P, tuple: &mut FlowTuple) -> Result<Parsed, Reason
         return Err(Reason::Malformed);
     }
     let l4_off = ETH_HLEN + ihl;
-    tuple.saddr = v4_mapped(ip.saddr);
-    tuple.daddr = v4_mapped(ip.daddr);
+    set_v4_mapped(&mut tuple.saddr, ip.saddr);
+    set_v4_mapped(&mut tuple.daddr, ip.daddr);
     tuple.protocol = ip.protocol;
     tuple.family = FAMILY_IPV4;
     let later_fragment = u16::from_be_bytes(ip.frag_off) & IP_OFFSET_MASK != 0;

@@ -10,7 +10,7 @@
 //! the record into each matching session's ring buffer.
 
 use aya_ebpf::maps::RingBuf;
-use common::{trace::RECENT_EVENTS, FlowTuple, Hook, Reason, TraceEvent, TraceSession, Verdict};
+use common::{trace::RECENT_EVENTS, Hook, Reason, TraceEvent, TraceSession, Verdict};
 
 use crate::{
     conntrack::now_ns,
@@ -26,20 +26,16 @@ use crate::{
 pub fn start(hook: Hook, ifindex: u32, packet_len: u32) -> Option<&'static mut TraceEvent> {
     // SAFETY: per-CPU map value; tc and XDP programs do not nest on a CPU.
     let ev = unsafe { &mut *DP_DECISION.get_ptr_mut(0)? };
-    ev.timestamp_ns = 0;
+    // Everything before `headers` (captured only for a session) is reset:
+    // word stores, not the byte-wise `memset` field resets compile to.
+    const RESET_WORDS: usize = core::mem::offset_of!(TraceEvent, headers) / 8;
+    const { assert!(core::mem::offset_of!(TraceEvent, headers) % 8 == 0) };
+    // SAFETY: a map value, 8-byte aligned, larger than `RESET_WORDS` words.
+    unsafe { crate::zero::words64::<RESET_WORDS>((ev as *mut TraceEvent).cast::<u64>()) };
     ev.ifindex = ifindex;
     ev.packet_len = packet_len;
-    ev.reason = 0;
     ev.hook = hook as u8;
     ev.verdict = Verdict::Pass as u8;
-    ev.tcp_flags = 0;
-    ev.trace_sessions = 0;
-    ev.service_id = 0;
-    ev.backend_id = 0;
-    ev.original = FlowTuple::default();
-    ev.translated = FlowTuple::default();
-    ev.headers_len = 0;
-    ev.sent_ifindex = 0;
     Some(ev)
 }
 

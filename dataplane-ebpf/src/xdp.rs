@@ -102,9 +102,15 @@ fn pass_to_tc(ev: &mut TraceEvent) -> XdpAction {
 #[inline(never)]
 fn tx_macs(ctx: &XdpContext, t: &FlowTuple) -> Option<[u8; 12]> {
     let ifindex = ctx.ingress_ifindex() as u32;
-    let mut p = fib::params(t, ifindex, ctx.data_end() - ctx.data() - ETH_HLEN);
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let p = fib::params(
+        &mut slot,
+        t,
+        ifindex,
+        ctx.data_end() - ctx.data() - ETH_HLEN,
+    );
     // SAFETY: valid context and params of the declared size.
-    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut p, size_of::<FibParams>() as i32, 0) };
+    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), p, size_of::<FibParams>() as i32, 0) };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 || p.ifindex != ifindex {
         return None;
     }
