@@ -221,6 +221,13 @@ enum Attachment {
     Pinned(#[allow(dead_code)] FdLink),
 }
 
+/// Whether pinned maps are compared with this dp's definitions.
+#[derive(Clone, Copy)]
+enum PinnedMaps {
+    Checked,
+    AsIs,
+}
+
 /// What this dp would create for each pinned map: the object's
 /// definitions with `sizes` applied.
 fn wanted_shapes(sizes: &MapSizes) -> Result<BTreeMap<&'static str, MapShape>> {
@@ -390,14 +397,27 @@ impl Datapath {
     /// already pinned there are reused with their contents (a restarted
     /// agent adopts them), missing ones are created and pinned.
     pub fn load_pinned(maps_dir: &std::path::Path, sizes: MapSizes) -> Result<Self> {
-        std::fs::create_dir_all(maps_dir).map_err(|source| Error::Io {
-            context: format!("create {}", maps_dir.display()),
-            source,
-        })?;
-        Self::load_inner(sizes, Some(maps_dir))
+        Self::load_inner(sizes, Some((maps_dir, PinnedMaps::Checked)))
     }
 
-    fn load_inner(sizes: MapSizes, maps_dir: Option<&std::path::Path>) -> Result<Self> {
+    /// `load_pinned`, adopting every map pinned in `maps_dir` as it is,
+    /// without comparing it with this dp's definition (`kernel::layout`):
+    /// for tests that stand a map of their own in for one of dp's.
+    pub fn load_pinned_as_is(maps_dir: &std::path::Path, sizes: MapSizes) -> Result<Self> {
+        Self::load_inner(sizes, Some((maps_dir, PinnedMaps::AsIs)))
+    }
+
+    fn load_inner(
+        sizes: MapSizes,
+        pinned_maps: Option<(&std::path::Path, PinnedMaps)>,
+    ) -> Result<Self> {
+        let maps_dir = pinned_maps.map(|(dir, _)| dir);
+        if let Some(dir) = maps_dir {
+            std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+                context: format!("create {}", dir.display()),
+                source,
+            })?;
+        }
         check_object(DATAPLANE_OBJECT)?;
         let mut loader = EbpfLoader::new();
         for name in [
@@ -413,9 +433,9 @@ impl Datapath {
         }
         // Pinned maps of another layout are dealt with before aya reuses
         // them by name (it does not compare definitions).
-        let replaced = match maps_dir {
-            Some(dir) => prepare_pinned_maps(dir, &wanted_shapes(&sizes)?)?,
-            None => Vec::new(),
+        let replaced = match pinned_maps {
+            Some((dir, PinnedMaps::Checked)) => prepare_pinned_maps(dir, &wanted_shapes(&sizes)?)?,
+            _ => Vec::new(),
         };
         if let Some(dir) = maps_dir {
             for name in PINNED_MAPS {
