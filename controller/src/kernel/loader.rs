@@ -961,6 +961,20 @@ impl Datapath {
             .map_err(|source| Error::Program { name, source })
     }
 
+    /// The conntrack map's capacity in entries, as the kernel has it (an
+    /// adopted map keeps the one it was created with).
+    pub fn ct_max_entries(&self) -> Result<u32> {
+        let name = map_names::CT;
+        match self.ebpf.map(name).ok_or(Error::MissingMap(name))? {
+            // A plain hash where tests stand one in (`load_pinned_as_is`).
+            Map::LruHashMap(data) | Map::HashMap(data) => data
+                .info()
+                .map(|i| i.max_entries())
+                .map_err(|source| Error::Map { name, source }),
+            _ => Err(Error::MissingMap(name)),
+        }
+    }
+
     pub(crate) fn map_ref<'a, T>(&'a self, name: &'static str) -> Result<T>
     where
         T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
