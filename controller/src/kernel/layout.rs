@@ -9,17 +9,20 @@
 //! pinned map is compared with the definition this dp would create, and:
 //!
 //! - the same: adopted (a restart keeps its state);
-//! - a map only the agent writes (services, backends, reverse NAT, names,
-//!   source ranges) that differs in any way: replaced by a new one, its
-//!   entries copied over when key and value are the same (so the old
-//!   programs' view and the new one agree until the agent's first sync);
-//! - a map the datapath writes (conntrack, affinity, counters, trace
-//!   state) whose capacity alone differs: adopted, keeping its capacity
-//!   (its state matters more than its size; the new size applies once it
-//!   is recreated, after `dp cleanup`), with a warning;
-//! - anything else (a datapath-written map of another type, key, value or
-//!   flags): refused, before anything changes. Carrying such state over is
-//!   a migration (issue 21); `dp cleanup` removes it.
+//! - conntrack or affinity (the state the node's connections depend on,
+//!   which only the datapath has) whose capacity alone differs: adopted,
+//!   keeping its capacity (the new one applies once it is recreated, after
+//!   `dp cleanup`), with a warning;
+//! - conntrack or affinity of another type, key, value or flags: refused,
+//!   before anything changes. Carrying such state over is a migration
+//!   (issue 21); `dp cleanup` removes it;
+//! - any other map that differs: replaced by a new one. The agent writes
+//!   services, backends, reverse NAT, names and source ranges whole, and
+//!   their entries are copied over when key and value are the same (so
+//!   the old programs' view and the new one agree until the agent's first
+//!   sync); the configuration is written at start; counters, trace
+//!   sessions, rings and recent drops start empty (a counter map with
+//!   slots for new reasons must not be kept at its old size).
 
 use std::{fmt, path::Path};
 
@@ -70,13 +73,13 @@ impl fmt::Display for MapShape {
 pub enum PinnedMapPlan {
     /// Its definition is this dp's: reuse it.
     Adopt,
-    /// Only its capacity differs, and its state is the datapath's: reuse
-    /// it at its old capacity.
+    /// Connection state whose capacity alone differs: reuse it at its old
+    /// capacity.
     AdoptOldCapacity { pinned: u32, wanted: u32 },
-    /// Written only by the agent: make a new one, copying the entries if
-    /// `copy` (same key and value).
+    /// Make a new one, copying the entries if `copy` (a map the agent
+    /// writes whole, same key and value).
     Replace { copy: bool },
-    /// Datapath state this dp cannot use: stop.
+    /// Connection state this dp cannot use: stop.
     Refuse { pinned: MapShape, wanted: MapShape },
 }
 
@@ -92,14 +95,19 @@ pub fn written_only_by_agent(name: &str) -> bool {
     .contains(&name)
 }
 
+/// Maps holding the node's connections, which only the datapath has.
+pub fn connection_state(name: &str) -> bool {
+    [map_names::CT, map_names::AFFINITY].contains(&name)
+}
+
 /// The plan for the pinned map `name`, defined as `pinned`, where this dp
 /// would create `wanted`.
 pub fn plan(name: &str, pinned: MapShape, wanted: MapShape) -> PinnedMapPlan {
     if pinned == wanted {
         PinnedMapPlan::Adopt
-    } else if written_only_by_agent(name) {
+    } else if !connection_state(name) {
         PinnedMapPlan::Replace {
-            copy: pinned.same_entries(&wanted),
+            copy: written_only_by_agent(name) && pinned.same_entries(&wanted),
         }
     } else if pinned.same_entries(&wanted) && pinned.flags == wanted.flags {
         PinnedMapPlan::AdoptOldCapacity {
@@ -153,6 +161,26 @@ mod tests {
         let other_value = shape(HASH, 24, 131_072, 1);
         assert_eq!(
             plan(map_names::SERVICES, other_value, new),
+            PinnedMapPlan::Replace { copy: false }
+        );
+    }
+
+    #[test]
+    fn counters_with_slots_for_new_reasons_are_replaced() {
+        const PERCPU_ARRAY: u32 = 6;
+        let old = MapShape {
+            map_type: PERCPU_ARRAY,
+            key_size: 4,
+            value_size: 16,
+            max_entries: 3 * 64,
+            flags: 0,
+        };
+        let new = MapShape {
+            max_entries: 3 * 128,
+            ..old
+        };
+        assert_eq!(
+            plan(map_names::COUNTERS, old, new),
             PinnedMapPlan::Replace { copy: false }
         );
     }

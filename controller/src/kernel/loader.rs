@@ -250,10 +250,10 @@ fn wanted_shapes(sizes: &MapSizes) -> Result<BTreeMap<&'static str, MapShape>> {
 }
 
 /// Compares the maps pinned in `dir` with `wanted` and carries out
-/// `layout::plan`: refuses (changing nothing) if any map is datapath state
-/// of another layout, unpins the agent's maps to be replaced (returning
-/// those whose entries are to be copied, still open), warns about those
-/// kept at their old capacity.
+/// `layout::plan`: refuses (changing nothing) if conntrack or affinity is
+/// of another layout, unpins the maps to be replaced (returning those
+/// whose entries are to be copied, still open), warns about those kept at
+/// their old capacity.
 fn prepare_pinned_maps(
     dir: &std::path::Path,
     wanted: &BTreeMap<&'static str, MapShape>,
@@ -302,7 +302,7 @@ fn prepare_pinned_maps(
                     Some(old) => to_copy.push((name, old)),
                     None => tracing::warn!(
                         map = name,
-                        "replaced a pinned map of another layout (an earlier dp's); the agent writes it again"
+                        "replaced a pinned map of another definition (an earlier dp's), starting empty"
                     ),
                 }
             }
