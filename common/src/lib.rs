@@ -51,21 +51,36 @@ pub mod map_names {
     pub const DEVICES: &str = "DP_DEVICES";
 }
 
-/// Default capacities of the maps; userspace may set others at load time.
+/// Default capacities of the maps; userspace may set others at load time
+/// (the agent sizes conntrack and affinity from the node: see
+/// `dp::kernel::sizing` and docs/deploy.md).
 pub mod map_sizes {
-    /// Master + backend slots + wildcard entries.
-    pub const SERVICES: u32 = 262_144;
+    /// `BPF_F_NO_PREALLOC`: a hash map's entries are allocated as they are
+    /// added, so it costs what it holds plus its buckets (16 bytes per max
+    /// entry). The maps only the agent writes are created so.
+    pub const BPF_F_NO_PREALLOC: u32 = 1;
+    /// Master + backend slots + wildcard entries (allocated on use). Twice
+    /// Cilium's default `--bpf-lb-map-max` (65 536), which counts the same
+    /// master and slot entries.
+    pub const SERVICES: u32 = 131_072;
+    /// Backends (allocated on use).
     pub const BACKENDS: u32 = 65_536;
-    pub const REVNAT: u32 = 65_536;
-    /// Entries, two per flow.
-    pub const CT: u32 = 262_144;
-    /// Service and backend names (allocated on use).
-    pub const NAMES: u32 = 262_144;
-    /// Session-affinity entries (LRU: the oldest client is forgotten).
-    pub const AFFINITY: u32 = 65_536;
-    /// loadBalancerSourceRanges CIDRs, over all services.
+    /// Service ids (allocated on use): at most one per two `SERVICES`
+    /// entries (a frontend with endpoints holds a master entry and a slot).
+    pub const REVNAT: u32 = SERVICES / 2;
+    /// Conntrack entries, two per flow, when no node sizing is asked for
+    /// (tests, benches): what the agent's rule gives a node of 2 cores.
+    pub const CT: u32 = 65_536;
+    /// Service and backend names (allocated on use): one per service id
+    /// and one per backend.
+    pub const NAMES: u32 = REVNAT + BACKENDS;
+    /// Session-affinity entries (LRU: the oldest client is forgotten), one
+    /// per four conntrack entries, when no node sizing is asked for.
+    pub const AFFINITY: u32 = CT / 4;
+    /// loadBalancerSourceRanges CIDRs, over all services (allocated on use).
     pub const SOURCE_RANGES: u32 = 16_384;
-    /// Devices the programs are attached to (node devices and pod veths).
+    /// Devices the programs are attached to (node devices and pod veths;
+    /// allocated on use).
     pub const DEVICES: u32 = 4_096;
 }
 

@@ -76,6 +76,7 @@ fn sizes(n: usize) -> MapSizes {
         backends: (n * ENDPOINTS as u32).next_power_of_two(),
         revnat: n.next_power_of_two().max(1024),
         conntrack: common::map_sizes::CT,
+        affinity: common::map_sizes::AFFINITY,
     }
 }
 

@@ -43,6 +43,7 @@ fn datapath(services: u32) -> Datapath {
         backends: 2 * services.max(1024) + 1024,
         revnat: services.max(1024) + 1024,
         conntrack: 262_144,
+        affinity: common::map_sizes::AFFINITY,
     })
     .expect("load (run as root)");
     dp.set_backend(1, SocketAddr::from((BACKEND, 8080)), 6, false)

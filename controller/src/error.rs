@@ -30,6 +30,19 @@ pub enum Error {
     NoSuchInterface(String),
     #[error("all {0} trace session slots are in use by running `dp trace` processes")]
     TraceSessionsBusy(u32),
+    #[error("reading the map definitions of the dp eBPF object: {0}")]
+    Object(String),
+    /// A pinned map an earlier dp made holds datapath state in a layout
+    /// this one cannot use (`kernel::layout`).
+    #[error(
+        "pinned map {name} ({path}) was made by a dp with another layout ({pinned}; this dp's: {wanted}) and its state cannot be carried over: run `dp cleanup` to remove dp's pinned state (connections through services are reset), then start the agent again"
+    )]
+    PinnedMapLayout {
+        name: &'static str,
+        path: std::path::PathBuf,
+        pinned: String,
+        wanted: String,
+    },
     #[error("pinning {context}: {message}")]
     Pin { context: String, message: String },
     #[error("{context}: {source}")]

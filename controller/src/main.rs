@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use dp::{
     agent::AgentOptions,
     inspect::pinned::{text, CtFilter, PinnedMaps},
+    kernel::sizing::{ConntrackSizing, NodeResources},
     translate::Cidr,
 };
 use regex::Regex;
@@ -377,15 +378,35 @@ struct AgentArgs {
     /// /healthz and /livez address.
     #[arg(long, env = "DP_HEALTHZ_ADDR", default_value = "0.0.0.0:10256")]
     healthz_addr: SocketAddr,
-    /// Capacity of the service map (frontends x (slots + 1) + addresses).
+    /// Capacity of the service map (frontends x (slots + 1) + addresses);
+    /// allocated on use, so a large one costs only its buckets (16 B per
+    /// entry). The reverse-NAT map gets half of it.
     #[arg(long, env = "DP_MAP_SIZE_SERVICES", default_value_t = common::map_sizes::SERVICES)]
     map_size_services: u32,
-    /// Capacity of the backend map.
+    /// Capacity of the backend map (allocated on use).
     #[arg(long, env = "DP_MAP_SIZE_BACKENDS", default_value_t = common::map_sizes::BACKENDS)]
     map_size_backends: u32,
-    /// Capacity of the conntrack map (two entries per flow).
-    #[arg(long, env = "DP_MAP_SIZE_CONNTRACK", default_value_t = common::map_sizes::CT)]
-    map_size_conntrack: u32,
+    /// Capacity of the conntrack map in entries (two per connection),
+    /// instead of the rule of the --conntrack-* flags.
+    #[arg(long, env = "DP_MAP_SIZE_CONNTRACK")]
+    map_size_conntrack: Option<u32>,
+    /// Conntrack connections per CPU core of the node (kube-proxy's flag of
+    /// the same name); the conntrack map holds max(--conntrack-min, this x
+    /// cores) connections, capped by --conntrack-memory-ratio.
+    #[arg(long, env = "DP_CONNTRACK_MAX_PER_CORE", default_value_t = ConntrackSizing::default().max_per_core)]
+    conntrack_max_per_core: u32,
+    /// Conntrack connections at least, whatever the cores (kube-proxy's flag
+    /// of the same name).
+    #[arg(long, env = "DP_CONNTRACK_MIN", default_value_t = ConntrackSizing::default().min)]
+    conntrack_min: u32,
+    /// At most this fraction of the node's memory for the conntrack map
+    /// (Cilium's --bpf-map-dynamic-size-ratio default).
+    #[arg(long, env = "DP_CONNTRACK_MEMORY_RATIO", default_value_t = ConntrackSizing::default().memory_ratio)]
+    conntrack_memory_ratio: f64,
+    /// Capacity of the session-affinity map (LRU), instead of one entry per
+    /// four conntrack entries.
+    #[arg(long, env = "DP_MAP_SIZE_AFFINITY")]
+    map_size_affinity: Option<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -590,11 +611,30 @@ fn main() -> anyhow::Result<()> {
                 bpffs: a.bpffs,
                 metrics_addr: a.metrics_addr,
                 healthz_addr: a.healthz_addr,
-                map_sizes: dp::MapSizes {
-                    services: a.map_size_services,
-                    backends: a.map_size_backends,
-                    revnat: a.map_size_services,
-                    conntrack: a.map_size_conntrack,
+                map_sizes: {
+                    let node = NodeResources::of_this_node();
+                    let capacity = ConntrackSizing {
+                        max_per_core: a.conntrack_max_per_core,
+                        min: a.conntrack_min,
+                        memory_ratio: a.conntrack_memory_ratio,
+                        entries: a.map_size_conntrack,
+                        affinity_entries: a.map_size_affinity,
+                    }
+                    .capacity(node);
+                    tracing::info!(
+                        cores = node.cores,
+                        memory_mib = node.memory_bytes >> 20,
+                        conntrack_entries = capacity.conntrack_entries,
+                        affinity_entries = capacity.affinity_entries,
+                        "map sizes"
+                    );
+                    dp::MapSizes {
+                        services: a.map_size_services,
+                        backends: a.map_size_backends,
+                        revnat: (a.map_size_services / 2).max(1),
+                        conntrack: capacity.conntrack_entries,
+                        affinity: capacity.affinity_entries,
+                    }
                 },
             };
             tokio::runtime::Builder::new_current_thread()

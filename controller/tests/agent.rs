@@ -100,6 +100,7 @@ fn the_agent_programs_manifests_follows_edits_and_serves_new_pods() {
         "dp_backends 2",
         "dp_packets_total{hook=\"tc/ingress\",reason=\"new_flow\"} 40",
         "dp_skipped_objects{kind=\"invalid\"} 0",
+        "dp_conntrack_max_entries ",
     ] {
         assert!(
             metrics.contains(expected),

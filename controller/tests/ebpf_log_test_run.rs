@@ -1,7 +1,7 @@
 //! The datapath's log records (aya-log) reach the agent's forwarder: a real
 //! fault provoked with BPF_PROG_TEST_RUN. The conntrack map is swapped for a
 //! plain (non-LRU) hash of two entries, pinned before the object is loaded
-//! (a pinned map is reused as it is), so the second flow's insert fails:
+//! (and adopted as it is: `Datapath::load_pinned_as_is`), so the second flow's insert fails:
 //! dropped with `ConntrackFull`, and `diag::fault` logs it.
 
 mod support;
@@ -89,7 +89,8 @@ fn a_failed_conntrack_insert_is_logged_and_forwarded() {
     std::fs::create_dir_all(&maps).unwrap();
     // One flow: its two entries.
     pin_small_hash(&maps.join(map_names::CT), 2);
-    let mut dp = Datapath::load_pinned(&maps, MapSizes::default()).expect("load");
+    // A plain hash where dp has an LRU one: adopted only as it is.
+    let mut dp = Datapath::load_pinned_as_is(&maps, MapSizes::default()).expect("load");
     dp.set_backend(1, sa(B1, 8080), 6, false).unwrap();
     let slots = BackendSlots {
         ready: vec![1],

@@ -51,20 +51,28 @@ pub static DP_RECENT_HEAD: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0
 #[map(name = "DP_TRACE_LOST")]
 pub static DP_TRACE_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+// The maps only the agent writes (services, backends, reverse NAT, names,
+// source ranges, devices) are created without preallocation: they cost
+// what they hold (plus the hash table's buckets, 16 bytes per max entry),
+// so their capacity can be generous. The datapath only reads them.
+
 /// Service frontends: master entries, backend slots, wildcard entries.
 #[map(name = "DP_SERVICES")]
 pub static DP_SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(map_sizes::SERVICES, 0);
+    HashMap::with_max_entries(map_sizes::SERVICES, BPF_F_NO_PREALLOC);
 
 /// Backend id -> backend.
 #[map(name = "DP_BACKENDS")]
-pub static DP_BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(map_sizes::BACKENDS, 0);
+pub static DP_BACKENDS: HashMap<u32, Backend> =
+    HashMap::with_max_entries(map_sizes::BACKENDS, BPF_F_NO_PREALLOC);
 
 /// Service id -> the address replies must come from.
 #[map(name = "DP_REVNAT")]
-pub static DP_REVNAT: HashMap<u32, RevNatValue> = HashMap::with_max_entries(map_sizes::REVNAT, 0);
+pub static DP_REVNAT: HashMap<u32, RevNatValue> =
+    HashMap::with_max_entries(map_sizes::REVNAT, BPF_F_NO_PREALLOC);
 
-/// Connection tracking of service flows (see `common::ct`).
+/// Connection tracking of service flows (see `common::ct`). LRU maps are
+/// always preallocated; userspace sizes it from the node at load time.
 #[map(name = "DP_CT")]
 pub static DP_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(map_sizes::CT, 0);
 
@@ -87,10 +95,11 @@ pub static DP_NAMES: HashMap<NameKey, NameValue> =
 /// ifindex -> MAC of each device the programs are attached to, written by
 /// userspace when it attaches (`common::device`).
 #[map(name = "DP_DEVICES")]
-pub static DP_DEVICES: HashMap<u32, DeviceInfo> = HashMap::with_max_entries(map_sizes::DEVICES, 0);
+pub static DP_DEVICES: HashMap<u32, DeviceInfo> =
+    HashMap::with_max_entries(map_sizes::DEVICES, BPF_F_NO_PREALLOC);
 
 /// `BPF_F_NO_PREALLOC`: entries are allocated as they are added.
-const BPF_F_NO_PREALLOC: u32 = 1;
+const BPF_F_NO_PREALLOC: u32 = common::map_sizes::BPF_F_NO_PREALLOC;
 
 /// One decision record per CPU, built while a packet is handled and copied
 /// to `DP_TRACE` when traced (see `trace`).

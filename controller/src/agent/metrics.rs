@@ -146,6 +146,13 @@ pub fn render(m: &AgentMetrics, writer: &MapWriter, dp: &Datapath) -> String {
         "Conntrack entries (two per flow)",
         ct.to_string(),
     );
+    // Against dp_conntrack_entries: how close the table is to evicting.
+    gauge(
+        &mut out,
+        "dp_conntrack_max_entries",
+        "Conntrack capacity in entries (two per flow)",
+        dp.ct_max_entries().map_or(0, |n| n).to_string(),
+    );
     let _ = writeln!(
         out,
         "# HELP dp_skipped_objects Objects (or parts) skipped in the last sync\n# TYPE dp_skipped_objects gauge"

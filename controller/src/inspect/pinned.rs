@@ -218,11 +218,120 @@ pub struct Status {
     pub sysctls: crate::kernel::host::Sysctls,
 }
 
+/// One pinned map in `dp status`: its definition, how full it is and the
+/// kernel memory it takes.
 #[derive(Clone, Debug, Serialize)]
 pub struct MapFill {
     pub name: &'static str,
-    pub entries: usize,
+    /// The kernel's name of its type: `hash`, `lru_hash`, `array`,
+    /// `percpu_array`, `lpm_trie`, `ringbuf`.
+    pub map_type: String,
+    /// Entries allocated as they are added (`BPF_F_NO_PREALLOC`): the map
+    /// costs what it holds, not its capacity.
+    pub allocated_on_use: bool,
+    /// Entries it holds; arrays are always full; none for a ring buffer.
+    pub entries: Option<u64>,
+    /// Its capacity (a ring buffer's: bytes).
     pub max_entries: u32,
+    /// Kernel memory it takes (`memlock` in its fdinfo), in bytes.
+    pub memory_bytes: u64,
+}
+
+/// The kernel's name of map type `t` (`bpf_map_type`) for the types dp uses.
+fn map_type_name(t: u32) -> String {
+    match t {
+        1 => "hash".into(),
+        2 => "array".into(),
+        6 => "percpu_array".into(),
+        9 => "lru_hash".into(),
+        11 => "lpm_trie".into(),
+        27 => "ringbuf".into(),
+        other => format!("type {other}"),
+    }
+}
+
+/// What `dp status` says about the map pinned at `path`. Read through the
+/// raw definition (key size from the kernel), so a map of another layout
+/// than this dp's (an older agent's) is shown too.
+fn map_fill(name: &'static str, path: &Path) -> Result<MapFill> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let map_err = |source| Error::Map { name, source };
+    let info = aya::maps::MapInfo::from_pin(path).map_err(map_err)?;
+    let data = MapData::from_pin(path).map_err(map_err)?;
+    let fd = data.fd().as_fd();
+    let map_type = info.map_type().map_or(u32::MAX, |t| t as u32);
+    let entries = match map_type_name(map_type).as_str() {
+        "array" | "percpu_array" => Some(u64::from(info.max_entries())),
+        "ringbuf" => None,
+        _ => Some(
+            count_keys(fd, info.key_size() as usize).map_err(|source| Error::Io {
+                context: format!("counting the entries of {name}"),
+                source,
+            })?,
+        ),
+    };
+    let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))
+        .unwrap_or_default();
+    let memory_bytes = fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    Ok(MapFill {
+        name,
+        map_type: map_type_name(map_type),
+        allocated_on_use: info.map_flags() & common::map_sizes::BPF_F_NO_PREALLOC != 0,
+        entries,
+        max_entries: info.max_entries(),
+        memory_bytes,
+    })
+}
+
+/// Keys in the map `fd` (keys of `key_size` bytes), by
+/// `BPF_MAP_GET_NEXT_KEY`.
+fn count_keys(fd: std::os::fd::BorrowedFd<'_>, key_size: usize) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    /// The `BPF_MAP_*_ELEM` part of `union bpf_attr`.
+    #[repr(C)]
+    struct NextKeyAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        next_key: u64,
+    }
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    let mut key = vec![0u8; key_size.max(1)];
+    let mut next = vec![0u8; key_size.max(1)];
+    let mut count = 0u64;
+    loop {
+        let attr = NextKeyAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            _pad: 0,
+            // No key: the first one.
+            key: if count == 0 { 0 } else { key.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+        };
+        // SAFETY: attr points at key and next buffers of the map's key
+        // size, both live across the call; the kernel reads only
+        // size_of::<NextKeyAttr>() bytes of attr.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_GET_NEXT_KEY,
+                &attr as *const NextKeyAttr,
+                size_of::<NextKeyAttr>(),
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENOENT) => Ok(count),
+                _ => Err(e),
+            };
+        }
+        count += 1;
+        std::mem::swap(&mut key, &mut next);
+    }
 }
 
 /// The status, from the pins under `bpffs` and the agent's health address.
@@ -235,27 +344,16 @@ pub fn status(bpffs: &Path, healthz: SocketAddr) -> Result<Status> {
         })
         .unwrap_or_default();
     attached.sort();
-    let pinned = PinnedMaps::open(bpffs)?;
-    let max = |name: &'static str| -> Result<u32> {
-        let info = aya::maps::MapInfo::from_pin(pin::maps_dir(bpffs).join(name))
-            .map_err(|source| Error::Map { name, source })?;
-        Ok(info.max_entries())
-    };
-    let maps = [
-        (map_names::SERVICES, pinned.services.keys().count()),
-        (map_names::BACKENDS, pinned.backends.keys().count()),
-        (map_names::CT, pinned.ct.keys().count()),
-        (map_names::NAMES, pinned.names.keys().count()),
-    ]
-    .into_iter()
-    .map(|(name, entries)| {
-        Ok(MapFill {
-            name,
-            entries,
-            max_entries: max(name)?,
-        })
-    })
-    .collect::<Result<Vec<_>>>()?;
+    let maps = crate::kernel::loader::PINNED_MAPS
+        .iter()
+        .map(|&name| (name, pin::maps_dir(bpffs).join(name)))
+        .filter(|(_, path)| path.exists())
+        .map(|(name, path)| map_fill(name, &path))
+        .collect::<Result<Vec<_>>>()?;
+    if maps.is_empty() {
+        // What the other commands say when there is nothing pinned.
+        PinnedMaps::open(bpffs)?;
+    }
     let kernel = crate::kernel::host::kernel_release();
     Ok(Status {
         agent_health: health(healthz),
@@ -670,12 +768,26 @@ pub mod text {
                 s.attached.join(", ")
             }
         ));
+        out.push_str(&format!(
+            "{:<20} {:<26} {:>9} {:>10} {:>10}\n",
+            "map", "type", "entries", "max", "memory"
+        ));
         for m in &s.maps {
+            let kind = if m.allocated_on_use {
+                format!("{} (allocated on use)", m.map_type)
+            } else {
+                m.map_type.clone()
+            };
+            let entries = m.entries.map_or("-".to_string(), |n| n.to_string());
             out.push_str(&format!(
-                "map {:<12} {:>8} / {:<8} entries\n",
-                m.name, m.entries, m.max_entries
+                "{:<20} {kind:<26} {entries:>9} {:>10} {:>10}\n",
+                m.name,
+                m.max_entries,
+                memory(m.memory_bytes)
             ));
         }
+        let total: u64 = s.maps.iter().map(|m| m.memory_bytes).sum();
+        out.push_str(&format!("maps' kernel memory: {}\n", memory(total)));
         let kernel = match common::kernel::check(&s.kernel) {
             Ok(()) => format!("{} (supported)", s.kernel),
             Err(e) => e.to_string(),
@@ -683,6 +795,15 @@ pub mod text {
         out.push_str(&format!("kernel:       {kernel}\n"));
         out.push_str(&format!("sysctls:      {}\n", s.sysctls.describe()));
         out
+    }
+
+    /// `bytes` in KiB below a MiB, else in MiB.
+    fn memory(bytes: u64) -> String {
+        if bytes < 1 << 20 {
+            format!("{:.0} KiB", bytes as f64 / 1024.0)
+        } else {
+            format!("{:.1} MiB", bytes as f64 / 1_048_576.0)
+        }
     }
 
     pub fn explanation(e: &Explanation) -> String {

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, ffi::CString};
 
 use aya::{
     include_bytes_aligned,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
     programs::{
         links::{FdLink, LinkOrder, PinnedLink},
         tc::{
@@ -21,7 +21,10 @@ use common::{
 
 use crate::{
     error::{Error, Result},
-    kernel::ring::TraceReader,
+    kernel::{
+        layout::{self, MapShape, PinnedMapPlan},
+        ring::TraceReader,
+    },
 };
 
 /// How many frontends use a service address, and how many of them are
@@ -45,13 +48,15 @@ fn check_object(object: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Map capacities chosen at load time.
+/// Map capacities chosen at load time (the agent's come from
+/// `kernel::sizing` and its flags).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
     pub services: u32,
     pub backends: u32,
     pub revnat: u32,
     pub conntrack: u32,
+    pub affinity: u32,
 }
 
 impl Default for MapSizes {
@@ -61,6 +66,21 @@ impl Default for MapSizes {
             backends: common::map_sizes::BACKENDS,
             revnat: common::map_sizes::REVNAT,
             conntrack: common::map_sizes::CT,
+            affinity: common::map_sizes::AFFINITY,
+        }
+    }
+}
+
+impl MapSizes {
+    /// The capacity set here for map `name`, if it is one of these.
+    pub fn max_entries(&self, name: &str) -> Option<u32> {
+        match name {
+            map_names::SERVICES => Some(self.services),
+            map_names::BACKENDS => Some(self.backends),
+            map_names::REVNAT => Some(self.revnat),
+            map_names::CT => Some(self.conntrack),
+            map_names::AFFINITY => Some(self.affinity),
+            _ => None,
         }
     }
 }
@@ -201,6 +221,144 @@ enum Attachment {
     Pinned(#[allow(dead_code)] FdLink),
 }
 
+/// Whether pinned maps are compared with this dp's definitions.
+#[derive(Clone, Copy)]
+enum PinnedMaps {
+    Checked,
+    AsIs,
+}
+
+/// What this dp would create for each pinned map: the object's
+/// definitions with `sizes` applied.
+fn wanted_shapes(sizes: &MapSizes) -> Result<BTreeMap<&'static str, MapShape>> {
+    let object =
+        aya_obj::Object::parse(DATAPLANE_OBJECT).map_err(|e| Error::Object(e.to_string()))?;
+    PINNED_MAPS
+        .iter()
+        .map(|&name| {
+            let m = object.maps.get(name).ok_or(Error::MissingMap(name))?;
+            let shape = MapShape {
+                map_type: m.map_type(),
+                key_size: m.key_size(),
+                value_size: m.value_size(),
+                max_entries: sizes.max_entries(name).unwrap_or(m.max_entries()),
+                flags: m.map_flags(),
+            };
+            Ok((name, shape))
+        })
+        .collect()
+}
+
+/// Compares the maps pinned in `dir` with `wanted` and carries out
+/// `layout::plan`: refuses (changing nothing) if conntrack or affinity is
+/// of another layout, unpins the maps to be replaced (returning those
+/// whose entries are to be copied, still open), warns about those kept at
+/// their old capacity.
+fn prepare_pinned_maps(
+    dir: &std::path::Path,
+    wanted: &BTreeMap<&'static str, MapShape>,
+) -> Result<Vec<(&'static str, MapData)>> {
+    let plans: Vec<_> = wanted
+        .iter()
+        .filter_map(|(&name, &wanted)| {
+            let path = dir.join(name);
+            let pinned = layout::pinned_shape(&path)?;
+            Some((name, path, layout::plan(name, pinned, wanted)))
+        })
+        .collect();
+    for (name, path, plan) in &plans {
+        if let PinnedMapPlan::Refuse { pinned, wanted } = plan {
+            return Err(Error::PinnedMapLayout {
+                name,
+                path: path.clone(),
+                pinned: pinned.to_string(),
+                wanted: wanted.to_string(),
+            });
+        }
+    }
+    let mut to_copy = Vec::new();
+    for (name, path, plan) in plans {
+        match plan {
+            PinnedMapPlan::Adopt | PinnedMapPlan::Refuse { .. } => {}
+            PinnedMapPlan::AdoptOldCapacity { pinned, wanted } => tracing::warn!(
+                map = name,
+                pinned,
+                wanted,
+                "pinned map kept at its capacity (the kernel cannot resize it, and it holds the datapath's state); the configured one applies once it is recreated (after `dp cleanup`)"
+            ),
+            PinnedMapPlan::Replace { copy } => {
+                // Open before unpinning: the old map lives on in this fd
+                // (and in the programs still attached) for the copy.
+                let old = if copy {
+                    Some(MapData::from_pin(&path).map_err(|source| Error::Map { name, source })?)
+                } else {
+                    None
+                };
+                std::fs::remove_file(&path).map_err(|source| Error::Io {
+                    context: format!("unpin {}", path.display()),
+                    source,
+                })?;
+                match old {
+                    Some(old) => to_copy.push((name, old)),
+                    None => tracing::warn!(
+                        map = name,
+                        "replaced a pinned map of another definition (an earlier dp's), starting empty"
+                    ),
+                }
+            }
+        }
+    }
+    Ok(to_copy)
+}
+
+/// Copies the entries of `old` (an agent-written map of the same key and
+/// value) into this object's map `name`.
+fn copy_entries(ebpf: &mut Ebpf, name: &'static str, old: MapData) -> Result<usize> {
+    use common::{names, Backend, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey};
+    match name {
+        map_names::SERVICES => copy_hash::<ServiceKey, ServiceValue>(ebpf, name, old),
+        map_names::BACKENDS => copy_hash::<u32, Backend>(ebpf, name, old),
+        map_names::REVNAT => copy_hash::<u32, RevNatValue>(ebpf, name, old),
+        map_names::NAMES => copy_hash::<names::NameKey, names::NameValue>(ebpf, name, old),
+        map_names::SOURCE_RANGES => {
+            let map_err = |source| Error::Map { name, source };
+            let old: LpmTrie<MapData, SourceRangeKey, u8> =
+                LpmTrie::try_from(Map::LpmTrie(old)).map_err(map_err)?;
+            let mut new: LpmTrie<&mut MapData, SourceRangeKey, u8> =
+                LpmTrie::try_from(ebpf.map_mut(name).ok_or(Error::MissingMap(name))?)
+                    .map_err(map_err)?;
+            let mut copied = 0;
+            for entry in old.iter() {
+                let (key, value) = entry.map_err(map_err)?;
+                new.insert(&key, value, 0).map_err(map_err)?;
+                copied += 1;
+            }
+            Ok(copied)
+        }
+        _ => Ok(0),
+    }
+}
+
+fn copy_hash<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    old: MapData,
+) -> Result<usize> {
+    let map_err = |source| Error::Map { name, source };
+    let old: BpfHashMap<MapData, K, V> =
+        BpfHashMap::try_from(Map::HashMap(old)).map_err(map_err)?;
+    let mut new: BpfHashMap<&mut MapData, K, V> =
+        BpfHashMap::try_from(ebpf.map_mut(name).ok_or(Error::MissingMap(name))?)
+            .map_err(map_err)?;
+    let mut copied = 0;
+    for entry in old.iter() {
+        let (key, value) = entry.map_err(map_err)?;
+        new.insert(key, value, 0).map_err(map_err)?;
+        copied += 1;
+    }
+    Ok(copied)
+}
+
 /// Maps kept in bpffs, so a restarted agent (and the inspection commands)
 /// find the same state. Scratch maps are private to each program version.
 pub const PINNED_MAPS: [&str; 17] = [
@@ -239,21 +397,46 @@ impl Datapath {
     /// already pinned there are reused with their contents (a restarted
     /// agent adopts them), missing ones are created and pinned.
     pub fn load_pinned(maps_dir: &std::path::Path, sizes: MapSizes) -> Result<Self> {
-        std::fs::create_dir_all(maps_dir).map_err(|source| Error::Io {
-            context: format!("create {}", maps_dir.display()),
-            source,
-        })?;
-        Self::load_inner(sizes, Some(maps_dir))
+        Self::load_inner(sizes, Some((maps_dir, PinnedMaps::Checked)))
     }
 
-    fn load_inner(sizes: MapSizes, maps_dir: Option<&std::path::Path>) -> Result<Self> {
+    /// `load_pinned`, adopting every map pinned in `maps_dir` as it is,
+    /// without comparing it with this dp's definition (`kernel::layout`):
+    /// for tests that stand a map of their own in for one of dp's.
+    pub fn load_pinned_as_is(maps_dir: &std::path::Path, sizes: MapSizes) -> Result<Self> {
+        Self::load_inner(sizes, Some((maps_dir, PinnedMaps::AsIs)))
+    }
+
+    fn load_inner(
+        sizes: MapSizes,
+        pinned_maps: Option<(&std::path::Path, PinnedMaps)>,
+    ) -> Result<Self> {
+        let maps_dir = pinned_maps.map(|(dir, _)| dir);
+        if let Some(dir) = maps_dir {
+            std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+                context: format!("create {}", dir.display()),
+                source,
+            })?;
+        }
         check_object(DATAPLANE_OBJECT)?;
         let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(map_names::SERVICES, sizes.services)
-            .map_max_entries(map_names::BACKENDS, sizes.backends)
-            .map_max_entries(map_names::REVNAT, sizes.revnat)
-            .map_max_entries(map_names::CT, sizes.conntrack);
+        for name in [
+            map_names::SERVICES,
+            map_names::BACKENDS,
+            map_names::REVNAT,
+            map_names::CT,
+            map_names::AFFINITY,
+        ] {
+            if let Some(max) = sizes.max_entries(name) {
+                loader.map_max_entries(name, max);
+            }
+        }
+        // Pinned maps of another layout are dealt with before aya reuses
+        // them by name (it does not compare definitions).
+        let replaced = match pinned_maps {
+            Some((dir, PinnedMaps::Checked)) => prepare_pinned_maps(dir, &wanted_shapes(&sizes)?)?,
+            _ => Vec::new(),
+        };
         if let Some(dir) = maps_dir {
             for name in PINNED_MAPS {
                 loader.map_pin_path(name, dir.join(name));
@@ -261,6 +444,14 @@ impl Datapath {
         }
         let pinned = maps_dir.is_some_and(|d| d.join(map_names::CONFIG).exists());
         let mut ebpf = loader.load(DATAPLANE_OBJECT)?;
+        for (name, old) in replaced {
+            let copied = copy_entries(&mut ebpf, name, old)?;
+            tracing::warn!(
+                map = name,
+                copied,
+                "replaced a pinned map of another definition (an earlier dp's), entries copied"
+            );
+        }
         for name in [
             program_names::TC_INGRESS,
             program_names::TC_EGRESS,
@@ -768,6 +959,20 @@ impl Datapath {
             .ok_or(Error::MissingProgram(name))?
             .try_into()
             .map_err(|source| Error::Program { name, source })
+    }
+
+    /// The conntrack map's capacity in entries, as the kernel has it (an
+    /// adopted map keeps the one it was created with).
+    pub fn ct_max_entries(&self) -> Result<u32> {
+        let name = map_names::CT;
+        match self.ebpf.map(name).ok_or(Error::MissingMap(name))? {
+            // A plain hash where tests stand one in (`load_pinned_as_is`).
+            Map::LruHashMap(data) | Map::HashMap(data) => data
+                .info()
+                .map(|i| i.max_entries())
+                .map_err(|source| Error::Map { name, source }),
+            _ => Err(Error::MissingMap(name)),
+        }
     }
 
     pub(crate) fn map_ref<'a, T>(&'a self, name: &'static str) -> Result<T>

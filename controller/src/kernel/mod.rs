@@ -8,14 +8,20 @@
 //! - `pin`: the bpffs layout, so CLI commands open what the agent pinned.
 //! - `ring`: trace sessions and their ring buffers.
 //! - `host`: kernel release and sysctls of the node.
+//! - `sizing`: the capacities of conntrack and affinity from the node's
+//!   cores and memory.
+//! - `layout`: whether maps pinned by an earlier agent fit this dp's
+//!   definitions, and what is done when they do not.
 //!
 //! Uses: `translate` (the writer's vocabulary) and `error`; never `inspect`,
 //! `agent` or `lab`.
 
 pub mod host;
+pub mod layout;
 pub mod loader;
 pub mod maps;
 pub mod pin;
 pub mod ring;
+pub mod sizing;
 
 pub use loader::{Counters, Datapath, MapSizes, TcAttach};

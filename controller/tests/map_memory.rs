@@ -1,0 +1,244 @@
+//! Kernel memory of the maps (issue 17): the maps only the agent writes are
+//! allocated on use, conntrack and affinity have the capacities asked for,
+//! `dp status` shows every pinned map's type, fill, capacity and memory,
+//! and an agent started over maps pinned by an older dp (another layout)
+//! replaces, keeps or refuses them as `kernel::layout` says.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use aya::maps::{HashMap, Map, MapData, MapInfo};
+use common::{map_names, map_sizes::BPF_F_NO_PREALLOC, Backend, CtEntry, CtKey};
+use dp::{Datapath, MapSizes, ServiceMaps};
+
+/// A bpffs mounted on a directory of its own, unmounted and removed on drop.
+struct Bpffs(PathBuf);
+
+impl Bpffs {
+    fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("dpt-{}-{test}", std::process::id()));
+        dp::kernel::pin::ensure_bpffs(&dir).expect("mount a bpffs");
+        Bpffs(dir)
+    }
+
+    fn maps(&self) -> PathBuf {
+        dp::kernel::pin::maps_dir(&self.0)
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        dp::kernel::pin::unmount_bpffs(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn info(maps: &Path, name: &str) -> MapInfo {
+    MapInfo::from_pin(maps.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// `bpftool map create` of a hash-type map at `maps/name`.
+fn pin_map(maps: &Path, name: &str, kind: &str, key: usize, value: usize, entries: u32) {
+    std::fs::create_dir_all(maps).unwrap();
+    let status = Command::new("bpftool")
+        .arg("map")
+        .arg("create")
+        .arg(maps.join(name))
+        .args(["type", kind, "key", &key.to_string()])
+        .args(["value", &value.to_string(), "entries", &entries.to_string()])
+        .args(["name", name])
+        .status()
+        .expect("run bpftool");
+    assert!(status.success(), "bpftool map create {name}");
+}
+
+fn backends(maps: &Path) -> HashMap<MapData, u32, Backend> {
+    let data = MapData::from_pin(maps.join(map_names::BACKENDS)).unwrap();
+    HashMap::try_from(Map::HashMap(data)).unwrap()
+}
+
+#[test]
+fn agent_maps_are_allocated_on_use_and_state_maps_have_the_asked_capacity() {
+    e2e::require_root();
+    let bpffs = Bpffs::new("sizes");
+    let sizes = MapSizes {
+        conntrack: 4_096,
+        affinity: 1_024,
+        ..MapSizes::default()
+    };
+    let mut dp = Datapath::load_pinned(&bpffs.maps(), sizes).expect("load (run as root)");
+    dp.set_backend(7, SocketAddr::from(([10, 244, 2, 7], 8080)), 6, false)
+        .unwrap();
+    let maps = bpffs.maps();
+    for name in [
+        map_names::SERVICES,
+        map_names::BACKENDS,
+        map_names::REVNAT,
+        map_names::NAMES,
+        map_names::SOURCE_RANGES,
+    ] {
+        let i = info(&maps, name);
+        assert_ne!(
+            i.map_flags() & BPF_F_NO_PREALLOC,
+            0,
+            "{name} allocated on use"
+        );
+    }
+    assert_eq!(
+        info(&maps, map_names::SERVICES).max_entries(),
+        sizes.services
+    );
+    assert_eq!(
+        info(&maps, map_names::BACKENDS).max_entries(),
+        sizes.backends
+    );
+    let ct = info(&maps, map_names::CT);
+    assert_eq!((ct.max_entries(), ct.map_flags()), (4_096, 0));
+    assert_eq!(info(&maps, map_names::AFFINITY).max_entries(), 1_024);
+
+    // dp status: every pinned map, with its type, fill, capacity, memory.
+    let out = Command::new(env!("CARGO_BIN_EXE_dp"))
+        .args(["status", "-o", "json", "--bpffs"])
+        .arg(&bpffs.0)
+        .args(["--healthz-addr", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = status["maps"].as_array().unwrap();
+    let names: Vec<&str> = listed.iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(names, dp::kernel::loader::PINNED_MAPS);
+    let map = |name: &str| listed.iter().find(|m| m["name"] == name).unwrap().clone();
+    let backends_row = map(map_names::BACKENDS);
+    assert_eq!(backends_row["map_type"], "hash");
+    assert_eq!(backends_row["allocated_on_use"], true);
+    assert_eq!(backends_row["entries"], 1);
+    assert_eq!(backends_row["max_entries"], sizes.backends);
+    let ct_row = map(map_names::CT);
+    assert_eq!(ct_row["map_type"], "lru_hash");
+    assert_eq!(ct_row["allocated_on_use"], false);
+    assert_eq!(ct_row["entries"], 0);
+    assert_eq!(ct_row["max_entries"], 4_096);
+    // Preallocated: at least its entries' worth (144 bytes each), however
+    // empty; the kernel adds its LRU lists.
+    let ct_memory = ct_row["memory_bytes"].as_u64().unwrap();
+    assert!(
+        ct_memory >= 4_096 * dp::kernel::sizing::CT_ENTRY_BYTES,
+        "{ct_memory}"
+    );
+    // Allocated on use: 1 backend costs far less than 65 536 preallocated
+    // ones would (6 MiB), its buckets (16 B each) and little more.
+    let backends_memory = backends_row["memory_bytes"].as_u64().unwrap();
+    assert!(backends_memory < 2 << 20, "{backends_memory}");
+    assert_eq!(map(map_names::TRACE_RINGS[0])["map_type"], "ringbuf");
+    assert!(map(map_names::TRACE_RINGS[0])["entries"].is_null());
+    assert_eq!(map(map_names::CONFIG)["entries"], 1);
+    let text = Command::new(env!("CARGO_BIN_EXE_dp"))
+        .args(["status", "--bpffs"])
+        .arg(&bpffs.0)
+        .args(["--healthz-addr", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("DP_CT ") && l.contains("lru_hash") && l.contains("4096")),
+        "{text}"
+    );
+    assert!(text.contains("maps' kernel memory:"), "{text}");
+    eprintln!("{text}");
+
+    // A restart with the same settings adopts every map as it is.
+    let ids: Vec<u32> = dp::kernel::loader::PINNED_MAPS
+        .iter()
+        .map(|name| info(&maps, name).id())
+        .collect();
+    drop(dp);
+    let dp = Datapath::load_pinned(&bpffs.maps(), sizes).expect("load again");
+    let again: Vec<u32> = dp::kernel::loader::PINNED_MAPS
+        .iter()
+        .map(|name| info(&maps, name).id())
+        .collect();
+    assert_eq!(ids, again);
+    assert!(backends(&maps).get(&7, 0).is_ok());
+    drop(dp);
+}
+
+#[test]
+fn old_layout_pins_are_replaced_kept_or_refused() {
+    e2e::require_root();
+    let bpffs = Bpffs::new("old-layout");
+    let maps = bpffs.maps();
+    // As a dp before issue 17 pinned them: backends preallocated (flags 0)
+    // with 1 024 entries, one backend in it; conntrack of another capacity.
+    pin_map(
+        &maps,
+        map_names::BACKENDS,
+        "hash",
+        size_of::<u32>(),
+        size_of::<Backend>(),
+        1_024,
+    );
+    let backend = Backend {
+        addr: common::addr::addr16([10, 244, 2, 7].into()),
+        port: 8080,
+        protocol: 6,
+        flags: 0,
+    };
+    backends(&maps).insert(7, backend, 0).unwrap();
+    pin_map(
+        &maps,
+        map_names::CT,
+        "lru_hash",
+        size_of::<CtKey>(),
+        size_of::<CtEntry>(),
+        1_024,
+    );
+
+    let dp = Datapath::load_pinned(&maps, MapSizes::default()).expect("load over old pins");
+    // Replaced: allocated on use, this dp's capacity, the backend copied.
+    let b = info(&maps, map_names::BACKENDS);
+    assert_ne!(b.map_flags() & BPF_F_NO_PREALLOC, 0);
+    assert_eq!(b.max_entries(), MapSizes::default().backends);
+    assert_eq!(backends(&maps).get(&7, 0).unwrap(), backend);
+    // Kept, with its state and its old capacity.
+    assert_eq!(info(&maps, map_names::CT).max_entries(), 1_024);
+    drop(dp);
+
+    // Conntrack of another value layout: refused, nothing changed.
+    let bpffs = Bpffs::new("old-layout-refused");
+    let maps = bpffs.maps();
+    pin_map(
+        &maps,
+        map_names::BACKENDS,
+        "hash",
+        size_of::<u32>(),
+        size_of::<Backend>(),
+        1_024,
+    );
+    pin_map(
+        &maps,
+        map_names::CT,
+        "lru_hash",
+        size_of::<CtKey>(),
+        size_of::<CtEntry>() - 8,
+        1_024,
+    );
+    let err = Datapath::load_pinned(&maps, MapSizes::default())
+        .err()
+        .expect("refused");
+    let message = err.to_string();
+    assert!(
+        message.contains(map_names::CT) && message.contains("dp cleanup"),
+        "{message}"
+    );
+    assert_eq!(info(&maps, map_names::BACKENDS).map_flags(), 0);
+    assert!(!maps.join(map_names::SERVICES).exists());
+}
