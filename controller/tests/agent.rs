@@ -576,6 +576,51 @@ fn the_agent_follows_the_kubernetes_api_and_fails_static_when_it_is_down() {
     agent.stop();
 }
 
+/// A service flow between two pods of one node is sent straight into the
+/// destination pod (`bpf_redirect_peer`, the agent marks pod devices in
+/// `DP_DEVICES`): neither the requests nor the replies pass the host-side
+/// veth's egress, where dp's egress program would count them as
+/// `no_service`. They did before (a redirect to that veth's egress), which
+/// cost a program run and a backlog queue per packet.
+#[test]
+fn service_packets_to_a_pod_on_the_node_go_straight_into_it() {
+    require_root();
+    let cluster = Cluster::new(&[2]).unwrap();
+    let _servers = cluster.serve_named_tcp(8080).unwrap();
+    let dir = manifests_dir("peer");
+    let bpffs = Bpffs::new("peer");
+    write_web(&dir, &[("10.244.1.11", "node1")]);
+    let node = cluster.node_ns(0);
+    let n = &cluster.nodes[0];
+    let agent = Agent::start(node, &n.name, &n.ip.to_string(), &dir, &bpffs.node(&n.name));
+    agent.wait_for(&["synced", "frontends=1"]);
+    let client = cluster.pod_ns("pod-1-0");
+    let count = |hook: &str, reason: &str| -> u64 {
+        let metrics = http_get(node, "127.0.0.1:10249", "/metrics");
+        let key = format!("dp_packets_total{{hook=\"{hook}\",reason=\"{reason}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    };
+    // The first packet each way may wait for its neighbour to be resolved
+    // (`bpf_redirect_neigh`, through the veth's egress); the rest may not.
+    assert_eq!(whoami(client), "pod-1-1");
+    let egress_before = count("tc/egress", "no_service");
+    let replies_before = count("tc/ingress", "reply_reverse_nat");
+    for _ in 0..20 {
+        assert_eq!(whoami(client), "pod-1-1");
+    }
+    assert_eq!(count("tc/ingress", "new_flow"), 21);
+    assert!(count("tc/ingress", "reply_reverse_nat") >= replies_before + 40);
+    assert_eq!(
+        count("tc/egress", "no_service"),
+        egress_before,
+        "translated packets passed a pod veth's egress"
+    );
+    agent.stop();
+}
+
 /// kube-proxy still holding the health port (mid-migration): the agent
 /// programs the node all the same, and serves /healthz once the port is
 /// free.

@@ -8,7 +8,10 @@
 //!
 //! - Forwarded (the FIB names an output device): `bpf_redirect` with the
 //!   FIB's MAC addresses, or `bpf_redirect_neigh` when the neighbour is not
-//!   known yet (the kernel resolves it).
+//!   known yet (the kernel resolves it). When the device is the host side of
+//!   a pod's veth (`DEVICE_POD` in `DP_DEVICES`), `bpf_redirect_peer`
+//!   instead: straight into the pod's interface, skipping the host-side
+//!   veth's egress and the backlog queue between the two.
 //! - For this host, with a translated source (the reply of a host process's
 //!   service flow): into the ingress of the device the host would send to
 //!   that source through, the one strict reverse-path filtering accepts it
@@ -23,10 +26,10 @@ use aya_ebpf::{
         bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_F_INGRESS,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
-use common::{FlowTuple, Reason, TraceEvent};
+use common::{device::DEVICE_POD, FlowTuple, Reason, TraceEvent};
 
 use crate::{
     action::TcAction,
@@ -92,7 +95,16 @@ pub fn send_on_from_ingress(ctx: &TcContext, ev: &mut TraceEvent) -> Result<TcAc
                 diag::mac_store_failed(p.ifindex);
                 return Ok(TcAction::Pass);
             }
-            sent(ev, p.ifindex, redirect(p.ifindex, 0))
+            let dev = p.ifindex;
+            sent(
+                ev,
+                dev,
+                if is_pod_device(dev) {
+                    redirect_peer(dev)
+                } else {
+                    redirect(dev, 0)
+                },
+            )
         }
         BPF_FIB_LKUP_RET_NO_NEIGH => sent(ev, p.ifindex, redirect_neigh(p.ifindex)),
         BPF_FIB_LKUP_RET_NOT_FWDED if ev.translated.saddr != ev.original.saddr => {
@@ -178,6 +190,22 @@ fn sent(
 pub fn redirect(ifindex: u32, flags: u64) -> Result<TcAction, Reason> {
     // SAFETY: helper without pointer arguments.
     redirected(unsafe { bpf_redirect(ifindex, flags) })
+}
+
+/// Whether `ifindex` is the host side of a pod's veth (the agent marks
+/// them in `DP_DEVICES`).
+#[inline(always)]
+fn is_pod_device(ifindex: u32) -> bool {
+    // SAFETY: read of a map value.
+    unsafe { DP_DEVICES.get(&ifindex) }.is_some_and(|d| d.flags & DEVICE_POD != 0)
+}
+
+/// `bpf_redirect_peer`: into the ingress of `ifindex`'s peer (the pod's
+/// interface, in its own namespace). Only from tc ingress.
+#[inline(always)]
+fn redirect_peer(ifindex: u32) -> Result<TcAction, Reason> {
+    // SAFETY: helper without pointer arguments.
+    redirected(unsafe { bpf_redirect_peer(ifindex, 0) })
 }
 
 /// `bpf_redirect_neigh` without parameters: the kernel resolves the

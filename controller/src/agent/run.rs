@@ -363,6 +363,7 @@ impl Agent {
             match dp
                 .attach_tc_pinned(&dev, Hook::TcIngress, &ingress)
                 .and_then(|()| dp.attach_tc_pinned(&dev, Hook::TcEgress, &egress))
+                .and_then(|()| dp.mark_pod_device(&dev))
             {
                 Ok(()) => {
                     info!(device = %dev, "attached tc to pod device");

@@ -666,13 +666,43 @@ impl Datapath {
     fn note_interface(&mut self, ifindex: u32, ifname: &str) -> Result<()> {
         let info = DeviceInfo {
             mac: device_mac(ifname)?,
-            _pad: [0; 2],
+            flags: 0,
+            _pad: 0,
         };
         let name = map_names::DEVICES;
         let mut map: BpfHashMap<&mut MapData, u32, DeviceInfo> = self.map_mut(name)?;
         map.insert(ifindex, info, 0)
             .map_err(|source| Error::Map { name, source })?;
         self.interfaces.insert(ifindex, ifname.to_string());
+        Ok(())
+    }
+
+    /// Marks `ifname` (already attached) as the host side of a pod's veth:
+    /// translated packets whose next hop it is go straight into the pod
+    /// (`common::device::DEVICE_POD`).
+    ///
+    /// Only veth (and netkit) devices have a peer to send to; another kind
+    /// of pod device is left unmarked (packets to it go through its egress).
+    pub fn mark_pod_device(&mut self, ifname: &str) -> Result<()> {
+        if !matches!(device_driver(ifname)?.as_str(), "veth" | "netkit") {
+            return Ok(());
+        }
+        let name = map_names::DEVICES;
+        let ifindices: Vec<u32> = self
+            .interfaces
+            .iter()
+            .filter(|(_, n)| *n == ifname)
+            .map(|(ifindex, _)| *ifindex)
+            .collect();
+        let mut map: BpfHashMap<&mut MapData, u32, DeviceInfo> = self.map_mut(name)?;
+        for ifindex in ifindices {
+            let mut info = map
+                .get(&ifindex, 0)
+                .map_err(|source| Error::Map { name, source })?;
+            info.flags |= common::device::DEVICE_POD;
+            map.insert(ifindex, info, 0)
+                .map_err(|source| Error::Map { name, source })?;
+        }
         Ok(())
     }
 
@@ -1105,6 +1135,52 @@ pub fn device_mac(ifname: &str) -> Result<[u8; 6]> {
         *dst = *src as u8;
     }
     Ok(mac)
+}
+
+/// The driver of `ifname` (`ETHTOOL_GDRVINFO`), e.g. `veth`.
+pub fn device_driver(ifname: &str) -> Result<String> {
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    // struct ethtool_drvinfo: cmd, then driver[32], and more we do not read.
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 160],
+    }
+    let no_such = || Error::NoSuchInterface(ifname.to_string());
+    let name = ifname.as_bytes();
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 160],
+    };
+    // SAFETY: zeroed ifreq is valid; the name fits (checked) with its NUL.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= req.ifr_name.len() {
+        return Err(no_such());
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
+    // SAFETY: plain socket call; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(Error::Io {
+            context: "socket for SIOCETHTOOL".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: a valid socket, ifreq and ethtool buffer (larger than the
+    // kernel's struct ethtool_drvinfo).
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL, &mut req) };
+    // SAFETY: our fd.
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        return Err(no_such());
+    }
+    let len = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
+    Ok(String::from_utf8_lossy(&info.driver[..len]).into_owned())
 }
 
 impl Drop for Datapath {
