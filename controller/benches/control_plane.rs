@@ -173,7 +173,7 @@ fn main() {
     }
 }
 
-/// The real agent process in a throwaway namespace (no devices attached).
+/// The real agent process in a throwaway namespace, attached to its one veth.
 fn agent_level(n: usize, rows: &mut Vec<(String, String)>) {
     let topo = e2e::Topology::pair("node", "unused", "10.199.0").unwrap();
     let root = std::env::temp_dir().join(format!("dp-bench-{}", std::process::id()));
@@ -193,6 +193,8 @@ fn agent_level(n: usize, rows: &mut Vec<(String, String)>) {
         .arg(format!("--net={}", topo.ns("node").path().display()))
         .arg(env!("CARGO_BIN_EXE_dp"))
         .args(["agent", "--node-name", "node1", "--node-ip", "172.18.0.2"])
+        // Named: the namespace has no default route to take it from.
+        .args(["--devices", "eth0"])
         .arg("--manifests")
         .arg(&dir)
         .arg("--bpffs")
