@@ -9,7 +9,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::Node,
+    core::v1::Service,
+    discovery::v1::{Endpoint, EndpointConditions, EndpointSlice},
+};
 use serde::Deserialize;
 
 use crate::translate::Skipped;
@@ -31,8 +35,11 @@ pub struct Objects {
 /// Reads every manifest file in `dir` (not recursive), in name order.
 pub fn load_dir(dir: &Path) -> std::io::Result<Objects> {
     let mut cache = ManifestCache::default();
-    cache.load_dir(dir)?;
-    Ok(cache.objects)
+    let loaded = cache.load_dir(dir)?;
+    // Taken from the cache before it compacts them.
+    let mut objects = Objects::default();
+    std::mem::swap(&mut objects, &mut loaded.cache.objects);
+    Ok(objects)
 }
 
 /// Adds the objects of one file's text to `objects`.
@@ -131,16 +138,23 @@ pub fn is_manifest(path: &Path) -> bool {
 /// file re-parses that file only.
 ///
 /// The objects are held once, as the concatenation of every file's objects
-/// in name order (what `load_dir` returns by reference); each file records
-/// how many of each it contributed, so a reload moves an unchanged file's
-/// objects into the new set instead of copying them. A copy per file plus
-/// the concatenation was two copies of every object: at 10 000 services
-/// that was half the agent's memory.
+/// in name order; each file records how many of each it contributed, so a
+/// reload moves an unchanged file's objects into the new set instead of
+/// copying them (a copy per file plus the concatenation was two copies of
+/// every object: at 10 000 services, half the agent's memory).
+///
+/// Between loads the slices' endpoints are held compactly
+/// (`CompactEndpoint`), and `load_dir` expands them for as long as its
+/// `Loaded` lives: k8s-openapi's `Endpoint` is 352 bytes however few of its
+/// fields are set, which at 100 000 endpoints was 35 MB.
 #[derive(Default)]
 pub struct ManifestCache {
     /// Cached files in name order, as their objects appear in `objects`.
     files: Vec<CachedFile>,
+    /// The slices' `endpoints` are empty here between loads.
     objects: Objects,
+    /// The endpoints of `objects.slices[i]`.
+    endpoints: Vec<Vec<CompactEndpoint>>,
 }
 
 /// One parsed file: its version and how many objects of each kind it added
@@ -154,31 +168,72 @@ struct CachedFile {
     skipped: usize,
 }
 
-/// The objects of the previous load, consumed in file order.
+/// An endpoint as the cache keeps it: the fields most endpoints have, and
+/// the rest of the object only when it has more (hints, hostname,
+/// targetRef, zone).
+#[derive(Clone, Debug, PartialEq)]
+struct CompactEndpoint {
+    addresses: Vec<String>,
+    node_name: Option<String>,
+    conditions: Option<EndpointConditions>,
+    /// The endpoint with the fields above taken out, when anything is left.
+    rest: Option<Box<Endpoint>>,
+}
+
+impl From<Endpoint> for CompactEndpoint {
+    fn from(mut endpoint: Endpoint) -> Self {
+        let addresses = std::mem::take(&mut endpoint.addresses);
+        let node_name = endpoint.node_name.take();
+        let conditions = endpoint.conditions.take();
+        let rest = (endpoint != Endpoint::default()).then(|| Box::new(endpoint));
+        CompactEndpoint {
+            addresses,
+            node_name,
+            conditions,
+            rest,
+        }
+    }
+}
+
+impl From<&CompactEndpoint> for Endpoint {
+    fn from(compact: &CompactEndpoint) -> Self {
+        let mut endpoint = compact.rest.as_deref().cloned().unwrap_or_default();
+        endpoint.addresses = compact.addresses.clone();
+        endpoint.node_name = compact.node_name.clone();
+        endpoint.conditions = compact.conditions.clone();
+        endpoint
+    }
+}
+
+/// What a `ManifestCache` holds, consumed in file order by the next load.
 struct Previous {
     services: std::vec::IntoIter<Service>,
     slices: std::vec::IntoIter<EndpointSlice>,
+    endpoints: std::vec::IntoIter<Vec<CompactEndpoint>>,
     nodes: std::vec::IntoIter<Node>,
     skipped: std::vec::IntoIter<Skipped>,
 }
 
 impl Previous {
-    /// Moves `file`'s objects into `to`, or drops them when `to` is None.
-    fn take(&mut self, file: &CachedFile, to: Option<&mut Objects>) {
+    /// Moves `file`'s objects into `cache`, or drops them when it is None.
+    fn take(&mut self, file: &CachedFile, cache: Option<&mut ManifestCache>) {
         let services = self.services.by_ref().take(file.services);
         let slices = self.slices.by_ref().take(file.slices);
+        let endpoints = self.endpoints.by_ref().take(file.slices);
         let nodes = self.nodes.by_ref().take(file.nodes);
         let skipped = self.skipped.by_ref().take(file.skipped);
-        match to {
-            Some(to) => {
-                to.services.extend(services);
-                to.slices.extend(slices);
-                to.nodes.extend(nodes);
-                to.skipped.extend(skipped);
+        match cache {
+            Some(cache) => {
+                cache.objects.services.extend(services);
+                cache.objects.slices.extend(slices);
+                cache.endpoints.extend(endpoints);
+                cache.objects.nodes.extend(nodes);
+                cache.objects.skipped.extend(skipped);
             }
             None => {
                 services.for_each(drop);
                 slices.for_each(drop);
+                endpoints.for_each(drop);
                 nodes.for_each(drop);
                 skipped.for_each(drop);
             }
@@ -186,10 +241,31 @@ impl Previous {
     }
 }
 
+/// The objects of a `ManifestCache::load_dir`, endpoints expanded; they are
+/// compacted again when this is dropped.
+pub struct Loaded<'a> {
+    cache: &'a mut ManifestCache,
+}
+
+impl std::ops::Deref for Loaded<'_> {
+    type Target = Objects;
+    fn deref(&self) -> &Objects {
+        &self.cache.objects
+    }
+}
+
+impl Drop for Loaded<'_> {
+    fn drop(&mut self) {
+        for slice in &mut self.cache.objects.slices {
+            slice.endpoints = Vec::new();
+        }
+    }
+}
+
 impl ManifestCache {
     /// Like `load_dir`, parsing only files that changed since the last call.
-    /// On an error reading the directory the previous objects are kept.
-    pub fn load_dir(&mut self, dir: &Path) -> std::io::Result<&Objects> {
+    /// On an error reading the directory the cache is left as it was.
+    pub fn load_dir(&mut self, dir: &Path) -> std::io::Result<Loaded<'_>> {
         let mut paths: Vec<PathBuf> = fs::read_dir(dir)?
             .filter_map(Result::ok)
             .map(|e| e.path())
@@ -209,40 +285,34 @@ impl ManifestCache {
             };
             listed.push((path, stamp));
         }
-        let previous = std::mem::take(&mut self.objects);
+        let held = std::mem::take(&mut self.objects);
         let mut previous = Previous {
-            services: previous.services.into_iter(),
-            slices: previous.slices.into_iter(),
-            nodes: previous.nodes.into_iter(),
-            skipped: previous.skipped.into_iter(),
+            services: held.services.into_iter(),
+            slices: held.slices.into_iter(),
+            endpoints: std::mem::take(&mut self.endpoints).into_iter(),
+            nodes: held.nodes.into_iter(),
+            skipped: held.skipped.into_iter(),
         };
         let mut cached = std::mem::take(&mut self.files).into_iter().peekable();
-        let mut all = Objects::default();
         for (path, stamp) in listed {
             let origin = path.display().to_string();
             // Files gone since the last load, before this one in name order.
             while let Some(gone) = cached.next_if(|c| c.path < path) {
                 previous.take(&gone, None);
             }
-            let unchanged = cached.next_if(|c| c.path == path).and_then(|old| {
-                let same = stamp.as_ref().is_ok_and(|s| *s == old.stamp);
-                if same {
-                    previous.take(&old, Some(&mut all));
-                    Some(old)
-                } else {
-                    previous.take(&old, None);
-                    None
+            if let Some(old) = cached.next_if(|c| c.path == path) {
+                if stamp.as_ref().is_ok_and(|s| *s == old.stamp) {
+                    previous.take(&old, Some(self));
+                    self.files.push(old);
+                    continue;
                 }
-            });
-            if let Some(old) = unchanged {
-                self.files.push(old);
-                continue;
+                previous.take(&old, None);
             }
             let stamp = match stamp {
                 Ok(stamp) => stamp,
                 Err(e) => {
                     // Not cached: read again next time.
-                    all.skipped.push(invalid(&origin, e.to_string()));
+                    self.objects.skipped.push(invalid(&origin, e.to_string()));
                     continue;
                 }
             };
@@ -259,16 +329,27 @@ impl ManifestCache {
                 nodes: parsed.nodes.len(),
                 skipped: parsed.skipped.len(),
             });
-            all.services.append(&mut parsed.services);
-            all.slices.append(&mut parsed.slices);
-            all.nodes.append(&mut parsed.nodes);
-            all.skipped.append(&mut parsed.skipped);
+            for slice in &mut parsed.slices {
+                let endpoints = std::mem::take(&mut slice.endpoints);
+                // A new allocation: `collect` would reuse the 352-byte
+                // slots of `endpoints` in place, and keep them.
+                let mut compact = Vec::with_capacity(endpoints.len());
+                compact.extend(endpoints.into_iter().map(CompactEndpoint::from));
+                self.endpoints.push(compact);
+            }
+            self.objects.services.append(&mut parsed.services);
+            self.objects.slices.append(&mut parsed.slices);
+            self.objects.nodes.append(&mut parsed.nodes);
+            self.objects.skipped.append(&mut parsed.skipped);
         }
         // Growing by doubling leaves up to half of each list unused.
-        all.services.shrink_to_fit();
-        all.slices.shrink_to_fit();
-        self.objects = all;
-        Ok(&self.objects)
+        self.objects.services.shrink_to_fit();
+        self.objects.slices.shrink_to_fit();
+        self.endpoints.shrink_to_fit();
+        for (slice, endpoints) in self.objects.slices.iter_mut().zip(&self.endpoints) {
+            slice.endpoints = endpoints.iter().map(Endpoint::from).collect();
+        }
+        Ok(Loaded { cache: self })
     }
 }
 
@@ -294,12 +375,21 @@ mod tests {
         out
     }
 
+    fn slice(name: &str, endpoints: &str) -> String {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}, namespace: t, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+             addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: {endpoints}\n---\n"
+        )
+    }
+
     /// The cache's objects after each change are those a fresh read finds.
     fn assert_fresh(cache: &mut ManifestCache, dir: &Path) -> Vec<String> {
-        let cached = names(cache.load_dir(dir).unwrap());
-        let fresh = names(&load_dir(dir).unwrap());
-        assert_eq!(cached, fresh);
-        cached
+        let cached = cache.load_dir(dir).unwrap();
+        let fresh = load_dir(dir).unwrap();
+        assert_eq!(cached.slices, fresh.slices);
+        assert_eq!(names(&cached), names(&fresh));
+        names(&cached)
     }
 
     #[test]
@@ -312,6 +402,13 @@ mod tests {
         )
         .unwrap();
         fs::write(dir.join("c.yaml"), service("c1", "10.96.0.3")).unwrap();
+        // Endpoints with few fields and with every field.
+        let endpoints = "[{addresses: [10.244.0.1], nodeName: n1}, \
+            {addresses: [10.244.0.2], conditions: {ready: false, terminating: true}}, \
+            {addresses: [10.244.0.3], nodeName: n2, zone: z, hostname: h, \
+             hints: {forZones: [{name: z}]}, deprecatedTopology: {a: b}, \
+             targetRef: {kind: Pod, namespace: t, name: p, uid: u}}]";
+        fs::write(dir.join("c2.yaml"), slice("c1", endpoints)).unwrap();
         fs::write(dir.join("d.yaml"), "kind: [").unwrap();
         let mut cache = ManifestCache::default();
         let first = assert_fresh(&mut cache, &dir);
@@ -322,6 +419,14 @@ mod tests {
         fs::write(dir.join("a.yaml"), service("a3", "10.96.0.5")).unwrap();
         fs::remove_file(dir.join("d.yaml")).unwrap();
         assert_eq!(assert_fresh(&mut cache, &dir), ["a3", "b1", "c1"]);
+        {
+            let loaded = cache.load_dir(&dir).unwrap();
+            assert_eq!(loaded.slices[0].endpoints.len(), 3);
+            let target = loaded.slices[0].endpoints[2].target_ref.as_ref();
+            assert_eq!(target.unwrap().uid.as_deref(), Some("u"));
+        }
+        // Compacted between loads, expanded by the next.
+        assert!(cache.objects.slices[0].endpoints.is_empty());
         // Unchanged files come from the cache, in order.
         assert_eq!(assert_fresh(&mut cache, &dir), ["a3", "b1", "c1"]);
         fs::remove_file(dir.join("a.yaml")).unwrap();
