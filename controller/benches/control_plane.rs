@@ -187,6 +187,26 @@ fn agent_level(n: usize, rows: &mut Vec<(String, String)>) {
             .collect();
         fs::write(dir.join(format!("s{f:04}.yaml")), text).unwrap();
     }
+    // What the agent's cache costs per sync: the first load parses every
+    // file; a reload with nothing changed stats them and expands the
+    // endpoints it keeps compact.
+    let mut cache = manifests::ManifestCache::default();
+    let t = Instant::now();
+    assert_eq!(cache.load_dir(&dir).unwrap().services.len(), n);
+    rows.push((
+        format!(
+            "manifest cache: first load ({} files)",
+            n.div_ceil(per_file)
+        ),
+        ms(t.elapsed()),
+    ));
+    let t = Instant::now();
+    assert_eq!(cache.load_dir(&dir).unwrap().slices.len(), n);
+    rows.push((
+        "manifest cache: reload, nothing changed".into(),
+        ms(t.elapsed()),
+    ));
+    drop(cache);
     let s = sizes(n);
     let started = Instant::now();
     let mut child = Command::new("nsenter")

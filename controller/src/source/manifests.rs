@@ -195,12 +195,18 @@ impl From<Endpoint> for CompactEndpoint {
     }
 }
 
-impl From<&CompactEndpoint> for Endpoint {
-    fn from(compact: &CompactEndpoint) -> Self {
-        let mut endpoint = compact.rest.as_deref().cloned().unwrap_or_default();
-        endpoint.addresses = compact.addresses.clone();
-        endpoint.node_name = compact.node_name.clone();
-        endpoint.conditions = compact.conditions.clone();
+impl CompactEndpoint {
+    /// The endpoint, its fields moved out (`From<Endpoint>` puts them back):
+    /// expanding every endpoint for each sync allocates one list per slice,
+    /// not a copy of every string.
+    fn expand(&mut self) -> Endpoint {
+        let mut endpoint = self
+            .rest
+            .take()
+            .map_or_else(Endpoint::default, |rest| *rest);
+        endpoint.addresses = std::mem::take(&mut self.addresses);
+        endpoint.node_name = self.node_name.take();
+        endpoint.conditions = self.conditions.take();
         endpoint
     }
 }
@@ -256,8 +262,13 @@ impl std::ops::Deref for Loaded<'_> {
 
 impl Drop for Loaded<'_> {
     fn drop(&mut self) {
-        for slice in &mut self.cache.objects.slices {
-            slice.endpoints = Vec::new();
+        let cache = &mut *self.cache;
+        for (slice, compact) in cache.objects.slices.iter_mut().zip(&mut cache.endpoints) {
+            // Unchanged since `expand` (lent as shared references only).
+            let expanded = std::mem::take(&mut slice.endpoints);
+            for (to, endpoint) in compact.iter_mut().zip(expanded) {
+                *to = CompactEndpoint::from(endpoint);
+            }
         }
     }
 }
@@ -346,8 +357,8 @@ impl ManifestCache {
         self.objects.services.shrink_to_fit();
         self.objects.slices.shrink_to_fit();
         self.endpoints.shrink_to_fit();
-        for (slice, endpoints) in self.objects.slices.iter_mut().zip(&self.endpoints) {
-            slice.endpoints = endpoints.iter().map(Endpoint::from).collect();
+        for (slice, compact) in self.objects.slices.iter_mut().zip(&mut self.endpoints) {
+            slice.endpoints = compact.iter_mut().map(CompactEndpoint::expand).collect();
         }
         Ok(Loaded { cache: self })
     }
