@@ -402,9 +402,9 @@ impl Agent {
     fn sync(&mut self, dp: &mut Datapath, source: &Source) {
         let started = Instant::now();
         // The manifest cache lends its objects (no copy) until `loaded` is
-        // dropped; the API's snapshot is owned.
-        let (mut cache, mut loaded) = (None, None);
-        let snapshot;
+        // dropped; the API's snapshot is a copy. Both are dropped before
+        // the freed memory is returned, at the end of a sync.
+        let (mut cache, mut loaded, mut snapshot) = (None, None, None);
         let objects = match source {
             Source::Manifests(dir, manifest_cache) => {
                 match cache.insert(manifest_cache.borrow_mut()).load_dir(dir) {
@@ -415,10 +415,7 @@ impl Agent {
                 }
             }
             Source::Kube(kube) if !kube.ready() => return,
-            Source::Kube(kube) => {
-                snapshot = kube.snapshot();
-                &snapshot
-            }
+            Source::Kube(kube) => &*snapshot.insert(kube.snapshot()),
         };
         if let Some(node) = objects
             .nodes
@@ -462,7 +459,7 @@ impl Agent {
                 // The translated state is rebuilt next time: its memory goes
                 // back to the kernel now, not at the peak of the next sync.
                 drop(desired);
-                drop(loaded);
+                drop((loaded, snapshot));
                 release_freed_memory();
                 let now = std::time::SystemTime::now();
                 self.metrics
