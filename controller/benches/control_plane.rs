@@ -174,7 +174,7 @@ fn main() {
     }
 }
 
-/// The real agent process in a throwaway namespace (no devices attached).
+/// The real agent process in a throwaway namespace, attached to its one veth.
 fn agent_level(n: usize, rows: &mut Vec<(String, String)>) {
     let topo = e2e::Topology::pair("node", "unused", "10.199.0").unwrap();
     let root = std::env::temp_dir().join(format!("dp-bench-{}", std::process::id()));
@@ -188,12 +188,34 @@ fn agent_level(n: usize, rows: &mut Vec<(String, String)>) {
             .collect();
         fs::write(dir.join(format!("s{f:04}.yaml")), text).unwrap();
     }
+    // What the agent's cache costs per sync: the first load parses every
+    // file; a reload with nothing changed stats them and expands the
+    // endpoints it keeps compact.
+    let mut cache = manifests::ManifestCache::default();
+    let t = Instant::now();
+    assert_eq!(cache.load_dir(&dir).unwrap().services.len(), n);
+    rows.push((
+        format!(
+            "manifest cache: first load ({} files)",
+            n.div_ceil(per_file)
+        ),
+        ms(t.elapsed()),
+    ));
+    let t = Instant::now();
+    assert_eq!(cache.load_dir(&dir).unwrap().slices.len(), n);
+    rows.push((
+        "manifest cache: reload, nothing changed".into(),
+        ms(t.elapsed()),
+    ));
+    drop(cache);
     let s = sizes(n);
     let started = Instant::now();
     let mut child = Command::new("nsenter")
         .arg(format!("--net={}", topo.ns("node").path().display()))
         .arg(env!("CARGO_BIN_EXE_dp"))
         .args(["agent", "--node-name", "node1", "--node-ip", "172.18.0.2"])
+        // Named: the namespace has no default route to take it from.
+        .args(["--devices", "eth0"])
         .arg("--manifests")
         .arg(&dir)
         .arg("--bpffs")

@@ -110,6 +110,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         sysctls = %crate::kernel::host::Sysctls::read().describe(),
         "node"
     );
+    // The manifests are parsed while the programs load and attach (each
+    // about half of the start at 10 000 services); the first sync then
+    // re-reads only files changed meanwhile.
+    let parsing = parse_manifests_early(opts.manifests.clone());
     // Maps and links live in bpffs: they outlive this process, and a
     // restarted agent adopts them (same ids, so conntrack stays valid).
     pin::ensure_bpffs(&opts.bpffs).context("preparing --bpffs")?;
@@ -206,7 +210,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                     }
                 })?;
             watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
-            (Source::Manifests(dir, Default::default()), Some(watcher))
+            let cache = parsing
+                .and_then(|thread| thread.join().ok())
+                .unwrap_or_default();
+            (Source::Manifests(dir, cache.into()), Some(watcher))
         }
         None => {
             let config = kube_source::config(agent.opts.kubeconfig.as_deref())
@@ -296,6 +303,22 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A thread filling a manifest cache from `dir`, if there is one. What it
+/// cannot read is reported by the first sync, which reads again.
+fn parse_manifests_early(
+    dir: Option<PathBuf>,
+) -> Option<std::thread::JoinHandle<manifests::ManifestCache>> {
+    let dir = dir?;
+    let spawned = std::thread::Builder::new()
+        .name("dp-manifests".into())
+        .spawn(move || {
+            let mut cache = manifests::ManifestCache::default();
+            let _ = cache.load_dir(&dir);
+            cache
+        });
+    spawned.ok()
+}
+
 enum Source {
     Manifests(PathBuf, std::cell::RefCell<manifests::ManifestCache>),
     Kube(KubeSource),
@@ -379,13 +402,21 @@ impl Agent {
     /// cannot be read leaves the programmed state as it is (fail static).
     fn sync(&mut self, dp: &mut Datapath, source: &Source) {
         let started = Instant::now();
+        // The manifest cache lends its objects (no copy) until `loaded` is
+        // dropped; the API's snapshot is a copy. Both are dropped before
+        // the freed memory is returned, at the end of a sync.
+        let (mut cache, mut loaded, mut snapshot) = (None, None, None);
         let objects = match source {
-            Source::Manifests(dir, cache) => match cache.borrow_mut().load_dir(dir) {
-                Ok(o) => o,
-                Err(e) => return warn!(error = %e, dir = %dir.display(), "cannot read manifests"),
-            },
+            Source::Manifests(dir, manifest_cache) => {
+                match cache.insert(manifest_cache.borrow_mut()).load_dir(dir) {
+                    Ok(o) => &**loaded.insert(o),
+                    Err(e) => {
+                        return warn!(error = %e, dir = %dir.display(), "cannot read manifests")
+                    }
+                }
+            }
             Source::Kube(kube) if !kube.ready() => return,
-            Source::Kube(kube) => kube.snapshot(),
+            Source::Kube(kube) => &*snapshot.insert(kube.snapshot()),
         };
         if let Some(node) = objects
             .nodes
@@ -426,6 +457,11 @@ impl Agent {
                 self.metrics.not_programmed = stats.not_programmed.len();
                 // Logs what it cannot bind; tried again next sync.
                 self.health_checks.sync(&desired);
+                // The translated state is rebuilt next time: its memory goes
+                // back to the kernel now, not at the peak of the next sync.
+                drop(desired);
+                drop((loaded, snapshot));
+                release_freed_memory();
                 let now = std::time::SystemTime::now();
                 self.metrics
                     .sync_duration
@@ -456,6 +492,18 @@ impl Agent {
                 warn!(error = %e, "programming the maps failed");
             }
         }
+    }
+}
+
+/// Returns the heap's free pages to the kernel. A sync frees the whole
+/// translated state it built, but glibc keeps freed memory in the process
+/// (only a free top of the heap is returned, and rarely): without this the
+/// agent's RSS stays at the peak of its largest sync.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
