@@ -7,6 +7,11 @@
 //! free id; frontends (service ports at one address) likewise get service
 //! ids. Processing is in sorted order, so the same input gives the same ids.
 //!
+//! `apply` compares the whole desired state; `apply_changes` only the
+//! frontends the caller names (`incremental::Changes`), with what couples
+//! frontends kept in indexes (the frontends using each backend, the ids in
+//! use), so a change costs what changed. Both give the same writes.
+//!
 //! Conntrack is left alone when a backend goes: the datapath moves UDP flows
 //! and resets TCP flows of a removed backend on their next packet, which
 //! deleting their entries here would prevent.
@@ -133,14 +138,28 @@ pub trait ServiceMaps {
     fn read_services(&mut self) -> Result<ProgrammedServices>;
 }
 
+type BackendKey = (SocketAddr, u8);
+
 /// The agent's record of what it programmed.
 #[derive(Debug, Default)]
 pub struct MapWriter {
     frontends: BTreeMap<FrontendKey, Applied>,
     /// (address, protocol) -> (id, terminating).
-    backends: BTreeMap<(SocketAddr, u8), (u32, bool)>,
+    backends: BTreeMap<BackendKey, (u32, bool)>,
     /// What `DP_NAMES` holds: (kind, id) -> name.
     names: BTreeMap<(u32, u32), String>,
+    /// The frontends of the last desired state that use each backend, in
+    /// key order, with whether all their references are terminating.
+    users: BTreeMap<BackendKey, Vec<(FrontendKey, bool)>>,
+    /// Ids in use (the lowest free one is the next).
+    backend_ids: BTreeSet<u32>,
+    service_ids: BTreeSet<u32>,
+    /// The maps hold exactly the last desired state (an apply completed
+    /// with nothing left out): only then can a change be applied alone.
+    in_step: bool,
+    /// Names to write after `apply_changes` ((kind, id) -> name, `None`:
+    /// remove); `None` after `apply`: every name is compared.
+    names_pending: Option<BTreeMap<(u32, u32), Option<String>>>,
 }
 
 impl MapWriter {
@@ -194,6 +213,24 @@ impl MapWriter {
     /// known of them beyond their address).
     pub fn write_names(&mut self, dp: &mut (impl ServiceMaps + ?Sized)) -> Result<()> {
         use common::names::{NAME_KIND_BACKEND, NAME_KIND_SERVICE};
+        if let Some(pending) = self.names_pending.take() {
+            // Only the ids `apply_changes` touched.
+            self.names_pending = Some(BTreeMap::new());
+            for (key, name) in pending {
+                match name {
+                    Some(name) if self.names.get(&key) != Some(&name) => {
+                        dp.set_name(key.0, key.1, &name)?;
+                        self.names.insert(key, name);
+                    }
+                    None if self.names.contains_key(&key) => {
+                        dp.remove_name(key.0, key.1)?;
+                        self.names.remove(&key);
+                    }
+                    _ => {}
+                }
+            }
+            return Ok(());
+        }
         let mut wanted: BTreeMap<(u32, u32), String> = self
             .service_names()
             .into_iter()
@@ -219,6 +256,7 @@ impl MapWriter {
             }
         }
         self.names = wanted;
+        self.names_pending = Some(BTreeMap::new());
         Ok(())
     }
 
@@ -266,14 +304,24 @@ impl MapWriter {
         desired: &DesiredState,
     ) -> Result<SyncStats> {
         let mut stats = SyncStats::default();
-        // 1. Backends the desired state needs, with their terminating flag.
-        let mut wanted: BTreeMap<(SocketAddr, u8), bool> = BTreeMap::new();
+        self.in_step = false;
+        self.names_pending = None;
+        // 1. Backends the desired state needs, with their terminating flag
+        // (terminating only if every reference is).
+        self.users.clear();
         for (key, spec) in &desired.frontends {
-            for (ep, terminating) in backends_of(spec) {
-                let t = wanted.entry((ep.addr, key.protocol)).or_insert(terminating);
-                *t &= terminating;
+            for (backend, terminating) in references(key.protocol, spec) {
+                self.users
+                    .entry(backend)
+                    .or_default()
+                    .push((*key, terminating));
             }
         }
+        let wanted: BTreeMap<BackendKey, bool> = self
+            .users
+            .iter()
+            .map(|(b, users)| (*b, users.iter().all(|(_, t)| *t)))
+            .collect();
         let mut used_ids: BTreeSet<u32> = self.backends.values().map(|(id, _)| *id).collect();
         for (backend, terminating) in &wanted {
             let (id, changed) = match self.backends.get(backend) {
@@ -359,7 +407,183 @@ impl MapWriter {
                 stats.backends_removed += 1;
             }
         }
+        self.backend_ids = self.backends.values().map(|(id, _)| *id).collect();
+        self.service_ids = self.frontends.values().map(|a| a.service_id).collect();
+        self.in_step = stats.not_programmed.is_empty();
         Ok(stats)
+    }
+
+    /// What `apply` writes, when `desired` differs from the state last
+    /// applied only in the frontends `changed` names; the cost is that of
+    /// the change. When the maps may not hold the last state (adopted, or
+    /// something did not fit), `apply` compares everything instead.
+    pub fn apply_changes(
+        &mut self,
+        dp: &mut (impl ServiceMaps + ?Sized),
+        desired: &DesiredState,
+        changed: &BTreeSet<FrontendKey>,
+    ) -> Result<SyncStats> {
+        use common::names::{NAME_KIND_BACKEND, NAME_KIND_SERVICE};
+        if !self.in_step {
+            return self.apply(dp, desired);
+        }
+        self.in_step = false;
+        let mut stats = SyncStats::default();
+        // The backends the changed frontends used and use, with their users.
+        let mut touched: BTreeMap<BackendKey, Option<u32>> = BTreeMap::new();
+        let mut old_service_ids = Vec::new();
+        for key in changed {
+            if let Some(applied) = self.frontends.get(key) {
+                old_service_ids.push(applied.service_id);
+                let old = applied.spec.as_ref().expect("in step: every frontend has its spec");
+                for (backend, _) in references(key.protocol, old) {
+                    let users = self.users.entry(backend).or_default();
+                    if let Ok(i) = users.binary_search_by_key(key, |(k, _)| *k) {
+                        users.remove(i);
+                    }
+                    touched.insert(backend, self.backends.get(&backend).map(|(id, _)| *id));
+                }
+            }
+            if let Some(spec) = desired.frontends.get(key) {
+                for (backend, terminating) in references(key.protocol, spec) {
+                    let users = self.users.entry(backend).or_default();
+                    match users.binary_search_by_key(key, |(k, _)| *k) {
+                        Ok(i) => users[i].1 = terminating,
+                        Err(i) => users.insert(i, (*key, terminating)),
+                    }
+                    touched
+                        .entry(backend)
+                        .or_insert_with(|| self.backends.get(&backend).map(|(id, _)| *id));
+                }
+            }
+        }
+        // 1. Backends now used, new or with a changed terminating flag.
+        for backend in touched.keys() {
+            let Some(users) = self.users.get(backend).filter(|u| !u.is_empty()) else {
+                continue;
+            };
+            let terminating = users.iter().all(|(_, t)| *t);
+            let (id, write) = match self.backends.get(backend) {
+                Some((id, t)) => (*id, *t != terminating),
+                None => (lowest_free(&mut self.backend_ids), true),
+            };
+            if write {
+                if let Err(e) = dp.set_backend(id, backend.0, backend.1, terminating) {
+                    self.backend_ids.remove(&id);
+                    let what = format!("backend {}/{}", backend.0, protocol_name(backend.1));
+                    stats.not_programmed.push((what, e.to_string()));
+                    continue;
+                }
+                self.backends.insert(*backend, (id, terminating));
+                stats.backends_written += 1;
+            }
+        }
+        // 2. Changed frontends that are still wanted.
+        for key in changed {
+            let Some(spec) = desired.frontends.get(key) else {
+                continue;
+            };
+            let slots = self.slots_of(key.protocol, spec);
+            let service_id = match self.frontends.get(key) {
+                Some(a) if a.slots == slots && a.spec.as_ref() == Some(spec) => continue,
+                Some(a) => a.service_id,
+                None => lowest_free(&mut self.service_ids),
+            };
+            if let Err(e) = dp.set_service(&frontend(key), service_id, &slots) {
+                if !self.frontends.contains_key(key) {
+                    self.service_ids.remove(&service_id);
+                }
+                let what = format!("frontend {key} ({})", spec.service);
+                stats.not_programmed.push((what, e.to_string()));
+                continue;
+            }
+            self.frontends.insert(
+                *key,
+                Applied {
+                    service_id,
+                    slots,
+                    spec: Some(spec.clone()),
+                },
+            );
+            stats.frontends_written += 1;
+        }
+        // 3. Changed frontends that are gone.
+        for key in changed {
+            if desired.frontends.contains_key(key) {
+                continue;
+            }
+            if let Some(applied) = self.frontends.remove(key) {
+                dp.remove_service(&frontend(key))?;
+                self.service_ids.remove(&applied.service_id);
+                stats.frontends_removed += 1;
+            }
+        }
+        // 4. Backends nothing uses any more.
+        for backend in touched.keys() {
+            if self.users.get(backend).is_some_and(|u| !u.is_empty()) {
+                continue;
+            }
+            self.users.remove(backend);
+            if let Some((id, _)) = self.backends.remove(backend) {
+                dp.remove_backend(id)?;
+                self.backend_ids.remove(&id);
+                stats.backends_removed += 1;
+            }
+        }
+        // The names of the ids involved: the old ones go unless reused.
+        if let Some(pending) = &mut self.names_pending {
+            for id in old_service_ids {
+                pending.insert((NAME_KIND_SERVICE, id), None);
+            }
+            for id in touched.values().flatten() {
+                pending.insert((NAME_KIND_BACKEND, *id), None);
+            }
+        }
+        let mut names = Vec::new();
+        for key in changed {
+            if let Some(a) = self.frontends.get(key) {
+                if let Some(spec) = &a.spec {
+                    let label = crate::translate::labels::service_label(
+                        &spec.service.to_string(),
+                        &spec.kind.to_string(),
+                    );
+                    names.push(((NAME_KIND_SERVICE, a.service_id), Some(label)));
+                }
+            }
+        }
+        for backend in touched.keys() {
+            if let Some((id, _)) = self.backends.get(backend) {
+                names.push(((NAME_KIND_BACKEND, *id), self.backend_name(backend)));
+            }
+        }
+        if let Some(pending) = &mut self.names_pending {
+            pending.extend(names);
+        }
+        self.in_step = stats.not_programmed.is_empty();
+        Ok(stats)
+    }
+
+    /// What `DP_NAMES` says of one backend: as `write_names` finds it, from
+    /// the endpoint of the first frontend (in key order) that knows most.
+    fn backend_name(&self, backend: &BackendKey) -> Option<String> {
+        let mut best: Option<&EndpointInfo> = None;
+        let known = |e: &EndpointInfo| (e.pod.is_some(), e.node.is_some());
+        for (key, _) in self.users.get(backend).into_iter().flatten() {
+            let Some(spec) = self.frontends.get(key).and_then(|a| a.spec.as_ref()) else {
+                continue;
+            };
+            for (ep, _) in backends_of(spec) {
+                if ep.addr != backend.0 {
+                    continue;
+                }
+                match best {
+                    Some(prev) if known(prev) >= known(ep) => {}
+                    _ => best = Some(ep),
+                }
+            }
+        }
+        let ep = best?;
+        crate::translate::labels::backend_label(ep.pod.as_deref(), ep.node.as_deref())
     }
 
     fn slots_of(&self, protocol: u8, spec: &FrontendSpec) -> BackendSlots {
@@ -381,6 +605,16 @@ impl MapWriter {
             source_ranges: spec.source_ranges.iter().map(|c| (c.addr, c.len)).collect(),
         }
     }
+}
+
+/// The backends a frontend refers to, each terminating if every reference
+/// to it is.
+fn references(protocol: u8, spec: &FrontendSpec) -> BTreeMap<BackendKey, bool> {
+    let mut out: BTreeMap<BackendKey, bool> = BTreeMap::new();
+    for (ep, terminating) in backends_of(spec) {
+        *out.entry((ep.addr, protocol)).or_insert(terminating) &= terminating;
+    }
+    out
 }
 
 /// Every endpoint a frontend refers to, with whether it is terminating.
