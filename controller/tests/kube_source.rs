@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use dp::source::api::{self as kube_source, KubeSource};
+use dp::source::api::{self as kube_source, KubeChange, KubeSource};
 use e2e::apiserver::FakeApiServer;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -34,7 +34,7 @@ fn node(name: &str) -> Value {
 struct Harness {
     server: FakeApiServer,
     source: KubeSource,
-    changed: mpsc::UnboundedReceiver<()>,
+    changed: mpsc::UnboundedReceiver<KubeChange>,
     _dir: tempdir::Dir,
 }
 
@@ -73,7 +73,7 @@ impl Harness {
                 return;
             }
             match tokio::time::timeout_at(deadline, self.changed.recv()).await {
-                Ok(Some(())) => {}
+                Ok(Some(_)) => {}
                 _ => panic!("never saw: {what}"),
             }
         }

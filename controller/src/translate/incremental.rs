@@ -161,8 +161,7 @@ impl IncrementalTranslation {
     /// A new node description: every Service is translated again (only
     /// frontends whose spec changes are reported).
     pub fn set_node(&mut self, node: NodeInfo) {
-        if node.name == self.node.name && node.ips == self.node.ips && node.zone == self.node.zone
-        {
+        if node.name == self.node.name && node.ips == self.node.ips && node.zone == self.node.zone {
             return;
         }
         self.node = node;
@@ -240,7 +239,11 @@ impl IncrementalTranslation {
     }
 
     fn put_service(&mut self, key: ObjectKey, service: Service) {
-        if self.services.get(&key).is_some_and(|e| e.service == service) {
+        if self
+            .services
+            .get(&key)
+            .is_some_and(|e| e.service == service)
+        {
             return;
         }
         let entry = ServiceEntry {
@@ -488,7 +491,10 @@ fn with_copies<T>(
         let copy = seen
             .entry((first.namespace.clone(), first.name.clone()))
             .or_insert(0);
-        let key = ObjectKey { copy: *copy, ..first };
+        let key = ObjectKey {
+            copy: *copy,
+            ..first
+        };
         *copy += 1;
         out.insert(key, object);
     }

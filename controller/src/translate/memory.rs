@@ -55,4 +55,3 @@ impl ServiceMaps for MemoryMaps {
         })
     }
 }
-

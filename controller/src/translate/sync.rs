@@ -435,7 +435,10 @@ impl MapWriter {
         for key in changed {
             if let Some(applied) = self.frontends.get(key) {
                 old_service_ids.push(applied.service_id);
-                let old = applied.spec.as_ref().expect("in step: every frontend has its spec");
+                let old = applied
+                    .spec
+                    .as_ref()
+                    .expect("in step: every frontend has its spec");
                 for (backend, _) in references(key.protocol, old) {
                     let users = self.users.entry(backend).or_default();
                     if let Ok(i) = users.binary_search_by_key(key, |(k, _)| *k) {

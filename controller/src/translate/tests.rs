@@ -2,10 +2,7 @@
 //! memory: no root, no BPF object. The root tests (`tests/sync.rs`,
 //! `tests/*_test_run.rs`) check the same writes on the real maps.
 
-use std::{
-    collections::BTreeMap,
-    net::Ipv4Addr,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -208,7 +205,8 @@ fn random_service(rng: &mut Rng) -> Service {
     let namespace = rng.pick(&["ns", "other"]);
     let service_type = rng.pick(&["ClusterIP", "ClusterIP", "NodePort", "LoadBalancer"]);
     let cluster_ip = format!("10.96.0.{}", 1 + rng.below(3));
-    let mut ports = vec![serde_json::json!({"name": "http", "port": 80, "nodePort": 30000 + rng.below(3)})];
+    let mut ports =
+        vec![serde_json::json!({"name": "http", "port": 80, "nodePort": 30000 + rng.below(3)})];
     if rng.below(2) == 0 {
         ports.push(serde_json::json!({"name": "dns", "port": 53, "protocol": "UDP"}));
     }
@@ -235,7 +233,8 @@ fn random_service(rng: &mut Rng) -> Service {
     });
     if service_type == "LoadBalancer" {
         service["spec"]["healthCheckNodePort"] = 32000.into();
-        service["status"] = serde_json::json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}});
+        service["status"] =
+            serde_json::json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}});
     }
     serde_json::from_value(service).unwrap()
 }
