@@ -152,8 +152,8 @@ pub struct MapWriter {
     /// key order, with whether all their references are terminating.
     users: BTreeMap<BackendKey, Vec<(FrontendKey, bool)>>,
     /// Ids in use (the lowest free one is the next).
-    backend_ids: BTreeSet<u32>,
-    service_ids: BTreeSet<u32>,
+    backend_ids: Ids,
+    service_ids: Ids,
     /// The maps hold exactly the last desired state (an apply completed
     /// with nothing left out): only then can a change be applied alone.
     in_step: bool,
@@ -322,15 +322,15 @@ impl MapWriter {
             .iter()
             .map(|(b, users)| (*b, users.iter().all(|(_, t)| *t)))
             .collect();
-        let mut used_ids: BTreeSet<u32> = self.backends.values().map(|(id, _)| *id).collect();
+        let mut used_ids = Ids::used(self.backends.values().map(|(id, _)| *id));
         for (backend, terminating) in &wanted {
             let (id, changed) = match self.backends.get(backend) {
                 Some((id, t)) => (*id, t != terminating),
-                None => (lowest_free(&mut used_ids), true),
+                None => (used_ids.take_lowest(), true),
             };
             if changed {
                 if let Err(e) = dp.set_backend(id, backend.0, backend.1, *terminating) {
-                    used_ids.remove(&id);
+                    used_ids.release(id);
                     let what = format!("backend {}/{}", backend.0, protocol_name(backend.1));
                     stats.not_programmed.push((what, e.to_string()));
                     continue;
@@ -340,8 +340,7 @@ impl MapWriter {
             }
         }
         // 2. Frontends, new or changed.
-        let mut used_services: BTreeSet<u32> =
-            self.frontends.values().map(|a| a.service_id).collect();
+        let mut used_services = Ids::used(self.frontends.values().map(|a| a.service_id));
         for (key, spec) in &desired.frontends {
             // Unchanged spec, every endpoint in a slot: nothing to write. (A
             // backend keeps its id while referenced, so the slots match.)
@@ -362,11 +361,11 @@ impl MapWriter {
             let service_id = match self.frontends.get(key) {
                 Some(a) if a.slots == slots && a.spec.as_ref() == Some(spec) => continue,
                 Some(a) => a.service_id,
-                None => lowest_free(&mut used_services),
+                None => used_services.take_lowest(),
             };
             if let Err(e) = dp.set_service(&frontend(key), service_id, &slots) {
                 if !self.frontends.contains_key(key) {
-                    used_services.remove(&service_id);
+                    used_services.release(service_id);
                 }
                 let what = format!("frontend {key} ({})", spec.service);
                 stats.not_programmed.push((what, e.to_string()));
@@ -407,8 +406,8 @@ impl MapWriter {
                 stats.backends_removed += 1;
             }
         }
-        self.backend_ids = self.backends.values().map(|(id, _)| *id).collect();
-        self.service_ids = self.frontends.values().map(|a| a.service_id).collect();
+        self.backend_ids = Ids::used(self.backends.values().map(|(id, _)| *id));
+        self.service_ids = Ids::used(self.frontends.values().map(|a| a.service_id));
         self.in_step = stats.not_programmed.is_empty();
         Ok(stats)
     }
@@ -468,11 +467,11 @@ impl MapWriter {
             let terminating = users.iter().all(|(_, t)| *t);
             let (id, write) = match self.backends.get(backend) {
                 Some((id, t)) => (*id, *t != terminating),
-                None => (lowest_free(&mut self.backend_ids), true),
+                None => (self.backend_ids.take_lowest(), true),
             };
             if write {
                 if let Err(e) = dp.set_backend(id, backend.0, backend.1, terminating) {
-                    self.backend_ids.remove(&id);
+                    self.backend_ids.release(id);
                     let what = format!("backend {}/{}", backend.0, protocol_name(backend.1));
                     stats.not_programmed.push((what, e.to_string()));
                     continue;
@@ -490,11 +489,11 @@ impl MapWriter {
             let service_id = match self.frontends.get(key) {
                 Some(a) if a.slots == slots && a.spec.as_ref() == Some(spec) => continue,
                 Some(a) => a.service_id,
-                None => lowest_free(&mut self.service_ids),
+                None => self.service_ids.take_lowest(),
             };
             if let Err(e) = dp.set_service(&frontend(key), service_id, &slots) {
                 if !self.frontends.contains_key(key) {
-                    self.service_ids.remove(&service_id);
+                    self.service_ids.release(service_id);
                 }
                 let what = format!("frontend {key} ({})", spec.service);
                 stats.not_programmed.push((what, e.to_string()));
@@ -517,7 +516,7 @@ impl MapWriter {
             }
             if let Some(applied) = self.frontends.remove(key) {
                 dp.remove_service(&frontend(key))?;
-                self.service_ids.remove(&applied.service_id);
+                self.service_ids.release(applied.service_id);
                 stats.frontends_removed += 1;
             }
         }
@@ -529,7 +528,7 @@ impl MapWriter {
             self.users.remove(backend);
             if let Some((id, _)) = self.backends.remove(backend) {
                 dp.remove_backend(id)?;
-                self.backend_ids.remove(&id);
+                self.backend_ids.release(id);
                 stats.backends_removed += 1;
             }
         }
@@ -644,22 +643,73 @@ fn frontend(key: &FrontendKey) -> Frontend {
     }
 }
 
-fn lowest_free(used: &mut BTreeSet<u32>) -> u32 {
-    // Ids are 1.. and mostly contiguous: then the next one is len + 1,
-    // without a scan (a scan per id made the first sync quadratic).
-    let len = used.len() as u32;
-    let id = if used.last().is_none_or(|last| *last == len) {
-        len + 1
-    } else {
-        let mut id = 1;
-        for u in used.iter() {
-            if *u != id {
-                break;
-            }
-            id += 1;
+/// Ids in use, 1 and up; the next one given is the lowest free. The holes
+/// below the highest are kept, so that is found without a scan (a scan per
+/// id made the first sync quadratic, and a change cost a walk to the hole
+/// the last one left).
+#[derive(Debug, Default)]
+struct Ids {
+    /// Every id below this one is used or in `holes`.
+    next: u32,
+    holes: BTreeSet<u32>,
+}
+
+impl Ids {
+    fn used(ids: impl Iterator<Item = u32>) -> Self {
+        let used: BTreeSet<u32> = ids.collect();
+        let next = used.last().map_or(1, |last| last + 1);
+        let holes = (1..next).filter(|id| !used.contains(id)).collect();
+        Ids { next, holes }
+    }
+
+    fn take_lowest(&mut self) -> u32 {
+        if let Some(id) = self.holes.pop_first() {
+            return id;
         }
+        let id = self.next.max(1);
+        self.next = id + 1;
         id
-    };
-    used.insert(id);
-    id
+    }
+
+    fn release(&mut self, id: u32) {
+        if id == 0 || id >= self.next || self.holes.contains(&id) {
+            return;
+        }
+        if id + 1 == self.next {
+            self.next = id;
+            // The holes just below are now above the highest id in use.
+            while self.next > 1 && self.holes.remove(&(self.next - 1)) {
+                self.next -= 1;
+            }
+        } else {
+            self.holes.insert(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ids;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn ids_are_the_lowest_free_ones() {
+        let mut ids = Ids::used([1, 2, 5].into_iter());
+        let mut used: BTreeSet<u32> = [1, 2, 5].into();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..5000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if x % 3 == 0 && !used.is_empty() {
+                let id = *used.iter().nth((x / 3) as usize % used.len()).unwrap();
+                used.remove(&id);
+                ids.release(id);
+            } else {
+                let lowest = (1..).find(|id| !used.contains(id)).unwrap();
+                assert_eq!(ids.take_lowest(), lowest);
+                used.insert(lowest);
+            }
+        }
+    }
 }
