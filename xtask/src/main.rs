@@ -346,6 +346,18 @@ fn bench(quick: bool, with_30k: bool, args: &[String]) -> Result<()> {
     run(Command::new(cargo())
         .current_dir(&ws)
         .args(["build", "--release", "-p", "dp", "--bins"]))?;
+    // The fake API server of the watch variant, a process of its own next
+    // to dp-bench: dp links no test server.
+    run(Command::new(cargo()).current_dir(&ws).args([
+        "build",
+        "--release",
+        "-p",
+        "e2e",
+        "--features",
+        "apiserver",
+        "--bin",
+        "fake-apiserver",
+    ]))?;
     let mut typed = String::from("cargo xtask bench");
     for (on, flag) in [(quick, "--quick"), (with_30k, "--with-30k")] {
         if on {
