@@ -5,7 +5,8 @@
 //! everything + `MapWriter::apply`, at N <= 10 000). The maps are the
 //! in-memory `ServiceMaps` (`translate::memory`): no root, no kernel; the
 //! kernel's cost of the few writes is in `control_plane.rs`. The
-//! incremental figure should not grow with N.
+//! incremental figure should not grow with N, also when every service uses
+//! the same ten pods (`one_endpoint_change_shared_pods`, dp-bench's input).
 //!
 //! `cargo bench -p dp --bench one_change` (see BENCHMARKS.md).
 
@@ -31,14 +32,24 @@ fn service(i: usize) -> Service {
     .unwrap()
 }
 
+/// Which pods back the services.
+#[derive(Clone, Copy)]
+enum Pods {
+    /// Ten of its own per service.
+    PerService,
+    /// The same ten for all (as in dp-bench's cluster): every backend is
+    /// shared by all N services.
+    Shared,
+}
+
 /// Service `i`'s slice; `moved` puts its first endpoint at another address.
-fn slice(i: usize, moved: bool) -> EndpointSlice {
+fn slice(i: usize, moved: bool, pods: Pods) -> EndpointSlice {
     let endpoints: Vec<_> = (0..ENDPOINTS)
         .map(|e| {
-            let ip = if e == 0 && moved {
-                Ipv4Addr::from(0x0afa_0000 + i as u32)
-            } else {
-                Ipv4Addr::from(0x0af4_0000 + (i * ENDPOINTS + e) as u32)
+            let ip = match pods {
+                _ if e == 0 && moved => Ipv4Addr::from(0x0afa_0000 + i as u32),
+                Pods::PerService => Ipv4Addr::from(0x0af4_0000 + (i * ENDPOINTS + e) as u32),
+                Pods::Shared => Ipv4Addr::from(0x0af4_0000 + e as u32),
             };
             json!({"addresses": [ip.to_string()], "nodeName": format!("node{}", e % 3 + 1)})
         })
@@ -69,11 +80,17 @@ fn target(change: usize, n: usize) -> (usize, bool) {
 }
 
 fn one_endpoint_change(c: &mut Criterion) {
-    let mut group = c.benchmark_group("one_endpoint_change");
+    changes(c, "one_endpoint_change", Pods::PerService, true);
+    changes(c, "one_endpoint_change_shared_pods", Pods::Shared, false);
+}
+
+/// `full`: also the full path, for comparison (at N <= 10 000).
+fn changes(c: &mut Criterion, name: &str, pods: Pods, full: bool) {
+    let mut group = c.benchmark_group(name);
     group.sample_size(20);
     for n in [1_000, 10_000, 30_000] {
         let services: Vec<Service> = (0..n).map(service).collect();
-        let mut slices: Vec<EndpointSlice> = (0..n).map(|i| slice(i, false)).collect();
+        let mut slices: Vec<EndpointSlice> = (0..n).map(|i| slice(i, false, pods)).collect();
 
         let mut translation = IncrementalTranslation::new(node(), TranslateOptions::default());
         translation.replace_services(services.clone());
@@ -91,7 +108,7 @@ fn one_endpoint_change(c: &mut Criterion) {
                 || {
                     let (i, moved) = target(change, n);
                     change += 1;
-                    slice(i, moved)
+                    slice(i, moved, pods)
                 },
                 |changed| {
                     maps.writes.clear();
@@ -107,7 +124,7 @@ fn one_endpoint_change(c: &mut Criterion) {
             )
         });
 
-        if n > 10_000 {
+        if !full || n > 10_000 {
             continue;
         }
         let options = TranslateOptions::default();
@@ -125,7 +142,7 @@ fn one_endpoint_change(c: &mut Criterion) {
                 },
                 |(i, moved)| {
                     maps.writes.clear();
-                    slices[i] = slice(i, moved);
+                    slices[i] = slice(i, moved, pods);
                     let desired = translate(&services, &slices, &node(), &options);
                     let stats = writer.apply(&mut maps, &desired).unwrap();
                     writer.write_names(&mut maps).unwrap();

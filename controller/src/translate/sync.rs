@@ -140,6 +140,52 @@ pub trait ServiceMaps {
 
 type BackendKey = (SocketAddr, u8);
 
+/// How much an endpoint tells of its backend (pod, node): the backend is
+/// named after the first frontend (in key order) whose endpoint tells most.
+type Known = (bool, bool);
+
+fn known(e: &EndpointInfo) -> Known {
+    (e.pod.is_some(), e.node.is_some())
+}
+
+/// The frontends that use one backend, ordered so that the first names it,
+/// and how many of them still send it new flows: a change updates both
+/// without a walk over all users (dp-bench's ten pods back every service).
+#[derive(Debug, Default)]
+struct BackendUsers {
+    /// (what the frontend's endpoint tells, most first; frontend), sorted.
+    by_name: Vec<(std::cmp::Reverse<Known>, FrontendKey)>,
+    /// Users with a reference that is not terminating.
+    serving: usize,
+}
+
+impl BackendUsers {
+    fn add(&mut self, frontend: FrontendKey, r: &Reference) {
+        let entry = (std::cmp::Reverse(known(r.endpoint)), frontend);
+        if let Err(i) = self.by_name.binary_search(&entry) {
+            self.by_name.insert(i, entry);
+        }
+        self.serving += usize::from(!r.terminating);
+    }
+
+    fn remove(&mut self, frontend: FrontendKey, r: &Reference) {
+        let entry = (std::cmp::Reverse(known(r.endpoint)), frontend);
+        if let Ok(i) = self.by_name.binary_search(&entry) {
+            self.by_name.remove(i);
+        }
+        self.serving -= usize::from(!r.terminating);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// Terminating: no user sends it new flows.
+    fn terminating(&self) -> bool {
+        self.serving == 0
+    }
+}
+
 /// The agent's record of what it programmed.
 #[derive(Debug, Default)]
 pub struct MapWriter {
@@ -150,7 +196,7 @@ pub struct MapWriter {
     names: BTreeMap<(u32, u32), String>,
     /// The frontends of the last desired state that use each backend, in
     /// key order, with whether all their references are terminating.
-    users: BTreeMap<BackendKey, Vec<(FrontendKey, bool)>>,
+    users: BTreeMap<BackendKey, BackendUsers>,
     /// Ids in use (the lowest free one is the next).
     backend_ids: Ids,
     service_ids: Ids,
@@ -310,17 +356,21 @@ impl MapWriter {
         // (terminating only if every reference is).
         self.users.clear();
         for (key, spec) in &desired.frontends {
-            for (backend, terminating) in references(key.protocol, spec) {
-                self.users
-                    .entry(backend)
-                    .or_default()
-                    .push((*key, terminating));
+            for (backend, r) in references(key.protocol, spec) {
+                let users = self.users.entry(backend).or_default();
+                users
+                    .by_name
+                    .push((std::cmp::Reverse(known(r.endpoint)), *key));
+                users.serving += usize::from(!r.terminating);
             }
+        }
+        for users in self.users.values_mut() {
+            users.by_name.sort_unstable();
         }
         let wanted: BTreeMap<BackendKey, bool> = self
             .users
             .iter()
-            .map(|(b, users)| (*b, users.iter().all(|(_, t)| *t)))
+            .map(|(b, users)| (*b, users.terminating()))
             .collect();
         let mut used_ids = Ids::used(self.backends.values().map(|(id, _)| *id));
         for (backend, terminating) in &wanted {
@@ -429,33 +479,44 @@ impl MapWriter {
         self.in_step = false;
         let mut stats = SyncStats::default();
         // The backends the changed frontends used and use, with their users.
+        // The backends whose use by a changed frontend changed (added,
+        // removed, terminating or named otherwise), with their ids before.
+        // A backend the frontend uses as before is not looked at: a
+        // backend many services share costs nothing when one of them
+        // changes elsewhere.
         let mut touched: BTreeMap<BackendKey, Option<u32>> = BTreeMap::new();
         let mut old_service_ids = Vec::new();
         for key in changed {
-            if let Some(applied) = self.frontends.get(key) {
-                old_service_ids.push(applied.service_id);
-                let old = applied
-                    .spec
-                    .as_ref()
-                    .expect("in step: every frontend has its spec");
-                for (backend, _) in references(key.protocol, old) {
-                    let users = self.users.entry(backend).or_default();
-                    if let Ok(i) = users.binary_search_by_key(key, |(k, _)| *k) {
-                        users.remove(i);
-                    }
-                    touched.insert(backend, self.backends.get(&backend).map(|(id, _)| *id));
+            let old = match self.frontends.get(key) {
+                Some(applied) => {
+                    old_service_ids.push(applied.service_id);
+                    let spec = applied
+                        .spec
+                        .as_ref()
+                        .expect("in step: every frontend has its spec");
+                    references(key.protocol, spec)
                 }
-            }
-            if let Some(spec) = desired.frontends.get(key) {
-                for (backend, terminating) in references(key.protocol, spec) {
-                    let users = self.users.entry(backend).or_default();
-                    match users.binary_search_by_key(key, |(k, _)| *k) {
-                        Ok(i) => users[i].1 = terminating,
-                        Err(i) => users.insert(i, (*key, terminating)),
-                    }
-                    touched
-                        .entry(backend)
-                        .or_insert_with(|| self.backends.get(&backend).map(|(id, _)| *id));
+                None => BTreeMap::new(),
+            };
+            let new = desired
+                .frontends
+                .get(key)
+                .map(|spec| references(key.protocol, spec))
+                .unwrap_or_default();
+            let both: BTreeSet<&BackendKey> = old.keys().chain(new.keys()).collect();
+            for backend in both {
+                let now = new.get(backend);
+                if old.get(backend) == now {
+                    continue;
+                }
+                let id_before = self.backends.get(backend).map(|(id, _)| *id);
+                touched.entry(*backend).or_insert(id_before);
+                let users = self.users.entry(*backend).or_default();
+                if let Some(before) = old.get(backend) {
+                    users.remove(*key, before);
+                }
+                if let Some(now) = now {
+                    users.add(*key, now);
                 }
             }
         }
@@ -464,7 +525,7 @@ impl MapWriter {
             let Some(users) = self.users.get(backend).filter(|u| !u.is_empty()) else {
                 continue;
             };
-            let terminating = users.iter().all(|(_, t)| *t);
+            let terminating = users.terminating();
             let (id, write) = match self.backends.get(backend) {
                 Some((id, t)) => (*id, *t != terminating),
                 None => (self.backend_ids.take_lowest(), true),
@@ -568,23 +629,10 @@ impl MapWriter {
     /// What `DP_NAMES` says of one backend: as `write_names` finds it, from
     /// the endpoint of the first frontend (in key order) that knows most.
     fn backend_name(&self, backend: &BackendKey) -> Option<String> {
-        let mut best: Option<&EndpointInfo> = None;
-        let known = |e: &EndpointInfo| (e.pod.is_some(), e.node.is_some());
-        for (key, _) in self.users.get(backend).into_iter().flatten() {
-            let Some(spec) = self.frontends.get(key).and_then(|a| a.spec.as_ref()) else {
-                continue;
-            };
-            for (ep, _) in backends_of(spec) {
-                if ep.addr != backend.0 {
-                    continue;
-                }
-                match best {
-                    Some(prev) if known(prev) >= known(ep) => {}
-                    _ => best = Some(ep),
-                }
-            }
-        }
-        let ep = best?;
+        let (_, key) = self.users.get(backend)?.by_name.first()?;
+        let spec = self.frontends.get(key)?.spec.as_ref()?;
+        let refs = references(key.protocol, spec);
+        let ep = refs.get(backend)?.endpoint;
         crate::translate::labels::backend_label(ep.pod.as_deref(), ep.node.as_deref())
     }
 
@@ -609,12 +657,28 @@ impl MapWriter {
     }
 }
 
-/// The backends a frontend refers to, each terminating if every reference
-/// to it is.
-fn references(protocol: u8, spec: &FrontendSpec) -> BTreeMap<BackendKey, bool> {
-    let mut out: BTreeMap<BackendKey, bool> = BTreeMap::new();
+/// How a frontend uses one backend.
+#[derive(Debug, PartialEq, Eq)]
+struct Reference<'a> {
+    /// Every reference to it is terminating.
+    terminating: bool,
+    /// Its first endpoint that knows most of it (pod, node): what the
+    /// frontend tells `DP_NAMES` about the backend.
+    endpoint: &'a EndpointInfo,
+}
+
+/// The backends a frontend refers to.
+fn references(protocol: u8, spec: &FrontendSpec) -> BTreeMap<BackendKey, Reference<'_>> {
+    let mut out: BTreeMap<BackendKey, Reference> = BTreeMap::new();
     for (ep, terminating) in backends_of(spec) {
-        *out.entry((ep.addr, protocol)).or_insert(terminating) &= terminating;
+        let r = out.entry((ep.addr, protocol)).or_insert(Reference {
+            terminating,
+            endpoint: ep,
+        });
+        r.terminating &= terminating;
+        if known(ep) > known(r.endpoint) {
+            r.endpoint = ep;
+        }
     }
     out
 }
