@@ -76,7 +76,7 @@ fn node() -> NodeInfo {
 /// moves the endpoint away or back.
 fn target(change: usize, n: usize) -> (usize, bool) {
     let i = (change * 7919) % n;
-    (i, (change / n) % 2 == 0)
+    (i, (change / n).is_multiple_of(2))
 }
 
 fn one_endpoint_change(c: &mut Criterion) {

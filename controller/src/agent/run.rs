@@ -474,7 +474,7 @@ impl Agent {
         }
         match change {
             KubeChange::Service(ObjectChange::Applied(service)) => {
-                self.translation.upsert_service(service)
+                self.translation.upsert_service(*service)
             }
             KubeChange::Service(ObjectChange::Deleted(service)) => {
                 let (ns, name) = key(&service.metadata);
@@ -484,7 +484,9 @@ impl Agent {
                 self.listed[0] = true;
                 self.translation.replace_services(kube.services())
             }
-            KubeChange::Slice(ObjectChange::Applied(slice)) => self.translation.upsert_slice(slice),
+            KubeChange::Slice(ObjectChange::Applied(slice)) => {
+                self.translation.upsert_slice(*slice)
+            }
             KubeChange::Slice(ObjectChange::Deleted(slice)) => {
                 let (ns, name) = key(&slice.metadata);
                 self.translation.remove_slice(&ns, &name);

@@ -58,9 +58,9 @@ pub enum KubeChange {
 
 #[derive(Debug)]
 pub enum ObjectChange<K> {
-    /// Added or modified.
-    Applied(K),
-    Deleted(K),
+    /// Added or modified. (Boxed: the kinds differ much in size.)
+    Applied(Box<K>),
+    Deleted(Box<K>),
     /// The kind was listed again (at start, after 410 Gone): its store holds
     /// the complete set, which replaces what was known.
     Relisted,
@@ -170,8 +170,8 @@ where
         while let Some(event) = stream.next().await {
             // The store has taken the event in before it is passed on here.
             let change = match event {
-                Ok(watcher::Event::Apply(o)) => ObjectChange::Applied(o),
-                Ok(watcher::Event::Delete(o)) => ObjectChange::Deleted(o),
+                Ok(watcher::Event::Apply(o)) => ObjectChange::Applied(Box::new(o)),
+                Ok(watcher::Event::Delete(o)) => ObjectChange::Deleted(Box::new(o)),
                 Ok(watcher::Event::InitDone) => ObjectChange::Relisted,
                 // Buffered by the store until InitDone.
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,

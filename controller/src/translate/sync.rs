@@ -765,7 +765,7 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            if x % 3 == 0 && !used.is_empty() {
+            if x.is_multiple_of(3) && !used.is_empty() {
                 let id = *used.iter().nth((x / 3) as usize % used.len()).unwrap();
                 used.remove(&id);
                 ids.release(id);

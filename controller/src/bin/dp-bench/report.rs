@@ -851,7 +851,7 @@ mod tests {
                 agent_p50_ms: None,
                 agent_p99_ms: None,
             }),
-            endpoint_change_watch: (d == Dataplane::Dp).then(|| ChangeFigures {
+            endpoint_change_watch: (d == Dataplane::Dp).then_some(ChangeFigures {
                 changes: 10,
                 p50_ms: 1.0,
                 p99_ms: 2.0,
