@@ -246,6 +246,9 @@ fn agent_level(n: usize, rows: &mut Vec<(String, String)>) {
         .arg(format!("--net={}", topo.ns("node").path().display()))
         .arg(env!("CARGO_BIN_EXE_dp"))
         .args(["agent", "--node-name", "node1", "--node-ip", "172.18.0.2"])
+        // The pair's device: the namespace has no default route to take
+        // it from.
+        .args(["--devices", "eth0", "--xdp", "off"])
         .arg("--manifests")
         .arg(&dir)
         .arg("--bpffs")

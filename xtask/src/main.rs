@@ -399,7 +399,7 @@ fn bench(quick: bool, with_30k: bool, args: &[String]) -> Result<()> {
 fn micro_bench(args: &[String]) -> Result<()> {
     require_root("cargo xtask bench --micro")?;
     setup(false)?;
-    step("cargo bench: per-packet cost (BPF_PROG_TEST_RUN), control plane at scale, NodePort rate, trace cost");
+    step("cargo bench: per-packet cost (BPF_PROG_TEST_RUN), control plane at scale, one change by N, NodePort rate, trace cost");
     run(Command::new(cargo())
         .current_dir(workspace())
         .args([
@@ -410,6 +410,8 @@ fn micro_bench(args: &[String]) -> Result<()> {
             "datapath",
             "--bench",
             "control_plane",
+            "--bench",
+            "one_change",
             "--bench",
             "nodeport",
             "--bench",
