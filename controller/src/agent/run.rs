@@ -253,8 +253,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         servers.push((addr, listener, is_metrics));
     }
     if let Source::Manifests(dir, cache) = &source {
+        let started = Instant::now();
         agent.read_manifests(&mut dp, dir, cache);
-        agent.sync(&mut dp);
+        agent.sync(&mut dp, started);
     }
 
     for (addr, listener, is_metrics) in servers {
@@ -300,8 +301,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                     && matches!(tokio::time::timeout(MANIFEST_QUIET, rx.recv()).await, Ok(Some(())))
                 {}
                 if let Source::Manifests(dir, cache) = &source {
+                    let started = Instant::now();
                     agent.read_manifests(&mut dp, dir, cache);
-                    agent.sync(&mut dp);
+                    agent.sync(&mut dp, started);
                 }
             }
             Some(change) = kube_rx.recv() => {
@@ -309,12 +311,13 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 // complete as sent), with whatever else has arrived
                 // meanwhile, in one sync.
                 if let Source::Kube(kube) = &source {
+                    let started = Instant::now();
                     agent.kube_change(&mut dp, kube, change);
                     while let Ok(change) = kube_rx.try_recv() {
                         agent.kube_change(&mut dp, kube, change);
                     }
                     if agent.listed.iter().all(|l| *l) {
-                        agent.sync(&mut dp);
+                        agent.sync(&mut dp, started);
                     }
                 }
             }
@@ -529,9 +532,9 @@ impl Agent {
     /// Programs what changed in the translation since the last sync: only
     /// the frontends (and their backends and names) that changed are
     /// compared and written (the first sync, after adopting the pinned
-    /// maps, compares everything).
-    fn sync(&mut self, dp: &mut Datapath) {
-        let started = Instant::now();
+    /// maps, compares everything). `started`: when the change was taken in
+    /// (the sync's duration, logged and observed, counts from there).
+    fn sync(&mut self, dp: &mut Datapath, started: Instant) {
         let changes = self.translation.take_changes();
         for s in changes.skipped.iter().filter(|s| s.invalid) {
             warn!(object = %s.object, reason = %s.reason, "skipped invalid input");
