@@ -119,16 +119,8 @@ impl IncrementalTranslation {
         }
     }
 
-    pub fn node(&self) -> &NodeInfo {
-        &self.node
-    }
-
     pub fn slice(&self, key: &ObjectKey) -> Option<&EndpointSlice> {
         self.slices.get(key).map(|e| &e.slice)
-    }
-
-    pub fn service_count(&self) -> usize {
-        self.services.len()
     }
 
     /// (invalid, not served) among all skips, kept current.
