@@ -1,6 +1,8 @@
 //! Control plane at scale: N services x 10 endpoints (N = 10 000, or
 //! `DP_BENCH_SERVICES`). Library level: translation and map programming,
-//! initial and for 100 one-endpoint changes (p50/p99). Agent level: the real
+//! initial and for 100 one-endpoint changes (p50/p99), the full way (the
+//! whole state translated and diffed) and the incremental way the agent
+//! takes (the changed slice only). Agent level: the real
 //! `dp agent --manifests` process in a throwaway namespace: time to the
 //! first sync, an edited file to the next sync, its RSS, and the kernel
 //! memory of its maps. Prints a markdown table (see BENCHMARKS.md).
@@ -19,7 +21,7 @@ use std::{
 use dp::{
     source::manifests::{self, Objects},
     translate::sync::MapWriter,
-    translate::{translate, NodeInfo, TranslateOptions},
+    translate::{incremental::IncrementalTranslation, translate, NodeInfo, TranslateOptions},
     Datapath, MapSizes,
 };
 
@@ -149,6 +151,57 @@ fn main() {
             ms(percentile(&mut translate_times, 0.99))
         ),
     ));
+    // The agent's path: the changed slice alone translated, and only its
+    // frontend's entries compared and written.
+    let mut translation = IncrementalTranslation::new(node.clone(), options.clone());
+    translation.replace_services(objects.services.clone());
+    translation.replace_slices(objects.slices.clone());
+    let everything = translation.take_changes();
+    let s = writer
+        .apply_changes(&mut dp, translation.desired(), &everything.frontends)
+        .unwrap();
+    assert!(s.is_empty(), "the same state: nothing to write: {s:?}");
+    writer.write_names(&mut dp).unwrap();
+    let (mut translate_times, mut apply_times) = (Vec::new(), Vec::new());
+    for c in 0..CHANGES {
+        let i = (c * 7919) % n;
+        let mut changed = Objects::default();
+        // Shift 127: another address than the full loop's (c + 1), and of
+        // this service's own (10.250.0.0 + i * 128 + shift).
+        manifests::load_str(&service_yaml(i, 127), "change", &mut changed);
+        let slice = changed.slices.remove(0);
+        let t = Instant::now();
+        translation.upsert_slice(slice);
+        let changes = translation.take_changes();
+        translate_times.push(t.elapsed());
+        let t = Instant::now();
+        let s = writer
+            .apply_changes(&mut dp, translation.desired(), &changes.frontends)
+            .unwrap();
+        writer.write_names(&mut dp).unwrap();
+        apply_times.push(t.elapsed());
+        assert_eq!(
+            (s.frontends_written, s.backends_written, s.backends_removed),
+            (1, 1, 1),
+            "incremental change {c} of service {i}: {s:?}"
+        );
+    }
+    rows.push((
+        format!("one-endpoint change, incremental: map writer (the changed frontend's entries + writes + names), p50 / p99 ({CHANGES} changes)"),
+        format!(
+            "{} / {}",
+            ms(percentile(&mut apply_times, 0.5)),
+            ms(percentile(&mut apply_times, 0.99))
+        ),
+    ));
+    rows.push((
+        "one-endpoint change, incremental: translation of the changed slice, p50 / p99".to_string(),
+        format!(
+            "{} / {}",
+            ms(percentile(&mut translate_times, 0.5)),
+            ms(percentile(&mut translate_times, 0.99))
+        ),
+    ));
     let memory = dp.map_memory().unwrap();
     let total: u64 = memory.iter().map(|(_, b)| b).sum();
     for (name, bytes) in &memory {
@@ -214,8 +267,9 @@ fn agent_level(n: usize, rows: &mut Vec<(String, String)>) {
         .arg(format!("--net={}", topo.ns("node").path().display()))
         .arg(env!("CARGO_BIN_EXE_dp"))
         .args(["agent", "--node-name", "node1", "--node-ip", "172.18.0.2"])
-        // Named: the namespace has no default route to take it from.
-        .args(["--devices", "eth0"])
+        // The pair's device: the namespace has no default route to take
+        // it from.
+        .args(["--devices", "eth0", "--xdp", "off"])
         .arg("--manifests")
         .arg(&dir)
         .arg("--bpffs")

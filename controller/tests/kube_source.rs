@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use dp::source::api::{self as kube_source, KubeSource};
+use dp::source::api::{self as kube_source, KubeChange, KubeSource};
 use e2e::apiserver::FakeApiServer;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -34,7 +34,7 @@ fn node(name: &str) -> Value {
 struct Harness {
     server: FakeApiServer,
     source: KubeSource,
-    changed: mpsc::UnboundedReceiver<()>,
+    changed: mpsc::UnboundedReceiver<KubeChange>,
     _dir: tempdir::Dir,
 }
 
@@ -73,7 +73,7 @@ impl Harness {
                 return;
             }
             match tokio::time::timeout_at(deadline, self.changed.recv()).await {
-                Ok(Some(())) => {}
+                Ok(Some(_)) => {}
                 _ => panic!("never saw: {what}"),
             }
         }
@@ -141,6 +141,18 @@ async fn a_410_gone_watch_is_followed_by_a_relist() {
     let mut h = start(server, "gone").await;
     h.until("the initial list", |o| services(o) == ["web"])
         .await;
+    // The watch follows the list: expired before it is open, there would be
+    // nothing to expire (and the change below would come by the watch).
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !h
+        .server
+        .requests()
+        .iter()
+        .any(|r| r.contains("/api/v1/services") && r.contains("watch=true"))
+    {
+        assert!(tokio::time::Instant::now() < deadline, "no watch opened");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     h.server.expire_watches();
     // Changed while the client had no watch: only a relist shows it.
     h.server.apply(service("late", "10.96.0.13"));

@@ -178,8 +178,8 @@ impl FakeApiServer {
     }
 
     /// Adds or replaces an object (Service, EndpointSlice or Node), and
-    /// tells the watchers.
-    pub fn apply(&self, mut object: Value) {
+    /// tells the watchers; its new resourceVersion.
+    pub fn apply(&self, mut object: Value) -> u64 {
         let mut st = self.state.lock().unwrap();
         st.resource_version += 1;
         let rv = st.resource_version.to_string();
@@ -194,6 +194,7 @@ impl FakeApiServer {
             .is_some();
         let kind = if existed { "MODIFIED" } else { "ADDED" };
         notify(&mut st, path, &json!({"type": kind, "object": object}));
+        st.resource_version
     }
 
     /// Deletes an object, and tells the watchers.

@@ -346,6 +346,18 @@ fn bench(quick: bool, with_30k: bool, args: &[String]) -> Result<()> {
     run(Command::new(cargo())
         .current_dir(&ws)
         .args(["build", "--release", "-p", "dp", "--bins"]))?;
+    // The fake API server of the watch variant, a process of its own next
+    // to dp-bench: dp links no test server.
+    run(Command::new(cargo()).current_dir(&ws).args([
+        "build",
+        "--release",
+        "-p",
+        "e2e",
+        "--features",
+        "apiserver",
+        "--bin",
+        "fake-apiserver",
+    ]))?;
     let mut typed = String::from("cargo xtask bench");
     for (on, flag) in [(quick, "--quick"), (with_30k, "--with-30k")] {
         if on {
@@ -403,7 +415,7 @@ fn bench(quick: bool, with_30k: bool, args: &[String]) -> Result<()> {
 fn micro_bench(args: &[String]) -> Result<()> {
     require_root("cargo xtask bench --micro")?;
     setup(false)?;
-    step("cargo bench: per-packet cost (BPF_PROG_TEST_RUN), control plane at scale, NodePort rate, trace cost");
+    step("cargo bench: per-packet cost (BPF_PROG_TEST_RUN), control plane at scale, one change by N, NodePort rate, trace cost");
     run(Command::new(cargo())
         .current_dir(workspace())
         .args([
@@ -414,6 +426,8 @@ fn micro_bench(args: &[String]) -> Result<()> {
             "datapath",
             "--bench",
             "control_plane",
+            "--bench",
+            "one_change",
             "--bench",
             "nodeport",
             "--bench",

@@ -36,11 +36,13 @@ use crate::{
     },
     kernel::{pin, Datapath, MapSizes, TcAttach},
     source::{
-        api::{self as kube_source, KubeSource},
+        api::{self as kube_source, KubeChange, KubeSource, ObjectChange},
         manifests,
     },
     translate::sync::MapWriter,
-    translate::{translate, Cidr, NodeInfo, TranslateOptions},
+    translate::{
+        incremental::IncrementalTranslation, Cidr, FrontendKey, NodeInfo, Skipped, TranslateOptions,
+    },
 };
 
 /// The flags of `dp agent` (kept stable: other tools drive it).
@@ -134,12 +136,22 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // Requests from the HTTP handlers (metrics, health, service health
     // checks) to this loop, which owns the maps and the metrics.
     let (requests, mut incoming) = mpsc::channel(16);
+    let node = NodeInfo {
+        name: opts.node_name.clone(),
+        ips: opts.node_ips.clone(),
+        zone: None,
+    };
+    let options = TranslateOptions {
+        nodeport_addresses: opts.nodeport_addresses.clone(),
+    };
     let mut agent = Agent {
-        node: NodeInfo {
-            name: opts.node_name.clone(),
-            ips: opts.node_ips.clone(),
-            zone: None,
-        },
+        translation: IncrementalTranslation::new(node.clone(), options),
+        node,
+        source_skipped: Vec::new(),
+        resource_version: None,
+        health_frontends: BTreeSet::new(),
+        health_checks_pending: true,
+        listed: [false; 3],
         writer,
         attached: BTreeSet::new(),
         metrics: AgentMetrics::default(),
@@ -195,8 +207,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     }
     agent.attach_pod_devices(&mut dp);
 
+    // Manifest changes wake the loop through `tx`, API watch events come
+    // through `kube_tx`; `_watcher` must live.
     let (tx, mut rx) = mpsc::unbounded_channel();
-    // Both sources wake the loop through `tx`; `_watcher` must live.
+    let (kube_tx, mut kube_rx) = mpsc::unbounded_channel();
     let (source, _watcher) = match agent.opts.manifests.clone() {
         Some(dir) => {
             let mut watcher =
@@ -220,7 +234,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 .await
                 .context("Kubernetes client configuration")?;
             let client = kube::Client::try_from(config).context("Kubernetes client")?;
-            let kube = KubeSource::start(client, &agent.opts.node_name, tx.clone());
+            let kube = KubeSource::start(client, &agent.opts.node_name, kube_tx.clone());
             (Source::Kube(kube), None)
         }
     };
@@ -245,7 +259,11 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         };
         servers.push((addr, listener, is_metrics));
     }
-    agent.sync(&mut dp, &source);
+    if let Source::Manifests(dir, cache) = &source {
+        let started = Instant::now();
+        agent.read_manifests(&mut dp, dir, cache);
+        agent.sync(&mut dp, started);
+    }
 
     for (addr, listener, is_metrics) in servers {
         let requests = requests.clone();
@@ -289,7 +307,26 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 while burst.elapsed() < MANIFEST_BURST_MAX
                     && matches!(tokio::time::timeout(MANIFEST_QUIET, rx.recv()).await, Ok(Some(())))
                 {}
-                agent.sync(&mut dp, &source);
+                if let Source::Manifests(dir, cache) = &source {
+                    let started = Instant::now();
+                    agent.read_manifests(&mut dp, dir, cache);
+                    agent.sync(&mut dp, started);
+                }
+            }
+            Some(change) = kube_rx.recv() => {
+                // A watch event is applied at once (no quiet time: it is
+                // complete as sent), with whatever else has arrived
+                // meanwhile, in one sync.
+                if let Source::Kube(kube) = &source {
+                    let started = Instant::now();
+                    agent.kube_change(&mut dp, kube, change);
+                    while let Ok(change) = kube_rx.try_recv() {
+                        agent.kube_change(&mut dp, kube, change);
+                    }
+                    if agent.listed.iter().all(|l| *l) {
+                        agent.sync(&mut dp, started);
+                    }
+                }
             }
             changed = links.changed() => match changed {
                 Ok(()) => agent.attach_pod_devices(&mut dp),
@@ -327,6 +364,22 @@ enum Source {
 struct Agent {
     opts: AgentOptions,
     node: NodeInfo,
+    /// The objects and their translation, kept current change by change.
+    translation: IncrementalTranslation,
+    /// What the source itself could not read (manifest documents).
+    source_skipped: Vec<Skipped>,
+    /// The resourceVersion of the last API object taken in (logged with
+    /// the sync that programs it).
+    resource_version: Option<String>,
+    /// Frontends with a `healthCheckNodePort`: the health checks are synced
+    /// when one of them changes.
+    health_frontends: BTreeSet<FrontendKey>,
+    health_checks_pending: bool,
+    /// Services, EndpointSlices, Nodes: whether the translation has taken
+    /// in a complete list of each. Nothing is synced before (fail static):
+    /// the store being ready is not enough, its list may still be on its
+    /// way here.
+    listed: [bool; 3],
     writer: MapWriter,
     attached: BTreeSet<String>,
     metrics: AgentMetrics,
@@ -397,56 +450,151 @@ impl Agent {
         }
     }
 
-    /// Reads the manifests, translates and programs the difference.
-    /// Reads the source, translates and programs the difference. Whatever
-    /// cannot be read leaves the programmed state as it is (fail static).
-    fn sync(&mut self, dp: &mut Datapath, source: &Source) {
-        let started = Instant::now();
-        // The manifest cache lends its objects (no copy) until `loaded` is
-        // dropped; the API's snapshot is a copy. Both are dropped before
-        // the freed memory is returned, at the end of a sync.
-        let (mut cache, mut loaded, mut snapshot) = (None, None, None);
-        let objects = match source {
-            Source::Manifests(dir, manifest_cache) => {
-                match cache.insert(manifest_cache.borrow_mut()).load_dir(dir) {
-                    Ok(o) => &**loaded.insert(o),
-                    Err(e) => {
-                        return warn!(error = %e, dir = %dir.display(), "cannot read manifests")
-                    }
-                }
-            }
-            Source::Kube(kube) if !kube.ready() => return,
-            Source::Kube(kube) => &*snapshot.insert(kube.snapshot()),
+    /// Reads the manifest directory (parsing the files that changed) and
+    /// takes in the objects that differ. Whatever cannot be read leaves the
+    /// programmed state as it is (fail static).
+    fn read_manifests(
+        &mut self,
+        dp: &mut Datapath,
+        dir: &std::path::Path,
+        cache: &std::cell::RefCell<manifests::ManifestCache>,
+    ) {
+        let mut cache = cache.borrow_mut();
+        // The cache lends its objects until `objects` is dropped.
+        let objects = match cache.load_dir(dir) {
+            Ok(o) => o,
+            Err(e) => return warn!(error = %e, dir = %dir.display(), "cannot read manifests"),
         };
+        for s in objects.skipped.iter().filter(|s| s.invalid) {
+            warn!(object = %s.object, reason = %s.reason, "skipped invalid input");
+        }
+        self.source_skipped = objects.skipped.clone();
         if let Some(node) = objects
             .nodes
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(&self.opts.node_name))
         {
-            let from_object = NodeInfo::from_node(node);
-            self.node.zone = from_object.zone;
-            if self.opts.node_ips.is_empty() && self.node.ips != from_object.ips {
-                info!(ips = ?from_object.ips, "node addresses from the Node object");
-                self.node.ips = from_object.ips;
-                if let Err(e) = self.configure(dp) {
-                    warn!(error = %e, "cannot configure the node address");
+            self.node_seen(dp, node);
+        }
+        self.translation.replace_services(objects.services.clone());
+        self.translation.replace_slices(objects.slices.clone());
+        drop(objects);
+        // The copies the comparison made are gone: their memory goes back
+        // to the kernel now, not at the peak of the next read.
+        release_freed_memory();
+    }
+
+    /// Takes in one watch event.
+    fn kube_change(&mut self, dp: &mut Datapath, kube: &KubeSource, change: KubeChange) {
+        use k8s_openapi::Metadata as _;
+        let key = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            (
+                meta.namespace.clone().unwrap_or_default(),
+                meta.name.clone().unwrap_or_default(),
+            )
+        };
+        let version = match &change {
+            KubeChange::Service(ObjectChange::Applied(o) | ObjectChange::Deleted(o)) => {
+                o.metadata().resource_version.clone()
+            }
+            KubeChange::Slice(ObjectChange::Applied(o) | ObjectChange::Deleted(o)) => {
+                o.metadata().resource_version.clone()
+            }
+            _ => None,
+        };
+        if version.is_some() {
+            self.resource_version = version;
+        }
+        match change {
+            KubeChange::Service(ObjectChange::Applied(service)) => {
+                self.translation.upsert_service(*service)
+            }
+            KubeChange::Service(ObjectChange::Deleted(service)) => {
+                let (ns, name) = key(&service.metadata);
+                self.translation.remove_service(&ns, &name);
+            }
+            KubeChange::Service(ObjectChange::Relisted) => {
+                self.listed[0] = true;
+                self.translation.replace_services(kube.services())
+            }
+            KubeChange::Slice(ObjectChange::Applied(slice)) => {
+                self.translation.upsert_slice(*slice)
+            }
+            KubeChange::Slice(ObjectChange::Deleted(slice)) => {
+                let (ns, name) = key(&slice.metadata);
+                self.translation.remove_slice(&ns, &name);
+            }
+            KubeChange::Slice(ObjectChange::Relisted) => {
+                self.listed[1] = true;
+                self.translation.replace_slices(kube.slices())
+            }
+            KubeChange::Node(ObjectChange::Applied(node)) => self.node_seen(dp, &node),
+            KubeChange::Node(ObjectChange::Relisted) => {
+                self.listed[2] = true;
+                let nodes = kube.nodes();
+                let mine = nodes
+                    .iter()
+                    .find(|n| n.metadata.name.as_deref() == Some(&self.opts.node_name));
+                if let Some(node) = mine {
+                    self.node_seen(dp, node);
                 }
             }
+            // A deleted Node changes nothing (the last addresses stay).
+            KubeChange::Node(ObjectChange::Deleted(_)) | KubeChange::Ready => {}
         }
-        let options = TranslateOptions {
-            nodeport_addresses: self.opts.nodeport_addresses.clone(),
-        };
-        let desired = translate(&objects.services, &objects.slices, &self.node, &options);
-        let skipped: Vec<_> = objects.skipped.iter().chain(&desired.skipped).collect();
-        for s in &skipped {
-            if s.invalid {
-                warn!(object = %s.object, reason = %s.reason, "skipped invalid input");
+    }
+
+    /// The agent's Node object: its zone, and its addresses unless
+    /// `--node-ip` gave them. A change translates every Service again.
+    fn node_seen(&mut self, dp: &mut Datapath, node: &k8s_openapi::api::core::v1::Node) {
+        let from_object = NodeInfo::from_node(node);
+        self.node.zone = from_object.zone;
+        if self.opts.node_ips.is_empty() && self.node.ips != from_object.ips {
+            info!(ips = ?from_object.ips, "node addresses from the Node object");
+            self.node.ips = from_object.ips;
+            if let Err(e) = self.configure(dp) {
+                warn!(error = %e, "cannot configure the node address");
             }
         }
-        self.metrics.skipped_invalid = skipped.iter().filter(|s| s.invalid).count();
-        self.metrics.skipped_not_served = skipped.len() - self.metrics.skipped_invalid;
-        let triggers = new_triggers(&objects.slices, &mut self.seen_triggers);
-        match self.writer.apply(dp, &desired) {
+        self.translation.set_node(self.node.clone());
+    }
+
+    /// Programs what changed in the translation since the last sync: only
+    /// the frontends (and their backends and names) that changed are
+    /// compared and written (the first sync, after adopting the pinned
+    /// maps, compares everything). `started`: when the change was taken in
+    /// (the sync's duration, logged and observed, counts from there).
+    fn sync(&mut self, dp: &mut Datapath, started: Instant) {
+        let changes = self.translation.take_changes();
+        for s in changes.skipped.iter().filter(|s| s.invalid) {
+            warn!(object = %s.object, reason = %s.reason, "skipped invalid input");
+        }
+        let (invalid, not_served) = self.translation.skip_counts();
+        let source_invalid = self.source_skipped.iter().filter(|s| s.invalid).count();
+        self.metrics.skipped_invalid = invalid + source_invalid;
+        self.metrics.skipped_not_served = not_served + self.source_skipped.len() - source_invalid;
+        let triggers = new_triggers(
+            changes
+                .slices
+                .iter()
+                .filter_map(|key| self.translation.slice(key)),
+            &mut self.seen_triggers,
+        );
+        let desired = self.translation.desired();
+        // Health checks follow the frontends that carry one.
+        for key in &changes.frontends {
+            let has_check = desired
+                .frontends
+                .get(key)
+                .is_some_and(|f| f.health_check_node_port.is_some());
+            let had_check = if has_check {
+                !self.health_frontends.insert(*key)
+            } else {
+                self.health_frontends.remove(key)
+            };
+            self.health_checks_pending |= has_check || had_check;
+        }
+        match self.writer.apply_changes(dp, desired, &changes.frontends) {
             Ok(stats) => {
                 if let Err(e) = self.writer.write_names(dp) {
                     warn!(error = %e, "writing names");
@@ -455,13 +603,11 @@ impl Agent {
                     warn!(object = %what, %error, "did not fit: not programmed");
                 }
                 self.metrics.not_programmed = stats.not_programmed.len();
-                // Logs what it cannot bind; tried again next sync.
-                self.health_checks.sync(&desired);
-                // The translated state is rebuilt next time: its memory goes
-                // back to the kernel now, not at the peak of the next sync.
-                drop(desired);
-                drop((loaded, snapshot));
-                release_freed_memory();
+                if self.health_checks_pending {
+                    // Logs what it cannot bind; tried again next sync.
+                    let report = self.health_checks.sync(desired);
+                    self.health_checks_pending = !report.failed.is_empty();
+                }
                 let now = std::time::SystemTime::now();
                 self.metrics
                     .sync_duration
@@ -480,6 +626,7 @@ impl Agent {
                     removed = stats.frontends_removed,
                     backends_written = stats.backends_written,
                     backends_removed = stats.backends_removed,
+                    resource_version = self.resource_version.as_deref().unwrap_or(""),
                     micros = started.elapsed().as_micros() as u64,
                     "synced"
                 );
@@ -533,8 +680,8 @@ fn manifest_change_complete(kind: &notify::EventKind) -> bool {
 }
 
 /// Trigger times of EndpointSlice changes not measured yet.
-fn new_triggers(
-    slices: &[k8s_openapi::api::discovery::v1::EndpointSlice],
+fn new_triggers<'a>(
+    slices: impl Iterator<Item = &'a k8s_openapi::api::discovery::v1::EndpointSlice>,
     seen: &mut BTreeSet<(String, String)>,
 ) -> Vec<std::time::SystemTime> {
     let mut out = Vec::new();

@@ -3,8 +3,10 @@
 //! with bookmarks; on 410 Gone a relist; on a dropped connection or an API
 //! that is down, retries with backoff).
 //!
-//! Each reflector's events wake the agent loop, which translates a snapshot
-//! of all three stores. Nothing is synced before every store has completed
+//! Each reflector's events go to the agent loop as they are (`KubeChange`:
+//! an object applied or deleted, or a kind relisted, whose store then holds
+//! the complete set), so the agent translates what changed, not a snapshot
+//! of everything. Nothing is synced before every store has completed
 //! its first list: an API that is unreachable at start must not look like a
 //! cluster without services (the pinned state stays: fail static).
 
@@ -44,6 +46,26 @@ pub async fn config(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Config> {
     })
 }
 
+/// What one watch event tells the agent.
+#[derive(Debug)]
+pub enum KubeChange {
+    Service(ObjectChange<Service>),
+    Slice(ObjectChange<EndpointSlice>),
+    Node(ObjectChange<Node>),
+    /// A store completed its first list: maybe every store is ready now.
+    Ready,
+}
+
+#[derive(Debug)]
+pub enum ObjectChange<K> {
+    /// Added or modified. (Boxed: the kinds differ much in size.)
+    Applied(Box<K>),
+    Deleted(Box<K>),
+    /// The kind was listed again (at start, after 410 Gone): its store holds
+    /// the complete set, which replaces what was known.
+    Relisted,
+}
+
 /// The three stores, filled by background tasks.
 pub struct KubeSource {
     services: Store<Service>,
@@ -55,25 +77,32 @@ pub struct KubeSource {
 const STORES: usize = 3;
 
 impl KubeSource {
-    /// Starts the reflectors; every event sends `()` on `changed`.
-    pub fn start(client: Client, node_name: &str, changed: mpsc::UnboundedSender<()>) -> Self {
+    /// Starts the reflectors; every event is sent on `changed`.
+    pub fn start(
+        client: Client,
+        node_name: &str,
+        changed: mpsc::UnboundedSender<KubeChange>,
+    ) -> Self {
         let ready = Arc::new(AtomicUsize::new(0));
         let node_fields = format!("metadata.name={node_name}");
         let services = reflect(
             Api::<Service>::all(client.clone()),
             watcher::Config::default(),
+            KubeChange::Service,
             &changed,
             &ready,
         );
         let slices = reflect(
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default(),
+            KubeChange::Slice,
             &changed,
             &ready,
         );
         let nodes = reflect(
             Api::<Node>::all(client),
             watcher::Config::default().fields(&node_fields),
+            KubeChange::Node,
             &changed,
             &ready,
         );
@@ -88,6 +117,22 @@ impl KubeSource {
     /// Whether every store has completed its first list.
     pub fn ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst) == STORES
+    }
+
+    pub fn services(&self) -> Vec<Service> {
+        self.services
+            .state()
+            .iter()
+            .map(|o| (**o).clone())
+            .collect()
+    }
+
+    pub fn slices(&self) -> Vec<EndpointSlice> {
+        self.slices.state().iter().map(|o| (**o).clone()).collect()
+    }
+
+    pub fn nodes(&self) -> Vec<Node> {
+        self.nodes.state().iter().map(|o| (**o).clone()).collect()
     }
 
     /// The current objects (valid once `ready`).
@@ -109,7 +154,8 @@ impl KubeSource {
 fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
-    changed: &mpsc::UnboundedSender<()>,
+    wrap: fn(ObjectChange<K>) -> KubeChange,
+    changed: &mpsc::UnboundedSender<KubeChange>,
     ready: &Arc<AtomicUsize>,
 ) -> Store<K>
 where
@@ -122,12 +168,19 @@ where
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
-            match event {
-                Ok(_) => {
-                    let _ = tx.send(());
+            // The store has taken the event in before it is passed on here.
+            let change = match event {
+                Ok(watcher::Event::Apply(o)) => ObjectChange::Applied(Box::new(o)),
+                Ok(watcher::Event::Delete(o)) => ObjectChange::Deleted(Box::new(o)),
+                Ok(watcher::Event::InitDone) => ObjectChange::Relisted,
+                // Buffered by the store until InitDone.
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
+                Err(e) => {
+                    warn!(kind = %K::kind(&K::DynamicType::default()), error = %e, "watch");
+                    continue;
                 }
-                Err(e) => warn!(kind = %K::kind(&K::DynamicType::default()), error = %e, "watch"),
-            }
+            };
+            let _ = tx.send(wrap(change));
         }
     });
     let waiting = store.clone();
@@ -136,7 +189,7 @@ where
     tokio::spawn(async move {
         if waiting.wait_until_ready().await.is_ok() {
             ready.fetch_add(1, Ordering::SeqCst);
-            let _ = tx.send(());
+            let _ = tx.send(KubeChange::Ready);
         }
     });
     store

@@ -6,11 +6,16 @@
 //!   (frontends, eligible endpoints, policies).
 //! - `sync`: `MapWriter`, the incremental diff from a `DesiredState` to map
 //!   writes, through the `ServiceMaps` trait the kernel side implements.
+//! - `incremental`: the same translation kept current object by object, so
+//!   a change costs what changed (the agent's path).
+//! - `memory`: `ServiceMaps` in memory (tests, benchmarks).
 //! - `labels`: the names services and backends get in traces and dumps.
 //!
 //! Uses: `error` and the `common` crate only.
 
+pub mod incremental;
 pub mod labels;
+pub mod memory;
 mod rules;
 pub mod sync;
 

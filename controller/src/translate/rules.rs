@@ -337,30 +337,9 @@ pub fn service_ports(
 ) -> Vec<ServicePortInfo> {
     let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in slices {
-        let ns = slice.metadata.namespace.clone().unwrap_or_default();
-        let name = slice.metadata.name.clone().unwrap_or_default();
-        let owner = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL));
-        match (owner, slice.address_type.as_str()) {
-            (None, _) => skipped.push(skip(
-                format!("EndpointSlice {ns}/{name}"),
-                format!("no {SERVICE_NAME_LABEL} label"),
-                false,
-            )),
-            (Some(_), "IPv6") | (Some(_), "FQDN") => skipped.push(skip(
-                format!("EndpointSlice {ns}/{name}"),
-                format!("address type {} is not served", slice.address_type),
-                false,
-            )),
-            (Some(svc), "IPv4") => by_service.entry((ns, svc.clone())).or_default().push(slice),
-            (Some(_), other) => skipped.push(skip(
-                format!("EndpointSlice {ns}/{name}"),
-                format!("unknown address type {other:?}"),
-                true,
-            )),
+        match slice_owner(slice) {
+            Ok(owner) => by_service.entry(owner).or_default().push(slice),
+            Err(s) => skipped.push(s),
         }
     }
     let mut sorted: Vec<&Service> = services.iter().collect();
@@ -381,7 +360,62 @@ pub fn service_ports(
     out
 }
 
-fn skip(object: String, reason: String, invalid: bool) -> Skipped {
+/// The Service (namespace, name) whose endpoints an EndpointSlice holds, or
+/// why the slice is not served.
+pub(super) fn slice_owner(slice: &EndpointSlice) -> Result<(String, String), Skipped> {
+    let ns = slice.metadata.namespace.clone().unwrap_or_default();
+    let name = slice.metadata.name.as_deref().unwrap_or_default();
+    let owner = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL));
+    match (owner, slice.address_type.as_str()) {
+        (None, _) => Err(skip(
+            format!("EndpointSlice {ns}/{name}"),
+            format!("no {SERVICE_NAME_LABEL} label"),
+            false,
+        )),
+        (Some(_), "IPv6") | (Some(_), "FQDN") => Err(skip(
+            format!("EndpointSlice {ns}/{name}"),
+            format!("address type {} is not served", slice.address_type),
+            false,
+        )),
+        (Some(svc), "IPv4") => Ok((ns, svc.clone())),
+        (Some(_), other) => Err(skip(
+            format!("EndpointSlice {ns}/{name}"),
+            format!("unknown address type {other:?}"),
+            true,
+        )),
+    }
+}
+
+/// The frontends of one Service on this node, in the order `translate`
+/// claims them (ports in spec order, then ClusterIPs, NodePorts,
+/// externalIPs, LoadBalancer IPs); `slices` are the ones it owns. What is
+/// not served goes to `skipped`.
+pub(super) fn service_frontends(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    node: &NodeInfo,
+    options: &TranslateOptions,
+    skipped: &mut Vec<Skipped>,
+) -> Vec<(FrontendKey, FrontendSpec)> {
+    let ns = svc.metadata.namespace.clone().unwrap_or_default();
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    match service_port_infos(svc, &ns, &name, slices, node, skipped) {
+        Ok(ports) => ports
+            .iter()
+            .flat_map(|sp| frontends_of(sp, node, options))
+            .collect(),
+        Err(s) => {
+            skipped.push(s);
+            Vec::new()
+        }
+    }
+}
+
+pub(super) fn skip(object: String, reason: String, invalid: bool) -> Skipped {
     Skipped {
         object,
         reason,

@@ -7,6 +7,11 @@
 //! free id; frontends (service ports at one address) likewise get service
 //! ids. Processing is in sorted order, so the same input gives the same ids.
 //!
+//! `apply` compares the whole desired state; `apply_changes` only the
+//! frontends the caller names (`incremental::Changes`), with what couples
+//! frontends kept in indexes (the frontends using each backend, the ids in
+//! use), so a change costs what changed. Both give the same writes.
+//!
 //! Conntrack is left alone when a backend goes: the datapath moves UDP flows
 //! and resets TCP flows of a removed backend on their next packet, which
 //! deleting their entries here would prevent.
@@ -133,14 +138,74 @@ pub trait ServiceMaps {
     fn read_services(&mut self) -> Result<ProgrammedServices>;
 }
 
+type BackendKey = (SocketAddr, u8);
+
+/// How much an endpoint tells of its backend (pod, node): the backend is
+/// named after the first frontend (in key order) whose endpoint tells most.
+type Known = (bool, bool);
+
+fn known(e: &EndpointInfo) -> Known {
+    (e.pod.is_some(), e.node.is_some())
+}
+
+/// The frontends that use one backend, ordered so that the first names it,
+/// and how many of them still send it new flows: a change updates both
+/// without a walk over all users (dp-bench's ten pods back every service).
+#[derive(Debug, Default)]
+struct BackendUsers {
+    /// (what the frontend's endpoint tells, most first; frontend), sorted.
+    by_name: Vec<(std::cmp::Reverse<Known>, FrontendKey)>,
+    /// Users with a reference that is not terminating.
+    serving: usize,
+}
+
+impl BackendUsers {
+    fn add(&mut self, frontend: FrontendKey, r: &Reference) {
+        let entry = (std::cmp::Reverse(known(r.endpoint)), frontend);
+        if let Err(i) = self.by_name.binary_search(&entry) {
+            self.by_name.insert(i, entry);
+        }
+        self.serving += usize::from(!r.terminating);
+    }
+
+    fn remove(&mut self, frontend: FrontendKey, r: &Reference) {
+        let entry = (std::cmp::Reverse(known(r.endpoint)), frontend);
+        if let Ok(i) = self.by_name.binary_search(&entry) {
+            self.by_name.remove(i);
+        }
+        self.serving -= usize::from(!r.terminating);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// Terminating: no user sends it new flows.
+    fn terminating(&self) -> bool {
+        self.serving == 0
+    }
+}
+
 /// The agent's record of what it programmed.
 #[derive(Debug, Default)]
 pub struct MapWriter {
     frontends: BTreeMap<FrontendKey, Applied>,
     /// (address, protocol) -> (id, terminating).
-    backends: BTreeMap<(SocketAddr, u8), (u32, bool)>,
+    backends: BTreeMap<BackendKey, (u32, bool)>,
     /// What `DP_NAMES` holds: (kind, id) -> name.
     names: BTreeMap<(u32, u32), String>,
+    /// The frontends of the last desired state that use each backend, in
+    /// key order, with whether all their references are terminating.
+    users: BTreeMap<BackendKey, BackendUsers>,
+    /// Ids in use (the lowest free one is the next).
+    backend_ids: Ids,
+    service_ids: Ids,
+    /// The maps hold exactly the last desired state (an apply completed
+    /// with nothing left out): only then can a change be applied alone.
+    in_step: bool,
+    /// Names to write after `apply_changes` ((kind, id) -> name, `None`:
+    /// remove); `None` after `apply`: every name is compared.
+    names_pending: Option<BTreeMap<(u32, u32), Option<String>>>,
 }
 
 impl MapWriter {
@@ -194,6 +259,24 @@ impl MapWriter {
     /// known of them beyond their address).
     pub fn write_names(&mut self, dp: &mut (impl ServiceMaps + ?Sized)) -> Result<()> {
         use common::names::{NAME_KIND_BACKEND, NAME_KIND_SERVICE};
+        if let Some(pending) = self.names_pending.take() {
+            // Only the ids `apply_changes` touched.
+            self.names_pending = Some(BTreeMap::new());
+            for (key, name) in pending {
+                match name {
+                    Some(name) if self.names.get(&key) != Some(&name) => {
+                        dp.set_name(key.0, key.1, &name)?;
+                        self.names.insert(key, name);
+                    }
+                    None if self.names.contains_key(&key) => {
+                        dp.remove_name(key.0, key.1)?;
+                        self.names.remove(&key);
+                    }
+                    _ => {}
+                }
+            }
+            return Ok(());
+        }
         let mut wanted: BTreeMap<(u32, u32), String> = self
             .service_names()
             .into_iter()
@@ -219,6 +302,7 @@ impl MapWriter {
             }
         }
         self.names = wanted;
+        self.names_pending = Some(BTreeMap::new());
         Ok(())
     }
 
@@ -266,23 +350,37 @@ impl MapWriter {
         desired: &DesiredState,
     ) -> Result<SyncStats> {
         let mut stats = SyncStats::default();
-        // 1. Backends the desired state needs, with their terminating flag.
-        let mut wanted: BTreeMap<(SocketAddr, u8), bool> = BTreeMap::new();
+        self.in_step = false;
+        self.names_pending = None;
+        // 1. Backends the desired state needs, with their terminating flag
+        // (terminating only if every reference is).
+        self.users.clear();
         for (key, spec) in &desired.frontends {
-            for (ep, terminating) in backends_of(spec) {
-                let t = wanted.entry((ep.addr, key.protocol)).or_insert(terminating);
-                *t &= terminating;
+            for (backend, r) in references(key.protocol, spec) {
+                let users = self.users.entry(backend).or_default();
+                users
+                    .by_name
+                    .push((std::cmp::Reverse(known(r.endpoint)), *key));
+                users.serving += usize::from(!r.terminating);
             }
         }
-        let mut used_ids: BTreeSet<u32> = self.backends.values().map(|(id, _)| *id).collect();
+        for users in self.users.values_mut() {
+            users.by_name.sort_unstable();
+        }
+        let wanted: BTreeMap<BackendKey, bool> = self
+            .users
+            .iter()
+            .map(|(b, users)| (*b, users.terminating()))
+            .collect();
+        let mut used_ids = Ids::used(self.backends.values().map(|(id, _)| *id));
         for (backend, terminating) in &wanted {
             let (id, changed) = match self.backends.get(backend) {
                 Some((id, t)) => (*id, t != terminating),
-                None => (lowest_free(&mut used_ids), true),
+                None => (used_ids.take_lowest(), true),
             };
             if changed {
                 if let Err(e) = dp.set_backend(id, backend.0, backend.1, *terminating) {
-                    used_ids.remove(&id);
+                    used_ids.release(id);
                     let what = format!("backend {}/{}", backend.0, protocol_name(backend.1));
                     stats.not_programmed.push((what, e.to_string()));
                     continue;
@@ -292,8 +390,7 @@ impl MapWriter {
             }
         }
         // 2. Frontends, new or changed.
-        let mut used_services: BTreeSet<u32> =
-            self.frontends.values().map(|a| a.service_id).collect();
+        let mut used_services = Ids::used(self.frontends.values().map(|a| a.service_id));
         for (key, spec) in &desired.frontends {
             // Unchanged spec, every endpoint in a slot: nothing to write. (A
             // backend keeps its id while referenced, so the slots match.)
@@ -314,11 +411,11 @@ impl MapWriter {
             let service_id = match self.frontends.get(key) {
                 Some(a) if a.slots == slots && a.spec.as_ref() == Some(spec) => continue,
                 Some(a) => a.service_id,
-                None => lowest_free(&mut used_services),
+                None => used_services.take_lowest(),
             };
             if let Err(e) = dp.set_service(&frontend(key), service_id, &slots) {
                 if !self.frontends.contains_key(key) {
-                    used_services.remove(&service_id);
+                    used_services.release(service_id);
                 }
                 let what = format!("frontend {key} ({})", spec.service);
                 stats.not_programmed.push((what, e.to_string()));
@@ -359,7 +456,184 @@ impl MapWriter {
                 stats.backends_removed += 1;
             }
         }
+        self.backend_ids = Ids::used(self.backends.values().map(|(id, _)| *id));
+        self.service_ids = Ids::used(self.frontends.values().map(|a| a.service_id));
+        self.in_step = stats.not_programmed.is_empty();
         Ok(stats)
+    }
+
+    /// What `apply` writes, when `desired` differs from the state last
+    /// applied only in the frontends `changed` names; the cost is that of
+    /// the change. When the maps may not hold the last state (adopted, or
+    /// something did not fit), `apply` compares everything instead.
+    pub fn apply_changes(
+        &mut self,
+        dp: &mut (impl ServiceMaps + ?Sized),
+        desired: &DesiredState,
+        changed: &BTreeSet<FrontendKey>,
+    ) -> Result<SyncStats> {
+        use common::names::{NAME_KIND_BACKEND, NAME_KIND_SERVICE};
+        if !self.in_step {
+            return self.apply(dp, desired);
+        }
+        self.in_step = false;
+        let mut stats = SyncStats::default();
+        // The backends the changed frontends used and use, with their users.
+        // The backends whose use by a changed frontend changed (added,
+        // removed, terminating or named otherwise), with their ids before.
+        // A backend the frontend uses as before is not looked at: a
+        // backend many services share costs nothing when one of them
+        // changes elsewhere.
+        let mut touched: BTreeMap<BackendKey, Option<u32>> = BTreeMap::new();
+        let mut old_service_ids = Vec::new();
+        for key in changed {
+            let old = match self.frontends.get(key) {
+                Some(applied) => {
+                    old_service_ids.push(applied.service_id);
+                    let spec = applied
+                        .spec
+                        .as_ref()
+                        .expect("in step: every frontend has its spec");
+                    references(key.protocol, spec)
+                }
+                None => BTreeMap::new(),
+            };
+            let new = desired
+                .frontends
+                .get(key)
+                .map(|spec| references(key.protocol, spec))
+                .unwrap_or_default();
+            let both: BTreeSet<&BackendKey> = old.keys().chain(new.keys()).collect();
+            for backend in both {
+                let now = new.get(backend);
+                if old.get(backend) == now {
+                    continue;
+                }
+                let id_before = self.backends.get(backend).map(|(id, _)| *id);
+                touched.entry(*backend).or_insert(id_before);
+                let users = self.users.entry(*backend).or_default();
+                if let Some(before) = old.get(backend) {
+                    users.remove(*key, before);
+                }
+                if let Some(now) = now {
+                    users.add(*key, now);
+                }
+            }
+        }
+        // 1. Backends now used, new or with a changed terminating flag.
+        for backend in touched.keys() {
+            let Some(users) = self.users.get(backend).filter(|u| !u.is_empty()) else {
+                continue;
+            };
+            let terminating = users.terminating();
+            let (id, write) = match self.backends.get(backend) {
+                Some((id, t)) => (*id, *t != terminating),
+                None => (self.backend_ids.take_lowest(), true),
+            };
+            if write {
+                if let Err(e) = dp.set_backend(id, backend.0, backend.1, terminating) {
+                    self.backend_ids.release(id);
+                    let what = format!("backend {}/{}", backend.0, protocol_name(backend.1));
+                    stats.not_programmed.push((what, e.to_string()));
+                    continue;
+                }
+                self.backends.insert(*backend, (id, terminating));
+                stats.backends_written += 1;
+            }
+        }
+        // 2. Changed frontends that are still wanted.
+        for key in changed {
+            let Some(spec) = desired.frontends.get(key) else {
+                continue;
+            };
+            let slots = self.slots_of(key.protocol, spec);
+            let service_id = match self.frontends.get(key) {
+                Some(a) if a.slots == slots && a.spec.as_ref() == Some(spec) => continue,
+                Some(a) => a.service_id,
+                None => self.service_ids.take_lowest(),
+            };
+            if let Err(e) = dp.set_service(&frontend(key), service_id, &slots) {
+                if !self.frontends.contains_key(key) {
+                    self.service_ids.release(service_id);
+                }
+                let what = format!("frontend {key} ({})", spec.service);
+                stats.not_programmed.push((what, e.to_string()));
+                continue;
+            }
+            self.frontends.insert(
+                *key,
+                Applied {
+                    service_id,
+                    slots,
+                    spec: Some(spec.clone()),
+                },
+            );
+            stats.frontends_written += 1;
+        }
+        // 3. Changed frontends that are gone.
+        for key in changed {
+            if desired.frontends.contains_key(key) {
+                continue;
+            }
+            if let Some(applied) = self.frontends.remove(key) {
+                dp.remove_service(&frontend(key))?;
+                self.service_ids.release(applied.service_id);
+                stats.frontends_removed += 1;
+            }
+        }
+        // 4. Backends nothing uses any more.
+        for backend in touched.keys() {
+            if self.users.get(backend).is_some_and(|u| !u.is_empty()) {
+                continue;
+            }
+            self.users.remove(backend);
+            if let Some((id, _)) = self.backends.remove(backend) {
+                dp.remove_backend(id)?;
+                self.backend_ids.release(id);
+                stats.backends_removed += 1;
+            }
+        }
+        // The names of the ids involved: the old ones go unless reused.
+        if let Some(pending) = &mut self.names_pending {
+            for id in old_service_ids {
+                pending.insert((NAME_KIND_SERVICE, id), None);
+            }
+            for id in touched.values().flatten() {
+                pending.insert((NAME_KIND_BACKEND, *id), None);
+            }
+        }
+        let mut names = Vec::new();
+        for key in changed {
+            if let Some(a) = self.frontends.get(key) {
+                if let Some(spec) = &a.spec {
+                    let label = crate::translate::labels::service_label(
+                        &spec.service.to_string(),
+                        &spec.kind.to_string(),
+                    );
+                    names.push(((NAME_KIND_SERVICE, a.service_id), Some(label)));
+                }
+            }
+        }
+        for backend in touched.keys() {
+            if let Some((id, _)) = self.backends.get(backend) {
+                names.push(((NAME_KIND_BACKEND, *id), self.backend_name(backend)));
+            }
+        }
+        if let Some(pending) = &mut self.names_pending {
+            pending.extend(names);
+        }
+        self.in_step = stats.not_programmed.is_empty();
+        Ok(stats)
+    }
+
+    /// What `DP_NAMES` says of one backend: as `write_names` finds it, from
+    /// the endpoint of the first frontend (in key order) that knows most.
+    fn backend_name(&self, backend: &BackendKey) -> Option<String> {
+        let (_, key) = self.users.get(backend)?.by_name.first()?;
+        let spec = self.frontends.get(key)?.spec.as_ref()?;
+        let refs = references(key.protocol, spec);
+        let ep = refs.get(backend)?.endpoint;
+        crate::translate::labels::backend_label(ep.pod.as_deref(), ep.node.as_deref())
     }
 
     fn slots_of(&self, protocol: u8, spec: &FrontendSpec) -> BackendSlots {
@@ -381,6 +655,32 @@ impl MapWriter {
             source_ranges: spec.source_ranges.iter().map(|c| (c.addr, c.len)).collect(),
         }
     }
+}
+
+/// How a frontend uses one backend.
+#[derive(Debug, PartialEq, Eq)]
+struct Reference<'a> {
+    /// Every reference to it is terminating.
+    terminating: bool,
+    /// Its first endpoint that knows most of it (pod, node): what the
+    /// frontend tells `DP_NAMES` about the backend.
+    endpoint: &'a EndpointInfo,
+}
+
+/// The backends a frontend refers to.
+fn references(protocol: u8, spec: &FrontendSpec) -> BTreeMap<BackendKey, Reference<'_>> {
+    let mut out: BTreeMap<BackendKey, Reference> = BTreeMap::new();
+    for (ep, terminating) in backends_of(spec) {
+        let r = out.entry((ep.addr, protocol)).or_insert(Reference {
+            terminating,
+            endpoint: ep,
+        });
+        r.terminating &= terminating;
+        if known(ep) > known(r.endpoint) {
+            r.endpoint = ep;
+        }
+    }
+    out
 }
 
 /// Every endpoint a frontend refers to, with whether it is terminating.
@@ -407,22 +707,73 @@ fn frontend(key: &FrontendKey) -> Frontend {
     }
 }
 
-fn lowest_free(used: &mut BTreeSet<u32>) -> u32 {
-    // Ids are 1.. and mostly contiguous: then the next one is len + 1,
-    // without a scan (a scan per id made the first sync quadratic).
-    let len = used.len() as u32;
-    let id = if used.last().is_none_or(|last| *last == len) {
-        len + 1
-    } else {
-        let mut id = 1;
-        for u in used.iter() {
-            if *u != id {
-                break;
-            }
-            id += 1;
+/// Ids in use, 1 and up; the next one given is the lowest free. The holes
+/// below the highest are kept, so that is found without a scan (a scan per
+/// id made the first sync quadratic, and a change cost a walk to the hole
+/// the last one left).
+#[derive(Debug, Default)]
+struct Ids {
+    /// Every id below this one is used or in `holes`.
+    next: u32,
+    holes: BTreeSet<u32>,
+}
+
+impl Ids {
+    fn used(ids: impl Iterator<Item = u32>) -> Self {
+        let used: BTreeSet<u32> = ids.collect();
+        let next = used.last().map_or(1, |last| last + 1);
+        let holes = (1..next).filter(|id| !used.contains(id)).collect();
+        Ids { next, holes }
+    }
+
+    fn take_lowest(&mut self) -> u32 {
+        if let Some(id) = self.holes.pop_first() {
+            return id;
         }
+        let id = self.next.max(1);
+        self.next = id + 1;
         id
-    };
-    used.insert(id);
-    id
+    }
+
+    fn release(&mut self, id: u32) {
+        if id == 0 || id >= self.next || self.holes.contains(&id) {
+            return;
+        }
+        if id + 1 == self.next {
+            self.next = id;
+            // The holes just below are now above the highest id in use.
+            while self.next > 1 && self.holes.remove(&(self.next - 1)) {
+                self.next -= 1;
+            }
+        } else {
+            self.holes.insert(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ids;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn ids_are_the_lowest_free_ones() {
+        let mut ids = Ids::used([1, 2, 5].into_iter());
+        let mut used: BTreeSet<u32> = [1, 2, 5].into();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..5000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if x.is_multiple_of(3) && !used.is_empty() {
+                let id = *used.iter().nth((x / 3) as usize % used.len()).unwrap();
+                used.remove(&id);
+                ids.release(id);
+            } else {
+                let lowest = (1..).find(|id| !used.contains(id)).unwrap();
+                assert_eq!(ids.take_lowest(), lowest);
+                used.insert(lowest);
+            }
+        }
+    }
 }

@@ -2,65 +2,15 @@
 //! memory: no root, no BPF object. The root tests (`tests/sync.rs`,
 //! `tests/*_test_run.rs`) check the same writes on the real maps.
 
-use std::{
-    collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
-};
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use super::{
-    sync::{BackendSlots, Frontend, MapWriter, ProgrammedServices, ServiceMaps},
+    memory::MemoryMaps,
+    sync::{BackendSlots, Frontend, MapWriter},
     translate, DesiredState, NodeInfo, TranslateOptions,
 };
-use crate::error::Result;
-
-/// The service and name maps, in memory, with a log of every write.
-#[derive(Default)]
-struct MemoryMaps {
-    frontends: BTreeMap<Frontend, (u32, BackendSlots)>,
-    backends: BTreeMap<u32, (SocketAddr, u8, bool)>,
-    names: BTreeMap<(u32, u32), String>,
-    writes: Vec<String>,
-}
-
-impl ServiceMaps for MemoryMaps {
-    fn set_backend(&mut self, id: u32, addr: SocketAddr, protocol: u8, term: bool) -> Result<()> {
-        self.writes.push(format!("backend {id} = {addr}"));
-        self.backends.insert(id, (addr, protocol, term));
-        Ok(())
-    }
-    fn remove_backend(&mut self, id: u32) -> Result<()> {
-        self.writes.push(format!("backend {id} removed"));
-        self.backends.remove(&id);
-        Ok(())
-    }
-    fn set_service(&mut self, f: &Frontend, service_id: u32, slots: &BackendSlots) -> Result<()> {
-        self.writes
-            .push(format!("service {} = {service_id}", f.addr));
-        self.frontends.insert(*f, (service_id, slots.clone()));
-        Ok(())
-    }
-    fn remove_service(&mut self, f: &Frontend) -> Result<()> {
-        self.writes.push(format!("service {} removed", f.addr));
-        self.frontends.remove(f);
-        Ok(())
-    }
-    fn set_name(&mut self, kind: u32, id: u32, name: &str) -> Result<()> {
-        self.names.insert((kind, id), name.to_string());
-        Ok(())
-    }
-    fn remove_name(&mut self, kind: u32, id: u32) -> Result<()> {
-        self.names.remove(&(kind, id));
-        Ok(())
-    }
-    fn read_services(&mut self) -> Result<ProgrammedServices> {
-        Ok(ProgrammedServices {
-            frontends: self.frontends.clone(),
-            backends: self.backends.clone(),
-        })
-    }
-}
 
 impl MemoryMaps {
     /// The addresses behind backend ids.
@@ -230,4 +180,192 @@ fn an_adopting_writer_keeps_the_ids_and_rewrites_in_place() {
         "nothing removed: {:?}",
         maps.writes
     );
+}
+
+/// A small deterministic generator (xorshift), so the property test needs
+/// no extra crate and a failure replays.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// A random Service from a small pool of names and addresses, so that
+/// services share addresses (conflicts) and endpoints.
+fn random_service(rng: &mut Rng) -> Service {
+    let name = rng.pick(&["a", "b", "c", "d"]);
+    let namespace = rng.pick(&["ns", "other"]);
+    let service_type = rng.pick(&["ClusterIP", "ClusterIP", "NodePort", "LoadBalancer"]);
+    let cluster_ip = format!("10.96.0.{}", 1 + rng.below(3));
+    let mut ports =
+        vec![serde_json::json!({"name": "http", "port": 80, "nodePort": 30000 + rng.below(3)})];
+    if rng.below(2) == 0 {
+        ports.push(serde_json::json!({"name": "dns", "port": 53, "protocol": "UDP"}));
+    }
+    let mut spec = serde_json::json!({
+        "type": service_type,
+        "clusterIP": cluster_ip,
+        "ports": ports,
+        "externalTrafficPolicy": rng.pick(&["Cluster", "Local"]),
+        "internalTrafficPolicy": rng.pick(&["Cluster", "Local"]),
+    });
+    if rng.below(3) == 0 {
+        spec["externalIPs"] = serde_json::json!([format!("192.0.2.{}", rng.below(2))]);
+    }
+    if rng.below(3) == 0 {
+        spec["sessionAffinity"] = "ClientIP".into();
+    }
+    if rng.below(8) == 0 {
+        spec["clusterIP"] = "not-an-ip".into();
+    }
+    let mut service = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    });
+    if service_type == "LoadBalancer" {
+        service["spec"]["healthCheckNodePort"] = 32000.into();
+        service["status"] =
+            serde_json::json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}});
+    }
+    serde_json::from_value(service).unwrap()
+}
+
+fn random_slice(rng: &mut Rng) -> EndpointSlice {
+    let service = rng.pick(&["a", "b", "c", "d"]);
+    let namespace = rng.pick(&["ns", "other"]);
+    let name = format!("{service}-{}", rng.below(3));
+    let endpoints: Vec<serde_json::Value> = (0..rng.below(4))
+        .map(|_| {
+            let mut ep = serde_json::json!({
+                "addresses": [format!("10.244.{}.{}", 1 + rng.below(2), 1 + rng.below(4))],
+                "nodeName": rng.pick(&["node1", "node2"]),
+                "conditions": {
+                    "ready": rng.below(3) != 0,
+                    "serving": rng.below(2) == 0,
+                    "terminating": rng.below(3) == 0,
+                },
+            });
+            if rng.below(2) == 0 {
+                ep["targetRef"] = serde_json::json!({"kind": "Pod", "namespace": namespace, "name": format!("p{}", rng.below(4))});
+            }
+            if rng.below(4) == 0 {
+                ep["hints"] = serde_json::json!({"forNodes": [{"name": rng.pick(&["node1", "node2"])}]});
+            }
+            ep
+        })
+        .collect();
+    let mut labels = serde_json::json!({"kubernetes.io/service-name": service});
+    if rng.below(10) == 0 {
+        labels = serde_json::json!({});
+    }
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "addressType": rng.pick(&["IPv4", "IPv4", "IPv4", "IPv6"]),
+        "ports": [
+            {"name": "http", "port": 8080 + rng.below(2) as i32},
+            {"name": "dns", "port": 5353, "protocol": "UDP"},
+        ],
+        "endpoints": endpoints,
+    }))
+    .unwrap()
+}
+
+fn meta_key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+    (
+        m.namespace.clone().unwrap_or_default(),
+        m.name.clone().unwrap_or_default(),
+    )
+}
+
+#[test]
+fn changes_applied_one_by_one_give_the_maps_a_full_translation_gives() {
+    use super::incremental::IncrementalTranslation;
+    for seed in 1..=40u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut node = node();
+        let options = TranslateOptions::default();
+        let mut services: BTreeMap<(String, String), Service> = BTreeMap::new();
+        let mut slices: BTreeMap<(String, String), EndpointSlice> = BTreeMap::new();
+        let mut incremental = IncrementalTranslation::new(node.clone(), options.clone());
+        let (mut maps_incremental, mut maps_full) = (MemoryMaps::default(), MemoryMaps::default());
+        let (mut writer_incremental, mut writer_full) = (MapWriter::new(), MapWriter::new());
+        for step in 0..150 {
+            match rng.below(10) {
+                0..=2 => {
+                    let s = random_service(&mut rng);
+                    services.insert(meta_key(&s.metadata), s.clone());
+                    if rng.below(3) == 0 {
+                        // A relist, or the manifest files read again.
+                        incremental.replace_services(services.values().cloned().collect());
+                    } else {
+                        incremental.upsert_service(s);
+                    }
+                }
+                3 => {
+                    let s = random_service(&mut rng);
+                    let (ns, name) = meta_key(&s.metadata);
+                    services.remove(&(ns.clone(), name.clone()));
+                    incremental.remove_service(&ns, &name);
+                }
+                4..=7 => {
+                    let s = random_slice(&mut rng);
+                    slices.insert(meta_key(&s.metadata), s.clone());
+                    if rng.below(3) == 0 {
+                        incremental.replace_slices(slices.values().cloned().collect());
+                    } else {
+                        incremental.upsert_slice(s);
+                    }
+                }
+                8 => {
+                    let s = random_slice(&mut rng);
+                    let (ns, name) = meta_key(&s.metadata);
+                    slices.remove(&(ns.clone(), name.clone()));
+                    incremental.remove_slice(&ns, &name);
+                }
+                _ => {
+                    node.ips = vec![Ipv4Addr::new(172, 18, 0, 2 + rng.below(2) as u8)];
+                    node.zone = (rng.below(2) == 0).then(|| "z1".to_string());
+                    incremental.set_node(node.clone());
+                }
+            }
+            let all_services: Vec<Service> = services.values().cloned().collect();
+            let all_slices: Vec<EndpointSlice> = slices.values().cloned().collect();
+            let full = translate(&all_services, &all_slices, &node, &options);
+            let context = format!("seed {seed} step {step}");
+            assert_eq!(incremental.state(), full, "{context}");
+            let invalid = full.skipped.iter().filter(|s| s.invalid).count();
+            assert_eq!(
+                incremental.skip_counts(),
+                (invalid, full.skipped.len() - invalid),
+                "{context}"
+            );
+
+            let changes = incremental.take_changes();
+            writer_incremental
+                .apply_changes(
+                    &mut maps_incremental,
+                    incremental.desired(),
+                    &changes.frontends,
+                )
+                .unwrap();
+            writer_incremental
+                .write_names(&mut maps_incremental)
+                .unwrap();
+            writer_full.apply(&mut maps_full, &full).unwrap();
+            writer_full.write_names(&mut maps_full).unwrap();
+            assert_eq!(maps_incremental.frontends, maps_full.frontends, "{context}");
+            assert_eq!(maps_incremental.backends, maps_full.backends, "{context}");
+            assert_eq!(maps_incremental.names, maps_full.names, "{context}");
+        }
+    }
 }

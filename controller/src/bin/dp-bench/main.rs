@@ -156,6 +156,11 @@ pub struct Point {
     pub cluster_ip: Traffic,
     pub node_port: Traffic,
     pub endpoint_change: Option<ChangeFigures>,
+    /// dp only: the same changes as watch events from the (fake) API server
+    /// to an agent with `--kubeconfig`, measured from the event to the
+    /// agent's sync of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_change_watch: Option<ChangeFigures>,
 }
 
 fn finished() -> bool {
@@ -183,6 +188,7 @@ impl Point {
             cluster_ip: Traffic::default(),
             node_port: Traffic::default(),
             endpoint_change: None,
+            endpoint_change_watch: None,
         }
     }
 }
@@ -585,9 +591,53 @@ fn measure_point(
         cluster_ip: cluster_runs.finish(),
         node_port: node_port_runs.finish(),
         endpoint_change,
+        endpoint_change_watch: None,
     };
     loaded.unload()?;
+    let mut point = point;
+    if dataplane == Dataplane::Dp {
+        point.endpoint_change_watch = watch_changes(&cluster, &mut input, work, s)?;
+    }
     Ok(point)
+}
+
+/// dp's one-endpoint changes again, delivered by the API server's watch
+/// (`scenario::watch_changes`), after the manifest agent is gone. Skipped,
+/// with a word, when the fake API server binary was not built.
+fn watch_changes(
+    cluster: &e2e::Cluster,
+    input: &mut Input,
+    work: &std::path::Path,
+    s: &Settings,
+) -> Result<Option<ChangeFigures>> {
+    let Some(binary) = scenario::fake_apiserver_binary() else {
+        progress("    no fake-apiserver next to dp-bench: watch variant skipped (cargo xtask bench builds it)");
+        return Ok(None);
+    };
+    progress(&format!(
+        "    {} one-endpoint changes by API watch",
+        s.changes
+    ));
+    let (total, agent) =
+        scenario::watch_changes(&binary, cluster, input, work, s.changes, s.changes + 1)?;
+    let ms = |v: &[std::time::Duration]| -> Vec<f64> {
+        v.iter().map(|d| d.as_secs_f64() * 1e3).collect()
+    };
+    let (total, agent) = (ms(&total), ms(&agent));
+    let pct = |v: &[f64], p: f64| {
+        Latencies {
+            samples_us: v.to_vec(),
+            errors: 0,
+        }
+        .percentile(p)
+    };
+    Ok(Some(ChangeFigures {
+        changes: s.changes,
+        p50_ms: pct(&total, 50.0).unwrap_or(f64::NAN),
+        p99_ms: pct(&total, 99.0).unwrap_or(f64::NAN),
+        agent_p50_ms: pct(&agent, 50.0),
+        agent_p99_ms: pct(&agent, 99.0),
+    }))
 }
 
 fn is_timeout(e: &anyhow::Error) -> bool {

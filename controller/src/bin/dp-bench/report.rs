@@ -740,8 +740,8 @@ pub fn tables(results: &Results) -> String {
     let _ = writeln!(
         s,
         "#### Control plane and memory\n\n\
-         | N | dataplane | program all from nothing | vs iptables-nft | rules / frontends | one-endpoint change: p50 / p99 ms | vs iptables-nft (p50) | kernel memory | agent RSS |\n\
-         | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+         | N | dataplane | program all from nothing | vs iptables-nft | rules / frontends | one-endpoint change: p50 / p99 ms | vs iptables-nft (p50) | the same change by API watch: p50 / p99 ms | kernel memory | agent RSS |\n\
+         | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for n in sizes(results) {
         let (base, mark) = iptables_base(results, n);
@@ -763,17 +763,32 @@ pub fn tables(results: &Results) -> String {
                 },
                 None => "–".into(),
             };
+            // dp: from the watch event sent to the agent's sync of it.
+            let watch_text = match &p.endpoint_change_watch {
+                Some(c) => match (c.agent_p50_ms, c.agent_p99_ms) {
+                    (Some(a50), Some(a99)) => format!(
+                        "{:.2} / {:.2} (agent's sync: {a50:.2} / {a99:.2})",
+                        c.p50_ms, c.p99_ms
+                    ),
+                    _ => format!("{:.2} / {:.2}", c.p50_ms, c.p99_ms),
+                },
+                None => "–".into(),
+            };
             if !p.load_finished {
                 let why = match p.not_tried_after {
                     Some(smaller) => format!("not tried (did not finish at N = {smaller})"),
                     None => format!("did not finish in {:.0} s (stopped)", p.load_seconds),
                 };
-                let _ = writeln!(s, "| {n} | {} | {why} | – | – | – | – | – | – |", d.name());
+                let _ = writeln!(
+                    s,
+                    "| {n} | {} | {why} | – | – | – | – | – | – | – |",
+                    d.name()
+                );
                 continue;
             }
             let _ = writeln!(
                 s,
-                "| {n} | {} | {:.3} s | {} | {} | {} | {} | {:.1} MiB | {} |",
+                "| {n} | {} | {:.3} s | {} | {} | {} | {} | {} | {:.1} MiB | {} |",
                 d.name(),
                 p.load_seconds,
                 ratio_marked(Some(p.load_seconds), base.map(|b| b.load_seconds), mark),
@@ -784,6 +799,7 @@ pub fn tables(results: &Results) -> String {
                     base.and_then(|b| b.endpoint_change.as_ref().map(|c| c.p50_ms)),
                     mark
                 ),
+                watch_text,
                 p.kernel_memory_bytes as f64 / 1048576.0,
                 p.agent_rss_bytes
                     .map_or("–".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0)),
@@ -838,6 +854,13 @@ mod tests {
                 p99_ms: n as f64 / 5.0,
                 agent_p50_ms: None,
                 agent_p99_ms: None,
+            }),
+            endpoint_change_watch: (d == Dataplane::Dp).then_some(ChangeFigures {
+                changes: 10,
+                p50_ms: 1.0,
+                p99_ms: 2.0,
+                agent_p50_ms: Some(0.1),
+                agent_p99_ms: Some(0.2),
             }),
         }
     }

@@ -585,3 +585,187 @@ pub fn last_node_port(n: usize) -> SocketAddr {
     let i = (0..n).rev().find(|i| node_port(*i).is_some()).unwrap_or(0);
     SocketAddr::from((NODE_IP, node_port(i).unwrap_or(30000)))
 }
+
+/// The fake API server process (`e2e`'s `fake-apiserver`, built next to
+/// dp-bench by `cargo xtask bench`): not linked into dp-bench, so `dp`'s
+/// dependencies hold no test server.
+pub fn fake_apiserver_binary() -> Option<PathBuf> {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("fake-apiserver")))
+        .filter(|p| p.exists())
+}
+
+/// A running fake API server, driven over its stdin.
+struct FakeApi {
+    child: Child,
+    requests: std::process::ChildStdin,
+    versions: BufReader<std::process::ChildStdout>,
+}
+
+impl FakeApi {
+    fn start(binary: &Path, node_ns: &e2e::Netns, kubeconfig: &Path) -> Result<Self> {
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", node_ns.path().display()))
+            .arg(binary)
+            .arg(kubeconfig)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the fake API server")?;
+        let requests = child.stdin.take().context("fake API stdin")?;
+        let mut versions = BufReader::new(child.stdout.take().context("fake API stdout")?);
+        let mut ready = String::new();
+        versions.read_line(&mut ready)?;
+        if ready.trim() != "ready" {
+            bail!("fake API server did not start: {ready:?}");
+        }
+        Ok(FakeApi {
+            child,
+            requests,
+            versions,
+        })
+    }
+
+    /// Sends `{"apply": object}`; the event's resourceVersion.
+    fn apply(&mut self, object: &serde_json::Value) -> Result<u64> {
+        use std::io::Write as _;
+        writeln!(self.requests, "{}", serde_json::json!({ "apply": object }))?;
+        self.requests.flush()?;
+        let mut line = String::new();
+        self.versions.read_line(&mut line)?;
+        line.trim()
+            .parse()
+            .with_context(|| format!("fake API server answered {line:?}"))
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The objects of a YAML text, as JSON.
+fn documents(yaml: &str) -> Result<Vec<serde_json::Value>> {
+    use serde::Deserialize as _;
+    let mut out = Vec::new();
+    for doc in serde_norway::Deserializer::from_str(yaml) {
+        let value = serde_json::Value::deserialize(doc)?;
+        if !value.is_null() {
+            out.push(value);
+        }
+    }
+    Ok(out)
+}
+
+/// dp's one-endpoint changes as a cluster delivers them: the agent with
+/// `--kubeconfig` on the fake API server (list, then watch), in the node's
+/// namespace of `cluster` (no other dataplane loaded). Each change is one
+/// EndpointSlice MODIFIED event; measured from the event handed to the
+/// server until the agent logs the sync that carries its resourceVersion
+/// (maps written). Returns (those times, the agent's own sync times).
+pub fn watch_changes(
+    binary: &Path,
+    cluster: &Cluster,
+    input: &mut Input,
+    work: &Path,
+    changes: usize,
+    first_version: usize,
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let node_ns = cluster.node_ns(0);
+    fs::create_dir_all(work)?;
+    let kubeconfig = work.join("kubeconfig");
+    let bpffs = work.join("bpffs-watch");
+    let mut api = FakeApi::start(binary, node_ns, &kubeconfig)?;
+    for f in 0..input.files() {
+        for object in documents(&input.file(f))? {
+            api.apply(&object)?;
+        }
+    }
+    let n = input.n;
+    let frontends = n + node_ports(n) + 2;
+    let services = ((frontends * (ENDPOINTS + 2)) as u32).next_power_of_two();
+    let backends = ((frontends * ENDPOINTS) as u32).next_power_of_two();
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={}", node_ns.path().display()))
+        .arg(dp_binary())
+        .args(["agent", "--node-name", "node1", "--node-ip", "172.18.0.2"])
+        .args(["--devices", "eth0"])
+        .args(["--cluster-cidr", "10.244.0.0/16"])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--bpffs")
+        .arg(&bpffs)
+        .args([
+            "--map-size-services",
+            &services.max(common::map_sizes::SERVICES).to_string(),
+        ])
+        .args([
+            "--map-size-backends",
+            &backends.max(common::map_sizes::BACKENDS).to_string(),
+        ])
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--healthz-addr",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting dp agent --kubeconfig")?;
+    let (tx, log) = mpsc::channel();
+    let stderr = child.stderr.take().context("agent stderr")?;
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let measured = (|| -> Result<(Vec<Duration>, Vec<Duration>)> {
+        let line = wait_synced(&log, Duration::from_secs(600))?;
+        if field(&line, "frontends=") != Some(frontends as u64) {
+            bail!("dp agent (watch) programmed other than {frontends} frontends: {line}");
+        }
+        let (mut total, mut agent) = (Vec::new(), Vec::new());
+        for c in 0..changes {
+            let i = (c * 7919) % n;
+            input.moved.push((i, first_version + c));
+            let mut yaml = String::new();
+            input.service_yaml(i, &mut yaml);
+            let slice = documents(&yaml)?
+                .into_iter()
+                .find(|o| o["kind"] == "EndpointSlice")
+                .context("no slice")?;
+            while log.try_recv().is_ok() {}
+            let t = Instant::now();
+            let version = api.apply(&slice)?;
+            loop {
+                let line = wait_synced(&log, Duration::from_secs(60))?;
+                if field(&line, "resource_version=") != Some(version) {
+                    continue;
+                }
+                if field(&line, "backends_written=") != Some(1) {
+                    bail!("dp agent (watch): unexpected sync for one endpoint change: {line}");
+                }
+                total.push(t.elapsed());
+                agent.push(Duration::from_micros(field(&line, "micros=").unwrap_or(0)));
+                break;
+            }
+        }
+        Ok((total, agent))
+    })();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let _ = dp::kernel::pin::cleanup(&bpffs);
+    dp::kernel::pin::unmount_bpffs(&bpffs);
+    let _ = fs::remove_dir_all(&bpffs);
+    let _ = fs::remove_file(&kubeconfig);
+    measured
+}
