@@ -400,16 +400,20 @@ fn bench(quick: bool, with_30k: bool, args: &[String]) -> Result<()> {
     // The sender is not the bottleneck there: CPU per forwarded packet at a
     // fixed offered load, dp XDP / tc vs kube-proxy's modes.
     step("NodePort forwarding cost: CPU per packet (cargo bench --bench nodeport)");
-    run(Command::new(cargo()).current_dir(&ws).args([
-        "bench",
-        "-p",
-        "dp",
-        "--bench",
-        "nodeport",
-        "--",
-        "--update-markdown",
-        "BENCHMARKS.md",
-    ]))
+    // Absolute: cargo runs a bench in its package's directory.
+    let markdown = ws.join("BENCHMARKS.md");
+    run(Command::new(cargo())
+        .current_dir(&ws)
+        .args([
+            "bench",
+            "-p",
+            "dp",
+            "--bench",
+            "nodeport",
+            "--",
+            "--update-markdown",
+        ])
+        .arg(&markdown))
 }
 
 fn micro_bench(args: &[String]) -> Result<()> {
