@@ -381,50 +381,11 @@ pub fn load(
         let bpffs = work.join("bpffs");
         let _ = fs::remove_dir_all(&dir);
         input.write_dir(&dir)?;
-        let frontends = input.n + node_ports(input.n) + 2;
-        let services = ((frontends * (ENDPOINTS + 2)) as u32).next_power_of_two();
-        let backends = ((frontends * ENDPOINTS) as u32).next_power_of_two();
+        let frontends = expected_frontends(input.n);
         let started = Instant::now();
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net={}", node_ns.path().display()))
-            .args(["sh", "-c", &cgroup.enter_script(), "sh"])
-            .arg(dp_binary())
-            .args(["agent", "--node-name", "node1", "--node-ip", "172.18.0.2"])
-            .args(["--devices", "eth0"])
-            .args(["--cluster-cidr", "10.244.0.0/16"])
-            .arg("--manifests")
-            .arg(&dir)
-            .arg("--bpffs")
-            .arg(&bpffs)
-            .args([
-                "--map-size-services",
-                &services.max(common::map_sizes::SERVICES).to_string(),
-            ])
-            .args([
-                "--map-size-backends",
-                &backends.max(common::map_sizes::BACKENDS).to_string(),
-            ])
-            .args([
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--healthz-addr",
-                "127.0.0.1:0",
-            ])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting dp agent")?;
-        let (tx, log) = mpsc::channel();
-        let stderr = child.stderr.take().context("agent stderr")?;
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let mut cmd = agent_command(node_ns, input.n, Some(&cgroup.enter_script()));
+        cmd.arg("--manifests").arg(&dir).arg("--bpffs").arg(&bpffs);
+        let (child, log) = spawn_logged(cmd).context("starting dp agent")?;
         let line = wait_synced(&log, Duration::from_secs(600))?;
         loaded.load_seconds = started.elapsed().as_secs_f64();
         loaded.objects = field(&line, "frontends=").unwrap_or(0) as usize;
@@ -685,48 +646,13 @@ pub fn watch_changes(
         }
     }
     let n = input.n;
-    let frontends = n + node_ports(n) + 2;
-    let services = ((frontends * (ENDPOINTS + 2)) as u32).next_power_of_two();
-    let backends = ((frontends * ENDPOINTS) as u32).next_power_of_two();
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", node_ns.path().display()))
-        .arg(dp_binary())
-        .args(["agent", "--node-name", "node1", "--node-ip", "172.18.0.2"])
-        .args(["--devices", "eth0"])
-        .args(["--cluster-cidr", "10.244.0.0/16"])
-        .arg("--kubeconfig")
+    let frontends = expected_frontends(n);
+    let mut cmd = agent_command(node_ns, n, None);
+    cmd.arg("--kubeconfig")
         .arg(&kubeconfig)
         .arg("--bpffs")
-        .arg(&bpffs)
-        .args([
-            "--map-size-services",
-            &services.max(common::map_sizes::SERVICES).to_string(),
-        ])
-        .args([
-            "--map-size-backends",
-            &backends.max(common::map_sizes::BACKENDS).to_string(),
-        ])
-        .args([
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--healthz-addr",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting dp agent --kubeconfig")?;
-    let (tx, log) = mpsc::channel();
-    let stderr = child.stderr.take().context("agent stderr")?;
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+        .arg(&bpffs);
+    let (mut child, log) = spawn_logged(cmd).context("starting dp agent --kubeconfig")?;
     let measured = (|| -> Result<(Vec<Duration>, Vec<Duration>)> {
         let line = wait_synced(&log, Duration::from_secs(600))?;
         if field(&line, "frontends=") != Some(frontends as u64) {
@@ -768,4 +694,63 @@ pub fn watch_changes(
     let _ = fs::remove_dir_all(&bpffs);
     let _ = fs::remove_file(&kubeconfig);
     measured
+}
+
+/// `dp agent` for node1 of the bench cluster, its maps sized for `n`
+/// services (the caller adds the source and the bpffs), run in the node's
+/// namespace and, with `enter`, through that `sh -c` prefix first (the
+/// memory cgroup).
+fn agent_command(node_ns: &e2e::Netns, n: usize, enter: Option<&str>) -> Command {
+    let frontends = expected_frontends(n);
+    let services = ((frontends * (ENDPOINTS + 2)) as u32).next_power_of_two();
+    let backends = ((frontends * ENDPOINTS) as u32).next_power_of_two();
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", node_ns.path().display()));
+    if let Some(script) = enter {
+        cmd.args(["sh", "-c", script, "sh"]);
+    }
+    cmd.arg(dp_binary())
+        .args(["agent", "--node-name", "node1", "--node-ip", "172.18.0.2"])
+        .args(["--devices", "eth0"])
+        .args(["--cluster-cidr", "10.244.0.0/16"])
+        .args([
+            "--map-size-services",
+            &services.max(common::map_sizes::SERVICES).to_string(),
+        ])
+        .args([
+            "--map-size-backends",
+            &backends.max(common::map_sizes::BACKENDS).to_string(),
+        ])
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--healthz-addr",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// The frontends dp programs for `n` services: each ClusterIP, the
+/// NodePorts, and `bench/dns`'s two.
+fn expected_frontends(n: usize) -> usize {
+    n + node_ports(n) + 2
+}
+
+/// Starts `cmd` and forwards its stderr lines to the returned receiver.
+fn spawn_logged(mut cmd: Command) -> Result<(Child, mpsc::Receiver<String>)> {
+    let mut child = cmd.spawn()?;
+    let (tx, log) = mpsc::channel();
+    let stderr = child.stderr.take().context("agent stderr")?;
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Ok((child, log))
 }
