@@ -407,29 +407,7 @@ impl MapWriter {
                     continue;
                 }
             }
-            let slots = self.slots_of(key.protocol, spec);
-            let service_id = match self.frontends.get(key) {
-                Some(a) if a.slots == slots && a.spec.as_ref() == Some(spec) => continue,
-                Some(a) => a.service_id,
-                None => used_services.take_lowest(),
-            };
-            if let Err(e) = dp.set_service(&frontend(key), service_id, &slots) {
-                if !self.frontends.contains_key(key) {
-                    used_services.release(service_id);
-                }
-                let what = format!("frontend {key} ({})", spec.service);
-                stats.not_programmed.push((what, e.to_string()));
-                continue;
-            }
-            self.frontends.insert(
-                *key,
-                Applied {
-                    service_id,
-                    slots,
-                    spec: Some(spec.clone()),
-                },
-            );
-            stats.frontends_written += 1;
+            self.write_frontend(dp, key, spec, &mut used_services, &mut stats);
         }
         // 3. Frontends that are gone.
         let gone: Vec<FrontendKey> = self
@@ -460,6 +438,42 @@ impl MapWriter {
         self.service_ids = Ids::used(self.frontends.values().map(|a| a.service_id));
         self.in_step = stats.not_programmed.is_empty();
         Ok(stats)
+    }
+
+    /// Writes frontend `key`'s slots unless the maps already hold this spec
+    /// with these slots. A new frontend takes its id from `ids`, and gives
+    /// it back if the write fails (then noted as not programmed).
+    fn write_frontend(
+        &mut self,
+        dp: &mut (impl ServiceMaps + ?Sized),
+        key: &FrontendKey,
+        spec: &FrontendSpec,
+        ids: &mut Ids,
+        stats: &mut SyncStats,
+    ) {
+        let slots = self.slots_of(key.protocol, spec);
+        let service_id = match self.frontends.get(key) {
+            Some(a) if a.slots == slots && a.spec.as_ref() == Some(spec) => return,
+            Some(a) => a.service_id,
+            None => ids.take_lowest(),
+        };
+        if let Err(e) = dp.set_service(&frontend(key), service_id, &slots) {
+            if !self.frontends.contains_key(key) {
+                ids.release(service_id);
+            }
+            let what = format!("frontend {key} ({})", spec.service);
+            stats.not_programmed.push((what, e.to_string()));
+            return;
+        }
+        self.frontends.insert(
+            *key,
+            Applied {
+                service_id,
+                slots,
+                spec: Some(spec.clone()),
+            },
+        );
+        stats.frontends_written += 1;
     }
 
     /// What `apply` writes, when `desired` differs from the state last
@@ -546,29 +560,10 @@ impl MapWriter {
             let Some(spec) = desired.frontends.get(key) else {
                 continue;
             };
-            let slots = self.slots_of(key.protocol, spec);
-            let service_id = match self.frontends.get(key) {
-                Some(a) if a.slots == slots && a.spec.as_ref() == Some(spec) => continue,
-                Some(a) => a.service_id,
-                None => self.service_ids.take_lowest(),
-            };
-            if let Err(e) = dp.set_service(&frontend(key), service_id, &slots) {
-                if !self.frontends.contains_key(key) {
-                    self.service_ids.release(service_id);
-                }
-                let what = format!("frontend {key} ({})", spec.service);
-                stats.not_programmed.push((what, e.to_string()));
-                continue;
-            }
-            self.frontends.insert(
-                *key,
-                Applied {
-                    service_id,
-                    slots,
-                    spec: Some(spec.clone()),
-                },
-            );
-            stats.frontends_written += 1;
+            // Taken out for the call: the writer lends its own id set.
+            let mut ids = std::mem::take(&mut self.service_ids);
+            self.write_frontend(dp, key, spec, &mut ids, &mut stats);
+            self.service_ids = ids;
         }
         // 3. Changed frontends that are gone.
         for key in changed {
