@@ -460,7 +460,6 @@ impl Agent {
         cache: &std::cell::RefCell<manifests::ManifestCache>,
     ) {
         let mut cache = cache.borrow_mut();
-        // The cache lends its objects until `objects` is dropped.
         let objects = match cache.load_dir(dir) {
             Ok(o) => o,
             Err(e) => return warn!(error = %e, dir = %dir.display(), "cannot read manifests"),
@@ -476,11 +475,14 @@ impl Agent {
         {
             self.node_seen(dp, node);
         }
-        self.translation.replace_services(objects.services.clone());
-        self.translation.replace_slices(objects.slices.clone());
-        drop(objects);
-        // The copies the comparison made are gone: their memory goes back
-        // to the kernel now, not at the peak of the next read.
+        // Shared with the cache: an unchanged object is the same allocation,
+        // compared by address.
+        self.translation
+            .replace_shared_services(objects.services.iter().cloned());
+        self.translation
+            .replace_compact_slices(objects.slices.iter().cloned());
+        // What the parse and the old objects took goes back to the kernel
+        // now, not at the peak of the next read.
         release_freed_memory();
     }
 
@@ -630,6 +632,11 @@ impl Agent {
                     micros = started.elapsed().as_micros() as u64,
                     "synced"
                 );
+                // A large sync (the first, a relist) frees what it compared
+                // and built; a small one has little to give back.
+                if stats.frontends_written + stats.frontends_removed > LARGE_SYNC {
+                    release_freed_memory();
+                }
             }
             Err(e) => {
                 self.metrics.sync_errors += 1;
@@ -641,6 +648,9 @@ impl Agent {
         }
     }
 }
+
+/// Frontends written or removed by a sync after which the heap is trimmed.
+const LARGE_SYNC: usize = 1000;
 
 /// Returns the heap's free pages to the kernel. A sync frees the whole
 /// translated state it built, but glibc keeps freed memory in the process

@@ -11,7 +11,7 @@ use aya::{
             self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcHandle,
         },
         xdp::{XdpLink, XdpLinkId},
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        Program, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -452,21 +452,7 @@ impl Datapath {
                 "replaced a pinned map of another definition (an earlier dp's), entries copied"
             );
         }
-        for name in [
-            program_names::TC_INGRESS,
-            program_names::TC_EGRESS,
-            program_names::TC_NOOP,
-        ] {
-            tc_program_mut(&mut ebpf, name)?
-                .load()
-                .map_err(|source| Error::Program { name, source })?;
-        }
-        xdp_program_mut(&mut ebpf)?
-            .load()
-            .map_err(|source| Error::Program {
-                name: program_names::XDP,
-                source,
-            })?;
+        load_programs(&mut ebpf)?;
         let mut datapath = Datapath {
             ebpf,
             attachments: Vec::new(),
@@ -1040,6 +1026,47 @@ impl Counters {
     pub fn total_packets(&self) -> u64 {
         self.by_reason.values().map(|c| c.packets).sum()
     }
+}
+
+/// Verifies and loads the programs an agent attaches, each on a thread of
+/// its own: the verifier takes most of an agent's start (0.77 s of the
+/// 1.6 s to the first sync at 10 000 services on a 2-vCPU node, one
+/// program after the other) and runs in the loading thread.
+fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
+    const LOADED: [&str; 4] = [
+        program_names::TC_INGRESS,
+        program_names::TC_EGRESS,
+        program_names::TC_NOOP,
+        program_names::XDP,
+    ];
+    let programs: Vec<(&'static str, &mut Program)> = ebpf
+        .programs_mut()
+        .filter_map(|(name, program)| Some((*LOADED.iter().find(|n| **n == name)?, program)))
+        .collect();
+    if let Some(missing) = LOADED
+        .iter()
+        .find(|name| !programs.iter().any(|(n, _)| n == *name))
+    {
+        return Err(Error::MissingProgram(missing));
+    }
+    std::thread::scope(|scope| {
+        let loading: Vec<_> = programs
+            .into_iter()
+            .map(|(name, program)| {
+                scope.spawn(move || {
+                    match program {
+                        Program::SchedClassifier(p) => p.load(),
+                        Program::Xdp(p) => p.load(),
+                        _ => Err(ProgramError::UnexpectedProgramType),
+                    }
+                    .map_err(|source| Error::Program { name, source })
+                })
+            })
+            .collect();
+        loading
+            .into_iter()
+            .try_for_each(|thread| thread.join().expect("a program load panicked"))
+    })
 }
 
 fn tc_program_name(hook: Hook) -> Option<&'static str> {

@@ -7,16 +7,13 @@
 use std::{
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
-use k8s_openapi::api::{
-    core::v1::Node,
-    core::v1::Service,
-    discovery::v1::{Endpoint, EndpointConditions, EndpointSlice},
-};
+use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize;
 
-use crate::translate::Skipped;
+use crate::translate::{CompactSlice, Skipped};
 
 /// Larger documents are refused (the API server's request limit is 3 MiB).
 pub const MAX_DOCUMENT_BYTES: usize = 3 << 20;
@@ -34,21 +31,28 @@ pub struct Objects {
 
 /// Reads every manifest file in `dir` (not recursive), in name order.
 pub fn load_dir(dir: &Path) -> std::io::Result<Objects> {
-    let mut cache = ManifestCache::default();
-    let loaded = cache.load_dir(dir)?;
-    // Taken from the cache before it compacts them.
     let mut objects = Objects::default();
-    std::mem::swap(&mut objects, &mut loaded.cache.objects);
+    for (path, stamp) in list_dir(dir)? {
+        match stamp {
+            Ok(_) => load_file(&path, &mut objects),
+            Err(e) => objects
+                .skipped
+                .push(invalid(&path.display().to_string(), e.to_string())),
+        }
+    }
     Ok(objects)
 }
 
 /// Adds the objects of one file's text to `objects`.
 pub fn load_str(text: &str, origin: &str, objects: &mut Objects) {
+    // No document of a text within the limit can be over it: measuring
+    // each (writing it out again) was a third of the parse.
+    let measure = text.len() > MAX_DOCUMENT_BYTES;
     for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
         let here = format!("{origin} document {}", i + 1);
         match serde_norway::Value::deserialize(doc) {
             Ok(serde_norway::Value::Null) => {}
-            Ok(value) => add(value, &here, objects),
+            Ok(value) => add(value, &here, measure, objects),
             Err(e) => {
                 // After a syntax error the parser cannot find the next
                 // document (it would report the same error forever): the
@@ -62,8 +66,12 @@ pub fn load_str(text: &str, origin: &str, objects: &mut Objects) {
     }
 }
 
-fn add(value: serde_norway::Value, here: &str, objects: &mut Objects) {
-    let size = serde_norway::to_string(&value).map_or(0, |s| s.len());
+fn add(value: serde_norway::Value, here: &str, measure: bool, objects: &mut Objects) {
+    let size = if measure {
+        serde_norway::to_string(&value).map_or(0, |s| s.len())
+    } else {
+        0
+    };
     if size > MAX_DOCUMENT_BYTES {
         objects.skipped.push(invalid(
             here,
@@ -76,7 +84,7 @@ fn add(value: serde_norway::Value, here: &str, objects: &mut Objects) {
         "List" => {
             let items = value.get("items").and_then(|i| i.as_sequence()).cloned();
             for (j, item) in items.into_iter().flatten().enumerate() {
-                add(item, &format!("{here} item {}", j + 1), objects);
+                add(item, &format!("{here} item {}", j + 1), measure, objects);
             }
         }
         "Service" => match serde_norway::from_value::<Service>(value) {
@@ -140,21 +148,23 @@ pub fn is_manifest(path: &Path) -> bool {
 /// The objects are held once, as the concatenation of every file's objects
 /// in name order; each file records how many of each it contributed, so a
 /// reload moves an unchanged file's objects into the new set instead of
-/// copying them (a copy per file plus the concatenation was two copies of
-/// every object: at 10 000 services, half the agent's memory).
-///
-/// Between loads the slices' endpoints are held compactly
-/// (`CompactEndpoint`), and `load_dir` expands them for as long as its
-/// `Loaded` lives: k8s-openapi's `Endpoint` is 352 bytes however few of its
-/// fields are set, which at 100 000 endpoints was 35 MB.
+/// copying them. They are shared (`Arc`) with the translation that takes
+/// them, and the slices are held compacted (`CompactSlice`): one small copy
+/// of every object in the agent.
 #[derive(Default)]
 pub struct ManifestCache {
     /// Cached files in name order, as their objects appear in `objects`.
     files: Vec<CachedFile>,
-    /// The slices' `endpoints` are empty here between loads.
-    objects: Objects,
-    /// The endpoints of `objects.slices[i]`.
-    endpoints: Vec<Vec<CompactEndpoint>>,
+    objects: SharedObjects,
+}
+
+/// Objects as a `ManifestCache` holds and lends them.
+#[derive(Clone, Debug, Default)]
+pub struct SharedObjects {
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<CompactSlice>>,
+    pub nodes: Vec<Node>,
+    pub skipped: Vec<Skipped>,
 }
 
 /// One parsed file: its version and how many objects of each kind it added
@@ -168,78 +178,31 @@ struct CachedFile {
     skipped: usize,
 }
 
-/// An endpoint as the cache keeps it: the fields most endpoints have, and
-/// the rest of the object only when it has more (hints, hostname,
-/// targetRef, zone).
-#[derive(Clone, Debug, PartialEq)]
-struct CompactEndpoint {
-    addresses: Vec<String>,
-    node_name: Option<String>,
-    conditions: Option<EndpointConditions>,
-    /// The endpoint with the fields above taken out, when anything is left.
-    rest: Option<Box<Endpoint>>,
-}
-
-impl From<Endpoint> for CompactEndpoint {
-    fn from(mut endpoint: Endpoint) -> Self {
-        let addresses = std::mem::take(&mut endpoint.addresses);
-        let node_name = endpoint.node_name.take();
-        let conditions = endpoint.conditions.take();
-        let rest = (endpoint != Endpoint::default()).then(|| Box::new(endpoint));
-        CompactEndpoint {
-            addresses,
-            node_name,
-            conditions,
-            rest,
-        }
-    }
-}
-
-impl CompactEndpoint {
-    /// The endpoint, its fields moved out (`From<Endpoint>` puts them back):
-    /// expanding every endpoint for each sync allocates one list per slice,
-    /// not a copy of every string.
-    fn expand(&mut self) -> Endpoint {
-        let mut endpoint = self
-            .rest
-            .take()
-            .map_or_else(Endpoint::default, |rest| *rest);
-        endpoint.addresses = std::mem::take(&mut self.addresses);
-        endpoint.node_name = self.node_name.take();
-        endpoint.conditions = self.conditions.take();
-        endpoint
-    }
-}
-
 /// What a `ManifestCache` holds, consumed in file order by the next load.
 struct Previous {
-    services: std::vec::IntoIter<Service>,
-    slices: std::vec::IntoIter<EndpointSlice>,
-    endpoints: std::vec::IntoIter<Vec<CompactEndpoint>>,
+    services: std::vec::IntoIter<Arc<Service>>,
+    slices: std::vec::IntoIter<Arc<CompactSlice>>,
     nodes: std::vec::IntoIter<Node>,
     skipped: std::vec::IntoIter<Skipped>,
 }
 
 impl Previous {
-    /// Moves `file`'s objects into `cache`, or drops them when it is None.
-    fn take(&mut self, file: &CachedFile, cache: Option<&mut ManifestCache>) {
+    /// Moves `file`'s objects into `into`, or drops them when it is None.
+    fn take(&mut self, file: &CachedFile, into: Option<&mut SharedObjects>) {
         let services = self.services.by_ref().take(file.services);
         let slices = self.slices.by_ref().take(file.slices);
-        let endpoints = self.endpoints.by_ref().take(file.slices);
         let nodes = self.nodes.by_ref().take(file.nodes);
         let skipped = self.skipped.by_ref().take(file.skipped);
-        match cache {
-            Some(cache) => {
-                cache.objects.services.extend(services);
-                cache.objects.slices.extend(slices);
-                cache.endpoints.extend(endpoints);
-                cache.objects.nodes.extend(nodes);
-                cache.objects.skipped.extend(skipped);
+        match into {
+            Some(into) => {
+                into.services.extend(services);
+                into.slices.extend(slices);
+                into.nodes.extend(nodes);
+                into.skipped.extend(skipped);
             }
             None => {
                 services.for_each(drop);
                 slices.for_each(drop);
-                endpoints.for_each(drop);
                 nodes.for_each(drop);
                 skipped.for_each(drop);
             }
@@ -247,73 +210,61 @@ impl Previous {
     }
 }
 
-/// The objects of a `ManifestCache::load_dir`, endpoints expanded; they are
-/// compacted again when this is dropped.
-pub struct Loaded<'a> {
-    cache: &'a mut ManifestCache,
-}
-
-impl std::ops::Deref for Loaded<'_> {
-    type Target = Objects;
-    fn deref(&self) -> &Objects {
-        &self.cache.objects
+/// The manifest files of `dir` in name order, each with its stamp (or why
+/// it has none).
+fn list_dir(dir: &Path) -> std::io::Result<Vec<(PathBuf, std::io::Result<Stamp>)>> {
+    let mut paths: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| is_manifest(p))
+        .collect();
+    paths.sort();
+    let mut listed = Vec::with_capacity(paths.len());
+    for path in paths {
+        let stamp = match fs::metadata(&path) {
+            Ok(meta) => Ok((
+                std::os::unix::fs::MetadataExt::ino(&meta),
+                meta.modified()?,
+                meta.len(),
+            )),
+            Err(e) => Err(e),
+        };
+        listed.push((path, stamp));
     }
+    Ok(listed)
 }
 
-impl Drop for Loaded<'_> {
-    fn drop(&mut self) {
-        let cache = &mut *self.cache;
-        for (slice, compact) in cache.objects.slices.iter_mut().zip(&mut cache.endpoints) {
-            // Unchanged since `expand` (lent as shared references only).
-            let expanded = std::mem::take(&mut slice.endpoints);
-            for (to, endpoint) in compact.iter_mut().zip(expanded) {
-                *to = CompactEndpoint::from(endpoint);
-            }
-        }
+/// Parses one file into `objects`.
+fn load_file(path: &Path, objects: &mut Objects) {
+    let origin = path.display().to_string();
+    match fs::read_to_string(path) {
+        Ok(text) => load_str(&text, &origin, objects),
+        Err(e) => objects.skipped.push(invalid(&origin, e.to_string())),
     }
 }
 
 impl ManifestCache {
     /// Like `load_dir`, parsing only files that changed since the last call.
     /// On an error reading the directory the cache is left as it was.
-    pub fn load_dir(&mut self, dir: &Path) -> std::io::Result<Loaded<'_>> {
-        let mut paths: Vec<PathBuf> = fs::read_dir(dir)?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| is_manifest(p))
-            .collect();
-        paths.sort();
+    pub fn load_dir(&mut self, dir: &Path) -> std::io::Result<&SharedObjects> {
         // Every stamp first: an error here leaves the cache as it was.
-        let mut listed = Vec::with_capacity(paths.len());
-        for path in paths {
-            let stamp = match fs::metadata(&path) {
-                Ok(meta) => Ok((
-                    std::os::unix::fs::MetadataExt::ino(&meta),
-                    meta.modified()?,
-                    meta.len(),
-                )),
-                Err(e) => Err(e),
-            };
-            listed.push((path, stamp));
-        }
+        let listed = list_dir(dir)?;
         let held = std::mem::take(&mut self.objects);
         let mut previous = Previous {
             services: held.services.into_iter(),
             slices: held.slices.into_iter(),
-            endpoints: std::mem::take(&mut self.endpoints).into_iter(),
             nodes: held.nodes.into_iter(),
             skipped: held.skipped.into_iter(),
         };
         let mut cached = std::mem::take(&mut self.files).into_iter().peekable();
         for (path, stamp) in listed {
-            let origin = path.display().to_string();
             // Files gone since the last load, before this one in name order.
             while let Some(gone) = cached.next_if(|c| c.path < path) {
                 previous.take(&gone, None);
             }
             if let Some(old) = cached.next_if(|c| c.path == path) {
                 if stamp.as_ref().is_ok_and(|s| *s == old.stamp) {
-                    previous.take(&old, Some(self));
+                    previous.take(&old, Some(&mut self.objects));
                     self.files.push(old);
                     continue;
                 }
@@ -323,15 +274,13 @@ impl ManifestCache {
                 Ok(stamp) => stamp,
                 Err(e) => {
                     // Not cached: read again next time.
+                    let origin = path.display().to_string();
                     self.objects.skipped.push(invalid(&origin, e.to_string()));
                     continue;
                 }
             };
             let mut parsed = Objects::default();
-            match fs::read_to_string(&path) {
-                Ok(text) => load_str(&text, &origin, &mut parsed),
-                Err(e) => parsed.skipped.push(invalid(&origin, e.to_string())),
-            }
+            load_file(&path, &mut parsed);
             self.files.push(CachedFile {
                 path,
                 stamp,
@@ -340,33 +289,30 @@ impl ManifestCache {
                 nodes: parsed.nodes.len(),
                 skipped: parsed.skipped.len(),
             });
-            for slice in &mut parsed.slices {
-                let endpoints = std::mem::take(&mut slice.endpoints);
-                // A new allocation: `collect` would reuse the 352-byte
-                // slots of `endpoints` in place, and keep them.
-                let mut compact = Vec::with_capacity(endpoints.len());
-                compact.extend(endpoints.into_iter().map(CompactEndpoint::from));
-                self.endpoints.push(compact);
-            }
-            self.objects.services.append(&mut parsed.services);
-            self.objects.slices.append(&mut parsed.slices);
-            self.objects.nodes.append(&mut parsed.nodes);
-            self.objects.skipped.append(&mut parsed.skipped);
+            let objects = &mut self.objects;
+            objects
+                .services
+                .extend(parsed.services.into_iter().map(Arc::new));
+            objects.slices.extend(
+                parsed
+                    .slices
+                    .into_iter()
+                    .map(|s| Arc::new(CompactSlice::from(s))),
+            );
+            objects.nodes.append(&mut parsed.nodes);
+            objects.skipped.append(&mut parsed.skipped);
         }
         // Growing by doubling leaves up to half of each list unused.
         self.objects.services.shrink_to_fit();
         self.objects.slices.shrink_to_fit();
-        self.endpoints.shrink_to_fit();
-        for (slice, compact) in self.objects.slices.iter_mut().zip(&mut self.endpoints) {
-            slice.endpoints = compact.iter_mut().map(CompactEndpoint::expand).collect();
-        }
-        Ok(Loaded { cache: self })
+        Ok(&self.objects)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::{load_dir, ManifestCache};
+    use crate::translate::CompactSlice;
     use std::{fs, path::Path};
 
     fn service(name: &str, ip: &str) -> String {
@@ -376,13 +322,14 @@ mod tests {
         )
     }
 
-    fn names(objects: &super::Objects) -> Vec<String> {
-        let mut out: Vec<String> = objects
-            .services
-            .iter()
+    fn names<'a>(
+        services: impl Iterator<Item = &'a k8s_openapi::api::core::v1::Service>,
+        skipped: &[crate::translate::Skipped],
+    ) -> Vec<String> {
+        let mut out: Vec<String> = services
             .map(|s| s.metadata.name.clone().unwrap_or_default())
             .collect();
-        out.extend(objects.skipped.iter().map(|s| s.object.clone()));
+        out.extend(skipped.iter().map(|s| s.object.clone()));
         out
     }
 
@@ -394,13 +341,39 @@ mod tests {
         )
     }
 
+    #[test]
+    fn a_document_over_the_api_servers_limit_is_skipped_and_the_rest_read() {
+        let big = "x".repeat(super::MAX_DOCUMENT_BYTES);
+        let text = format!(
+            "{}apiVersion: v1\nkind: Service\nmetadata: {{name: big, namespace: t, \
+             annotations: {{note: {big}}}}}\nspec: {{clusterIP: 10.96.0.2, ports: [{{port: 80}}]}}\n---\n{}",
+            service("before", "10.96.0.1"),
+            service("after", "10.96.0.3")
+        );
+        let mut objects = super::Objects::default();
+        super::load_str(&text, "f.yaml", &mut objects);
+        assert_eq!(
+            names(objects.services.iter(), &objects.skipped),
+            ["before", "after", "f.yaml document 2"]
+        );
+        assert!(objects.skipped[0].invalid);
+        assert!(
+            objects.skipped[0].reason.contains(" bytes, over "),
+            "{:?}",
+            objects.skipped[0]
+        );
+    }
+
     /// The cache's objects after each change are those a fresh read finds.
     fn assert_fresh(cache: &mut ManifestCache, dir: &Path) -> Vec<String> {
         let cached = cache.load_dir(dir).unwrap();
         let fresh = load_dir(dir).unwrap();
-        assert_eq!(cached.slices, fresh.slices);
-        assert_eq!(names(&cached), names(&fresh));
-        names(&cached)
+        let compacted: Vec<CompactSlice> = fresh.slices.into_iter().map(Into::into).collect();
+        let cached_slices: Vec<&CompactSlice> = cached.slices.iter().map(|s| &**s).collect();
+        assert_eq!(cached_slices, compacted.iter().collect::<Vec<_>>());
+        let cached_names = names(cached.services.iter().map(|s| &**s), &cached.skipped);
+        assert_eq!(cached_names, names(fresh.services.iter(), &fresh.skipped));
+        cached_names
     }
 
     #[test]
@@ -430,16 +403,16 @@ mod tests {
         fs::write(dir.join("a.yaml"), service("a3", "10.96.0.5")).unwrap();
         fs::remove_file(dir.join("d.yaml")).unwrap();
         assert_eq!(assert_fresh(&mut cache, &dir), ["a3", "b1", "c1"]);
-        {
-            let loaded = cache.load_dir(&dir).unwrap();
-            assert_eq!(loaded.slices[0].endpoints.len(), 3);
-            let target = loaded.slices[0].endpoints[2].target_ref.as_ref();
-            assert_eq!(target.unwrap().uid.as_deref(), Some("u"));
-        }
-        // Compacted between loads, expanded by the next.
-        assert!(cache.objects.slices[0].endpoints.is_empty());
-        // Unchanged files come from the cache, in order.
+        let held = cache.load_dir(&dir).unwrap().clone();
+        assert_eq!(held.slices[0].endpoint_count(), 3);
+        // Unchanged files come from the cache, in order, the same objects.
         assert_eq!(assert_fresh(&mut cache, &dir), ["a3", "b1", "c1"]);
+        let again = cache.load_dir(&dir).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&held.slices[0], &again.slices[0]));
+        assert!(std::sync::Arc::ptr_eq(
+            &held.services[0],
+            &again.services[0]
+        ));
         fs::remove_file(dir.join("a.yaml")).unwrap();
         assert_eq!(assert_fresh(&mut cache, &dir), ["b1", "c1"]);
         fs::remove_dir_all(&dir).unwrap();

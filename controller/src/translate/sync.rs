@@ -19,6 +19,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
+    sync::Arc,
 };
 
 use super::rules::{
@@ -50,7 +51,8 @@ struct Applied {
     slots: BackendSlots,
     /// `None` for a frontend adopted from the maps (written by an earlier
     /// agent): it is rewritten, in place and with its ids, on the first sync.
-    spec: Option<FrontendSpec>,
+    /// Shared with the desired state it was written from.
+    spec: Option<Arc<FrontendSpec>>,
 }
 
 /// A service port as clients address it.
@@ -310,7 +312,7 @@ impl MapWriter {
     pub fn backend_nodes(&self) -> BTreeMap<u32, String> {
         self.backend_endpoints()
             .into_iter()
-            .filter_map(|(id, ep)| Some((id, ep.node.clone()?)))
+            .filter_map(|(id, ep)| Some((id, ep.node.as_deref()?.to_string())))
             .collect()
     }
 
@@ -447,7 +449,7 @@ impl MapWriter {
         &mut self,
         dp: &mut (impl ServiceMaps + ?Sized),
         key: &FrontendKey,
-        spec: &FrontendSpec,
+        spec: &Arc<FrontendSpec>,
         ids: &mut Ids,
         stats: &mut SyncStats,
     ) {
