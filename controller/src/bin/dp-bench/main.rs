@@ -88,6 +88,14 @@ enum Action {
         #[arg(long)]
         update_markdown: Option<PathBuf>,
     },
+    /// Write the manifests the agent reads for N services (as the
+    /// benchmark gives them to it) into a directory, and exit: for
+    /// `cargo run --release -p dp --example agent_memory -- DIR`.
+    WriteInput {
+        #[arg(long)]
+        services: usize,
+        dir: PathBuf,
+    },
 }
 
 /// How much of each measurement one run does.
@@ -222,6 +230,13 @@ fn main() -> Result<()> {
     }) = &args.action
     {
         return rerender(from, out.as_deref(), update_markdown.as_deref());
+    }
+    if let Some(Action::WriteInput { services, dir }) = &args.action {
+        let input = scenario::Input {
+            n: *services,
+            moved: Vec::new(),
+        };
+        return input.write_dir(dir);
     }
     e2e::require_root();
     let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
