@@ -404,14 +404,23 @@ impl Bench {
     }
 }
 
-/// Runs this thread (the sender) on `cpu` only.
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is empty; the set outlives the call.
+/// Runs this thread (the sender) on the highest CPU of its affinity mask
+/// only; returns that CPU.
+fn pin_to_last_cpu() -> usize {
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: zeroed cpu_set_t values are empty sets; both outlive the calls.
     unsafe {
+        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(libc::sched_getaffinity(0, size, &mut allowed), 0);
+        let cpu = (0..libc::CPU_SETSIZE as usize)
+            .rev()
+            .find(|c| libc::CPU_ISSET(*c, &allowed))
+            .expect("a CPU to run on");
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        let rc = libc::sched_setaffinity(0, size, &set);
         assert_eq!(rc, 0, "sched_setaffinity to cpu {cpu}");
+        cpu
     }
 }
 
@@ -459,9 +468,11 @@ fn main() {
         .exec("ping", &["-c1", "-W1", &node2_ip.to_string()]);
     let generator = Generator::new(&cluster, node.ip, mac_of(cluster.node_ns(0), &node.device));
     let (ports, config) = proxy_rules(node.ip, pod_ip);
-    // The last CPU: the first takes most of the machine's interrupts.
-    let cpu = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
-    pin_to_cpu(cpu);
+    // SAFETY: sysconf has no preconditions.
+    let nproc = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    // The last CPU this process may use: the first takes most of the
+    // machine's interrupts.
+    let cpu = pin_to_last_cpu();
     let bench = Bench {
         cluster,
         generator,
@@ -569,9 +580,6 @@ fn main() {
         }
     }
 
-    // Not `available_parallelism`: this thread is pinned to one.
-    // SAFETY: sysconf has no preconditions.
-    let nproc = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
     let kernel = std::process::Command::new("uname")
         .arg("-r")
         .output()
