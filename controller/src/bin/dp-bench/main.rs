@@ -5,8 +5,9 @@
 //!
 //! For every N (services x 10 endpoints) and dataplane: a fresh namespace
 //! cluster (one node, ten backend pods, a client pod, an external client),
-//! the dataplane loaded once (load time, kernel memory, agent RSS), then,
-//! each repeated `--runs` times: new-connection latency to the ClusterIP a
+//! the dataplane loaded once (load time, kernel memory, agent RSS). Then,
+//! each repeated `--runs` times, a round over all dataplanes of that N
+//! (their clusters side by side, the order rotating by run): new-connection latency to the ClusterIP a
 //! linear rule walk meets last and to random ones, the new-connection rate
 //! of a multi-threaded client, established request/response latency, UDP
 //! packets per second, the same for NodePorts from the external client,
@@ -110,6 +111,10 @@ pub struct Settings {
     pub changes: usize,
     pub client_cpu: Option<usize>,
     pub server_cpu: Option<usize>,
+    /// Traffic runs as rounds over all dataplanes of an N (false in
+    /// results of earlier runs, which measured one dataplane after another).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub interleaved: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -169,6 +174,10 @@ pub struct Point {
     /// agent's sync of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_change_watch: Option<ChangeFigures>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 fn finished() -> bool {
@@ -256,6 +265,7 @@ fn main() -> Result<()> {
             changes: 10,
             client_cpu,
             server_cpu,
+            interleaved: true,
         }
     } else {
         Settings {
@@ -268,6 +278,7 @@ fn main() -> Result<()> {
             changes: 100,
             client_cpu,
             server_cpu,
+            interleaved: true,
         }
     };
     let mut ns = args.services.clone().unwrap_or_else(|| {
@@ -314,9 +325,9 @@ fn main() -> Result<()> {
         results.settings = old.settings;
         results.points = old.points;
     }
-    let total = ns.len() * dataplanes.len();
     let bench_start = Instant::now();
     for &n in &ns {
+        let mut todo = Vec::new();
         for &dataplane in &dataplanes {
             if results
                 .points
@@ -325,33 +336,41 @@ fn main() -> Result<()> {
             {
                 continue;
             }
-            let done = results.points.len();
-            progress(&format!(
-                "[{}/{total}] {} with {n} services x 10 endpoints ({:.0} s so far)",
-                done + 1,
-                dataplane.name(),
-                bench_start.elapsed().as_secs_f64()
-            ));
-            let limit = Duration::from_secs(args.load_timeout);
             let failed_before = results
                 .points
                 .iter()
                 .filter(|p| p.dataplane == dataplane && !p.load_finished && p.services < n)
                 .map(|p| p.services)
                 .min();
-            let point = if let Some(smaller) = failed_before {
+            if let Some(smaller) = failed_before {
                 progress(&format!(
-                    "    not tried: its first full sync did not finish at N = {smaller}"
+                    "{} at N = {n}: not tried, its first full sync did not finish at N = {smaller}",
+                    dataplane.name()
                 ));
-                Point::not_loaded(dataplane, n, args.load_timeout as f64, Some(smaller))
+                results.points.push(Point::not_loaded(
+                    dataplane,
+                    n,
+                    args.load_timeout as f64,
+                    Some(smaller),
+                ));
             } else {
-                measure_point(dataplane, n, &results.settings.clone(), &work, limit)
-                    .with_context(|| format!("{} at N={n}", dataplane.name()))?
-            };
-            results.points.push(point);
-            // Written after every point: a long run that stops keeps its figures.
-            report::write(&results, &args.out)?;
+                todo.push(dataplane);
+            }
         }
+        if todo.is_empty() {
+            continue;
+        }
+        progress(&format!(
+            "N = {n} services x 10 endpoints: {} ({:.0} s so far)",
+            todo.iter().map(|d| d.name()).collect::<Vec<_>>().join(", "),
+            bench_start.elapsed().as_secs_f64()
+        ));
+        let limit = Duration::from_secs(args.load_timeout);
+        let points = measure_points(&todo, n, &results.settings.clone(), &work, limit)
+            .with_context(|| format!("N={n}"))?;
+        results.points.extend(points);
+        // Written after every N: a long run that stops keeps its figures.
+        report::write(&results, &args.out)?;
     }
     let _ = std::fs::remove_dir_all(&work);
     report::write(&results, &args.out)?;
@@ -485,135 +504,233 @@ fn targets(dataplane: Dataplane, n: usize, rng: &mut Rng) -> Targets {
     }
 }
 
-fn measure_point(
-    dataplane: Dataplane,
+/// Every dataplane of one N, each on its own cluster, all loaded at once
+/// (one after the other, so load time and memory are each one's own); then
+/// the traffic runs interleaved, a round over all dataplanes per run in a
+/// rotating order, so a slower or busier stretch of a shared machine falls
+/// on all of them alike; then each one's endpoint changes.
+fn measure_points(
+    dataplanes: &[Dataplane],
     n: usize,
     s: &Settings,
     work: &std::path::Path,
     load_timeout: Duration,
-) -> Result<Point> {
-    let cluster = e2e::Cluster::new(&[scenario::ENDPOINTS + 1])?;
-    // The floor's external client reaches pods through the node.
-    cluster
-        .client_ns()
-        .add_route("10.244.0.0/16", &scenario::NODE_IP.to_string())?;
-    let pods: Vec<(&e2e::Netns, std::net::Ipv4Addr)> = cluster.pods[1..]
-        .iter()
-        .map(|p| (cluster.pod_ns(&p.name), p.ip))
-        .collect();
-    let _servers = Servers::start(
-        &pods,
-        scenario::TARGET_PORT,
-        scenario::UDP_TARGET_PORT,
-        s.server_cpu,
-    )?;
-    let mut input = Input {
-        n,
-        moved: Vec::new(),
-    };
-    let mut loaded = match scenario::load(dataplane, &cluster, &input, work, load_timeout) {
-        Ok(l) => l,
-        Err(e) if is_timeout(&e) => {
-            progress(&format!("    {e:#}"));
-            return Ok(Point::not_loaded(
-                dataplane,
-                n,
-                load_timeout.as_secs_f64(),
-                None,
-            ));
+) -> Result<Vec<Point>> {
+    let mut points = Vec::new();
+    let mut ready = Vec::new();
+    for &dataplane in dataplanes {
+        progress(&format!(
+            "  {} with {n} services: loading",
+            dataplane.name()
+        ));
+        match Prepared::load(dataplane, n, s, work, load_timeout)
+            .with_context(|| format!("{} at N={n}", dataplane.name()))?
+        {
+            Ok(prepared) => ready.push(prepared),
+            Err(not_loaded) => points.push(not_loaded),
         }
-        Err(e) => return Err(e),
-    };
-    progress(&format!(
-        "    loaded in {:.2} s ({} {}, kernel memory {:.1} MiB)",
-        loaded.load_seconds,
-        loaded.objects,
-        if dataplane == Dataplane::Dp {
-            "frontends"
-        } else {
-            "rules"
-        },
-        loaded.kernel_bytes as f64 / 1048576.0
-    ));
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ n as u64);
-    let t = targets(dataplane, n, &mut rng);
-    let client = cluster.pod_ns(&cluster.pods[0].name);
-    let external = cluster.client_ns();
-    // Fails loudly if the dataplane does not carry traffic at all.
-    let probe = loadgen::first_packet(client, &[t.last], 3, None)?;
-    let probe_np = loadgen::first_packet(external, &[t.node_port_last], 3, None)?;
-    if probe.errors > 0 || probe_np.errors > 0 {
-        bail!(
-            "{} does not answer {} / {}",
-            dataplane.name(),
-            t.last,
-            t.node_port_last
+    }
+    for run in 0..s.runs {
+        let count = ready.len();
+        for i in 0..count {
+            let prepared = &mut ready[(i + run) % count];
+            progress(&format!(
+                "  traffic run {}/{}: {}",
+                run + 1,
+                s.runs,
+                prepared.dataplane.name()
+            ));
+            prepared
+                .traffic_run(s)
+                .with_context(|| format!("{} at N={n}", prepared.dataplane.name()))?;
+        }
+    }
+    for prepared in ready {
+        let dataplane = prepared.dataplane;
+        points.push(
+            prepared
+                .finish(s, work)
+                .with_context(|| format!("{} at N={n}", dataplane.name()))?,
         );
     }
+    points.sort_by_key(|p| dataplanes.iter().position(|d| *d == p.dataplane));
+    Ok(points)
+}
 
-    let mut cluster_runs = TrafficRuns::default();
-    let mut node_port_runs = TrafficRuns::default();
-    for run in 0..s.runs {
-        progress(&format!("    traffic run {}/{}", run + 1, s.runs));
-        cluster_runs.measure(client, &t.last, Some(&t.random), &t.random, t.udp, s)?;
-        node_port_runs.measure(
-            external,
+/// One dataplane loaded on its own cluster, with its servers and the
+/// figures of its traffic runs so far.
+struct Prepared {
+    dataplane: Dataplane,
+    n: usize,
+    input: Input,
+    targets: Targets,
+    loaded: scenario::Loaded,
+    cluster_runs: TrafficRuns,
+    node_port_runs: TrafficRuns,
+    // Dropped after the dataplane, before the cluster (field order).
+    _servers: Servers,
+    cluster: e2e::Cluster,
+}
+
+impl Prepared {
+    /// A cluster with servers and the dataplane loaded, or the point of a
+    /// dataplane that did not load in time.
+    fn load(
+        dataplane: Dataplane,
+        n: usize,
+        s: &Settings,
+        work: &std::path::Path,
+        load_timeout: Duration,
+    ) -> Result<std::result::Result<Self, Point>> {
+        let cluster = e2e::Cluster::new(&[scenario::ENDPOINTS + 1])?;
+        // The floor's external client reaches pods through the node.
+        cluster
+            .client_ns()
+            .add_route("10.244.0.0/16", &scenario::NODE_IP.to_string())?;
+        let pods: Vec<(&e2e::Netns, std::net::Ipv4Addr)> = cluster.pods[1..]
+            .iter()
+            .map(|p| (cluster.pod_ns(&p.name), p.ip))
+            .collect();
+        let servers = Servers::start(
+            &pods,
+            scenario::TARGET_PORT,
+            scenario::UDP_TARGET_PORT,
+            s.server_cpu,
+        )?;
+        let input = Input {
+            n,
+            moved: Vec::new(),
+        };
+        let loaded = match scenario::load(dataplane, &cluster, &input, work, load_timeout) {
+            Ok(l) => l,
+            Err(e) if is_timeout(&e) => {
+                progress(&format!("    {e:#}"));
+                return Ok(Err(Point::not_loaded(
+                    dataplane,
+                    n,
+                    load_timeout.as_secs_f64(),
+                    None,
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        progress(&format!(
+            "    loaded in {:.2} s ({} {}, kernel memory {:.1} MiB)",
+            loaded.load_seconds,
+            loaded.objects,
+            if dataplane == Dataplane::Dp {
+                "frontends"
+            } else {
+                "rules"
+            },
+            loaded.kernel_bytes as f64 / 1048576.0
+        ));
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ n as u64);
+        let t = targets(dataplane, n, &mut rng);
+        let client = cluster.pod_ns(&cluster.pods[0].name);
+        // Fails loudly if the dataplane does not carry traffic at all.
+        let probe = loadgen::first_packet(client, &[t.last], 3, None)?;
+        let probe_np = loadgen::first_packet(cluster.client_ns(), &[t.node_port_last], 3, None)?;
+        if probe.errors > 0 || probe_np.errors > 0 {
+            bail!(
+                "{} does not answer {} / {}",
+                dataplane.name(),
+                t.last,
+                t.node_port_last
+            );
+        }
+        Ok(Ok(Prepared {
+            dataplane,
+            n,
+            input,
+            targets: t,
+            loaded,
+            cluster_runs: TrafficRuns::default(),
+            node_port_runs: TrafficRuns::default(),
+            _servers: servers,
+            cluster,
+        }))
+    }
+
+    /// One run of every traffic measurement: ClusterIP from the client pod,
+    /// then NodePort from the external client.
+    fn traffic_run(&mut self, s: &Settings) -> Result<()> {
+        let t = &self.targets;
+        let client = self.cluster.pod_ns(&self.cluster.pods[0].name);
+        self.cluster_runs
+            .measure(client, &t.last, Some(&t.random), &t.random, t.udp, s)?;
+        self.node_port_runs.measure(
+            self.cluster.client_ns(),
             &t.node_port_last,
             None,
             &t.node_port_random,
             t.node_port_udp,
             s,
-        )?;
+        )
     }
 
-    let endpoint_change = if dataplane == Dataplane::Direct {
-        None
-    } else {
-        progress(&format!("    {} one-endpoint changes", s.changes));
-        let (mut total, mut agent) = (Vec::new(), Vec::new());
-        for c in 0..s.changes {
-            let i = (c * 7919) % n;
-            let (d, a) = loaded.change_endpoint(&mut input, i, c + 1)?;
-            total.push(d.as_secs_f64() * 1e3);
-            if let Some(a) = a {
-                agent.push(a.as_secs_f64() * 1e3);
+    /// The one-endpoint changes, then the point; the cluster goes.
+    fn finish(mut self, s: &Settings, work: &std::path::Path) -> Result<Point> {
+        let (dataplane, n) = (self.dataplane, self.n);
+        let endpoint_change = if dataplane == Dataplane::Direct {
+            None
+        } else {
+            progress(&format!(
+                "  {}: {} one-endpoint changes",
+                dataplane.name(),
+                s.changes
+            ));
+            let (mut total, mut agent) = (Vec::new(), Vec::new());
+            for c in 0..s.changes {
+                let i = (c * 7919) % n;
+                let (d, a) = self.loaded.change_endpoint(&mut self.input, i, c + 1)?;
+                total.push(d.as_secs_f64() * 1e3);
+                if let Some(a) = a {
+                    agent.push(a.as_secs_f64() * 1e3);
+                }
             }
-        }
-        let pct = |v: &[f64], p: f64| {
-            Latencies {
-                samples_us: v.to_vec(),
-                errors: 0,
-            }
-            .percentile(p)
+            let pct = |v: &[f64], p: f64| {
+                Latencies {
+                    samples_us: v.to_vec(),
+                    errors: 0,
+                }
+                .percentile(p)
+            };
+            Some(ChangeFigures {
+                changes: s.changes,
+                p50_ms: pct(&total, 50.0).unwrap_or(f64::NAN),
+                p99_ms: pct(&total, 99.0).unwrap_or(f64::NAN),
+                agent_p50_ms: pct(&agent, 50.0),
+                agent_p99_ms: pct(&agent, 99.0),
+            })
         };
-        Some(ChangeFigures {
-            changes: s.changes,
-            p50_ms: pct(&total, 50.0).unwrap_or(f64::NAN),
-            p99_ms: pct(&total, 99.0).unwrap_or(f64::NAN),
-            agent_p50_ms: pct(&agent, 50.0),
-            agent_p99_ms: pct(&agent, 99.0),
-        })
-    };
-    let point = Point {
-        dataplane,
-        services: n,
-        load_finished: true,
-        not_tried_after: None,
-        load_seconds: loaded.load_seconds,
-        objects: loaded.objects,
-        kernel_memory_bytes: loaded.kernel_bytes,
-        agent_rss_bytes: loaded.agent_rss_bytes,
-        cluster_ip: cluster_runs.finish(),
-        node_port: node_port_runs.finish(),
-        endpoint_change,
-        endpoint_change_watch: None,
-    };
-    loaded.unload()?;
-    let mut point = point;
-    if dataplane == Dataplane::Dp {
-        point.endpoint_change_watch = watch_changes(&cluster, &mut input, work, s)?;
+        let mut point = Point {
+            dataplane,
+            services: n,
+            load_finished: true,
+            not_tried_after: None,
+            load_seconds: self.loaded.load_seconds,
+            objects: self.loaded.objects,
+            kernel_memory_bytes: self.loaded.kernel_bytes,
+            agent_rss_bytes: self.loaded.agent_rss_bytes,
+            cluster_ip: std::mem::take(&mut self.cluster_runs).finish(),
+            node_port: std::mem::take(&mut self.node_port_runs).finish(),
+            endpoint_change,
+            endpoint_change_watch: None,
+        };
+        let Prepared {
+            loaded,
+            mut input,
+            cluster,
+            _servers,
+            ..
+        } = self;
+        loaded.unload()?;
+        if dataplane == Dataplane::Dp {
+            point.endpoint_change_watch = watch_changes(&cluster, &mut input, work, s)?;
+        }
+        Ok(point)
     }
-    Ok(point)
 }
 
 /// dp's one-endpoint changes again, delivered by the API server's watch

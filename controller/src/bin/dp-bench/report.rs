@@ -703,7 +703,7 @@ pub fn tables(results: &Results) -> String {
     let _ = writeln!(
         s,
         "Command: `{}`{}. Machine: {} vCPU ({}), kernel {}, {}, {}. Client pinned to CPU {}, servers to CPU {}. \
-         Every traffic figure is the median of {} runs with the range (min–max) in brackets; started {}.\n",
+         Every traffic figure is the median of {} runs{} with the range (min–max) in brackets; started {}.\n",
         results.command,
         if results.quick { " (--quick)" } else { "" },
         m.nproc,
@@ -714,6 +714,11 @@ pub fn tables(results: &Results) -> String {
         results.settings.client_cpu.map_or("-".into(), |c| c.to_string()),
         results.settings.server_cpu.map_or("-".into(), |c| c.to_string()),
         results.settings.runs,
+        if results.settings.interleaved {
+            " (interleaved: a round over all dataplanes per run)"
+        } else {
+            ""
+        },
         results.started
     );
     let _ = writeln!(
@@ -888,6 +893,7 @@ mod tests {
                 changes: 10,
                 client_cpu: None,
                 server_cpu: None,
+                interleaved: true,
             },
             points,
         }
