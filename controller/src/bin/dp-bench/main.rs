@@ -174,6 +174,10 @@ pub struct Point {
     /// agent's sync of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_change_watch: Option<ChangeFigures>,
+    /// dp only: start to first sync of that `--kubeconfig` agent, its state
+    /// listed from the (fake) API server instead of read from manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_seconds_watch: Option<f64>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -206,6 +210,7 @@ impl Point {
             node_port: Traffic::default(),
             endpoint_change: None,
             endpoint_change_watch: None,
+            load_seconds_watch: None,
         }
     }
 }
@@ -717,6 +722,7 @@ impl Prepared {
             node_port: std::mem::take(&mut self.node_port_runs).finish(),
             endpoint_change,
             endpoint_change_watch: None,
+            load_seconds_watch: None,
         };
         let Prepared {
             loaded,
@@ -727,21 +733,25 @@ impl Prepared {
         } = self;
         loaded.unload()?;
         if dataplane == Dataplane::Dp {
-            point.endpoint_change_watch = watch_changes(&cluster, &mut input, work, s)?;
+            if let Some((start, changes)) = watch_changes(&cluster, &mut input, work, s)? {
+                point.load_seconds_watch = Some(start.as_secs_f64());
+                point.endpoint_change_watch = Some(changes);
+            }
         }
         Ok(point)
     }
 }
 
 /// dp's one-endpoint changes again, delivered by the API server's watch
-/// (`scenario::watch_changes`), after the manifest agent is gone. Skipped,
-/// with a word, when the fake API server binary was not built.
+/// (`scenario::watch_changes`), after the manifest agent is gone; with that
+/// agent's start to first sync. Skipped, with a word, when the fake API
+/// server binary was not built.
 fn watch_changes(
     cluster: &e2e::Cluster,
     input: &mut Input,
     work: &std::path::Path,
     s: &Settings,
-) -> Result<Option<ChangeFigures>> {
+) -> Result<Option<(Duration, ChangeFigures)>> {
     let Some(binary) = scenario::fake_apiserver_binary() else {
         progress("    no fake-apiserver next to dp-bench: watch variant skipped (cargo xtask bench builds it)");
         return Ok(None);
@@ -750,8 +760,12 @@ fn watch_changes(
         "    {} one-endpoint changes by API watch",
         s.changes
     ));
-    let (total, agent) =
+    let (start, total, agent) =
         scenario::watch_changes(&binary, cluster, input, work, s.changes, s.changes + 1)?;
+    progress(&format!(
+        "    started from the API list in {:.2} s",
+        start.as_secs_f64()
+    ));
     let ms = |v: &[std::time::Duration]| -> Vec<f64> {
         v.iter().map(|d| d.as_secs_f64() * 1e3).collect()
     };
@@ -763,13 +777,16 @@ fn watch_changes(
         }
         .percentile(p)
     };
-    Ok(Some(ChangeFigures {
-        changes: s.changes,
-        p50_ms: pct(&total, 50.0).unwrap_or(f64::NAN),
-        p99_ms: pct(&total, 99.0).unwrap_or(f64::NAN),
-        agent_p50_ms: pct(&agent, 50.0),
-        agent_p99_ms: pct(&agent, 99.0),
-    }))
+    Ok(Some((
+        start,
+        ChangeFigures {
+            changes: s.changes,
+            p50_ms: pct(&total, 50.0).unwrap_or(f64::NAN),
+            p99_ms: pct(&total, 99.0).unwrap_or(f64::NAN),
+            agent_p50_ms: pct(&agent, 50.0),
+            agent_p99_ms: pct(&agent, 99.0),
+        },
+    )))
 }
 
 fn is_timeout(e: &anyhow::Error) -> bool {

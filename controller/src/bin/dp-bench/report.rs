@@ -793,9 +793,11 @@ pub fn tables(results: &Results) -> String {
             }
             let _ = writeln!(
                 s,
-                "| {n} | {} | {:.3} s | {} | {} | {} | {} | {} | {:.1} MiB | {} |",
+                "| {n} | {} | {:.3} s{} | {} | {} | {} | {} | {} | {:.1} MiB | {} |",
                 d.name(),
                 p.load_seconds,
+                p.load_seconds_watch
+                    .map_or(String::new(), |w| format!(" (from the API list: {w:.3} s)")),
                 ratio_marked(Some(p.load_seconds), base.map(|b| b.load_seconds), mark),
                 p.objects,
                 change_text,
@@ -867,6 +869,7 @@ mod tests {
                 agent_p50_ms: Some(0.1),
                 agent_p99_ms: Some(0.2),
             }),
+            load_seconds_watch: (d == Dataplane::Dp).then_some(0.5),
         }
     }
 

@@ -634,7 +634,7 @@ pub fn watch_changes(
     work: &Path,
     changes: usize,
     first_version: usize,
-) -> Result<(Vec<Duration>, Vec<Duration>)> {
+) -> Result<(Duration, Vec<Duration>, Vec<Duration>)> {
     let node_ns = cluster.node_ns(0);
     fs::create_dir_all(work)?;
     let kubeconfig = work.join("kubeconfig");
@@ -652,9 +652,11 @@ pub fn watch_changes(
         .arg(&kubeconfig)
         .arg("--bpffs")
         .arg(&bpffs);
+    let started = Instant::now();
     let (mut child, log) = spawn_logged(cmd).context("starting dp agent --kubeconfig")?;
-    let measured = (|| -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let measured = (|| -> Result<(Duration, Vec<Duration>, Vec<Duration>)> {
         let line = wait_synced(&log, Duration::from_secs(600))?;
+        let start = started.elapsed();
         if field(&line, "frontends=") != Some(frontends as u64) {
             bail!("dp agent (watch) programmed other than {frontends} frontends: {line}");
         }
@@ -684,7 +686,7 @@ pub fn watch_changes(
                 break;
             }
         }
-        Ok((total, agent))
+        Ok((start, total, agent))
     })();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
