@@ -59,6 +59,13 @@ pub mod map_sizes {
     /// added, so it costs what it holds plus its buckets (16 bytes per max
     /// entry). The maps only the agent writes are created so.
     pub const BPF_F_NO_PREALLOC: u32 = 1;
+    /// `BPF_F_NO_COMMON_LRU`: an LRU map keeps one LRU list per CPU
+    /// instead of one shared list. When the table is full, an insert then
+    /// evicts a few entries (4) from its own CPU's list, instead of 128 at
+    /// once from the shared list under its lock, which made about one new
+    /// flow in a hundred pay ~20 µs more (BENCHMARKS.md, "The tail of a new
+    /// connection"). Each CPU's list holds `max_entries / possible CPUs`.
+    pub const BPF_F_NO_COMMON_LRU: u32 = 2;
     /// Master + backend slots + wildcard entries (allocated on use). Twice
     /// Cilium's default `--bpf-lb-map-max` (65 536), which counts the same
     /// master and slot entries.

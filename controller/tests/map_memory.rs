@@ -96,7 +96,11 @@ fn agent_maps_are_allocated_on_use_and_state_maps_have_the_asked_capacity() {
         sizes.backends
     );
     let ct = info(&maps, map_names::CT);
-    assert_eq!((ct.max_entries(), ct.map_flags()), (4_096, 0));
+    // Per-CPU LRU lists: a full table evicts a few entries per insert.
+    assert_eq!(
+        (ct.max_entries(), ct.map_flags()),
+        (4_096, common::map_sizes::BPF_F_NO_COMMON_LRU)
+    );
     assert_eq!(info(&maps, map_names::AFFINITY).max_entries(), 1_024);
 
     // dp status: every pinned map, with its type, fill, capacity, memory.
@@ -177,7 +181,8 @@ fn old_layout_pins_are_replaced_kept_or_refused() {
     let bpffs = Bpffs::new("old-layout");
     let maps = bpffs.maps();
     // As a dp before issue 17 pinned them: backends preallocated (flags 0)
-    // with 1 024 entries, one backend in it; conntrack of another capacity.
+    // with 1 024 entries, one backend in it; conntrack of another capacity
+    // and with one LRU list shared by all CPUs (flags 0, before per-CPU lists).
     pin_map(
         &maps,
         map_names::BACKENDS,
@@ -208,8 +213,9 @@ fn old_layout_pins_are_replaced_kept_or_refused() {
     assert_ne!(b.map_flags() & BPF_F_NO_PREALLOC, 0);
     assert_eq!(b.max_entries(), MapSizes::default().backends);
     assert_eq!(backends(&maps).get(&7, 0).unwrap(), backend);
-    // Kept, with its state and its old capacity.
-    assert_eq!(info(&maps, map_names::CT).max_entries(), 1_024);
+    // Kept, with its state, its old capacity and its shared LRU list.
+    let ct = info(&maps, map_names::CT);
+    assert_eq!((ct.max_entries(), ct.map_flags()), (1_024, 0));
     drop(dp);
 
     // Conntrack of another value layout: refused, nothing changed.

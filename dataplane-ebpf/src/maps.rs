@@ -73,8 +73,11 @@ pub static DP_REVNAT: HashMap<u32, RevNatValue> =
 
 /// Connection tracking of service flows (see `common::ct`). LRU maps are
 /// always preallocated; userspace sizes it from the node at load time.
+/// Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): a full table evicts a few
+/// entries per insert rather than a batch of 128 (a new flow's tail).
 #[map(name = "DP_CT")]
-pub static DP_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(map_sizes::CT, 0);
+pub static DP_CT: LruHashMap<CtKey, CtEntry> =
+    LruHashMap::with_max_entries(map_sizes::CT, map_sizes::BPF_F_NO_COMMON_LRU);
 
 /// Session affinity: (client, service id) -> backend and last use.
 #[map(name = "DP_AFFINITY")]

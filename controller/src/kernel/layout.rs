@@ -10,9 +10,10 @@
 //!
 //! - the same: adopted (a restart keeps its state);
 //! - conntrack or affinity (the state the node's connections depend on,
-//!   which only the datapath has) whose capacity alone differs: adopted,
-//!   keeping its capacity (the new one applies once it is recreated, after
-//!   `dp cleanup`), with a warning;
+//!   which only the datapath has) whose capacity or LRU lists
+//!   (`BPF_F_NO_COMMON_LRU`) alone differ: adopted as it is (the programs
+//!   use it the same way; the new definition applies once it is recreated,
+//!   after `dp cleanup`), with a warning;
 //! - conntrack or affinity of another type, key, value or flags: refused,
 //!   before anything changes. Carrying such state over is a migration
 //!   (issue 21); `dp cleanup` removes it;
@@ -26,7 +27,7 @@
 
 use std::{fmt, path::Path};
 
-use common::map_names;
+use common::{map_names, map_sizes::BPF_F_NO_COMMON_LRU};
 
 /// A map's definition, as the kernel reports it (`bpf_map_info`) or as
 /// the object declares it.
@@ -73,9 +74,9 @@ impl fmt::Display for MapShape {
 pub enum PinnedMapPlan {
     /// Its definition is this dp's: reuse it.
     Adopt,
-    /// Connection state whose capacity alone differs: reuse it at its old
-    /// capacity.
-    AdoptOldCapacity { pinned: u32, wanted: u32 },
+    /// Connection state whose capacity or LRU lists alone differ: reuse it
+    /// as it is.
+    AdoptAsPinned { pinned: MapShape, wanted: MapShape },
     /// Make a new one, copying the entries if `copy` (a map the agent
     /// writes whole, same key and value).
     Replace { copy: bool },
@@ -109,11 +110,10 @@ pub fn plan(name: &str, pinned: MapShape, wanted: MapShape) -> PinnedMapPlan {
         PinnedMapPlan::Replace {
             copy: written_only_by_agent(name) && pinned.same_entries(&wanted),
         }
-    } else if pinned.same_entries(&wanted) && pinned.flags == wanted.flags {
-        PinnedMapPlan::AdoptOldCapacity {
-            pinned: pinned.max_entries,
-            wanted: wanted.max_entries,
-        }
+    } else if pinned.same_entries(&wanted)
+        && pinned.flags & !BPF_F_NO_COMMON_LRU == wanted.flags & !BPF_F_NO_COMMON_LRU
+    {
+        PinnedMapPlan::AdoptAsPinned { pinned, wanted }
     } else {
         PinnedMapPlan::Refuse { pinned, wanted }
     }
@@ -187,13 +187,27 @@ mod tests {
 
     #[test]
     fn conntrack_of_another_capacity_is_kept() {
-        let old = shape(LRU_HASH, 40, 262_144, 0);
-        let new = shape(LRU_HASH, 40, 65_536, 0);
+        let old = shape(LRU_HASH, 40, 262_144, 2);
+        let new = shape(LRU_HASH, 40, 65_536, 2);
         assert_eq!(
             plan(map_names::CT, old, new),
-            PinnedMapPlan::AdoptOldCapacity {
-                pinned: 262_144,
-                wanted: 65_536
+            PinnedMapPlan::AdoptAsPinned {
+                pinned: old,
+                wanted: new
+            }
+        );
+    }
+
+    #[test]
+    fn conntrack_with_one_shared_lru_list_is_kept() {
+        // dp before per-CPU LRU lists: flags 0.
+        let old = shape(LRU_HASH, 40, 65_536, 0);
+        let new = shape(LRU_HASH, 40, 65_536, BPF_F_NO_COMMON_LRU);
+        assert_eq!(
+            plan(map_names::CT, old, new),
+            PinnedMapPlan::AdoptAsPinned {
+                pinned: old,
+                wanted: new
             }
         );
     }
@@ -209,7 +223,8 @@ mod tests {
                 wanted: new
             }
         );
-        let other_flags = shape(LRU_HASH, 40, 65_536, 2);
+        // BPF_F_ZERO_SEED: not a difference the plan lets through.
+        let other_flags = shape(LRU_HASH, 40, 65_536, 0x40);
         assert!(matches!(
             plan(map_names::AFFINITY, other_flags, new),
             PinnedMapPlan::Refuse { .. }

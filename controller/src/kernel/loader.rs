@@ -280,11 +280,11 @@ fn prepare_pinned_maps(
     for (name, path, plan) in plans {
         match plan {
             PinnedMapPlan::Adopt | PinnedMapPlan::Refuse { .. } => {}
-            PinnedMapPlan::AdoptOldCapacity { pinned, wanted } => tracing::warn!(
+            PinnedMapPlan::AdoptAsPinned { pinned, wanted } => tracing::warn!(
                 map = name,
-                pinned,
-                wanted,
-                "pinned map kept at its capacity (the kernel cannot resize it, and it holds the datapath's state); the configured one applies once it is recreated (after `dp cleanup`)"
+                %pinned,
+                %wanted,
+                "pinned map kept as it is (the kernel cannot change its capacity or LRU lists, and it holds the datapath's state); this dp's definition applies once it is recreated (after `dp cleanup`)"
             ),
             PinnedMapPlan::Replace { copy } => {
                 // Open before unpinning: the old map lives on in this fd

@@ -9,7 +9,8 @@
 //! --conntrack-max-per-core x cores)`, counted in connections, capped at a
 //! fraction of the node's memory as Cilium's `--bpf-map-dynamic-size-ratio`
 //! does, so that a node with many cores and little memory is not eaten by
-//! its conntrack table. dp's defaults are a quarter of kube-proxy's: its
+//! its conntrack table. Counting per core also suits the table's per-CPU
+//! LRU lists: the kernel gives each possible CPU an equal share. dp's defaults are a quarter of kube-proxy's: its
 //! table holds only flows to services (nf_conntrack holds every connection
 //! of the node), and when it is full the least recently used flow is
 //! evicted instead of new ones being dropped.

@@ -97,6 +97,21 @@ enum Action {
         services: usize,
         dir: PathBuf,
     },
+    /// Where a new connection's tail comes from: for each dataplane (side
+    /// by side, in rounds), new-connection latency to the last service on a
+    /// fresh dataplane, then right after 10 s of the connection-rate load
+    /// (conntrack full of closed flows), printed as a table.
+    Tail {
+        #[arg(long, default_value_t = 1)]
+        services: usize,
+        #[arg(long, value_delimiter = ',', default_value = "dp,nftables")]
+        dataplanes: Vec<String>,
+        /// New connections per phase.
+        #[arg(long, default_value_t = 5000)]
+        samples: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
 }
 
 /// How much of each measurement one run does.
@@ -253,6 +268,15 @@ fn main() -> Result<()> {
         return input.write_dir(dir);
     }
     e2e::require_root();
+    if let Some(Action::Tail {
+        services,
+        dataplanes,
+        samples,
+        rounds,
+    }) = &args.action
+    {
+        return tail(*services, dataplanes, *samples, *rounds);
+    }
     let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (client_cpu, server_cpu) = if nproc >= 2 {
         (Some(1), Some(0))
@@ -560,6 +584,75 @@ fn measure_points(
     }
     points.sort_by_key(|p| dataplanes.iter().position(|d| *d == p.dataplane));
     Ok(points)
+}
+
+/// `dp-bench tail`: see `Action::Tail`.
+fn tail(n: usize, dataplanes: &[String], samples: usize, rounds: usize) -> Result<()> {
+    let s = Settings {
+        runs: rounds,
+        first_packets: samples,
+        rr_round_trips: 0,
+        rate_seconds: 10.0,
+        udp_seconds: 0.0,
+        client_threads: 4,
+        changes: 0,
+        client_cpu: Some(1),
+        server_cpu: Some(0),
+        interleaved: true,
+    };
+    let work = std::env::temp_dir().join(format!("dp-bench-tail-{}", std::process::id()));
+    let mut ready = Vec::new();
+    for d in dataplanes {
+        let d = Dataplane::parse(d).with_context(|| format!("unknown dataplane {d}"))?;
+        match Prepared::load(d, n, &s, &work, Duration::from_secs(600))? {
+            Ok(p) => ready.push(p),
+            Err(_) => bail!("{} did not load", d.name()),
+        }
+    }
+    println!("| round | dataplane | phase | p50 / p90 / p99 / p99.9 / max µs | errors |");
+    println!("| ---: | --- | --- | ---: | ---: |");
+    for round in 0..rounds {
+        let count = ready.len();
+        for i in 0..count {
+            let p = &ready[(i + round) % count];
+            let client = p.cluster.pod_ns(&p.cluster.pods[0].name);
+            let row = |phase: &str, l: &Latencies| {
+                let q = |v: f64| l.percentile(v).map_or("–".into(), |x| format!("{x:.1}"));
+                println!(
+                    "| {} | {} | {phase} | {} / {} / {} / {} / {} | {} |",
+                    round + 1,
+                    p.dataplane.name(),
+                    q(50.0),
+                    q(90.0),
+                    q(99.0),
+                    q(99.9),
+                    q(100.0),
+                    l.errors
+                );
+            };
+            let before = loadgen::first_packet(client, &[p.targets.last], samples, s.client_cpu)?;
+            row("before the load", &before);
+            let rate = loadgen::connection_rate(
+                client,
+                &p.targets.random,
+                s.client_threads,
+                Duration::from_secs_f64(s.rate_seconds),
+                s.client_cpu.map(|c| vec![c]),
+            )?;
+            println!(
+                "| {} | {} | load: {:.0} conn/s | | {} |",
+                round + 1,
+                p.dataplane.name(),
+                rate.per_second,
+                rate.errors
+            );
+            let after = loadgen::first_packet(client, &[p.targets.last], samples, s.client_cpu)?;
+            row("right after the load", &after);
+        }
+    }
+    drop(ready);
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
 }
 
 /// One dataplane loaded on its own cluster, with its servers and the
