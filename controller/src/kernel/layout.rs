@@ -14,7 +14,7 @@
 //!   (`BPF_F_NO_COMMON_LRU`) alone differ: adopted as it is (the programs
 //!   use it the same way; the new definition applies once it is recreated,
 //!   after `dp cleanup`), with a warning;
-//! - conntrack or affinity of another type, key, value or flags: refused,
+//! - conntrack or affinity of another type, key, value or other flags: refused,
 //!   before anything changes. Carrying such state over is a migration
 //!   (issue 21); `dp cleanup` removes it;
 //! - any other map that differs: replaced by a new one. The agent writes
@@ -187,8 +187,8 @@ mod tests {
 
     #[test]
     fn conntrack_of_another_capacity_is_kept() {
-        let old = shape(LRU_HASH, 40, 262_144, 2);
-        let new = shape(LRU_HASH, 40, 65_536, 2);
+        let old = shape(LRU_HASH, 40, 262_144, BPF_F_NO_COMMON_LRU);
+        let new = shape(LRU_HASH, 40, 65_536, BPF_F_NO_COMMON_LRU);
         assert_eq!(
             plan(map_names::CT, old, new),
             PinnedMapPlan::AdoptAsPinned {

@@ -164,6 +164,27 @@ pub struct ChangeFigures {
     pub agent_p99_ms: Option<f64>,
 }
 
+impl ChangeFigures {
+    /// p50/p99 of each change's total time and of the agent's own sync
+    /// (dp only; empty for kube-proxy).
+    fn from_durations(changes: usize, total: &[Duration], agent: &[Duration]) -> Self {
+        let pct = |v: &[Duration], p: f64| {
+            Latencies {
+                samples_us: v.iter().map(|d| d.as_secs_f64() * 1e3).collect(),
+                errors: 0,
+            }
+            .percentile(p)
+        };
+        ChangeFigures {
+            changes,
+            p50_ms: pct(total, 50.0).unwrap_or(f64::NAN),
+            p99_ms: pct(total, 99.0).unwrap_or(f64::NAN),
+            agent_p50_ms: pct(agent, 50.0),
+            agent_p99_ms: pct(agent, 99.0),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Point {
     pub dataplane: Dataplane,
@@ -278,11 +299,7 @@ fn main() -> Result<()> {
         return tail(*services, dataplanes, *samples, *rounds);
     }
     let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let (client_cpu, server_cpu) = if nproc >= 2 {
-        (Some(1), Some(0))
-    } else {
-        (None, None)
-    };
+    let (client_cpu, server_cpu) = pinned_cpus();
     let settings = if args.quick {
         Settings {
             runs: args.runs.unwrap_or(2),
@@ -559,21 +576,17 @@ fn measure_points(
             Err(not_loaded) => points.push(not_loaded),
         }
     }
-    for run in 0..s.runs {
-        let count = ready.len();
-        for i in 0..count {
-            let prepared = &mut ready[(i + run) % count];
-            progress(&format!(
-                "  traffic run {}/{}: {}",
-                run + 1,
-                s.runs,
-                prepared.dataplane.name()
-            ));
-            prepared
-                .traffic_run(s)
-                .with_context(|| format!("{} at N={n}", prepared.dataplane.name()))?;
-        }
-    }
+    in_rounds(&mut ready, s.runs, |run, prepared| {
+        progress(&format!(
+            "  traffic run {}/{}: {}",
+            run + 1,
+            s.runs,
+            prepared.dataplane.name()
+        ));
+        prepared
+            .traffic_run(s)
+            .with_context(|| format!("{} at N={n}", prepared.dataplane.name()))
+    })?;
     for prepared in ready {
         let dataplane = prepared.dataplane;
         points.push(
@@ -586,8 +599,35 @@ fn measure_points(
     Ok(points)
 }
 
+/// `rounds` rounds over `ready`, each starting one later than the last, so
+/// that no dataplane always follows the same one.
+fn in_rounds(
+    ready: &mut [Prepared],
+    rounds: usize,
+    mut each: impl FnMut(usize, &mut Prepared) -> Result<()>,
+) -> Result<()> {
+    let count = ready.len();
+    for round in 0..rounds {
+        for i in 0..count {
+            each(round, &mut ready[(i + round) % count])?;
+        }
+    }
+    Ok(())
+}
+
+/// The client's and the servers' CPUs: apart where there are two.
+fn pinned_cpus() -> (Option<usize>, Option<usize>) {
+    let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if nproc >= 2 {
+        (Some(1), Some(0))
+    } else {
+        (None, None)
+    }
+}
+
 /// `dp-bench tail`: see `Action::Tail`.
 fn tail(n: usize, dataplanes: &[String], samples: usize, rounds: usize) -> Result<()> {
+    let (client_cpu, server_cpu) = pinned_cpus();
     let s = Settings {
         runs: rounds,
         first_packets: samples,
@@ -596,8 +636,8 @@ fn tail(n: usize, dataplanes: &[String], samples: usize, rounds: usize) -> Resul
         udp_seconds: 0.0,
         client_threads: 4,
         changes: 0,
-        client_cpu: Some(1),
-        server_cpu: Some(0),
+        client_cpu,
+        server_cpu,
         interleaved: true,
     };
     let work = std::env::temp_dir().join(format!("dp-bench-tail-{}", std::process::id()));
@@ -611,45 +651,42 @@ fn tail(n: usize, dataplanes: &[String], samples: usize, rounds: usize) -> Resul
     }
     println!("| round | dataplane | phase | p50 / p90 / p99 / p99.9 / max µs | errors |");
     println!("| ---: | --- | --- | ---: | ---: |");
-    for round in 0..rounds {
-        let count = ready.len();
-        for i in 0..count {
-            let p = &ready[(i + round) % count];
-            let client = p.cluster.pod_ns(&p.cluster.pods[0].name);
-            let row = |phase: &str, l: &Latencies| {
-                let q = |v: f64| l.percentile(v).map_or("–".into(), |x| format!("{x:.1}"));
-                println!(
-                    "| {} | {} | {phase} | {} / {} / {} / {} / {} | {} |",
-                    round + 1,
-                    p.dataplane.name(),
-                    q(50.0),
-                    q(90.0),
-                    q(99.0),
-                    q(99.9),
-                    q(100.0),
-                    l.errors
-                );
-            };
-            let before = loadgen::first_packet(client, &[p.targets.last], samples, s.client_cpu)?;
-            row("before the load", &before);
-            let rate = loadgen::connection_rate(
-                client,
-                &p.targets.random,
-                s.client_threads,
-                Duration::from_secs_f64(s.rate_seconds),
-                s.client_cpu.map(|c| vec![c]),
-            )?;
+    in_rounds(&mut ready, rounds, |round, p| {
+        let client = p.cluster.pod_ns(&p.cluster.pods[0].name);
+        let row = |phase: &str, l: &Latencies| {
+            let q = |v: f64| l.percentile(v).map_or("–".into(), |x| format!("{x:.1}"));
             println!(
-                "| {} | {} | load: {:.0} conn/s | | {} |",
+                "| {} | {} | {phase} | {} / {} / {} / {} / {} | {} |",
                 round + 1,
                 p.dataplane.name(),
-                rate.per_second,
-                rate.errors
+                q(50.0),
+                q(90.0),
+                q(99.0),
+                q(99.9),
+                q(100.0),
+                l.errors
             );
-            let after = loadgen::first_packet(client, &[p.targets.last], samples, s.client_cpu)?;
-            row("right after the load", &after);
-        }
-    }
+        };
+        let before = loadgen::first_packet(client, &[p.targets.last], samples, s.client_cpu)?;
+        row("before the load", &before);
+        let rate = loadgen::connection_rate(
+            client,
+            &p.targets.random,
+            s.client_threads,
+            Duration::from_secs_f64(s.rate_seconds),
+            s.client_cpu.map(|c| vec![c]),
+        )?;
+        println!(
+            "| {} | {} | load: {:.0} conn/s | | {} |",
+            round + 1,
+            p.dataplane.name(),
+            rate.per_second,
+            rate.errors
+        );
+        let after = loadgen::first_packet(client, &[p.targets.last], samples, s.client_cpu)?;
+        row("right after the load", &after);
+        Ok(())
+    })?;
     drop(ready);
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
@@ -782,25 +819,10 @@ impl Prepared {
             for c in 0..s.changes {
                 let i = (c * 7919) % n;
                 let (d, a) = self.loaded.change_endpoint(&mut self.input, i, c + 1)?;
-                total.push(d.as_secs_f64() * 1e3);
-                if let Some(a) = a {
-                    agent.push(a.as_secs_f64() * 1e3);
-                }
+                total.push(d);
+                agent.extend(a);
             }
-            let pct = |v: &[f64], p: f64| {
-                Latencies {
-                    samples_us: v.to_vec(),
-                    errors: 0,
-                }
-                .percentile(p)
-            };
-            Some(ChangeFigures {
-                changes: s.changes,
-                p50_ms: pct(&total, 50.0).unwrap_or(f64::NAN),
-                p99_ms: pct(&total, 99.0).unwrap_or(f64::NAN),
-                agent_p50_ms: pct(&agent, 50.0),
-                agent_p99_ms: pct(&agent, 99.0),
-            })
+            Some(ChangeFigures::from_durations(s.changes, &total, &agent))
         };
         let mut point = Point {
             dataplane,
@@ -859,26 +881,9 @@ fn watch_changes(
         "    started from the API list in {:.2} s",
         start.as_secs_f64()
     ));
-    let ms = |v: &[std::time::Duration]| -> Vec<f64> {
-        v.iter().map(|d| d.as_secs_f64() * 1e3).collect()
-    };
-    let (total, agent) = (ms(&total), ms(&agent));
-    let pct = |v: &[f64], p: f64| {
-        Latencies {
-            samples_us: v.to_vec(),
-            errors: 0,
-        }
-        .percentile(p)
-    };
     Ok(Some((
         start,
-        ChangeFigures {
-            changes: s.changes,
-            p50_ms: pct(&total, 50.0).unwrap_or(f64::NAN),
-            p99_ms: pct(&total, 99.0).unwrap_or(f64::NAN),
-            agent_p50_ms: pct(&agent, 50.0),
-            agent_p99_ms: pct(&agent, 99.0),
-        },
+        ChangeFigures::from_durations(s.changes, &total, &agent),
     )))
 }
 
