@@ -23,4 +23,15 @@ pub struct DatapathConfig {
     /// masqueraded. Prefix length 0: not set (nothing is masqueraded for it).
     pub cluster_cidr: [u8; 16],
     pub ct_timeouts: CtTimeouts,
+    /// The Service CIDRs (from ServiceCIDR objects or `--service-cidr`):
+    /// a destination in one that no Service has is dropped, as kube-proxy's
+    /// nftables mode does. Prefix length 0: an unused slot.
+    pub service_cidrs: [[u8; 16]; SERVICE_CIDR_SLOTS],
+    /// Prefix lengths of `service_cidrs`, in the 16-byte form.
+    pub service_cidr_lens: [u8; SERVICE_CIDR_SLOTS],
+    pub _pad2: [u8; 4],
 }
+
+/// Service CIDRs the datapath knows (a cluster has one per family, more
+/// when ServiceCIDR objects extend the range).
+pub const SERVICE_CIDR_SLOTS: usize = 4;

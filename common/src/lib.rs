@@ -8,6 +8,7 @@
 
 pub mod addr;
 pub mod config;
+pub mod crc32c;
 pub mod ct;
 pub mod device;
 pub mod kernel;

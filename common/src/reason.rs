@@ -147,11 +147,20 @@ pub enum Reason {
     ChecksumUpdateFailed = 28,
     /// The kernel refused the redirect the datapath asked for.
     RedirectFailed = 29,
+    /// An address in a Service CIDR that no Service has: dropped (kube-proxy
+    /// nftables mode's "Drop traffic to unallocated ClusterIPs"), so it
+    /// never leaves the node towards the default route.
+    UnallocatedClusterIp = 30,
+    /// From this node to one of its own addresses (e.g. its NodePort on its
+    /// node IP): the kernel sends it over loopback, where no dp program
+    /// runs, so no service answers. Only `dp explain` reports it (no
+    /// program sees the packet) until socket-level load balancing serves it.
+    NodeToOwnAddress = 31,
 }
 
 impl Reason {
     /// Every reason, in number order.
-    pub const ALL: [Reason; 29] = [
+    pub const ALL: [Reason; 31] = [
         Reason::NotIpv4,
         Reason::NoService,
         Reason::UnsupportedProtocol,
@@ -181,6 +190,8 @@ impl Reason {
         Reason::PacketStoreFailed,
         Reason::ChecksumUpdateFailed,
         Reason::RedirectFailed,
+        Reason::UnallocatedClusterIp,
+        Reason::NodeToOwnAddress,
     ];
 
     pub fn from_u32(v: u32) -> Option<Self> {
@@ -237,6 +248,8 @@ impl Reason {
             Reason::PacketStoreFailed => "packet_store_failed",
             Reason::ChecksumUpdateFailed => "checksum_update_failed",
             Reason::RedirectFailed => "redirect_failed",
+            Reason::UnallocatedClusterIp => "unallocated_cluster_ip",
+            Reason::NodeToOwnAddress => "node_to_own_address",
         }
     }
 
@@ -274,6 +287,10 @@ impl Reason {
             Reason::PacketStoreFailed => "could not write into the packet",
             Reason::ChecksumUpdateFailed => "could not update a checksum",
             Reason::RedirectFailed => "the kernel refused the redirect",
+            Reason::UnallocatedClusterIp => "Service CIDR address that no Service has",
+            Reason::NodeToOwnAddress => {
+                "from this node to its own address: over loopback, not served by dp"
+            }
         }
     }
 }
@@ -336,6 +353,8 @@ mod tests {
             (Reason::PacketStoreFailed, 27, "packet_store_failed"),
             (Reason::ChecksumUpdateFailed, 28, "checksum_update_failed"),
             (Reason::RedirectFailed, 29, "redirect_failed"),
+            (Reason::UnallocatedClusterIp, 30, "unallocated_cluster_ip"),
+            (Reason::NodeToOwnAddress, 31, "node_to_own_address"),
         ];
         assert_eq!(Reason::ALL.len(), expected.len(), "update this list");
         for (reason, number, id) in expected {

@@ -7,14 +7,15 @@
 //! closure.
 //!
 //! The order of a new flow, as both apply it: the frontend
-//! ([`frontend`]), its source ranges ([`source_ranges_apply`]), the scope
+//! ([`frontend`]; not a service address: [`unallocated_cluster_ip`]), its
+//! source ranges ([`source_ranges_apply`]), the scope
 //! ([`internal_scope`]), session affinity ([`affinity_backend`]), else the
 //! eligible backends ([`eligible`]) or, with none, [`no_endpoints`]; then
 //! masquerade ([`masquerade`], [`reaches_this_node`]).
 
 use crate::{
     addr::in_prefix,
-    config::CONFIG_MASQUERADE_ALL,
+    config::{CONFIG_MASQUERADE_ALL, SERVICE_CIDR_SLOTS},
     ct::{CT_STATE_CLOSED, CT_STATE_CLOSING},
     lb::{
         BACKEND_FLAG_TERMINATING, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_EXTERNAL,
@@ -54,6 +55,24 @@ pub fn frontend<T>(wildcard_flags: Option<u16>, master: impl FnOnce() -> Option<
         },
         _ => Frontend::NotAService,
     }
+}
+
+/// Whether `daddr`, which no Service has, is in a Service CIDR: kube-proxy's
+/// nftables mode drops such traffic ("Drop traffic to unallocated
+/// ClusterIPs"), so it never leaves the node towards the default route.
+/// Known ClusterIPs on ports they do not serve were rejected before
+/// (`Frontend::PortNotServed`); nothing is dropped while no CIDR is known.
+#[inline(always)]
+pub fn unallocated_cluster_ip(cfg: &DatapathConfig, daddr: &[u8; 16]) -> bool {
+    let mut i = 0;
+    while i < SERVICE_CIDR_SLOTS {
+        let len = cfg.service_cidr_lens[i];
+        if len != 0 && in_prefix(daddr, &cfg.service_cidrs[i], len) {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }
 
 /// Whether the source must be in the frontend's `loadBalancerSourceRanges`
@@ -301,6 +320,19 @@ mod tests {
             Some(1)
         });
         assert!(!looked);
+    }
+
+    #[test]
+    fn unallocated_cluster_ips_are_those_in_a_known_service_cidr() {
+        let mut c = cfg();
+        let ip = v4_mapped([10, 96, 7, 7]);
+        assert!(!unallocated_cluster_ip(&c, &ip), "no CIDR known: nothing");
+        c.service_cidrs[1] = v4_mapped([10, 96, 0, 0]);
+        c.service_cidr_lens[1] = 96 + 12;
+        assert!(unallocated_cluster_ip(&c, &ip));
+        assert!(unallocated_cluster_ip(&c, &v4_mapped([10, 111, 255, 255])));
+        assert!(!unallocated_cluster_ip(&c, &v4_mapped([10, 112, 0, 0])));
+        assert!(!unallocated_cluster_ip(&c, &v4_mapped([10, 244, 1, 5])));
     }
 
     #[test]

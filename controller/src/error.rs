@@ -43,6 +43,14 @@ pub enum Error {
         pinned: String,
         wanted: String,
     },
+    /// An inspection command found no agent state (`kernel::pin::find_state`).
+    #[error(
+        "no dp state under {bpffs}: {detail}. Is `dp agent` running on this node, and with this --bpffs (or DP_BPFFS)? The agent pins its maps under <bpffs>/maps when it starts; pass the same --bpffs here"
+    )]
+    NoState {
+        bpffs: std::path::PathBuf,
+        detail: String,
+    },
     #[error("pinning {context}: {message}")]
     Pin { context: String, message: String },
     #[error("{context}: {source}")]

@@ -18,6 +18,44 @@ use regex::Regex;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines (on stderr) as `text`, coloured only on a terminal and
+    /// never with NO_COLOR set, or as `json`, one object per line, for log
+    /// pipelines.
+    #[arg(long, global = true, env = "DP_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+/// A `--service-cidr` element: an IPv4 CIDR, or an IPv6 one (None: the
+/// datapath is IPv4 only so far).
+fn service_cidr(s: &str) -> Result<Option<Cidr>, String> {
+    match s.trim().split_once('/') {
+        Some((addr, len)) if addr.parse::<std::net::Ipv6Addr>().is_ok() => {
+            match len.parse::<u8>() {
+                Ok(l) if l <= 128 => Ok(None),
+                _ => Err(format!("{s:?}: bad prefix length")),
+            }
+        }
+        _ => s.trim().parse().map(Some),
+    }
+}
+
+/// The log subscriber: RUST_LOG's filter (default `info`), on stderr.
+fn init_logging(format: &str) {
+    use std::io::IsTerminal as _;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        // `kubectl logs` and files get plain text (https://no-color.org).
+        let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+        builder
+            .with_ansi(std::io::stderr().is_terminal() && !no_color)
+            .init();
+    }
 }
 
 #[derive(Subcommand)]
@@ -320,10 +358,31 @@ fn print<T: serde::Serialize>(inspect: &Inspect, rows: &T, text: String) -> anyh
     Ok(())
 }
 
+/// `dp agent --help`'s closing text: kube-proxy's settings and behaviours
+/// and dp's (docs/deploy.md has the full table).
+const KUBE_PROXY_PARITY: &str = "\
+dp and kube-proxy (nftables mode where its modes differ; docs/deploy.md has the full table):
+  --cluster-cidr, --masquerade-all, --nodeport-addresses  same flags, same rules
+                                  (--nodeport-addresses also narrows health check ports)
+  --conntrack-max-per-core, --conntrack-min  same names: size dp's own conntrack map
+  --healthz-bind-address, --metrics-bind-address  --healthz-addr, --metrics-addr
+  Service CIDRs                   ServiceCIDR objects, else --service-cidr: unallocated
+                                  ClusterIPs dropped
+  no usable endpoints             REJECT on every frontend; DROP only for a Local policy
+                                  with endpoints elsewhere
+  loadBalancerSourceRanges, leading-zero addresses  as kube-proxy
+Differences:
+  SCTP Services, IPv6/dual-stack  not served yet
+  localhost:NodePort              not served (as in nftables mode)
+  a node to its own IP:NodePort   not served: over lo, where no dp program runs
+                                  (`dp explain` says node_to_own_address)
+  --conntrack-*-timeout-*         not read: fixed timeouts";
+
 /// `dp agent`'s flags. Each can also be set by the environment variable
 /// named in `--help` (a DaemonSet takes them from a ConfigMap: see
 /// deploy/configmap.yaml).
 #[derive(Args)]
+#[command(after_long_help = KUBE_PROXY_PARITY)]
 struct AgentArgs {
     /// Kubeconfig file (or KUBECONFIG); without either, the in-cluster
     /// config (service account token and CA, KUBERNETES_SERVICE_HOST/PORT).
@@ -365,11 +424,17 @@ struct AgentArgs {
     /// NodePorts only on node addresses in these CIDRs (default: all).
     #[arg(long, env = "DP_NODEPORT_ADDRESSES", value_delimiter = ',')]
     nodeport_addresses: Vec<Cidr>,
+    /// The Service CIDRs, one per family, comma-separated: traffic to an
+    /// address in them that no Service has is dropped (kube-proxy nftables
+    /// mode). The API's ServiceCIDR objects take precedence where served.
+    /// IPv6 CIDRs are accepted and not yet used.
+    #[arg(long, env = "DP_SERVICE_CIDR", value_delimiter = ',', value_parser = service_cidr)]
+    service_cidr: Vec<Option<Cidr>>,
     /// Masquerade all service traffic (kube-proxy's --masquerade-all).
     #[arg(long, env = "DP_MASQUERADE_ALL")]
     masquerade_all: bool,
-    /// bpffs directory for pinned maps and links (a bpffs is mounted there
-    /// if it is not in one).
+    /// bpffs directory for pinned maps and links (a bpffs is mounted on
+    /// /sys/fs/bpf, or there, if it is not on one).
     #[arg(long, default_value = "/sys/fs/bpf/dp", env = "DP_BPFFS")]
     bpffs: PathBuf,
     /// Prometheus metrics address.
@@ -410,13 +475,9 @@ struct AgentArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    match cli.command {
         Command::Lab { command } => lab(command),
         Command::CleanupKubeProxy { dry_run } => {
             let report = dp::kube_proxy::cleanup::cleanup(dry_run)?;
@@ -582,6 +643,8 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cleanup { bpffs } => {
+            // Also an agent's state seen through its process (`ip netns exec`).
+            let bpffs = dp::kernel::pin::find_state(&bpffs).unwrap_or(bpffs);
             let filters = dp::kernel::loader::detach_netlink_filters(&bpffs);
             if !filters.is_empty() {
                 println!(
@@ -607,6 +670,7 @@ fn main() -> anyhow::Result<()> {
                 tc_attach: a.tc_attach,
                 cluster_cidr: a.cluster_cidr,
                 nodeport_addresses: a.nodeport_addresses,
+                service_cidrs: a.service_cidr.into_iter().flatten().collect(),
                 masquerade_all: a.masquerade_all,
                 bpffs: a.bpffs,
                 metrics_addr: a.metrics_addr,

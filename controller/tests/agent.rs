@@ -568,6 +568,20 @@ fn the_agent_follows_the_kubernetes_api_and_fails_static_when_it_is_down() {
     web_follows_the_watch(&cluster, &api, &agent);
     let client = cluster.pod_ns("pod-1-0");
 
+    // The API's ServiceCIDR: traffic to an address in it that no Service
+    // has is dropped (kube-proxy nftables mode).
+    api.apply(
+        serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+        "metadata": {"name": "kubernetes"}, "spec": {"cidrs": ["10.96.0.0/16"]}}),
+    );
+    agent.wait_for(&["unallocated ClusterIPs are dropped", "ServiceCIDR objects"]);
+    let e = inspect(
+        &bpffs.node("node1"),
+        &["explain", "--from", "10.244.1.10", "--to", "10.96.0.99:80"],
+    );
+    assert_verdict(&e, "drop", "unallocated_cluster_ip");
+    assert_dropped(client, "10.96.0.99:80".parse().unwrap());
+
     // The API goes down: what is programmed stays (fail static).
     api.set_down(true);
     for _ in 0..10 {

@@ -93,7 +93,7 @@ fn the_manifests_pass_the_kubernetes_schemas_offline() {
 }
 
 #[test]
-fn rbac_grants_exactly_get_list_watch_on_services_endpointslices_and_nodes() {
+fn rbac_grants_exactly_get_list_watch_on_the_kinds_the_agent_reads() {
     let objects = objects(&deploy_manifests());
     assert!(of_kind(&objects, "Role").is_empty());
     assert!(of_kind(&objects, "RoleBinding").is_empty());
@@ -130,6 +130,7 @@ fn rbac_grants_exactly_get_list_watch_on_services_endpointslices_and_nodes() {
         ("", "services"),
         ("", "nodes"),
         ("discovery.k8s.io", "endpointslices"),
+        ("networking.k8s.io", "servicecidrs"),
     ] {
         for verb in ["get", "list", "watch"] {
             expected.insert((group.to_string(), resource.to_string(), verb.to_string()));
@@ -292,5 +293,9 @@ fn the_kind_cluster_has_no_kube_proxy() {
     assert_eq!(
         config["networking"]["podSubnet"],
         cm["data"]["DP_CLUSTER_CIDR"]
+    );
+    assert_eq!(
+        config["networking"]["serviceSubnet"],
+        cm["data"]["DP_SERVICE_CIDR"]
     );
 }

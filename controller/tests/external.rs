@@ -97,6 +97,99 @@ endpoints:
 - {addresses: [10.244.2.11], nodeName: node2}
 "#;
 
+/// Local traffic policies with no usable endpoint anywhere: `gone`
+/// (eTP=Local NodePort 30085, its endpoints deleted) and `unready`
+/// (iTP=Local, its only endpoint neither ready nor serving).
+const NO_USABLE_ENDPOINTS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: gone, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.16
+  externalTrafficPolicy: Local
+  ports: [{port: 80, nodePort: 30085}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: unready, namespace: default}
+spec:
+  clusterIP: 10.96.0.17
+  internalTrafficPolicy: Local
+  ports: [{port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: unready-1, namespace: default, labels: {kubernetes.io/service-name: unready}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.10], nodeName: node1, conditions: {ready: false, serving: false}}
+"#;
+
+/// `old`, created before the API validated addresses strictly: ClusterIP
+/// 10.96.0.18, externalIP 198.51.100.18, NodePort 30086, its endpoint
+/// pod-2-1, every address written with leading zeros.
+const LEADING_ZEROS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: old, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 010.096.000.018
+  externalIPs: [198.051.100.018]
+  ports: [{port: 80, nodePort: 30086}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: old-1, namespace: default, labels: {kubernetes.io/service-name: old}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [010.244.002.011], nodeName: node2}
+"#;
+
+/// Two LoadBalancers with two ingress IPs each, endpoint pod-2-0: `near`
+/// (203.0.113.13, .14) whose source range contains the nodes, and `far`
+/// (203.0.113.15, .16) whose range does not.
+const LB_SOURCES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: near, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.19
+  loadBalancerSourceRanges: [172.18.0.0/24]
+  ports: [{port: 80, nodePort: 30087}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.13}, {ip: 203.0.113.14}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: near-1, namespace: default, labels: {kubernetes.io/service-name: near}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.2.10], nodeName: node2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: far, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  loadBalancerSourceRanges: [172.18.0.100/32]
+  ports: [{port: 80, nodePort: 30088}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.15}, {ip: 203.0.113.16}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: far-1, namespace: default, labels: {kubernetes.io/service-name: far}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.2.10], nodeName: node2}
+"#;
+
 fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::from((ip, port))
 }
@@ -247,6 +340,248 @@ fn internal_traffic_policy_local_serves_only_pods_on_nodes_with_an_endpoint() {
     assert_eq!(peer.ip(), "10.244.1.11".parse::<IpAddr>().unwrap());
     assert_dropped(f.cluster.pod_ns("pod-2-0"), vip);
     assert!(f.packets("node2", "no_local_endpoints") >= 1);
+}
+
+/// kube-proxy rejects every frontend of a service port with no usable
+/// endpoint in the cluster, whatever its traffic policies; it drops
+/// ("no local endpoints") only when endpoints exist elsewhere
+/// (kube-proxy-rules.md 2.5 items 1, 2 and 4). The datapath and
+/// `dp explain` agree.
+#[test]
+fn local_policies_without_any_usable_endpoint_reject_like_kube_proxy() {
+    let f = AgentCluster::new(
+        &[MANIFESTS, LOCAL_TRAFFIC_POLICY, NO_USABLE_ENDPOINTS],
+        "nousable",
+    );
+    let explain = |node: &str, from: Ipv4Addr, to: SocketAddr| {
+        let e = inspect(
+            &f.pins(node),
+            &[
+                "explain",
+                "--from",
+                &from.to_string(),
+                "--to",
+                &to.to_string(),
+            ],
+        );
+        (
+            e["verdict"].as_str().unwrap_or_default().to_string(),
+            e["reason"].as_str().unwrap_or_default().to_string(),
+        )
+    };
+    let reject = ("reject".to_string(), "no_endpoints".to_string());
+    let client = f.cluster.client_ns();
+    // eTP=Local, no endpoints at all: refused on both nodes.
+    for (node, ip) in [("node1", NODE1), ("node2", NODE2)] {
+        assert_refused(client, sa(ip, 30085));
+        assert_eq!(explain(node, CLIENT, sa(ip, 30085)), reject, "{node}");
+    }
+    // iTP=Local, its one endpoint unusable: refused from pods on both nodes.
+    let unready = sa(Ipv4Addr::new(10, 96, 0, 17), 80);
+    for pod in ["pod-1-1", "pod-2-0"] {
+        assert_refused(f.cluster.pod_ns(pod), unready);
+    }
+    assert_eq!(
+        explain("node2", Ipv4Addr::new(10, 244, 2, 10), unready),
+        reject
+    );
+    assert!(f.packets("node1", "no_endpoints") >= 2);
+    assert!(f.packets("node2", "no_endpoints") >= 2);
+    // Endpoints elsewhere but none here is still a drop (`local`'s
+    // endpoint is on node1).
+    assert_dropped(client, sa(NODE2, 30083));
+    assert_eq!(
+        explain("node2", CLIENT, sa(NODE2, 30083)),
+        ("drop".to_string(), "no_local_endpoints".to_string())
+    );
+}
+
+/// Addresses with leading zeros are read as decimal, as kube-proxy reads
+/// them (kube-proxy-rules.md: ParseIPSloppy), and each is logged once.
+#[test]
+fn addresses_with_leading_zeros_are_served_and_logged_once() {
+    let f = AgentCluster::new(&[MANIFESTS, LEADING_ZEROS], "zeros");
+    let client = f.cluster.client_ns();
+    for addr in [sa(NODE1, 30086), "198.51.100.18:80".parse().unwrap()] {
+        assert_eq!(whoami(client, addr).0, "pod-2-1", "{addr}");
+    }
+    let vip: SocketAddr = "10.96.0.18:80".parse().unwrap();
+    assert_eq!(whoami(f.cluster.pod_ns("pod-1-0"), vip).0, "pod-2-1");
+    let e = inspect(
+        &f.pins("node1"),
+        &["explain", "--from", "10.244.1.10", "--to", "10.96.0.18:80"],
+    );
+    assert_eq!(
+        (e["verdict"].as_str(), e["reason"].as_str()),
+        (Some("forward"), Some("new_flow")),
+        "{e}"
+    );
+    assert_eq!(e["backends"], serde_json::json!(["10.244.2.11:8080"]));
+    // No Service CIDR known (no --service-cidr): an unallocated ClusterIP is
+    // left to the node's routes, as before.
+    let e = inspect(
+        &f.pins("node1"),
+        &["explain", "--from", "10.244.1.10", "--to", "10.96.0.99:80"],
+    );
+    assert_eq!(e["reason"], "no_service", "{e}");
+    assert!(f.startup_logs[0]
+        .iter()
+        .any(|l| l.contains("Service CIDRs unknown")));
+    for given in ["010.096.000.018", "198.051.100.018", "010.244.002.011"] {
+        let lines: Vec<&String> = f.startup_logs[0]
+            .iter()
+            .filter(|l| l.contains(given) && l.contains("leading zeros"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{given} logged once: {lines:?}");
+    }
+}
+
+/// kube-proxy-rules.md 2.5 item 8: traffic to a LoadBalancer IP whose
+/// source is one of the service's LB IPs (the node's own traffic, SNATed
+/// to it on the way) passes when a source range contains the node, and
+/// only then. The client plays the load balancer: it sends from one LB IP
+/// of the service to the other.
+#[test]
+fn source_ranges_containing_the_node_accept_the_services_own_lb_ips() {
+    let f = AgentCluster::new(&[MANIFESTS, LB_SOURCES], "lbsources");
+    let client = f.cluster.client_ns();
+    let node1 = f.cluster.node_ns(0);
+    for (to, from) in [
+        ("203.0.113.13", "203.0.113.14"),
+        ("203.0.113.15", "203.0.113.16"),
+    ] {
+        client.add_addr("eth0", &format!("{from}/32")).unwrap();
+        client
+            .ip(&[
+                "route",
+                "add",
+                &format!("{to}/32"),
+                "via",
+                "172.18.0.2",
+                "src",
+                from,
+            ])
+            .unwrap();
+        node1
+            .add_route(&format!("{from}/32"), "172.18.0.100")
+            .unwrap();
+    }
+    let explain = |from: &str, to: &str| {
+        let e = inspect(&f.pins("node1"), &["explain", "--from", from, "--to", to]);
+        (e["verdict"].clone(), e["reason"].clone())
+    };
+    let (pod, peer) = whoami(client, "203.0.113.13:80".parse().unwrap());
+    assert_eq!(pod, "pod-2-0");
+    assert_eq!(peer.ip(), IpAddr::V4(NODE1), "masqueraded (eTP=Cluster)");
+    assert_eq!(
+        explain("203.0.113.14", "203.0.113.13:80"),
+        ("forward".into(), "new_flow".into())
+    );
+    let denied_before = f.packets("node1", "source_range_denied");
+    assert_dropped(client, "203.0.113.15:80".parse().unwrap());
+    assert!(f.packets("node1", "source_range_denied") > denied_before);
+    assert_eq!(
+        explain("203.0.113.16", "203.0.113.15:80"),
+        ("drop".into(), "source_range_denied".into())
+    );
+}
+
+/// kube-proxy nftables mode's "Drop traffic to unallocated ClusterIPs"
+/// (kube-proxy-rules.md 3.2): with the Service CIDR known
+/// (`--service-cidr`), a packet to an address in it that no Service has is
+/// dropped on the node, from pods and from outside; a ClusterIP's unserved
+/// port is still rejected.
+#[test]
+fn traffic_to_unallocated_cluster_ips_is_dropped_when_the_service_cidr_is_known() {
+    let f = AgentCluster::new_with(
+        &[MANIFESTS],
+        "unallocated",
+        &["--service-cidr", "10.96.0.0/16,fd00:10:96::/108"],
+    );
+    let nowhere: SocketAddr = "10.96.0.99:80".parse().unwrap();
+    assert_dropped(f.cluster.pod_ns("pod-1-0"), nowhere);
+    assert_dropped(f.cluster.client_ns(), nowhere);
+    assert!(f.packets("node1", "unallocated_cluster_ip") >= 2);
+    let e = inspect(
+        &f.pins("node1"),
+        &["explain", "--from", "10.244.1.10", "--to", "10.96.0.99:80"],
+    );
+    assert_eq!(
+        (e["verdict"].as_str(), e["reason"].as_str()),
+        (Some("drop"), Some("unallocated_cluster_ip")),
+        "{e}"
+    );
+    assert_refused(
+        f.cluster.pod_ns("pod-1-0"),
+        "10.96.0.10:81".parse().unwrap(),
+    );
+    // Outside the Service CIDR nothing changes.
+    let e = inspect(
+        &f.pins("node1"),
+        &["explain", "--from", "10.244.1.10", "--to", "10.97.0.1:80"],
+    );
+    assert_eq!(e["reason"], "no_service", "{e}");
+}
+
+/// `--nodeport-addresses` narrows the health check node ports as it
+/// narrows NodePorts (kube-proxy does the same): listening on the node
+/// address in the CIDR, not on every address (loopback included).
+#[test]
+fn health_checks_listen_only_on_the_nodeport_addresses() {
+    let f = AgentCluster::new_with(
+        &[MANIFESTS, LOCAL_TRAFFIC_POLICY],
+        "hcaddr",
+        &["--nodeport-addresses", "172.18.0.0/24"],
+    );
+    let ok = http_get(
+        f.cluster.client_ns(),
+        &sa(NODE1, 32100).to_string(),
+        "/healthz",
+    );
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    let loopback: SocketAddr = "127.0.0.1:32100".parse().unwrap();
+    let refused = f
+        .cluster
+        .node_ns(0)
+        .run(|| std::net::TcpStream::connect_timeout(&loopback, Duration::from_secs(1)))
+        .unwrap();
+    assert_eq!(
+        refused.map(drop).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "not on 0.0.0.0"
+    );
+}
+
+/// A process on node1 connecting to node1's own NodePort: the packet goes
+/// over `lo`, where no dp program runs, and the node's stack resets it
+/// (kube-proxy's OUTPUT chain would serve it; socket-level load balancing
+/// will). `dp explain` says so instead of claiming a forward.
+#[test]
+fn a_node_connecting_to_its_own_node_port_is_not_served_and_explain_says_so() {
+    let f = AgentCluster::new(&[MANIFESTS], "ownnodeport");
+    let own = sa(NODE1, 30080);
+    assert_refused(f.cluster.node_ns(0), own);
+    let explain = |from: &str| {
+        let out = e2e::stdout_of(
+            std::process::Command::new("nsenter")
+                .arg(format!("--net={}", f.cluster.node_ns(0).path().display()))
+                .args([env!("CARGO_BIN_EXE_dp"), "explain", "--bpffs"])
+                .arg(f.pins("node1"))
+                .args(["--from", from, "--to", "172.18.0.2:30080", "-o", "json"]),
+        );
+        let e: serde_json::Value = serde_json::from_str(&out).unwrap();
+        (e["verdict"].clone(), e["reason"].clone())
+    };
+    assert_eq!(
+        explain("172.18.0.2"),
+        ("pass".into(), "node_to_own_address".into())
+    );
+    // From elsewhere the same NodePort is served.
+    assert_eq!(
+        explain("172.18.0.100"),
+        ("forward".into(), "new_flow".into())
+    );
+    assert_eq!(whoami(f.cluster.client_ns(), own).0.len(), "pod-1-0".len());
 }
 
 #[test]

@@ -210,3 +210,78 @@ async fn an_api_that_is_down_at_start_is_waited_for() {
     h.until("the list once the API is up", |o| services(o) == ["web"])
         .await;
 }
+
+fn service_cidr(name: &str, cidrs: &[&str]) -> Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+        "metadata": {"name": name}, "spec": {"cidrs": cidrs}})
+}
+
+impl Harness {
+    /// The next ServiceCIDR report, skipping other changes.
+    async fn next_service_cidrs(&mut self) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.changed.recv()).await {
+                Ok(Some(KubeChange::ServiceCidrs(c))) => return c,
+                Ok(Some(_)) => {}
+                _ => panic!("no ServiceCidrs change"),
+            }
+        }
+    }
+}
+
+/// Where the API serves ServiceCIDR objects, their CIDRs are reported on
+/// every change (the agent drops traffic to unallocated ClusterIPs in
+/// them); the stores' readiness does not wait for them.
+#[tokio::test]
+async fn service_cidrs_are_followed_where_the_api_serves_them() {
+    let server = FakeApiServer::start().unwrap();
+    server.apply(service_cidr(
+        "kubernetes",
+        &["10.96.0.0/16", "fd00:10:96::/108"],
+    ));
+    let mut h = start(server, "cidrs").await;
+    assert_eq!(
+        h.next_service_cidrs().await,
+        ["10.96.0.0/16", "fd00:10:96::/108"]
+    );
+    h.server.apply(service_cidr("extra", &["10.97.0.0/24"]));
+    let mut cidrs = h.next_service_cidrs().await;
+    cidrs.sort();
+    assert_eq!(cidrs, ["10.96.0.0/16", "10.97.0.0/24", "fd00:10:96::/108"]);
+}
+
+/// An API server without ServiceCIDRs (before Kubernetes 1.33) answers 404:
+/// one request, no report, and the other kinds are served as ever.
+#[tokio::test]
+async fn an_api_without_service_cidrs_is_asked_once() {
+    let server = FakeApiServer::start().unwrap();
+    server.serve_service_cidrs(false);
+    server.apply(service("web", "10.96.0.10"));
+    let mut h = start(server, "no-cidrs").await;
+    h.until("the initial list", |o| services(o) == ["web"])
+        .await;
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while lists(&h.server, "/servicecidrs") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ServiceCIDRs never asked for"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h.server.apply(service("late", "10.96.0.13"));
+    loop {
+        match tokio::time::timeout(TIMEOUT, h.changed.recv()).await {
+            Ok(Some(KubeChange::ServiceCidrs(c))) => panic!("reported {c:?}"),
+            Ok(Some(KubeChange::Service(_))) if services(&h.source.snapshot()).len() == 2 => break,
+            Ok(Some(_)) => {}
+            _ => panic!("never saw the late service"),
+        }
+    }
+    assert_eq!(
+        lists(&h.server, "/servicecidrs"),
+        1,
+        "{:?}",
+        h.server.requests()
+    );
+}

@@ -176,6 +176,9 @@ pub fn syn_reopens(ev: &TraceEvent, e: *mut CtEntry) -> bool {
 pub fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
     let t = &ev.original;
     let (mut key, mut master) = match lb::lookup(&t.daddr, t.dport, t.protocol) {
+        Frontend::NotAService if rules::unallocated_cluster_ip(f.cfg, &t.daddr) => {
+            return Step::Drop(Reason::UnallocatedClusterIp)
+        }
         Frontend::NotAService => return Step::Pass(Reason::NoService),
         Frontend::PortNotServed => return Step::Reject(Reason::PortNotServed),
         Frontend::Found(found) => found,

@@ -2,7 +2,8 @@
 //! with a CA of its own, as a pod sees the API server) with the list/watch
 //! wire format (JSON lists with `metadata.resourceVersion`; watches as a
 //! chunked stream of `{"type": ..., "object": ...}` lines; bookmarks; a
-//! 410 Gone `ERROR` event), for Services, EndpointSlices and Nodes. Tests
+//! 410 Gone `ERROR` event), for Services, EndpointSlices, Nodes and
+//! ServiceCIDRs. Tests
 //! change objects and misbehave on purpose: expire watches, drop
 //! connections, be down.
 
@@ -22,8 +23,8 @@ use serde_json::{json, Value};
 
 use crate::{io_err, Netns, Result};
 
-/// The collections served: (path, list kind).
-const COLLECTIONS: [(&str, &str, &str); 3] = [
+/// The collections served: (path, list kind, API version).
+const COLLECTIONS: [(&str, &str, &str); 4] = [
     ("/api/v1/services", "ServiceList", "v1"),
     (
         "/apis/discovery.k8s.io/v1/endpointslices",
@@ -31,6 +32,11 @@ const COLLECTIONS: [(&str, &str, &str); 3] = [
         "discovery.k8s.io/v1",
     ),
     ("/api/v1/nodes", "NodeList", "v1"),
+    (
+        "/apis/networking.k8s.io/v1/servicecidrs",
+        "ServiceCIDRList",
+        "networking.k8s.io/v1",
+    ),
 ];
 
 #[derive(Default)]
@@ -43,6 +49,8 @@ struct State {
     /// older resourceVersion replays what it missed, as the API server does.
     history: Vec<(u64, &'static str, String)>,
     down: bool,
+    /// As an API server before Kubernetes 1.33: ServiceCIDRs get 404.
+    without_service_cidrs: bool,
     /// Request lines seen, e.g. `GET /api/v1/services?limit=500`.
     requests: Vec<String>,
     /// With a token, requests without `Authorization: Bearer <token>` get
@@ -248,6 +256,12 @@ impl FakeApiServer {
         }
     }
 
+    /// Serves ServiceCIDR objects (the default, as Kubernetes 1.33 and
+    /// later) or answers 404 for them (older API servers).
+    pub fn serve_service_cidrs(&self, served: bool) {
+        self.state.lock().unwrap().without_service_cidrs = !served;
+    }
+
     /// Request lines so far (`GET /path?query`).
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
@@ -264,6 +278,7 @@ fn collection_of(object: &Value) -> &'static str {
         Some("Service") => COLLECTIONS[0].0,
         Some("EndpointSlice") => COLLECTIONS[1].0,
         Some("Node") => COLLECTIONS[2].0,
+        Some("ServiceCIDR") => COLLECTIONS[3].0,
         other => panic!("the fake API server does not serve {other:?}"),
     }
 }
@@ -345,6 +360,8 @@ fn handle<S: Read + Write>(conn: S, state: &Arc<Mutex<State>>) {
                     continue;
                 }
             }
+            let collection = collection
+                .filter(|(p, _, _)| !(st.without_service_cidrs && *p == COLLECTIONS[3].0));
             let Some((path, list_kind, api)) = collection else {
                 drop(st);
                 let _ = respond(conn, 404, r#"{"kind":"Status","code":404}"#);

@@ -5,7 +5,8 @@
 //! send traffic only to nodes that have a ready endpoint of the Service.
 //! Like kube-proxy (`pkg/proxy/healthcheck/service_health.go`), the agent
 //! listens on that TCP port (one listener per Service, not per service
-//! port), on all addresses (`0.0.0.0`, kube-proxy's default), and answers
+//! port), on all addresses (`0.0.0.0`, kube-proxy's default) or, with
+//! `--nodeport-addresses`, on each node address in those CIDRs, and answers
 //! every request, whatever its method and path, with
 //!
 //! - `200` if the Service has a ready endpoint on this node and the agent is
@@ -139,25 +140,40 @@ pub struct SyncReport {
 /// Listeners are tokio tasks: `sync` must be called within a tokio runtime.
 /// Dropping the server closes them.
 pub struct HealthCheckServer {
-    bind_ip: IpAddr,
+    bind_ips: Vec<IpAddr>,
     /// Asked for the agent's health (`/healthz`'s answer) on every request.
     health: mpsc::Sender<metrics::Request>,
     checks: Arc<Mutex<BTreeMap<u16, ServiceHealth>>>,
-    listeners: BTreeMap<u16, JoinHandle<()>>,
+    /// Per port, one listener per bind address.
+    listeners: BTreeMap<u16, Vec<JoinHandle<()>>>,
 }
 
 impl HealthCheckServer {
-    /// A server listening on `bind_ip` (the agent: `0.0.0.0`), asking the
-    /// agent loop for its health through `health` (as the `/healthz`
-    /// handler does: healthy is a 200 there). No answer (the loop has
-    /// stopped) counts as unhealthy.
-    pub fn new(bind_ip: IpAddr, health: mpsc::Sender<metrics::Request>) -> Self {
+    /// A server listening on `bind_ips` (the agent: `0.0.0.0`, or the node
+    /// addresses `--nodeport-addresses` allows), asking the agent loop for
+    /// its health through `health` (as the `/healthz` handler does: healthy
+    /// is a 200 there). No answer (the loop has stopped) counts as
+    /// unhealthy.
+    pub fn new(bind_ips: Vec<IpAddr>, health: mpsc::Sender<metrics::Request>) -> Self {
         HealthCheckServer {
-            bind_ip,
+            bind_ips,
             health,
             checks: Arc::default(),
             listeners: BTreeMap::new(),
         }
+    }
+
+    /// Listens on `ips` from now on: open listeners close, and the next
+    /// `sync` opens them on the new addresses. Whether anything changed.
+    pub fn set_bind_ips(&mut self, ips: Vec<IpAddr>) -> bool {
+        if ips == self.bind_ips {
+            return false;
+        }
+        self.bind_ips = ips;
+        for (_, tasks) in std::mem::take(&mut self.listeners) {
+            tasks.iter().for_each(JoinHandle::abort);
+        }
+        true
     }
 
     /// Ports listened on.
@@ -177,8 +193,8 @@ impl HealthCheckServer {
             .copied()
             .collect();
         for port in gone {
-            if let Some(task) = self.listeners.remove(&port) {
-                task.abort();
+            if let Some(tasks) = self.listeners.remove(&port) {
+                tasks.iter().for_each(JoinHandle::abort);
             }
             info!(port, "health check closed");
             report.closed.push(port);
@@ -205,18 +221,26 @@ impl HealthCheckServer {
         report
     }
 
-    fn listen(&self, port: u16) -> io::Result<JoinHandle<()>> {
-        let listener = metrics::bind(SocketAddr::new(self.bind_ip, port))?;
-        let listener = TcpListener::from_std(listener)?;
-        let checks = Arc::clone(&self.checks);
-        let health = self.health.clone();
-        Ok(tokio::spawn(serve(listener, port, checks, health)))
+    /// A listener on every bind address, or none (the first error).
+    fn listen(&self, port: u16) -> io::Result<Vec<JoinHandle<()>>> {
+        let mut listeners = Vec::new();
+        for ip in &self.bind_ips {
+            let listener = metrics::bind(SocketAddr::new(*ip, port))?;
+            listeners.push(TcpListener::from_std(listener)?);
+        }
+        Ok(listeners
+            .into_iter()
+            .map(|l| {
+                let (checks, health) = (Arc::clone(&self.checks), self.health.clone());
+                tokio::spawn(serve(l, port, checks, health))
+            })
+            .collect())
     }
 }
 
 impl Drop for HealthCheckServer {
     fn drop(&mut self) {
-        for task in self.listeners.values() {
+        for task in self.listeners.values().flatten() {
             task.abort();
         }
     }
@@ -473,7 +497,7 @@ endpoints:
         let _guard = rt.enter();
         let healthy = Arc::new(AtomicBool::new(true));
         let mut server = HealthCheckServer::new(
-            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
             agent_health(&rt, Arc::clone(&healthy)),
         );
         let (p1, p2) = free_ports();

@@ -58,12 +58,30 @@ pub struct AgentOptions {
     pub tc_attach: TcAttachChoice,
     pub cluster_cidr: Option<Cidr>,
     pub nodeport_addresses: Vec<Cidr>,
+    /// `--service-cidr` (IPv4): traffic to an address in it that no
+    /// Service has is dropped, unless the API's ServiceCIDR objects say
+    /// otherwise.
+    pub service_cidrs: Vec<Cidr>,
     pub masquerade_all: bool,
     pub bpffs: PathBuf,
     pub metrics_addr: SocketAddr,
     pub healthz_addr: SocketAddr,
     /// Map capacities (a pinned map keeps the size it was created with).
     pub map_sizes: MapSizes,
+}
+
+/// Where the health check node ports listen: all addresses (kube-proxy's
+/// default), or with `--nodeport-addresses` the node addresses in those
+/// CIDRs, as kube-proxy narrows them too.
+fn health_check_ips(nodeport_addresses: &[Cidr], node_ips: &[Ipv4Addr]) -> Vec<IpAddr> {
+    if nodeport_addresses.is_empty() {
+        return vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)];
+    }
+    node_ips
+        .iter()
+        .filter(|ip| nodeport_addresses.iter().any(|c| c.contains(**ip)))
+        .map(|ip| IpAddr::V4(*ip))
+        .collect()
 }
 
 /// Host-side pod veths of common CNIs: kindnet and the bridge/ptp plugins
@@ -141,6 +159,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         ips: opts.node_ips.clone(),
         zone: None,
     };
+    let health_ips = health_check_ips(&opts.nodeport_addresses, &node.ips);
     let options = TranslateOptions {
         nodeport_addresses: opts.nodeport_addresses.clone(),
     };
@@ -156,8 +175,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         attached: BTreeSet::new(),
         metrics: AgentMetrics::default(),
         seen_triggers: BTreeSet::new(),
-        // kube-proxy's default: all addresses.
-        health_checks: HealthCheckServer::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), requests.clone()),
+        health_checks: HealthCheckServer::new(health_ips, requests.clone()),
+        api_service_cidrs: None,
         opts,
     };
     agent.configure(&mut dp)?;
@@ -387,6 +406,9 @@ struct Agent {
     seen_triggers: BTreeSet<(String, String)>,
     /// `healthCheckNodePort` listeners, synced after every successful apply.
     health_checks: HealthCheckServer,
+    /// The IPv4 CIDRs of the API's ServiceCIDR objects, once the API has
+    /// said (None: not served, not yet listed, or manifests).
+    api_service_cidrs: Option<Vec<Cidr>>,
 }
 
 impl Agent {
@@ -402,6 +424,36 @@ impl Agent {
             self.opts.cluster_cidr.map(|c| (IpAddr::V4(c.addr), c.len)),
             self.opts.masquerade_all,
         )?;
+        self.configure_service_cidrs(dp)
+    }
+
+    /// Writes the Service CIDRs the datapath drops unallocated ClusterIPs
+    /// in: the API's ServiceCIDR objects when it serves them, else
+    /// `--service-cidr`; without either, none (and says so).
+    fn configure_service_cidrs(&self, dp: &mut Datapath) -> anyhow::Result<()> {
+        let (cidrs, from) = match &self.api_service_cidrs {
+            Some(c) if !c.is_empty() => (c.as_slice(), "ServiceCIDR objects"),
+            _ => (self.opts.service_cidrs.as_slice(), "--service-cidr"),
+        };
+        if cidrs.is_empty() {
+            info!(
+                "Service CIDRs unknown (no ServiceCIDR objects, no --service-cidr): traffic to \
+                 unallocated ClusterIPs is left to the node's routes, not dropped as \
+                 kube-proxy's nftables mode drops it"
+            );
+        } else {
+            if cidrs.len() > common::config::SERVICE_CIDR_SLOTS {
+                warn!(
+                    count = cidrs.len(),
+                    "more IPv4 Service CIDRs than the datapath holds: the first {} are used",
+                    common::config::SERVICE_CIDR_SLOTS
+                );
+            }
+            let shown: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
+            info!(cidrs = %shown.join(","), from, "Service CIDRs: unallocated ClusterIPs are dropped");
+        }
+        let list: Vec<(IpAddr, u8)> = cidrs.iter().map(|c| (IpAddr::V4(c.addr), c.len)).collect();
+        dp.set_service_cidrs(&list)?;
         Ok(())
     }
 
@@ -543,6 +595,16 @@ impl Agent {
             }
             // A deleted Node changes nothing (the last addresses stay).
             KubeChange::Node(ObjectChange::Deleted(_)) | KubeChange::Ready => {}
+            KubeChange::ServiceCidrs(cidrs) => {
+                // IPv6 ones wait for the IPv6 datapath.
+                let v4: Vec<Cidr> = cidrs.iter().filter_map(|c| c.parse().ok()).collect();
+                if self.api_service_cidrs.as_ref() != Some(&v4) {
+                    self.api_service_cidrs = Some(v4);
+                    if let Err(e) = self.configure_service_cidrs(dp) {
+                        warn!(error = %e, "cannot write the Service CIDRs");
+                    }
+                }
+            }
         }
     }
 
@@ -559,6 +621,10 @@ impl Agent {
             }
         }
         self.translation.set_node(self.node.clone());
+        let ips = health_check_ips(&self.opts.nodeport_addresses, &self.node.ips);
+        if self.health_checks.set_bind_ips(ips) {
+            self.health_checks_pending = true;
+        }
     }
 
     /// Programs what changed in the translation since the last sync: only
@@ -764,11 +830,29 @@ fn interfaces() -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{manifest_change_complete, parse_default_routes};
+    use super::{health_check_ips, manifest_change_complete, parse_default_routes};
     use notify::event::{
         AccessKind, AccessMode, CreateKind, DataChange, EventKind, MetadataKind, ModifyKind,
         RemoveKind, RenameMode,
     };
+
+    #[test]
+    fn health_checks_listen_where_nodeports_are_served() {
+        let ips = [
+            "172.18.0.2".parse().unwrap(),
+            "192.168.9.2".parse().unwrap(),
+        ];
+        assert_eq!(
+            health_check_ips(&[], &ips),
+            ["0.0.0.0".parse::<std::net::IpAddr>().unwrap()]
+        );
+        let narrowed = health_check_ips(&["172.18.0.0/24".parse().unwrap()], &ips);
+        assert_eq!(
+            narrowed,
+            ["172.18.0.2".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert!(health_check_ips(&["10.0.0.0/8".parse().unwrap()], &ips).is_empty());
+    }
 
     #[test]
     fn the_default_route_names_the_node_device() {

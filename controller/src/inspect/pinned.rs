@@ -52,8 +52,10 @@ fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(name: &'static str, map: 
 }
 
 impl PinnedMaps {
+    /// The maps the agent pinned under `bpffs` (`pin::find_state`).
     pub fn open(bpffs: &Path) -> Result<Self> {
         use map_names::*;
+        let bpffs = &pin::find_state(bpffs)?;
         Ok(PinnedMaps {
             config: typed(CONFIG, Map::Array(open(bpffs, CONFIG)?))?,
             services: typed(SERVICES, Map::HashMap(open(bpffs, SERVICES)?))?,
@@ -336,6 +338,7 @@ fn count_keys(fd: std::os::fd::BorrowedFd<'_>, key_size: usize) -> std::io::Resu
 
 /// The status, from the pins under `bpffs` and the agent's health address.
 pub fn status(bpffs: &Path, healthz: SocketAddr) -> Result<Status> {
+    let bpffs = &pin::find_state(bpffs)?;
     let mut attached: Vec<String> = std::fs::read_dir(pin::links_dir(bpffs))
         .map(|d| {
             d.flatten()
@@ -350,10 +353,6 @@ pub fn status(bpffs: &Path, healthz: SocketAddr) -> Result<Status> {
         .filter(|(_, path)| path.exists())
         .map(|(name, path)| map_fill(name, &path))
         .collect::<Result<Vec<_>>>()?;
-    if maps.is_empty() {
-        // What the other commands say when there is nothing pinned.
-        PinnedMaps::open(bpffs)?;
-    }
     let kernel = crate::kernel::host::kernel_release();
     Ok(Status {
         agent_health: health(healthz),
@@ -477,6 +476,11 @@ impl PinnedMaps {
         let lookup = || self.services.get(&master_key, 0).ok();
         let mut m = match rules::frontend(wildcard.ok().map(|w| w.flags), lookup) {
             Frontend::Found(m) => m,
+            Frontend::NotAService if rules::unallocated_cluster_ip(&cfg, &addr16(to.ip())) => {
+                out.verdict = "drop";
+                out.reason = Reason::UnallocatedClusterIp.id();
+                return Ok(out);
+            }
             Frontend::NotAService => return Ok(out),
             Frontend::PortNotServed => {
                 out.verdict = "reject";
@@ -485,6 +489,14 @@ impl PinnedMaps {
             }
         };
         out.service = spn(m.service_id);
+        // This node to its own address goes over `lo`, where no program
+        // runs: the node's stack answers (a reset), not the service.
+        let local = local_addresses();
+        if local.contains(&from) && local.contains(&to.ip()) {
+            out.verdict = "pass";
+            out.reason = Reason::NodeToOwnAddress.id();
+            return Ok(out);
+        }
         let from16 = addr16(from);
         if rules::source_ranges_apply(&m) && !self.source_allowed(m.service_id, from)? {
             out.verdict = "drop";
@@ -586,6 +598,33 @@ impl PinnedMaps {
         let backend = |id| self.backends.get(&id, 0).ok();
         common::rules::affinity_backend(m, &v, monotonic_ns(), backend).map(|_| v.backend_id)
     }
+}
+
+/// The addresses of this network namespace's interfaces (where `dp
+/// explain` runs: the node).
+fn local_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, freed below; each entry's address
+    // is read only when present and of its family.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return out;
+        }
+        let mut entry = list;
+        while !entry.is_null() {
+            let a = (*entry).ifa_addr;
+            if !a.is_null() && i32::from((*a).sa_family) == libc::AF_INET {
+                let sin = &*(a as *const libc::sockaddr_in);
+                out.push(IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(
+                    sin.sin_addr.s_addr,
+                ))));
+            }
+            entry = (*entry).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    out
 }
 
 /// `--service NS/NAME` and `--ip IP` of the conntrack commands.

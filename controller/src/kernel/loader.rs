@@ -865,6 +865,22 @@ impl Datapath {
         })
     }
 
+    /// Sets the Service CIDRs (IPv4 networks and prefix lengths; at most
+    /// `SERVICE_CIDR_SLOTS`, the rest are left out): traffic to an address
+    /// in them that no Service has is dropped. Empty: none known, nothing
+    /// dropped for it.
+    pub fn set_service_cidrs(&mut self, cidrs: &[(std::net::IpAddr, u8)]) -> Result<()> {
+        use common::config::SERVICE_CIDR_SLOTS;
+        self.update_config(|c| {
+            c.service_cidrs = [[0; 16]; SERVICE_CIDR_SLOTS];
+            c.service_cidr_lens = [0; SERVICE_CIDR_SLOTS];
+            for (i, (net, len)) in cidrs.iter().take(SERVICE_CIDR_SLOTS).enumerate() {
+                c.service_cidrs[i] = common::addr::addr16(*net);
+                c.service_cidr_lens[i] = if net.is_ipv4() { 96 + len } else { *len };
+            }
+        })
+    }
+
     /// Turns per-packet trace events of every packet on or off, in session
     /// slot 0 (read with [`Datapath::trace_reader`]).
     pub fn set_tracing(&mut self, enabled: bool) -> Result<()> {

@@ -227,6 +227,7 @@ impl Lab {
             .args(["--node-name", &node.name, "--node-ip", &node.ip.to_string()])
             .args(["--devices", "eth0"])
             .args(["--cluster-cidr", "10.244.0.0/16"])
+            .args(["--service-cidr", e2e::cluster::SERVICE_CIDR])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())

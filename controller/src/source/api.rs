@@ -19,7 +19,9 @@ use std::{
 };
 
 use futures::StreamExt;
-use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice, networking::v1::ServiceCIDR,
+};
 use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
@@ -30,7 +32,7 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::source::manifests::Objects;
 
@@ -54,6 +56,9 @@ pub enum KubeChange {
     Node(ObjectChange<Node>),
     /// A store completed its first list: maybe every store is ready now.
     Ready,
+    /// The CIDRs of every ServiceCIDR object (networking.k8s.io/v1), after
+    /// each change; sent only when the API serves that kind.
+    ServiceCidrs(Vec<String>),
 }
 
 #[derive(Debug)]
@@ -99,6 +104,10 @@ impl KubeSource {
             &changed,
             &ready,
         );
+        tokio::spawn(watch_service_cidrs(
+            Api::<ServiceCIDR>::all(client.clone()),
+            changed.clone(),
+        ));
         let nodes = reflect(
             Api::<Node>::all(client),
             watcher::Config::default().fields(&node_fields),
@@ -147,6 +156,57 @@ impl KubeSource {
             slices: self.slices.state().iter().map(|o| (**o).clone()).collect(),
             nodes: self.nodes.state().iter().map(|o| (**o).clone()).collect(),
             skipped: Vec::new(),
+        }
+    }
+}
+
+/// Follows the ServiceCIDR objects, if the API serves them (Kubernetes
+/// 1.33 and later; not readable without RBAC for them): each change sends
+/// the CIDRs of all of them. Not one of the stores the first sync waits
+/// for: until it reports, traffic to unallocated ClusterIPs is handled as
+/// with no Service CIDR known.
+async fn watch_service_cidrs(api: Api<ServiceCIDR>, changed: mpsc::UnboundedSender<KubeChange>) {
+    let mut wait = std::time::Duration::from_secs(1);
+    loop {
+        match api.list(&kube::api::ListParams::default().limit(1)).await {
+            Ok(_) => break,
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 403 => {
+                return info!(
+                    status = s.code,
+                    "ServiceCIDR objects (networking.k8s.io/v1) are not served or not readable: \
+                     Service CIDRs come from --service-cidr"
+                );
+            }
+            Err(e) => {
+                warn!(error = %e, "listing ServiceCIDRs; trying again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
+    }
+    let (store, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).default_backoff(),
+    );
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
+            Err(e) => {
+                warn!(kind = "ServiceCIDR", error = %e, "watch");
+                continue;
+            }
+            Ok(_) => {}
+        }
+        let cidrs = store
+            .state()
+            .iter()
+            .filter_map(|o| o.spec.as_ref()?.cidrs.clone())
+            .flatten()
+            .collect();
+        if changed.send(KubeChange::ServiceCidrs(cidrs)).is_err() {
+            return;
         }
     }
 }

@@ -10,9 +10,12 @@
 //!   a change costs what changed (the agent's path).
 //! - `memory`: `ServiceMaps` in memory (tests, benchmarks).
 //! - `labels`: the names services and backends get in traces and dumps.
+//! - `address`: addresses in objects read as kube-proxy reads them (leading
+//!   zeros), each normalisation logged once.
 //!
-//! Uses: `error` and the `common` crate only.
+//! Uses: `error`, the `common` crate, and `tracing` for that one log.
 
+pub mod address;
 pub mod incremental;
 pub mod labels;
 pub mod memory;

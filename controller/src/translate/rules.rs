@@ -22,9 +22,13 @@
 //!   kube-proxy's conntrack), not for UDP (whose flows move).
 //! - `internalTrafficPolicy: Local` limits ClusterIP frontends, and
 //!   `externalTrafficPolicy: Local` the external ones, to this node's
-//!   endpoints; with none, packets are dropped (not rejected), as kube-proxy
-//!   does. eTP=Local frontends also keep the cluster-wide set for traffic
-//!   from inside the node (`internal`).
+//!   endpoints; with none here but some elsewhere, packets are dropped (not
+//!   rejected), as kube-proxy does. With no usable endpoint in the cluster,
+//!   every frontend rejects whatever the policy (kube-proxy's cluster-wide
+//!   "has endpoints"). eTP=Local frontends also keep the cluster-wide set
+//!   for traffic from inside the node (`internal`).
+//! - IPv4 addresses and CIDRs with leading zeros are read as decimal, as
+//!   kube-proxy does (`address`).
 //! - Bad input (unparsable address or CIDR, port out of range, unknown
 //!   protocol) skips what it is part of, with a reason; the rest is kept.
 
@@ -36,6 +40,7 @@ use std::{
     sync::Arc,
 };
 
+use super::address;
 use k8s_openapi::api::{
     core::v1::{Node, Service, ServicePort},
     discovery::v1::{Endpoint, EndpointSlice},
@@ -219,7 +224,8 @@ pub struct FrontendSpec {
     pub kind: FrontendKind,
     /// The backends for traffic to this frontend.
     pub endpoints: Endpoints,
-    /// A traffic policy is Local: with no endpoints, drop (not reject).
+    /// A traffic policy is Local and the service port has usable endpoints
+    /// elsewhere: with none here, drop (not reject).
     pub local_only: bool,
     /// eTP=Local external frontends: the cluster-wide set, for traffic from
     /// pods and processes on this node.
@@ -464,18 +470,18 @@ fn service_port_infos(
     }
     let mut v4_cluster_ips = Vec::new();
     for ip in &cluster_ips {
-        match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(v4)) => v4_cluster_ips.push(v4),
-            Ok(IpAddr::V6(_)) => {}
-            Err(_) => return invalid(format!("clusterIP {ip:?} is not an IP address")),
+        match address::parse_ip(&object, "clusterIPs", ip) {
+            Some(IpAddr::V4(v4)) => v4_cluster_ips.push(v4),
+            Some(IpAddr::V6(_)) => {}
+            None => return invalid(format!("clusterIP {ip:?} is not an IP address")),
         }
     }
     let mut external_ips = Vec::new();
     for ip in spec.external_ips.iter().flatten() {
-        match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(v4)) => external_ips.push(v4),
-            Ok(IpAddr::V6(_)) => {}
-            Err(_) => return invalid(format!("externalIP {ip:?} is not an IP address")),
+        match address::parse_ip(&object, "externalIPs", ip) {
+            Some(IpAddr::V4(v4)) => external_ips.push(v4),
+            Some(IpAddr::V6(_)) => {}
+            None => return invalid(format!("externalIP {ip:?} is not an IP address")),
         }
     }
     let mut lb_ips = Vec::new();
@@ -492,10 +498,10 @@ fn service_port_infos(
                 continue;
             }
             let Some(ip) = &ing.ip else { continue };
-            match ip.parse::<IpAddr>() {
-                Ok(IpAddr::V4(v4)) => lb_ips.push(v4),
-                Ok(IpAddr::V6(_)) => {}
-                Err(_) => {
+            match address::parse_ip(&object, "status.loadBalancer.ingress", ip) {
+                Some(IpAddr::V4(v4)) => lb_ips.push(v4),
+                Some(IpAddr::V6(_)) => {}
+                None => {
                     return invalid(format!("loadBalancer ingress {ip:?} is not an IP address"))
                 }
             }
@@ -503,7 +509,7 @@ fn service_port_infos(
     }
     let mut source_ranges = Vec::new();
     for r in spec.load_balancer_source_ranges.iter().flatten() {
-        match r.trim().parse::<Cidr>() {
+        match address::parse_cidr(&object, "loadBalancerSourceRanges", r) {
             Ok(c) => source_ranges.push(c),
             Err(e) => return invalid(format!("loadBalancerSourceRanges: {e}")),
         }
@@ -607,6 +613,17 @@ fn frontends_of(
     node: &NodeInfo,
     options: &TranslateOptions,
 ) -> Vec<(FrontendKey, FrontendSpec)> {
+    // kube-proxy lets the node's own traffic to a LoadBalancer IP through
+    // (a cloud or the stack may SNAT it to that IP): when a range contains
+    // a node address, the service's LB IPs are allowed sources too.
+    let mut lb_sources = sp.source_ranges.clone();
+    if sp
+        .source_ranges
+        .iter()
+        .any(|r| node.ips.iter().any(|ip| r.contains(*ip)))
+    {
+        lb_sources.extend(sp.lb_ips.iter().map(|&addr| Cidr { addr, len: 32 }));
+    }
     let frontend = |kind: FrontendKind, local_policy: bool| FrontendSpec {
         service: sp.service.clone(),
         kind,
@@ -615,12 +632,15 @@ fn frontends_of(
         } else {
             sp.cluster.clone()
         },
-        local_only: local_policy,
+        // kube-proxy's "has endpoints" is cluster-wide: with no usable
+        // endpoint anywhere, every frontend rejects, Local policy or not.
+        // Drop ("no local endpoints") is only for endpoints elsewhere.
+        local_only: local_policy && !sp.cluster.usable().is_empty(),
         internal: (local_policy && kind != FrontendKind::ClusterIp).then(|| sp.cluster.clone()),
         draining: sp.draining.clone(),
         affinity_seconds: sp.affinity_seconds,
         source_ranges: if kind == FrontendKind::LoadBalancer {
-            sp.source_ranges.clone()
+            lb_sources.clone()
         } else {
             vec![]
         },
@@ -751,6 +771,11 @@ pub struct CompactSlice {
 impl From<EndpointSlice> for CompactSlice {
     fn from(mut object: EndpointSlice) -> Self {
         let endpoints = std::mem::take(&mut object.endpoints);
+        let name = format!(
+            "EndpointSlice {}/{}",
+            object.metadata.namespace.as_deref().unwrap_or_default(),
+            object.metadata.name.as_deref().unwrap_or_default()
+        );
         // A slice's endpoints are on a few nodes: one name for each.
         let mut nodes: Vec<Arc<str>> = Vec::new();
         let mut node = |name: &str| -> Arc<str> {
@@ -767,7 +792,7 @@ impl From<EndpointSlice> for CompactSlice {
             object,
             endpoints: endpoints
                 .iter()
-                .map(|ep| endpoint_facts(ep, &mut node))
+                .map(|ep| endpoint_facts(&name, ep, &mut node))
                 .collect(),
         }
     }
@@ -815,15 +840,16 @@ fn candidate(facts: &EndpointFacts, port: u16) -> Candidate {
 }
 
 fn endpoint_facts(
+    object: &str,
     ep: &Endpoint,
     node: &mut impl FnMut(&str) -> Arc<str>,
 ) -> Result<EndpointFacts, String> {
     let Some(first) = ep.addresses.first() else {
         return Err("endpoint without addresses".into());
     };
-    let ip: Ipv4Addr = first
-        .parse()
-        .map_err(|_| format!("endpoint address {first:?} is not an IPv4 address"))?;
+    let Some(IpAddr::V4(ip)) = address::parse_ip(object, "endpoints.addresses", first) else {
+        return Err(format!("endpoint address {first:?} is not an IPv4 address"));
+    };
     let c = ep.conditions.as_ref();
     let ready = c.and_then(|c| c.ready).unwrap_or(true);
     let serving = c.and_then(|c| c.serving).unwrap_or(ready);

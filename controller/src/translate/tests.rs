@@ -131,6 +131,120 @@ fn external_traffic_policy_local_narrows_nodeports_but_not_pod_traffic() {
     );
 }
 
+/// kube-proxy's "has endpoints" is one answer per service port, cluster-wide
+/// (kube-proxy-rules.md 2.5 items 1, 2 and 4): with no usable endpoint
+/// anywhere, every frontend rejects, Local policies included; a Local
+/// policy drops only when endpoints exist but none on this node.
+#[test]
+fn local_policies_reject_when_no_endpoint_is_usable_anywhere() {
+    let local = "  type: NodePort\n  externalTrafficPolicy: Local\n  \
+                 internalTrafficPolicy: Local\n  clusterIP: 10.96.0.20\n  \
+                 ports: [{port: 80, targetPort: 8080, nodePort: 30080}]";
+    let cases = [
+        // (endpoints, local_only expected on both frontends, why)
+        ("  []\n", false, "all endpoints deleted"),
+        (
+            "- {addresses: [10.244.2.5], nodeName: node2, conditions: {ready: false, serving: false}}\n",
+            false,
+            "the only endpoint is neither ready nor serving",
+        ),
+        (
+            "- {addresses: [10.244.2.5], nodeName: node2, conditions: {ready: false, serving: true, terminating: true}}\n",
+            true,
+            "a serving terminating endpoint elsewhere is the fallback",
+        ),
+        (
+            "- {addresses: [10.244.2.5], nodeName: node2}\n",
+            true,
+            "a ready endpoint elsewhere",
+        ),
+    ];
+    for (endpoints, local_only, why) in cases {
+        let mut maps = MemoryMaps::default();
+        let svc = objects("shop", local, endpoints);
+        MapWriter::new().apply(&mut maps, &desired(&[svc])).unwrap();
+        for frontend in ["172.18.0.2:30080", "10.96.0.20:80"] {
+            let slots = maps.slots(frontend);
+            assert!(slots.ready.is_empty() && slots.terminating.is_empty());
+            assert_eq!(slots.local_only, local_only, "{frontend}: {why}");
+        }
+    }
+}
+
+/// Objects created before the API validated addresses strictly: kube-proxy
+/// reads leading zeros as decimal, and so does dp, in every address field.
+#[test]
+fn addresses_with_leading_zeros_are_served_as_kube_proxy_reads_them() {
+    let svc = objects(
+        "old",
+        "  type: LoadBalancer\n  clusterIP: 010.096.000.030\n  \
+         externalIPs: [198.051.100.001]\n  \
+         loadBalancerSourceRanges: [172.018.000.000/016]\n  \
+         ports: [{port: 80, targetPort: 8080, nodePort: 30090}]",
+        "- {addresses: [010.244.001.007], nodeName: node1}\n",
+    );
+    let mut svc = svc;
+    svc.0.status =
+        Some(serde_norway::from_str("loadBalancer: {ingress: [{ip: 203.000.113.020}]}").unwrap());
+    let state = desired(&[svc]);
+    let summary = state.summary();
+    for line in [
+        "10.96.0.30:80/TCP ClusterIP ns/old",
+        "172.18.0.2:30090/TCP NodePort ns/old",
+        "198.51.100.1:80/TCP ExternalIP ns/old",
+        "203.0.113.20:80/TCP LoadBalancer ns/old source-ranges=172.18.0.0/16",
+        "    ready: 10.244.1.7:8080 (node1)",
+    ] {
+        assert!(summary.contains(line), "{line:?} in\n{summary}");
+    }
+    // What is not an address in any reading is still refused.
+    let bad = objects(
+        "bad",
+        "  clusterIP: 10.96.0.256\n  ports: [{port: 80}]",
+        "  []\n",
+    );
+    let state = translate(&[bad.0], &[bad.1], &node(), &TranslateOptions::default());
+    assert!(state.frontends.is_empty());
+    assert!(state.skipped[0].invalid, "{:?}", state.skipped);
+}
+
+/// kube-proxy-rules.md 2.5 item 8: when a source range contains the node,
+/// the service's own LoadBalancer IPs are allowed sources too (the node
+/// reaching its LB IP, SNATed to it); not otherwise.
+#[test]
+fn source_ranges_containing_the_node_let_the_lb_ips_through() {
+    let lb = |name: &str, range: &str| {
+        let mut o = objects(
+            name,
+            &format!(
+                "  type: LoadBalancer\n  loadBalancerSourceRanges: [{range}]\n  \
+                 ports: [{{port: 80, targetPort: 8080, nodePort: 30090}}]"
+            ),
+            "- {addresses: [10.244.1.7], nodeName: node1}\n",
+        );
+        o.0.status = Some(
+            serde_norway::from_str(
+                "loadBalancer: {ingress: [{ip: 203.0.113.13}, {ip: 203.0.113.14}]}",
+            )
+            .unwrap(),
+        );
+        o
+    };
+    let summary = desired(&[lb("near", "172.18.0.0/24")]).summary();
+    assert!(
+        summary.contains(
+            "203.0.113.13:80/TCP LoadBalancer ns/near \
+             source-ranges=172.18.0.0/24,203.0.113.13/32,203.0.113.14/32"
+        ),
+        "{summary}"
+    );
+    let summary = desired(&[lb("far", "172.18.1.0/24")]).summary();
+    assert!(
+        summary.contains("203.0.113.14:80/TCP LoadBalancer ns/far source-ranges=172.18.1.0/24\n"),
+        "{summary}"
+    );
+}
+
 #[test]
 fn a_sync_writes_only_what_changed() {
     let mut maps = MemoryMaps::default();

@@ -65,9 +65,13 @@ impl Agent {
     /// Runs an agent command line of the caller's making; its stderr is
     /// the log.
     pub fn spawn(mut cmd: Command) -> Agent {
+        cmd.env("RUST_LOG", "info").env("NO_COLOR", "1");
+        Self::spawn_as_is(cmd)
+    }
+
+    /// The same with the caller's environment for the agent.
+    pub fn spawn_as_is(mut cmd: Command) -> Agent {
         let mut child = cmd
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -87,12 +91,24 @@ impl Agent {
 
     /// Waits for a log line containing every one of `needles`.
     pub fn wait_for(&self, needles: &[&str]) -> String {
+        self.log_until(needles).pop().unwrap()
+    }
+
+    /// The log lines up to and including the first that contains every one
+    /// of `needles`.
+    pub fn log_until(&self, needles: &[&str]) -> Vec<String> {
         let deadline = Instant::now() + TIMEOUT;
+        let mut lines = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.log.recv_timeout(left) {
-                Ok(line) if needles.iter().all(|n| line.contains(n)) => return line,
-                Ok(_) => continue,
+                Ok(line) => {
+                    let found = needles.iter().all(|n| line.contains(n));
+                    lines.push(line);
+                    if found {
+                        return lines;
+                    }
+                }
                 Err(e) => panic!("agent never logged {needles:?}: {e}"),
             }
         }
@@ -220,6 +236,8 @@ pub struct AgentCluster {
     _agents: Vec<Agent>,
     pub bpffs: Bpffs,
     _manifests: ManifestsDir,
+    /// Each node's agent log up to its first sync.
+    pub startup_logs: Vec<Vec<String>>,
 }
 
 impl AgentCluster {
@@ -256,15 +274,14 @@ impl AgentCluster {
                 )
             })
             .collect();
-        for agent in &agents {
-            agent.wait_for(&["synced"]);
-        }
+        let startup_logs = agents.iter().map(|a| a.log_until(&["synced"])).collect();
         AgentCluster {
             cluster,
             _servers: servers,
             _agents: agents,
             bpffs,
             _manifests: manifests,
+            startup_logs,
         }
     }
 
@@ -302,6 +319,23 @@ pub fn assert_dropped(ns: &Netns, addr: SocketAddr) {
         Err(e) => assert!(
             e.to_string().contains("timed out"),
             "{addr}: dropped, not refused: {e}"
+        ),
+    }
+}
+
+/// Asserts that the connection is refused at once (the datapath rejects
+/// with ICMP port unreachable or a reset), neither answered nor dropped.
+pub fn assert_refused(ns: &Netns, addr: SocketAddr) {
+    let r = ns
+        .run(|| std::net::TcpStream::connect_timeout(&addr, DROPPED_AFTER))
+        .unwrap();
+    match r {
+        Ok(_) => panic!("{addr} answered from {}", ns.name()),
+        Err(e) => assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{addr} from {}: refused, not {e}",
+            ns.name()
         ),
     }
 }

@@ -60,6 +60,23 @@ pub fn hint(reason: Reason, r: &TraceRecord) -> Hint {
                 explain,
             ],
         ),
+        Reason::UnallocatedClusterIp => (
+            "the destination is in the Service CIDR but no Service has this address (the \
+             Service was deleted, a stale DNS answer or a typo); kube-proxy's nftables mode \
+             drops it too, rather than send it towards the default route",
+            vec![
+                "kubectl get svc -A -o wide   # is there a Service with this ClusterIP?"
+                    .to_string(),
+                "kubectl get servicecidrs   # the Service CIDRs".to_string(),
+            ],
+        ),
+        Reason::NodeToOwnAddress => (
+            "a process on this node connecting to one of the node's own addresses (its \
+             NodePort on its node IP): the kernel sends it over loopback, where no dp \
+             program runs, so the node's stack answers (a reset) instead of the Service; \
+             kube-proxy serves it from its OUTPUT chain. Use the ClusterIP from the node",
+            vec!["kubectl get svc -A -o wide   # the Service's ClusterIP".to_string()],
+        ),
         Reason::BackendGoneReset => (
             "the connection's backend was removed from the Service (pod deleted or no longer \
              serving); the client got a TCP reset and must reconnect",

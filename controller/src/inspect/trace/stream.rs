@@ -54,6 +54,7 @@ pub fn stream(
     opts: &StreamOptions,
     out: &mut dyn std::io::Write,
 ) -> anyhow::Result<u64> {
+    let bpffs = &crate::kernel::pin::find_state(bpffs)?;
     let mut names = TraceNames::new(bpffs);
     names.refresh()?;
     let ids = match &filter.service {
