@@ -17,18 +17,22 @@
 /// The Castagnoli polynomial, bit-reversed (bit 31 is `x^0`).
 pub const POLY: u32 = 0x82F6_3B78;
 
+/// All ones if bit 0 of `x` is set, else zero: a select without a branch.
+/// (Branches in these loops made the verifier walk every path of every
+/// iteration: the program went over its limit.)
+#[inline(always)]
+const fn mask(x: u32) -> u32 {
+    0u32.wrapping_sub(x & 1)
+}
+
 /// `a * b` modulo the polynomial, both in the reflected form.
 #[inline(always)]
 pub const fn multmodp(a: u32, mut b: u32) -> u32 {
-    let mut m = 1u32 << 31;
     let mut p = 0;
     let mut i = 0;
     while i < 32 {
-        if a & m != 0 {
-            p ^= b;
-        }
-        m >>= 1;
-        b = if b & 1 != 0 { (b >> 1) ^ POLY } else { b >> 1 };
+        p ^= b & mask(a >> (31 - i));
+        b = (b >> 1) ^ (POLY & mask(b));
         i += 1;
     }
     p
@@ -46,18 +50,49 @@ pub const X2N: [u32; 32] = {
     t
 };
 
-/// The CRC register (`crc0`) of `r` followed by `n` zero bytes (n < 2^16).
+/// `x^(8 i)` modulo the polynomial: `i` zero bytes, i = 0..256.
+pub static SHIFT_LO: [u32; 256] = powers(X2N[3]);
+/// `x^(8 * 256 i)`: `256 i` zero bytes, i = 0..256.
+pub static SHIFT_HI: [u32; 256] = powers(X2N[11]);
+
+/// `step^i` for i = 0..256.
+const fn powers(step: u32) -> [u32; 256] {
+    let mut t = [0u32; 256];
+    t[0] = 1 << 31; // x^0
+    let mut i = 1;
+    while i < 256 {
+        t[i] = multmodp(t[i - 1], step);
+        i += 1;
+    }
+    t
+}
+
+/// The byte table of the reflected CRC (`crc0` of each byte value).
+pub static BYTE_TABLE: [u32; 256] = {
+    let mut t = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = i as u32;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = (crc >> 1) ^ (POLY & mask(crc));
+            bit += 1;
+        }
+        t[i] = crc;
+        i += 1;
+    }
+    t
+};
+
+/// The CRC register (`crc0`) of `r` followed by `n` zero bytes (n < 2^16):
+/// `r * x^(8n)`, with `x^(8n)` from two tables (no loop over `n`'s bits,
+/// which cost the verifier too much at every call site).
 #[inline(always)]
 pub fn shift_bytes(r: u32, n: u32) -> u32 {
-    // x^(8n) = product of x^(2^(k+3)) over the set bits k of n.
-    let mut p = 1u32 << 31; // x^0
-    let mut k = 0;
-    while k < 16 {
-        if n & (1 << k) != 0 {
-            p = multmodp(X2N[(k + 3) & 31], p);
-        }
-        k += 1;
-    }
+    let p = multmodp(
+        SHIFT_LO[(n & 0xff) as usize],
+        SHIFT_HI[((n >> 8) & 0xff) as usize],
+    );
     multmodp(p, r)
 }
 
@@ -67,16 +102,7 @@ pub fn crc0_4(bytes: [u8; 4]) -> u32 {
     let mut crc = 0u32;
     let mut i = 0;
     while i < 4 {
-        crc ^= bytes[i] as u32;
-        let mut bit = 0;
-        while bit < 8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ POLY
-            } else {
-                crc >> 1
-            };
-            bit += 1;
-        }
+        crc = (crc >> 8) ^ BYTE_TABLE[((crc ^ bytes[i] as u32) & 0xff) as usize];
         i += 1;
     }
     crc

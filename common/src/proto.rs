@@ -8,6 +8,7 @@ pub const ETH_P_ARP: u16 = 0x0806;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
 
 /// ICMP types (and the one code) the datapath reads or writes.
 pub const ICMP_DEST_UNREACH: u8 = 3;

@@ -96,7 +96,7 @@ enum Command {
         /// Source: IP or IP:PORT (with a port, conntrack is consulted too).
         #[arg(long)]
         from: String,
-        /// Destination: IP:PORT or IP:PORT/PROTO (tcp, udp; default tcp).
+        /// Destination: IP:PORT or IP:PORT/PROTO (tcp, udp, sctp; default tcp).
         #[arg(long)]
         to: String,
     },
@@ -370,9 +370,9 @@ dp and kube-proxy (nftables mode where its modes differ; docs/deploy.md has the 
                                   ClusterIPs dropped
   no usable endpoints             REJECT on every frontend; DROP only for a Local policy
                                   with endpoints elsewhere
-  loadBalancerSourceRanges, leading-zero addresses  as kube-proxy
+  loadBalancerSourceRanges, leading-zero addresses, SCTP  as kube-proxy
 Differences:
-  SCTP Services, IPv6/dual-stack  not served yet
+  IPv6/dual-stack                 not served yet
   localhost:NodePort              not served (as in nftables mode)
   a node to its own IP:NodePort   not served: over lo, where no dp program runs
                                   (`dp explain` says node_to_own_address)
@@ -534,7 +534,8 @@ fn main() -> anyhow::Result<()> {
             let (to, protocol) = match to.split_once('/') {
                 Some((addr, "tcp" | "TCP")) => (addr.parse()?, common::proto::IPPROTO_TCP),
                 Some((addr, "udp" | "UDP")) => (addr.parse()?, common::proto::IPPROTO_UDP),
-                Some((_, p)) => anyhow::bail!("--to: protocol {p:?}: use tcp or udp"),
+                Some((addr, "sctp" | "SCTP")) => (addr.parse()?, common::proto::IPPROTO_SCTP),
+                Some((_, p)) => anyhow::bail!("--to: protocol {p:?}: use tcp, udp or sctp"),
                 None => (to.parse()?, common::proto::IPPROTO_TCP),
             };
             let e = PinnedMaps::open(&inspect.bpffs)?.explain(from_ip, from_port, to, protocol)?;

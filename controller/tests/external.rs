@@ -685,3 +685,64 @@ fn concurrent_short_node_port_connections_all_pass_on_their_first_syn() {
     assert_eq!(f.packets("node2", "nat_ports_exhausted"), 0);
     assert_eq!(retransmitted, 0, "SYNs retransmitted by the client");
 }
+
+/// An SCTP Service (this kernel has no SCTP sockets, so no association is
+/// made here: `external_test_run.rs` sends crafted SCTP packets through the
+/// programs). The agent programs its ports, and `dp explain` follows them.
+#[test]
+fn sctp_services_are_programmed_and_explained() {
+    const SCTP_SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: signalling, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.21
+  ports: [{name: s1ap, port: 36412, protocol: SCTP, nodePort: 30412}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: signalling-1, namespace: default, labels: {kubernetes.io/service-name: signalling}}
+addressType: IPv4
+ports: [{name: s1ap, port: 36412, protocol: SCTP}]
+endpoints:
+- {addresses: [10.244.2.11], nodeName: node2}
+"#;
+    let f = AgentCluster::new(&[MANIFESTS, SCTP_SERVICE], "sctp");
+    let services = inspect(&f.pins("node1"), &["service", "list"]);
+    let frontends: Vec<&str> = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["frontend"].as_str())
+        .filter(|s| s.ends_with("/SCTP"))
+        .collect();
+    assert_eq!(
+        frontends,
+        ["10.96.0.21:36412/SCTP", "172.18.0.2:30412/SCTP"]
+    );
+    for (from, to) in [
+        ("10.244.1.10", "10.96.0.21:36412/sctp"),
+        ("172.18.0.100", "172.18.0.2:30412/sctp"),
+    ] {
+        let e = inspect(&f.pins("node1"), &["explain", "--from", from, "--to", to]);
+        assert_eq!(
+            (e["verdict"].as_str(), e["reason"].as_str()),
+            (Some("forward"), Some("new_flow")),
+            "{e}"
+        );
+        assert_eq!(e["backends"], serde_json::json!(["10.244.2.11:36412"]));
+    }
+    // The TCP port of the same number is not the SCTP one.
+    let e = inspect(
+        &f.pins("node1"),
+        &[
+            "explain",
+            "--from",
+            "10.244.1.10",
+            "--to",
+            "10.96.0.21:36412/tcp",
+        ],
+    );
+    assert_eq!(e["reason"], "port_not_served", "{e}");
+}

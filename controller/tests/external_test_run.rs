@@ -651,3 +651,135 @@ fn xdp_drops_what_policy_drops_and_leaves_rejects_to_tc() {
     assert_eq!(c.packets(Hook::Xdp, Reason::XdpPassToTc), 1);
     assert_eq!(c.packets(Hook::TcIngress, Reason::NoEndpoints), 1);
 }
+
+const SCTP: u8 = common::proto::IPPROTO_SCTP;
+
+/// SCTP backends (ids 201..203) next to `setup`'s TCP and UDP ones.
+fn sctp_backends(dp: &mut Datapath) {
+    for (id, ip) in [
+        (LOCAL_ID, LOCAL_BACKEND),
+        (REMOTE_ID, REMOTE_BACKEND),
+        (REMOTE2_ID, REMOTE_BACKEND2),
+    ] {
+        dp.set_backend(id + 200, sa(ip, 8080), SCTP, false).unwrap();
+    }
+}
+
+fn sctp_frontend(ip: [u8; 4], port: u16) -> Frontend {
+    Frontend {
+        addr: sa(ip, port),
+        protocol: SCTP,
+    }
+}
+
+/// Runs at tc ingress and checks the SCTP frame was forwarded with valid IP
+/// and CRC32c checksums.
+fn forward_sctp(dp: &Datapath, frame: &[u8]) -> Vec<u8> {
+    let (ret, out) = run(dp, Hook::TcIngress, frame);
+    assert_eq!(ret, TC_ACT_OK, "forwarded");
+    let v = Ipv4View::new(&out);
+    assert!(v.ip_checksum_ok(), "IP checksum");
+    assert!(v.sctp_checksum_ok(), "CRC32c");
+    out
+}
+
+/// kube-proxy serves SCTP Service ports: a ClusterIP association is DNATed
+/// (address and port: the CRC32c, which covers no addresses, changes with
+/// the port), tracked by its ports, and its replies reverse-NATed, the
+/// CRC32c valid by an independent computation at every length.
+#[test]
+fn sctp_cluster_ip_associations_are_dnated_tracked_and_reverse_nated() {
+    let mut dp = setup();
+    sctp_backends(&mut dp);
+    dp.set_service(
+        &sctp_frontend(VIP, 80),
+        20,
+        &BackendSlots {
+            ready: vec![REMOTE_ID + 200],
+            ..BackendSlots::default()
+        },
+    )
+    .unwrap();
+    for (i, body_len) in [0usize, 4, 100, 1400].into_iter().enumerate() {
+        let sport = 5000 + i as u16;
+        let init = sctp_init(POD_CLIENT, sport, VIP, 80, body_len);
+        let out = forward_sctp(&dp, &init);
+        assert_eq!(
+            addr_port(&out),
+            ((POD_CLIENT, sport), (REMOTE_BACKEND, 8080))
+        );
+        assert_eq!(
+            Ipv4View::new(&out).l4()[12..],
+            init[34 + 12..],
+            "chunks untouched"
+        );
+        let entry = ct_get(&dp, &ct_key(POD_CLIENT, sport, VIP, 80, SCTP)).expect("tracked");
+        assert_eq!(entry.backend_id, REMOTE_ID + 200);
+        let init_ack = sctp(
+            REMOTE_BACKEND,
+            8080,
+            POD_CLIENT,
+            sport,
+            0x1234_5678,
+            2,
+            &[7; 24],
+        );
+        let back = forward_sctp(&dp, &init_ack);
+        assert_eq!(addr_port(&back), ((VIP, 80), (POD_CLIENT, sport)));
+    }
+    let c = dp.counters().unwrap();
+    assert_eq!(c.packets(Hook::TcIngress, Reason::NewFlow), 4);
+    assert_eq!(c.packets(Hook::TcIngress, Reason::ReplyReverseNat), 4);
+}
+
+/// A NodePort association from outside to a remote backend: DNAT and
+/// masquerade at tc, and at XDP on the node device, the CRC32c valid.
+#[test]
+fn sctp_node_ports_are_masqueraded_at_tc_and_served_at_xdp() {
+    let mut dp = setup();
+    sctp_backends(&mut dp);
+    dp.set_service(
+        &sctp_frontend(NODE, NODE_PORT),
+        21,
+        &external(&[REMOTE_ID + 200]),
+    )
+    .unwrap();
+    let out = forward_sctp(&dp, &sctp_init(OUTSIDE, 6000, NODE, NODE_PORT, 32));
+    let ((src, _), dst) = addr_port(&out);
+    assert_eq!((src, dst), (NODE, (REMOTE_BACKEND, 8080)), "masqueraded");
+
+    let node = XdpNode::new();
+    let (ret, out) = node.run(&dp, &sctp_init(OUTSIDE, 6001, NODE, NODE_PORT, 64));
+    assert_eq!(ret, XDP_TX, "served by XDP");
+    let v = Ipv4View::new(&out);
+    assert!(v.ip_checksum_ok() && v.sctp_checksum_ok());
+    assert_eq!((v.dst(), v.dport()), (REMOTE_BACKEND, 8080));
+    assert_eq!(v.src(), NODE);
+    let c = dp.counters().unwrap();
+    assert_eq!(c.packets(Hook::Xdp, Reason::NewFlow), 1);
+}
+
+/// No endpoints: ICMP port unreachable back, as for UDP (kube-proxy's
+/// REJECT).
+#[test]
+fn an_sctp_service_without_endpoints_rejects() {
+    let mut dp = setup();
+    dp.set_service(&sctp_frontend(VIP, 80), 22, &BackendSlots::default())
+        .unwrap();
+    let (ret, out) = run(
+        &dp,
+        Hook::TcIngress,
+        &sctp_init(POD_CLIENT, 5100, VIP, 80, 0),
+    );
+    assert_eq!(ret, TC_ACT_REDIRECT, "ICMP port unreachable back");
+    let v = Ipv4View::new(&out);
+    assert_eq!((v.src(), v.dst(), v.protocol()), (VIP, POD_CLIENT, 1));
+    assert_eq!((v.l4()[0], v.l4()[1]), (3, 3));
+    assert!(v.icmp_checksum_ok());
+    assert_eq!(
+        dp.counters()
+            .unwrap()
+            .packets(Hook::TcIngress, Reason::NoEndpoints),
+        1
+    );
+}

@@ -145,7 +145,7 @@ fn the_agent_help_lists_kube_proxy_settings_and_differences() {
         "dp and kube-proxy",
         "--nodeport-addresses",
         "--service-cidr",
-        "SCTP",
+        "IPv6",
         "localhost:NodePort",
         "node_to_own_address",
         "--log-format",

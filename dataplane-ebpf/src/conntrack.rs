@@ -44,6 +44,9 @@ pub fn lifetime_ns(protocol: u8, state: u8, t: &CtTimeouts) -> u64 {
         (proto::IPPROTO_TCP, CT_STATE_NEW) => t.tcp_syn,
         (proto::IPPROTO_TCP, CT_STATE_ESTABLISHED) => t.tcp_established,
         (proto::IPPROTO_TCP, _) => t.tcp_closing,
+        // An association lives like a TCP connection once answered (its
+        // heartbeats keep it fresh); its chunks are not followed.
+        (proto::IPPROTO_SCTP, CT_STATE_ESTABLISHED) => t.tcp_established,
         (_, CT_STATE_NEW) => t.udp,
         _ => t.udp_replied,
     };

@@ -124,8 +124,9 @@ fn tc_action(ev: &TraceEvent) -> TcAction {
 }
 
 /// Parses the packet into `ev.original` (and `ev.translated`, its copy
-/// until something translates it). `Some`: an IPv4 TCP or UDP packet (first
-/// fragment) for service handling; `None`: the decision is made.
+/// until something translates it). `Some`: an IPv4 TCP, UDP, SCTP or ICMP
+/// packet (first fragment) for service handling; `None`: the decision is
+/// made.
 #[inline(always)]
 fn classify<P: Packet>(pkt: &P, ev: &mut TraceEvent) -> Option<Ipv4Packet> {
     let ip = match parse(pkt, &mut ev.original) {
@@ -152,7 +153,9 @@ fn classify<P: Packet>(pkt: &P, ev: &mut TraceEvent) -> Option<Ipv4Packet> {
         return None;
     }
     match ip.protocol {
-        proto::IPPROTO_TCP | proto::IPPROTO_UDP | proto::IPPROTO_ICMP => Some(ip),
+        proto::IPPROTO_TCP | proto::IPPROTO_UDP | proto::IPPROTO_SCTP | proto::IPPROTO_ICMP => {
+            Some(ip)
+        }
         _ => {
             decide(ev, Verdict::Pass, Reason::UnsupportedProtocol);
             None

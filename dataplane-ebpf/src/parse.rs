@@ -1,4 +1,5 @@
-//! Bounds-checked header parsing: Ethernet, IPv4, TCP, UDP.
+//! Bounds-checked header parsing: Ethernet, IPv4, TCP, UDP, SCTP's common
+//! header.
 //!
 //! Header structs have only byte fields (alignment 1): XDP frames put the IPv4
 //! header on a 2-byte boundary, so wider fields could be misaligned.
@@ -14,6 +15,8 @@ pub const ETH_HLEN: usize = 14;
 pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 pub const IP_SRC_OFF: usize = ETH_HLEN + 12;
 pub const IP_DST_OFF: usize = ETH_HLEN + 16;
+/// Offset of the checksum in SCTP's common header.
+pub const SCTP_CSUM_OFF: usize = 8;
 /// ICMP header: type, code, checksum, 4 bytes that depend on the type.
 pub const ICMP_HLEN: usize = 8;
 const IPV4_MIN_HLEN: usize = 20;
@@ -75,6 +78,18 @@ pub struct UdpHdr {
     pub check: [u8; 2],
 }
 
+/// SCTP's common header (RFC 9260 3.1); the chunks follow.
+// Wire layout: every field is there, read or not.
+#[allow(dead_code)]
+#[repr(C)]
+pub struct SctpHdr {
+    pub source: [u8; 2],
+    pub dest: [u8; 2],
+    pub vtag: [u8; 4],
+    /// CRC32c of the SCTP packet, little-endian as Linux stores it.
+    pub checksum: [u8; 4],
+}
+
 /// What the parser found in a frame.
 pub enum Parsed {
     /// Not IPv4 (ARP, IPv6, VLAN-tagged, ...).
@@ -104,7 +119,7 @@ pub fn header<P: Packet, T>(pkt: &P, off: usize) -> Option<&T> {
 
 /// Parses the frame's headers into `tuple` (8-byte aligned, as a decision
 /// record's is: see `zero::set_v4_mapped`; addresses IPv4-mapped; ports
-/// zero when not TCP/UDP or a later fragment). `Err` is the reason for
+/// zero when not TCP/UDP/SCTP or a later fragment). `Err` is the reason for
 /// dropping it.
 #[inline(always)]
 pub fn parse<P: Packet>(pkt: &P, tuple: &mut FlowTuple) -> Result<Parsed, Reason> {
@@ -139,6 +154,11 @@ pub fn parse<P: Packet>(pkt: &P, tuple: &mut FlowTuple) -> Result<Parsed, Reason
                 let udp: &UdpHdr = header(pkt, l4_off).ok_or(Reason::Malformed)?;
                 tuple.sport = u16::from_be_bytes(udp.source);
                 tuple.dport = u16::from_be_bytes(udp.dest);
+            }
+            proto::IPPROTO_SCTP => {
+                let sctp: &SctpHdr = header(pkt, l4_off).ok_or(Reason::Malformed)?;
+                tuple.sport = u16::from_be_bytes(sctp.source);
+                tuple.dport = u16::from_be_bytes(sctp.dest);
             }
             _ => {}
         }

@@ -15,7 +15,7 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
-use common::{proto, DatapathConfig, FlowTuple, Hook, Reason, TraceEvent, Verdict};
+use common::{crc32c, proto, DatapathConfig, FlowTuple, Hook, Reason, TraceEvent, Verdict};
 
 use crate::{
     action::XdpAction,
@@ -30,7 +30,7 @@ use crate::{
 /// Largest L4 offset: Ethernet plus an IPv4 header with every option.
 const MAX_L4_OFF: usize = ETH_HLEN + 60;
 
-/// Decides for a TCP/UDP packet at XDP and carries the decision out.
+/// Decides for a TCP/UDP/SCTP packet at XDP and carries the decision out.
 #[inline(never)]
 pub fn handle(
     ctx: &XdpContext,
@@ -135,6 +135,9 @@ fn rewrite(
     if l4_off > MAX_L4_OFF {
         return Err(Reason::RewriteFailed);
     }
+    if from.protocol == proto::IPPROTO_SCTP {
+        return rewrite_sctp(ctx, l4_off, from, to, macs);
+    }
     let (data, end) = (ctx.data(), ctx.data_end());
     let l4 = data + l4_off;
     let is_tcp = from.protocol == proto::IPPROTO_TCP;
@@ -185,6 +188,61 @@ fn rewrite(
             }
             *csum_ptr = l4_csum.to_be_bytes();
         }
+        *(data as *mut [u8; 12]) = *macs;
+    }
+    Ok(())
+}
+
+/// `rewrite` for SCTP: the IP checksum for the addresses, the CRC32c for the
+/// ports (`common::crc32c::port_change`: no pass over the chunks).
+#[inline(never)]
+fn rewrite_sctp(
+    ctx: &XdpContext,
+    l4_off: usize,
+    from: &FlowTuple,
+    to: &FlowTuple,
+    macs: &[u8; 12],
+) -> Result<(), Reason> {
+    if l4_off > MAX_L4_OFF {
+        return Err(Reason::RewriteFailed);
+    }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let l4 = data + l4_off;
+    if data + ETH_HLEN + 20 > end || l4 + 12 > end {
+        return Err(Reason::RewriteFailed);
+    }
+    let ip = data + ETH_HLEN;
+    // SAFETY: every access below is inside [data, end), checked above.
+    unsafe {
+        let tot_len = u16::from_be_bytes(*((ip + 2) as *const [u8; 2]));
+        let mut ip_csum = u16::from_be_bytes(*((ip + 10) as *const [u8; 2]));
+        let words = [
+            (ip + 12, &from.saddr, &to.saddr),
+            (ip + 16, &from.daddr, &to.daddr),
+        ];
+        for (off, old, new) in words {
+            let mut i = 12;
+            while i < 16 {
+                let (o, n) = (
+                    u16::from_be_bytes([old[i], old[i + 1]]),
+                    u16::from_be_bytes([new[i], new[i + 1]]),
+                );
+                ip_csum = replace16(ip_csum, o, n);
+                i += 2;
+            }
+            *(off as *mut [u8; 4]) = [new[12], new[13], new[14], new[15]];
+        }
+        *((ip + 10) as *mut [u8; 2]) = ip_csum.to_be_bytes();
+        let sctp_len = u32::from(tot_len).saturating_sub((l4_off - ETH_HLEN) as u32);
+        let delta = crc32c::port_change((from.sport, from.dport), (to.sport, to.dport), sctp_len);
+        let sum = (l4 + 8) as *mut [u8; 4];
+        let mut i = 0;
+        while i < 4 {
+            (*sum)[i] ^= delta[i];
+            i += 1;
+        }
+        *(l4 as *mut [u8; 2]) = to.sport.to_be_bytes();
+        *((l4 + 2) as *mut [u8; 2]) = to.dport.to_be_bytes();
         *(data as *mut [u8; 12]) = *macs;
     }
     Ok(())

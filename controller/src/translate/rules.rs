@@ -4,8 +4,8 @@
 //! writer (`sync`) makes the maps match it.
 //!
 //! - Skipped: ExternalName and headless Services, Services labelled
-//!   `service.kubernetes.io/service-proxy-name` (another proxy's), IPv6
-//!   addresses (not served yet) and SCTP ports (not served yet).
+//!   `service.kubernetes.io/service-proxy-name` (another proxy's) and IPv6
+//!   addresses (not served yet). TCP, UDP and SCTP ports are served.
 //! - A Service port has frontends at its ClusterIPs, NodePort (on the node
 //!   addresses allowed by `--nodeport-addresses`), externalIPs and
 //!   LoadBalancer ingress IPs (not those with `ipMode: Proxy`).
@@ -54,6 +54,7 @@ pub const DEFAULT_AFFINITY_SECONDS: u32 = 10_800;
 
 pub const TCP: u8 = common::proto::IPPROTO_TCP;
 pub const UDP: u8 = common::proto::IPPROTO_UDP;
+pub const SCTP: u8 = common::proto::IPPROTO_SCTP;
 
 /// An IPv4 CIDR.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -175,6 +176,7 @@ pub fn protocol_name(p: u8) -> &'static str {
     match p {
         TCP => "TCP",
         UDP => "UDP",
+        SCTP => "SCTP",
         _ => "?",
     }
 }
@@ -538,14 +540,7 @@ fn service_port_infos(
         let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => TCP,
             "UDP" => UDP,
-            "SCTP" => {
-                skipped.push(skip(
-                    object.clone(),
-                    format!("port {spn}: SCTP is not served"),
-                    false,
-                ));
-                continue;
-            }
+            "SCTP" => SCTP,
             other => {
                 skipped.push(skip(
                     object.clone(),

@@ -483,3 +483,28 @@ fn changes_applied_one_by_one_give_the_maps_a_full_translation_gives() {
         }
     }
 }
+
+/// kube-proxy serves SCTP Service ports: they get frontends like TCP and
+/// UDP ones (protocol 132), and their endpoints are SCTP backends.
+#[test]
+fn sctp_service_ports_are_served() {
+    let svc = objects(
+        "signalling",
+        "  type: NodePort\n  clusterIP: 10.96.0.40\n  \
+         ports: [{name: s1ap, port: 36412, targetPort: 36412, protocol: SCTP, nodePort: 30412}]",
+        "- {addresses: [10.244.1.9], nodeName: node1}\n",
+    );
+    let mut svc = svc;
+    svc.1.ports = Some(vec![serde_norway::from_str(
+        "{name: s1ap, port: 36412, protocol: SCTP}",
+    )
+    .unwrap()]);
+    let summary = desired(&[svc]).summary();
+    for line in [
+        "10.96.0.40:36412/SCTP ClusterIP ns/signalling:s1ap",
+        "172.18.0.2:30412/SCTP NodePort ns/signalling:s1ap",
+        "    ready: 10.244.1.9:36412 (node1)",
+    ] {
+        assert!(summary.contains(line), "{line:?} in\n{summary}");
+    }
+}

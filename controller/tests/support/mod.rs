@@ -378,3 +378,82 @@ pub fn forward(dp: &Datapath, frame: &[u8]) -> Vec<u8> {
 pub fn sa(ip: [u8; 4], port: u16) -> std::net::SocketAddr {
     std::net::SocketAddr::from((ip, port))
 }
+
+/// CRC32c bit by bit (RFC 9260 appendix A), independent of the datapath's
+/// incremental update: initial value and final inversion all ones.
+pub fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// An Ethernet/IPv4/SCTP frame: the common header (verification tag
+/// `vtag`) and one chunk of `chunk_type` with `body` (padded to 4 bytes),
+/// the CRC32c filled in (little-endian, as Linux writes it).
+pub fn sctp(
+    src: [u8; 4],
+    sport: u16,
+    dst: [u8; 4],
+    dport: u16,
+    vtag: u32,
+    chunk_type: u8,
+    body: &[u8],
+) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    l4.extend_from_slice(&vtag.to_be_bytes());
+    l4.extend_from_slice(&[0; 4]);
+    l4.push(chunk_type);
+    l4.push(0);
+    l4.extend_from_slice(&((4 + body.len()) as u16).to_be_bytes());
+    l4.extend_from_slice(body);
+    while l4.len() % 4 != 0 {
+        l4.push(0);
+    }
+    let sum = crc32c(&l4);
+    l4[8..12].copy_from_slice(&sum.to_le_bytes());
+    let mut f = Vec::new();
+    f.extend_from_slice(&SERVER_MAC);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(&[0x45, 0]);
+    f.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 1, 0x40, 0, 64, common::proto::IPPROTO_SCTP, 0, 0]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&l4);
+    fix_ipv4_checksum(&mut f);
+    f
+}
+
+/// An SCTP INIT (chunk type 1) with `body` bytes of parameters.
+pub fn sctp_init(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, body_len: usize) -> Vec<u8> {
+    let mut body = vec![0u8; 16];
+    body[0..4].copy_from_slice(&0x1234_5678u32.to_be_bytes()); // initiate tag
+    body[4..8].copy_from_slice(&65_536u32.to_be_bytes()); // a_rwnd
+    body[8..10].copy_from_slice(&10u16.to_be_bytes()); // outbound streams
+    body[10..12].copy_from_slice(&10u16.to_be_bytes()); // inbound streams
+    body[12..16].copy_from_slice(&1u32.to_be_bytes()); // initial TSN
+    body.resize(16 + body_len, 0xab);
+    sctp(src, sport, dst, dport, 0, 1, &body)
+}
+
+impl Ipv4View<'_> {
+    /// The SCTP packet's CRC32c as stored equals one computed afresh.
+    pub fn sctp_checksum_ok(&self) -> bool {
+        let mut l4 = self.l4().to_vec();
+        let stored = u32::from_le_bytes(l4[8..12].try_into().unwrap());
+        l4[8..12].fill(0);
+        stored == crc32c(&l4)
+    }
+}
