@@ -156,31 +156,13 @@ fn rewrite(
     let ip = data + ETH_HLEN;
     // SAFETY: every access below is inside [data, end), checked above.
     unsafe {
-        let mut ip_csum = u16::from_be_bytes(*((ip + 10) as *const [u8; 2]));
         let mut l4_csum = u16::from_be_bytes(*csum_ptr);
         let fix_l4 = is_tcp || l4_csum != 0;
-        let words = [
-            (ip + 12, &from.saddr, &to.saddr),
-            (ip + 16, &from.daddr, &to.daddr),
-        ];
-        for (off, old, new) in words {
-            let mut i = 12;
-            while i < 16 {
-                let (o, n) = (
-                    u16::from_be_bytes([old[i], old[i + 1]]),
-                    u16::from_be_bytes([new[i], new[i + 1]]),
-                );
-                ip_csum = replace16(ip_csum, o, n);
-                l4_csum = replace16(l4_csum, o, n);
-                i += 2;
-            }
-            *((off) as *mut [u8; 4]) = [new[12], new[13], new[14], new[15]];
-        }
+        l4_csum = set_addresses(ip, from, to, l4_csum);
         for (off, old, new) in [(l4, from.sport, to.sport), (l4 + 2, from.dport, to.dport)] {
             l4_csum = replace16(l4_csum, old, new);
             *(off as *mut [u8; 2]) = new.to_be_bytes();
         }
-        *((ip + 10) as *mut [u8; 2]) = ip_csum.to_be_bytes();
         if fix_l4 {
             // 0 means "no checksum" for UDP; its one's-complement twin is used.
             if !is_tcp && l4_csum == 0 {
@@ -191,6 +173,36 @@ fn rewrite(
         *(data as *mut [u8; 12]) = *macs;
     }
     Ok(())
+}
+
+/// Writes `to`'s addresses into the IPv4 header at `ip` with its checksum
+/// updated, and returns `l4_csum` updated for them (the TCP/UDP
+/// pseudo-header).
+///
+/// # Safety
+/// The 20 bytes of the IPv4 header at `ip` lie inside the frame.
+#[inline(always)]
+unsafe fn set_addresses(ip: usize, from: &FlowTuple, to: &FlowTuple, mut l4_csum: u16) -> u16 {
+    let mut ip_csum = u16::from_be_bytes(*((ip + 10) as *const [u8; 2]));
+    let words = [
+        (ip + 12, &from.saddr, &to.saddr),
+        (ip + 16, &from.daddr, &to.daddr),
+    ];
+    for (off, old, new) in words {
+        let mut i = 12;
+        while i < 16 {
+            let (o, n) = (
+                u16::from_be_bytes([old[i], old[i + 1]]),
+                u16::from_be_bytes([new[i], new[i + 1]]),
+            );
+            ip_csum = replace16(ip_csum, o, n);
+            l4_csum = replace16(l4_csum, o, n);
+            i += 2;
+        }
+        *(off as *mut [u8; 4]) = [new[12], new[13], new[14], new[15]];
+    }
+    *((ip + 10) as *mut [u8; 2]) = ip_csum.to_be_bytes();
+    l4_csum
 }
 
 /// `rewrite` for SCTP: the IP checksum for the addresses, the CRC32c for the
@@ -215,24 +227,8 @@ fn rewrite_sctp(
     // SAFETY: every access below is inside [data, end), checked above.
     unsafe {
         let tot_len = u16::from_be_bytes(*((ip + 2) as *const [u8; 2]));
-        let mut ip_csum = u16::from_be_bytes(*((ip + 10) as *const [u8; 2]));
-        let words = [
-            (ip + 12, &from.saddr, &to.saddr),
-            (ip + 16, &from.daddr, &to.daddr),
-        ];
-        for (off, old, new) in words {
-            let mut i = 12;
-            while i < 16 {
-                let (o, n) = (
-                    u16::from_be_bytes([old[i], old[i + 1]]),
-                    u16::from_be_bytes([new[i], new[i + 1]]),
-                );
-                ip_csum = replace16(ip_csum, o, n);
-                i += 2;
-            }
-            *(off as *mut [u8; 4]) = [new[12], new[13], new[14], new[15]];
-        }
-        *((ip + 10) as *mut [u8; 2]) = ip_csum.to_be_bytes();
+        // SCTP's CRC covers no addresses: the L4 sum is not kept.
+        set_addresses(ip, from, to, 0);
         let sctp_len = u32::from(tot_len).saturating_sub((l4_off - ETH_HLEN) as u32);
         let delta = crc32c::port_change((from.sport, from.dport), (to.sport, to.dport), sctp_len);
         let sum = (l4 + 8) as *mut [u8; 4];
