@@ -435,6 +435,9 @@ impl Agent {
             Some(c) if !c.is_empty() => (c.as_slice(), "ServiceCIDR objects"),
             _ => (self.opts.service_cidrs.as_slice(), "--service-cidr"),
         };
+        // Written before it is logged: the log line says it is in effect.
+        let list: Vec<(IpAddr, u8)> = cidrs.iter().map(|c| (IpAddr::V4(c.addr), c.len)).collect();
+        dp.set_service_cidrs(&list)?;
         if cidrs.is_empty() {
             info!(
                 "Service CIDRs unknown (no ServiceCIDR objects, no --service-cidr): traffic to \
@@ -452,8 +455,6 @@ impl Agent {
             let shown: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
             info!(cidrs = %shown.join(","), from, "Service CIDRs: unallocated ClusterIPs are dropped");
         }
-        let list: Vec<(IpAddr, u8)> = cidrs.iter().map(|c| (IpAddr::V4(c.addr), c.len)).collect();
-        dp.set_service_cidrs(&list)?;
         Ok(())
     }
 
