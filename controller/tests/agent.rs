@@ -575,10 +575,7 @@ fn the_agent_follows_the_kubernetes_api_and_fails_static_when_it_is_down() {
         "metadata": {"name": "kubernetes"}, "spec": {"cidrs": ["10.96.0.0/16"]}}),
     );
     agent.wait_for(&["unallocated ClusterIPs are dropped", "ServiceCIDR objects"]);
-    let e = inspect(
-        &bpffs.node("node1"),
-        &["explain", "--from", "10.244.1.10", "--to", "10.96.0.99:80"],
-    );
+    let e = explain(&bpffs.node("node1"), "10.244.1.10", "10.96.0.99:80");
     assert_verdict(&e, "drop", "unallocated_cluster_ip");
     assert_dropped(client, "10.96.0.99:80".parse().unwrap());
 

@@ -354,20 +354,9 @@ fn local_policies_without_any_usable_endpoint_reject_like_kube_proxy() {
         "nousable",
     );
     let explain = |node: &str, from: Ipv4Addr, to: SocketAddr| {
-        let e = inspect(
-            &f.pins(node),
-            &[
-                "explain",
-                "--from",
-                &from.to_string(),
-                "--to",
-                &to.to_string(),
-            ],
-        );
-        (
-            e["verdict"].as_str().unwrap_or_default().to_string(),
-            e["reason"].as_str().unwrap_or_default().to_string(),
-        )
+        let e = explain(&f.pins(node), &from.to_string(), &to.to_string());
+        let (verdict, reason) = decision(&e);
+        (verdict.to_string(), reason.to_string())
     };
     let reject = ("reject".to_string(), "no_endpoints".to_string());
     let client = f.cluster.client_ns();
@@ -407,22 +396,12 @@ fn addresses_with_leading_zeros_are_served_and_logged_once() {
     }
     let vip: SocketAddr = "10.96.0.18:80".parse().unwrap();
     assert_eq!(whoami(f.cluster.pod_ns("pod-1-0"), vip).0, "pod-2-1");
-    let e = inspect(
-        &f.pins("node1"),
-        &["explain", "--from", "10.244.1.10", "--to", "10.96.0.18:80"],
-    );
-    assert_eq!(
-        (e["verdict"].as_str(), e["reason"].as_str()),
-        (Some("forward"), Some("new_flow")),
-        "{e}"
-    );
+    let e = explain(&f.pins("node1"), "10.244.1.10", "10.96.0.18:80");
+    assert_eq!(decision(&e), ("forward", "new_flow"), "{e}");
     assert_eq!(e["backends"], serde_json::json!(["10.244.2.11:8080"]));
     // No Service CIDR known (no --service-cidr): an unallocated ClusterIP is
     // left to the node's routes, as before.
-    let e = inspect(
-        &f.pins("node1"),
-        &["explain", "--from", "10.244.1.10", "--to", "10.96.0.99:80"],
-    );
+    let e = explain(&f.pins("node1"), "10.244.1.10", "10.96.0.99:80");
     assert_eq!(e["reason"], "no_service", "{e}");
     assert!(f.startup_logs[0]
         .iter()
@@ -467,7 +446,7 @@ fn source_ranges_containing_the_node_accept_the_services_own_lb_ips() {
             .unwrap();
     }
     let explain = |from: &str, to: &str| {
-        let e = inspect(&f.pins("node1"), &["explain", "--from", from, "--to", to]);
+        let e = explain(&f.pins("node1"), from, to);
         (e["verdict"].clone(), e["reason"].clone())
     };
     let (pod, peer) = whoami(client, "203.0.113.13:80".parse().unwrap());
@@ -502,24 +481,14 @@ fn traffic_to_unallocated_cluster_ips_is_dropped_when_the_service_cidr_is_known(
     assert_dropped(f.cluster.pod_ns("pod-1-0"), nowhere);
     assert_dropped(f.cluster.client_ns(), nowhere);
     assert!(f.packets("node1", "unallocated_cluster_ip") >= 2);
-    let e = inspect(
-        &f.pins("node1"),
-        &["explain", "--from", "10.244.1.10", "--to", "10.96.0.99:80"],
-    );
-    assert_eq!(
-        (e["verdict"].as_str(), e["reason"].as_str()),
-        (Some("drop"), Some("unallocated_cluster_ip")),
-        "{e}"
-    );
+    let e = explain(&f.pins("node1"), "10.244.1.10", "10.96.0.99:80");
+    assert_eq!(decision(&e), ("drop", "unallocated_cluster_ip"), "{e}");
     assert_refused(
         f.cluster.pod_ns("pod-1-0"),
         "10.96.0.10:81".parse().unwrap(),
     );
     // Outside the Service CIDR nothing changes.
-    let e = inspect(
-        &f.pins("node1"),
-        &["explain", "--from", "10.244.1.10", "--to", "10.97.0.1:80"],
-    );
+    let e = explain(&f.pins("node1"), "10.244.1.10", "10.97.0.1:80");
     assert_eq!(e["reason"], "no_service", "{e}");
 }
 
@@ -725,24 +694,11 @@ endpoints:
         ("10.244.1.10", "10.96.0.21:36412/sctp"),
         ("172.18.0.100", "172.18.0.2:30412/sctp"),
     ] {
-        let e = inspect(&f.pins("node1"), &["explain", "--from", from, "--to", to]);
-        assert_eq!(
-            (e["verdict"].as_str(), e["reason"].as_str()),
-            (Some("forward"), Some("new_flow")),
-            "{e}"
-        );
+        let e = explain(&f.pins("node1"), from, to);
+        assert_eq!(decision(&e), ("forward", "new_flow"), "{e}");
         assert_eq!(e["backends"], serde_json::json!(["10.244.2.11:36412"]));
     }
     // The TCP port of the same number is not the SCTP one.
-    let e = inspect(
-        &f.pins("node1"),
-        &[
-            "explain",
-            "--from",
-            "10.244.1.10",
-            "--to",
-            "10.96.0.21:36412/tcp",
-        ],
-    );
+    let e = explain(&f.pins("node1"), "10.244.1.10", "10.96.0.21:36412/tcp");
     assert_eq!(e["reason"], "port_not_served", "{e}");
 }

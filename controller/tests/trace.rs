@@ -92,11 +92,6 @@ fn traced(
     line
 }
 
-/// `dp explain -o json` on `pins`.
-fn explain(pins: &Path, from: &str, to: &str) -> Value {
-    inspect(pins, &["explain", "--from", from, "--to", to])
-}
-
 /// The trace verdict as `dp explain` words it.
 fn explain_verdict(trace_verdict: &str) -> &'static str {
     match trace_verdict {

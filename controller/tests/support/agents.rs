@@ -301,6 +301,20 @@ impl AgentCluster {
     }
 }
 
+/// `dp explain --from FROM --to TO` on a node's pins (run in the root
+/// network namespace), the whole answer.
+pub fn explain(pins: &Path, from: &str, to: &str) -> serde_json::Value {
+    inspect(pins, &["explain", "--from", from, "--to", to])
+}
+
+/// An explanation's (verdict, reason).
+pub fn decision(e: &serde_json::Value) -> (&str, &str) {
+    (
+        e["verdict"].as_str().unwrap_or_default(),
+        e["reason"].as_str().unwrap_or_default(),
+    )
+}
+
 /// One TCP exchange from `ns` to `addr`: (backend pod, client address the
 /// backend saw).
 pub fn whoami(ns: &Netns, addr: SocketAddr) -> (String, SocketAddr) {
