@@ -27,7 +27,13 @@ fn main() {
         return;
     }
     let cargo = PathBuf::from(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    let object = match ebpf::build_ebpf(&workspace, &cargo) {
+    // The `layout-next` build's datapath uses its conntrack layout too.
+    let built = if env::var_os("CARGO_FEATURE_LAYOUT_NEXT").is_some() {
+        ebpf::build_ebpf_with(&workspace, &cargo, &["layout-next"])
+    } else {
+        ebpf::build_ebpf(&workspace, &cargo)
+    };
+    let object = match built {
         Ok(object) => object,
         Err(e) => panic!("building the eBPF object: {e}"),
     };

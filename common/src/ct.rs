@@ -47,6 +47,7 @@ pub const CT_STATE_CLOSING: u8 = 2;
 pub const CT_STATE_CLOSED: u8 = 3;
 
 /// Value of `DP_CT`.
+#[cfg(not(feature = "layout-next"))]
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct CtEntry {
@@ -62,6 +63,26 @@ pub struct CtEntry {
     pub state: u8,
     pub flags: u8,
     /// `CT_DIR_ORIGINAL` or `CT_DIR_REPLY`.
+    pub direction: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `DP_CT` in the `layout-next` build: another size and field
+/// order (a field added in front, `expires_ns` moved), so that the upgrade
+/// and rollback tests run against a layout a byte copy would garble.
+#[cfg(feature = "layout-next")]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtEntry {
+    /// Not written by the datapath; zero means "not known".
+    pub created_ns: u64,
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub expires_ns: u64,
+    pub nat_addr: [u8; 16],
+    pub nat_port: u16,
+    pub state: u8,
+    pub flags: u8,
     pub direction: u8,
     pub _pad: [u8; 3],
 }

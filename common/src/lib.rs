@@ -12,6 +12,7 @@ pub mod crc32c;
 pub mod ct;
 pub mod device;
 pub mod kernel;
+pub mod layout;
 pub mod lb;
 pub mod names;
 pub mod proto;
@@ -50,6 +51,8 @@ pub mod map_names {
     pub const AFFINITY: &str = "DP_AFFINITY";
     pub const SOURCE_RANGES: &str = "DP_SRC_RANGES";
     pub const DEVICES: &str = "DP_DEVICES";
+    /// The layouts of the other pinned maps (`layout`), written by the agent.
+    pub const LAYOUTS: &str = "DP_LAYOUTS";
 }
 
 /// Default capacities of the maps; userspace may set others at load time
@@ -123,4 +126,6 @@ mod user {
     unsafe impl aya::Pod for crate::AffinityValue {}
     unsafe impl aya::Pod for crate::SourceRangeKey {}
     unsafe impl aya::Pod for crate::DeviceInfo {}
+    unsafe impl aya::Pod for crate::layout::LayoutKey {}
+    unsafe impl aya::Pod for crate::layout::MapLayout {}
 }

@@ -32,16 +32,20 @@ pub enum Error {
     TraceSessionsBusy(u32),
     #[error("reading the map definitions of the dp eBPF object: {0}")]
     Object(String),
-    /// A pinned map an earlier dp made holds datapath state in a layout
-    /// this one cannot use (`kernel::layout`).
+    /// Pinned connection state (or the record of its layouts) that this dp
+    /// cannot read (`kernel::layout`): the agent fails static.
     #[error(
-        "pinned map {name} ({path}) was made by a dp with another layout ({pinned}; this dp's: {wanted}) and its state cannot be carried over: run `dp cleanup` to remove dp's pinned state (connections through services are reset), then start the agent again"
+        "the pinned state holds connection state this dp cannot read ({why}); the agent leaves the programs and maps that serve the node's traffic as they are (fail static). Run the dp version that pinned it, or `dp cleanup` to remove dp's pinned state (connections through services are reset) and start the agent again"
     )]
-    PinnedMapLayout {
+    PinnedStateUnreadable { why: String },
+    /// An inspection command over maps of another layout version.
+    #[error(
+        "pinned map {name} is in layout {pinned}, and this dp reads version {ours}: run the dp of the agent on this node (its container), or wait until an agent of this version has converted the state"
+    )]
+    OtherLayout {
         name: &'static str,
-        path: std::path::PathBuf,
         pinned: String,
-        wanted: String,
+        ours: u32,
     },
     /// An inspection command found no agent state (`kernel::pin::find_state`).
     #[error(

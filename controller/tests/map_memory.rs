@@ -175,14 +175,20 @@ fn agent_maps_are_allocated_on_use_and_state_maps_have_the_asked_capacity() {
     drop(dp);
 }
 
+fn ct(maps: &Path) -> HashMap<MapData, CtKey, CtEntry> {
+    let data = MapData::from_pin(maps.join(map_names::CT)).unwrap();
+    HashMap::try_from(Map::LruHashMap(data)).unwrap()
+}
+
 #[test]
-fn old_layout_pins_are_replaced_kept_or_refused() {
+fn old_layout_pins_are_converted_or_refused() {
     e2e::require_root();
     let bpffs = Bpffs::new("old-layout");
     let maps = bpffs.maps();
-    // As a dp before issue 17 pinned them: backends preallocated (flags 0)
-    // with 1 024 entries, one backend in it; conntrack of another capacity
-    // and with one LRU list shared by all CPUs (flags 0, before per-CPU lists).
+    // As a dp before issue 17 pinned them (and before DP_LAYOUTS): backends
+    // preallocated (flags 0) with 1 024 entries, one backend in it;
+    // conntrack of another capacity and with one LRU list shared by all
+    // CPUs (flags 0, before per-CPU lists), one flow in it.
     pin_map(
         &maps,
         map_names::BACKENDS,
@@ -206,19 +212,61 @@ fn old_layout_pins_are_replaced_kept_or_refused() {
         size_of::<CtEntry>(),
         1_024,
     );
+    let key = CtKey {
+        saddr: common::addr::addr16([10, 244, 1, 5].into()),
+        daddr: common::addr::addr16([10, 96, 0, 10].into()),
+        sport: 40_000,
+        dport: 80,
+        protocol: 6,
+        _pad: [0; 3],
+    };
+    let entry = CtEntry {
+        expires_ns: u64::MAX / 2,
+        backend_id: 7,
+        service_id: 3,
+        state: common::ct::CT_STATE_ESTABLISHED,
+        ..CtEntry::default()
+    };
+    ct(&maps).insert(key, entry, 0).unwrap();
 
-    let dp = Datapath::load_pinned(&maps, MapSizes::default()).expect("load over old pins");
-    // Replaced: allocated on use, this dp's capacity, the backend copied.
+    let mut dp = Datapath::load_pinned(&maps, MapSizes::default()).expect("load over old pins");
+    // Made anew: allocated on use, this dp's capacity, the backend converted.
     let b = info(&maps, map_names::BACKENDS);
     assert_ne!(b.map_flags() & BPF_F_NO_PREALLOC, 0);
     assert_eq!(b.max_entries(), MapSizes::default().backends);
     assert_eq!(backends(&maps).get(&7, 0).unwrap(), backend);
-    // Kept, with its state, its old capacity and its shared LRU list.
-    let ct = info(&maps, map_names::CT);
-    assert_eq!((ct.max_entries(), ct.map_flags()), (1_024, 0));
+    // Conntrack too, with this dp's capacity and per-CPU LRU lists, and
+    // its flow carried over.
+    let c = info(&maps, map_names::CT);
+    assert_eq!(
+        (c.max_entries(), c.map_flags()),
+        (
+            MapSizes::default().conntrack,
+            common::map_sizes::BPF_F_NO_COMMON_LRU
+        )
+    );
+    assert_eq!(ct(&maps).get(&key, 0).unwrap(), entry);
+    // The old maps wait in previous/ until the programs are swapped.
+    let previous = dp::kernel::upgrade::previous_dir(&maps);
+    assert!(previous.join(map_names::CT).exists());
+    // An agent that stops here (before the swap) leaves them; the next
+    // one converts from them again, and from the half-done new maps.
+    drop(dp);
+    let mut dp = Datapath::load_pinned(&maps, MapSizes::default()).expect("load again");
+    assert_eq!(ct(&maps).get(&key, 0).unwrap(), entry);
+    assert_eq!(backends(&maps).get(&7, 0).unwrap(), backend);
+    assert_eq!(dp.finish_migration().unwrap().len(), 2);
+    assert!(!previous.exists());
+    drop(dp);
+    // Then a restart adopts everything as it is.
+    let ct_id = info(&maps, map_names::CT).id();
+    let mut dp = Datapath::load_pinned(&maps, MapSizes::default()).expect("restart");
+    assert!(dp.finish_migration().unwrap().is_empty());
+    assert_eq!(info(&maps, map_names::CT).id(), ct_id);
     drop(dp);
 
-    // Conntrack of another value layout: refused, nothing changed.
+    // Conntrack of another value layout, not described: unreadable,
+    // nothing changed (the agent fails static).
     let bpffs = Bpffs::new("old-layout-refused");
     let maps = bpffs.maps();
     pin_map(
@@ -242,9 +290,12 @@ fn old_layout_pins_are_replaced_kept_or_refused() {
         .expect("refused");
     let message = err.to_string();
     assert!(
-        message.contains(map_names::CT) && message.contains("dp cleanup"),
+        message.contains(map_names::CT)
+            && message.contains("fail static")
+            && message.contains("dp cleanup"),
         "{message}"
     );
     assert_eq!(info(&maps, map_names::BACKENDS).map_flags(), 0);
     assert!(!maps.join(map_names::SERVICES).exists());
+    assert!(!maps.join(map_names::LAYOUTS).exists());
 }

@@ -254,7 +254,8 @@ pub fn track(f: &Flow, ev: &mut TraceEvent, flags: u8, reason: Reason) -> Step {
         state: CT_STATE_NEW,
         flags,
         direction: CT_DIR_REPLY,
-        _pad: [0; 3],
+        // Padding, and fields of other builds' layouts (`layout-next`).
+        ..CtEntry::default()
     };
     let reply_key = reversed_key(x);
     if let Err(reason) = ct::insert(&reply_key, &entry) {

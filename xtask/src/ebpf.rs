@@ -32,17 +32,36 @@ pub fn stub_requested(value: Option<&std::ffi::OsStr>) -> bool {
 
 /// Builds the eBPF object in `<workspace>/target/ebpf` and returns its path.
 pub fn build_ebpf(workspace: &Path, cargo: &Path) -> Result<PathBuf, String> {
+    build_ebpf_with(workspace, cargo, &[])
+}
+
+/// `build_ebpf` with the eBPF crate's `features` (in a target directory of
+/// their own, `target/ebpf-<features>`, so the two builds do not undo each
+/// other).
+pub fn build_ebpf_with(
+    workspace: &Path,
+    cargo: &Path,
+    features: &[&str],
+) -> Result<PathBuf, String> {
     if !Path::new(EBPF_RUSTC).exists() {
         return Err(format!(
             "{EBPF_RUSTC} not found: the eBPF toolchain is not installed; run `cargo xtask setup`"
         ));
     }
-    let target_dir = workspace.join("target").join("ebpf");
+    let target_dir = match features {
+        [] => workspace.join("target").join("ebpf"),
+        _ => workspace
+            .join("target")
+            .join(format!("ebpf-{}", features.join("-"))),
+    };
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace)
         .args(["build", "--release", "--package", EBPF_PACKAGE])
         .args(["--target", EBPF_TARGET, "--target-dir"])
         .arg(&target_dir);
+    if !features.is_empty() {
+        cmd.arg("--features").arg(features.join(","));
+    }
     // Called from a build script or clippy, the environment carries the outer
     // build's compiler, wrappers and flags; none of them apply to this build.
     for (key, _) in env::vars_os() {

@@ -77,6 +77,9 @@ enum Task {
     },
     /// Build the eBPF object and print its path.
     BuildEbpf,
+    /// Build the dp of the upgrade and rollback tests (DP_CT in another
+    /// layout: the `layout-next` feature) into target/layout-next/dp.
+    BuildLayoutNext,
     /// Run the whole test suite (setup, fmt, clippy, tests). Needs root.
     Test,
     /// Set up, build, and run `dp lab demo` (the README's main command).
@@ -147,6 +150,11 @@ fn main() -> Result<()> {
         Task::BuildEbpf => {
             let object = build_ebpf()?;
             println!("{}", object.display());
+            Ok(())
+        }
+        Task::BuildLayoutNext => {
+            let dp = build_layout_next()?;
+            println!("{}", dp.display());
             Ok(())
         }
         Task::Test => test(),
@@ -300,6 +308,30 @@ fn build_ebpf() -> Result<PathBuf> {
     ebpf::build_ebpf(&workspace(), &cargo()).map_err(anyhow::Error::msg)
 }
 
+/// Where `build_layout_next` puts its dp (read by controller/tests/upgrade.rs).
+const LAYOUT_NEXT_DP: &str = "target/layout-next/dp";
+
+/// Builds dp with the `layout-next` feature (the tests' profile, so only dp
+/// and common build again) and copies it to `LAYOUT_NEXT_DP`, since the
+/// next plain build overwrites target/debug/dp.
+fn build_layout_next() -> Result<PathBuf> {
+    step("building the dp of the upgrade tests (--features layout-next)");
+    let ws = workspace();
+    run(Command::new(cargo()).current_dir(&ws).args([
+        "build",
+        "-p",
+        "dp",
+        "--bin",
+        "dp",
+        "--features",
+        "layout-next",
+    ]))?;
+    let to = ws.join(LAYOUT_NEXT_DP);
+    std::fs::create_dir_all(to.parent().expect("a directory"))?;
+    std::fs::copy(ws.join("target/debug/dp"), &to)?;
+    Ok(to)
+}
+
 fn test() -> Result<()> {
     require_root("cargo xtask test")?;
     setup(false)?;
@@ -317,6 +349,7 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    build_layout_next()?;
     step("cargo test");
     run(Command::new(cargo()).current_dir(&ws).args(["test"]))?;
     // The attachment for kernels before 6.6, forced on this one: the

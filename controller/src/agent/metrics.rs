@@ -90,6 +90,9 @@ pub struct AgentMetrics {
     pub skipped_not_served: usize,
     /// Objects the last sync could not program (full maps).
     pub not_programmed: usize,
+    /// Pinned maps converted into new ones at this start (another layout
+    /// or capacity: `kernel::upgrade`).
+    pub maps_converted: usize,
 }
 
 /// A request from an HTTP handler to the agent loop, which owns the maps.
@@ -177,6 +180,7 @@ pub fn render(m: &AgentMetrics, writer: &MapWriter, dp: &Datapath) -> String {
         "# HELP dp_sync_errors_total Syncs that failed to program the maps\n# TYPE dp_sync_errors_total counter\ndp_sync_errors_total {}",
         m.sync_errors
     );
+    pinned_state(&mut out, true, m.maps_converted);
     if let Ok(counters) = dp.counters() {
         let _ = writeln!(
             out,
@@ -206,6 +210,30 @@ pub fn render(m: &AgentMetrics, writer: &MapWriter, dp: &Datapath) -> String {
         }
     }
     out
+}
+
+/// Whether this agent could read the pinned state (0: it fails static,
+/// leaving the datapath as it found it), the layout version of each map in
+/// this dp, and the maps converted at start.
+pub fn pinned_state(out: &mut String, readable: bool, converted: usize) {
+    let _ = writeln!(
+        out,
+        "# HELP dp_pinned_state_readable 1 if the agent adopted or converted the pinned state; 0 if it cannot read it and leaves the datapath as it is (fail static)\n# TYPE dp_pinned_state_readable gauge\ndp_pinned_state_readable {}",
+        u8::from(readable)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP dp_pinned_maps_converted Pinned maps converted into new ones (another layout or capacity) when this agent started\n# TYPE dp_pinned_maps_converted gauge\ndp_pinned_maps_converted {converted}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP dp_map_layout_version Layout version of each pinned map in this agent (common::layout)\n# TYPE dp_map_layout_version gauge"
+    );
+    for name in crate::kernel::loader::PINNED_MAPS {
+        if let Some(v) = common::layout::version_of(name) {
+            let _ = writeln!(out, "dp_map_layout_version{{map=\"{name}\"}} {v}");
+        }
+    }
 }
 
 /// kube-proxy's health answer: healthy once the first sync is done and as

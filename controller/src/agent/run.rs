@@ -137,8 +137,13 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // Maps and links live in bpffs: they outlive this process, and a
     // restarted agent adopts them (same ids, so conntrack stays valid).
     pin::ensure_bpffs(&opts.bpffs).context("preparing --bpffs")?;
-    let mut dp = Datapath::load_pinned(&pin::maps_dir(&opts.bpffs), opts.map_sizes)
-        .context("loading the datapath")?;
+    let mut dp = match Datapath::load_pinned(&pin::maps_dir(&opts.bpffs), opts.map_sizes) {
+        Ok(dp) => dp,
+        Err(crate::error::Error::PinnedStateUnreadable { why }) => {
+            return fail_static(&opts, &why, &mut sigterm).await;
+        }
+        Err(e) => return Err(anyhow::Error::from(e).context("loading the datapath")),
+    };
     // The datapath's rare diagnostics, in this log (rate-limited).
     if let Err(e) = super::ebpf_log::forward_to_tracing(&dp) {
         warn!(error = %e, "not reading the datapath's log");
@@ -225,6 +230,20 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         agent.attached.insert(dev);
     }
     agent.attach_pod_devices(&mut dp);
+    // Every link runs the new programs: a migration begun at load ends.
+    match dp.finish_migration() {
+        Ok(converted) if !converted.is_empty() => {
+            agent.metrics.maps_converted = converted.len();
+            info!(
+                maps = ?converted,
+                "migration finished: the new programs serve from the converted maps; the old maps are unpinned"
+            );
+        }
+        Ok(_) => {}
+        // The old maps stay in `previous/`: the next start converts from
+        // them again.
+        Err(e) => warn!(error = %e, "finishing the migration of the pinned maps"),
+    }
 
     // Manifest changes wake the loop through `tx`, API watch events come
     // through `kube_tx`; `_watcher` must live.
@@ -355,6 +374,54 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     }
     // Pinned programs and maps stay: traffic keeps flowing until the next
     // agent adopts them or `dp cleanup` removes them.
+    info!("stopping; pinned state left in place");
+    Ok(())
+}
+
+/// The agent over pinned state it cannot read: it changes nothing (the
+/// programs attached by the agent before it keep serving from their maps),
+/// says why, answers `/metrics` (`dp_pinned_state_readable 0`) and
+/// `/healthz` (503, with the cause), and waits to be stopped.
+async fn fail_static(
+    opts: &AgentOptions,
+    why: &str,
+    sigterm: &mut tokio::signal::unix::Signal,
+) -> anyhow::Result<()> {
+    let (requests, mut incoming) = mpsc::channel(16);
+    for (addr, is_metrics) in [(opts.metrics_addr, true), (opts.healthz_addr, false)] {
+        let requests = requests.clone();
+        match metrics::bind(addr) {
+            Ok(listener) => {
+                tokio::spawn(async move {
+                    let _ = metrics::serve(listener, is_metrics, requests).await;
+                });
+            }
+            Err(e) => warn!(%addr, error = %e, "cannot listen"),
+        }
+    }
+    // After binding: /metrics and /healthz answer once this is logged.
+    tracing::error!(
+        %why,
+        bpffs = %opts.bpffs.display(),
+        "fail static: the pinned state holds connection state this dp cannot read; the datapath is left as it is (run the dp version that pinned it, or `dp cleanup` and restart)"
+    );
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            Some(request) = incoming.recv() => match request {
+                metrics::Request::Metrics(reply) => {
+                    let mut out = String::new();
+                    metrics::pinned_state(&mut out, false, 0);
+                    let _ = reply.send(out);
+                }
+                metrics::Request::Health(reply) => {
+                    let body = serde_json::json!({ "failStatic": why, "nodeEligible": false });
+                    let _ = reply.send((503, body.to_string()));
+                }
+            },
+        }
+    }
     info!("stopping; pinned state left in place");
     Ok(())
 }

@@ -51,11 +51,47 @@ fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(name: &'static str, map: 
     T::try_from(map).map_err(|source| Error::Map { name, source })
 }
 
+/// Fails when one of `names` is pinned in another layout version than
+/// this dp reads (an agent of another version pinned it).
+fn check_layouts(maps_dir: &Path, names: &[&'static str]) -> Result<()> {
+    use crate::kernel::upgrade;
+    let recorded = upgrade::read_layouts(maps_dir)?;
+    for &name in names {
+        let Some(found) = upgrade::find(name, maps_dir.join(name), recorded.as_ref()) else {
+            continue;
+        };
+        let ours = common::layout::version_of(name).unwrap_or(0);
+        if found.layout.map(|l| l.version) != Some(ours) {
+            return Err(Error::OtherLayout {
+                name,
+                pinned: found.layout.map_or("an unknown version".to_string(), |l| {
+                    format!("version {}", l.version)
+                }),
+                ours,
+            });
+        }
+    }
+    Ok(())
+}
+
 impl PinnedMaps {
     /// The maps the agent pinned under `bpffs` (`pin::find_state`).
     pub fn open(bpffs: &Path) -> Result<Self> {
         use map_names::*;
         let bpffs = &pin::find_state(bpffs)?;
+        check_layouts(
+            &pin::maps_dir(bpffs),
+            &[
+                CONFIG,
+                SERVICES,
+                BACKENDS,
+                CT,
+                NAMES,
+                COUNTERS,
+                SOURCE_RANGES,
+                AFFINITY,
+            ],
+        )?;
         Ok(PinnedMaps {
             config: typed(CONFIG, Map::Array(open(bpffs, CONFIG)?))?,
             services: typed(SERVICES, Map::HashMap(open(bpffs, SERVICES)?))?,
@@ -218,6 +254,63 @@ pub struct Status {
     /// The node's reverse-path and local-source sysctls (dp needs none
     /// relaxed).
     pub sysctls: crate::kernel::host::Sysctls,
+    /// The layout version of each pinned map and of this dp's.
+    pub layouts: Vec<LayoutRow>,
+    /// Old maps of a migration that did not finish are still pinned
+    /// (`<bpffs>/previous/`): the next agent start converts from them.
+    pub unfinished_migration: bool,
+}
+
+/// One pinned map's layout in `dp status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayoutRow {
+    pub name: &'static str,
+    /// As recorded in `DP_LAYOUTS` (or version 1 for state pinned before
+    /// it); none when not known.
+    pub pinned_version: Option<u32>,
+    /// This dp's (`common::layout::versions`).
+    pub this_dp: u32,
+    /// `same`, `convertible` (an agent of this dp converts it at start) or
+    /// `unreadable: <why>` (connection state: the agent fails static;
+    /// other maps: it starts them empty).
+    pub state: String,
+}
+
+/// The layout of each map pinned in `maps_dir`, against this dp's.
+fn layouts(maps_dir: &Path) -> Vec<LayoutRow> {
+    use crate::kernel::{layout, upgrade};
+    let recorded = match upgrade::read_layouts(maps_dir) {
+        Ok(r) => r,
+        Err(e) => {
+            return vec![LayoutRow {
+                name: map_names::LAYOUTS,
+                pinned_version: None,
+                this_dp: 0,
+                state: format!("unreadable: {e}"),
+            }]
+        }
+    };
+    crate::kernel::loader::PINNED_MAPS
+        .iter()
+        .filter_map(|&name| {
+            let found = upgrade::find(name, maps_dir.join(name), recorded.as_ref())?;
+            let ours = common::layout::describe(name)?.layout;
+            let state = match found.layout {
+                None => "unreadable: its layout is not known".to_string(),
+                Some(l) if l.version == ours.version => "same".to_string(),
+                Some(l) => match layout::inconvertible(&l, &ours) {
+                    None => "convertible".to_string(),
+                    Some(why) => format!("unreadable: {why}"),
+                },
+            };
+            Some(LayoutRow {
+                name,
+                pinned_version: found.layout.map(|l| l.version),
+                this_dp: ours.version,
+                state,
+            })
+        })
+        .collect()
 }
 
 /// One pinned map in `dp status`: its definition, how full it is and the
@@ -354,7 +447,12 @@ pub fn status(bpffs: &Path, healthz: SocketAddr) -> Result<Status> {
         .map(|(name, path)| map_fill(name, &path))
         .collect::<Result<Vec<_>>>()?;
     let kernel = crate::kernel::host::kernel_release();
+    let maps_dir = pin::maps_dir(bpffs);
+    let unfinished_migration = std::fs::read_dir(crate::kernel::upgrade::previous_dir(&maps_dir))
+        .is_ok_and(|mut d| d.next().is_some());
     Ok(Status {
+        layouts: layouts(&maps_dir),
+        unfinished_migration,
         agent_health: health(healthz),
         attached,
         maps,
@@ -808,8 +906,8 @@ pub mod text {
             }
         ));
         out.push_str(&format!(
-            "{:<20} {:<26} {:>9} {:>10} {:>10}\n",
-            "map", "type", "entries", "max", "memory"
+            "{:<20} {:<26} {:>9} {:>10} {:>10}  {}\n",
+            "map", "type", "entries", "max", "memory", "layout (pinned, this dp)"
         ));
         for m in &s.maps {
             let kind = if m.allocated_on_use {
@@ -818,8 +916,18 @@ pub mod text {
                 m.map_type.clone()
             };
             let entries = m.entries.map_or("-".to_string(), |n| n.to_string());
+            let layout = s
+                .layouts
+                .iter()
+                .find(|l| l.name == m.name)
+                .map_or("-".to_string(), |l| {
+                    let pinned = l
+                        .pinned_version
+                        .map_or("?".to_string(), |v| format!("v{v}"));
+                    format!("{pinned}, v{}", l.this_dp)
+                });
             out.push_str(&format!(
-                "{:<20} {kind:<26} {entries:>9} {:>10} {:>10}\n",
+                "{:<20} {kind:<26} {entries:>9} {:>10} {:>10}  {layout}\n",
                 m.name,
                 m.max_entries,
                 memory(m.memory_bytes)
@@ -833,6 +941,30 @@ pub mod text {
         };
         out.push_str(&format!("kernel:       {kernel}\n"));
         out.push_str(&format!("sysctls:      {}\n", s.sysctls.describe()));
+        let differing: Vec<String> = s
+            .layouts
+            .iter()
+            .filter(|l| l.state != "same")
+            .map(|l| {
+                let pinned = l.pinned_version.map_or("?".to_string(), |v| v.to_string());
+                format!(
+                    "{} v{pinned} (this dp: v{}, {})",
+                    l.name, l.this_dp, l.state
+                )
+            })
+            .collect();
+        let layout = if differing.is_empty() {
+            format!(
+                "every pinned map at this dp's version ({} maps)",
+                s.layouts.len()
+            )
+        } else {
+            differing.join("; ")
+        };
+        out.push_str(&format!("layouts:      {layout}\n"));
+        if s.unfinished_migration {
+            out.push_str("migration:    not finished (old maps pinned in previous/); the next agent start completes it\n");
+        }
         out
     }
 

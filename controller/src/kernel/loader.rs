@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, ffi::CString};
 
 use aya::{
     include_bytes_aligned,
-    maps::{Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, RingBuf},
     programs::{
         links::{FdLink, LinkOrder, PinnedLink},
         tc::{
@@ -21,10 +21,7 @@ use common::{
 
 use crate::{
     error::{Error, Result},
-    kernel::{
-        layout::{self, MapShape, PinnedMapPlan},
-        ring::TraceReader,
-    },
+    kernel::{layout::MapShape, migrate::Migrated, ring::TraceReader, upgrade},
 };
 
 /// How many frontends use a service address, and how many of them are
@@ -209,6 +206,10 @@ pub struct Datapath {
     /// Service id -> the source ranges written for it in `DP_SRC_RANGES`.
     pub(crate) source_ranges: BTreeMap<u32, Vec<(std::net::Ipv4Addr, u8)>>,
     tc_attach: TcAttach,
+    /// Maps converted at load whose old versions still feed the old
+    /// programs until the swap (`finish_migration`).
+    migrated: Vec<Migrated>,
+    maps_dir: Option<std::path::PathBuf>,
 }
 
 enum Attachment {
@@ -230,7 +231,7 @@ enum PinnedMaps {
 
 /// What this dp would create for each pinned map: the object's
 /// definitions with `sizes` applied.
-fn wanted_shapes(sizes: &MapSizes) -> Result<BTreeMap<&'static str, MapShape>> {
+pub fn wanted_shapes(sizes: &MapSizes) -> Result<BTreeMap<&'static str, MapShape>> {
     let object =
         aya_obj::Object::parse(DATAPLANE_OBJECT).map_err(|e| Error::Object(e.to_string()))?;
     PINNED_MAPS
@@ -247,116 +248,6 @@ fn wanted_shapes(sizes: &MapSizes) -> Result<BTreeMap<&'static str, MapShape>> {
             Ok((name, shape))
         })
         .collect()
-}
-
-/// Compares the maps pinned in `dir` with `wanted` and carries out
-/// `layout::plan`: refuses (changing nothing) if conntrack or affinity is
-/// of another layout, unpins the maps to be replaced (returning those
-/// whose entries are to be copied, still open), warns about those kept at
-/// their old capacity.
-fn prepare_pinned_maps(
-    dir: &std::path::Path,
-    wanted: &BTreeMap<&'static str, MapShape>,
-) -> Result<Vec<(&'static str, MapData)>> {
-    let plans: Vec<_> = wanted
-        .iter()
-        .filter_map(|(&name, &wanted)| {
-            let path = dir.join(name);
-            let pinned = layout::pinned_shape(&path)?;
-            Some((name, path, layout::plan(name, pinned, wanted)))
-        })
-        .collect();
-    for (name, path, plan) in &plans {
-        if let PinnedMapPlan::Refuse { pinned, wanted } = plan {
-            return Err(Error::PinnedMapLayout {
-                name,
-                path: path.clone(),
-                pinned: pinned.to_string(),
-                wanted: wanted.to_string(),
-            });
-        }
-    }
-    let mut to_copy = Vec::new();
-    for (name, path, plan) in plans {
-        match plan {
-            PinnedMapPlan::Adopt | PinnedMapPlan::Refuse { .. } => {}
-            PinnedMapPlan::AdoptAsPinned { pinned, wanted } => tracing::warn!(
-                map = name,
-                %pinned,
-                %wanted,
-                "pinned map kept as it is (the kernel cannot change its capacity or LRU lists, and it holds the datapath's state); this dp's definition applies once it is recreated (after `dp cleanup`)"
-            ),
-            PinnedMapPlan::Replace { copy } => {
-                // Open before unpinning: the old map lives on in this fd
-                // (and in the programs still attached) for the copy.
-                let old = if copy {
-                    Some(MapData::from_pin(&path).map_err(|source| Error::Map { name, source })?)
-                } else {
-                    None
-                };
-                std::fs::remove_file(&path).map_err(|source| Error::Io {
-                    context: format!("unpin {}", path.display()),
-                    source,
-                })?;
-                match old {
-                    Some(old) => to_copy.push((name, old)),
-                    None => tracing::warn!(
-                        map = name,
-                        "replaced a pinned map of another definition (an earlier dp's), starting empty"
-                    ),
-                }
-            }
-        }
-    }
-    Ok(to_copy)
-}
-
-/// Copies the entries of `old` (an agent-written map of the same key and
-/// value) into this object's map `name`.
-fn copy_entries(ebpf: &mut Ebpf, name: &'static str, old: MapData) -> Result<usize> {
-    use common::{names, Backend, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey};
-    match name {
-        map_names::SERVICES => copy_hash::<ServiceKey, ServiceValue>(ebpf, name, old),
-        map_names::BACKENDS => copy_hash::<u32, Backend>(ebpf, name, old),
-        map_names::REVNAT => copy_hash::<u32, RevNatValue>(ebpf, name, old),
-        map_names::NAMES => copy_hash::<names::NameKey, names::NameValue>(ebpf, name, old),
-        map_names::SOURCE_RANGES => {
-            let map_err = |source| Error::Map { name, source };
-            let old: LpmTrie<MapData, SourceRangeKey, u8> =
-                LpmTrie::try_from(Map::LpmTrie(old)).map_err(map_err)?;
-            let mut new: LpmTrie<&mut MapData, SourceRangeKey, u8> =
-                LpmTrie::try_from(ebpf.map_mut(name).ok_or(Error::MissingMap(name))?)
-                    .map_err(map_err)?;
-            let mut copied = 0;
-            for entry in old.iter() {
-                let (key, value) = entry.map_err(map_err)?;
-                new.insert(&key, value, 0).map_err(map_err)?;
-                copied += 1;
-            }
-            Ok(copied)
-        }
-        _ => Ok(0),
-    }
-}
-
-fn copy_hash<K: aya::Pod, V: aya::Pod>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    old: MapData,
-) -> Result<usize> {
-    let map_err = |source| Error::Map { name, source };
-    let old: BpfHashMap<MapData, K, V> =
-        BpfHashMap::try_from(Map::HashMap(old)).map_err(map_err)?;
-    let mut new: BpfHashMap<&mut MapData, K, V> =
-        BpfHashMap::try_from(ebpf.map_mut(name).ok_or(Error::MissingMap(name))?)
-            .map_err(map_err)?;
-    let mut copied = 0;
-    for entry in old.iter() {
-        let (key, value) = entry.map_err(map_err)?;
-        new.insert(key, value, 0).map_err(map_err)?;
-        copied += 1;
-    }
-    Ok(copied)
 }
 
 /// Maps kept in bpffs, so a restarted agent (and the inspection commands)
@@ -431,27 +322,30 @@ impl Datapath {
                 loader.map_max_entries(name, max);
             }
         }
-        // Pinned maps of another layout are dealt with before aya reuses
-        // them by name (it does not compare definitions).
-        let replaced = match pinned_maps {
-            Some((dir, PinnedMaps::Checked)) => prepare_pinned_maps(dir, &wanted_shapes(&sizes)?)?,
-            _ => Vec::new(),
+        // Pinned maps of another layout or size are dealt with before aya
+        // reuses them by name (it does not compare definitions).
+        let prepared = match pinned_maps {
+            Some((dir, PinnedMaps::Checked)) => {
+                Some(upgrade::prepare(dir, &wanted_shapes(&sizes)?)?)
+            }
+            _ => None,
         };
         if let Some(dir) = maps_dir {
             for name in PINNED_MAPS {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
-        let pinned = maps_dir.is_some_and(|d| d.join(map_names::CONFIG).exists());
+        // Conntrack timeouts and the rest start from the documented
+        // defaults unless a configuration was adopted or carried over.
+        let pinned = match &prepared {
+            Some(p) => p.config_carried,
+            None => maps_dir.is_some_and(|d| d.join(map_names::CONFIG).exists()),
+        };
         let mut ebpf = loader.load(DATAPLANE_OBJECT)?;
-        for (name, old) in replaced {
-            let copied = copy_entries(&mut ebpf, name, old)?;
-            tracing::warn!(
-                map = name,
-                copied,
-                "replaced a pinned map of another definition (an earlier dp's), entries copied"
-            );
-        }
+        let migrated = match (prepared, maps_dir) {
+            (Some(p), Some(dir)) => upgrade::after_load(&ebpf, dir, &PINNED_MAPS, p)?,
+            _ => Vec::new(),
+        };
         load_programs(&mut ebpf)?;
         let mut datapath = Datapath {
             ebpf,
@@ -460,13 +354,26 @@ impl Datapath {
             service_addresses: BTreeMap::new(),
             source_ranges: BTreeMap::new(),
             tc_attach: TcAttach::from_env_or_kernel(),
+            migrated,
+            maps_dir: maps_dir.map(|d| d.to_path_buf()),
         };
-        // Conntrack timeouts and the rest start from the documented defaults
-        // (an adopted configuration is kept).
         if !pinned {
             datapath.set_config(DatapathConfig::default())?;
         }
         Ok(datapath)
+    }
+
+    /// Completes a migration begun at load (`kernel::upgrade`), once the
+    /// programs are swapped onto every link: the connection state the old
+    /// programs wrote meanwhile is carried over and the old maps unpinned.
+    /// Returns the names of the maps that were converted.
+    pub fn finish_migration(&mut self) -> Result<Vec<&'static str>> {
+        let migrated = std::mem::take(&mut self.migrated);
+        let names = migrated.iter().map(|m| m.name).collect();
+        if let Some(dir) = &self.maps_dir {
+            upgrade::finish(&self.ebpf, dir, migrated)?;
+        }
+        Ok(names)
     }
 
     /// How this datapath attaches its tc programs (by default `DP_TC_ATTACH`,

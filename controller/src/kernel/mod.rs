@@ -10,8 +10,10 @@
 //! - `host`: kernel release and sysctls of the node.
 //! - `sizing`: the capacities of conntrack and affinity from the node's
 //!   cores and memory.
-//! - `layout`: whether maps pinned by an earlier agent fit this dp's
-//!   definitions, and what is done when they do not.
+//! - `layout`: whether maps pinned by an earlier (or later) agent fit this
+//!   dp's definitions, and what is done when they do not; `upgrade` carries
+//!   it out at load (pins, `DP_LAYOUTS`) and `migrate` converts the entries
+//!   field by field (`rawmap`: a map's entries as bytes).
 //!
 //! Uses: `translate` (the writer's vocabulary) and `error`; never `inspect`,
 //! `agent` or `lab`.
@@ -20,8 +22,11 @@ pub mod host;
 pub mod layout;
 pub mod loader;
 pub mod maps;
+pub mod migrate;
 pub mod pin;
+pub mod rawmap;
 pub mod ring;
 pub mod sizing;
+pub mod upgrade;
 
 pub use loader::{Counters, Datapath, MapSizes, TcAttach};

@@ -183,10 +183,12 @@ fn agents_in_this_netns() -> Vec<u32> {
 }
 
 /// Removes dp's pins under `bpffs`: links first (each unpinned link with no
-/// other holder is detached at once), then maps. Returns what it removed.
+/// other holder is detached at once), then maps (and the old maps of a
+/// migration that did not finish). Returns what it removed.
 pub fn cleanup(bpffs: &Path) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    for dir in [links_dir(bpffs), maps_dir(bpffs)] {
+    let previous = crate::kernel::upgrade::previous_dir(&maps_dir(bpffs));
+    for dir in [links_dir(bpffs), maps_dir(bpffs), previous] {
         let Ok(entries) = fs::read_dir(&dir) else {
             continue;
         };

@@ -48,9 +48,30 @@ impl Agent {
         bpffs: &Path,
         extra: &[&str],
     ) -> Agent {
+        Self::start_bin(
+            env!("CARGO_BIN_EXE_dp"),
+            ns,
+            node,
+            node_ip,
+            source,
+            bpffs,
+            extra,
+        )
+    }
+
+    /// `start_with_args` with another dp binary (an upgrade's).
+    pub fn start_bin(
+        bin: &str,
+        ns: &Netns,
+        node: &str,
+        node_ip: &str,
+        source: (&str, &Path),
+        bpffs: &Path,
+        extra: &[&str],
+    ) -> Agent {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", ns.path().display()))
-            .args([env!("CARGO_BIN_EXE_dp"), "agent"])
+            .args([bin, "agent"])
             .arg(source.0)
             .arg(source.1)
             .arg("--bpffs")
