@@ -229,7 +229,7 @@ fn old_layout_pins_are_converted_or_refused() {
     };
     ct(&maps).insert(key, entry, 0).unwrap();
 
-    let mut dp = Datapath::load_pinned(&maps, MapSizes::default()).expect("load over old pins");
+    let dp = Datapath::load_pinned(&maps, MapSizes::default()).expect("load over old pins");
     // Made anew: allocated on use, this dp's capacity, the backend converted.
     let b = info(&maps, map_names::BACKENDS);
     assert_ne!(b.map_flags() & BPF_F_NO_PREALLOC, 0);

@@ -367,7 +367,9 @@ fn test() -> Result<()> {
             "--test",
             "skeleton",
         ])
-        .args(["-p", "dp", "--test", "external", "--test", "trace"]))?;
+        .args([
+            "-p", "dp", "--test", "external", "--test", "trace", "--test", "upgrade",
+        ]))?;
     Ok(())
 }
 

@@ -69,7 +69,7 @@ pub enum PinnedMapPlan {
     /// Its version and definition are this dp's: reuse it.
     Adopt,
     /// Make a new one and convert the entries from the layout `from`.
-    Convert { from: MapLayout, why: String },
+    Convert { from: Box<MapLayout>, why: String },
     /// Make a new, empty one.
     Fresh { why: String },
     /// Connection state this dp cannot read: the agent fails static.
@@ -172,7 +172,10 @@ pub fn plan(
         return PinnedMapPlan::Fresh { why };
     }
     match inconvertible(&from, ours) {
-        None => PinnedMapPlan::Convert { from, why },
+        None => PinnedMapPlan::Convert {
+            from: Box::new(from),
+            why,
+        },
         Some(cause) if connection_state(name) => PinnedMapPlan::Unreadable {
             why: format!("{why}: {cause}"),
         },

@@ -130,11 +130,7 @@ pub fn find(
 /// What `prepare` did: the maps to convert once the new ones exist, and
 /// whether the configuration was carried over.
 pub struct Prepared {
-    converting: Vec<(
-        &'static str,
-        Vec<(MapData, MapLayout, Option<PathBuf>)>,
-        String,
-    )>,
+    converting: Vec<Migrated>,
     pub config_carried: bool,
 }
 
@@ -223,33 +219,47 @@ pub fn prepare(maps_dir: &Path, wanted: &BTreeMap<&'static str, MapShape>) -> Re
                     to.display()
                 )))?;
                 prepared.config_carried |= name == map_names::CONFIG;
-                prepared
-                    .converting
-                    .push((name, vec![(map, from, Some(to))], why));
+                prepared.converting.push(Migrated {
+                    name,
+                    sources: vec![OldMap {
+                        map,
+                        layout: *from,
+                        pin: Some(to),
+                    }],
+                    why,
+                });
             }
             (plan, Some((o, _))) => {
                 // Interrupted: from the old map, then from what the new one
                 // got before the stop (if this dp can read it).
-                let from = match plan {
-                    PinnedMapPlan::Convert { from, .. } => from,
+                let layout = match plan {
+                    PinnedMapPlan::Convert { from, .. } => *from,
                     _ => ours,
                 };
-                let mut sources = vec![(open(name, &o.path)?, from, Some(o.path.clone()))];
+                let mut sources = vec![OldMap {
+                    map: open(name, &o.path)?,
+                    layout,
+                    pin: Some(o.path.clone()),
+                }];
                 if let Some(c) = current {
                     let readable = c
                         .layout
                         .filter(|l| layout::inconvertible(l, &ours).is_none());
-                    if let Some(l) = readable {
-                        sources.push((open(name, &c.path)?, l, None));
+                    if let Some(layout) = readable {
+                        sources.push(OldMap {
+                            map: open(name, &c.path)?,
+                            layout,
+                            pin: None,
+                        });
                     }
                     remove(&c.path)?;
                 }
                 prepared.config_carried |= name == map_names::CONFIG;
-                prepared.converting.push((
+                prepared.converting.push(Migrated {
                     name,
                     sources,
-                    "a migration that did not finish".to_string(),
-                ));
+                    why: "a migration that did not finish".to_string(),
+                });
             }
             (PinnedMapPlan::Unreadable { .. }, None) => unreachable!("refused above"),
         }
@@ -300,7 +310,7 @@ pub fn after_load(
             .map_err(io_err(format!("record the layout of {name}")))?;
     }
     let mut migrated = Vec::new();
-    for (name, sources, why) in prepared.converting {
+    for Migrated { name, sources, why } in prepared.converting {
         let ours = desc::describe(name).expect("a pinned map").layout;
         let new = ebpf
             .map(name)
@@ -313,10 +323,10 @@ pub fn after_load(
         // unless less recent.
         let mut entries: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
         let mut read = 0usize;
-        for (map, from, _) in &sources {
-            let c = Converter::new(from, &ours);
-            let old = RawMap::new(map.fd().as_fd(), from.key_size, from.value_size);
-            for (k, v) in old
+        for source in &sources {
+            let c = Converter::new(&source.layout, &ours);
+            for (k, v) in source
+                .raw()
                 .entries()
                 .map_err(io_err(format!("read the entries of the old {name}")))?
             {
@@ -344,7 +354,7 @@ pub fn after_load(
             c.new_recency(v)
         })
         .map_err(io_err(format!("write the entries of the new {name}")))?;
-        let from: Vec<u32> = sources.iter().map(|(_, l, _)| l.version).collect();
+        let from: Vec<u32> = sources.iter().map(|s| s.layout.version).collect();
         tracing::info!(
             map = name,
             %why,
@@ -355,14 +365,7 @@ pub fn after_load(
             written,
             "pinned map converted into a new one"
         );
-        migrated.push(Migrated {
-            name,
-            why,
-            sources: sources
-                .into_iter()
-                .map(|(map, layout, pin)| OldMap { layout, map, pin })
-                .collect(),
-        });
+        migrated.push(Migrated { name, sources, why });
     }
     Ok(migrated)
 }
