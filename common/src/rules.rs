@@ -226,6 +226,36 @@ pub fn masquerade(
     !to_this_node && (hairpin || by_policy)
 }
 
+/// How long an entry of `protocol` in `state` lives past its last packet
+/// (the conntrack timeouts, as the kernel's and kube-proxy's).
+#[inline(always)]
+pub fn ct_lifetime_ns(protocol: u8, state: u8, t: &crate::CtTimeouts) -> u64 {
+    use crate::{
+        ct::{CT_STATE_ESTABLISHED, CT_STATE_NEW},
+        proto::IPPROTO_SCTP,
+    };
+    let secs = match (protocol, state) {
+        (IPPROTO_TCP, CT_STATE_NEW) => t.tcp_syn,
+        (IPPROTO_TCP, CT_STATE_ESTABLISHED) => t.tcp_established,
+        (IPPROTO_TCP, _) => t.tcp_closing,
+        // An association lives like a TCP connection once answered (its
+        // heartbeats keep it fresh); its chunks are not followed.
+        (IPPROTO_SCTP, CT_STATE_ESTABLISHED) => t.tcp_established,
+        (_, CT_STATE_NEW) => t.udp,
+        _ => t.udp_replied,
+    };
+    u64::from(secs) * NS_PER_SEC
+}
+
+/// When an entry last saw a packet (CLOCK_MONOTONIC ns): its deadline less
+/// its lifetime. What "most recently used" means when a smaller conntrack
+/// keeps only some of the entries.
+pub fn ct_last_used_ns(protocol: u8, entry: &CtEntry, t: &crate::CtTimeouts) -> u64 {
+    entry
+        .expires_ns
+        .saturating_sub(ct_lifetime_ns(protocol, entry.state, t))
+}
+
 /// Whether a conntrack entry is live at `now_ns`: an expired one counts as
 /// absent (the GC deletes it later).
 #[inline(always)]

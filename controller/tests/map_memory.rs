@@ -1,10 +1,12 @@
 //! Kernel memory of the maps (issue 17): the maps only the agent writes are
 //! allocated on use, conntrack and affinity have the capacities asked for,
 //! `dp status` shows every pinned map's type, fill, capacity and memory,
-//! and an agent started over maps pinned by an older dp (another layout)
-//! replaces, keeps or refuses them as `kernel::layout` says.
+//! and an agent started over maps pinned by an older dp (another layout or
+//! capacity) converts or refuses them as `kernel::layout` says (issue 21),
+//! keeping the most recently used conntrack entries when it shrinks.
 
 use std::{
+    collections::BTreeSet,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
@@ -298,4 +300,63 @@ fn old_layout_pins_are_converted_or_refused() {
     assert_eq!(info(&maps, map_names::BACKENDS).map_flags(), 0);
     assert!(!maps.join(map_names::SERVICES).exists());
     assert!(!maps.join(map_names::LAYOUTS).exists());
+}
+
+#[test]
+fn a_smaller_conntrack_keeps_the_most_recently_used_entries() {
+    use common::ct::{CT_STATE_ESTABLISHED, CT_STATE_NEW};
+    e2e::require_root();
+    let bpffs = Bpffs::new("shrink");
+    let maps = bpffs.maps();
+    let dp = Datapath::load_pinned(&maps, MapSizes::default()).expect("load");
+    drop(dp);
+    // 300 TCP flows, flow i last used at i s; every other one still in its
+    // handshake (60 s to live, against 24 h for the established ones), so
+    // the deadlines alone would keep the established ones, not the recent.
+    const S: u64 = 1_000_000_000;
+    let t = common::CtTimeouts::DEFAULT;
+    let key = |i: u32| CtKey {
+        saddr: common::addr::addr16([10, 244, 1, 5].into()),
+        daddr: common::addr::addr16([10, 96, 0, 10].into()),
+        sport: 10_000 + i as u16,
+        dport: 80,
+        protocol: 6,
+        _pad: [0; 3],
+    };
+    let mut table = ct(&maps);
+    for i in 0..300u32 {
+        let state = if i % 2 == 0 {
+            CT_STATE_ESTABLISHED
+        } else {
+            CT_STATE_NEW
+        };
+        let last_used = 1_000 * S + u64::from(i) * S;
+        let entry = CtEntry {
+            expires_ns: last_used + common::rules::ct_lifetime_ns(6, state, &t),
+            backend_id: i + 1,
+            state,
+            ..CtEntry::default()
+        };
+        table.insert(key(i), entry, 0).unwrap();
+    }
+    // Room for 128: 64 in each of the 2 CPUs' LRU lists on this machine.
+    let possible = aya::util::nr_cpus().unwrap() as u32;
+    let online = aya::util::online_cpus().unwrap().len() as u32;
+    let sizes = MapSizes {
+        conntrack: 64 * possible,
+        ..MapSizes::default()
+    };
+    let mut dp = Datapath::load_pinned(&maps, sizes).expect("load smaller");
+    dp.finish_migration().unwrap();
+    let kept: BTreeSet<u32> = ct(&maps)
+        .iter()
+        .map(|e| e.unwrap().1.backend_id - 1)
+        .collect();
+    let room = 64 * online;
+    let recent: BTreeSet<u32> = (300 - room..300).collect();
+    assert_eq!(
+        kept, recent,
+        "the {room} most recently used, whatever their state"
+    );
+    drop(dp);
 }

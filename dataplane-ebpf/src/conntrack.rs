@@ -10,8 +10,6 @@ use common::{
 
 use crate::maps::DP_CT;
 
-const NS_PER_SEC: u64 = 1_000_000_000;
-
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: helper without preconditions.
@@ -40,17 +38,7 @@ pub fn lookup(key: &CtKey, now: u64) -> Option<*mut CtEntry> {
 
 #[inline(always)]
 pub fn lifetime_ns(protocol: u8, state: u8, t: &CtTimeouts) -> u64 {
-    let secs = match (protocol, state) {
-        (proto::IPPROTO_TCP, CT_STATE_NEW) => t.tcp_syn,
-        (proto::IPPROTO_TCP, CT_STATE_ESTABLISHED) => t.tcp_established,
-        (proto::IPPROTO_TCP, _) => t.tcp_closing,
-        // An association lives like a TCP connection once answered (its
-        // heartbeats keep it fresh); its chunks are not followed.
-        (proto::IPPROTO_SCTP, CT_STATE_ESTABLISHED) => t.tcp_established,
-        (_, CT_STATE_NEW) => t.udp,
-        _ => t.udp_replied,
-    };
-    u64::from(secs) * NS_PER_SEC
+    rules::ct_lifetime_ns(protocol, state, t)
 }
 
 /// The flow's state after a packet with `tcp_flags` in the given direction.

@@ -115,16 +115,16 @@ pub struct Target {
 }
 
 /// Writes `entries` (in the new layout) into the new map `map`. When more
-/// than it holds, the most recent (by `recency`) are kept. Returns how
-/// many were written.
+/// than it holds, the most recently used (by `last_used` of key and
+/// value) are kept. Returns how many were written.
 pub fn fill(
     map: RawMap<'_>,
     target: Target,
     mut entries: Vec<(Vec<u8>, Vec<u8>)>,
-    recency: impl Fn(&[u8]) -> Option<u64>,
+    last_used: impl Fn(&[u8], &[u8]) -> u64,
 ) -> io::Result<usize> {
     // Most recent first; the least recent are the ones cut.
-    entries.sort_by_key(|(_, v)| std::cmp::Reverse(recency(v).unwrap_or(0)));
+    entries.sort_by_key(|(k, v)| std::cmp::Reverse(last_used(k, v)));
     if target.array {
         entries.retain(|(k, _)| {
             k.get(..4)
@@ -187,21 +187,32 @@ fn pin_to_cpu(cpu: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// Pass 2: the entries of `old` (converted) that `new` lacks, or holds
-/// in a less recent copy, written into `new`. Returns how many.
-pub fn merge(old: RawMap<'_>, converter: &Converter, new: RawMap<'_>) -> io::Result<usize> {
+/// Pass 2: the entries of `old` (converted) used at or after `since`
+/// (pass 1's start, by `last_used` of the converted key and value) that
+/// `new` lacks, or holds in a less recent copy, written into `new`. Older
+/// entries were dealt with by pass 1 (carried over, or cut from a smaller
+/// map). Returns how many.
+pub fn merge(
+    old: RawMap<'_>,
+    converter: &Converter,
+    new: RawMap<'_>,
+    since: u64,
+    last_used: impl Fn(&[u8], &[u8]) -> u64,
+) -> io::Result<usize> {
     let mut written = 0;
     let mut current = vec![0u8; new.value_size];
     for (k, v) in old.entries()? {
         let (k, v) = converter.convert(&k, &v);
+        if last_used(&k, &v) < since {
+            continue;
+        }
         let flags = if !new.lookup(&k, &mut current)? {
             // NOEXIST: a packet may have added it since.
             BPF_NOEXIST
+        } else if last_used(&k, &v) > last_used(&k, &current) {
+            0
         } else {
-            match (converter.new_recency(&v), converter.new_recency(&current)) {
-                (Some(theirs), Some(ours)) if theirs > ours => 0,
-                _ => continue,
-            }
+            continue;
         };
         match new.update(&k, &v, flags) {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
@@ -238,6 +249,8 @@ pub struct Migrated {
     pub name: &'static str,
     pub sources: Vec<OldMap>,
     pub why: String,
+    /// CLOCK_MONOTONIC when pass 1 read the old maps.
+    pub converted_at_ns: u64,
 }
 
 #[cfg(test)]

@@ -227,6 +227,7 @@ pub fn prepare(maps_dir: &Path, wanted: &BTreeMap<&'static str, MapShape>) -> Re
                         pin: Some(to),
                     }],
                     why,
+                    converted_at_ns: 0,
                 });
             }
             (plan, Some((o, _))) => {
@@ -259,6 +260,7 @@ pub fn prepare(maps_dir: &Path, wanted: &BTreeMap<&'static str, MapShape>) -> Re
                     name,
                     sources,
                     why: "a migration that did not finish".to_string(),
+                    converted_at_ns: 0,
                 });
             }
             (PinnedMapPlan::Unreadable { .. }, None) => unreachable!("refused above"),
@@ -310,7 +312,12 @@ pub fn after_load(
             .map_err(io_err(format!("record the layout of {name}")))?;
     }
     let mut migrated = Vec::new();
-    for Migrated { name, sources, why } in prepared.converting {
+    let timeouts = ct_timeouts(ebpf);
+    for Migrated {
+        name, sources, why, ..
+    } in prepared.converting
+    {
+        let converted_at_ns = super::maps::monotonic_ns();
         let ours = desc::describe(name).expect("a pinned map").layout;
         let new = ebpf
             .map(name)
@@ -350,9 +357,12 @@ pub fn after_load(
                 BPF_MAP_TYPE_ARRAY | BPF_MAP_TYPE_PERCPU_ARRAY
             ),
         };
-        let written = migrate::fill(raw, target, entries.into_iter().collect(), |v| {
-            c.new_recency(v)
-        })
+        let written = migrate::fill(
+            raw,
+            target,
+            entries.into_iter().collect(),
+            last_used(name, &c, timeouts),
+        )
         .map_err(io_err(format!("write the entries of the new {name}")))?;
         let from: Vec<u32> = sources.iter().map(|s| s.layout.version).collect();
         tracing::info!(
@@ -365,9 +375,57 @@ pub fn after_load(
             written,
             "pinned map converted into a new one"
         );
-        migrated.push(Migrated { name, sources, why });
+        migrated.push(Migrated {
+            name,
+            sources,
+            why,
+            converted_at_ns,
+        });
     }
     Ok(migrated)
+}
+
+/// When an entry of map `name` in this dp's layout was last used (larger:
+/// more recent): a conntrack entry's deadline less its lifetime, else the
+/// layout's recency field (0 without one).
+fn last_used<'a>(
+    name: &str,
+    ours: &'a Converter,
+    timeouts: common::CtTimeouts,
+) -> impl Fn(&[u8], &[u8]) -> u64 + 'a {
+    let conntrack = name == map_names::CT;
+    move |k: &[u8], v: &[u8]| {
+        if conntrack {
+            let key: common::CtKey = bytemuck::pod_read_unaligned(k);
+            let entry: common::CtEntry = bytemuck::pod_read_unaligned(v);
+            common::rules::ct_last_used_ns(key.protocol, &entry, &timeouts)
+        } else {
+            ours.new_recency(v).unwrap_or(0)
+        }
+    }
+}
+
+/// The conntrack timeouts of the (adopted or converted) configuration, or
+/// the defaults when it has none yet.
+fn ct_timeouts(ebpf: &Ebpf) -> common::CtTimeouts {
+    let config = ebpf
+        .map(map_names::CONFIG)
+        .and_then(map_data)
+        .and_then(|m| {
+            let raw = RawMap::new(
+                m.fd().as_fd(),
+                4,
+                size_of::<common::DatapathConfig>() as u32,
+            );
+            let mut value = vec![0u8; raw.value_size];
+            raw.lookup(&0u32.to_ne_bytes(), &mut value)
+                .ok()?
+                .then(|| bytemuck::pod_read_unaligned::<common::DatapathConfig>(&value))
+        });
+    match config {
+        Some(c) if c.ct_timeouts.tcp_established != 0 => c.ct_timeouts,
+        _ => common::CtTimeouts::DEFAULT,
+    }
 }
 
 fn map_id(ebpf: &Ebpf, name: &str) -> Option<u32> {
@@ -409,8 +467,11 @@ pub fn finish(ebpf: &Ebpf, maps_dir: &Path, migrated: Vec<Migrated>) -> Result<(
             .ok_or(Error::MissingMap(m.name))?;
         let raw = RawMap::new(new.fd().as_fd(), ours.key_size, ours.value_size);
         let mut merged = 0;
+        let identity = Converter::new(&ours, &ours);
+        let last_used = last_used(m.name, &identity, ct_timeouts(ebpf));
         for old in &m.sources {
-            merged += migrate::merge(old.raw(), &Converter::new(&old.layout, &ours), raw)
+            let c = Converter::new(&old.layout, &ours);
+            merged += migrate::merge(old.raw(), &c, raw, m.converted_at_ns, &last_used)
                 .map_err(io_err(format!("merge the old {} into the new", m.name)))?;
         }
         tracing::info!(
