@@ -29,9 +29,93 @@ pub struct DatapathConfig {
     pub service_cidrs: [[u8; 16]; SERVICE_CIDR_SLOTS],
     /// Prefix lengths of `service_cidrs`, in the 16-byte form.
     pub service_cidr_lens: [u8; SERVICE_CIDR_SLOTS],
-    pub _pad2: [u8; 4],
+    /// Replies the datapath builds (ICMP port unreachable, TCP resets) per
+    /// second and CPU; 0: `DEFAULT_REPLY_RATE`; `REPLY_RATE_UNLIMITED`: no
+    /// limit.
+    pub reply_rate_per_s: u32,
+    /// How many such replies may go at once (the bucket's depth); 0:
+    /// `DEFAULT_REPLY_BURST`.
+    pub reply_burst: u32,
+}
+
+/// The kernel's `net.ipv4.icmp_msgs_per_sec` and `icmp_msgs_burst`
+/// defaults (there for all CPUs; here per CPU).
+pub const DEFAULT_REPLY_RATE: u32 = 1000;
+pub const DEFAULT_REPLY_BURST: u32 = 50;
+pub const REPLY_RATE_UNLIMITED: u32 = u32::MAX;
+
+/// Value of `DP_REPLY_BUDGET` (per-CPU array, one entry): a token bucket
+/// of replies, kept as time. Each reply costs `1 s / rate`; the credit
+/// grows with time up to `burst` replies' worth.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ReplyBudget {
+    pub credit_ns: u64,
+    pub last_ns: u64,
+}
+
+impl ReplyBudget {
+    /// Whether a reply may go at `now_ns` (then its cost is taken).
+    #[inline(always)]
+    pub fn take(&mut self, now_ns: u64, rate_per_s: u32, burst: u32) -> bool {
+        let rate = if rate_per_s == 0 {
+            DEFAULT_REPLY_RATE
+        } else {
+            rate_per_s
+        };
+        if rate == REPLY_RATE_UNLIMITED {
+            return true;
+        }
+        let burst = if burst == 0 {
+            DEFAULT_REPLY_BURST
+        } else {
+            burst
+        };
+        let cost = 1_000_000_000 / u64::from(rate.max(1));
+        let cap = cost.saturating_mul(u64::from(burst));
+        // A first use starts full.
+        let elapsed = if self.last_ns == 0 {
+            cap
+        } else {
+            now_ns.saturating_sub(self.last_ns)
+        };
+        self.last_ns = now_ns;
+        self.credit_ns = self.credit_ns.saturating_add(elapsed).min(cap);
+        if self.credit_ns >= cost {
+            self.credit_ns -= cost;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Service CIDRs the datapath knows (a cluster has one per family, more
 /// when ServiceCIDR objects extend the range).
 pub const SERVICE_CIDR_SLOTS: usize = 4;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reply_budget_is_a_token_bucket() {
+        const S: u64 = 1_000_000_000;
+        let mut b = ReplyBudget::default();
+        // Burst 3 at 10/s: three at once, then one per 100 ms.
+        let now = 5 * S;
+        assert!((0..3).all(|_| b.take(now, 10, 3)));
+        assert!(!b.take(now, 10, 3));
+        assert!(!b.take(now + 99_000_000, 10, 3));
+        assert!(b.take(now + 100_000_000, 10, 3));
+        assert!(!b.take(now + 150_000_000, 10, 3));
+        // A long pause refills up to the burst only.
+        let later = now + 60 * S;
+        assert_eq!((0..10).filter(|_| b.take(later, 10, 3)).count(), 3);
+        // Unlimited.
+        assert!((0..10_000).all(|_| b.take(later, REPLY_RATE_UNLIMITED, 1)));
+        // Zero: the defaults (burst 50).
+        let mut d = ReplyBudget::default();
+        assert_eq!((0..100).filter(|_| d.take(S, 0, 0)).count(), 50);
+    }
+}

@@ -144,7 +144,9 @@ pub mod versions {
     /// Version 2 exists only in the `layout-next` build (the upgrade and
     /// rollback tests' other dp).
     pub const CT: u32 = if cfg!(feature = "layout-next") { 2 } else { 1 };
-    pub const CONFIG: u32 = 1;
+    /// 2: the reply rate limit (`reply_rate_per_s`, `reply_burst`; zero
+    /// means the defaults, so a version 1 configuration converts).
+    pub const CONFIG: u32 = 2;
     pub const COUNTERS: u32 = 1;
     pub const TRACE_SESSIONS: u32 = 1;
     pub const TRACE_RING: u32 = 1;
@@ -390,7 +392,8 @@ pub fn describe(name: &str) -> Option<Description> {
                     ct_timeouts._pad,
                     service_cidrs,
                     service_cidr_lens,
-                    _pad2
+                    reply_rate_per_s,
+                    reply_burst
                 ]
             );
             d

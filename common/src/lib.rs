@@ -53,6 +53,8 @@ pub mod map_names {
     pub const DEVICES: &str = "DP_DEVICES";
     /// The layouts of the other pinned maps (`layout`), written by the agent.
     pub const LAYOUTS: &str = "DP_LAYOUTS";
+    /// Per-CPU token bucket of the replies the datapath builds.
+    pub const REPLY_BUDGET: &str = "DP_REPLY_BUDGET";
 }
 
 /// Default capacities of the maps; userspace may set others at load time
@@ -126,6 +128,7 @@ mod user {
     unsafe impl aya::Pod for crate::AffinityValue {}
     unsafe impl aya::Pod for crate::SourceRangeKey {}
     unsafe impl aya::Pod for crate::DeviceInfo {}
+    unsafe impl aya::Pod for crate::config::ReplyBudget {}
     unsafe impl aya::Pod for crate::layout::LayoutKey {}
     unsafe impl aya::Pod for crate::layout::MapLayout {}
 }

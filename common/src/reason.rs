@@ -156,11 +156,18 @@ pub enum Reason {
     /// runs, so no service answers. Only `dp explain` reports it (no
     /// program sees the packet) until socket-level load balancing serves it.
     NodeToOwnAddress = 31,
+    /// A REJECT's ICMP port unreachable not sent: the per-CPU budget of
+    /// replies the datapath builds was spent (`--reply-rate-limit`, like
+    /// the kernel's `icmp_msgs_per_sec`). The packet is dropped.
+    RejectRateLimited = 32,
+    /// A TCP reset to a flow whose backend is gone not sent, for the same
+    /// budget. The packet is dropped.
+    ResetRateLimited = 33,
 }
 
 impl Reason {
     /// Every reason, in number order.
-    pub const ALL: [Reason; 31] = [
+    pub const ALL: [Reason; 33] = [
         Reason::NotIpv4,
         Reason::NoService,
         Reason::UnsupportedProtocol,
@@ -192,6 +199,8 @@ impl Reason {
         Reason::RedirectFailed,
         Reason::UnallocatedClusterIp,
         Reason::NodeToOwnAddress,
+        Reason::RejectRateLimited,
+        Reason::ResetRateLimited,
     ];
 
     pub fn from_u32(v: u32) -> Option<Self> {
@@ -250,6 +259,8 @@ impl Reason {
             Reason::RedirectFailed => "redirect_failed",
             Reason::UnallocatedClusterIp => "unallocated_cluster_ip",
             Reason::NodeToOwnAddress => "node_to_own_address",
+            Reason::RejectRateLimited => "reject_rate_limited",
+            Reason::ResetRateLimited => "reset_rate_limited",
         }
     }
 
@@ -291,6 +302,8 @@ impl Reason {
             Reason::NodeToOwnAddress => {
                 "from this node to its own address: over loopback, not served by dp"
             }
+            Reason::RejectRateLimited => "reject reply not sent: reply rate limit reached",
+            Reason::ResetRateLimited => "TCP reset not sent: reply rate limit reached",
         }
     }
 }
@@ -355,6 +368,8 @@ mod tests {
             (Reason::RedirectFailed, 29, "redirect_failed"),
             (Reason::UnallocatedClusterIp, 30, "unallocated_cluster_ip"),
             (Reason::NodeToOwnAddress, 31, "node_to_own_address"),
+            (Reason::RejectRateLimited, 32, "reject_rate_limited"),
+            (Reason::ResetRateLimited, 33, "reset_rate_limited"),
         ];
         assert_eq!(Reason::ALL.len(), expected.len(), "update this list");
         for (reason, number, id) in expected {

@@ -433,6 +433,18 @@ struct AgentArgs {
     /// Masquerade all service traffic (kube-proxy's --masquerade-all).
     #[arg(long, env = "DP_MASQUERADE_ALL")]
     masquerade_all: bool,
+    /// Replies the datapath builds itself (REJECT's ICMP port unreachable,
+    /// TCP resets to removed backends) per second and CPU; 0: no limit. The
+    /// kernel's ICMP rate limit does not see them; this is theirs (the
+    /// default is the kernel's icmp_msgs_per_sec). Replies over it are not
+    /// sent: the packet is dropped and counted (reject_rate_limited,
+    /// reset_rate_limited).
+    #[arg(long, env = "DP_REPLY_RATE_LIMIT", default_value_t = common::config::DEFAULT_REPLY_RATE)]
+    reply_rate_limit: u32,
+    /// How many such replies may go at once, per CPU (the kernel's
+    /// icmp_msgs_burst).
+    #[arg(long, env = "DP_REPLY_BURST", default_value_t = common::config::DEFAULT_REPLY_BURST)]
+    reply_burst: u32,
     /// bpffs directory for pinned maps and links (a bpffs is mounted on
     /// /sys/fs/bpf, or there, if it is not on one).
     #[arg(long, default_value = "/sys/fs/bpf/dp", env = "DP_BPFFS")]
@@ -673,6 +685,7 @@ fn main() -> anyhow::Result<()> {
                 nodeport_addresses: a.nodeport_addresses,
                 service_cidrs: a.service_cidr.into_iter().flatten().collect(),
                 masquerade_all: a.masquerade_all,
+                reply_limit: (a.reply_rate_limit, a.reply_burst),
                 bpffs: a.bpffs,
                 metrics_addr: a.metrics_addr,
                 healthz_addr: a.healthz_addr,

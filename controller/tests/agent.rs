@@ -709,3 +709,169 @@ fn the_agent_refuses_an_old_kernel_and_uses_netlink_tc_on_one_without_tcx() {
     assert_eq!(reply, b"hi", "served through the netlink filters (hairpin)");
     agent.stop();
 }
+
+/// Sends `count` TCP SYNs from `src` to `dst`, one every `gap`, on CPU 0
+/// (the reply budget is per CPU), through a raw socket of the calling
+/// namespace. Returns how long the flood took.
+fn syn_flood(src: std::net::Ipv4Addr, dst: SocketAddr, count: u16, gap: Duration) -> Duration {
+    let SocketAddr::V4(dst) = dst else {
+        panic!("IPv4")
+    };
+    // SAFETY: plain socket calls on a descriptor owned here; the cpu set
+    // is zeroed then filled with CPU 0.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let to = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(dst.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let started = Instant::now();
+        for i in 0..count {
+            let mut packet = Vec::new();
+            etherparse::PacketBuilder::ipv4(src.octets(), dst.ip().octets(), 64)
+                .tcp(20_000 + i, dst.port(), 1, 64_240)
+                .syn()
+                .write(&mut packet, &[])
+                .unwrap();
+            let sent = libc::sendto(
+                fd,
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&to as *const libc::sockaddr_in).cast(),
+                size_of::<libc::sockaddr_in>() as u32,
+            );
+            assert_eq!(
+                sent,
+                packet.len() as isize,
+                "{}",
+                std::io::Error::last_os_error()
+            );
+            std::thread::sleep(gap);
+        }
+        let took = started.elapsed();
+        libc::close(fd);
+        took
+    }
+}
+
+/// ICMP port unreachable messages arriving in the calling namespace until
+/// none has come for `quiet`, counted by a raw ICMP socket opened by
+/// `open` before the flood.
+struct IcmpCounter(i32);
+
+impl IcmpCounter {
+    fn open() -> IcmpCounter {
+        // SAFETY: a plain socket call.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+        assert!(
+            fd >= 0,
+            "raw ICMP socket: {}",
+            std::io::Error::last_os_error()
+        );
+        IcmpCounter(fd)
+    }
+
+    fn port_unreachable(&self, quiet: Duration) -> u64 {
+        let mut count = 0;
+        let mut buf = [0u8; 256];
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: self.0,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd; a buffer of its length for recv.
+            let n = unsafe {
+                if libc::poll(&mut pfd, 1, quiet.as_millis() as i32) <= 0 {
+                    return count;
+                }
+                libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0)
+            };
+            // IPv4 header (20 bytes here), then ICMP type 3 code 3.
+            if n >= 22 && buf[20] == 3 && buf[21] == 3 {
+                count += 1;
+            }
+        }
+    }
+}
+
+impl Drop for IcmpCounter {
+    fn drop(&mut self) {
+        // SAFETY: our descriptor.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+#[test]
+fn a_syn_flood_to_a_service_without_endpoints_gets_replies_at_the_configured_rate() {
+    require_root();
+    let cluster = Cluster::new(&[1]).unwrap();
+    let dir = manifests_dir("reply-rate");
+    let bpffs = Bpffs::new("reply-rate");
+    fs::write(
+        dir.join("empty.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: default}\n\
+         spec:\n  clusterIP: 10.96.0.99\n  ports: [{port: 80}]\n",
+    )
+    .unwrap();
+    let node = cluster.node_ns(0);
+    let n = &cluster.nodes[0];
+    // 100 replies a second per CPU, 20 at once.
+    let agent = Agent::start_with_args(
+        node,
+        &n.name,
+        &n.ip.to_string(),
+        ("--manifests", &dir),
+        &bpffs.node(&n.name),
+        &["--reply-rate-limit", "100", "--reply-burst", "20"],
+    );
+    agent.wait_for(&["synced", "frontends=1"]);
+    let pod = cluster.pod("pod-1-0").clone();
+    let vip: SocketAddr = "10.96.0.99:80".parse().unwrap();
+    const SYNS: u16 = 1_000;
+    let (took, received) = cluster
+        .pod_ns(&pod.name)
+        .run(|| {
+            let icmp = IcmpCounter::open();
+            let took = syn_flood(pod.ip, vip, SYNS, Duration::from_millis(1));
+            (took, icmp.port_unreachable(Duration::from_millis(300)))
+        })
+        .unwrap();
+    let stats = inspect(&bpffs.node(&n.name), &["stats"]);
+    let count = |reason: &str| -> u64 {
+        stats
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["reason"] == reason)
+            .map(|r| r["packets"].as_u64().unwrap())
+            .sum()
+    };
+    let (answered, limited) = (count("no_endpoints"), count("reject_rate_limited"));
+    // Every SYN was decided; the client got exactly the replies counted.
+    assert_eq!(answered + limited, u64::from(SYNS), "{stats}");
+    assert_eq!(received, answered, "replies sent and received");
+    // The burst, then 100 a second, over the flood's duration.
+    let expected = 20.0 + 100.0 * took.as_secs_f64();
+    eprintln!(
+        "{SYNS} SYNs in {:.2} s: {answered} answered (expected {expected:.0}), {limited} dropped",
+        took.as_secs_f64()
+    );
+    assert!(
+        (answered as f64) >= expected * 0.8 && (answered as f64) <= expected * 1.1 + 2.0,
+        "{answered} replies, expected about {expected:.0}"
+    );
+    agent.stop();
+}

@@ -740,3 +740,48 @@ fn a_local_traffic_policy_without_local_endpoints_drops_instead_of_rejecting() {
     assert_eq!(c.packets(Hook::TcIngress, Reason::NoLocalEndpoints), 1);
     assert_eq!(c.packets(Hook::TcIngress, Reason::NoEndpoints), 0);
 }
+
+/// Runs the calling thread on CPU 0 only: the reply budget is per CPU.
+fn on_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU 0 is in bounds; pid 0 is
+    // the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+}
+
+#[test]
+fn rejects_beyond_the_reply_budget_are_dropped_and_counted() {
+    on_cpu0();
+    let mut dp = setup(&[], &[]);
+    // One reply a second, three at once.
+    dp.set_reply_limit(1, 3).unwrap();
+    let verdicts: Vec<u32> = (0..10)
+        .map(|i| {
+            let request = tcp_syn(CLIENT, 41_000 + i, VIP, 80);
+            let (ret, out) = run(&dp, Hook::TcIngress, &request);
+            if ret == TC_ACT_REDIRECT {
+                assert_port_unreachable(ret, &out, &request);
+            }
+            ret
+        })
+        .collect();
+    assert_eq!(
+        verdicts,
+        [[TC_ACT_REDIRECT; 3].as_slice(), [TC_ACT_SHOT; 7].as_slice()].concat()
+    );
+    let c = dp.counters().unwrap();
+    assert_eq!(c.packets(Hook::TcIngress, Reason::NoEndpoints), 3);
+    assert_eq!(c.packets(Hook::TcIngress, Reason::RejectRateLimited), 7);
+    // Without a limit, every one is answered.
+    dp.set_reply_limit(0, 1).unwrap();
+    for i in 0..100 {
+        let (ret, _) = run(&dp, Hook::TcIngress, &tcp_syn(CLIENT, 42_000 + i, VIP, 80));
+        assert_eq!(ret, TC_ACT_REDIRECT);
+    }
+}

@@ -109,6 +109,13 @@ const BPF_F_NO_PREALLOC: u32 = common::map_sizes::BPF_F_NO_PREALLOC;
 #[map(name = "DP_DECISION")]
 pub static DP_DECISION: PerCpuArray<TraceEvent> = PerCpuArray::with_max_entries(1, 0);
 
+/// Index 0: this CPU's budget of replies built here (ICMP port
+/// unreachable, TCP resets): a token bucket, so a flood to a Service without
+/// endpoints gets replies at the configured rate (`reject::budget`).
+#[map(name = "DP_REPLY_BUDGET")]
+pub static DP_REPLY_BUDGET: PerCpuArray<common::config::ReplyBudget> =
+    PerCpuArray::with_max_entries(1, 0);
+
 /// One scratch buffer per CPU for building ICMP errors and TCP resets.
 #[map(name = "DP_SCRATCH")]
 pub static DP_SCRATCH: PerCpuArray<[u8; crate::reject::SCRATCH_LEN]> =

@@ -6,14 +6,14 @@
 use aya_ebpf::{bindings::BPF_F_INGRESS, helpers::bpf_skb_change_tail, programs::TcContext};
 use common::{
     proto::{self, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    Hook, Reason,
+    DatapathConfig, Hook, Reason,
 };
 
 use crate::{
     action::TcAction,
     csum::{fold, sum_words},
     fib::redirect,
-    maps::DP_SCRATCH,
+    maps::{DP_REPLY_BUDGET, DP_SCRATCH},
     packet::{load, skb_load, skb_store},
     parse::{EthHdr, Ipv4Hdr, ETH_HLEN, ICMP_HLEN},
 };
@@ -137,6 +137,24 @@ pub fn tcp_reset(ctx: &TcContext, hook: Hook, l4_off: usize) -> Result<TcAction,
     let sum = fold(sum_words(buf, t, TCP_HLEN, pseudo));
     buf[t + 16..t + 18].copy_from_slice(&sum.to_be_bytes());
     send_back(ctx, hook, buf, TCP_RESET_LEN)
+}
+
+/// Takes one reply from this CPU's budget (`DatapathConfig::reply_rate_per_s`
+/// and `reply_burst`): `Err(limited)` when it is spent, so the packet is
+/// dropped for that reason instead of answered. The kernel's own ICMP rate
+/// limit never sees replies built here.
+#[inline(always)]
+pub fn budget(cfg: &DatapathConfig, now: u64, limited: Reason) -> Result<(), Reason> {
+    // SAFETY: per-CPU value; programs do not nest on one CPU in tc.
+    let b = DP_REPLY_BUDGET
+        .get_ptr_mut(0)
+        .map(|p| unsafe { &mut *p })
+        .ok_or(Reason::ScratchUnavailable)?;
+    if b.take(now, cfg.reply_rate_per_s, cfg.reply_burst) {
+        Ok(())
+    } else {
+        Err(limited)
+    }
 }
 
 /// This CPU's scratch buffer (too big for the 512-byte BPF stack).

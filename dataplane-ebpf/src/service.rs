@@ -130,11 +130,11 @@ pub fn handle(
             Reason::ReplyReverseNat,
             rewrite(ctx, l4_off, ev).and_then(|()| send_on(ctx, hook, ev, true)),
         ),
-        Step::Reject(reason) => (Verdict::Reject, reason, reject(ctx, hook)),
+        Step::Reject(reason) => (Verdict::Reject, reason, reject(ctx, &f)),
         Step::Reset => (
             Verdict::Reject,
             Reason::BackendGoneReset,
-            reset(ctx, hook, l4_off),
+            reset(ctx, &f, l4_off),
         ),
         Step::Track(..) | Step::BackendGone | Step::Reopen => {
             return drop_packet(ev, Reason::ServiceInconsistent)
@@ -438,14 +438,17 @@ pub fn send_on(
     }
 }
 
-/// Answers with ICMP port unreachable (kube-proxy's REJECT).
+/// Answers with ICMP port unreachable (kube-proxy's REJECT), within the
+/// reply budget.
 #[inline(never)]
-fn reject(ctx: &TcContext, hook: Hook) -> Result<TcAction, Reason> {
-    reject::icmp_port_unreachable(ctx, hook)
+fn reject(ctx: &TcContext, f: &Flow) -> Result<TcAction, Reason> {
+    reject::budget(f.cfg, f.now, Reason::RejectRateLimited)?;
+    reject::icmp_port_unreachable(ctx, f.hook)
 }
 
-/// Resets a TCP flow whose backend is gone.
+/// Resets a TCP flow whose backend is gone, within the reply budget.
 #[inline(never)]
-fn reset(ctx: &TcContext, hook: Hook, l4_off: usize) -> Result<TcAction, Reason> {
-    reject::tcp_reset(ctx, hook, l4_off)
+fn reset(ctx: &TcContext, f: &Flow, l4_off: usize) -> Result<TcAction, Reason> {
+    reject::budget(f.cfg, f.now, Reason::ResetRateLimited)?;
+    reject::tcp_reset(ctx, f.hook, l4_off)
 }

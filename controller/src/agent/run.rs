@@ -63,6 +63,8 @@ pub struct AgentOptions {
     /// otherwise.
     pub service_cidrs: Vec<Cidr>,
     pub masquerade_all: bool,
+    /// `--reply-rate-limit` (0: none) and `--reply-burst`.
+    pub reply_limit: (u32, u32),
     pub bpffs: PathBuf,
     pub metrics_addr: SocketAddr,
     pub healthz_addr: SocketAddr,
@@ -491,6 +493,7 @@ impl Agent {
             self.opts.cluster_cidr.map(|c| (IpAddr::V4(c.addr), c.len)),
             self.opts.masquerade_all,
         )?;
+        dp.set_reply_limit(self.opts.reply_limit.0, self.opts.reply_limit.1)?;
         self.configure_service_cidrs(dp)
     }
 

@@ -772,6 +772,18 @@ impl Datapath {
         })
     }
 
+    /// Limits the replies the datapath builds (ICMP port unreachable, TCP
+    /// resets) to `rate_per_s` per CPU (0: no limit) with bursts of `burst`.
+    pub fn set_reply_limit(&mut self, rate_per_s: u32, burst: u32) -> Result<()> {
+        self.update_config(|c| {
+            c.reply_rate_per_s = match rate_per_s {
+                0 => common::config::REPLY_RATE_UNLIMITED,
+                r => r,
+            };
+            c.reply_burst = burst.max(1);
+        })
+    }
+
     /// Sets the Service CIDRs (IPv4 networks and prefix lengths; at most
     /// `SERVICE_CIDR_SLOTS`, the rest are left out): traffic to an address
     /// in them that no Service has is dropped. Empty: none known, nothing

@@ -77,6 +77,17 @@ pub fn hint(reason: Reason, r: &TraceRecord) -> Hint {
              kube-proxy serves it from its OUTPUT chain. Use the ClusterIP from the node",
             vec!["kubectl get svc -A -o wide   # the Service's ClusterIP".to_string()],
         ),
+        Reason::RejectRateLimited | Reason::ResetRateLimited => (
+            "more packets to be answered (REJECT's ICMP port unreachable, resets to removed \
+             backends) than the agent's reply budget allows on this CPU: this one was dropped \
+             unanswered, as the kernel's ICMP rate limit would do; the client retries or \
+             times out",
+            vec![
+                "dp stats   # reject_rate_limited, reset_rate_limited".to_string(),
+                "dp agent --reply-rate-limit N --reply-burst B   # per CPU; 0: no limit"
+                    .to_string(),
+            ],
+        ),
         Reason::BackendGoneReset => (
             "the connection's backend was removed from the Service (pod deleted or no longer \
              serving); the client got a TCP reset and must reconnect",
