@@ -66,3 +66,16 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A short label of what failed, for metrics (`dp_sync_errors_total`).
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Error::Map { .. } | Error::MissingMap(_) => "map",
+            Error::Io { .. } => "io",
+            Error::Pin { .. } | Error::NoState { .. } => "pin",
+            Error::Load(_) | Error::Program { .. } | Error::MissingProgram(_) => "program",
+            _ => "other",
+        }
+    }
+}

@@ -445,6 +445,11 @@ struct AgentArgs {
     /// icmp_msgs_burst).
     #[arg(long, env = "DP_REPLY_BURST", default_value_t = common::config::DEFAULT_REPLY_BURST)]
     reply_burst: u32,
+    /// How often the maps are read back and whatever differs from the
+    /// desired state written again, in seconds (kube-proxy's --sync-period);
+    /// 0: never. A failed sync is retried sooner, with backoff.
+    #[arg(long, env = "DP_SYNC_PERIOD", default_value_t = 30)]
+    sync_period: u64,
     /// bpffs directory for pinned maps and links (a bpffs is mounted on
     /// /sys/fs/bpf, or there, if it is not on one).
     #[arg(long, default_value = "/sys/fs/bpf/dp", env = "DP_BPFFS")]
@@ -686,6 +691,7 @@ fn main() -> anyhow::Result<()> {
                 service_cidrs: a.service_cidr.into_iter().flatten().collect(),
                 masquerade_all: a.masquerade_all,
                 reply_limit: (a.reply_rate_limit, a.reply_burst),
+                sync_period: std::time::Duration::from_secs(a.sync_period),
                 bpffs: a.bpffs,
                 metrics_addr: a.metrics_addr,
                 healthz_addr: a.healthz_addr,

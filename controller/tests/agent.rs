@@ -875,3 +875,81 @@ fn a_syn_flood_to_a_service_without_endpoints_gets_replies_at_the_configured_rat
     );
     agent.stop();
 }
+
+#[test]
+fn a_sync_that_did_not_fit_is_retried_without_a_new_event() {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use common::{ServiceKey, ServiceValue};
+    require_root();
+    let cluster = Cluster::new(&[2]).unwrap();
+    let _servers = cluster.serve_named_tcp(8080).unwrap();
+    let dir = manifests_dir("retry");
+    let bpffs = Bpffs::new("retry");
+    write_web(&dir, &[("10.244.1.11", "node1")]);
+    let node = cluster.node_ns(0);
+    let n = &cluster.nodes[0];
+    let pins = bpffs.node(&n.name);
+    // A services map of 8 entries: one frontend with one backend takes 3
+    // (master, slot, the address's wildcard entry).
+    let agent = Agent::start_with_args(
+        node,
+        &n.name,
+        &n.ip.to_string(),
+        ("--manifests", &dir),
+        &pins,
+        &["--map-size-services", "8"],
+    );
+    agent.wait_for(&["synced", "frontends=1"]);
+    // Something else fills the map (here: the test, through the pin).
+    let services = dp::kernel::pin::maps_dir(&pins).join(common::map_names::SERVICES);
+    let mut map: BpfHashMap<MapData, ServiceKey, ServiceValue> =
+        BpfHashMap::try_from(Map::HashMap(MapData::from_pin(&services).unwrap())).unwrap();
+    let mut junk = Vec::new();
+    for i in 0..8u8 {
+        let key = ServiceKey {
+            addr: common::addr::addr16([192, 0, 2, i].into()),
+            port: 1,
+            protocol: 6,
+            ..ServiceKey::default()
+        };
+        if map.insert(key, ServiceValue::default(), 0).is_err() {
+            break;
+        }
+        junk.push(key);
+    }
+    assert!(
+        !junk.is_empty() && junk.len() < 8,
+        "{} junk entries",
+        junk.len()
+    );
+    // A second Service: the kernel refuses its entries.
+    fs::write(
+        dir.join("web2.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web2, namespace: default}\n\
+         spec:\n  clusterIP: 10.96.0.11\n  ports: [{port: 80}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: web2-1\n  namespace: default\n  labels: {kubernetes.io/service-name: web2}\n\
+         addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- {addresses: [10.244.1.11], nodeName: node1}\n",
+    )
+    .unwrap();
+    agent.wait_for(&["did not fit"]);
+    let metrics = http_get(node, "127.0.0.1:10249", "/metrics");
+    assert!(
+        metrics.contains("dp_sync_errors_total{cause=\"not_programmed\"}"),
+        "{metrics}"
+    );
+    // The room comes back; no manifest changes. The agent tries again by
+    // itself and programs web2.
+    for key in &junk {
+        map.remove(key).unwrap();
+    }
+    let lines = agent.log_until(&["synced", "frontends=2"]);
+    assert!(
+        lines.iter().any(|l| l.contains("retrying the sync")),
+        "{lines:#?}"
+    );
+    let web2: SocketAddr = "10.96.0.11:80".parse().unwrap();
+    let (reply, _) = tcp_echo_once(cluster.pod_ns("pod-1-0"), web2, b"hi", TIMEOUT).unwrap();
+    assert_eq!(parse_identity(&reply).unwrap().0, "pod-1-1");
+    agent.stop();
+}

@@ -85,7 +85,8 @@ pub struct AgentMetrics {
     pub last_sync: Option<SystemTime>,
     /// Set by a failed sync, cleared by a successful one.
     pub failing_since: Option<SystemTime>,
-    pub sync_errors: u64,
+    /// Failed or partial syncs by cause (`Error::cause`, `not_programmed`).
+    pub sync_errors: std::collections::BTreeMap<&'static str, u64>,
     pub skipped_invalid: usize,
     pub skipped_not_served: usize,
     /// Objects the last sync could not program (full maps).
@@ -93,6 +94,12 @@ pub struct AgentMetrics {
     /// Pinned maps converted into new ones at this start (another layout
     /// or capacity: `kernel::upgrade`).
     pub maps_converted: usize,
+}
+
+impl AgentMetrics {
+    pub fn count_sync_error(&mut self, cause: &'static str) {
+        *self.sync_errors.entry(cause).or_default() += 1;
+    }
 }
 
 /// A request from an HTTP handler to the agent loop, which owns the maps.
@@ -177,9 +184,11 @@ pub fn render(m: &AgentMetrics, writer: &MapWriter, dp: &Datapath) -> String {
     );
     let _ = writeln!(
         out,
-        "# HELP dp_sync_errors_total Syncs that failed to program the maps\n# TYPE dp_sync_errors_total counter\ndp_sync_errors_total {}",
-        m.sync_errors
+        "# HELP dp_sync_errors_total Syncs that failed to program the maps (or left objects out), by cause; each is retried with backoff\n# TYPE dp_sync_errors_total counter"
     );
+    for (cause, n) in &m.sync_errors {
+        let _ = writeln!(out, "dp_sync_errors_total{{cause=\"{cause}\"}} {n}");
+    }
     pinned_state(&mut out, true, m.maps_converted);
     if let Ok(counters) = dp.counters() {
         let _ = writeln!(

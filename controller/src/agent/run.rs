@@ -65,6 +65,9 @@ pub struct AgentOptions {
     pub masquerade_all: bool,
     /// `--reply-rate-limit` (0: none) and `--reply-burst`.
     pub reply_limit: (u32, u32),
+    /// `--sync-period`: the maps are read back and repaired this often (0:
+    /// never).
+    pub sync_period: Duration,
     pub bpffs: PathBuf,
     pub metrics_addr: SocketAddr,
     pub healthz_addr: SocketAddr,
@@ -184,6 +187,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         seen_triggers: BTreeSet::new(),
         health_checks: HealthCheckServer::new(health_ips, requests.clone()),
         api_service_cidrs: None,
+        retry: None,
         opts,
     };
     agent.configure(&mut dp)?;
@@ -327,7 +331,20 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut links = LinkEvents::open().context("subscribing to link events")?;
     // Devices that appeared between the first listing and the subscription.
     agent.attach_pod_devices(&mut dp);
+    // A burst of manifest events is taken in one sync once the directory
+    // is quiet (or the burst too long): a deadline this loop waits for
+    // alongside everything else, so health requests and SIGTERM are
+    // answered meanwhile.
+    let mut manifests_due: Option<(tokio::time::Instant, tokio::time::Instant)> = None;
+    let mut resync = tokio::time::interval_at(
+        tokio::time::Instant::now() + agent.opts.sync_period.max(Duration::from_millis(1)),
+        agent.opts.sync_period.max(Duration::from_millis(1)),
+    );
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let manifests_at = manifests_due
+            .map(|(first, last)| (last + MANIFEST_QUIET).min(first + MANIFEST_BURST_MAX));
+        let retry_at = agent.retry.map(|(at, _)| at);
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
@@ -340,13 +357,12 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 }
             },
             Some(()) = rx.recv() => {
-                // One sync for a burst of events (an editor writes a file in
-                // several steps, a rename reports both names): wait until the
-                // directory is quiet, within a bound.
-                let burst = tokio::time::Instant::now();
-                while burst.elapsed() < MANIFEST_BURST_MAX
-                    && matches!(tokio::time::timeout(MANIFEST_QUIET, rx.recv()).await, Ok(Some(())))
-                {}
+                let now = tokio::time::Instant::now();
+                let first = manifests_due.map_or(now, |(first, _)| first);
+                manifests_due = Some((first, now));
+            }
+            _ = sleep_until_or_never(manifests_at) => {
+                manifests_due = None;
                 if let Source::Manifests(dir, cache) = &source {
                     let started = Instant::now();
                     agent.read_manifests(&mut dp, dir, cache);
@@ -367,6 +383,17 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                         agent.sync(&mut dp, started);
                     }
                 }
+            }
+            _ = sleep_until_or_never(retry_at) => {
+                // A sync that failed or left objects out, tried again
+                // without waiting for another event.
+                info!(attempt = agent.retry.map_or(0, |(_, n)| n), "retrying the sync");
+                agent.sync(&mut dp, Instant::now());
+            }
+            _ = resync.tick(), if !agent.opts.sync_period.is_zero() => {
+                // kube-proxy's periodic resync: the maps are read back and
+                // whatever differs from the desired state is written again.
+                agent.resync(&mut dp);
             }
             changed = links.changed() => match changed {
                 Ok(()) => agent.attach_pod_devices(&mut dp),
@@ -478,6 +505,9 @@ struct Agent {
     /// The IPv4 CIDRs of the API's ServiceCIDR objects, once the API has
     /// said (None: not served, not yet listed, or manifests).
     api_service_cidrs: Option<Vec<Cidr>>,
+    /// When the next retry of a failed (or partial) sync is due, and which
+    /// attempt it is.
+    retry: Option<(tokio::time::Instant, u32)>,
 }
 
 impl Agent {
@@ -704,6 +734,12 @@ impl Agent {
     /// maps, compares everything). `started`: when the change was taken in
     /// (the sync's duration, logged and observed, counts from there).
     fn sync(&mut self, dp: &mut Datapath, started: Instant) {
+        self.sync_as(dp, started, "synced");
+    }
+
+    /// `sync`, logging `done` (the periodic resync's line must not pass for
+    /// a sync of a change).
+    fn sync_as(&mut self, dp: &mut Datapath, started: Instant, done: &'static str) {
         let changes = self.translation.take_changes();
         for s in changes.skipped.iter().filter(|s| s.invalid) {
             warn!(object = %s.object, reason = %s.reason, "skipped invalid input");
@@ -742,6 +778,12 @@ impl Agent {
                     warn!(object = %what, %error, "did not fit: not programmed");
                 }
                 self.metrics.not_programmed = stats.not_programmed.len();
+                self.retry = if stats.not_programmed.is_empty() {
+                    None
+                } else {
+                    self.metrics.count_sync_error("not_programmed");
+                    Some(next_retry(self.retry))
+                };
                 if self.health_checks_pending {
                     // Logs what it cannot bind; tried again next sync.
                     let report = self.health_checks.sync(desired);
@@ -767,7 +809,7 @@ impl Agent {
                     backends_removed = stats.backends_removed,
                     resource_version = self.resource_version.as_deref().unwrap_or(""),
                     micros = started.elapsed().as_micros() as u64,
-                    "synced"
+                    "{done}"
                 );
                 // A large sync (the first, a relist) frees what it compared
                 // and built; a small one has little to give back.
@@ -776,15 +818,61 @@ impl Agent {
                 }
             }
             Err(e) => {
-                self.metrics.sync_errors += 1;
+                self.metrics.count_sync_error(e.cause());
                 self.metrics
                     .failing_since
                     .get_or_insert_with(std::time::SystemTime::now);
-                warn!(error = %e, "programming the maps failed");
+                self.retry = Some(next_retry(self.retry));
+                warn!(error = %e, cause = e.cause(), "programming the maps failed");
+            }
+        }
+    }
+
+    /// Reads the maps back into the writer and syncs: what differs from
+    /// the desired state (an entry changed or removed behind the agent's
+    /// back, a write that failed) is written again.
+    fn resync(&mut self, dp: &mut Datapath) {
+        // Nothing before the API's first complete lists (fail static).
+        if self.opts.manifests.is_none() && !self.listed.iter().all(|l| *l) {
+            return;
+        }
+        let started = Instant::now();
+        match MapWriter::adopt(dp) {
+            Ok(writer) => {
+                self.writer = writer;
+                self.sync_as(dp, started, "periodic resync: maps read back and repaired");
+            }
+            Err(e) => {
+                self.metrics.count_sync_error(e.cause());
+                warn!(error = %e, "reading the maps back for the periodic resync");
             }
         }
     }
 }
+
+/// Sleeps until `at`, or forever without one (a `select!` arm that never
+/// fires).
+async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next retry of a sync after `last` (none: the first), later each
+/// time it fails again.
+fn next_retry(last: Option<(tokio::time::Instant, u32)>) -> (tokio::time::Instant, u32) {
+    let attempt = last.map_or(1, |(_, n)| n + 1);
+    let wait = RETRY_FIRST
+        .saturating_mul(1 << (attempt - 1).min(16))
+        .min(RETRY_MAX);
+    (tokio::time::Instant::now() + wait, attempt)
+}
+
+/// The first retry of a failed sync comes after this; each next one after
+/// twice as long, up to `RETRY_MAX`.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Frontends written or removed by a sync after which the heap is trimmed.
 const LARGE_SYNC: usize = 1000;
