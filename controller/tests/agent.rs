@@ -849,19 +849,13 @@ fn a_syn_flood_to_a_service_without_endpoints_gets_replies_at_the_configured_rat
             (took, icmp.port_unreachable(Duration::from_millis(300)))
         })
         .unwrap();
-    let stats = inspect(&bpffs.node(&n.name), &["stats"]);
-    let count = |reason: &str| -> u64 {
-        stats
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|r| r["reason"] == reason)
-            .map(|r| r["packets"].as_u64().unwrap())
-            .sum()
-    };
-    let (answered, limited) = (count("no_endpoints"), count("reject_rate_limited"));
+    let pins = bpffs.node(&n.name);
+    let (answered, limited) = (
+        packets(&pins, "no_endpoints"),
+        packets(&pins, "reject_rate_limited"),
+    );
     // Every SYN was decided; the client got exactly the replies counted.
-    assert_eq!(answered + limited, u64::from(SYNS), "{stats}");
+    assert_eq!(answered + limited, u64::from(SYNS));
     assert_eq!(received, answered, "replies sent and received");
     // The burst, then 100 a second, over the flood's duration.
     let expected = 20.0 + 100.0 * took.as_secs_f64();

@@ -139,6 +139,17 @@ impl Fixture {
         )
     }
 
+    /// `dp status`'s layout row of node1's DP_CT.
+    fn ct_layout(&self) -> serde_json::Value {
+        inspect(&self.node1_pins(), &["status"])["layouts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == map_names::CT)
+            .unwrap()
+            .clone()
+    }
+
     /// node1's conntrack as `bin` reads it: (direction, protocol, source,
     /// destination, backend, state, masqueraded) of every entry.
     fn conntrack(&self, bin: &str) -> BTreeSet<String> {
@@ -327,14 +338,7 @@ fn an_upgrade_to_another_conntrack_layout_and_the_rollback_keep_every_flow() {
         "{stderr}"
     );
     // `dp status` (of this dp) says the state is of v2, convertible.
-    let status = inspect(&f.node1_pins(), &["status"]);
-    let ct_layout = status["layouts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == map_names::CT)
-        .unwrap()
-        .clone();
+    let ct_layout = f.ct_layout();
     assert_eq!(ct_layout["pinned_version"], 2, "{ct_layout}");
     assert_eq!(ct_layout["state"], "convertible", "{ct_layout}");
 
@@ -462,14 +466,7 @@ fn an_agent_over_state_it_cannot_read_fails_static_and_says_so() {
         health.starts_with("HTTP/1.1 503") && health.contains("failStatic"),
         "{health}"
     );
-    let status = inspect(&f.node1_pins(), &["status"]);
-    let row = status["layouts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == map_names::CT)
-        .unwrap()
-        .clone();
+    let row = f.ct_layout();
     assert_eq!(row["pinned_version"], 99, "{row}");
     assert!(
         row["state"].as_str().unwrap().starts_with("unreadable"),

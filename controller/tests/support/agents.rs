@@ -312,14 +312,20 @@ impl AgentCluster {
 
     /// Packets counted for `reason` on `node`, over every hook.
     pub fn packets(&self, node: &str, reason: &str) -> u64 {
-        inspect(&self.pins(node), &["stats"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|r| r["reason"] == reason)
-            .map(|r| r["packets"].as_u64().unwrap())
-            .sum()
+        packets(&self.pins(node), reason)
     }
+}
+
+/// Packets the datapath pinned at `pins` counted for `reason`, over every
+/// hook (`dp stats`).
+pub fn packets(pins: &Path, reason: &str) -> u64 {
+    inspect(pins, &["stats"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["reason"] == reason)
+        .map(|r| r["packets"].as_u64().unwrap())
+        .sum()
 }
 
 /// `dp explain --from FROM --to TO` on a node's pins (run in the root
