@@ -785,3 +785,22 @@ fn rejects_beyond_the_reply_budget_are_dropped_and_counted() {
         assert_eq!(ret, TC_ACT_REDIRECT);
     }
 }
+
+/// Found by the fuzzer (fuzz_test_run.rs, seed 21): a TCP segment whose
+/// data offset is below 5 words was translated as a new flow. The kernel's
+/// conntrack marks it INVALID (never NATed) and its TCP drops it.
+#[test]
+fn a_tcp_header_shorter_than_its_fixed_part_is_dropped_as_malformed() {
+    let dp = setup(&[(1, B1)], &[]);
+    for doff in 0..5u8 {
+        let mut frame = tcp_syn(CLIENT, 43_000 + u16::from(doff), VIP, 80);
+        frame[14 + 20 + 12] = doff << 4;
+        let (ret, out) = run(&dp, Hook::TcIngress, &frame);
+        assert_eq!(ret, TC_ACT_SHOT, "data offset {doff}");
+        assert_eq!(out, frame, "not rewritten");
+    }
+    let c = dp.counters().unwrap();
+    assert_eq!(c.packets(Hook::TcIngress, Reason::Malformed), 5);
+    assert_eq!(c.packets(Hook::TcIngress, Reason::NewFlow), 0);
+    assert!(dp.ct_entries().unwrap().is_empty());
+}

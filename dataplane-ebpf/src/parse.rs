@@ -146,6 +146,11 @@ pub fn parse<P: Packet>(pkt: &P, tuple: &mut FlowTuple) -> Result<Parsed, Reason
         match ip.protocol {
             proto::IPPROTO_TCP => {
                 let tcp: &TcpHdr = header(pkt, l4_off).ok_or(Reason::Malformed)?;
+                // A header shorter than its fixed part: the kernel's TCP
+                // and conntrack (INVALID, never NATed) refuse it too.
+                if tcp.data_offset >> 4 < 5 {
+                    return Err(Reason::Malformed);
+                }
                 tuple.sport = u16::from_be_bytes(tcp.source);
                 tuple.dport = u16::from_be_bytes(tcp.dest);
                 tcp_flags = tcp.flags;

@@ -82,6 +82,20 @@ enum Task {
     BuildLayoutNext,
     /// Run the whole test suite (setup, fmt, clippy, tests). Needs root.
     Test,
+    /// A long run of the datapath fuzzer (controller/tests/fuzz_test_run.rs:
+    /// random service states and frames, valid and malformed, through the
+    /// real programs). Needs root.
+    Fuzz {
+        /// Frames in all.
+        #[arg(long, default_value_t = 1_000_000)]
+        packets: u64,
+        /// The random sequence (`cargo xtask test` runs seed 21).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Service states, each with packets / states frames.
+        #[arg(long, default_value_t = 10_000)]
+        states: u64,
+    },
     /// Set up, build, and run `dp lab demo` (the README's main command).
     /// Needs root.
     Demo,
@@ -158,6 +172,23 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::Test => test(),
+        Task::Fuzz {
+            packets,
+            seed,
+            states,
+        } => {
+            require_root("cargo xtask fuzz")?;
+            step(&format!(
+                "fuzzing: {packets} frames over {states} states, seed {seed}"
+            ));
+            run(Command::new(cargo())
+                .current_dir(workspace())
+                .env("DP_FUZZ_PACKETS", packets.to_string())
+                .env("DP_FUZZ_SEED", seed.to_string())
+                .env("DP_FUZZ_STATES", states.to_string())
+                .args(["test", "--release", "-p", "dp", "--test", "fuzz_test_run"])
+                .args(["--", "--nocapture"]))
+        }
         Task::Image { rootfs, binary } => match rootfs {
             None => image::build(&workspace()),
             Some(rootfs) => {
