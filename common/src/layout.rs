@@ -156,6 +156,7 @@ pub mod versions {
     pub const NAMES: u32 = 1;
     pub const AFFINITY: u32 = 1;
     pub const SOURCE_RANGES: u32 = 1;
+    pub const MEMBERS: u32 = 1;
 }
 
 /// Builds a `MapLayout` (and the field types, for the lock file).
@@ -478,6 +479,12 @@ pub fn describe(name: &str) -> Option<Description> {
                 [backend_id, _pad, last_used_ns]
             );
             d.flag(PART_VALUE, "last_used_ns", FIELD_RECENCY);
+            d
+        }
+        map_names::MEMBERS => {
+            let mut d = Description::new(versions::MEMBERS, size_of::<MemberKey>(), 1);
+            fields!(d, PART_KEY, MemberKey, 0, [service_id, backend_id]);
+            d.push(PART_VALUE, "member", 0, 1, "u8");
             d
         }
         map_names::SOURCE_RANGES => {

@@ -119,6 +119,25 @@ pub struct AffinityKey {
     pub service_id: u32,
 }
 
+/// `DP_MEMBERS` value bits: the backend is in the frontend's own ready
+/// slots; in its serving-terminating ones only; the same two for the
+/// cluster-wide (`SCOPE_INTERNAL`) slots of an eTP=Local frontend.
+pub const MEMBER_READY: u8 = 1;
+pub const MEMBER_TERMINATING: u8 = 2;
+pub const MEMBER_INTERNAL_READY: u8 = 4;
+pub const MEMBER_INTERNAL_TERMINATING: u8 = 8;
+
+/// Key of `DP_MEMBERS` (value: `MEMBER_*`): a backend in a service port's
+/// slots (ready or terminating, either scope). A session-affinity record holds
+/// only while its backend is still the service's, as kube-proxy's `recent`
+/// checks exist only for the service's current endpoints.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct MemberKey {
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+
 /// Value of `DP_AFFINITY`: the client's backend and when a new flow last
 /// went to it (the timeout runs from there, as `recent --rcheck --seconds`).
 #[repr(C)]

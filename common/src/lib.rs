@@ -25,7 +25,8 @@ pub use config::DatapathConfig;
 pub use ct::{CtEntry, CtKey, CtTimeouts};
 pub use device::DeviceInfo;
 pub use lb::{
-    AffinityKey, AffinityValue, Backend, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey,
+    AffinityKey, AffinityValue, Backend, MemberKey, RevNatValue, ServiceKey, ServiceValue,
+    SourceRangeKey,
 };
 pub use reason::{Hook, Reason, Verdict};
 pub use stats::{counter_index, counter_slot, ReasonCounter, COUNTER_SLOTS, REASON_SLOTS};
@@ -49,6 +50,7 @@ pub mod map_names {
     pub const CT: &str = "DP_CT";
     pub const NAMES: &str = "DP_NAMES";
     pub const AFFINITY: &str = "DP_AFFINITY";
+    pub const MEMBERS: &str = "DP_MEMBERS";
     pub const SOURCE_RANGES: &str = "DP_SRC_RANGES";
     pub const DEVICES: &str = "DP_DEVICES";
     /// The layouts of the other pinned maps (`layout`), written by the agent.
@@ -90,6 +92,9 @@ pub mod map_sizes {
     /// Session-affinity entries (LRU: the oldest client is forgotten), one
     /// per four conntrack entries, when no node sizing is asked for.
     pub const AFFINITY: u32 = CT / 4;
+    /// (service id, backend id) pairs: one per backend slot (allocated on
+    /// use).
+    pub const MEMBERS: u32 = SERVICES;
     /// loadBalancerSourceRanges CIDRs, over all services (allocated on use).
     pub const SOURCE_RANGES: u32 = 16_384;
     /// Devices the programs are attached to (node devices and pod veths;
@@ -126,6 +131,7 @@ mod user {
     unsafe impl aya::Pod for crate::names::NameValue {}
     unsafe impl aya::Pod for crate::AffinityKey {}
     unsafe impl aya::Pod for crate::AffinityValue {}
+    unsafe impl aya::Pod for crate::MemberKey {}
     unsafe impl aya::Pod for crate::SourceRangeKey {}
     unsafe impl aya::Pod for crate::DeviceInfo {}
     unsafe impl aya::Pod for crate::config::ReplyBudget {}

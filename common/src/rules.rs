@@ -18,9 +18,9 @@ use crate::{
     config::{CONFIG_MASQUERADE_ALL, SERVICE_CIDR_SLOTS},
     ct::{CT_STATE_CLOSED, CT_STATE_CLOSING},
     lb::{
-        BACKEND_FLAG_TERMINATING, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_EXTERNAL,
-        SERVICE_FLAG_INTERNAL_SCOPE, SERVICE_FLAG_LOCAL_ONLY, SERVICE_FLAG_REJECT_UNSERVED,
-        SERVICE_FLAG_SOURCE_RANGES, SERVICE_FLAG_WILDCARD,
+        SERVICE_FLAG_AFFINITY, SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_INTERNAL_SCOPE,
+        SERVICE_FLAG_LOCAL_ONLY, SERVICE_FLAG_REJECT_UNSERVED, SERVICE_FLAG_SOURCE_RANGES,
+        SERVICE_FLAG_WILDCARD,
     },
     proto::IPPROTO_TCP,
     AffinityValue, Backend, CtEntry, DatapathConfig, Reason, ServiceValue, Verdict,
@@ -179,17 +179,32 @@ pub fn affinity_backend(
     master: &ServiceValue,
     record: &AffinityValue,
     now_ns: u64,
+    internal: bool,
+    member: impl FnOnce(u32) -> Option<u8>,
     backend: impl FnOnce(u32) -> Option<Backend>,
 ) -> Option<Backend> {
+    use crate::lb::{
+        MEMBER_INTERNAL_READY, MEMBER_INTERNAL_TERMINATING, MEMBER_READY, MEMBER_TERMINATING,
+    };
     let timeout = u64::from(master.affinity_timeout_s) * NS_PER_SEC;
     if now_ns.saturating_sub(record.last_used_ns) > timeout {
         return None;
     }
-    let b = backend(record.backend_id)?;
-    if b.flags & BACKEND_FLAG_TERMINATING != 0 && master.count > 0 {
+    // Only a backend that is still in the slots this flow picks from
+    // (kube-proxy's `recent` checks exist for the chain's current
+    // endpoints only: an eTP=Local frontend's external clients see its
+    // local endpoints), and a terminating one only while no ready one
+    // exists.
+    let m = member(record.backend_id)?;
+    let (ready, terminating) = if internal {
+        (MEMBER_INTERNAL_READY, MEMBER_INTERNAL_TERMINATING)
+    } else {
+        (MEMBER_READY, MEMBER_TERMINATING)
+    };
+    if m & ready == 0 && (m & terminating == 0 || master.count > 0) {
         return None;
     }
-    Some(b)
+    backend(record.backend_id)
 }
 
 /// Whether a backend at `backend_addr` is this node reached by local
@@ -445,41 +460,98 @@ mod tests {
             _pad: 0,
             last_used_ns: 100 * s,
         };
-        let ready = Backend::default();
-        let terminating = Backend {
-            flags: BACKEND_FLAG_TERMINATING,
-            ..Backend::default()
-        };
-        let found = |b: Backend| move |id: u32| (id == 7).then_some(b);
+        use crate::lb::{MEMBER_READY, MEMBER_TERMINATING};
+        let b = Backend::default();
+        let backend = |id: u32| (id == 7).then_some(b);
+        let member = |how: u8| move |id: u32| (id == 7).then_some(how);
         assert_eq!(
-            affinity_backend(&m, &record, 110 * s, found(ready)),
-            Some(ready)
+            affinity_backend(&m, &record, 110 * s, false, member(MEMBER_READY), backend),
+            Some(b)
         );
         assert_eq!(
-            affinity_backend(&m, &record, 110 * s + 1, found(ready)),
-            None
+            affinity_backend(
+                &m,
+                &record,
+                110 * s + 1,
+                false,
+                member(MEMBER_READY),
+                backend
+            ),
+            None,
+            "expired"
         );
         assert_eq!(
-            affinity_backend(&m, &record, 105 * s, |_| None),
+            affinity_backend(&m, &record, 105 * s, false, member(MEMBER_READY), |_| None),
             None,
             "gone"
         );
         assert_eq!(
-            affinity_backend(&m, &record, 105 * s, found(terminating)),
+            affinity_backend(&m, &record, 105 * s, false, |_| None, backend),
             None,
-            "terminating while a ready backend exists"
+            "no longer the service's (its id may be another's)"
+        );
+        assert_eq!(
+            affinity_backend(
+                &m,
+                &record,
+                105 * s,
+                false,
+                member(MEMBER_TERMINATING),
+                backend
+            ),
+            None,
+            "terminating in this service while a ready backend exists"
         );
         let only_terminating = ServiceValue { count: 0, ..m };
         assert_eq!(
-            affinity_backend(&only_terminating, &record, 105 * s, found(terminating)),
-            Some(terminating)
+            affinity_backend(
+                &only_terminating,
+                &record,
+                105 * s,
+                false,
+                member(MEMBER_TERMINATING),
+                backend
+            ),
+            Some(b)
+        );
+        // The cluster-wide slots of an eTP=Local frontend are another
+        // scope: a member there is none for its external clients.
+        use crate::lb::MEMBER_INTERNAL_READY;
+        assert_eq!(
+            affinity_backend(
+                &m,
+                &record,
+                105 * s,
+                false,
+                member(MEMBER_INTERNAL_READY),
+                backend
+            ),
+            None
+        );
+        assert_eq!(
+            affinity_backend(
+                &m,
+                &record,
+                105 * s,
+                true,
+                member(MEMBER_INTERNAL_READY),
+                backend
+            ),
+            Some(b)
         );
         // An expired record looks nothing up.
         let mut looked = false;
-        let _ = affinity_backend(&m, &record, 200 * s, |_| {
-            looked = true;
-            None
-        });
+        let _ = affinity_backend(
+            &m,
+            &record,
+            200 * s,
+            false,
+            |_| {
+                looked = true;
+                None
+            },
+            |_| None,
+        );
         assert!(!looked);
     }
 

@@ -381,6 +381,70 @@ fn session_affinity_keeps_a_client_on_its_backend_across_connections() {
     );
 }
 
+/// Found by the fuzzer (fuzz_test_run.rs): an affinity record was used
+/// as long as its backend existed anywhere. A backend that leaves the
+/// service but stays a backend (of another service), and a service left
+/// without endpoints, must not keep the client.
+#[test]
+fn session_affinity_ends_when_its_backend_leaves_the_service() {
+    let mut dp = setup();
+    affinity_service(&mut dp, &[LOCAL_ID, REMOTE_ID], 10_800);
+    let first = forward(&dp, &tcp_syn(POD_CLIENT, 45000, VIP, 80));
+    let backend = addr_port(&first).1;
+    let (pinned, other) = if backend.0 == LOCAL_BACKEND {
+        (LOCAL_ID, REMOTE_ID)
+    } else {
+        (REMOTE_ID, LOCAL_ID)
+    };
+    // Out of this service, still in DP_BACKENDS (another service's).
+    affinity_service(&mut dp, &[other], 10_800);
+    for port in 45001..45020 {
+        let out = forward(&dp, &tcp_syn(POD_CLIENT, port, VIP, 80));
+        assert_ne!(addr_port(&out).1, backend, "connection from port {port}");
+    }
+    // Back in: the client is remembered on the backend it went to since.
+    affinity_service(&mut dp, &[pinned, other], 10_800);
+    let out = forward(&dp, &tcp_syn(POD_CLIENT, 45100, VIP, 80));
+    assert_ne!(addr_port(&out).1, backend);
+    // No endpoints at all: rejected, whatever the record says.
+    affinity_service(&mut dp, &[], 10_800);
+    let (ret, _) = run(&dp, Hook::TcIngress, &tcp_syn(POD_CLIENT, 45200, VIP, 80));
+    assert_eq!(ret, TC_ACT_REDIRECT, "ICMP port unreachable back");
+    let c = dp.counters().unwrap();
+    assert_eq!(c.packets(Hook::TcIngress, Reason::NoEndpoints), 1);
+}
+
+/// Also from the fuzzer: an eTP=Local frontend's external clients pick
+/// from its local endpoints only; an affinity record naming one of its
+/// cluster-wide endpoints is none of theirs (here a record left by the
+/// frontend that had the service id before).
+#[test]
+fn an_external_clients_affinity_stays_within_the_local_endpoints() {
+    let mut dp = setup();
+    let before = Frontend::tcp(sa(VIP, 80));
+    let pinned_remote = BackendSlots {
+        ready: vec![REMOTE_ID],
+        affinity_seconds: Some(10_800),
+        ..BackendSlots::default()
+    };
+    dp.set_service(&before, 20, &pinned_remote).unwrap();
+    let out = forward(&dp, &tcp_syn(STRANGER, 46000, VIP, 80));
+    assert_eq!(addr_port(&out).1 .0, REMOTE_BACKEND);
+    dp.remove_service(&before).unwrap();
+    // Service id 20 now an eTP=Local NodePort: local LOCAL_ID, cluster-wide
+    // REMOTE_ID (for pods and the node).
+    let node_port = Frontend::tcp(sa(NODE, NODE_PORT));
+    let slots = BackendSlots {
+        affinity_seconds: Some(10_800),
+        ..etp_local(&[LOCAL_ID], &[REMOTE_ID])
+    };
+    dp.set_service(&node_port, 20, &slots).unwrap();
+    for port in 46001..46010 {
+        let out = forward(&dp, &tcp_syn(STRANGER, port, NODE, NODE_PORT));
+        assert_eq!(addr_port(&out).1 .0, LOCAL_BACKEND, "port {port}");
+    }
+}
+
 #[test]
 fn session_affinity_expires_after_its_timeout() {
     let mut dp = setup();

@@ -97,7 +97,11 @@ fn random_state(rng: &mut Rng) -> State {
         if frontends.iter().any(|(f, _, _)| *f == frontend) {
             continue;
         }
-        let internal = (external && rng.chance(30)).then(|| (ids(rng), ids(rng)));
+        // As the translator writes them: an eTP=Local external frontend
+        // has its cluster-wide set (`internal`) and may be local-only;
+        // eTP=Cluster ones neither; a ClusterIP may be local-only (iTP).
+        let etp_local = external && rng.chance(40);
+        let internal = etp_local.then(|| (ids(rng), ids(rng)));
         let source_ranges = if external && rng.chance(30) {
             vec![(std::net::Ipv4Addr::new(203, 0, 113, 0), 24)]
         } else {
@@ -106,7 +110,7 @@ fn random_state(rng: &mut Rng) -> State {
         let slots = BackendSlots {
             ready,
             terminating,
-            local_only: rng.chance(20),
+            local_only: (etp_local || !external) && rng.chance(30),
             external,
             internal,
             affinity_seconds: rng.chance(20).then_some(10_800),
@@ -194,7 +198,9 @@ struct Forwarded {
     protocol: u8,
 }
 
-fn random_frame(rng: &mut Rng, state: &State, flows: &[Forwarded]) -> (Vec<u8>, Mutation) {
+/// A frame, what was done to it, and whether it belongs to a flow already
+/// forwarded.
+fn random_frame(rng: &mut Rng, state: &State, flows: &[Forwarded]) -> (Vec<u8>, Mutation, bool) {
     // A third of the time, a packet of a flow already forwarded: the
     // backend's reply (reverse NAT) or the client's next one (established).
     if !flows.is_empty() && rng.chance(33) {
@@ -210,7 +216,7 @@ fn random_frame(rng: &mut Rng, state: &State, flows: &[Forwarded]) -> (Vec<u8>, 
             17 => udp(src, sport, dst, dport, &payload),
             _ => sctp_init(src, sport, dst, dport, 4),
         };
-        return (frame, Mutation::None);
+        return (frame, Mutation::None, true);
     }
     let backend = state.backends.first().map_or([10, 244, 2, 10], |b| b.1);
     let src = *rng.pick(&[
@@ -374,7 +380,7 @@ fn random_frame(rng: &mut Rng, state: &State, flows: &[Forwarded]) -> (Vec<u8>, 
         }
         _ => Mutation::None,
     };
-    (frame, mutation)
+    (frame, mutation, false)
 }
 
 /// `fix_ipv4_checksum` for a header length that may be out of range.
@@ -418,6 +424,93 @@ fn rewritten_frame_is_valid(out: &[u8]) -> Result<(), String> {
     }
 }
 
+/// What kube-proxy's rules do with the first packet of a new flow at a
+/// node device's ingress, from the programmed state alone (written here
+/// from kube-proxy's semantics, docs/deploy.md and the rule reference, not
+/// from the datapath's code).
+#[derive(Debug, PartialEq, Eq)]
+enum Expected {
+    Pass,
+    Reject,
+    Drop,
+    /// To one of these backends, masqueraded to the node address or not.
+    Forward {
+        backends: Vec<[u8; 4]>,
+        masquerade: bool,
+    },
+}
+
+const CLUSTER_CIDR: ([u8; 4], u8) = ([10, 244, 0, 0], 16);
+
+fn in_cidr(ip: [u8; 4], (net, len): ([u8; 4], u8)) -> bool {
+    let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+    u32::from_be_bytes(ip) & mask == u32::from_be_bytes(net) & mask
+}
+
+fn model(state: &State, src: [u8; 4], dst: [u8; 4], dport: u16, protocol: u8) -> Expected {
+    let address = |f: &Frontend| match f.addr.ip() {
+        std::net::IpAddr::V4(ip) => ip.octets(),
+        _ => unreachable!(),
+    };
+    let Some((_, _, slots)) = state
+        .frontends
+        .iter()
+        .find(|(f, _, _)| address(f) == dst && f.addr.port() == dport && f.protocol == protocol)
+    else {
+        // A ClusterIP on a port it does not serve: rejected (nftables
+        // mode's cluster-ips check). Anything else is not a service's.
+        let cluster_ip = state
+            .frontends
+            .iter()
+            .any(|(f, _, s)| address(f) == dst && !s.external);
+        return if cluster_ip {
+            Expected::Reject
+        } else {
+            Expected::Pass
+        };
+    };
+    let from_pod = in_cidr(src, CLUSTER_CIDR);
+    let from_node = src == NODE_IP;
+    // loadBalancerSourceRanges: the firewall chain drops the rest.
+    if !slots.source_ranges.is_empty()
+        && !slots
+            .source_ranges
+            .iter()
+            .any(|(net, len)| in_cidr(src, (net.octets(), *len)))
+    {
+        return Expected::Drop;
+    }
+    // eTP=Local external frontends: pods and the node itself use the
+    // cluster-wide endpoints.
+    let (ready, terminating, cluster_wide) = match &slots.internal {
+        Some((r, t)) if from_pod || from_node => (r, t, true),
+        _ => (&slots.ready, &slots.terminating, false),
+    };
+    let eligible = if ready.is_empty() { terminating } else { ready };
+    if eligible.is_empty() {
+        return if slots.local_only && !cluster_wide {
+            Expected::Drop
+        } else {
+            Expected::Reject
+        };
+    }
+    let backends: Vec<[u8; 4]> = eligible
+        .iter()
+        .map(|id| state.backends.iter().find(|(b, _)| b == id).unwrap().1)
+        .collect();
+    let masquerade = if slots.external {
+        // eTP=Cluster: always; eTP=Local (a cluster-wide set is
+        // programmed): only the node's own traffic.
+        slots.internal.is_none() || from_node
+    } else {
+        !from_pod
+    };
+    Expected::Forward {
+        backends,
+        masquerade,
+    }
+}
+
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -439,11 +532,12 @@ fn random_states_and_hostile_frames_keep_the_datapath_properties() {
     let mut by_reason: std::collections::BTreeMap<&str, u64> = Default::default();
     let mut rewritten = 0u64;
     let mut flows: Vec<Forwarded> = Vec::new();
+    let (mut modelled, mut disagreements) = (0u64, 0u64);
     for s in 0..states {
         let state = random_state(&mut rng);
         program(&mut dp, &state, last.as_ref());
         for p in 0..per_state {
-            let (frame, mutation) = random_frame(&mut rng, &state, &flows);
+            let (frame, mutation, replayed) = random_frame(&mut rng, &state, &flows);
             let hook = *rng.pick(&[Hook::TcIngress, Hook::TcEgress, Hook::Xdp]);
             let replay = || {
                 format!(
@@ -474,6 +568,53 @@ fn random_states_and_hostile_frames_keep_the_datapath_properties() {
                 replay()
             );
             *by_reason.entry(decided[0].0.id()).or_default() += 1;
+            // 5. The decision for a new flow at a node device's ingress is
+            // kube-proxy's (the model's), for first packets only.
+            if hook == Hook::TcIngress && mutation == Mutation::None && !replayed {
+                let v = Ipv4View::new(&frame);
+                let first = match v.protocol() {
+                    6 => v.tcp_flags() == TCP_SYN,
+                    17 | 132 => true,
+                    _ => false,
+                };
+                if first {
+                    let expected = model(&state, v.src(), v.dst(), v.dport(), v.protocol());
+                    let reason = decided[0].0;
+                    let agrees = match &expected {
+                        Expected::Pass => ret == TC_ACT_OK && out == frame,
+                        Expected::Reject => {
+                            matches!(reason, Reason::NoEndpoints | Reason::PortNotServed)
+                        }
+                        Expected::Drop => ret == TC_ACT_SHOT,
+                        Expected::Forward {
+                            backends,
+                            masquerade,
+                        } => {
+                            let o = Ipv4View::new(&out);
+                            matches!(
+                                reason,
+                                Reason::NewFlow
+                                    | Reason::NewFlowAffinity
+                                    | Reason::NoRouteToBackend
+                            ) && backends.contains(&o.dst())
+                                && o.dport() == 8080
+                                && if *masquerade || o.dst() == v.src() {
+                                    // Masqueraded (or hairpin): from the node.
+                                    o.src() == NODE_IP
+                                } else {
+                                    o.src() == v.src()
+                                }
+                        }
+                    };
+                    disagreements += u64::from(!agrees);
+                    assert!(
+                        agrees,
+                        "the datapath disagrees with the model: expected {expected:?}, got {reason:?} (return {ret})\nout: {out:02x?}\n{}",
+                        replay()
+                    );
+                    modelled += 1;
+                }
+            }
             // 2. A return value the hook has.
             let allowed: &[u32] = match hook {
                 Hook::Xdp => &[XDP_DROP, XDP_PASS, XDP_TX, 4],
@@ -524,6 +665,10 @@ fn random_states_and_hostile_frames_keep_the_datapath_properties() {
         last = Some(state);
         flows.clear();
     }
-    eprintln!("fuzz: seed {seed}, {states} states, {runs} frames, {rewritten} rewritten; by reason: {by_reason:?}");
+    eprintln!("fuzz: seed {seed}, {states} states, {runs} frames, {rewritten} rewritten, {modelled} new flows compared with the model ({disagreements} disagreements); by reason: {by_reason:?}");
+    assert!(
+        modelled > runs / 20,
+        "too few new flows compared: {modelled}"
+    );
     assert!(runs >= states * per_state);
 }

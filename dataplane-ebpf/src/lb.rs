@@ -8,7 +8,7 @@ use common::{
     AffinityKey, AffinityValue, Backend, Reason, ServiceKey, ServiceValue, SourceRangeKey,
 };
 
-use crate::maps::{DP_AFFINITY, DP_BACKENDS, DP_SERVICES, DP_SRC_RANGES};
+use crate::maps::{DP_AFFINITY, DP_BACKENDS, DP_MEMBERS, DP_SERVICES, DP_SRC_RANGES};
 
 /// The frontend for a destination (`rules::frontend`): its master key and
 /// entry. The wildcard entry first: most packets are not to a service
@@ -78,6 +78,7 @@ pub fn affinity_backend(
     client: &[u8; 16],
     master: &ServiceValue,
     now: u64,
+    internal: bool,
 ) -> Option<(u32, Backend)> {
     let key = AffinityKey {
         client: *client,
@@ -85,7 +86,18 @@ pub fn affinity_backend(
     };
     // SAFETY: map value pointer, copied out.
     let v = unsafe { *DP_AFFINITY.get_ptr(&key)? };
-    rules::affinity_backend(master, &v, now, backend).map(|b| (v.backend_id, b))
+    // Whether the backend is still the service's, and how: a record of a
+    // backend removed from it (or whose id is now another's) is no
+    // affinity. Found by the fuzzer (fuzz_test_run.rs).
+    let member = |backend_id| {
+        let key = common::MemberKey {
+            service_id,
+            backend_id,
+        };
+        // SAFETY: map value pointer, copied out.
+        DP_MEMBERS.get_ptr(&key).map(|m| unsafe { *m })
+    };
+    rules::affinity_backend(master, &v, now, internal, member, backend).map(|b| (v.backend_id, b))
 }
 
 /// Records that a new flow of `client` went to `backend_id` now.

@@ -84,6 +84,12 @@ pub static DP_CT: LruHashMap<CtKey, CtEntry> =
 pub static DP_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::with_max_entries(map_sizes::AFFINITY, 0);
 
+/// (service id, backend id) -> 1 for each backend in a service's slots:
+/// a session-affinity record is used only while this holds.
+#[map(name = "DP_MEMBERS")]
+pub static DP_MEMBERS: HashMap<common::MemberKey, u8> =
+    HashMap::with_max_entries(map_sizes::MEMBERS, BPF_F_NO_PREALLOC);
+
 /// loadBalancerSourceRanges: (service id, source CIDR) -> 1.
 #[map(name = "DP_SRC_RANGES")]
 pub static DP_SRC_RANGES: LpmTrie<SourceRangeKey, u8> =

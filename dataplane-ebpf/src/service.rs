@@ -191,7 +191,8 @@ pub fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
     let origin = Origin::of(cfg, &t.saddr, f.hook == Hook::TcEgress);
     // The masquerade rule reads the frontend's own flags.
     let frontend_flags = master.flags;
-    if rules::internal_scope(&master, origin) {
+    let internal = rules::internal_scope(&master, origin);
+    if internal {
         key = key.with_scope(SCOPE_INTERNAL);
         master = match lb::master(&key) {
             Some(m) => m,
@@ -200,7 +201,7 @@ pub fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
     }
     let affinity = rules::has_affinity(&master);
     let remembered = if affinity {
-        lb::affinity_backend(master.service_id, &t.saddr, &master, f.now)
+        lb::affinity_backend(master.service_id, &t.saddr, &master, f.now, internal)
     } else {
         None
     };

@@ -40,6 +40,7 @@ pub struct PinnedMaps {
     counters: PerCpuArray<MapData, ReasonCounter>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    members: HashMap<MapData, common::MemberKey, u8>,
 }
 
 fn open(bpffs: &Path, name: &'static str) -> Result<MapData> {
@@ -101,6 +102,7 @@ impl PinnedMaps {
             counters: typed(COUNTERS, Map::PerCpuArray(open(bpffs, COUNTERS)?))?,
             source_ranges: typed(SOURCE_RANGES, Map::LpmTrie(open(bpffs, SOURCE_RANGES)?))?,
             affinity: typed(AFFINITY, Map::LruHashMap(open(bpffs, AFFINITY)?))?,
+            members: typed(MEMBERS, Map::HashMap(open(bpffs, MEMBERS)?))?,
         })
     }
 
@@ -611,7 +613,8 @@ impl PinnedMaps {
             .get(&frontend)
             .map(|(_, s)| s.clone())
             .unwrap_or_default();
-        let (ready, terminating) = if rules::internal_scope(&m, origin) {
+        let internal = rules::internal_scope(&m, origin);
+        let (ready, terminating) = if internal {
             m = self
                 .services
                 .get(&master_key.with_scope(SCOPE_INTERNAL), 0)
@@ -630,7 +633,7 @@ impl PinnedMaps {
         };
         out.backends = eligible.iter().filter_map(|id| backend_addr(*id)).collect();
         let remembered = rules::has_affinity(&m)
-            .then(|| self.affinity_backend(&m, from16))
+            .then(|| self.affinity_backend(&m, from16, internal))
             .flatten()
             .and_then(backend_addr);
         if let Some(addr) = remembered {
@@ -687,14 +690,22 @@ impl PinnedMaps {
 
     /// The backend session affinity pins this client to, if the record
     /// holds (`rules::affinity_backend`, as the datapath decides).
-    fn affinity_backend(&self, m: &ServiceValue, client: [u8; 16]) -> Option<u32> {
+    fn affinity_backend(&self, m: &ServiceValue, client: [u8; 16], internal: bool) -> Option<u32> {
         let key = AffinityKey {
             client,
             service_id: m.service_id,
         };
         let v = self.affinity.get(&key, 0).ok()?;
+        let member = |backend_id| {
+            let key = common::MemberKey {
+                service_id: m.service_id,
+                backend_id,
+            };
+            self.members.get(&key, 0).ok()
+        };
         let backend = |id| self.backends.get(&id, 0).ok();
-        common::rules::affinity_backend(m, &v, monotonic_ns(), backend).map(|_| v.backend_id)
+        common::rules::affinity_backend(m, &v, monotonic_ns(), internal, member, backend)
+            .map(|_| v.backend_id)
     }
 }
 

@@ -205,6 +205,8 @@ pub struct Datapath {
     pub(crate) service_addresses: BTreeMap<[u8; 16], AddressUse>,
     /// Service id -> the source ranges written for it in `DP_SRC_RANGES`.
     pub(crate) source_ranges: BTreeMap<u32, Vec<(std::net::Ipv4Addr, u8)>>,
+    /// Service id -> the backend ids written for it in `DP_MEMBERS`.
+    pub(crate) members: BTreeMap<u32, crate::kernel::maps::Members>,
     tc_attach: TcAttach,
     /// Maps converted at load whose old versions still feed the old
     /// programs until the swap (`finish_migration`).
@@ -252,7 +254,7 @@ pub fn wanted_shapes(sizes: &MapSizes) -> Result<BTreeMap<&'static str, MapShape
 
 /// Maps kept in bpffs, so a restarted agent (and the inspection commands)
 /// find the same state. Scratch maps are private to each program version.
-pub const PINNED_MAPS: [&str; 17] = [
+pub const PINNED_MAPS: [&str; 18] = [
     map_names::SERVICES,
     map_names::BACKENDS,
     map_names::REVNAT,
@@ -270,6 +272,7 @@ pub const PINNED_MAPS: [&str; 17] = [
     map_names::NAMES,
     map_names::AFFINITY,
     map_names::SOURCE_RANGES,
+    map_names::MEMBERS,
 ];
 
 impl Datapath {
@@ -353,6 +356,7 @@ impl Datapath {
             interfaces: BTreeMap::new(),
             service_addresses: BTreeMap::new(),
             source_ranges: BTreeMap::new(),
+            members: BTreeMap::new(),
             tc_attach: TcAttach::from_env_or_kernel(),
             migrated,
             maps_dir: maps_dir.map(|d| d.to_path_buf()),

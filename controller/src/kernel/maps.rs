@@ -13,6 +13,10 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 
+/// A service's backends in `DP_MEMBERS`: id -> `MEMBER_READY` or
+/// `MEMBER_TERMINATING`.
+pub type Members = std::collections::BTreeMap<u32, u8>;
+
 use aya::maps::{
     lpm_trie::{Key as LpmKey, LpmTrie},
     HashMap, MapData,
@@ -20,12 +24,14 @@ use aya::maps::{
 use common::{
     addr::{addr16, as_v4, ip_of, v4_mapped},
     lb::{
-        BACKEND_FLAG_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL, SERVICE_FLAG_AFFINITY,
+        BACKEND_FLAG_TERMINATING, MEMBER_INTERNAL_READY, MEMBER_INTERNAL_TERMINATING, MEMBER_READY,
+        MEMBER_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL, SERVICE_FLAG_AFFINITY,
         SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_INTERNAL_SCOPE, SERVICE_FLAG_LOCAL_ONLY,
         SERVICE_FLAG_REJECT_UNSERVED, SERVICE_FLAG_SOURCE_RANGES, SERVICE_FLAG_WILDCARD,
         SOURCE_RANGE_PREFIX_BASE,
     },
-    map_names, Backend, CtEntry, CtKey, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey,
+    map_names, Backend, CtEntry, CtKey, MemberKey, RevNatValue, ServiceKey, ServiceValue,
+    SourceRangeKey,
 };
 
 use super::loader::{AddressUse, Datapath};
@@ -103,6 +109,64 @@ impl Datapath {
             self.source_ranges.insert(service_id, ranges.to_vec());
         }
         Ok(())
+    }
+
+    /// Makes `DP_MEMBERS` hold exactly `backends` (id -> `MEMBER_*`) for
+    /// `service_id`.
+    fn write_members(&mut self, service_id: u32, backends: Members) -> Result<()> {
+        let old = self.members.get(&service_id).cloned().unwrap_or_default();
+        if old == backends {
+            return Ok(());
+        }
+        let mut map: HashMap<&mut MapData, MemberKey, u8> = self.map_mut(map_names::MEMBERS)?;
+        for (&backend_id, &how) in &backends {
+            if old.get(&backend_id) != Some(&how) {
+                let key = MemberKey {
+                    service_id,
+                    backend_id,
+                };
+                map.insert(key, how, 0)
+                    .map_err(map_err(map_names::MEMBERS))?;
+            }
+        }
+        for &backend_id in old.keys().filter(|id| !backends.contains_key(id)) {
+            let _ = map.remove(&MemberKey {
+                service_id,
+                backend_id,
+            });
+        }
+        if backends.is_empty() {
+            self.members.remove(&service_id);
+        } else {
+            self.members.insert(service_id, backends);
+        }
+        Ok(())
+    }
+
+    /// Every backend id in `slots`, with the `MEMBER_*` bits of the scopes
+    /// and sets it is in.
+    fn members_of(slots: &BackendSlots) -> Members {
+        let mut out = Members::new();
+        let mut mark = |ids: &[u32], ready: bool, bits: (u8, u8)| {
+            for id in ids {
+                let m = out.entry(*id).or_default();
+                // Ready wins: terminating only where not ready.
+                if ready {
+                    *m = (*m & !bits.1) | bits.0;
+                } else if *m & bits.0 == 0 {
+                    *m |= bits.1;
+                }
+            }
+        };
+        let own = (MEMBER_READY, MEMBER_TERMINATING);
+        mark(&slots.ready, true, own);
+        mark(&slots.terminating, false, own);
+        if let Some((ready, terminating)) = &slots.internal {
+            let internal = (MEMBER_INTERNAL_READY, MEMBER_INTERNAL_TERMINATING);
+            mark(ready, true, internal);
+            mark(terminating, false, internal);
+        }
+        out
     }
 
     /// Backend slots, then the master entry; stale slots last. Returns
@@ -394,7 +458,14 @@ impl ServiceMaps for Datapath {
             };
             self.write_slots(&internal_key, service_id, &internal)?;
         }
+        // Members before the slots that use them: a record of an affinity
+        // to a backend holds once the backend is the service's.
+        let mut members = self.members.get(&service_id).cloned().unwrap_or_default();
+        // Until the slots are written, the old backends stay members.
+        members.extend(Self::members_of(slots));
+        self.write_members(service_id, members)?;
         let existed = self.write_slots(&key, service_id, slots)?;
+        self.write_members(service_id, Self::members_of(slots))?;
         if slots.internal.is_none() {
             self.remove_slots(&internal_key)?;
         }
@@ -417,6 +488,7 @@ impl ServiceMaps for Datapath {
         };
         self.remove_slots(&key.with_scope(SCOPE_INTERNAL))?;
         self.write_source_ranges(master.service_id, &[])?;
+        self.write_members(master.service_id, Default::default())?;
         let mut use_ = self
             .service_addresses
             .get(&key.addr)
@@ -477,6 +549,37 @@ impl ServiceMaps for Datapath {
         self.source_ranges = self.read_source_ranges()?;
         for (id, slots) in programmed.frontends.values_mut() {
             slots.source_ranges = self.source_ranges.get(id).cloned().unwrap_or_default();
+        }
+        // DP_MEMBERS made to match the slots read back (it may be new, or
+        // behind after an interrupted write).
+        let mut members: std::collections::BTreeMap<u32, Members> = Default::default();
+        {
+            let map: HashMap<&MapData, MemberKey, u8> = self.map_ref(map_names::MEMBERS)?;
+            for entry in map.iter() {
+                let (key, how) = entry.map_err(map_err(map_names::MEMBERS))?;
+                members
+                    .entry(key.service_id)
+                    .or_default()
+                    .insert(key.backend_id, how);
+            }
+        }
+        self.members = members;
+        let wanted: std::collections::BTreeMap<u32, Members> = programmed
+            .frontends
+            .values()
+            .map(|(id, slots)| (*id, Self::members_of(slots)))
+            .collect();
+        let stale: Vec<u32> = self
+            .members
+            .keys()
+            .filter(|id| !wanted.contains_key(id))
+            .copied()
+            .collect();
+        for id in stale {
+            self.write_members(id, Default::default())?;
+        }
+        for (id, backends) in wanted {
+            self.write_members(id, backends)?;
         }
         Ok(programmed)
     }
