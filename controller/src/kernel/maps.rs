@@ -230,6 +230,16 @@ impl Datapath {
         Ok(Some(master))
     }
 
+    /// The conntrack entry of `key`, if there is one (live or not).
+    pub fn ct_lookup(&self, key: &CtKey) -> Result<Option<CtEntry>> {
+        let map: HashMap<&MapData, CtKey, CtEntry> = self.map_ref(map_names::CT)?;
+        match map.get(key, 0) {
+            Ok(e) => Ok(Some(e)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(map_names::CT)(e)),
+        }
+    }
+
     /// Every conntrack entry (live or expired).
     pub fn ct_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
         let map: HashMap<&MapData, CtKey, CtEntry> = self.map_ref(map_names::CT)?;

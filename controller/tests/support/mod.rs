@@ -357,11 +357,7 @@ pub fn ct_key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, protocol: u8) 
 
 /// The conntrack entry at `key`, if any.
 pub fn ct_get(dp: &Datapath, key: &common::CtKey) -> Option<common::CtEntry> {
-    dp.ct_entries()
-        .unwrap()
-        .into_iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, e)| e)
+    dp.ct_lookup(key).unwrap()
 }
 
 /// Runs at tc ingress and checks it was forwarded with valid checksums.
