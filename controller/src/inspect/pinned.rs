@@ -387,47 +387,16 @@ fn map_fill(name: &'static str, path: &Path) -> Result<MapFill> {
 /// Keys in the map `fd` (keys of `key_size` bytes), by
 /// `BPF_MAP_GET_NEXT_KEY`.
 fn count_keys(fd: std::os::fd::BorrowedFd<'_>, key_size: usize) -> std::io::Result<u64> {
-    use std::os::fd::AsRawFd;
-    /// The `BPF_MAP_*_ELEM` part of `union bpf_attr`.
-    #[repr(C)]
-    struct NextKeyAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        next_key: u64,
-    }
-    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-    let mut key = vec![0u8; key_size.max(1)];
-    let mut next = vec![0u8; key_size.max(1)];
+    let map = crate::kernel::rawmap::RawMap::new(fd, key_size as u32, 0);
+    let mut key: Option<Vec<u8>> = None;
     let mut count = 0u64;
     loop {
-        let attr = NextKeyAttr {
-            map_fd: fd.as_raw_fd() as u32,
-            _pad: 0,
-            // No key: the first one.
-            key: if count == 0 { 0 } else { key.as_ptr() as u64 },
-            next_key: next.as_mut_ptr() as u64,
-        };
-        // SAFETY: attr points at key and next buffers of the map's key
-        // size, both live across the call; the kernel reads only
-        // size_of::<NextKeyAttr>() bytes of attr.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_GET_NEXT_KEY,
-                &attr as *const NextKeyAttr,
-                size_of::<NextKeyAttr>(),
-            )
-        };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::ENOENT) => Ok(count),
-                _ => Err(e),
-            };
+        let mut next = vec![0u8; key_size];
+        if !map.next_key(key.as_deref(), &mut next)? {
+            return Ok(count);
         }
         count += 1;
-        std::mem::swap(&mut key, &mut next);
+        key = Some(next);
     }
 }
 
