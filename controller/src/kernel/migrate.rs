@@ -30,7 +30,6 @@ pub struct Converter {
     copies: Vec<(u8, usize, usize, usize)>,
     key_size: usize,
     value_size: usize,
-    from_recency: Option<(usize, usize)>,
     to_recency: Option<(usize, usize)>,
 }
 
@@ -69,7 +68,6 @@ impl Converter {
             copies,
             key_size: to.key_size as usize,
             value_size: to.value_size as usize,
-            from_recency: recency_of(from),
             to_recency: recency_of(to),
         }
     }
@@ -89,11 +87,6 @@ impl Converter {
             }
         }
         (k, v)
-    }
-
-    /// The age of an old entry (larger: more recent), if its layout has one.
-    pub fn old_recency(&self, value: &[u8]) -> Option<u64> {
-        self.from_recency.map(|r| read_uint(value, r))
     }
 
     /// The age of a converted entry, if its layout has one.
@@ -288,7 +281,11 @@ mod tests {
             }
         );
         assert_eq!(bytemuck::pod_read_unaligned::<CtEntry>(&v), entry);
-        assert_eq!(c.old_recency(bytemuck::bytes_of(&entry)), Some(77));
+        assert_eq!(
+            c.new_recency(&v),
+            Some(77),
+            "expires_ns is the recency field"
+        );
     }
 
     #[test]

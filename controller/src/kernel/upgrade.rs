@@ -327,7 +327,9 @@ pub fn after_load(
         let shape = MapShape::of_info(&info);
         let raw = RawMap::new(new.fd().as_fd(), shape.key_size, shape.value_size);
         // Later sources (a half-filled new map) win over earlier ones
-        // unless less recent.
+        // unless less recent, by the same measure as the cut below.
+        let identity = Converter::new(&ours, &ours);
+        let recent = last_used(name, &identity, timeouts);
         let mut entries: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
         let mut read = 0usize;
         for source in &sources {
@@ -340,14 +342,13 @@ pub fn after_load(
                 read += 1;
                 let (k, v) = c.convert(&k, &v);
                 match entries.get(&k) {
-                    Some(had) if c.new_recency(had) > c.new_recency(&v) => {}
+                    Some(had) if recent(&k, had) > recent(&k, &v) => {}
                     _ => {
                         entries.insert(k, v);
                     }
                 }
             }
         }
-        let c = Converter::new(&ours, &ours);
         let target = Target {
             max_entries: shape.max_entries,
             per_cpu_lru: shape.map_type == BPF_MAP_TYPE_LRU_HASH
@@ -357,13 +358,8 @@ pub fn after_load(
                 BPF_MAP_TYPE_ARRAY | BPF_MAP_TYPE_PERCPU_ARRAY
             ),
         };
-        let written = migrate::fill(
-            raw,
-            target,
-            entries.into_iter().collect(),
-            last_used(name, &c, timeouts),
-        )
-        .map_err(io_err(format!("write the entries of the new {name}")))?;
+        let written = migrate::fill(raw, target, entries.into_iter().collect(), &recent)
+            .map_err(io_err(format!("write the entries of the new {name}")))?;
         let from: Vec<u32> = sources.iter().map(|s| s.layout.version).collect();
         tracing::info!(
             map = name,
