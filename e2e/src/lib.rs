@@ -14,6 +14,7 @@
 
 #[cfg(feature = "apiserver")]
 pub mod apiserver;
+pub mod capture;
 pub mod cluster;
 mod netns;
 mod servers;

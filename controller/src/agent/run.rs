@@ -14,7 +14,7 @@
 //! link events.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     ffi::CStr,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
@@ -41,7 +41,8 @@ use crate::{
     },
     translate::sync::MapWriter,
     translate::{
-        incremental::IncrementalTranslation, Cidr, FrontendKey, NodeInfo, Skipped, TranslateOptions,
+        incremental::{IncrementalTranslation, ObjectKey},
+        Cidr, FrontendKey, NodeInfo, Skipped, TranslateOptions,
     },
 };
 
@@ -154,7 +155,16 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         warn!(error = %e, "not reading the datapath's log");
     }
     dp.set_tc_attach(tc_attach);
-    let writer = MapWriter::adopt(&mut dp).context("reading the pinned maps")?;
+    let mut writer = MapWriter::adopt(&mut dp).context("reading the pinned maps")?;
+    // Conntrack may name backends removed before this agent started: new
+    // backends get ids after those too.
+    match dp.ct_entries() {
+        Ok(entries) => {
+            let named = entries.iter().map(|(_, e)| e.backend_id).max();
+            writer.give_backend_ids_after(named.unwrap_or(0));
+        }
+        Err(e) => warn!(error = %e, "reading conntrack for the backend ids it names"),
+    }
     info!(
         frontends = writer.frontend_count(),
         backends = writer.backend_count(),
@@ -184,7 +194,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         writer,
         attached: BTreeSet::new(),
         metrics: AgentMetrics::default(),
-        seen_triggers: BTreeSet::new(),
+        seen_triggers: BTreeMap::new(),
         health_checks: HealthCheckServer::new(health_ips, requests.clone()),
         api_service_cidrs: None,
         retry: None,
@@ -498,8 +508,9 @@ struct Agent {
     writer: MapWriter,
     attached: BTreeSet<String>,
     metrics: AgentMetrics,
-    /// (slice, trigger time) pairs already measured.
-    seen_triggers: BTreeSet<(String, String)>,
+    /// The trigger time last measured of each slice (one entry per live
+    /// slice: a set of every pair seen grew with every change).
+    seen_triggers: BTreeMap<ObjectKey, String>,
     /// `healthCheckNodePort` listeners, synced after every successful apply.
     health_checks: HealthCheckServer,
     /// The IPv4 CIDRs of the API's ServiceCIDR objects, once the API has
@@ -752,7 +763,7 @@ impl Agent {
             changes
                 .slices
                 .iter()
-                .filter_map(|key| self.translation.slice(key)),
+                .map(|key| (key, self.translation.slice(key))),
             &mut self.seen_triggers,
         );
         let desired = self.translation.desired();
@@ -795,8 +806,8 @@ impl Agent {
                     .observe(started.elapsed().as_secs_f64());
                 self.metrics.last_sync = Some(now);
                 self.metrics.failing_since = None;
-                for t in triggers {
-                    if let Ok(d) = now.duration_since(t) {
+                for t in &triggers.times {
+                    if let Ok(d) = now.duration_since(*t) {
                         self.metrics.network_programming.observe(d.as_secs_f64());
                     }
                 }
@@ -808,6 +819,10 @@ impl Agent {
                     backends_written = stats.backends_written,
                     backends_removed = stats.backends_removed,
                     resource_version = self.resource_version.as_deref().unwrap_or(""),
+                    trigger = triggers
+                        .newest
+                        .as_ref()
+                        .map_or("", |(_, as_written)| as_written.as_str()),
                     micros = started.elapsed().as_micros() as u64,
                     "{done}"
                 );
@@ -838,7 +853,9 @@ impl Agent {
         }
         let started = Instant::now();
         match MapWriter::adopt(dp) {
-            Ok(writer) => {
+            Ok(mut writer) => {
+                // Ids handed out since keep rolling on.
+                writer.give_backend_ids_after(self.writer.last_backend_id());
                 self.writer = writer;
                 self.sync_as(dp, started, "periodic resync: maps read back and repaired");
             }
@@ -914,13 +931,23 @@ fn manifest_change_complete(kind: &notify::EventKind) -> bool {
     )
 }
 
-/// Trigger times of EndpointSlice changes not measured yet.
+/// Trigger times of EndpointSlice changes not measured yet, with the
+/// newest one as written (`None`: a slice deleted, whose entry goes).
 fn new_triggers<'a>(
-    slices: impl Iterator<Item = &'a k8s_openapi::api::discovery::v1::EndpointSlice>,
-    seen: &mut BTreeSet<(String, String)>,
-) -> Vec<std::time::SystemTime> {
-    let mut out = Vec::new();
-    for slice in slices {
+    slices: impl Iterator<
+        Item = (
+            &'a ObjectKey,
+            Option<&'a k8s_openapi::api::discovery::v1::EndpointSlice>,
+        ),
+    >,
+    seen: &mut BTreeMap<ObjectKey, String>,
+) -> NewTriggers {
+    let mut out = NewTriggers::default();
+    for (key, slice) in slices {
+        let Some(slice) = slice else {
+            seen.remove(key);
+            continue;
+        };
         let Some(value) = slice
             .metadata
             .annotations
@@ -929,18 +956,28 @@ fn new_triggers<'a>(
         else {
             continue;
         };
-        let name = format!(
-            "{}/{}",
-            slice.metadata.namespace.as_deref().unwrap_or_default(),
-            slice.metadata.name.as_deref().unwrap_or_default()
-        );
-        if seen.insert((name, value.clone())) {
-            if let Ok(ts) = value.parse::<jiff::Timestamp>() {
-                out.push(std::time::SystemTime::from(ts));
+        if seen.get(key) == Some(value) {
+            continue;
+        }
+        seen.insert(key.clone(), value.clone());
+        if let Ok(ts) = value.parse::<jiff::Timestamp>() {
+            if out.newest.as_ref().is_none_or(|(newest, _)| ts > *newest) {
+                out.newest = Some((ts, value.clone()));
             }
+            out.times.push(std::time::SystemTime::from(ts));
         }
     }
     out
+}
+
+/// EndpointSlice changes a sync takes in, by their trigger times.
+#[derive(Debug, Default)]
+struct NewTriggers {
+    times: Vec<std::time::SystemTime>,
+    /// The newest trigger time, and as the annotation wrote it: the sync's
+    /// log line names it, so whoever made a change learns when it was
+    /// programmed.
+    newest: Option<(jiff::Timestamp, String)>,
 }
 
 /// Devices of the IPv4 default routes in this network namespace (the main

@@ -70,7 +70,8 @@ pub struct Changes {
     /// Skips of the objects translated again (to log them once, when the
     /// object changes, not on every sync).
     pub skipped: Vec<Skipped>,
-    /// EndpointSlices added or changed (their trigger times are measured).
+    /// EndpointSlices added, changed or removed (the trigger times of those
+    /// there are measured; a removed one's is forgotten).
     pub slices: Vec<ObjectKey>,
 }
 
@@ -302,6 +303,7 @@ impl IncrementalTranslation {
 
     fn drop_slice(&mut self, key: &ObjectKey) {
         if let Some(old) = self.slices.remove(key) {
+            self.changes.slices.push(key.clone());
             if let Some(owner) = self.unindex_slice(key, old) {
                 self.retranslate_owner(&owner);
             }

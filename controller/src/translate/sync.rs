@@ -3,9 +3,11 @@
 //! shows a packet a half-written service (`kernel/maps.rs`): new backends
 //! first, then frontends, then removed frontends, then unused backends.
 //!
-//! Backends are identified by (address, port, protocol) and get the lowest
-//! free id; frontends (service ports at one address) likewise get service
-//! ids. Processing is in sorted order, so the same input gives the same ids.
+//! Backends are identified by (address, port, protocol) and get ids in turn
+//! (`RollingIds`: an id freed is not given again until the id space wraps,
+//! because conntrack names a flow's backend by id); frontends (service
+//! ports at one address) get the lowest free service id. Processing is in
+//! sorted order, so the same input and history give the same ids.
 //!
 //! `apply` compares the whole desired state; `apply_changes` only the
 //! frontends the caller names (`incremental::Changes`), with what couples
@@ -199,8 +201,9 @@ pub struct MapWriter {
     /// The frontends of the last desired state that use each backend, in
     /// key order, with whether all their references are terminating.
     users: BTreeMap<BackendKey, BackendUsers>,
-    /// Ids in use (the lowest free one is the next).
-    backend_ids: Ids,
+    /// Backend ids in use, and the last one handed out.
+    backend_ids: RollingIds,
+    /// Service ids in use (the lowest free one is the next).
     service_ids: Ids,
     /// The maps hold exactly the last desired state (an apply completed
     /// with nothing left out): only then can a change be applied alone.
@@ -238,7 +241,20 @@ impl MapWriter {
                 },
             );
         }
+        writer.backend_ids = RollingIds::used(writer.backends.values().map(|(id, _)| *id), 0);
         Ok(writer)
+    }
+
+    /// The backend id handed out last (or the highest in use).
+    pub fn last_backend_id(&self) -> u32 {
+        self.backend_ids.last
+    }
+
+    /// New backends get ids after `id` (and after those in use): ids that
+    /// flows in conntrack, or an earlier writer, may still name are not
+    /// given to another backend.
+    pub fn give_backend_ids_after(&mut self, id: u32) {
+        self.backend_ids.last = self.backend_ids.last.max(id);
     }
 
     /// Service id -> `namespace/name:port (kind)`, for dumps and traces.
@@ -374,11 +390,14 @@ impl MapWriter {
             .iter()
             .map(|(b, users)| (*b, users.terminating()))
             .collect();
-        let mut used_ids = Ids::used(self.backends.values().map(|(id, _)| *id));
+        let mut used_ids = RollingIds::used(
+            self.backends.values().map(|(id, _)| *id),
+            self.backend_ids.last,
+        );
         for (backend, terminating) in &wanted {
             let (id, changed) = match self.backends.get(backend) {
                 Some((id, t)) => (*id, t != terminating),
-                None => (used_ids.take_lowest(), true),
+                None => (used_ids.take(), true),
             };
             if changed {
                 if let Err(e) = dp.set_backend(id, backend.0, backend.1, *terminating) {
@@ -436,7 +455,8 @@ impl MapWriter {
                 stats.backends_removed += 1;
             }
         }
-        self.backend_ids = Ids::used(self.backends.values().map(|(id, _)| *id));
+        self.backend_ids =
+            RollingIds::used(self.backends.values().map(|(id, _)| *id), used_ids.last);
         self.service_ids = Ids::used(self.frontends.values().map(|a| a.service_id));
         self.in_step = stats.not_programmed.is_empty();
         Ok(stats)
@@ -544,7 +564,7 @@ impl MapWriter {
             let terminating = users.terminating();
             let (id, write) = match self.backends.get(backend) {
                 Some((id, t)) => (*id, *t != terminating),
-                None => (self.backend_ids.take_lowest(), true),
+                None => (self.backend_ids.take(), true),
             };
             if write {
                 if let Err(e) = dp.set_backend(id, backend.0, backend.1, terminating) {
@@ -704,6 +724,43 @@ fn frontend(key: &FrontendKey) -> Frontend {
     }
 }
 
+/// Backend ids handed out in turn: the one after the last handed out that
+/// is free, wrapping past `u32::MAX` to 1 (0 is no backend). A conntrack
+/// entry names its flow's backend by id; were a freed id given at once to
+/// another backend, the flows of the removed one would go on to the new one
+/// (and its replies, which no entry expects, back untranslated) instead of
+/// being moved (UDP) or reset (TCP). Cilium's backend ids roll the same way.
+#[derive(Debug, Default)]
+struct RollingIds {
+    used: BTreeSet<u32>,
+    /// The id handed out last (or the highest in use, if higher).
+    last: u32,
+}
+
+impl RollingIds {
+    fn used(ids: impl Iterator<Item = u32>, last: u32) -> Self {
+        let used: BTreeSet<u32> = ids.collect();
+        let last = used.last().copied().unwrap_or(0).max(last);
+        RollingIds { used, last }
+    }
+
+    fn take(&mut self) -> u32 {
+        let mut id = self.last;
+        loop {
+            id = if id == u32::MAX { 1 } else { id + 1 };
+            // Ends: a map holds far fewer than 2^32 backends.
+            if self.used.insert(id) {
+                self.last = id;
+                return id;
+            }
+        }
+    }
+
+    fn release(&mut self, id: u32) {
+        self.used.remove(&id);
+    }
+}
+
 /// Ids in use, 1 and up; the next one given is the lowest free. The holes
 /// below the highest are kept, so that is found without a scan (a scan per
 /// id made the first sync quadratic, and a change cost a walk to the hole
@@ -750,8 +807,25 @@ impl Ids {
 
 #[cfg(test)]
 mod tests {
-    use super::Ids;
+    use super::{Ids, RollingIds};
     use std::collections::BTreeSet;
+
+    #[test]
+    fn a_freed_backend_id_is_not_given_again_until_the_ids_wrap() {
+        let mut ids = RollingIds::used([1, 2, 3].into_iter(), 0);
+        ids.release(2);
+        // Not the hole 2: the next after the last handed out.
+        assert_eq!(ids.take(), 4);
+        ids.release(4);
+        assert_eq!(ids.take(), 5);
+        // An agent after a restart: past the ids conntrack still names.
+        let mut after_restart = RollingIds::used([1, 3, 5].into_iter(), 9);
+        assert_eq!(after_restart.take(), 10);
+        // At the end of the space: round to 1, past the ids in use.
+        let mut wrapping = RollingIds::used([1, 2, u32::MAX - 1].into_iter(), 0);
+        assert_eq!(wrapping.take(), u32::MAX);
+        assert_eq!(wrapping.take(), 3);
+    }
 
     #[test]
     fn ids_are_the_lowest_free_ones() {

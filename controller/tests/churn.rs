@@ -1,0 +1,869 @@
+//! Endpoint churn under traffic: a `dp agent` takes EndpointSlice changes at
+//! a sustained rate (1 000 a second by default, through the manifests
+//! directory or the fake API server's watch) while a pod keeps opening TCP
+//! connections, holds long ones open and sends UDP to the churning Service.
+//!
+//! Every change carries its time in `endpoints.kubernetes.io/last-change-
+//! trigger-time`; the agent names the newest one it programmed in each
+//! sync's log line, which is timestamped after the maps were written. From
+//! that log and what the backends saw arrive (a packet capture in each
+//! backend's namespace logs every SYN and datagram with its time), the test
+//! asserts:
+//! - no connection or datagram reaches a backend after its removal was
+//!   programmed (unless a later sync, already under way, added it back);
+//! - no connection to a backend that stays is reset or stalls, no
+//!   connection is refused or times out (endpoints always exist), every
+//!   datagram is answered, and from the Service's address;
+//! - every change is programmed; the lag from change to map (p50/p99) is
+//!   printed.
+//!
+//! `cargo xtask churn --seconds N --rate R` runs the same tests longer;
+//! `cargo xtask soak --seconds N` the soak (`soak_*`, ignored here).
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant, SystemTime},
+};
+
+mod support;
+
+use e2e::{
+    apiserver::FakeApiServer,
+    capture::{Arrival, ArrivalCapture, ArrivalLog},
+    Cluster, TcpEchoServer, UdpEchoServer,
+};
+use serde_json::{json, Value};
+use support::agents::*;
+
+const CLIENT: &str = "pod-1-0";
+/// In every state: the Service never runs out of endpoints.
+const STAYERS: [&str; 2] = ["pod-1-1", "pod-2-1"];
+/// Added and removed by the churn, one at a time, in turn.
+const CHURNERS: [&str; 3] = ["pod-1-2", "pod-2-0", "pod-2-2"];
+const VIP: &str = "10.96.0.50";
+const TCP_PORT: u16 = 80;
+const UDP_PORT: u16 = 53;
+const TCP_TARGET: u16 = 8080;
+const UDP_TARGET: u16 = 5353;
+
+/// The churn tests one at a time: each wants the machine's CPUs.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Seconds of churn and changes per second, from `DP_CHURN_SECONDS` and
+/// `DP_CHURN_RATE` (`cargo xtask churn`), else 5 s at 1 000/s.
+fn churn_settings() -> (Duration, f64) {
+    let get = |name: &str, default: f64| {
+        std::env::var(name)
+            .ok()
+            .map(|v| v.parse::<f64>().unwrap_or_else(|_| panic!("{name}={v}")))
+            .unwrap_or(default)
+    };
+    (
+        Duration::from_secs_f64(get("DP_CHURN_SECONDS", 5.0)),
+        get("DP_CHURN_RATE", 1000.0),
+    )
+}
+
+#[test]
+fn churn_through_the_manifests_directory_under_traffic() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (seconds, rate) = churn_settings();
+    let report = Bench::start(FeedKind::Manifests, "churn-manifests").run(seconds, rate);
+    report.assert_clean(rate);
+}
+
+#[test]
+fn churn_through_the_api_watch_under_traffic() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (seconds, rate) = churn_settings();
+    let report = Bench::start(FeedKind::Api, "churn-api").run(seconds, rate);
+    report.assert_clean(rate);
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum FeedKind {
+    Manifests,
+    Api,
+}
+
+/// Where changes go: files renamed into the manifests directory, or the
+/// fake API server (and from it, the agent's watch).
+enum Feed {
+    Manifests(PathBuf),
+    Api(FakeApiServer),
+}
+
+impl Feed {
+    fn apply(&self, object: &Value) {
+        match self {
+            Feed::Manifests(dir) => {
+                let name = object["metadata"]["name"].as_str().unwrap();
+                // Renamed into place: the agent never reads half a file.
+                let tmp = dir.join(format!(".{name}.json.tmp"));
+                fs::write(&tmp, object.to_string()).unwrap();
+                fs::rename(&tmp, dir.join(format!("{name}.json"))).unwrap();
+            }
+            Feed::Api(api) => {
+                api.apply(object.clone());
+            }
+        }
+    }
+}
+
+/// The cluster, its logging servers, the agent and the feed.
+struct Bench {
+    cluster: Cluster,
+    arrivals: ArrivalLog,
+    _servers: (Vec<TcpEchoServer>, Vec<UdpEchoServer>),
+    _captures: Vec<ArrivalCapture>,
+    agent: Agent,
+    bpffs: Bpffs,
+    feed: Arc<Feed>,
+    _dir: ManifestsDir,
+    /// The state of every change written, by its trigger time as written.
+    states: BTreeMap<String, [bool; 3]>,
+    /// Programmed: (started no later than, done, trigger) per sync, in log
+    /// order.
+    programmed: Vec<Sync>,
+}
+
+#[derive(Clone, Debug)]
+struct Sync {
+    /// When the sync began at the latest (its log time minus its duration).
+    start: SystemTime,
+    /// Its log line's time: after the maps were written.
+    done: SystemTime,
+    trigger: String,
+}
+
+impl Bench {
+    fn start(kind: FeedKind, test: &str) -> Bench {
+        e2e::require_root();
+        let cluster = Cluster::new(&[3, 3]).unwrap();
+        let arrivals = ArrivalLog::default();
+        let mut tcp = Vec::new();
+        let mut udp = Vec::new();
+        let mut captures = Vec::new();
+        for pod in cluster.pods.iter().filter(|p| p.name != CLIENT) {
+            let ns = cluster.pod_ns(&pod.name);
+            let name = Some(pod.name.clone());
+            tcp.push(
+                TcpEchoServer::start_named(ns, (pod.ip, TCP_TARGET).into(), name.clone()).unwrap(),
+            );
+            udp.push(UdpEchoServer::start_named(ns, (pod.ip, UDP_TARGET).into(), name).unwrap());
+            captures.push(
+                ArrivalCapture::start(ns, &pod.name, TCP_TARGET, UDP_TARGET, arrivals.clone())
+                    .unwrap(),
+            );
+        }
+        let dir = manifests_dir(test);
+        let bpffs = Bpffs::new(test);
+        let pins = bpffs.node("node1");
+        let (feed, source) = match kind {
+            FeedKind::Manifests => (
+                Feed::Manifests(dir.to_path_buf()),
+                ("--manifests", dir.to_path_buf()),
+            ),
+            FeedKind::Api => {
+                // The API server listens in node1's namespace, where the
+                // agent runs.
+                let api = FakeApiServer::start_in(cluster.node_ns(0)).unwrap();
+                let kubeconfig = dir.join("kubeconfig");
+                api.write_kubeconfig(&kubeconfig).unwrap();
+                api.apply(
+                    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"},
+                    "status": {"addresses": [{"type": "InternalIP", "address": "172.18.0.2"}]}}),
+                );
+                (Feed::Api(api), ("--kubeconfig", kubeconfig))
+            }
+        };
+        let mut states = BTreeMap::new();
+        let first = trigger_after(None);
+        feed.apply(&service());
+        feed.apply(&slice([true; 3], &first));
+        states.insert(first.clone(), [true; 3]);
+        let agent = Agent::start_with(
+            cluster.node_ns(0),
+            "node1",
+            "172.18.0.2",
+            (source.0, &source.1),
+            &pins,
+        );
+        let mut bench = Bench {
+            cluster,
+            arrivals,
+            _servers: (tcp, udp),
+            _captures: captures,
+            agent,
+            bpffs,
+            feed: Arc::new(feed),
+            _dir: dir,
+            states,
+            programmed: Vec::new(),
+        };
+        bench.wait_programmed(&first);
+        bench
+    }
+
+    fn pins(&self) -> PathBuf {
+        self.bpffs.node("node1")
+    }
+
+    /// Reads the agent's log until a sync names `trigger`, recording every
+    /// sync on the way.
+    fn wait_programmed(&mut self, trigger: &str) {
+        loop {
+            let line = self.agent.wait_for(&["trigger="]);
+            if let Some(sync) = parse_sync(&line) {
+                let done = sync.trigger == trigger;
+                self.programmed.push(sync);
+                if done {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Churns for `seconds` at `rate` changes a second under traffic, and
+    /// gathers what everyone saw.
+    fn run(mut self, seconds: Duration, rate: f64) -> Report {
+        let stop = Arc::new(AtomicBool::new(false));
+        let client = self.cluster.pod_ns(CLIENT);
+        let tcp_vip: SocketAddr = format!("{VIP}:{TCP_PORT}").parse().unwrap();
+        let udp_vip: SocketAddr = format!("{VIP}:{UDP_PORT}").parse().unwrap();
+        // Long connections, opened before the churn.
+        let long: Vec<LongConn> = (0..12)
+            .map(|_| client.run(|| LongConn::open(tcp_vip)).unwrap())
+            .collect();
+        let long_worker = {
+            let stop = stop.clone();
+            client
+                .spawn(move || hold_long_connections(long, &stop))
+                .unwrap()
+        };
+        let short_workers: Vec<JoinHandle<Vec<ShortConn>>> = (0..2)
+            .map(|_| {
+                let stop = stop.clone();
+                client
+                    .spawn(move || short_connections(tcp_vip, 200.0, &stop))
+                    .unwrap()
+            })
+            .collect();
+        // Busy UDP flows, and sparse ones: idle across several syncs, so
+        // that their backend may be removed (and another added) between
+        // two of their requests.
+        let udp_workers: Vec<JoinHandle<UdpFlow>> =
+            [200.0, 200.0, 200.0, 200.0, 3.0, 3.0, 3.0, 3.0]
+                .into_iter()
+                .map(|per_second| {
+                    let stop = stop.clone();
+                    client
+                        .spawn(move || udp_flow(udp_vip, per_second, &stop))
+                        .unwrap()
+                })
+                .collect();
+
+        // The churn: churner i % 3 toggles at change i.
+        let started = Instant::now();
+        let churn_started = SystemTime::now();
+        let total = (seconds.as_secs_f64() * rate).round() as u64;
+        let mut present = [true; 3];
+        let mut last = self.states.keys().next_back().cloned();
+        let mut written = Vec::with_capacity(total as usize);
+        for i in 0..total {
+            // Paced to a schedule (not to the agent): behind it, no pause.
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            present[(i % 3) as usize] ^= true;
+            let trigger = trigger_after(last.as_deref());
+            self.feed.apply(&slice(present, &trigger));
+            written.push((trigger.clone(), present));
+            last = Some(trigger);
+        }
+        let churn_took = started.elapsed();
+        for (t, p) in written {
+            self.states.insert(t, p);
+        }
+        let last = last.unwrap();
+        self.wait_programmed(&last);
+        // Traffic a little past the last change, then everyone reports.
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, Ordering::SeqCst);
+        let long = long_worker.join().unwrap();
+        let short: Vec<ShortConn> = short_workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect();
+        let udp: Vec<UdpFlow> = udp_workers.into_iter().map(|w| w.join().unwrap()).collect();
+        let arrivals = self.arrivals.lock().unwrap().clone();
+        Report {
+            changes: total,
+            churn_took,
+            churn_started,
+            states: self.states.clone(),
+            programmed: self.programmed.clone(),
+            arrivals,
+            short,
+            long,
+            udp,
+            pins: self.pins(),
+            _bench: self,
+        }
+    }
+}
+
+/// A trigger time after `last` (RFC 3339, nanoseconds): now, or 1 ns past
+/// `last` if the clock has not moved.
+fn trigger_after(last: Option<&str>) -> String {
+    let mut now = jiff::Timestamp::now();
+    if let Some(last) = last.and_then(|l| l.parse::<jiff::Timestamp>().ok()) {
+        if now <= last {
+            now = last + jiff::SignedDuration::from_nanos(1);
+        }
+    }
+    // Always with nine digits, so the strings sort as the times do.
+    format!("{now:.9}")
+}
+
+fn time_of(trigger: &str) -> SystemTime {
+    SystemTime::from(trigger.parse::<jiff::Timestamp>().unwrap())
+}
+
+/// The churning Service: TCP 80 -> 8080, UDP 53 -> 5353.
+fn service() -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "churn", "namespace": "default"},
+        "spec": {"clusterIP": VIP, "ports": [
+            {"name": "tcp", "port": TCP_PORT, "targetPort": TCP_TARGET, "protocol": "TCP"},
+            {"name": "udp", "port": UDP_PORT, "targetPort": UDP_TARGET, "protocol": "UDP"}]}})
+}
+
+fn pod_ip(name: &str) -> String {
+    // pod-<node>-<n> is 10.244.<node>.<10 + n> (e2e::Cluster).
+    let mut parts = name.split('-').skip(1);
+    let node: u8 = parts.next().unwrap().parse().unwrap();
+    let n: u8 = parts.next().unwrap().parse().unwrap();
+    format!("10.244.{node}.{}", 10 + n)
+}
+
+/// The Service's one slice: the stayers and the churners `present`.
+fn slice(present: [bool; 3], trigger: &str) -> Value {
+    let endpoints: Vec<Value> = STAYERS
+        .iter()
+        .chain(
+            CHURNERS
+                .iter()
+                .zip(present)
+                .filter(|(_, p)| *p)
+                .map(|(c, _)| c),
+        )
+        .map(|pod| {
+            let node = format!("node{}", &pod[4..5]);
+            json!({"addresses": [pod_ip(pod)], "nodeName": node,
+                "targetRef": {"kind": "Pod", "name": pod, "namespace": "default"},
+                "conditions": {"ready": true, "serving": true, "terminating": false}})
+        })
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "churn-1", "namespace": "default",
+            "labels": {"kubernetes.io/service-name": "churn"},
+            "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": trigger}},
+        "addressType": "IPv4",
+        "ports": [{"name": "tcp", "port": TCP_TARGET, "protocol": "TCP"},
+                  {"name": "udp", "port": UDP_TARGET, "protocol": "UDP"}],
+        "endpoints": endpoints})
+}
+
+/// A sync's log line: `<time> INFO ...: synced ... trigger=<t> micros=<n>`
+/// (also the periodic resync's, which programs pending changes too).
+fn parse_sync(line: &str) -> Option<Sync> {
+    let field = |name: &str| -> Option<&str> {
+        let at = line.find(&format!(" {name}="))? + name.len() + 2;
+        let rest = &line[at..];
+        let end = rest.find(' ').unwrap_or(rest.len());
+        Some(rest[..end].trim_matches('"'))
+    };
+    let trigger = field("trigger")?;
+    if trigger.is_empty() {
+        return None;
+    }
+    let micros: u64 = field("micros")?.parse().ok()?;
+    let done = time_of(line.split_whitespace().next()?);
+    Some(Sync {
+        start: done - Duration::from_micros(micros),
+        done,
+        trigger: trigger.to_string(),
+    })
+}
+
+/// One short connection: connect, one exchange, close with a reset (no
+/// TIME_WAIT, so the client's ports last the run).
+#[derive(Clone, Debug)]
+struct ShortConn {
+    sent: SystemTime,
+    ended: SystemTime,
+    port: Option<u16>,
+    outcome: Result<String, String>,
+    /// The connect itself failed (refused, timed out).
+    connect_failed: bool,
+}
+
+fn short_connections(vip: SocketAddr, per_second: f64, stop: &AtomicBool) -> Vec<ShortConn> {
+    let mut out = Vec::new();
+    let started = Instant::now();
+    let mut i = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let due = started + Duration::from_secs_f64(i as f64 / per_second);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        i += 1;
+        let sent = SystemTime::now();
+        let (port, conn) = connect_from_known_port(vip);
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                out.push(ShortConn {
+                    sent,
+                    ended: SystemTime::now(),
+                    port: Some(port),
+                    outcome: Err(format!("connect: {e}")),
+                    connect_failed: e.kind() != std::io::ErrorKind::ConnectionReset,
+                });
+                continue;
+            }
+        };
+        let port = Some(port);
+        let outcome = exchange_first(&conn, b"x");
+        let _ = e2e::rst_on_close(&conn);
+        drop(conn);
+        out.push(ShortConn {
+            sent,
+            ended: SystemTime::now(),
+            port,
+            outcome,
+            connect_failed: false,
+        });
+    }
+    out
+}
+
+/// A TCP connection to `to` from a port bound first, so that a connect
+/// that fails still says which port it was from (the backends log ports).
+/// A reset during connect means the handshake completed: the backend saw
+/// it.
+fn connect_from_known_port(to: SocketAddr) -> (u16, std::io::Result<TcpStream>) {
+    use std::os::fd::FromRawFd as _;
+    let last = std::io::Error::last_os_error;
+    // SAFETY: plain socket calls on a descriptor this function owns; the
+    // address structures are valid for their lengths.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", last());
+        let stream = TcpStream::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as u16;
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let rc = libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), len);
+        assert_eq!(rc, 0, "bind: {}", last());
+        let mut len_out = len;
+        let rc = libc::getsockname(
+            fd,
+            (&mut addr as *mut libc::sockaddr_in).cast(),
+            &mut len_out,
+        );
+        assert_eq!(rc, 0, "getsockname: {}", last());
+        let port = u16::from_be(addr.sin_port);
+        // A blocking connect gives up after SO_SNDTIMEO.
+        stream
+            .set_write_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let SocketAddr::V4(v4) = to else {
+            unreachable!("IPv4 Service")
+        };
+        let mut dst: libc::sockaddr_in = std::mem::zeroed();
+        dst.sin_family = libc::AF_INET as u16;
+        dst.sin_port = v4.port().to_be();
+        dst.sin_addr.s_addr = u32::from(*v4.ip()).to_be();
+        if libc::connect(fd, (&dst as *const libc::sockaddr_in).cast(), len) != 0 {
+            return (port, Err(last()));
+        }
+        (port, Ok(stream))
+    }
+}
+
+/// Sends `payload` and reads the identity line and the echo: the backend.
+fn exchange_first(mut conn: &TcpStream, payload: &[u8]) -> Result<String, String> {
+    conn.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    conn.write_all(payload).map_err(|e| format!("send: {e}"))?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        let n = conn.read(&mut buf).map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err(format!("closed after {got:?}"));
+        }
+        got.extend_from_slice(&buf[..n]);
+        if let Some((name, _, echo)) = e2e::parse_identity(&got) {
+            if echo.len() >= payload.len() {
+                return Ok(name);
+            }
+        }
+    }
+}
+
+/// A connection held open through the churn, exchanging all along.
+struct LongConn {
+    conn: TcpStream,
+    backend: String,
+    exchanges: u64,
+    failed: Option<(SystemTime, std::io::ErrorKind, String)>,
+}
+
+impl LongConn {
+    fn open(vip: SocketAddr) -> LongConn {
+        let conn = TcpStream::connect_timeout(&vip, Duration::from_secs(2)).unwrap();
+        let backend = exchange_first(&conn, b"hello").unwrap();
+        // A connection whose backend goes is reset; one that stalls fails.
+        conn.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        LongConn {
+            conn,
+            backend,
+            exchanges: 1,
+            failed: None,
+        }
+    }
+
+    fn exchange(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
+        let r = (|| -> std::io::Result<()> {
+            let mut c = &self.conn;
+            c.write_all(b"ping")?;
+            let mut buf = [0u8; 4];
+            c.read_exact(&mut buf)?;
+            if &buf != b"ping" {
+                return Err(std::io::Error::other(format!("echo {buf:?}")));
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => self.exchanges += 1,
+            Err(e) => self.failed = Some((SystemTime::now(), e.kind(), e.to_string())),
+        }
+    }
+}
+
+fn hold_long_connections(mut conns: Vec<LongConn>, stop: &AtomicBool) -> Vec<LongConn> {
+    while !stop.load(Ordering::SeqCst) {
+        for c in &mut conns {
+            c.exchange();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    conns
+}
+
+/// One UDP flow (one client port) sending a numbered request at a time.
+#[derive(Debug, Default)]
+struct UdpFlow {
+    port: u16,
+    /// Send time of each request, by number.
+    sent: Vec<SystemTime>,
+    /// Requests answered: (number, backend, reply source).
+    answered: Vec<(usize, String, SocketAddr)>,
+    /// Requests not answered within a second.
+    lost: Vec<usize>,
+}
+
+fn udp_flow(vip: SocketAddr, per_second: f64, stop: &AtomicBool) -> UdpFlow {
+    let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut flow = UdpFlow {
+        port: sock.local_addr().unwrap().port(),
+        ..UdpFlow::default()
+    };
+    let started = Instant::now();
+    let mut buf = [0u8; 512];
+    while !stop.load(Ordering::SeqCst) {
+        let n = flow.sent.len();
+        let due = started + Duration::from_secs_f64(n as f64 / per_second);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        flow.sent.push(SystemTime::now());
+        // Unconnected: a reply from any address is seen, not filtered.
+        sock.send_to(format!("{n}").as_bytes(), vip).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let answered = loop {
+            if Instant::now() >= deadline {
+                break false;
+            }
+            let Ok((len, from)) = sock.recv_from(&mut buf) else {
+                continue;
+            };
+            let Some((backend, _, echo)) = e2e::parse_identity(&buf[..len]) else {
+                continue;
+            };
+            let number: Option<usize> =
+                std::str::from_utf8(&echo).ok().and_then(|s| s.parse().ok());
+            if number == Some(n) {
+                flow.answered.push((n, backend, from));
+                break true;
+            }
+            // A late answer to an earlier request: already counted lost.
+        };
+        if !answered {
+            flow.lost.push(n);
+        }
+    }
+    flow
+}
+
+/// Everything a churn run saw.
+struct Report {
+    changes: u64,
+    churn_took: Duration,
+    churn_started: SystemTime,
+    states: BTreeMap<String, [bool; 3]>,
+    programmed: Vec<Sync>,
+    arrivals: Vec<Arrival>,
+    short: Vec<ShortConn>,
+    long: Vec<LongConn>,
+    udp: Vec<UdpFlow>,
+    #[allow(dead_code)]
+    pins: PathBuf,
+    _bench: Bench,
+}
+
+fn churner_index(name: &str) -> Option<usize> {
+    CHURNERS.iter().position(|c| *c == name)
+}
+
+impl Report {
+    /// The churners' presence as sync `i` programmed it.
+    fn state(&self, i: usize) -> [bool; 3] {
+        self.states[&self.programmed[i].trigger]
+    }
+
+    /// Whether `backend` could take a new flow sent at `sent` and seen at
+    /// `seen`: in the state programmed last before `sent`, or in one that
+    /// a sync under way by `seen` was writing.
+    fn may_take(&self, backend: &str, sent: SystemTime, seen: SystemTime) -> bool {
+        let Some(c) = churner_index(backend) else {
+            return STAYERS.contains(&backend);
+        };
+        let k = self
+            .programmed
+            .iter()
+            .rposition(|s| s.done <= sent)
+            .expect("the first sync precedes all traffic");
+        (k..self.programmed.len())
+            .take_while(|&j| j == k || self.programmed[j].start <= seen)
+            .any(|j| self.state(j)[c])
+    }
+
+    /// Whether a sync that overlapped `[from, to]` removed `backend`.
+    fn removed_during(&self, backend: &str, from: SystemTime, to: SystemTime) -> bool {
+        let Some(c) = churner_index(backend) else {
+            return false;
+        };
+        (0..self.programmed.len()).any(|j| {
+            let s = &self.programmed[j];
+            s.start <= to && s.done >= from && !self.state(j)[c]
+        })
+    }
+
+    /// Lag from each change to the sync that programmed it, sorted.
+    fn lags(&self) -> Vec<Duration> {
+        let mut lags: Vec<Duration> = self
+            .states
+            .keys()
+            .filter(|t| time_of(t) >= self.churn_started)
+            .map(|t| {
+                let sync = self
+                    .programmed
+                    .iter()
+                    .find(|s| s.trigger.as_str() >= t.as_str())
+                    .unwrap_or_else(|| panic!("change {t} never programmed"));
+                sync.done.duration_since(time_of(t)).unwrap_or_default()
+            })
+            .collect();
+        lags.sort();
+        lags
+    }
+
+    fn assert_clean(&self, rate: f64) {
+        let mut problems: Vec<String> = Vec::new();
+        // 1. No arrival at a backend after its removal was programmed.
+        let (mut tcp_checked, mut udp_checked) = (0usize, 0usize);
+        for a in &self.arrivals {
+            if a.at < self.churn_started {
+                continue;
+            }
+            let sent = if a.protocol == "udp" {
+                udp_checked += 1;
+                self.udp_sent_before(a.peer.port(), a.at)
+            } else {
+                tcp_checked += 1;
+                self.short
+                    .iter()
+                    .filter(|c| c.port == Some(a.peer.port()) && c.sent <= a.at)
+                    .map(|c| c.sent)
+                    .max()
+            };
+            let Some(sent) = sent else {
+                problems.push(format!("{a:?}: no client sent it"));
+                continue;
+            };
+            if !self.may_take(&a.backend, sent, a.at) {
+                problems.push(format!(
+                    "{}: a flow sent at {} reached it at {}, after its removal was programmed",
+                    a.backend,
+                    fmt_time(sent),
+                    fmt_time(a.at)
+                ));
+            }
+        }
+        // 2. Short connections: none refused or timed out; a reset only
+        // where its backend was removed meanwhile.
+        let mut resets_after_removal = 0;
+        for c in &self.short {
+            let Err(e) = &c.outcome else { continue };
+            if c.connect_failed {
+                problems.push(format!("connect at {} failed: {e}", fmt_time(c.sent)));
+                continue;
+            }
+            // Its backend: the first to see a SYN from its port after it
+            // was sent.
+            let backend = self
+                .arrivals
+                .iter()
+                .filter(|a| {
+                    a.protocol == "tcp"
+                        && Some(a.peer.port()) == c.port
+                        && a.at >= c.sent
+                        && a.at <= c.ended + Duration::from_millis(100)
+                })
+                .map(|a| a.backend.clone())
+                .next();
+            match backend {
+                Some(b) if self.removed_during(&b, c.sent, c.ended) => resets_after_removal += 1,
+                b => problems.push(format!(
+                    "connection at {} to {b:?} failed, its backend not removed: {e}",
+                    fmt_time(c.sent)
+                )),
+            }
+        }
+        // 3. Long connections to backends that stay: never broken; to
+        // churning ones: reset when their backend goes, never left to stall.
+        for c in &self.long {
+            let Some((at, kind, e)) = &c.failed else {
+                continue;
+            };
+            if STAYERS.contains(&c.backend.as_str()) || *kind != std::io::ErrorKind::ConnectionReset
+            {
+                problems.push(format!(
+                    "long connection to {} broke at {} after {} exchanges: {e}",
+                    c.backend,
+                    fmt_time(*at),
+                    c.exchanges
+                ));
+            }
+        }
+        // 4. UDP: every request answered, from the Service's address.
+        let vip: SocketAddr = format!("{VIP}:{UDP_PORT}").parse().unwrap();
+        for f in &self.udp {
+            for n in &f.lost {
+                problems.push(format!(
+                    "UDP request {n} from port {} at {} not answered",
+                    f.port,
+                    fmt_time(f.sent[*n])
+                ));
+            }
+            for (n, backend, from) in &f.answered {
+                if *from != vip {
+                    problems.push(format!(
+                        "UDP request {n} from port {} answered by {backend} from {from}, not {vip}",
+                        f.port
+                    ));
+                }
+            }
+        }
+        let lags = self.lags();
+        let pct = |p: f64| lags[((lags.len() - 1) as f64 * p).round() as usize];
+        let held = self.changes as f64 / self.churn_took.as_secs_f64();
+        let short_ok = self.short.iter().filter(|c| c.outcome.is_ok()).count();
+        let udp_sent: usize = self.udp.iter().map(|f| f.sent.len()).sum();
+        let long_reset = self.long.iter().filter(|c| c.failed.is_some()).count();
+        let long_exchanges: u64 = self.long.iter().map(|c| c.exchanges).sum();
+        let to_churners = self
+            .arrivals
+            .iter()
+            .filter(|a| a.at >= self.churn_started && churner_index(&a.backend).is_some())
+            .count();
+        eprintln!(
+            "churn: {} changes in {:.2} s ({held:.0}/s), {} syncs; lag change -> map p50 {:.1} ms, \
+             p99 {:.1} ms, max {:.1} ms\n\
+             traffic: {} short TCP connections ({short_ok} served, {resets_after_removal} reset after \
+             their backend's removal), {} long ones ({long_exchanges} exchanges; {long_reset} to churning \
+             backends reset), {udp_sent} UDP \
+             requests; {tcp_checked} TCP and {udp_checked} UDP arrivals checked at the backends \
+             ({to_churners} at churning ones)",
+            self.changes,
+            self.churn_took.as_secs_f64(),
+            self.programmed.len(),
+            ms(pct(0.5)),
+            ms(pct(0.99)),
+            ms(*lags.last().unwrap()),
+            self.short.len(),
+            self.long.len(),
+        );
+        assert!(
+            problems.is_empty(),
+            "{} problems under churn:\n{}",
+            problems.len(),
+            problems
+                .iter()
+                .take(40)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        // The churn was what it says, and traffic reached churning backends.
+        assert!(held >= rate * 0.9, "only {held:.0} changes/s held");
+        assert!(to_churners > 0, "no traffic reached a churning backend");
+        assert!(short_ok > 0 && udp_sent > 0);
+    }
+
+    /// The send time of the request of UDP flow `port` that arrived at
+    /// `at`: its last one sent before.
+    fn udp_sent_before(&self, port: u16, at: SystemTime) -> Option<SystemTime> {
+        let f = self.udp.iter().find(|f| f.port == port)?;
+        f.sent.iter().rev().find(|s| **s <= at).copied()
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn fmt_time(t: SystemTime) -> String {
+    jiff::Timestamp::try_from(t)
+        .map(|t| format!("{t:.6}"))
+        .unwrap_or_default()
+}
