@@ -450,6 +450,11 @@ struct AgentArgs {
     /// 0: never. A failed sync is retried sooner, with backoff.
     #[arg(long, env = "DP_SYNC_PERIOD", default_value_t = 30)]
     sync_period: u64,
+    /// How often conntrack entries past their deadline are deleted, in
+    /// seconds (on a thread of the agent's own); 0: never (the LRU map then
+    /// evicts entries, perhaps live ones, once full).
+    #[arg(long, env = "DP_CT_GC_INTERVAL", default_value_t = 30)]
+    ct_gc_interval: u64,
     /// bpffs directory for pinned maps and links (a bpffs is mounted on
     /// /sys/fs/bpf, or there, if it is not on one).
     #[arg(long, default_value = "/sys/fs/bpf/dp", env = "DP_BPFFS")]
@@ -692,6 +697,7 @@ fn main() -> anyhow::Result<()> {
                 masquerade_all: a.masquerade_all,
                 reply_limit: (a.reply_rate_limit, a.reply_burst),
                 sync_period: std::time::Duration::from_secs(a.sync_period),
+                ct_gc_interval: std::time::Duration::from_secs(a.ct_gc_interval),
                 bpffs: a.bpffs,
                 metrics_addr: a.metrics_addr,
                 healthz_addr: a.healthz_addr,

@@ -79,6 +79,7 @@ fn churn_through_the_manifests_directory_under_traffic() {
     let (seconds, rate) = churn_settings();
     let report = Bench::start(FeedKind::Manifests, "churn-manifests").run(seconds, rate);
     report.assert_clean(rate);
+    report.assert_counters_add_up();
 }
 
 #[test]
@@ -87,6 +88,62 @@ fn churn_through_the_api_watch_under_traffic() {
     let (seconds, rate) = churn_settings();
     let report = Bench::start(FeedKind::Api, "churn-api").run(seconds, rate);
     report.assert_clean(rate);
+    report.assert_counters_add_up();
+}
+
+/// The soak (`cargo xtask soak --seconds N`): churn through the API watch
+/// (`DP_CHURN_RATE`, default 200 changes/s) and the same traffic for
+/// `DP_SOAK_SECONDS` (default 600), sampled every `DP_SOAK_SAMPLE_SECONDS`
+/// (30). Past the warm-up (the first fifth), the agent's memory and the
+/// conntrack fill stay flat; at the end, with the traffic stopped, the
+/// datapath's counters add up to the packets the devices received.
+#[test]
+#[ignore = "ten minutes: cargo xtask soak"]
+fn soak_churn_and_traffic() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let get = |name: &str, default: f64| {
+        std::env::var(name)
+            .ok()
+            .map(|v| v.parse::<f64>().unwrap_or_else(|_| panic!("{name}={v}")))
+            .unwrap_or(default)
+    };
+    let seconds = Duration::from_secs_f64(get("DP_SOAK_SECONDS", 600.0));
+    let rate = get("DP_CHURN_RATE", 200.0);
+    let every = Duration::from_secs_f64(get("DP_SOAK_SAMPLE_SECONDS", 30.0));
+    let bench = Bench::start(FeedKind::Api, "soak");
+    let (report, samples) = bench.run_sampled(seconds, rate, Some(every));
+    report.assert_clean(rate);
+    report.assert_counters_add_up();
+    // Past the warm-up, the later half of the samples peaks no higher than
+    // the earlier half (within 10%, and 4 MiB or 1 000 entries of slack):
+    // flat, though conntrack saw-tooths between collections.
+    let after: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.elapsed >= seconds / 5)
+        .collect();
+    assert!(
+        after.len() >= 4,
+        "too few samples past the warm-up: {samples:?}"
+    );
+    let (earlier, later) = after.split_at(after.len() / 2);
+    let peak = |part: &[&Sample], f: fn(&Sample) -> u64| part.iter().map(|s| f(s)).max().unwrap();
+    let rss = (peak(earlier, |s| s.rss_kib), peak(later, |s| s.rss_kib));
+    let ct = (
+        peak(earlier, |s| s.ct_entries),
+        peak(later, |s| s.ct_entries),
+    );
+    eprintln!(
+        "soak: past the warm-up, peaks of the earlier and later halves: agent RSS {} / {} KiB, conntrack {} / {} entries",
+        rss.0, rss.1, ct.0, ct.1
+    );
+    assert!(
+        rss.1 <= rss.0 + rss.0 / 10 + 4096,
+        "the agent's memory grew: {samples:?}"
+    );
+    assert!(
+        ct.1 <= ct.0 + ct.0 / 10 + 1000,
+        "conntrack kept filling: {samples:?}"
+    );
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -218,6 +275,50 @@ impl Bench {
         self.bpffs.node("node1")
     }
 
+    /// The devices' and the datapath's counters at one quiet moment: read
+    /// again until the devices' counters did not move while the datapath's
+    /// were read.
+    fn read_counters(&self) -> Counters {
+        let node = self.cluster.node_ns(0);
+        let rx = || -> (u64, u64) {
+            let out = node.exec("ip", &["-j", "-s", "link", "show"]).unwrap();
+            let links: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let pods = &self.cluster.nodes[0].pod_devices;
+            let (mut eth0, mut on_pods) = (0, 0);
+            for l in links.as_array().unwrap() {
+                let name = l["ifname"].as_str().unwrap_or_default();
+                let n = l["stats64"]["rx"]["packets"].as_u64().unwrap_or(0);
+                if name == "eth0" {
+                    eth0 = n;
+                } else if pods.iter().any(|p| p == name) {
+                    on_pods += n;
+                }
+            }
+            (eth0, on_pods)
+        };
+        for _ in 0..50 {
+            let first = rx();
+            let rows = inspect(&self.pins(), &["stats"]);
+            let hook = |h: &str| -> u64 {
+                rows.as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|r| r["hook"] == h)
+                    .map(|r| r["packets"].as_u64().unwrap())
+                    .sum()
+            };
+            if rx() == first {
+                return Counters {
+                    eth0_rx: first.0,
+                    pods_rx: first.1,
+                    xdp: hook("xdp"),
+                    tc_ingress: hook("tc/ingress"),
+                };
+            }
+        }
+        panic!("node1's devices never quiet");
+    }
+
     /// Reads the agent's log until a sync names `trigger`, recording every
     /// sync on the way.
     fn wait_programmed(&mut self, trigger: &str) {
@@ -235,8 +336,25 @@ impl Bench {
 
     /// Churns for `seconds` at `rate` changes a second under traffic, and
     /// gathers what everyone saw.
-    fn run(mut self, seconds: Duration, rate: f64) -> Report {
+    fn run(self, seconds: Duration, rate: f64) -> Report {
+        self.run_sampled(seconds, rate, None).0
+    }
+
+    /// `run`, and with `sample_every`, samples of the agent and the maps
+    /// taken all along.
+    fn run_sampled(
+        mut self,
+        seconds: Duration,
+        rate: f64,
+        sample_every: Option<Duration>,
+    ) -> (Report, Vec<Sample>) {
+        let counters_before = self.read_counters();
         let stop = Arc::new(AtomicBool::new(false));
+        let sampler = sample_every.map(|every| {
+            let stop = stop.clone();
+            let (pid, pins) = (self.agent.child.id(), self.pins());
+            std::thread::spawn(move || sample_until(pid, &pins, every, &stop))
+        });
         let client = self.cluster.pod_ns(CLIENT);
         let tcp_vip: SocketAddr = format!("{VIP}:{TCP_PORT}").parse().unwrap();
         let udp_vip: SocketAddr = format!("{VIP}:{UDP_PORT}").parse().unwrap();
@@ -306,8 +424,10 @@ impl Bench {
             .flat_map(|w| w.join().unwrap())
             .collect();
         let udp: Vec<UdpFlow> = udp_workers.into_iter().map(|w| w.join().unwrap()).collect();
+        let samples = sampler.map(|s| s.join().unwrap()).unwrap_or_default();
+        let counters = (counters_before, self.read_counters());
         let arrivals = self.arrivals.lock().unwrap().clone();
-        Report {
+        let report = Report {
             changes: total,
             churn_took,
             churn_started,
@@ -317,10 +437,88 @@ impl Bench {
             short,
             long,
             udp,
-            pins: self.pins(),
+            counters,
             _bench: self,
-        }
+        };
+        (report, samples)
     }
+}
+
+/// Packets node1's devices received, and the verdicts its programs gave.
+#[derive(Clone, Debug, Default)]
+struct Counters {
+    eth0_rx: u64,
+    pods_rx: u64,
+    xdp: u64,
+    tc_ingress: u64,
+}
+
+/// The agent and the maps at one time of a soak.
+#[derive(Clone, Debug)]
+struct Sample {
+    elapsed: Duration,
+    /// The agent's resident memory.
+    rss_kib: u64,
+    /// Conntrack entries (live or expired, until collected).
+    ct_entries: u64,
+    /// Packets counted over every hook and reason.
+    packets: u64,
+}
+
+fn sample_until(
+    pid: u32,
+    pins: &std::path::Path,
+    every: Duration,
+    stop: &AtomicBool,
+) -> Vec<Sample> {
+    let started = Instant::now();
+    let mut out = Vec::new();
+    eprintln!("soak: elapsed_s agent_rss_kib ct_entries packets");
+    for n in 0.. {
+        // Paced to a schedule, waking often enough to stop with the run.
+        let due = started + every * n;
+        while Instant::now() < due {
+            if stop.load(Ordering::SeqCst) {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(50).min(due - Instant::now()));
+        }
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let rss_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        let maps = inspect(pins, &["status"]);
+        let ct_entries = maps["maps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == common::map_names::CT)
+            .and_then(|m| m["entries"].as_u64())
+            .unwrap();
+        let packets = inspect(pins, &["stats"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["packets"].as_u64().unwrap())
+            .sum();
+        let sample = Sample {
+            elapsed: started.elapsed(),
+            rss_kib,
+            ct_entries,
+            packets,
+        };
+        eprintln!(
+            "soak: {:.0} {} {} {}",
+            sample.elapsed.as_secs_f64(),
+            sample.rss_kib,
+            sample.ct_entries,
+            sample.packets
+        );
+        out.push(sample);
+    }
+    out
 }
 
 /// A trigger time after `last` (RFC 3339, nanoseconds): now, or 1 ns past
@@ -645,8 +843,8 @@ struct Report {
     short: Vec<ShortConn>,
     long: Vec<LongConn>,
     udp: Vec<UdpFlow>,
-    #[allow(dead_code)]
-    pins: PathBuf,
+    /// Before the traffic, and after it stopped.
+    counters: (Counters, Counters),
     _bench: Bench,
 }
 
@@ -667,10 +865,11 @@ impl Report {
         let Some(c) = churner_index(backend) else {
             return STAYERS.contains(&backend);
         };
+        // Syncs are in log order: their times and trigger times only grow.
         let k = self
             .programmed
-            .iter()
-            .rposition(|s| s.done <= sent)
+            .partition_point(|s| s.done <= sent)
+            .checked_sub(1)
             .expect("the first sync precedes all traffic");
         (k..self.programmed.len())
             .take_while(|&j| j == k || self.programmed[j].start <= seen)
@@ -682,10 +881,10 @@ impl Report {
         let Some(c) = churner_index(backend) else {
             return false;
         };
-        (0..self.programmed.len()).any(|j| {
-            let s = &self.programmed[j];
-            s.start <= to && s.done >= from && !self.state(j)[c]
-        })
+        let first = self.programmed.partition_point(|s| s.done < from);
+        (first..self.programmed.len())
+            .take_while(|&j| self.programmed[j].start <= to)
+            .any(|j| !self.state(j)[c])
     }
 
     /// Lag from each change to the sync that programmed it, sorted.
@@ -695,10 +894,12 @@ impl Report {
             .keys()
             .filter(|t| time_of(t) >= self.churn_started)
             .map(|t| {
+                let j = self
+                    .programmed
+                    .partition_point(|s| s.trigger.as_str() < t.as_str());
                 let sync = self
                     .programmed
-                    .iter()
-                    .find(|s| s.trigger.as_str() >= t.as_str())
+                    .get(j)
                     .unwrap_or_else(|| panic!("change {t} never programmed"));
                 sync.done.duration_since(time_of(t)).unwrap_or_default()
             })
@@ -709,6 +910,18 @@ impl Report {
 
     fn assert_clean(&self, rate: f64) {
         let mut problems: Vec<String> = Vec::new();
+        // Client ports -> send times of the short connections from them;
+        // ports -> TCP arrivals (both in time order).
+        let mut sent_from: BTreeMap<u16, Vec<SystemTime>> = BTreeMap::new();
+        for c in &self.short {
+            if let Some(port) = c.port {
+                sent_from.entry(port).or_default().push(c.sent);
+            }
+        }
+        let mut syns_from: BTreeMap<u16, Vec<&Arrival>> = BTreeMap::new();
+        for a in self.arrivals.iter().filter(|a| a.protocol == "tcp") {
+            syns_from.entry(a.peer.port()).or_default().push(a);
+        }
         // 1. No arrival at a backend after its removal was programmed.
         let (mut tcp_checked, mut udp_checked) = (0usize, 0usize);
         for a in &self.arrivals {
@@ -720,11 +933,9 @@ impl Report {
                 self.udp_sent_before(a.peer.port(), a.at)
             } else {
                 tcp_checked += 1;
-                self.short
-                    .iter()
-                    .filter(|c| c.port == Some(a.peer.port()) && c.sent <= a.at)
-                    .map(|c| c.sent)
-                    .max()
+                sent_from
+                    .get(&a.peer.port())
+                    .and_then(|sent| sent.iter().rev().find(|s| **s <= a.at).copied())
             };
             let Some(sent) = sent else {
                 problems.push(format!("{a:?}: no client sent it"));
@@ -750,17 +961,13 @@ impl Report {
             }
             // Its backend: the first to see a SYN from its port after it
             // was sent.
-            let backend = self
-                .arrivals
-                .iter()
-                .filter(|a| {
-                    a.protocol == "tcp"
-                        && Some(a.peer.port()) == c.port
-                        && a.at >= c.sent
-                        && a.at <= c.ended + Duration::from_millis(100)
-                })
-                .map(|a| a.backend.clone())
-                .next();
+            let backend = c.port.and_then(|port| {
+                syns_from
+                    .get(&port)?
+                    .iter()
+                    .find(|a| a.at >= c.sent && a.at <= c.ended + Duration::from_millis(100))
+                    .map(|a| a.backend.clone())
+            });
             match backend {
                 Some(b) if self.removed_during(&b, c.sent, c.ended) => resets_after_removal += 1,
                 b => problems.push(format!(
@@ -850,11 +1057,34 @@ impl Report {
         assert!(short_ok > 0 && udp_sent > 0);
     }
 
+    /// Every packet node1's devices received while the run went on got a
+    /// verdict: XDP one for each packet eth0 received; tc ingress one for
+    /// each the pod devices received and at most one for each XDP let
+    /// through (the rest XDP forwarded or dropped itself).
+    fn assert_counters_add_up(&self) {
+        let (b, a) = (&self.counters.0, &self.counters.1);
+        let eth0 = a.eth0_rx - b.eth0_rx;
+        let pods = a.pods_rx - b.pods_rx;
+        let xdp = a.xdp - b.xdp;
+        let tc = a.tc_ingress - b.tc_ingress;
+        eprintln!(
+            "counters over the run: eth0 received {eth0}, XDP verdicts {xdp}; pod devices received \
+             {pods}, tc ingress verdicts {tc} (between {pods} and {})",
+            pods + eth0
+        );
+        assert_eq!(xdp, eth0, "XDP verdicts vs packets eth0 received");
+        assert!(
+            (pods..=pods + eth0).contains(&tc),
+            "tc ingress verdicts {tc} vs {pods} received by the pod devices and {eth0} by eth0"
+        );
+    }
+
     /// The send time of the request of UDP flow `port` that arrived at
     /// `at`: its last one sent before.
     fn udp_sent_before(&self, port: u16, at: SystemTime) -> Option<SystemTime> {
         let f = self.udp.iter().find(|f| f.port == port)?;
-        f.sent.iter().rev().find(|s| **s <= at).copied()
+        let i = f.sent.partition_point(|s| *s <= at).checked_sub(1)?;
+        Some(f.sent[i])
     }
 }
 

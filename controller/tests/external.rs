@@ -702,3 +702,47 @@ endpoints:
     let e = explain(&f.pins("node1"), "10.244.1.10", "10.96.0.21:36412/tcp");
     assert_eq!(e["reason"], "port_not_served", "{e}");
 }
+
+#[test]
+fn conntrack_entries_past_their_deadline_are_collected_by_the_agent() {
+    let f = AgentCluster::new_with(&[MANIFESTS], "ct-gc", &["--ct-gc-interval", "1"]);
+    let pins = f.pins("node1");
+    let pod = f.cluster.pod_ns("pod-1-1");
+    let web: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let (_, local) = whoami(pod, web);
+    let ours = |rows: &serde_json::Value| -> Vec<serde_json::Value> {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                let (src, dst) = (r["src"].to_string(), r["dst"].to_string());
+                src.contains(&local.to_string()) || dst.contains(&local.to_string())
+            })
+            .cloned()
+            .collect()
+    };
+    // Closed: both entries wait out the closing timeout (10 s).
+    let before = ours(&inspect(&pins, &["ct", "list"]));
+    assert_eq!(before.len(), 2, "{before:?}");
+    // The collector, every second, deletes them once past their deadline
+    // (the LRU map alone would keep them until full). Its counter is the
+    // event waited for.
+    let deleted = || -> u64 {
+        let metrics = http_get(f.cluster.node_ns(0), "127.0.0.1:10249", "/metrics");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("dp_conntrack_gc_deleted_total "))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while deleted() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not collected: {:?}",
+            inspect(&pins, &["ct", "list"])
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let after = ours(&inspect(&pins, &["ct", "list"]));
+    assert!(after.is_empty(), "{after:?}");
+}

@@ -96,6 +96,29 @@ enum Task {
         #[arg(long, default_value_t = 10_000)]
         states: u64,
     },
+    /// Endpoint churn under traffic, longer than `cargo xtask test` runs it
+    /// (5 s at 1 000 changes/s): through the manifests directory and the
+    /// API watch. Needs root.
+    Churn {
+        /// Seconds of churn, per source.
+        #[arg(long, default_value_t = 60.0)]
+        seconds: f64,
+        /// EndpointSlice changes per second.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+    },
+    /// The soak: churn through the API watch and mixed traffic, the agent's
+    /// memory and conntrack sampled, the counters checked. Needs root.
+    Soak {
+        #[arg(long, default_value_t = 600.0)]
+        seconds: f64,
+        /// EndpointSlice changes per second.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        /// Seconds between samples.
+        #[arg(long, default_value_t = 30.0)]
+        sample: f64,
+    },
     /// Set up, build, and run `dp lab demo` (the README's main command).
     /// Needs root.
     Demo,
@@ -188,6 +211,37 @@ fn main() -> Result<()> {
                 .env("DP_FUZZ_STATES", states.to_string())
                 .args(["test", "--release", "-p", "dp", "--test", "fuzz_test_run"])
                 .args(["--", "--nocapture"]))
+        }
+        Task::Churn { seconds, rate } => {
+            require_root("cargo xtask churn")?;
+            setup(false)?;
+            step(&format!(
+                "churn: {seconds} s at {rate} changes/s per source"
+            ));
+            run(Command::new(cargo())
+                .current_dir(workspace())
+                .env("DP_CHURN_SECONDS", seconds.to_string())
+                .env("DP_CHURN_RATE", rate.to_string())
+                .args(["test", "--release", "-p", "dp", "--test", "churn"])
+                .args(["--", "--nocapture", "churn_through"]))
+        }
+        Task::Soak {
+            seconds,
+            rate,
+            sample,
+        } => {
+            require_root("cargo xtask soak")?;
+            setup(false)?;
+            step(&format!(
+                "soak: {seconds} s, {rate} changes/s, a sample every {sample} s"
+            ));
+            run(Command::new(cargo())
+                .current_dir(workspace())
+                .env("DP_SOAK_SECONDS", seconds.to_string())
+                .env("DP_CHURN_RATE", rate.to_string())
+                .env("DP_SOAK_SAMPLE_SECONDS", sample.to_string())
+                .args(["test", "--release", "-p", "dp", "--test", "churn"])
+                .args(["--", "--ignored", "--nocapture", "soak"]))
         }
         Task::Image { rootfs, binary } => match rootfs {
             None => image::build(&workspace()),

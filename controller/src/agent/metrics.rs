@@ -94,6 +94,8 @@ pub struct AgentMetrics {
     /// Pinned maps converted into new ones at this start (another layout
     /// or capacity: `kernel::upgrade`).
     pub maps_converted: usize,
+    /// The conntrack collector's figures, when it runs.
+    pub ct_gc: Option<std::sync::Arc<super::ct_gc::CtGcStats>>,
 }
 
 impl AgentMetrics {
@@ -163,6 +165,25 @@ pub fn render(m: &AgentMetrics, writer: &MapWriter, dp: &Datapath) -> String {
         "Conntrack capacity in entries (two per flow)",
         dp.ct_max_entries().map_or(0, |n| n).to_string(),
     );
+    if let Some(gc) = &m.ct_gc {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = writeln!(
+            out,
+            "# HELP dp_conntrack_gc_runs_total Walks of the conntrack collector\n# TYPE dp_conntrack_gc_runs_total counter\ndp_conntrack_gc_runs_total {}",
+            gc.runs.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dp_conntrack_gc_deleted_total Conntrack entries past their deadline the collector deleted\n# TYPE dp_conntrack_gc_deleted_total counter\ndp_conntrack_gc_deleted_total {}",
+            gc.deleted.load(Relaxed)
+        );
+        gauge(
+            &mut out,
+            "dp_conntrack_gc_last_walk_seconds",
+            "How long the collector's last walk took",
+            (gc.last_walk_micros.load(Relaxed) as f64 / 1e6).to_string(),
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP dp_skipped_objects Objects (or parts) skipped in the last sync\n# TYPE dp_skipped_objects gauge"

@@ -69,6 +69,9 @@ pub struct AgentOptions {
     /// `--sync-period`: the maps are read back and repaired this often (0:
     /// never).
     pub sync_period: Duration,
+    /// `--ct-gc-interval`: conntrack entries past their deadline are
+    /// deleted this often (0: never; the LRU map then evicts when full).
+    pub ct_gc_interval: Duration,
     pub bpffs: PathBuf,
     pub metrics_addr: SocketAddr,
     pub healthz_addr: SocketAddr,
@@ -317,6 +320,12 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         let started = Instant::now();
         agent.read_manifests(&mut dp, dir, cache);
         agent.sync(&mut dp, started);
+    }
+    if !agent.opts.ct_gc_interval.is_zero() {
+        match super::ct_gc::spawn(agent.opts.bpffs.clone(), agent.opts.ct_gc_interval) {
+            Ok(stats) => agent.metrics.ct_gc = Some(stats),
+            Err(e) => warn!(error = %e, "not collecting conntrack"),
+        }
     }
 
     for (addr, listener, is_metrics) in servers {
