@@ -58,37 +58,34 @@ const UDP_TARGET: u16 = 5353;
 /// The churn tests one at a time: each wants the machine's CPUs.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// Seconds of churn and changes per second, from `DP_CHURN_SECONDS` and
-/// `DP_CHURN_RATE` (`cargo xtask churn`), else 5 s at 1 000/s.
-fn churn_settings() -> (Duration, f64) {
-    let get = |name: &str, default: f64| {
-        std::env::var(name)
-            .ok()
-            .map(|v| v.parse::<f64>().unwrap_or_else(|_| panic!("{name}={v}")))
-            .unwrap_or(default)
-    };
-    (
-        Duration::from_secs_f64(get("DP_CHURN_SECONDS", 5.0)),
-        get("DP_CHURN_RATE", 1000.0),
-    )
+/// A number from the environment (`cargo xtask churn`, `soak`), else
+/// `default`.
+fn env_f64(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.parse::<f64>().unwrap_or_else(|_| panic!("{name}={v}")))
+        .unwrap_or(default)
+}
+
+/// `DP_CHURN_SECONDS` of churn (5) at `DP_CHURN_RATE` changes a second
+/// (1 000) through `kind`, under traffic; every check.
+fn churn_under_traffic(kind: FeedKind, test: &str) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let seconds = Duration::from_secs_f64(env_f64("DP_CHURN_SECONDS", 5.0));
+    let rate = env_f64("DP_CHURN_RATE", 1000.0);
+    let report = Bench::start(kind, test).run(seconds, rate);
+    report.assert_clean(rate);
+    report.assert_counters_add_up();
 }
 
 #[test]
 fn churn_through_the_manifests_directory_under_traffic() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let (seconds, rate) = churn_settings();
-    let report = Bench::start(FeedKind::Manifests, "churn-manifests").run(seconds, rate);
-    report.assert_clean(rate);
-    report.assert_counters_add_up();
+    churn_under_traffic(FeedKind::Manifests, "churn-manifests");
 }
 
 #[test]
 fn churn_through_the_api_watch_under_traffic() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let (seconds, rate) = churn_settings();
-    let report = Bench::start(FeedKind::Api, "churn-api").run(seconds, rate);
-    report.assert_clean(rate);
-    report.assert_counters_add_up();
+    churn_under_traffic(FeedKind::Api, "churn-api");
 }
 
 /// The soak (`cargo xtask soak --seconds N`): churn through the API watch
@@ -101,15 +98,9 @@ fn churn_through_the_api_watch_under_traffic() {
 #[ignore = "ten minutes: cargo xtask soak"]
 fn soak_churn_and_traffic() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let get = |name: &str, default: f64| {
-        std::env::var(name)
-            .ok()
-            .map(|v| v.parse::<f64>().unwrap_or_else(|_| panic!("{name}={v}")))
-            .unwrap_or(default)
-    };
-    let seconds = Duration::from_secs_f64(get("DP_SOAK_SECONDS", 600.0));
-    let rate = get("DP_CHURN_RATE", 200.0);
-    let every = Duration::from_secs_f64(get("DP_SOAK_SAMPLE_SECONDS", 30.0));
+    let seconds = Duration::from_secs_f64(env_f64("DP_SOAK_SECONDS", 600.0));
+    let rate = env_f64("DP_CHURN_RATE", 200.0);
+    let every = Duration::from_secs_f64(env_f64("DP_SOAK_SAMPLE_SECONDS", 30.0));
     let bench = Bench::start(FeedKind::Api, "soak");
     let (report, samples) = bench.run_sampled(seconds, rate, Some(every));
     report.assert_clean(rate);
@@ -1011,6 +1002,37 @@ impl Report {
                 }
             }
         }
+        // Connections whose SYN a backend saw more than once (a retransmit:
+        // the first SYN or its answer was lost).
+        let mut resent = Vec::new();
+        for c in &self.short {
+            let Some(port) = c.port else { continue };
+            let syns: Vec<&&Arrival> = syns_from
+                .get(&port)
+                .map(|v| {
+                    v.iter()
+                        .filter(|a| a.at >= c.sent && a.at <= c.ended)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if syns.len() > 1 {
+                resent.push(format!(
+                    "{}: {:?} ({:?})",
+                    fmt_time(c.sent),
+                    syns.iter()
+                        .map(|a| (a.backend.clone(), fmt_time(a.at)))
+                        .collect::<Vec<_>>(),
+                    c.outcome
+                ));
+            }
+        }
+        if std::env::var_os("DP_CHURN_DEBUG").is_some() {
+            eprintln!(
+                "SYN seen more than once: {}\n{}",
+                resent.len(),
+                resent.join("\n")
+            );
+        }
         let lags = self.lags();
         let pct = |p: f64| lags[((lags.len() - 1) as f64 * p).round() as usize];
         let held = self.changes as f64 / self.churn_took.as_secs_f64();
@@ -1030,7 +1052,7 @@ impl Report {
              their backend's removal), {} long ones ({long_exchanges} exchanges; {long_reset} to churning \
              backends reset), {udp_sent} UDP \
              requests; {tcp_checked} TCP and {udp_checked} UDP arrivals checked at the backends \
-             ({to_churners} at churning ones)",
+             ({to_churners} at churning ones); {} connections' SYN seen twice (DP_CHURN_DEBUG=1 lists them)",
             self.changes,
             self.churn_took.as_secs_f64(),
             self.programmed.len(),
@@ -1039,6 +1061,7 @@ impl Report {
             ms(*lags.last().unwrap()),
             self.short.len(),
             self.long.len(),
+            resent.len(),
         );
         assert!(
             problems.is_empty(),
