@@ -947,3 +947,102 @@ fn a_sync_that_did_not_fit_is_retried_without_a_new_event() {
     assert_eq!(parse_identity(&reply).unwrap().0, "pod-1-1");
     agent.stop();
 }
+
+/// A UDP Service `dns` (10.96.0.60:53 -> 5353) with these endpoints, as
+/// one manifest file renamed into place.
+fn write_dns(dir: &Path, endpoints: &[&str]) {
+    let endpoints: String = endpoints
+        .iter()
+        .map(|ip| format!("- {{addresses: [{ip}]}}\n"))
+        .collect();
+    let yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: default}}\n\
+         spec:\n  clusterIP: 10.96.0.60\n  ports: [{{port: 53, targetPort: 5353, protocol: UDP}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: dns-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: dns}}\n\
+         addressType: IPv4\nports: [{{port: 5353, protocol: UDP}}]\nendpoints:\n{endpoints}"
+    );
+    let tmp = dir.join(".dns.yaml.tmp");
+    fs::write(&tmp, yaml).unwrap();
+    fs::rename(&tmp, dir.join("dns.yaml")).unwrap();
+}
+
+/// Backend id of `addr` (`ip:port/UDP`) in the pinned maps.
+fn backend_id(pins: &Path, addr: &str) -> Option<u64> {
+    inspect(pins, &["backend", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["addr"] == addr)
+        .and_then(|b| b["id"].as_u64())
+}
+
+#[test]
+fn a_restarted_agent_gives_no_new_backend_an_id_conntrack_still_names() {
+    require_root();
+    // pod-1-0 the client; pod-1-1 (a), pod-1-2 (c), pod-2-0 (b) serve UDP.
+    let cluster = Cluster::new(&[3, 1]).unwrap();
+    let servers: Vec<e2e::UdpEchoServer> = ["pod-1-1", "pod-1-2", "pod-2-0"]
+        .iter()
+        .map(|name| {
+            let ip = cluster.pod(name).ip;
+            e2e::UdpEchoServer::start_named(
+                cluster.pod_ns(name),
+                (ip, 5353).into(),
+                Some(name.to_string()),
+            )
+            .unwrap()
+        })
+        .collect();
+    let dir = manifests_dir("ids-restart");
+    let bpffs = Bpffs::new("ids-restart");
+    let node = cluster.node_ns(0);
+    let pins = bpffs.node("node1");
+    let start = || Agent::start(node, "node1", "172.18.0.2", &dir, &pins);
+    let vip: SocketAddr = "10.96.0.60:53".parse().unwrap();
+    let client = cluster.pod_ns("pod-1-0");
+    // A flow pinned to c: unconnected sockets, so a reply from any address
+    // is seen; the first whose flow lands on c is kept.
+    write_dns(&dir, &["10.244.1.11", "10.244.1.12"]);
+    let agent = start();
+    agent.wait_for(&["synced", "frontends=1"]);
+    let ask = |sock: &std::net::UdpSocket| -> (String, SocketAddr) {
+        sock.send_to(b"hi", vip).unwrap();
+        let mut buf = [0u8; 256];
+        let (n, from) = sock.recv_from(&mut buf).unwrap();
+        (parse_identity(&buf[..n]).unwrap().0, from)
+    };
+    let flow = client
+        .run(|| {
+            (0..64)
+                .map(|_| {
+                    let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+                    s
+                })
+                .find(|s| ask(s).0 == "pod-1-2")
+                .expect("a flow to pod-1-2")
+        })
+        .unwrap();
+    let c_id = backend_id(&pins, "10.244.1.12:5353/UDP").unwrap();
+    let a_id = backend_id(&pins, "10.244.1.11:5353/UDP").unwrap();
+    assert!(c_id > a_id, "c has the highest id: {c_id} vs {a_id}");
+    // c leaves (its id freed, above every id in use); the agent stops.
+    write_dns(&dir, &["10.244.1.11"]);
+    agent.wait_for(&["synced", "backends_removed=1"]);
+    agent.stop();
+    // b arrives while no agent runs. The next agent must not give b the id
+    // the conntrack entry of the flow to c still names.
+    write_dns(&dir, &["10.244.1.11", "10.244.2.10"]);
+    let agent = start();
+    agent.wait_for(&["synced", "frontends=1"]);
+    let b_id = backend_id(&pins, "10.244.2.10:5353/UDP").unwrap();
+    assert_ne!(b_id, c_id, "b got the id of c, which conntrack still names");
+    // The flow of c moves to a backend that is there, and its answer comes
+    // from the Service's address.
+    let (backend, from) = client.run(|| ask(&flow)).unwrap();
+    assert_eq!(from, vip, "answered by {backend}");
+    assert!(backend == "pod-1-1" || backend == "pod-2-0", "{backend}");
+    agent.stop();
+    drop(servers);
+}
