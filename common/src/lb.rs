@@ -167,6 +167,12 @@ pub const SOURCE_RANGE_PREFIX_BASE: u32 = 32;
 /// `Backend::flags`: the endpoint is terminating (existing flows continue;
 /// new flows only when no ready backend exists).
 pub const BACKEND_FLAG_TERMINATING: u8 = 1 << 0;
+/// `Backend::flags`: out of every service, kept only while conntrack may
+/// name it (the agent's collector deletes it once no entry does). New flows
+/// never reach it (no slot holds it); a flow of it is treated as one whose
+/// backend is gone, except the client's own reset, which is passed on so
+/// that the backend's end closes too.
+pub const BACKEND_FLAG_RETIRED: u8 = 1 << 1;
 
 /// Value of `DP_BACKENDS` (key: backend id, `u32`, never 0).
 #[repr(C)]

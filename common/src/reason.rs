@@ -163,11 +163,15 @@ pub enum Reason {
     /// A TCP reset to a flow whose backend is gone not sent, for the same
     /// budget. The packet is dropped.
     ResetRateLimited = 33,
+    /// The client's own reset of a flow whose backend was removed (but is
+    /// still kept, retired, while conntrack names it): passed on to the
+    /// backend, so its end of the connection closes too.
+    BackendGoneClosed = 34,
 }
 
 impl Reason {
     /// Every reason, in number order.
-    pub const ALL: [Reason; 33] = [
+    pub const ALL: [Reason; 34] = [
         Reason::NotIpv4,
         Reason::NoService,
         Reason::UnsupportedProtocol,
@@ -201,6 +205,7 @@ impl Reason {
         Reason::NodeToOwnAddress,
         Reason::RejectRateLimited,
         Reason::ResetRateLimited,
+        Reason::BackendGoneClosed,
     ];
 
     pub fn from_u32(v: u32) -> Option<Self> {
@@ -261,6 +266,7 @@ impl Reason {
             Reason::NodeToOwnAddress => "node_to_own_address",
             Reason::RejectRateLimited => "reject_rate_limited",
             Reason::ResetRateLimited => "reset_rate_limited",
+            Reason::BackendGoneClosed => "backend_gone_closed",
         }
     }
 
@@ -304,6 +310,7 @@ impl Reason {
             }
             Reason::RejectRateLimited => "reject reply not sent: reply rate limit reached",
             Reason::ResetRateLimited => "TCP reset not sent: reply rate limit reached",
+            Reason::BackendGoneClosed => "backend removed, the client's reset passed on to it",
         }
     }
 }
@@ -370,6 +377,7 @@ mod tests {
             (Reason::NodeToOwnAddress, 31, "node_to_own_address"),
             (Reason::RejectRateLimited, 32, "reject_rate_limited"),
             (Reason::ResetRateLimited, 33, "reset_rate_limited"),
+            (Reason::BackendGoneClosed, 34, "backend_gone_closed"),
         ];
         assert_eq!(Reason::ALL.len(), expected.len(), "update this list");
         for (reason, number, id) in expected {

@@ -1046,3 +1046,107 @@ fn a_restarted_agent_gives_no_new_backend_an_id_conntrack_still_names() {
     agent.stop();
     drop(servers);
 }
+
+/// Established TCP connections on port 8080 in `ns` (`ss`).
+fn established_on_8080(ns: &Netns) -> usize {
+    let out = ns
+        .exec("ss", &["-Htn", "state", "established", "( sport = :8080 )"])
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[test]
+fn a_removed_backend_stays_retired_while_conntrack_names_it_and_hears_the_clients_reset() {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    require_root();
+    let cluster = Cluster::new(&[2, 1]).unwrap();
+    let _servers = cluster.serve_named_tcp(8080).unwrap();
+    let dir = manifests_dir("retired");
+    let bpffs = Bpffs::new("retired");
+    let pins = bpffs.node("node1");
+    write_web(&dir, &[("10.244.1.11", "node1"), ("10.244.2.10", "node2")]);
+    let agent = Agent::start_with_args(
+        cluster.node_ns(0),
+        "node1",
+        "172.18.0.2",
+        ("--manifests", &dir),
+        &pins,
+        &["--ct-gc-interval", "1"],
+    );
+    agent.wait_for(&["synced", "frontends=1"]);
+    // A connection held open; which backend it has.
+    let web: SocketAddr = WEB.parse().unwrap();
+    let conn = cluster
+        .pod_ns("pod-1-0")
+        .run(|| std::net::TcpStream::connect_timeout(&web, TIMEOUT).unwrap())
+        .unwrap();
+    conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+    std::io::Write::write_all(&mut &conn, b"hi").unwrap();
+    let mut buf = [0u8; 256];
+    let n = std::io::Read::read(&mut &conn, &mut buf).unwrap();
+    let backend = parse_identity(&buf[..n]).unwrap().0;
+    let (ip, stays) = match backend.as_str() {
+        "pod-1-1" => ("10.244.1.11", ("10.244.2.10", "node2")),
+        _ => ("10.244.2.10", ("10.244.1.11", "node1")),
+    };
+    assert_eq!(established_on_8080(cluster.pod_ns(&backend)), 1);
+    let id = backend_id(&pins, &format!("{ip}:8080/TCP")).unwrap() as u32;
+    // Its backend leaves the Service.
+    write_web(&dir, &[stays]);
+    agent.wait_for(&["synced", "backends_removed=1"]);
+    let backends_map = dp::kernel::pin::maps_dir(&pins).join(common::map_names::BACKENDS);
+    let raw = || -> Option<common::Backend> {
+        let map: BpfHashMap<MapData, u32, common::Backend> =
+            BpfHashMap::try_from(Map::HashMap(MapData::from_pin(&backends_map).unwrap())).unwrap();
+        map.get(&id, 0).ok()
+    };
+    let metric = |name: &str| -> u64 {
+        http_get(cluster.node_ns(0), "127.0.0.1:10249", "/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    // Kept, retired, while the connection's entries name it: the collector
+    // has walked twice since and left it.
+    let runs = metric("dp_conntrack_gc_runs_total");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric("dp_conntrack_gc_runs_total") < runs + 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the collector does not run"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let b = raw().expect("kept while conntrack names it");
+    assert_ne!(b.flags & common::lb::BACKEND_FLAG_RETIRED, 0);
+    assert!(
+        backend_id(&pins, &format!("{ip}:8080/TCP")).is_none(),
+        "not listed"
+    );
+    // The client closes with a reset: it reaches the backend, whose end of
+    // the connection closes too.
+    e2e::rst_on_close(&conn).unwrap();
+    drop(conn);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while established_on_8080(cluster.pod_ns(&backend)) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backend's socket stays open"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        support::agents::packets(&pins, "backend_gone_closed"),
+        1,
+        "the reset passed on"
+    );
+    // Once the closed flow's entries are collected (closing: 10 s), no
+    // entry names it: deleted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while raw().is_some() {
+        assert!(std::time::Instant::now() < deadline, "never deleted");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(metric("dp_backends_retired_deleted_total") >= 1);
+    agent.stop();
+}

@@ -186,7 +186,7 @@ struct Bench {
 
 #[derive(Clone, Debug)]
 struct Sync {
-    /// When the sync began at the latest (its log time minus its duration).
+    /// When the sync began (before it read the change).
     start: SystemTime,
     /// Its log line's time: after the maps were written.
     done: SystemTime,
@@ -574,8 +574,9 @@ fn slice(present: [bool; 3], trigger: &str) -> Value {
         "endpoints": endpoints})
 }
 
-/// A sync's log line: `<time> INFO ...: synced ... trigger=<t> micros=<n>`
-/// (also the periodic resync's, which programs pending changes too).
+/// A sync's log line: `<time> INFO ...: synced ... trigger=<t> ...
+/// began=<t>` (also the periodic resync's, which programs pending changes
+/// too).
 fn parse_sync(line: &str) -> Option<Sync> {
     let field = |name: &str| -> Option<&str> {
         let at = line.find(&format!(" {name}="))? + name.len() + 2;
@@ -587,10 +588,12 @@ fn parse_sync(line: &str) -> Option<Sync> {
     if trigger.is_empty() {
         return None;
     }
-    let micros: u64 = field("micros")?.parse().ok()?;
+    // When it began, as the agent computed it (the line's own time may
+    // come later than its fields were computed, by a preemption).
+    let began = time_of(field("began")?);
     let done = time_of(line.split_whitespace().next()?);
     Some(Sync {
-        start: done - Duration::from_micros(micros),
+        start: began,
         done,
         trigger: trigger.to_string(),
     })

@@ -427,6 +427,50 @@ fn a_tcp_flow_to_a_removed_backend_is_reset() {
 }
 
 #[test]
+fn a_retired_backend_gets_its_clients_reset_and_nothing_else() {
+    let mut dp = setup(&[(1, B1)], &[]);
+    dp.retire_removed_backends(true);
+    for port in [40031, 40032] {
+        forward(&dp, &tcp_syn(CLIENT, port, VIP, 80));
+        forward(
+            &dp,
+            &tcp(B1, 8080, CLIENT, port, TCP_SYN | TCP_ACK, 4999, 1001, &[]),
+        );
+    }
+    // A third flow has only sent its SYN so far.
+    forward(&dp, &tcp_syn(CLIENT, 40033, VIP, 80));
+    set_backends(&mut dp, &[(2, B2)], &[]);
+    dp.remove_backend(1).unwrap();
+    // Retired: kept in DP_BACKENDS, out of what is programmed.
+    assert!(!dp.read_services().unwrap().backends.contains_key(&1));
+    // The client's data: reset, as for a backend that is gone.
+    let data = tcp(CLIENT, 40031, VIP, 80, TCP_ACK | TCP_PSH, 1001, 5000, b"x");
+    let (ret, out) = run(&dp, Hook::TcIngress, &data);
+    assert_eq!(ret, TC_ACT_REDIRECT, "reset back to the client");
+    assert_eq!(Ipv4View::new(&out).tcp_flags(), TCP_RST);
+    // The client's own reset: passed on to the backend, translated, so
+    // that the backend's socket closes too.
+    let rst = tcp(CLIENT, 40032, VIP, 80, TCP_RST | TCP_ACK, 1001, 5000, &[]);
+    let out = forward(&dp, &rst);
+    let v = Ipv4View::new(&out);
+    assert_eq!((v.dst(), v.dport()), (B1, 8080));
+    assert_eq!(v.tcp_flags(), TCP_RST | TCP_ACK);
+    // Its SYN again (a retransmission): a new connection, to a backend
+    // that is there, not reset as the retired backend's flow.
+    let out = forward(&dp, &tcp_syn(CLIENT, 40033, VIP, 80));
+    assert_eq!(Ipv4View::new(&out).dst(), B2);
+    let counters = dp.counters().unwrap();
+    assert_eq!(
+        counters.packets(Hook::TcIngress, Reason::BackendGoneClosed),
+        1
+    );
+    assert_eq!(
+        counters.packets(Hook::TcIngress, Reason::BackendGoneReset),
+        1
+    );
+}
+
+#[test]
 fn a_reset_for_a_segment_without_ack_acknowledges_it() {
     let mut dp = setup(&[(1, B1)], &[]);
     forward(&dp, &tcp_syn(CLIENT, 40010, VIP, 80));

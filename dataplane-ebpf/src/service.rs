@@ -15,8 +15,8 @@ use common::{
         CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_FLAG_AFFINITY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT,
         CT_STATE_NEW,
     },
-    lb::SCOPE_INTERNAL,
-    proto::{self, TCP_ACK, TCP_SYN},
+    lb::{BACKEND_FLAG_RETIRED, SCOPE_INTERNAL},
+    proto::{self, TCP_ACK, TCP_RST, TCP_SYN},
     rules::{self, Frontend, Origin},
     Backend, CtEntry, CtKey, CtTimeouts, DatapathConfig, FlowTuple, Hook, Reason, TraceEvent,
     Verdict,
@@ -165,7 +165,9 @@ pub fn syn_reopens(ev: &TraceEvent, e: *mut CtEntry) -> bool {
     }
     // SAFETY: map value pointer from a successful lookup.
     let (state, backend_id) = unsafe { ((*e).state, (*e).backend_id) };
-    rules::ct_closing(state) || lb::backend(backend_id).is_none()
+    // Retired counts as gone: a SYN is a new connection, not the old one's.
+    rules::ct_closing(state)
+        || lb::backend(backend_id).is_none_or(|b| b.flags & BACKEND_FLAG_RETIRED != 0)
 }
 
 // The steps below are separate BPF functions (not inlined), each with its
@@ -284,10 +286,19 @@ pub fn established(f: &Flow, ev: &mut TraceEvent, e: *mut CtEntry) -> Step {
     let Some(backend) = lb::backend(entry.backend_id) else {
         return Step::BackendGone;
     };
+    let mut reason = Reason::Established;
+    if backend.flags & BACKEND_FLAG_RETIRED != 0 {
+        // Out of every service: gone, but for the client's own reset,
+        // which the backend's end of the connection needs to close.
+        if ev.original.protocol != proto::IPPROTO_TCP || ev.tcp_flags & TCP_RST == 0 {
+            return Step::BackendGone;
+        }
+        reason = Reason::BackendGoneClosed;
+    }
     ev.backend_id = entry.backend_id;
     translate(&mut ev.translated, &backend, entry);
     refresh_both(f, ev, e, false);
-    Step::Forward(Reason::Established)
+    Step::Forward(reason)
 }
 
 /// The flow's backend was removed. UDP: move the flow to a live backend (no

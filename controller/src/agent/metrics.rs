@@ -177,6 +177,11 @@ pub fn render(m: &AgentMetrics, writer: &MapWriter, dp: &Datapath) -> String {
             "# HELP dp_conntrack_gc_deleted_total Conntrack entries past their deadline the collector deleted\n# TYPE dp_conntrack_gc_deleted_total counter\ndp_conntrack_gc_deleted_total {}",
             gc.deleted.load(Relaxed)
         );
+        let _ = writeln!(
+            out,
+            "# HELP dp_backends_retired_deleted_total Removed backends kept for their conntrack entries, deleted once none named them\n# TYPE dp_backends_retired_deleted_total counter\ndp_backends_retired_deleted_total {}",
+            gc.retired_deleted.load(Relaxed)
+        );
         gauge(
             &mut out,
             "dp_conntrack_gc_last_walk_seconds",

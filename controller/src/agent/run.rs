@@ -158,6 +158,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         warn!(error = %e, "not reading the datapath's log");
     }
     dp.set_tc_attach(tc_attach);
+    // Removed backends stay, retired, while conntrack names them, so a
+    // client's reset reaches them; the collector deletes them after.
+    dp.retire_removed_backends(!opts.ct_gc_interval.is_zero());
     let mut writer = MapWriter::adopt(&mut dp).context("reading the pinned maps")?;
     // Conntrack may name backends removed before this agent started: new
     // backends get ids after those too.
@@ -833,6 +836,10 @@ impl Agent {
                         .as_ref()
                         .map_or("", |(_, as_written)| as_written.as_str()),
                     micros = started.elapsed().as_micros() as u64,
+                    began = %jiff::Timestamp::try_from(
+                        std::time::SystemTime::now() - started.elapsed()
+                    )
+                    .unwrap_or_default(),
                     "{done}"
                 );
                 // A large sync (the first, a relist) frees what it compared

@@ -8,9 +8,9 @@ use aya::maps::{HashMap, MapData};
 use common::{
     addr::ip_of,
     lb::{
-        BACKEND_FLAG_TERMINATING, SCOPE_INTERNAL, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_EXTERNAL,
-        SERVICE_FLAG_LOCAL_ONLY, SERVICE_FLAG_REJECT_UNSERVED, SERVICE_FLAG_SOURCE_RANGES,
-        SERVICE_FLAG_WILDCARD,
+        BACKEND_FLAG_RETIRED, BACKEND_FLAG_TERMINATING, SCOPE_INTERNAL, SERVICE_FLAG_AFFINITY,
+        SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_LOCAL_ONLY, SERVICE_FLAG_REJECT_UNSERVED,
+        SERVICE_FLAG_SOURCE_RANGES, SERVICE_FLAG_WILDCARD,
     },
     map_names, Backend, RevNatValue, ServiceKey, ServiceValue,
 };
@@ -142,7 +142,9 @@ impl Datapath {
         let _ = writeln!(out, "service addresses: {}", list.join(", "));
         let _ = writeln!(out, "backends:");
         for (id, b) in &all_backends {
-            let flag = if b.flags & BACKEND_FLAG_TERMINATING != 0 {
+            let flag = if b.flags & BACKEND_FLAG_RETIRED != 0 {
+                " retired"
+            } else if b.flags & BACKEND_FLAG_TERMINATING != 0 {
                 " terminating"
             } else {
                 ""

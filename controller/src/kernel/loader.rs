@@ -208,6 +208,9 @@ pub struct Datapath {
     /// Service id -> the backend ids written for it in `DP_MEMBERS`.
     pub(crate) members: BTreeMap<u32, crate::kernel::maps::Members>,
     tc_attach: TcAttach,
+    /// `remove_backend` keeps the entry, flagged `BACKEND_FLAG_RETIRED`,
+    /// for a collector to delete once conntrack no longer names it.
+    pub(crate) retire_removed_backends: bool,
     /// Maps converted at load whose old versions still feed the old
     /// programs until the swap (`finish_migration`).
     migrated: Vec<Migrated>,
@@ -358,6 +361,7 @@ impl Datapath {
             source_ranges: BTreeMap::new(),
             members: BTreeMap::new(),
             tc_attach: TcAttach::from_env_or_kernel(),
+            retire_removed_backends: false,
             migrated,
             maps_dir: maps_dir.map(|d| d.to_path_buf()),
         };
@@ -388,6 +392,14 @@ impl Datapath {
 
     pub fn set_tc_attach(&mut self, mode: TcAttach) {
         self.tc_attach = mode;
+    }
+
+    /// With `on`, a removed backend stays in `DP_BACKENDS`, retired, until
+    /// the conntrack collector (`agent::ct_gc`) finds no entry naming it:
+    /// meanwhile a client's reset of one of its flows is passed on to it.
+    /// Only with a collector running: nothing else deletes retired entries.
+    pub fn retire_removed_backends(&mut self, on: bool) {
+        self.retire_removed_backends = on;
     }
 
     /// Attaches the tc program for `hook` (ingress or egress) to `ifname` in

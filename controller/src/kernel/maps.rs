@@ -24,11 +24,11 @@ use aya::maps::{
 use common::{
     addr::{addr16, as_v4, ip_of, v4_mapped},
     lb::{
-        BACKEND_FLAG_TERMINATING, MEMBER_INTERNAL_READY, MEMBER_INTERNAL_TERMINATING, MEMBER_READY,
-        MEMBER_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL, SERVICE_FLAG_AFFINITY,
-        SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_INTERNAL_SCOPE, SERVICE_FLAG_LOCAL_ONLY,
-        SERVICE_FLAG_REJECT_UNSERVED, SERVICE_FLAG_SOURCE_RANGES, SERVICE_FLAG_WILDCARD,
-        SOURCE_RANGE_PREFIX_BASE,
+        BACKEND_FLAG_RETIRED, BACKEND_FLAG_TERMINATING, MEMBER_INTERNAL_READY,
+        MEMBER_INTERNAL_TERMINATING, MEMBER_READY, MEMBER_TERMINATING, SCOPE_EXTERNAL,
+        SCOPE_INTERNAL, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_INTERNAL_SCOPE,
+        SERVICE_FLAG_LOCAL_ONLY, SERVICE_FLAG_REJECT_UNSERVED, SERVICE_FLAG_SOURCE_RANGES,
+        SERVICE_FLAG_WILDCARD, SOURCE_RANGE_PREFIX_BASE,
     },
     map_names, Backend, CtEntry, CtKey, MemberKey, RevNatValue, ServiceKey, ServiceValue,
     SourceRangeKey,
@@ -367,6 +367,10 @@ where
             Err(aya::maps::MapError::KeyNotFound) => continue,
             Err(e) => return Err(map_err(map_names::BACKENDS)(e)),
         };
+        // Retired: in no service any more, only kept for conntrack.
+        if b.flags & BACKEND_FLAG_RETIRED != 0 {
+            continue;
+        }
         let addr = SocketAddr::new(ip_of(&b.addr), b.port);
         let terminating = b.flags & BACKEND_FLAG_TERMINATING != 0;
         out.backends.insert(id, (addr, b.protocol, terminating));
@@ -431,9 +435,18 @@ impl ServiceMaps for Datapath {
             .map_err(map_err(map_names::BACKENDS))
     }
     /// Removes a backend. Flows still pinned to it are moved (UDP) or reset
-    /// (TCP) by the datapath on their next packet.
+    /// (TCP) by the datapath on their next packet. Retiring
+    /// (`retire_removed_backends`), the entry stays, flagged, so that a
+    /// client's reset still reaches the backend; the collector deletes it.
     fn remove_backend(&mut self, id: u32) -> Result<()> {
+        let retire = self.retire_removed_backends;
         let mut map: HashMap<&mut MapData, u32, Backend> = self.map_mut(map_names::BACKENDS)?;
+        if retire {
+            if let Ok(mut b) = map.get(&id, 0) {
+                b.flags |= BACKEND_FLAG_RETIRED;
+                return map.insert(id, b, 0).map_err(map_err(map_names::BACKENDS));
+            }
+        }
         match map.remove(&id) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(map_names::BACKENDS)(e)),

@@ -88,6 +88,12 @@ pub fn hint(reason: Reason, r: &TraceRecord) -> Hint {
                     .to_string(),
             ],
         ),
+        Reason::BackendGoneClosed => (
+            "the connection's backend was removed from the Service and the client closed \
+             the connection with a reset: it was passed on to the backend, kept retired for \
+             this, so the backend's end closes too",
+            vec![endpoints.clone(), format!("dp ct list --service {ns}/{name}")],
+        ),
         Reason::BackendGoneReset => (
             "the connection's backend was removed from the Service (pod deleted or no longer \
              serving); the client got a TCP reset and must reconnect",
