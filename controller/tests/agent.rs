@@ -1055,6 +1055,18 @@ fn established_on_8080(ns: &Netns) -> usize {
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
+/// Bytes sent and not yet acknowledged on port 8080's connections in `ns`
+/// (`ss` Send-Q).
+fn unacknowledged_on_8080(ns: &Netns) -> u64 {
+    let out = ns
+        .exec("ss", &["-Htn", "state", "established", "( sport = :8080 )"])
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
 #[test]
 fn a_removed_backend_stays_retired_while_conntrack_names_it_and_hears_the_clients_reset() {
     use aya::maps::{HashMap as BpfHashMap, Map, MapData};
@@ -1090,6 +1102,14 @@ fn a_removed_backend_stays_retired_while_conntrack_names_it_and_hears_the_client
         _ => ("10.244.2.10", ("10.244.1.11", "node1")),
     };
     assert_eq!(established_on_8080(cluster.pod_ns(&backend)), 1);
+    // The client has acknowledged all it received (the backend has nothing
+    // unacknowledged): no delayed ACK of the client's meets the removal,
+    // which would get it reset there, leaving the backend half-open.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while unacknowledged_on_8080(cluster.pod_ns(&backend)) > 0 {
+        assert!(std::time::Instant::now() < deadline, "never acknowledged");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let id = backend_id(&pins, &format!("{ip}:8080/TCP")).unwrap() as u32;
     // Its backend leaves the Service.
     write_web(&dir, &[stays]);
@@ -1131,7 +1151,7 @@ fn a_removed_backend_stays_retired_while_conntrack_names_it_and_hears_the_client
     while established_on_8080(cluster.pod_ns(&backend)) > 0 {
         assert!(
             std::time::Instant::now() < deadline,
-            "the backend's socket stays open"
+            "the backend's socket stays open ({backend})"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
