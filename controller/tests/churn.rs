@@ -135,6 +135,20 @@ fn soak_churn_and_traffic() {
         ct.1 <= ct.0 + ct.0 / 10 + 1000,
         "conntrack kept filling: {samples:?}"
     );
+    // Backends: the 10 live ones (5 pods, TCP and UDP) and the retired
+    // ones conntrack still names; collected, they do not pile up.
+    let backends = (
+        peak(earlier, |s| s.backend_entries),
+        peak(later, |s| s.backend_entries),
+    );
+    eprintln!(
+        "soak: backend entries, peaks of the earlier and later halves: {} / {}",
+        backends.0, backends.1
+    );
+    assert!(
+        backends.1 <= backends.0 + backends.0 / 10 + 10,
+        "retired backends piled up: {samples:?}"
+    );
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -452,6 +466,8 @@ struct Sample {
     rss_kib: u64,
     /// Conntrack entries (live or expired, until collected).
     ct_entries: u64,
+    /// `DP_BACKENDS` entries, retired ones included (until collected).
+    backend_entries: u64,
     /// Packets counted over every hook and reason.
     packets: u64,
 }
@@ -464,7 +480,7 @@ fn sample_until(
 ) -> Vec<Sample> {
     let started = Instant::now();
     let mut out = Vec::new();
-    eprintln!("soak: elapsed_s agent_rss_kib ct_entries packets");
+    eprintln!("soak: elapsed_s agent_rss_kib ct_entries backend_entries packets");
     for n in 0.. {
         // Paced to a schedule, waking often enough to stop with the run.
         let due = started + every * n;
@@ -481,13 +497,17 @@ fn sample_until(
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap();
         let maps = inspect(pins, &["status"]);
-        let ct_entries = maps["maps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["name"] == common::map_names::CT)
-            .and_then(|m| m["entries"].as_u64())
-            .unwrap();
+        let entries = |name: &str| -> u64 {
+            maps["maps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["name"] == name)
+                .and_then(|m| m["entries"].as_u64())
+                .unwrap()
+        };
+        let ct_entries = entries(common::map_names::CT);
+        let backend_entries = entries(common::map_names::BACKENDS);
         let packets = inspect(pins, &["stats"])
             .as_array()
             .unwrap()
@@ -498,13 +518,15 @@ fn sample_until(
             elapsed: started.elapsed(),
             rss_kib,
             ct_entries,
+            backend_entries,
             packets,
         };
         eprintln!(
-            "soak: {:.0} {} {} {}",
+            "soak: {:.0} {} {} {} {}",
             sample.elapsed.as_secs_f64(),
             sample.rss_kib,
             sample.ct_entries,
+            sample.backend_entries,
             sample.packets
         );
         out.push(sample);

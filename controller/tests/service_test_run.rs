@@ -448,6 +448,10 @@ fn a_retired_backend_gets_its_clients_reset_and_nothing_else() {
     let (ret, out) = run(&dp, Hook::TcIngress, &data);
     assert_eq!(ret, TC_ACT_REDIRECT, "reset back to the client");
     assert_eq!(Ipv4View::new(&out).tcp_flags(), TCP_RST);
+    // Both of its conntrack entries go (the reply side's would otherwise
+    // keep naming the retired backend for the established timeout).
+    assert!(ct_get(&dp, &ct_key(CLIENT, 40031, VIP, 80, 6)).is_none());
+    assert!(ct_get(&dp, &ct_key(B1, 8080, CLIENT, 40031, 6)).is_none());
     // The client's own reset: passed on to the backend, translated, so
     // that the backend's socket closes too.
     let rst = tcp(CLIENT, 40032, VIP, 80, TCP_RST | TCP_ACK, 1001, 5000, &[]);

@@ -311,6 +311,15 @@ fn backend_gone(f: &Flow, ev: &mut TraceEvent) -> Step {
         return Step::Drop(Reason::ServiceInconsistent);
     };
     if rules::resets_when_backend_gone(t.protocol) {
+        // SAFETY: map value pointer from the lookup above.
+        let entry = unsafe { *e };
+        // Retired, its address is still known: the reply side's entry goes
+        // too (it would otherwise wait out the established timeout).
+        if let Some(backend) = lb::backend(entry.backend_id) {
+            let mut x = *t;
+            translate(&mut x, &backend, &entry);
+            ct::remove(&reversed_key(&x));
+        }
         ct::remove(&ct::key(t));
         return Step::Reset;
     }

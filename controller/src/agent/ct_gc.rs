@@ -19,7 +19,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use common::{lb::BACKEND_FLAG_RETIRED, map_names, Backend, CtEntry, CtKey};
+use common::{ct::CT_DIR_ORIGINAL, lb::BACKEND_FLAG_RETIRED, map_names, Backend, CtEntry, CtKey};
 use tracing::{debug, warn};
 
 use crate::kernel::{maps::monotonic_ns, pin};
@@ -86,7 +86,7 @@ fn collect(bpffs: &std::path::Path) -> anyhow::Result<Walk> {
     let now = monotonic_ns();
     let mut seen = 0u64;
     let mut expired = Vec::new();
-    // Backend ids the live entries name.
+    // Backend ids the live entries of the client's direction name.
     let mut named = BTreeSet::new();
     for item in ct.iter() {
         match item {
@@ -94,7 +94,9 @@ fn collect(bpffs: &std::path::Path) -> anyhow::Result<Walk> {
                 seen += 1;
                 if entry.expires_ns <= now {
                     expired.push(key);
-                } else {
+                } else if entry.direction == CT_DIR_ORIGINAL {
+                    // Only the client's side looks its backend up; a
+                    // reply is translated from its own entry.
                     named.insert(entry.backend_id);
                 }
             }
