@@ -1047,24 +1047,16 @@ fn a_restarted_agent_gives_no_new_backend_an_id_conntrack_still_names() {
     drop(servers);
 }
 
-/// Established TCP connections on port 8080 in `ns` (`ss`).
-fn established_on_8080(ns: &Netns) -> usize {
-    let out = ns
-        .exec("ss", &["-Htn", "state", "established", "( sport = :8080 )"])
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().count()
-}
-
-/// Bytes sent and not yet acknowledged on port 8080's connections in `ns`
-/// (`ss` Send-Q).
-fn unacknowledged_on_8080(ns: &Netns) -> u64 {
+/// The unacknowledged bytes (`ss` Send-Q) of each established TCP
+/// connection on port 8080 in `ns`.
+fn send_queues_on_8080(ns: &Netns) -> Vec<u64> {
     let out = ns
         .exec("ss", &["-Htn", "state", "established", "( sport = :8080 )"])
         .unwrap();
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .sum()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect()
 }
 
 #[test]
@@ -1101,12 +1093,16 @@ fn a_removed_backend_stays_retired_while_conntrack_names_it_and_hears_the_client
         "pod-1-1" => ("10.244.1.11", ("10.244.2.10", "node2")),
         _ => ("10.244.2.10", ("10.244.1.11", "node1")),
     };
-    assert_eq!(established_on_8080(cluster.pod_ns(&backend)), 1);
+    assert_eq!(send_queues_on_8080(cluster.pod_ns(&backend)).len(), 1);
     // The client has acknowledged all it received (the backend has nothing
     // unacknowledged): no delayed ACK of the client's meets the removal,
     // which would get it reset there, leaving the backend half-open.
     let deadline = std::time::Instant::now() + TIMEOUT;
-    while unacknowledged_on_8080(cluster.pod_ns(&backend)) > 0 {
+    while send_queues_on_8080(cluster.pod_ns(&backend))
+        .iter()
+        .sum::<u64>()
+        > 0
+    {
         assert!(std::time::Instant::now() < deadline, "never acknowledged");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -1148,7 +1144,7 @@ fn a_removed_backend_stays_retired_while_conntrack_names_it_and_hears_the_client
     e2e::rst_on_close(&conn).unwrap();
     drop(conn);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while established_on_8080(cluster.pod_ns(&backend)) > 0 {
+    while !send_queues_on_8080(cluster.pod_ns(&backend)).is_empty() {
         assert!(
             std::time::Instant::now() < deadline,
             "the backend's socket stays open ({backend})"
