@@ -58,8 +58,12 @@ endpoints:
 /// How soon after the packet its trace line must be out.
 const WITHIN: Duration = Duration::from_secs(1);
 
+/// A connect given up before TCP sends its SYN again (its first
+/// retransmission comes after 1 s).
+const ONE_SYN: Duration = Duration::from_millis(500);
+
 /// Sends one TCP connection from `ns` to `addr` on a thread (it may take up
-/// to `DROPPED_AFTER` when dropped) and returns the first trace line of a
+/// to `ONE_SYN` when dropped) and returns the first trace line of a
 /// packet to `addr` that `wanted` accepts, read within `WITHIN` of the send.
 fn traced(
     trace: &TraceProcess,
@@ -70,8 +74,10 @@ fn traced(
     let sent = Instant::now();
     let client = ns
         .spawn(move || {
-            // Refused, timed out or answered: the trace tells which.
-            let _ = std::net::TcpStream::connect_timeout(&addr, DROPPED_AFTER);
+            // Refused, timed out or answered: the trace tells which. Given
+            // up before the SYN's first retransmission (1 s), so a dropped
+            // connection is one event, not sometimes two.
+            let _ = std::net::TcpStream::connect_timeout(&addr, ONE_SYN);
         })
         .unwrap();
     let line = loop {
