@@ -20,6 +20,20 @@ pub fn as_v4(a: &[u8; 16]) -> Option<[u8; 4]> {
     }
 }
 
+/// Whether a 16-byte address is IPv4-mapped (an IPv4 address), without
+/// slice comparisons (BPF programs have no `memcmp`).
+#[inline(always)]
+pub fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    let mut i = 0;
+    while i < 10 {
+        if a[i] != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    a[10] == 0xff && a[11] == 0xff
+}
+
 /// Whether `addr` lies in `net/prefix_len` (both 16-byte; IPv4 prefixes are
 /// counted in the mapped form, i.e. `/24` is `96 + 24`).
 #[inline(always)]
@@ -64,6 +78,11 @@ mod tests {
         let a = v4_mapped([10, 244, 1, 5]);
         assert_eq!(as_v4(&a), Some([10, 244, 1, 5]));
         assert_eq!(as_v4(&[0xfd; 16]), None);
+        assert!(is_v4_mapped(&a));
+        assert!(!is_v4_mapped(&[0xfd; 16]));
+        assert!(!is_v4_mapped(
+            &"::1".parse::<core::net::Ipv6Addr>().unwrap().octets()
+        ));
         let net = v4_mapped([10, 244, 0, 0]);
         assert!(in_prefix(&a, &net, 96 + 16));
         assert!(!in_prefix(&v4_mapped([10, 245, 0, 1]), &net, 96 + 16));

@@ -36,6 +36,17 @@ pub struct DatapathConfig {
     /// How many such replies may go at once (the bucket's depth); 0:
     /// `DEFAULT_REPLY_BURST`.
     pub reply_burst: u32,
+    /// The node's IPv6 address: the source of masqueraded and hairpin IPv6
+    /// traffic. All zero: the node has none (such flows are dropped,
+    /// `NoNodeAddress`). `node_ip` is the IPv4 one.
+    pub node_ip6: [u8; 16],
+    /// The IPv6 cluster CIDR (kube-proxy's `--cluster-cidr` takes one per
+    /// family): IPv6 service traffic from outside it is masqueraded. Prefix
+    /// length 0: not set. `cluster_cidr` is the IPv4 one.
+    pub cluster_cidr6: [u8; 16],
+    /// Prefix length of `cluster_cidr6` (an IPv6 length, 0..=128).
+    pub cluster_cidr6_len: u8,
+    pub _pad6: [u8; 3],
 }
 
 /// The kernel's `net.ipv4.icmp_msgs_per_sec` and `icmp_msgs_burst`

@@ -146,12 +146,16 @@ pub mod versions {
     pub const CT: u32 = if cfg!(feature = "layout-next") { 2 } else { 1 };
     /// 2: the reply rate limit (`reply_rate_per_s`, `reply_burst`; zero
     /// means the defaults, so a version 1 configuration converts).
-    pub const CONFIG: u32 = 2;
+    /// 3: the IPv6 node address and cluster CIDR (`node_ip6`,
+    /// `cluster_cidr6`, `cluster_cidr6_len`; zero means not set).
+    pub const CONFIG: u32 = 3;
     pub const COUNTERS: u32 = 1;
     pub const TRACE_SESSIONS: u32 = 1;
-    pub const TRACE_RING: u32 = 1;
+    /// 2: `l4_off` (was padding; zero means not known).
+    pub const TRACE_RING: u32 = 2;
     pub const TRACE_LOST: u32 = 1;
-    pub const RECENT: u32 = 1;
+    /// 2: `TraceEvent::l4_off` (was padding; zero means not known).
+    pub const RECENT: u32 = 2;
     pub const RECENT_HEAD: u32 = 1;
     pub const NAMES: u32 = 1;
     pub const AFFINITY: u32 = 1;
@@ -266,7 +270,7 @@ fn trace_event(d: &mut Description) {
             translated.family,
             translated._pad,
             headers_len,
-            _pad2,
+            l4_off,
             sent_ifindex,
             headers,
         ]
@@ -394,7 +398,11 @@ pub fn describe(name: &str) -> Option<Description> {
                     service_cidrs,
                     service_cidr_lens,
                     reply_rate_per_s,
-                    reply_burst
+                    reply_burst,
+                    node_ip6,
+                    cluster_cidr6,
+                    cluster_cidr6_len,
+                    _pad6
                 ]
             );
             d

@@ -78,16 +78,19 @@ impl Verdict {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Reason {
-    /// Not an IPv4 frame (ARP, IPv6, ...): passed to the stack untouched.
+    /// Retired (dp before IPv6): not an IPv4 frame. Now `NotIp`; the slot
+    /// stays taken.
     NotIpv4 = 1,
-    /// IPv4 TCP or UDP packet that matches no service: passed through.
+    /// IP TCP, UDP or SCTP packet that matches no service: passed through.
     NoService = 2,
-    /// IPv4 with a protocol the datapath does not translate: passed through.
+    /// IP with a protocol the datapath does not translate (ICMP other than
+    /// errors about flows, ICMPv6 neighbour discovery, ...): passed through.
     UnsupportedProtocol = 3,
     /// A header is cut short or inconsistent (IHL < 5, total length below the
     /// header): dropped, as the stack would drop it.
     Malformed = 4,
-    /// A non-first IPv4 fragment: no L4 header to look at, passed through.
+    /// A non-first IPv4 or IPv6 fragment: no L4 header to look at, passed
+    /// through.
     Fragment = 5,
     /// The headers were not in the skb's linear area and pulling them in
     /// failed (memory pressure): passed to the stack, which decides.
@@ -167,11 +170,22 @@ pub enum Reason {
     /// still kept, retired, while conntrack names it): passed on to the
     /// backend, so its end of the connection closes too.
     BackendGoneClosed = 34,
+    /// Not an IP frame (ARP, VLAN-tagged, ...): passed to the stack
+    /// untouched.
+    NotIp = 35,
+    /// An IPv6 packet with more extension headers than the datapath walks
+    /// (`parse::IPV6_MAX_EXT_HEADERS`, or longer than it pulls in): passed
+    /// to the stack untouched, as a later fragment is.
+    Ipv6HeaderChainTooLong = 36,
+    /// The flow is to be masqueraded but the node has no address of the
+    /// packet's family (an IPv6 flow on a node without an IPv6 address
+    /// configured): dropped.
+    NoNodeAddress = 37,
 }
 
 impl Reason {
     /// Every reason, in number order.
-    pub const ALL: [Reason; 34] = [
+    pub const ALL: [Reason; 37] = [
         Reason::NotIpv4,
         Reason::NoService,
         Reason::UnsupportedProtocol,
@@ -206,6 +220,9 @@ impl Reason {
         Reason::RejectRateLimited,
         Reason::ResetRateLimited,
         Reason::BackendGoneClosed,
+        Reason::NotIp,
+        Reason::Ipv6HeaderChainTooLong,
+        Reason::NoNodeAddress,
     ];
 
     pub fn from_u32(v: u32) -> Option<Self> {
@@ -267,13 +284,16 @@ impl Reason {
             Reason::RejectRateLimited => "reject_rate_limited",
             Reason::ResetRateLimited => "reset_rate_limited",
             Reason::BackendGoneClosed => "backend_gone_closed",
+            Reason::NotIp => "not_ip",
+            Reason::Ipv6HeaderChainTooLong => "ipv6_header_chain_too_long",
+            Reason::NoNodeAddress => "no_node_address",
         }
     }
 
     /// The reason in words, for people.
     pub fn describe(self) -> &'static str {
         match self {
-            Reason::NotIpv4 => "not IPv4",
+            Reason::NotIpv4 => "not IPv4 (retired: dp before IPv6)",
             Reason::NoService => "no service for this destination",
             Reason::UnsupportedProtocol => "protocol not handled by the datapath",
             Reason::Malformed => "malformed packet",
@@ -311,6 +331,9 @@ impl Reason {
             Reason::RejectRateLimited => "reject reply not sent: reply rate limit reached",
             Reason::ResetRateLimited => "TCP reset not sent: reply rate limit reached",
             Reason::BackendGoneClosed => "backend removed, the client's reset passed on to it",
+            Reason::NotIp => "not IP",
+            Reason::Ipv6HeaderChainTooLong => "more IPv6 extension headers than the datapath walks",
+            Reason::NoNodeAddress => "masquerade needs a node address of this family, none set",
         }
     }
 }
@@ -378,6 +401,13 @@ mod tests {
             (Reason::RejectRateLimited, 32, "reject_rate_limited"),
             (Reason::ResetRateLimited, 33, "reset_rate_limited"),
             (Reason::BackendGoneClosed, 34, "backend_gone_closed"),
+            (Reason::NotIp, 35, "not_ip"),
+            (
+                Reason::Ipv6HeaderChainTooLong,
+                36,
+                "ipv6_header_chain_too_long",
+            ),
+            (Reason::NoNodeAddress, 37, "no_node_address"),
         ];
         assert_eq!(Reason::ALL.len(), expected.len(), "update this list");
         for (reason, number, id) in expected {

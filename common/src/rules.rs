@@ -14,7 +14,7 @@
 //! masquerade ([`masquerade`], [`reaches_this_node`]).
 
 use crate::{
-    addr::in_prefix,
+    addr::{in_prefix, is_v4_mapped},
     config::{CONFIG_MASQUERADE_ALL, SERVICE_CIDR_SLOTS},
     ct::{CT_STATE_CLOSED, CT_STATE_CLOSING},
     lb::{
@@ -92,19 +92,40 @@ pub struct Origin {
     pub from_pod: bool,
     /// A process on this node, its packet seen at tc egress.
     pub local_process: bool,
+    /// The cluster CIDR of the source's family is set (without it, nothing
+    /// is masqueraded for coming from outside it).
+    pub cluster_cidr_known: bool,
 }
 
 impl Origin {
     /// The origin of a packet from `saddr`; `local_process`: seen at tc
-    /// egress, so sent by this node.
+    /// egress, so sent by this node. Each family has its own node address
+    /// and cluster CIDR, as kube-proxy runs one proxier per family.
     #[inline(always)]
     pub fn of(cfg: &DatapathConfig, saddr: &[u8; 16], local_process: bool) -> Self {
+        let v6 = !is_v4_mapped(saddr);
+        let (cidr, len) = if v6 {
+            (&cfg.cluster_cidr6, cfg.cluster_cidr6_len)
+        } else {
+            (&cfg.cluster_cidr, cfg.cluster_cidr_len)
+        };
         Origin {
-            from_host: local_process || *saddr == cfg.node_ip,
-            from_pod: cfg.cluster_cidr_len != 0
-                && in_prefix(saddr, &cfg.cluster_cidr, cfg.cluster_cidr_len),
+            from_host: local_process || *saddr == *node_address(cfg, v6),
+            from_pod: len != 0 && in_prefix(saddr, cidr, len),
             local_process,
+            cluster_cidr_known: len != 0,
         }
+    }
+}
+
+/// The node's address of a family (`v6`: IPv6): the masquerade source. All
+/// zero when the node has none of that family.
+#[inline(always)]
+pub fn node_address(cfg: &DatapathConfig, v6: bool) -> &[u8; 16] {
+    if v6 {
+        &cfg.node_ip6
+    } else {
+        &cfg.node_ip
     }
 }
 
@@ -212,7 +233,7 @@ pub fn affinity_backend(
 /// elsewhere (a local process's packet, at tc egress, is not delivered so).
 #[inline(always)]
 pub fn reaches_this_node(cfg: &DatapathConfig, backend_addr: &[u8; 16], origin: Origin) -> bool {
-    !origin.local_process && *backend_addr == cfg.node_ip
+    !origin.local_process && *backend_addr == *node_address(cfg, !is_v4_mapped(backend_addr))
 }
 
 /// Whether a new flow is masqueraded (source -> the node's address).
@@ -236,7 +257,7 @@ pub fn masquerade(
     let by_policy = if frontend_flags & SERVICE_FLAG_EXTERNAL != 0 {
         frontend_flags & SERVICE_FLAG_INTERNAL_SCOPE == 0 || origin.from_host
     } else {
-        cfg.flags & CONFIG_MASQUERADE_ALL != 0 || (cfg.cluster_cidr_len != 0 && !origin.from_pod)
+        cfg.flags & CONFIG_MASQUERADE_ALL != 0 || (origin.cluster_cidr_known && !origin.from_pod)
     };
     !to_this_node && (hairpin || by_policy)
 }
@@ -396,6 +417,52 @@ mod tests {
             ..c
         };
         assert!(!Origin::of(&no_cidr, &v4_mapped([10, 244, 1, 5]), false).from_pod);
+    }
+
+    fn v6(s: &str) -> [u8; 16] {
+        s.parse::<core::net::Ipv6Addr>().unwrap().octets()
+    }
+
+    /// Each family has its own node address and cluster CIDR, as kube-proxy
+    /// has one proxier per family.
+    #[test]
+    fn each_family_has_its_own_node_address_and_cluster_cidr() {
+        let v4_only = cfg();
+        // An IPv6 source on a node with only the IPv4 CIDR: not a pod, and
+        // nothing to masquerade it for.
+        let o = Origin::of(&v4_only, &v6("fd00:10:244:1::5"), false);
+        assert_eq!(
+            (o.from_host, o.from_pod, o.cluster_cidr_known),
+            (false, false, false)
+        );
+        assert!(!masquerade(&v4_only, 0, o, false, false));
+
+        let dual = DatapathConfig {
+            node_ip6: v6("fc00:f853:ccd:e793::2"),
+            cluster_cidr6: v6("fd00:10:244::"),
+            cluster_cidr6_len: 56,
+            ..cfg()
+        };
+        let pod6 = Origin::of(&dual, &v6("fd00:10:244:1::5"), false);
+        assert_eq!((pod6.from_host, pod6.from_pod), (false, true));
+        assert!(!masquerade(&dual, 0, pod6, false, false));
+        let outside6 = Origin::of(&dual, &v6("2001:db8::7"), false);
+        assert_eq!(
+            (outside6.from_pod, outside6.cluster_cidr_known),
+            (false, true)
+        );
+        assert!(masquerade(&dual, 0, outside6, false, false));
+        let node6 = Origin::of(&dual, &v6("fc00:f853:ccd:e793::2"), false);
+        assert!(node6.from_host && !node6.from_pod);
+        // The IPv4 side is unchanged by the IPv6 settings.
+        let pod4 = Origin::of(&dual, &v4_mapped([10, 244, 1, 5]), false);
+        assert_eq!((pod4.from_host, pod4.from_pod), (false, true));
+        assert!(!Origin::of(&dual, &v4_mapped([10, 244, 1, 5]), false).from_host);
+        assert_eq!(node_address(&dual, true), &dual.node_ip6);
+        assert_eq!(node_address(&dual, false), &dual.node_ip);
+        // A host-network IPv6 endpoint on this node is reached locally.
+        assert!(reaches_this_node(&dual, &dual.node_ip6, outside6));
+        assert!(!reaches_this_node(&dual, &v6("fd00:10:244:1::5"), outside6));
     }
 
     #[test]

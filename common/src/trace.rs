@@ -59,7 +59,12 @@ pub struct TraceEvent {
     pub translated: FlowTuple,
     /// How many bytes of `headers` hold the packet (0: none captured).
     pub headers_len: u16,
-    pub _pad2: [u8; 2],
+    /// Offset of the L4 header in the frame (past IPv4 options or IPv6
+    /// extension headers); 0 when there is none (not IP, a later
+    /// fragment). The programs carry it here rather than in a register:
+    /// the verifier then walks the service handling once for every header
+    /// length, not once per length.
+    pub l4_off: u16,
     /// Where the program sent the packet itself (`bpf_redirect*`): the
     /// device's ifindex; 0 when it was left to the stack (or dropped).
     pub sent_ifindex: u32,

@@ -55,6 +55,10 @@ pub enum Error {
         bpffs: std::path::PathBuf,
         detail: String,
     },
+    /// Node settings that contradict each other (an address and a CIDR of
+    /// different families).
+    #[error("{0}")]
+    Config(String),
     #[error("pinning {context}: {message}")]
     Pin { context: String, message: String },
     #[error("{context}: {source}")]

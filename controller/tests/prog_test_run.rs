@@ -143,14 +143,14 @@ fn cases() -> Vec<Case> {
             name: "arp",
             frame: arp_request(),
             verdict: pass,
-            reason: Reason::NotIpv4,
+            reason: Reason::NotIp,
             skb_test_run: true,
         },
         Case {
             name: "ipv6 udp",
             frame: ipv6_udp(),
             verdict: pass,
-            reason: Reason::NotIpv4,
+            reason: Reason::NoService,
             skb_test_run: true,
         },
         Case {
@@ -293,7 +293,7 @@ fn counters_accumulate_over_packets() {
         c.bytes(Hook::TcIngress, Reason::NoService),
         (frames[0].len() + frames[1].len() + frames[2].len()) as u64
     );
-    assert_eq!(c.packets(Hook::TcIngress, Reason::NotIpv4), 1);
+    assert_eq!(c.packets(Hook::TcIngress, Reason::NotIp), 1);
     assert_eq!(c.total_packets(), 4);
 }
 

@@ -10,7 +10,7 @@ use crate::{
     diag, icmp,
     maps::DP_CONFIG,
     packet::{Packet, SkbPacket, XdpPacket},
-    parse::{parse, Ipv4Packet, Parsed},
+    parse::{parse, IpPacket, Parsed},
     service, stats,
     trace::{self, decide},
     xdp,
@@ -41,8 +41,8 @@ pub fn run_tc<const TRACED: bool>(ctx: &TcContext, hook: Hook) -> TcAction {
         trace::arrival(&pkt, ev);
     }
     let action = match ip {
-        Some(ip) if ip.protocol == proto::IPPROTO_ICMP => icmp_error(ctx, hook, ip.l4_off, ev),
-        Some(ip) => service::handle(ctx, hook, cfg, ip.l4_off, ev),
+        Some(ip) if ip.protocol == proto::IPPROTO_ICMP => icmp_error(ctx, hook, ev),
+        Some(_) => service::handle(ctx, hook, cfg, ev),
         None => tc_action(ev),
     };
     finish::<TRACED>(hook, ev);
@@ -66,7 +66,7 @@ pub fn run_xdp(ctx: &XdpContext) -> XdpAction {
             decide(ev, Verdict::Pass, Reason::XdpPassToTc);
             XdpAction::Pass
         }
-        Some(ip) => xdp::handle(ctx, cfg, ip.l4_off, ev),
+        Some(_) => xdp::handle(ctx, cfg, ev),
         None if ev.verdict == Verdict::Drop as u8 => XdpAction::Drop,
         None => XdpAction::Pass,
     };
@@ -77,7 +77,8 @@ pub fn run_xdp(ctx: &XdpContext) -> XdpAction {
 /// An ICMP error about a tracked flow is translated like the flow; other
 /// ICMP passes.
 #[inline(never)]
-fn icmp_error(ctx: &TcContext, hook: Hook, l4_off: usize, ev: &mut TraceEvent) -> TcAction {
+fn icmp_error(ctx: &TcContext, hook: Hook, ev: &mut TraceEvent) -> TcAction {
+    let l4_off = usize::from(ev.l4_off);
     match icmp::is_error(ctx, l4_off) {
         Ok(true) => {}
         Ok(false) => {
@@ -124,15 +125,19 @@ fn tc_action(ev: &TraceEvent) -> TcAction {
 }
 
 /// Parses the packet into `ev.original` (and `ev.translated`, its copy
-/// until something translates it). `Some`: an IPv4 TCP, UDP, SCTP or ICMP
-/// packet (first fragment) for service handling; `None`: the decision is
-/// made.
+/// until something translates it). `Some`: a TCP, UDP or SCTP packet (first
+/// fragment) or an IPv4 ICMP one, for service handling; `None`: the
+/// decision is made.
 #[inline(always)]
-fn classify<P: Packet>(pkt: &P, ev: &mut TraceEvent) -> Option<Ipv4Packet> {
+fn classify<P: Packet>(pkt: &P, ev: &mut TraceEvent) -> Option<IpPacket> {
     let ip = match parse(pkt, &mut ev.original) {
-        Ok(Parsed::Ipv4(ip)) => ip,
-        Ok(Parsed::NotIpv4) => {
-            decide(ev, Verdict::Pass, Reason::NotIpv4);
+        Ok(Parsed::Ip(ip)) => ip,
+        Ok(Parsed::NotIp) => {
+            decide(ev, Verdict::Pass, Reason::NotIp);
+            return None;
+        }
+        Ok(Parsed::Ipv6ChainTooLong) => {
+            decide(ev, Verdict::Pass, Reason::Ipv6HeaderChainTooLong);
             return None;
         }
         // Headers we could not pull in are not proof of a bad packet: leave
@@ -148,14 +153,15 @@ fn classify<P: Packet>(pkt: &P, ev: &mut TraceEvent) -> Option<Ipv4Packet> {
     };
     ev.translated = ev.original;
     ev.tcp_flags = ip.tcp_flags;
+    // Read back by the handlers from the record (see `TraceEvent::l4_off`).
+    ev.l4_off = ip.l4_off as u16;
     if ip.later_fragment {
         decide(ev, Verdict::Pass, Reason::Fragment);
         return None;
     }
     match ip.protocol {
-        proto::IPPROTO_TCP | proto::IPPROTO_UDP | proto::IPPROTO_SCTP | proto::IPPROTO_ICMP => {
-            Some(ip)
-        }
+        proto::IPPROTO_TCP | proto::IPPROTO_UDP | proto::IPPROTO_SCTP => Some(ip),
+        proto::IPPROTO_ICMP if !ip.v6 => Some(ip),
         _ => {
             decide(ev, Verdict::Pass, Reason::UnsupportedProtocol);
             None

@@ -29,7 +29,7 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
-use common::{device::DEVICE_POD, FlowTuple, Reason, TraceEvent};
+use common::{device::DEVICE_POD, trace::FAMILY_IPV6, FlowTuple, Reason, TraceEvent};
 
 use crate::{
     action::TcAction,
@@ -39,8 +39,9 @@ use crate::{
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
-/// The FIB lookup parameters for IPv4 tuple `t` arriving on `ifindex`.
+/// The FIB lookup parameters for tuple `t` (IPv4 or IPv6) arriving on `ifindex`.
 /// `ip_len` 0 (tc) has the kernel check the skb against the output device's
 /// MTU itself, which is right for GSO packets; XDP passes the frame's length.
 #[inline(always)]
@@ -52,20 +53,40 @@ pub fn params<'a>(
 ) -> &'a mut FibParams {
     // Plain-old-data: integers and unions of integers.
     let p = crate::zero::fill32(slot);
-    p.family = AF_INET;
     p.l4_protocol = t.protocol;
     p.sport = t.sport.to_be();
     p.dport = t.dport.to_be();
     p.__bindgen_anon_1.tot_len = ip_len as u16;
     p.ifindex = ifindex;
-    p.__bindgen_anon_3.ipv4_src = v4_word(&t.saddr);
-    p.__bindgen_anon_4.ipv4_dst = v4_word(&t.daddr);
+    set_addresses(p, t.family == FAMILY_IPV6, &t.saddr, &t.daddr);
     p
+}
+
+/// Sets the family and the source and destination of a lookup.
+#[inline(always)]
+fn set_addresses(p: &mut FibParams, v6: bool, src: &[u8; 16], dst: &[u8; 16]) {
+    if v6 {
+        p.family = AF_INET6;
+        p.__bindgen_anon_3.ipv6_src = v6_words(src);
+        p.__bindgen_anon_4.ipv6_dst = v6_words(dst);
+    } else {
+        p.family = AF_INET;
+        p.__bindgen_anon_3.ipv4_src = v4_word(src);
+        p.__bindgen_anon_4.ipv4_dst = v4_word(dst);
+    }
 }
 
 #[inline(always)]
 fn v4_word(a: &[u8; 16]) -> u32 {
     u32::from_ne_bytes([a[12], a[13], a[14], a[15]])
+}
+
+/// A 16-byte address as the four words of the lookup's IPv6 fields
+/// (network byte order in memory).
+#[inline(always)]
+fn v6_words(a: &[u8; 16]) -> [u32; 4] {
+    let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
 }
 
 #[inline(always)]
@@ -126,8 +147,7 @@ fn deliver_to_host(ctx: &TcContext, ev: &mut TraceEvent) -> Result<TcAction, Rea
     let t = &ev.translated;
     let mut slot = MaybeUninit::uninit();
     let p = params(&mut slot, t, ifindex(ctx), 0);
-    p.__bindgen_anon_3.ipv4_src = v4_word(&t.daddr);
-    p.__bindgen_anon_4.ipv4_dst = v4_word(&t.saddr);
+    set_addresses(p, t.family == FAMILY_IPV6, &t.daddr, &t.saddr);
     p.sport = t.dport.to_be();
     p.dport = t.sport.to_be();
     // No route back, or a device dp is not attached to: the stack decides.

@@ -4,9 +4,9 @@ use aya_ebpf::{
     helpers::{bpf_skb_load_bytes, bpf_skb_store_bytes, bpf_xdp_load_bytes},
     programs::{TcContext, XdpContext},
 };
-use common::Reason;
+use common::{proto, Reason};
 
-use crate::parse::MAX_HEADERS_LEN;
+use crate::parse::{ETH_HLEN, MAX_HEADERS_LEN, MAX_HEADERS_LEN_V6};
 
 /// Direct packet access to a frame's linear bytes `[data, data_end)`.
 pub trait Packet {
@@ -30,19 +30,35 @@ pub struct SkbPacket<'a> {
 
 impl<'a> SkbPacket<'a> {
     /// Makes sure the headers the datapath reads are in the linear area, so the
-    /// parser never mistakes a paged skb for a truncated packet.
+    /// parser never mistakes a paged skb for a truncated packet. IPv6 frames
+    /// get room for their extension headers; IPv4 ones pull no more than
+    /// they did before IPv6 was served.
     #[inline(always)]
     pub fn new(ctx: &'a TcContext) -> Self {
         let linear = ctx.data_end().saturating_sub(ctx.data());
         let len = ctx.len() as usize;
-        let want = if len < MAX_HEADERS_LEN {
-            len
+        let most = if is_ipv6(ctx) {
+            MAX_HEADERS_LEN_V6
         } else {
             MAX_HEADERS_LEN
         };
+        let want = if len < most { len } else { most };
         let pull_failed = linear < want && ctx.pull_data(want as u32).is_err();
         Self { ctx, pull_failed }
     }
+}
+
+/// Whether the frame's ethertype is IPv6 (the Ethernet header is always in
+/// the linear area in tc).
+#[inline(always)]
+fn is_ipv6(ctx: &TcContext) -> bool {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + ETH_HLEN > end {
+        return false;
+    }
+    // SAFETY: the 14 bytes at `data` are in bounds (checked above).
+    let ty = unsafe { *((data + 12) as *const [u8; 2]) };
+    u16::from_be_bytes(ty) == proto::ETH_P_IPV6
 }
 
 impl Packet for SkbPacket<'_> {

@@ -18,6 +18,7 @@ use common::{
     lb::{BACKEND_FLAG_RETIRED, SCOPE_INTERNAL},
     proto::{self, TCP_ACK, TCP_RST, TCP_SYN},
     rules::{self, Frontend, Origin},
+    trace::FAMILY_IPV6,
     Backend, CtEntry, CtKey, CtTimeouts, DatapathConfig, FlowTuple, Hook, Reason, TraceEvent,
     Verdict,
 };
@@ -92,13 +93,8 @@ pub fn first_step(f: &Flow, ev: &mut TraceEvent) -> Step {
 
 /// tc: decides and carries the decision out on the skb.
 #[inline(never)]
-pub fn handle(
-    ctx: &TcContext,
-    hook: Hook,
-    cfg: &DatapathConfig,
-    l4_off: usize,
-    ev: &mut TraceEvent,
-) -> TcAction {
+pub fn handle(ctx: &TcContext, hook: Hook, cfg: &DatapathConfig, ev: &mut TraceEvent) -> TcAction {
+    let l4_off = usize::from(ev.l4_off);
     let f = Flow {
         hook,
         cfg,
@@ -130,11 +126,11 @@ pub fn handle(
             Reason::ReplyReverseNat,
             rewrite(ctx, l4_off, ev).and_then(|()| send_on(ctx, hook, ev, true)),
         ),
-        Step::Reject(reason) => (Verdict::Reject, reason, reject(ctx, &f)),
+        Step::Reject(reason) => (Verdict::Reject, reason, reject(ctx, &f, ev)),
         Step::Reset => (
             Verdict::Reject,
             Reason::BackendGoneReset,
-            reset(ctx, &f, l4_off),
+            reset(ctx, &f, l4_off, ev),
         ),
         Step::Track(..) | Step::BackendGone | Step::Reopen => {
             return drop_packet(ev, Reason::ServiceInconsistent)
@@ -234,7 +230,11 @@ pub fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
     if !masquerade {
         return Step::Track(affinity, reason);
     }
-    x.saddr = cfg.node_ip;
+    let node = rules::node_address(cfg, t.family == FAMILY_IPV6);
+    if *node == [0; 16] {
+        return Step::Drop(Reason::NoNodeAddress);
+    }
+    x.saddr = *node;
     match free_nat_port(x, f.now, &cfg.ct_timeouts) {
         Some(port) => x.sport = port,
         None => return Step::Drop(Reason::NatPortsExhausted),
@@ -462,14 +462,22 @@ pub fn send_on(
 /// Answers with ICMP port unreachable (kube-proxy's REJECT), within the
 /// reply budget.
 #[inline(never)]
-fn reject(ctx: &TcContext, f: &Flow) -> Result<TcAction, Reason> {
+fn reject(ctx: &TcContext, f: &Flow, ev: &TraceEvent) -> Result<TcAction, Reason> {
     reject::budget(f.cfg, f.now, Reason::RejectRateLimited)?;
-    reject::icmp_port_unreachable(ctx, f.hook)
+    if ev.original.family == FAMILY_IPV6 {
+        reject::icmp6_port_unreachable(ctx, f.hook)
+    } else {
+        reject::icmp_port_unreachable(ctx, f.hook)
+    }
 }
 
 /// Resets a TCP flow whose backend is gone, within the reply budget.
 #[inline(never)]
-fn reset(ctx: &TcContext, f: &Flow, l4_off: usize) -> Result<TcAction, Reason> {
+fn reset(ctx: &TcContext, f: &Flow, l4_off: usize, ev: &TraceEvent) -> Result<TcAction, Reason> {
     reject::budget(f.cfg, f.now, Reason::ResetRateLimited)?;
-    reject::tcp_reset(ctx, f.hook, l4_off)
+    if ev.original.family == FAMILY_IPV6 {
+        reject::tcp6_reset(ctx, f.hook, l4_off)
+    } else {
+        reject::tcp_reset(ctx, f.hook, l4_off)
+    }
 }

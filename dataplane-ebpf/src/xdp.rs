@@ -15,14 +15,16 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
-use common::{crc32c, proto, DatapathConfig, FlowTuple, Hook, Reason, TraceEvent, Verdict};
+use common::{
+    crc32c, proto, trace::FAMILY_IPV6, DatapathConfig, FlowTuple, Hook, Reason, TraceEvent, Verdict,
+};
 
 use crate::{
     action::XdpAction,
     conntrack::now_ns,
     csum::replace16,
     fib,
-    parse::ETH_HLEN,
+    parse::{ETH_HLEN, IPV6_HLEN, IPV6_MAX_L4_OFF},
     service::{self, Flow, Step},
     trace::{decide, decide_drop},
 };
@@ -32,12 +34,8 @@ const MAX_L4_OFF: usize = ETH_HLEN + 60;
 
 /// Decides for a TCP/UDP/SCTP packet at XDP and carries the decision out.
 #[inline(never)]
-pub fn handle(
-    ctx: &XdpContext,
-    cfg: &DatapathConfig,
-    l4_off: usize,
-    ev: &mut TraceEvent,
-) -> XdpAction {
+pub fn handle(ctx: &XdpContext, cfg: &DatapathConfig, ev: &mut TraceEvent) -> XdpAction {
+    let l4_off = usize::from(ev.l4_off);
     let f = Flow {
         hook: Hook::Xdp,
         cfg,
@@ -131,6 +129,9 @@ fn rewrite(
     to: &FlowTuple,
     macs: &[u8; 12],
 ) -> Result<(), Reason> {
+    if from.family == FAMILY_IPV6 {
+        return rewrite_v6(ctx, l4_off, from, to, macs);
+    }
     // Bounds for the verifier: `parse` checked these headers on this frame.
     if l4_off > MAX_L4_OFF {
         return Err(Reason::RewriteFailed);
@@ -173,6 +174,84 @@ fn rewrite(
         *(data as *mut [u8; 12]) = *macs;
     }
     Ok(())
+}
+
+/// `rewrite` for IPv6: the addresses stored whole, the L4 checksum moved
+/// word by word for them (the pseudo-header) and for the ports; SCTP's CRC
+/// for the ports only.
+#[inline(never)]
+fn rewrite_v6(
+    ctx: &XdpContext,
+    l4_off: usize,
+    from: &FlowTuple,
+    to: &FlowTuple,
+    macs: &[u8; 12],
+) -> Result<(), Reason> {
+    // Bounds for the verifier: `parse` checked these headers on this frame.
+    if l4_off > IPV6_MAX_L4_OFF {
+        return Err(Reason::RewriteFailed);
+    }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let ip = data + ETH_HLEN;
+    let l4 = data + l4_off;
+    // The fixed part of each L4 header, its checksum included.
+    let (csum_off, l4_len) = match from.protocol {
+        proto::IPPROTO_TCP => (16, 20),
+        proto::IPPROTO_UDP => (6, 8),
+        _ => (8, 12),
+    };
+    if ip + IPV6_HLEN > end || l4 + l4_len > end {
+        return Err(Reason::RewriteFailed);
+    }
+    // SAFETY: every access below is inside [data, end), checked above.
+    unsafe {
+        if from.protocol == proto::IPPROTO_SCTP {
+            let payload = u16::from_be_bytes(*((ip + 4) as *const [u8; 2]));
+            let sctp_len =
+                (u32::from(payload) + IPV6_HLEN as u32).saturating_sub((l4_off - ETH_HLEN) as u32);
+            let delta =
+                crc32c::port_change((from.sport, from.dport), (to.sport, to.dport), sctp_len);
+            let sum = (l4 + 8) as *mut [u8; 4];
+            let mut i = 0;
+            while i < 4 {
+                (*sum)[i] ^= delta[i];
+                i += 1;
+            }
+        } else {
+            let csum_ptr = (l4 + csum_off) as *mut [u8; 2];
+            let mut sum = u16::from_be_bytes(*csum_ptr);
+            sum = words_changed(sum, &from.saddr, &to.saddr);
+            sum = words_changed(sum, &from.daddr, &to.daddr);
+            sum = replace16(sum, from.sport, to.sport);
+            sum = replace16(sum, from.dport, to.dport);
+            // IPv6 UDP always has a checksum; 0 is sent as its twin.
+            if sum == 0 && from.protocol == proto::IPPROTO_UDP {
+                sum = 0xffff;
+            }
+            *csum_ptr = sum.to_be_bytes();
+        }
+        *((ip + 8) as *mut [u8; 16]) = to.saddr;
+        *((ip + 24) as *mut [u8; 16]) = to.daddr;
+        *(l4 as *mut [u8; 2]) = to.sport.to_be_bytes();
+        *((l4 + 2) as *mut [u8; 2]) = to.dport.to_be_bytes();
+        *(data as *mut [u8; 12]) = *macs;
+    }
+    Ok(())
+}
+
+/// `sum` updated for a 16-byte address changing from `old` to `new`.
+#[inline(always)]
+fn words_changed(mut sum: u16, old: &[u8; 16], new: &[u8; 16]) -> u16 {
+    let mut i = 0;
+    while i < 16 {
+        let (o, n) = (
+            u16::from_be_bytes([old[i], old[i + 1]]),
+            u16::from_be_bytes([new[i], new[i + 1]]),
+        );
+        sum = replace16(sum, o, n);
+        i += 2;
+    }
+    sum
 }
 
 /// Writes `to`'s addresses into the IPv4 header at `ip` with its checksum

@@ -59,6 +59,15 @@ pub const KIND_NODE_SYSCTLS: [(&str, &str); 9] = [
     ("net.ipv4.conf.all.arp_ignore", "0"),
 ];
 
+/// What kind adds on the nodes of a cluster with IPv6 (`networking.ipFamily:
+/// ipv6` or `dual`): `docker run --sysctl` for both (kind's docker
+/// provider, `provision.go`). IPv6 has no reverse-path filter or
+/// `accept_local` of its own.
+pub const KIND_NODE_SYSCTLS_IPV6: [(&str, &str); 2] = [
+    ("net.ipv6.conf.all.disable_ipv6", "0"),
+    ("net.ipv6.conf.all.forwarding", "1"),
+];
+
 #[derive(Clone, Debug)]
 pub struct Node {
     /// Namespace role in the topology, e.g. `node1`.

@@ -21,7 +21,7 @@ mod servers;
 mod topology;
 pub mod xdp_pass;
 
-pub use cluster::{Cluster, KIND_NODE_SYSCTLS};
+pub use cluster::{Cluster, KIND_NODE_SYSCTLS, KIND_NODE_SYSCTLS_IPV6};
 pub use netns::{run_cmd, stdout_of, Netns};
 pub use servers::{
     identity_line, parse_identity, rst_on_close, tcp_echo_once, udp_echo_once, TcpEchoServer,

@@ -154,9 +154,9 @@ fn real_tcp_and_udp_are_counted_and_traced_at_every_hook() {
             assert_eq!(seen[0].reason, reason as u32);
         }
     }
-    // ARP went both ways too: passed as not IPv4.
-    assert!(counters.packets(Hook::Xdp, Reason::NotIpv4) >= 1);
-    assert!(counters.packets(Hook::TcEgress, Reason::NotIpv4) >= 1);
+    // ARP went both ways too: passed as not IP.
+    assert!(counters.packets(Hook::Xdp, Reason::NotIp) >= 1);
+    assert!(counters.packets(Hook::TcEgress, Reason::NotIp) >= 1);
 }
 
 #[test]

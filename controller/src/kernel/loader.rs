@@ -759,26 +759,39 @@ impl Datapath {
         self.set_config(config)
     }
 
-    /// Sets the node's address (masquerade source), kube-proxy's
-    /// `--cluster-cidr` (traffic from outside it to a service is masqueraded)
-    /// and `--masquerade-all`.
+    /// Sets the node's address of one family (the masquerade source for
+    /// that family: `node_ip`'s), kube-proxy's `--cluster-cidr` of that
+    /// family (traffic from outside it to a service is masqueraded; a CIDR
+    /// of the other family is an error) and `--masquerade-all`. The other
+    /// family's settings are left as they are: a dual-stack node calls this
+    /// once per family.
     pub fn set_node(
         &mut self,
         node_ip: std::net::IpAddr,
         cluster_cidr: Option<(std::net::IpAddr, u8)>,
         masquerade_all: bool,
     ) -> Result<()> {
+        if let Some((net, _)) = cluster_cidr {
+            if net.is_ipv4() != node_ip.is_ipv4() {
+                return Err(Error::Config(format!(
+                    "cluster CIDR {net} is not of node address {node_ip}'s family"
+                )));
+            }
+        }
         self.update_config(|c| {
-            c.node_ip = common::addr::addr16(node_ip);
-            match cluster_cidr {
-                Some((net, len)) => {
-                    c.cluster_cidr = common::addr::addr16(net);
-                    c.cluster_cidr_len = if net.is_ipv4() { 96 + len } else { len };
-                }
-                None => {
-                    c.cluster_cidr = [0; 16];
-                    c.cluster_cidr_len = 0;
-                }
+            let (cidr, len) = match cluster_cidr {
+                Some((net, len)) => (
+                    common::addr::addr16(net),
+                    if net.is_ipv4() { 96 + len } else { len },
+                ),
+                None => ([0; 16], 0),
+            };
+            if node_ip.is_ipv4() {
+                c.node_ip = common::addr::addr16(node_ip);
+                (c.cluster_cidr, c.cluster_cidr_len) = (cidr, len);
+            } else {
+                c.node_ip6 = common::addr::addr16(node_ip);
+                (c.cluster_cidr6, c.cluster_cidr6_len) = (cidr, len);
             }
             if masquerade_all {
                 c.flags |= common::config::CONFIG_MASQUERADE_ALL;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod agents;
+pub mod ipv6;
 
 use aya::programs::{TestRun, TestRunOptions};
 use common::Hook;
