@@ -447,17 +447,14 @@ fn neighbour_discovery_and_other_icmpv6_pass_untouched() {
     assert!(Ipv6View::new(&ns).l4_checksum_ok());
     for hook in [Hook::TcIngress, Hook::TcEgress, Hook::Xdp] {
         let (ret, out) = run(&dp, hook, &ns);
-        let pass = if hook == Hook::Xdp {
-            XDP_PASS
+        // XDP leaves all ICMPv6 to tc, which judges errors about flows.
+        let (pass, reason) = if hook == Hook::Xdp {
+            (XDP_PASS, Reason::XdpPassToTc)
         } else {
-            TC_ACT_OK
+            (TC_ACT_OK, Reason::UnsupportedProtocol)
         };
         assert_eq!((ret, &out), (pass, &ns), "{hook:?}");
-        assert_eq!(
-            packets(&dp, hook, Reason::UnsupportedProtocol),
-            1,
-            "{hook:?}"
-        );
+        assert_eq!(packets(&dp, hook, reason), 1, "{hook:?}");
     }
     // An echo request to the service address passes too.
     let mut echo = ns.clone();
@@ -679,4 +676,102 @@ fn xdp_serves_an_ipv6_node_port_flow_to_a_remote_backend_and_its_replies() {
         0,
         "tc saw nothing"
     );
+}
+
+/// An ICMPv6 error of `icmp_type`/`code` from `src` to `dst` quoting
+/// `quoted` (a frame: its IPv6 packet is quoted), with its checksum.
+fn icmp6_error(src: [u8; 16], dst: [u8; 16], icmp_type: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![icmp_type, code, 0, 0];
+    // Packet too big carries the MTU; the others 4 unused bytes.
+    let word: u32 = if icmp_type == 2 { 1280 } else { 0 };
+    icmp.extend_from_slice(&word.to_be_bytes());
+    icmp.extend_from_slice(&quoted[14..]);
+    let mut sum = sum16(&src, 0) + sum16(&dst, 0);
+    sum += icmp.len() as u32 + u32::from(IPPROTO_ICMPV6);
+    let c = !fold(sum16(&icmp, sum));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::new();
+    f.extend_from_slice(&SERVER_MAC);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[IPPROTO_ICMPV6, 64]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// Translates `error` at tc ingress and returns (outer source, outer
+/// destination, quoted packet), checking the ICMPv6 checksum.
+fn translated_error(dp: &Datapath, error: &[u8]) -> ([u8; 16], [u8; 16], Vec<u8>) {
+    let out = forward6(dp, error);
+    let v = Ipv6View::new(&out);
+    assert_eq!(v.protocol, IPPROTO_ICMPV6);
+    (v.src(), v.dst(), v.l4()[8..].to_vec())
+}
+
+#[test]
+fn icmpv6_errors_about_a_flow_are_translated_back_to_the_service() {
+    let dp = setup(&[(1, B1_6)]);
+    let router = v6("fd00:10:244:2::1");
+    // The client's SYN as it reached the backend, and the backend's reply.
+    let syn = tcp6_syn(v6(CLIENT6), 40020, v6(VIP6), 80);
+    let sent = forward6(&dp, &syn);
+    let reply = tcp6(
+        v6(B1_6),
+        8080,
+        v6(CLIENT6),
+        40020,
+        TCP_SYN | TCP_ACK,
+        9,
+        1001,
+        &[],
+    );
+
+    // A router on the way to the backend: packet too big, to the client.
+    // The client must find its own packet in it: to the service address,
+    // with its own checksum.
+    let (src, dst, quote) = translated_error(&dp, &icmp6_error(router, v6(CLIENT6), 2, 0, &sent));
+    assert_eq!((src, dst), (router, v6(CLIENT6)), "outer addresses kept");
+    assert_eq!(quote, syn[14..], "the quote is the packet the client sent");
+
+    // The backend itself (port unreachable): from the service address.
+    let (src, dst, quote) = translated_error(&dp, &icmp6_error(v6(B1_6), v6(CLIENT6), 1, 4, &sent));
+    assert_eq!((src, dst), (v6(VIP6), v6(CLIENT6)));
+    assert_eq!(quote, syn[14..]);
+
+    // The client about a reply it got from the service: to the backend,
+    // quoting the reply as the backend sent it.
+    let got = forward6(&dp, &reply);
+    let (src, dst, quote) = translated_error(&dp, &icmp6_error(v6(CLIENT6), v6(VIP6), 1, 4, &got));
+    assert_eq!((src, dst), (v6(CLIENT6), v6(B1_6)));
+    assert_eq!(quote, reply[14..]);
+    assert_eq!(
+        packets(&dp, Hook::TcIngress, Reason::IcmpErrorTranslated),
+        3
+    );
+
+    // About a flow dp does not track: passed untouched.
+    let stranger = tcp6_syn(v6(CLIENT6), 40021, v6(B2_6), 8080);
+    let error = icmp6_error(router, v6(CLIENT6), 2, 0, &stranger);
+    assert_eq!(
+        run(&dp, Hook::TcIngress, &error),
+        (TC_ACT_OK, error.clone())
+    );
+}
+
+#[test]
+fn an_icmpv6_packet_too_big_reaches_a_masqueraded_client() {
+    let dp = setup(&[(1, B1_6)]);
+    let router = v6("fd00:10:244:2::1");
+    let data = vec![0x55u8; 1300];
+    let first = udp6(v6(OUTSIDE6), 6000, v6(VIP6), 80, &data);
+    let sent = forward6(&dp, &first);
+    assert_eq!(Ipv6View::new(&sent).src(), v6(NODE6), "masqueraded");
+    // Routers quote as much as fits in 1 280 bytes.
+    let error = icmp6_error(router, v6(NODE6), 2, 0, &sent[..14 + 1232]);
+    let (src, dst, quote) = translated_error(&dp, &error);
+    assert_eq!((src, dst), (router, v6(OUTSIDE6)), "to the real client");
+    assert_eq!(quote, first[14..14 + 1232], "its own datagram, quoted");
 }

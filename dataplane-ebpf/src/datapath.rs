@@ -7,7 +7,7 @@ use common::{proto, reason::is_fault_number, DatapathConfig, Hook, Reason, Trace
 
 use crate::{
     action::{TcAction, XdpAction},
-    diag, icmp,
+    diag, icmp, icmp6,
     maps::DP_CONFIG,
     packet::{Packet, SkbPacket, XdpPacket},
     parse::{parse, IpPacket, Parsed},
@@ -42,6 +42,7 @@ pub fn run_tc<const TRACED: bool>(ctx: &TcContext, hook: Hook) -> TcAction {
     }
     let action = match ip {
         Some(ip) if ip.protocol == proto::IPPROTO_ICMP => icmp_error(ctx, hook, ev),
+        Some(ip) if ip.protocol == proto::IPPROTO_ICMPV6 => icmp6_error(ctx, hook, ev),
         Some(_) => service::handle(ctx, hook, cfg, ev),
         None => tc_action(ev),
     };
@@ -61,8 +62,8 @@ pub fn run_xdp(ctx: &XdpContext) -> XdpAction {
     let ip = classify(&pkt, ev);
     trace::arrival(&pkt, ev);
     let action = match ip {
-        // ICMP errors about flows are translated in tc.
-        Some(ip) if ip.protocol == proto::IPPROTO_ICMP => {
+        // ICMP and ICMPv6 errors about flows are translated in tc.
+        Some(ip) if ip.protocol == proto::IPPROTO_ICMP || ip.protocol == proto::IPPROTO_ICMPV6 => {
             decide(ev, Verdict::Pass, Reason::XdpPassToTc);
             XdpAction::Pass
         }
@@ -114,6 +115,42 @@ fn icmp_error(ctx: &TcContext, hook: Hook, ev: &mut TraceEvent) -> TcAction {
     }
 }
 
+/// An ICMPv6 error about a tracked flow is translated like the flow; other
+/// ICMPv6 (neighbour discovery, echo, ...) passes untouched.
+#[inline(never)]
+fn icmp6_error(ctx: &TcContext, hook: Hook, ev: &mut TraceEvent) -> TcAction {
+    let l4_off = usize::from(ev.l4_off);
+    match icmp6::is_error(ctx, l4_off) {
+        Ok(true) => {}
+        Ok(false) => {
+            decide(ev, Verdict::Pass, Reason::UnsupportedProtocol);
+            return TcAction::Pass;
+        }
+        Err(reason) => {
+            decide(ev, Verdict::Pass, reason);
+            return TcAction::Pass;
+        }
+    }
+    let sent = match icmp6::translate_error(ctx, l4_off, ev) {
+        Ok(false) => {
+            decide(ev, Verdict::Pass, Reason::UnsupportedProtocol);
+            return TcAction::Pass;
+        }
+        Ok(true) => service::send_on(ctx, hook, ev, false),
+        Err(reason) => Err(reason),
+    };
+    match sent {
+        Ok(action) => {
+            decide(ev, Verdict::Forward, Reason::IcmpErrorTranslated);
+            action
+        }
+        Err(reason) => {
+            decide(ev, Verdict::Drop, reason);
+            TcAction::Drop
+        }
+    }
+}
+
 /// The tc action for a decision that needs no more than the verdict.
 #[inline(always)]
 fn tc_action(ev: &TraceEvent) -> TcAction {
@@ -126,7 +163,7 @@ fn tc_action(ev: &TraceEvent) -> TcAction {
 
 /// Parses the packet into `ev.original` (and `ev.translated`, its copy
 /// until something translates it). `Some`: a TCP, UDP or SCTP packet (first
-/// fragment) or an IPv4 ICMP one, for service handling; `None`: the
+/// fragment), an IPv4 ICMP or IPv6 ICMPv6 one, for service handling; `None`: the
 /// decision is made.
 #[inline(always)]
 fn classify<P: Packet>(pkt: &P, ev: &mut TraceEvent) -> Option<IpPacket> {
@@ -162,6 +199,7 @@ fn classify<P: Packet>(pkt: &P, ev: &mut TraceEvent) -> Option<IpPacket> {
     match ip.protocol {
         proto::IPPROTO_TCP | proto::IPPROTO_UDP | proto::IPPROTO_SCTP => Some(ip),
         proto::IPPROTO_ICMP if !ip.v6 => Some(ip),
+        proto::IPPROTO_ICMPV6 if ip.v6 => Some(ip),
         _ => {
             decide(ev, Verdict::Pass, Reason::UnsupportedProtocol);
             None

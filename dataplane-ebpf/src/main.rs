@@ -5,7 +5,7 @@
 //! action (`action`) into the kernel's return code. Every exit carries a verdict
 //! and a `Reason` (see `common::reason`). One module per concern: `parse`,
 //! `lb` (service maps), `conntrack`, `nat` (rewrites), `reject` (ICMP/RST
-//! answers), `icmp` (errors about flows), `fib` (redirects), `service` (the flow logic, shared by tc and XDP),
+//! answers), `icmp`/`icmp6` (errors about flows), `fib` (redirects), `service` (the flow logic, shared by tc and XDP),
 //! `xdp` (the XDP fast path), `stats`, `trace`, `diag` (log records for
 //! what should never happen), `zero` (zeroing without the byte-wise `memset`).
 #![no_std]
@@ -18,6 +18,7 @@ mod datapath;
 mod diag;
 mod fib;
 mod icmp;
+mod icmp6;
 mod lb;
 mod maps;
 mod nat;
