@@ -87,7 +87,7 @@ fn main() {
     let n = services();
     let node = NodeInfo {
         name: "node1".into(),
-        ips: vec![Ipv4Addr::new(172, 18, 0, 2)],
+        ips: vec![Ipv4Addr::new(172, 18, 0, 2).into()],
         zone: None,
     };
     let options = TranslateOptions::default();

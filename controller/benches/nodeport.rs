@@ -331,14 +331,14 @@ fn proxy_rules(
     let mut skipped = Vec::new();
     let node_info = NodeInfo {
         name: "node1".into(),
-        ips: vec![node],
+        ips: vec![node.into()],
         zone: None,
     };
     let ports = service_ports(&objects.services, &objects.slices, &node_info, &mut skipped);
     assert!(skipped.is_empty() && ports.len() == 1, "{skipped:?}");
     let config = ProxyConfig {
         cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
-        node_ips: vec![node],
+        node_ips: vec![node.into()],
         service_cidr: Some("10.96.0.0/16".parse().unwrap()),
         ..ProxyConfig::default()
     };

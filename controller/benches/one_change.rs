@@ -67,7 +67,7 @@ fn slice(i: usize, moved: bool, pods: Pods) -> EndpointSlice {
 fn node() -> NodeInfo {
     NodeInfo {
         name: "node1".into(),
-        ips: vec![Ipv4Addr::new(172, 18, 0, 2)],
+        ips: vec![Ipv4Addr::new(172, 18, 0, 2).into()],
         zone: None,
     }
 }

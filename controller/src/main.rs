@@ -1,7 +1,4 @@
-use std::{
-    net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
-};
+use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 use dp::{
@@ -25,18 +22,19 @@ struct Cli {
     log_format: String,
 }
 
-/// A `--service-cidr` element: an IPv4 CIDR, or an IPv6 one (None: the
-/// datapath is IPv4 only so far).
+/// A `--service-cidr` element: an IPv4 or IPv6 CIDR.
 fn service_cidr(s: &str) -> Result<Option<Cidr>, String> {
-    match s.trim().split_once('/') {
-        Some((addr, len)) if addr.parse::<std::net::Ipv6Addr>().is_ok() => {
-            match len.parse::<u8>() {
-                Ok(l) if l <= 128 => Ok(None),
-                _ => Err(format!("{s:?}: bad prefix length")),
-            }
+    s.trim().parse().map(Some)
+}
+
+/// CIDRs of a flag that takes at most one per family (`--cluster-cidr`).
+fn one_per_family(flag: &str, cidrs: Vec<Cidr>) -> anyhow::Result<Vec<Cidr>> {
+    for family in [dp::translate::IpFamily::V4, dp::translate::IpFamily::V6] {
+        if cidrs.iter().filter(|c| c.family() == family).count() > 1 {
+            anyhow::bail!("{flag}: more than one {} CIDR", family.name());
         }
-        _ => s.trim().parse().map(Some),
     }
+    Ok(cidrs)
 }
 
 /// The log subscriber: RUST_LOG's filter (default `info`), on stderr.
@@ -137,7 +135,7 @@ enum Command {
         #[arg(long, default_value = "node1")]
         node_name: String,
         #[arg(long = "node-ip")]
-        node_ips: Vec<std::net::Ipv4Addr>,
+        node_ips: Vec<std::net::IpAddr>,
         /// detect-local-mode ClusterCIDR.
         #[arg(long)]
         cluster_cidr: Option<String>,
@@ -395,9 +393,11 @@ struct AgentArgs {
     /// a pod, from the downward API.
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
-    /// This node's IPv4 addresses (default: from the Node object).
+    /// This node's addresses, IPv4 and IPv6, comma-separated (default:
+    /// from the Node object). The first of each family is the masquerade
+    /// source for that family.
     #[arg(long = "node-ip", env = "DP_NODE_IPS", value_delimiter = ',')]
-    node_ips: Vec<Ipv4Addr>,
+    node_ips: Vec<std::net::IpAddr>,
     /// Node-facing devices (external traffic enters, SNATed traffic leaves);
     /// default: the device of the IPv4 default route.
     #[arg(long, env = "DP_DEVICES", value_delimiter = ',')]
@@ -417,17 +417,17 @@ struct AgentArgs {
     /// where the kernel has it).
     #[arg(long, env = "DP_TC_ATTACH", value_enum, default_value = "auto")]
     tc_attach: dp::agent::TcAttachChoice,
-    /// kube-proxy's --cluster-cidr: service traffic from outside it is
-    /// masqueraded.
-    #[arg(long, env = "DP_CLUSTER_CIDR")]
-    cluster_cidr: Option<Cidr>,
+    /// kube-proxy's --cluster-cidr, one per family, comma-separated (e.g.
+    /// `10.244.0.0/16,fd00:10:244::/56`): service traffic from outside the
+    /// CIDR of its family is masqueraded.
+    #[arg(long, env = "DP_CLUSTER_CIDR", value_delimiter = ',')]
+    cluster_cidr: Vec<Cidr>,
     /// NodePorts only on node addresses in these CIDRs (default: all).
     #[arg(long, env = "DP_NODEPORT_ADDRESSES", value_delimiter = ',')]
     nodeport_addresses: Vec<Cidr>,
     /// The Service CIDRs, one per family, comma-separated: traffic to an
     /// address in them that no Service has is dropped (kube-proxy nftables
     /// mode). The API's ServiceCIDR objects take precedence where served.
-    /// IPv6 CIDRs are accepted and not yet used.
     #[arg(long, env = "DP_SERVICE_CIDR", value_delimiter = ',', value_parser = service_cidr)]
     service_cidr: Vec<Option<Cidr>>,
     /// Masquerade all service traffic (kube-proxy's --masquerade-all).
@@ -691,7 +691,7 @@ fn main() -> anyhow::Result<()> {
                 pod_devices: Some(a.pod_devices),
                 xdp: a.xdp,
                 tc_attach: a.tc_attach,
-                cluster_cidr: a.cluster_cidr,
+                cluster_cidrs: one_per_family("--cluster-cidr", a.cluster_cidr)?,
                 nodeport_addresses: a.nodeport_addresses,
                 service_cidrs: a.service_cidr.into_iter().flatten().collect(),
                 masquerade_all: a.masquerade_all,

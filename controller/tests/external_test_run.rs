@@ -303,7 +303,10 @@ fn internal_local_policy_uses_only_local_backends_for_cluster_ip_traffic() {
 
 fn lb_with_ranges(dp: &mut Datapath, ranges: &[(Ipv4Addr, u8)]) {
     let slots = BackendSlots {
-        source_ranges: ranges.to_vec(),
+        source_ranges: ranges
+            .iter()
+            .map(|(ip, len)| ((*ip).into(), *len))
+            .collect(),
         ..external(&[REMOTE_ID])
     };
     dp.set_service(&Frontend::tcp(sa(LB_IP, 443)), 10, &slots)
@@ -331,7 +334,7 @@ fn load_balancer_source_ranges_drop_other_sources() {
     forward(&dp, &tcp_syn(STRANGER, 40011, LB_IP, 443));
     assert_eq!(
         dp.read_source_ranges().unwrap().get(&10),
-        Some(&vec![(Ipv4Addr::new(192, 168, 0, 0), 16)])
+        Some(&vec![(Ipv4Addr::new(192, 168, 0, 0).into(), 16)])
     );
     lb_with_ranges(&mut dp, &[]);
     forward(&dp, &tcp_syn(POD_CLIENT, 40012, LB_IP, 443));

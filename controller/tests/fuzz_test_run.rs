@@ -103,7 +103,7 @@ fn random_state(rng: &mut Rng) -> State {
         let etp_local = external && rng.chance(40);
         let internal = etp_local.then(|| (ids(rng), ids(rng)));
         let source_ranges = if external && rng.chance(30) {
-            vec![(std::net::Ipv4Addr::new(203, 0, 113, 0), 24)]
+            vec![(std::net::Ipv4Addr::new(203, 0, 113, 0).into(), 24)]
         } else {
             Vec::new()
         };
@@ -473,10 +473,10 @@ fn model(state: &State, src: [u8; 4], dst: [u8; 4], dport: u16, protocol: u8) ->
     let from_node = src == NODE_IP;
     // loadBalancerSourceRanges: the firewall chain drops the rest.
     if !slots.source_ranges.is_empty()
-        && !slots
-            .source_ranges
-            .iter()
-            .any(|(net, len)| in_cidr(src, (net.octets(), *len)))
+        && !slots.source_ranges.iter().any(|(net, len)| match net {
+            std::net::IpAddr::V4(net) => in_cidr(src, (net.octets(), *len)),
+            std::net::IpAddr::V6(_) => false,
+        })
     {
         return Expected::Drop;
     }

@@ -775,3 +775,31 @@ fn an_icmpv6_packet_too_big_reaches_a_masqueraded_client() {
     assert_eq!((src, dst), (router, v6(OUTSIDE6)), "to the real client");
     assert_eq!(quote, first[14..14 + 1232], "its own datagram, quoted");
 }
+
+/// The health check node ports listen on both families on one port, as
+/// kube-proxy's two servers do: the IPv6 listener takes IPv6 only, so the
+/// IPv4 one on the same port still binds (`[::]` alone would take both
+/// with the kernel's default `bindv6only = 0`).
+#[test]
+fn health_check_listeners_of_both_families_share_a_port() {
+    e2e::require_root();
+    let mut topo = e2e::Topology::new().unwrap();
+    topo.add_ns("node").unwrap();
+    let ns = topo.ns("node");
+    ns.ip(&["link", "set", "lo", "up"]).unwrap();
+    ns.run(|| {
+        use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+        let v4 = dp::agent::metrics::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).unwrap();
+        let port = v4.local_addr().unwrap().port();
+        let v6 = dp::agent::metrics::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
+            .expect("the IPv6 listener binds next to the IPv4 one");
+        TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
+        TcpStream::connect((Ipv6Addr::LOCALHOST, port)).unwrap();
+        // Each connection went to its own family's listener.
+        v4.set_nonblocking(false).unwrap();
+        v6.set_nonblocking(false).unwrap();
+        assert!(v4.accept().unwrap().1.is_ipv4());
+        assert!(v6.accept().unwrap().1.is_ipv6());
+    })
+    .unwrap();
+}

@@ -44,7 +44,7 @@ fn worked_example() -> Vec<ServicePortInfo> {
     );
     let node = NodeInfo {
         name: "node1".into(),
-        ips: vec![Ipv4Addr::new(192, 168, 0, 2)],
+        ips: vec![Ipv4Addr::new(192, 168, 0, 2).into()],
         zone: None,
     };
     let mut skipped = Vec::new();
@@ -58,7 +58,7 @@ fn worked_example() -> Vec<ServicePortInfo> {
 fn fixture_config() -> ProxyConfig {
     ProxyConfig {
         cluster_cidr: Some("10.0.0.0/8".parse().unwrap()),
-        node_ips: vec![Ipv4Addr::new(192, 168, 0, 2)],
+        node_ips: vec![Ipv4Addr::new(192, 168, 0, 2).into()],
         service_cidr: Some("172.30.0.0/16".parse().unwrap()),
         nfacct: true,
         random_fully: false,
@@ -186,7 +186,7 @@ fn cluster_services(svc1_endpoints: &[Ipv4Addr]) -> Vec<ServicePortInfo> {
     manifests::load_str(&yaml, "test", &mut objects);
     let node = NodeInfo {
         name: "node1".into(),
-        ips: vec![Ipv4Addr::new(172, 18, 0, 2)],
+        ips: vec![Ipv4Addr::new(172, 18, 0, 2).into()],
         zone: None,
     };
     let mut skipped = Vec::new();
@@ -219,7 +219,7 @@ fn traffic_in_mode(backend: Backend) {
     let node = cluster.node_ns(0);
     let config = ProxyConfig {
         cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
-        node_ips: vec![Ipv4Addr::new(172, 18, 0, 2)],
+        node_ips: vec![Ipv4Addr::new(172, 18, 0, 2).into()],
         service_cidr: Some("10.96.0.0/16".parse().unwrap()),
         ..ProxyConfig::default()
     };
@@ -342,7 +342,7 @@ fn source_ranges_allow_the_lb_ip_when_a_range_holds_the_node() {
     manifests::load_str(yaml, "lb", &mut objects);
     let node = NodeInfo {
         name: "node1".into(),
-        ips: vec![Ipv4Addr::new(192, 168, 0, 2)],
+        ips: vec![Ipv4Addr::new(192, 168, 0, 2).into()],
         zone: None,
     };
     let ports = service_ports(&objects.services, &objects.slices, &node, &mut Vec::new());

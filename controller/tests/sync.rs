@@ -14,7 +14,7 @@ use dp::{
 fn node() -> NodeInfo {
     NodeInfo {
         name: "node1".into(),
-        ips: vec![Ipv4Addr::new(172, 18, 0, 2)],
+        ips: vec![Ipv4Addr::new(172, 18, 0, 2).into()],
         zone: None,
     }
 }

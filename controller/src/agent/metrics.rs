@@ -294,9 +294,65 @@ pub fn health(m: &AgentMetrics, grace: Duration) -> (u16, String) {
 /// Binds `addr` now (so clients can connect as soon as the agent says it
 /// synced), to be served by `serve`.
 pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let listener = std::net::TcpListener::bind(addr)?;
+    let listener = match addr {
+        SocketAddr::V6(v6) => bind_v6_only(v6)?,
+        SocketAddr::V4(_) => std::net::TcpListener::bind(addr)?,
+    };
     listener.set_nonblocking(true)?;
     Ok(listener)
+}
+
+/// A listener that takes IPv6 connections only (`IPV6_V6ONLY`): the IPv4
+/// side has a listener of its own on the same port, as kube-proxy has a
+/// server per family; `[::]` would otherwise take the IPv4 port too (with
+/// the kernel's default `bindv6only = 0`) and the IPv4 bind would fail.
+fn bind_v6_only(addr: std::net::SocketAddrV6) -> std::io::Result<std::net::TcpListener> {
+    use std::os::fd::FromRawFd as _;
+    let last = std::io::Error::last_os_error;
+    // SAFETY: plain socket calls on a descriptor this function owns (the
+    // listener closes it on every return path); the option and address
+    // pointers are valid for the sizes given.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(last());
+        }
+        let listener = std::net::TcpListener::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        for (level, name) in [
+            (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
+            (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+        ] {
+            let rc = libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+            if rc != 0 {
+                return Err(last());
+            }
+        }
+        let sa = libc::sockaddr_in6 {
+            sin6_family: libc::AF_INET6 as libc::sa_family_t,
+            sin6_port: addr.port().to_be(),
+            sin6_flowinfo: 0,
+            sin6_addr: libc::in6_addr {
+                s6_addr: addr.ip().octets(),
+            },
+            sin6_scope_id: addr.scope_id(),
+        };
+        let rc = libc::bind(
+            fd,
+            (&sa as *const libc::sockaddr_in6).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        );
+        if rc != 0 || libc::listen(fd, 128) != 0 {
+            return Err(last());
+        }
+        Ok(listener)
+    }
 }
 
 /// Reads up to the end of an HTTP request head (it may come in pieces; at

@@ -52,12 +52,15 @@ pub struct AgentOptions {
     pub kubeconfig: Option<PathBuf>,
     pub manifests: Option<PathBuf>,
     pub node_name: String,
-    pub node_ips: Vec<Ipv4Addr>,
+    /// `--node-ip`: the node's addresses, both families (empty: from the
+    /// Node object).
+    pub node_ips: Vec<IpAddr>,
     pub devices: Vec<String>,
     pub pod_devices: Option<Regex>,
     pub xdp: Xdp,
     pub tc_attach: TcAttachChoice,
-    pub cluster_cidr: Option<Cidr>,
+    /// `--cluster-cidr`: at most one per family.
+    pub cluster_cidrs: Vec<Cidr>,
     pub nodeport_addresses: Vec<Cidr>,
     /// `--service-cidr` (IPv4): traffic to an address in it that no
     /// Service has is dropped, unless the API's ServiceCIDR objects say
@@ -79,17 +82,22 @@ pub struct AgentOptions {
     pub map_sizes: MapSizes,
 }
 
-/// Where the health check node ports listen: all addresses (kube-proxy's
-/// default), or with `--nodeport-addresses` the node addresses in those
-/// CIDRs, as kube-proxy narrows them too.
-fn health_check_ips(nodeport_addresses: &[Cidr], node_ips: &[Ipv4Addr]) -> Vec<IpAddr> {
+/// Where the health check node ports listen: all addresses of each family
+/// the node has (kube-proxy's default, one server per family), or with
+/// `--nodeport-addresses` the node addresses it allows, as kube-proxy
+/// narrows them too (per family: no CIDR of a family allows all of it).
+fn health_check_ips(nodeport_addresses: &[Cidr], node_ips: &[IpAddr]) -> Vec<IpAddr> {
     if nodeport_addresses.is_empty() {
-        return vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)];
+        let mut any = vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)];
+        if node_ips.iter().any(IpAddr::is_ipv6) {
+            any.push(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
+        }
+        return any;
     }
     node_ips
         .iter()
-        .filter(|ip| nodeport_addresses.iter().any(|c| c.contains(**ip)))
-        .map(|ip| IpAddr::V4(*ip))
+        .copied()
+        .filter(|ip| crate::translate::nodeport_address(nodeport_addresses, *ip))
         .collect()
 }
 
@@ -535,17 +543,29 @@ struct Agent {
 
 impl Agent {
     fn configure(&self, dp: &mut Datapath) -> anyhow::Result<()> {
-        let node_ip = self
-            .node
-            .ips
-            .first()
-            .copied()
-            .unwrap_or(Ipv4Addr::UNSPECIFIED);
-        dp.set_node(
-            IpAddr::V4(node_ip),
-            self.opts.cluster_cidr.map(|c| (IpAddr::V4(c.addr), c.len)),
-            self.opts.masquerade_all,
-        )?;
+        // Each family: the node's first address of it (the masquerade
+        // source; none: all zero, and the datapath drops what it would have
+        // to masquerade) and the cluster CIDR of it.
+        for unspecified in [
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        ] {
+            let v6 = unspecified.is_ipv6();
+            let node_ip = self
+                .node
+                .ips
+                .iter()
+                .copied()
+                .find(|ip| ip.is_ipv6() == v6)
+                .unwrap_or(unspecified);
+            let cidr = self
+                .opts
+                .cluster_cidrs
+                .iter()
+                .find(|c| c.addr.is_ipv6() == v6)
+                .map(|c| (c.addr, c.len));
+            dp.set_node(node_ip, cidr, self.opts.masquerade_all)?;
+        }
         dp.set_reply_limit(self.opts.reply_limit.0, self.opts.reply_limit.1)?;
         self.configure_service_cidrs(dp)
     }
@@ -559,7 +579,7 @@ impl Agent {
             _ => (self.opts.service_cidrs.as_slice(), "--service-cidr"),
         };
         // Written before it is logged: the log line says it is in effect.
-        let list: Vec<(IpAddr, u8)> = cidrs.iter().map(|c| (IpAddr::V4(c.addr), c.len)).collect();
+        let list: Vec<(IpAddr, u8)> = cidrs.iter().map(|c| (c.addr, c.len)).collect();
         dp.set_service_cidrs(&list)?;
         if cidrs.is_empty() {
             info!(
@@ -720,10 +740,10 @@ impl Agent {
             // A deleted Node changes nothing (the last addresses stay).
             KubeChange::Node(ObjectChange::Deleted(_)) | KubeChange::Ready => {}
             KubeChange::ServiceCidrs(cidrs) => {
-                // IPv6 ones wait for the IPv6 datapath.
-                let v4: Vec<Cidr> = cidrs.iter().filter_map(|c| c.parse().ok()).collect();
-                if self.api_service_cidrs.as_ref() != Some(&v4) {
-                    self.api_service_cidrs = Some(v4);
+                // Both families.
+                let parsed: Vec<Cidr> = cidrs.iter().filter_map(|c| c.parse().ok()).collect();
+                if self.api_service_cidrs.as_ref() != Some(&parsed) {
+                    self.api_service_cidrs = Some(parsed);
                     if let Err(e) = self.configure_service_cidrs(dp) {
                         warn!(error = %e, "cannot write the Service CIDRs");
                     }

@@ -77,6 +77,10 @@ impl MapSizes {
             map_names::REVNAT => Some(self.revnat),
             map_names::CT => Some(self.conntrack),
             map_names::AFFINITY => Some(self.affinity),
+            // One (service, backend) pair per backend slot: as many as the
+            // service map holds at most. Sized with it: a fixed size made
+            // a large service map's backends fail to write.
+            map_names::MEMBERS => Some(self.services),
             _ => None,
         }
     }
@@ -204,7 +208,7 @@ pub struct Datapath {
     /// exists, and rejects unserved ports while a ClusterIP one does.
     pub(crate) service_addresses: BTreeMap<[u8; 16], AddressUse>,
     /// Service id -> the source ranges written for it in `DP_SRC_RANGES`.
-    pub(crate) source_ranges: BTreeMap<u32, Vec<(std::net::Ipv4Addr, u8)>>,
+    pub(crate) source_ranges: BTreeMap<u32, Vec<(std::net::IpAddr, u8)>>,
     /// Service id -> the backend ids written for it in `DP_MEMBERS`.
     pub(crate) members: BTreeMap<u32, crate::kernel::maps::Members>,
     tc_attach: TcAttach,
@@ -323,6 +327,7 @@ impl Datapath {
             map_names::REVNAT,
             map_names::CT,
             map_names::AFFINITY,
+            map_names::MEMBERS,
         ] {
             if let Some(max) = sizes.max_entries(name) {
                 loader.map_max_entries(name, max);
@@ -813,7 +818,7 @@ impl Datapath {
         })
     }
 
-    /// Sets the Service CIDRs (IPv4 networks and prefix lengths; at most
+    /// Sets the Service CIDRs (IPv4 and IPv6 networks and prefix lengths; at most
     /// `SERVICE_CIDR_SLOTS`, the rest are left out): traffic to an address
     /// in them that no Service has is dropped. Empty: none known, nothing
     /// dropped for it.

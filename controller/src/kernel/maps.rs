@@ -11,7 +11,7 @@
 //!   before the external master that points to them, removed after it.
 //!   Source ranges likewise: before the master that enables them.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 /// A service's backends in `DP_MEMBERS`: id -> `MEMBER_READY` or
 /// `MEMBER_TERMINATING`.
@@ -22,7 +22,7 @@ use aya::maps::{
     HashMap, MapData,
 };
 use common::{
-    addr::{addr16, as_v4, ip_of, v4_mapped},
+    addr::{addr16, as_v4, ip_of},
     lb::{
         BACKEND_FLAG_RETIRED, BACKEND_FLAG_TERMINATING, MEMBER_INTERNAL_READY,
         MEMBER_INTERNAL_TERMINATING, MEMBER_READY, MEMBER_TERMINATING, SCOPE_EXTERNAL,
@@ -83,7 +83,7 @@ impl Datapath {
 
     /// Makes `DP_SRC_RANGES` hold exactly `ranges` for `service_id`: new
     /// ones are added before old ones go.
-    fn write_source_ranges(&mut self, service_id: u32, ranges: &[(Ipv4Addr, u8)]) -> Result<()> {
+    fn write_source_ranges(&mut self, service_id: u32, ranges: &[(IpAddr, u8)]) -> Result<()> {
         let old = self
             .source_ranges
             .get(&service_id)
@@ -275,13 +275,15 @@ impl Datapath {
     }
 }
 
-/// The `DP_SRC_RANGES` key of CIDR `ip/len` of a service.
-pub fn source_range_key(service_id: u32, ip: Ipv4Addr, len: u8) -> LpmKey<SourceRangeKey> {
+/// The `DP_SRC_RANGES` key of CIDR `ip/len` of a service (an IPv4 prefix
+/// counted in the 16-byte, IPv4-mapped form).
+pub fn source_range_key(service_id: u32, ip: IpAddr, len: u8) -> LpmKey<SourceRangeKey> {
+    let mapped = if ip.is_ipv4() { 96 } else { 0 };
     LpmKey::new(
-        SOURCE_RANGE_PREFIX_BASE + 96 + u32::from(len),
+        SOURCE_RANGE_PREFIX_BASE + mapped + u32::from(len),
         SourceRangeKey {
             service_id_be: service_id.to_be(),
-            addr: v4_mapped(ip.octets()),
+            addr: addr16(ip),
         },
     )
 }
@@ -380,9 +382,7 @@ where
 
 impl Datapath {
     /// Service id -> its source ranges, read from `DP_SRC_RANGES`.
-    pub fn read_source_ranges(
-        &self,
-    ) -> Result<std::collections::BTreeMap<u32, Vec<(Ipv4Addr, u8)>>> {
+    pub fn read_source_ranges(&self) -> Result<std::collections::BTreeMap<u32, Vec<(IpAddr, u8)>>> {
         let trie: LpmTrie<&MapData, SourceRangeKey, u8> = self.map_ref(map_names::SOURCE_RANGES)?;
         source_ranges_in(&trie)
     }
@@ -392,20 +392,20 @@ impl Datapath {
 /// `Datapath` or opened from its pin).
 pub fn source_ranges_in<T: std::borrow::Borrow<MapData>>(
     trie: &LpmTrie<T, SourceRangeKey, u8>,
-) -> Result<std::collections::BTreeMap<u32, Vec<(Ipv4Addr, u8)>>> {
-    let mut out: std::collections::BTreeMap<u32, Vec<(Ipv4Addr, u8)>> =
+) -> Result<std::collections::BTreeMap<u32, Vec<(IpAddr, u8)>>> {
+    let mut out: std::collections::BTreeMap<u32, Vec<(IpAddr, u8)>> =
         std::collections::BTreeMap::new();
     for key in trie.keys() {
         let key = key.map_err(map_err(map_names::SOURCE_RANGES))?;
         let data = key.data();
-        let len = key
-            .prefix_len()
-            .saturating_sub(SOURCE_RANGE_PREFIX_BASE + 96) as u8;
-        if let Some(v4) = as_v4(&data.addr) {
-            out.entry(u32::from_be(data.service_id_be))
-                .or_default()
-                .push((Ipv4Addr::from(v4), len));
-        }
+        let bits = key.prefix_len().saturating_sub(SOURCE_RANGE_PREFIX_BASE);
+        let (ip, len) = match as_v4(&data.addr) {
+            Some(v4) => (IpAddr::from(v4), bits.saturating_sub(96) as u8),
+            None => (IpAddr::from(data.addr), bits as u8),
+        };
+        out.entry(u32::from_be(data.service_id_be))
+            .or_default()
+            .push((ip, len));
     }
     Ok(out)
 }

@@ -148,7 +148,11 @@ impl Applier {
                 }
             }
         }
-        let total: usize = ports.iter().map(|sp| categorize(sp).all.len()).sum();
+        let total: usize = ports
+            .iter()
+            .filter(|sp| super::in_family(sp))
+            .map(|sp| categorize(sp).all.len())
+            .sum();
         let mut stale = self.active_chains.clone();
         if !full && total <= LARGE_CLUSTER_ENDPOINTS {
             // kube-proxy scans for stale chains on every sync unless the

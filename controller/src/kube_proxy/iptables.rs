@@ -114,7 +114,11 @@ pub fn restore(
     changed: Option<&BTreeSet<ServicePortName>>,
     stale: &BTreeSet<String>,
 ) -> Restore {
-    let total_endpoints: usize = ports.iter().map(|sp| categorize(sp).all.len()).sum();
+    let total_endpoints: usize = ports
+        .iter()
+        .filter(|sp| super::in_family(sp))
+        .map(|sp| categorize(sp).all.len())
+        .sum();
     let large = total_endpoints > LARGE_CLUSTER_ENDPOINTS;
     let mark = super::MASQUERADE_MARK;
     let mut filter_rules = String::new();
@@ -137,7 +141,7 @@ pub fn restore(
     );
     let _ = writeln!(nat_rules, "-A KUBE-MARK-MASQ -j MARK --or-mark {mark}");
 
-    for sp in ports {
+    for sp in ports.iter().filter(|sp| super::in_family(sp)) {
         let write_chains = changed.is_none_or(|c| c.contains(&sp.service));
         let mut chains = String::new();
         let mut rules = String::new();

@@ -21,9 +21,9 @@ pub mod cleanup;
 pub mod iptables;
 pub mod nftables;
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use crate::translate::{Cidr, EndpointInfo, ServicePortInfo, TCP, UDP};
+use crate::translate::{Cidr, EndpointInfo, IpFamily, ServicePortInfo, TCP, UDP};
 
 /// kube-proxy's default masquerade mark (`--iptables-masquerade-bit` 14).
 pub const MASQUERADE_MARK: &str = "0x4000";
@@ -40,7 +40,7 @@ pub struct ProxyConfig {
     /// `--masquerade-all`.
     pub masquerade_all: bool,
     /// The node's IPs: nftables mode accepts NodePorts on these.
-    pub node_ips: Vec<Ipv4Addr>,
+    pub node_ips: Vec<IpAddr>,
     /// The Service CIDR: nftables mode drops traffic to unallocated
     /// ClusterIPs in it.
     pub service_cidr: Option<Cidr>,
@@ -165,6 +165,13 @@ pub fn firewall_sources(sp: &ServicePortInfo, config: &ProxyConfig) -> Vec<Strin
         allowed.extend(sp.lb_ips.iter().map(ToString::to_string));
     }
     allowed
+}
+
+/// Whether the rules of this (IPv4) generator cover a service port: the
+/// IPv6 side of a dual-stack Service is for `ip6tables` and the `ip6`
+/// nftables table, which are not generated yet.
+pub fn in_family(sp: &ServicePortInfo) -> bool {
+    sp.family == IpFamily::V4
 }
 
 /// Standard base32 (RFC 4648, `A-Z2-7`) without padding.

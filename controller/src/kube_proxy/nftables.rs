@@ -91,7 +91,7 @@ pub fn transaction(
     let mut elements = Elements::new();
     let mut active = BTreeSet::new();
     let mut chain_text = String::new();
-    for sp in ports {
+    for sp in ports.iter().filter(|sp| super::in_family(sp)) {
         let write = previous.is_none_or(|(_, _, changed)| changed.contains(&sp.service));
         let mut text = String::new();
         active.extend(service(sp, config, &mut text, &mut elements));
@@ -280,8 +280,13 @@ fn fixed(config: &ProxyConfig, out: &mut String) {
         "service-endpoints-check",
         "ip daddr . meta l4proto . th dport vmap @no-endpoint-services",
     );
-    if !config.node_ips.is_empty() {
-        let ips: Vec<String> = config.node_ips.iter().map(ToString::to_string).collect();
+    let ips: Vec<String> = config
+        .node_ips
+        .iter()
+        .filter(|ip| ip.is_ipv4())
+        .map(ToString::to_string)
+        .collect();
+    if !ips.is_empty() {
         let _ = writeln!(
             out,
             "add element {TABLE} nodeport-ips {{ {} }}",

@@ -32,7 +32,7 @@ impl Lab {
         let objects = crate::source::manifests::load_dir(&self.manifests_dir())?;
         let info = crate::translate::NodeInfo {
             name: node.name.clone(),
-            ips: vec![node.ip],
+            ips: vec![node.ip.into()],
             zone: None,
         };
         let mut skipped = objects.skipped.clone();
@@ -60,7 +60,7 @@ impl Lab {
                     .parse()
                     .map_err(|e| anyhow::anyhow!("{e}"))?,
             ),
-            node_ips: vec![node.ip],
+            node_ips: vec![node.ip.into()],
             ..ProxyConfig::default()
         };
         let backend = if state.mode == Mode::Iptables {

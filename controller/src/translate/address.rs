@@ -46,8 +46,8 @@ pub fn parse_ip(object: &str, field: &str, s: &str) -> Option<IpAddr> {
     Some(IpAddr::V4(ip))
 }
 
-/// A CIDR of an API object field (IPv4; the address and the prefix length
-/// may have leading zeros), logged once when normalised.
+/// A CIDR of an API object field (IPv4 or IPv6; an IPv4 address and its
+/// prefix length may have leading zeros), logged once when normalised.
 pub fn parse_cidr(object: &str, field: &str, s: &str) -> Result<Cidr, String> {
     let s = s.trim();
     if let Ok(c) = s.parse::<Cidr>() {
@@ -57,7 +57,7 @@ pub fn parse_cidr(object: &str, field: &str, s: &str) -> Result<Cidr, String> {
         let addr = parse_ipv4_sloppy(addr)?;
         let len = decimal(len).filter(|l| *l <= 32)?;
         Some(Cidr {
-            addr,
+            addr: IpAddr::V4(addr),
             len: len as u8,
         })
     });

@@ -4,13 +4,18 @@
 //! writer (`sync`) makes the maps match it.
 //!
 //! - Skipped: ExternalName and headless Services, Services labelled
-//!   `service.kubernetes.io/service-proxy-name` (another proxy's) and IPv6
-//!   addresses (not served yet). TCP, UDP and SCTP ports are served.
+//!   `service.kubernetes.io/service-proxy-name` (another proxy's), FQDN
+//!   EndpointSlices. TCP, UDP and SCTP ports are served.
+//! - Each IP family is translated on its own, as kube-proxy runs one
+//!   proxier per family: a Service is served in each family it has a
+//!   ClusterIP of, with that family's externalIPs, LoadBalancer IPs,
+//!   source ranges, node addresses and EndpointSlices (`addressType`)
+//!   only. An IPv6 client never reaches an IPv4 endpoint.
 //! - A Service port has frontends at its ClusterIPs, NodePort (on the node
 //!   addresses allowed by `--nodeport-addresses`), externalIPs and
 //!   LoadBalancer ingress IPs (not those with `ipMode: Proxy`).
 //! - Its endpoints come from every EndpointSlice of the Service (label
-//!   `kubernetes.io/service-name`, same namespace, IPv4), matched to the
+//!   `kubernetes.io/service-name`, same namespace, of the family), matched to the
 //!   Service port by port name and protocol, deduplicated by address:port.
 //!   Conditions: `ready` unset means ready; `serving` unset means `ready`;
 //!   `terminating` unset means false.
@@ -35,7 +40,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     str::FromStr,
     sync::Arc,
 };
@@ -56,21 +61,78 @@ pub const TCP: u8 = common::proto::IPPROTO_TCP;
 pub const UDP: u8 = common::proto::IPPROTO_UDP;
 pub const SCTP: u8 = common::proto::IPPROTO_SCTP;
 
-/// An IPv4 CIDR.
+/// An IP family, as a Service's `ipFamilies` and an EndpointSlice's
+/// `addressType` name it. kube-proxy runs one proxier per family; so does
+/// the translation: a dual-stack Service is a set of frontends per family,
+/// each with the endpoints of its own family only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub fn of(ip: IpAddr) -> Self {
+        if ip.is_ipv4() {
+            IpFamily::V4
+        } else {
+            IpFamily::V6
+        }
+    }
+
+    /// The API's name (`IPv4`, `IPv6`).
+    pub fn name(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+
+    /// Longest prefix of the family.
+    pub fn bits(self) -> u8 {
+        match self {
+            IpFamily::V4 => 32,
+            IpFamily::V6 => 128,
+        }
+    }
+}
+
+/// An IPv4 or IPv6 CIDR.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Cidr {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub len: u8,
 }
 
 impl Cidr {
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = if self.len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(self.len))
-        };
-        u32::from(ip) & mask == u32::from(self.addr) & mask
+    /// Whether `ip` is in the CIDR (never for an address of the other
+    /// family).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                u32::from(ip) & mask == u32::from(net) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
+                u128::from(ip) & mask == u128::from(net) & mask
+            }
+            _ => false,
+        }
+    }
+
+    pub fn family(&self) -> IpFamily {
+        IpFamily::of(self.addr)
+    }
+
+    /// The CIDR of one address (`/32` or `/128`).
+    pub fn host(addr: IpAddr) -> Self {
+        Cidr {
+            addr,
+            len: IpFamily::of(addr).bits(),
+        }
     }
 }
 
@@ -80,14 +142,13 @@ impl FromStr for Cidr {
         let (addr, len) = s
             .split_once('/')
             .ok_or_else(|| format!("{s:?}: not a CIDR"))?;
-        let addr: Ipv4Addr = addr
-            .parse()
-            .map_err(|_| format!("{s:?}: not an IPv4 CIDR"))?;
+        let addr: IpAddr = addr.parse().map_err(|_| format!("{s:?}: not an IP CIDR"))?;
         let len: u8 = len
             .parse()
             .map_err(|_| format!("{s:?}: bad prefix length"))?;
-        if len > 32 {
-            return Err(format!("{s:?}: prefix longer than 32"));
+        let bits = IpFamily::of(addr).bits();
+        if len > bits {
+            return Err(format!("{s:?}: prefix longer than {bits}"));
         }
         Ok(Cidr { addr, len })
     }
@@ -103,8 +164,9 @@ impl fmt::Display for Cidr {
 #[derive(Clone, Debug, Default)]
 pub struct NodeInfo {
     pub name: String,
-    /// The node's IPv4 addresses (from `--node-ip`, else the Node object).
-    pub ips: Vec<Ipv4Addr>,
+    /// The node's addresses, both families (from `--node-ip`, else the
+    /// Node object).
+    pub ips: Vec<IpAddr>,
     pub zone: Option<String>,
 }
 
@@ -271,13 +333,17 @@ pub struct ServicePortInfo {
     pub protocol: u8,
     /// `ClusterIP`, `NodePort` or `LoadBalancer`.
     pub service_type: String,
-    /// IPv4 ClusterIPs (normally one).
-    pub cluster_ips: Vec<Ipv4Addr>,
+    /// The family this view of the port is for: a dual-stack Service port
+    /// is two of them, as kube-proxy's two proxiers see it. Every address,
+    /// range and endpoint below is of this family.
+    pub family: IpFamily,
+    /// The ClusterIP of this family (normally one).
+    pub cluster_ips: Vec<IpAddr>,
     pub port: u16,
     pub node_port: Option<u16>,
-    pub external_ips: Vec<Ipv4Addr>,
+    pub external_ips: Vec<IpAddr>,
     /// LoadBalancer ingress IPs (not `ipMode: Proxy` ones).
-    pub lb_ips: Vec<Ipv4Addr>,
+    pub lb_ips: Vec<IpAddr>,
     pub source_ranges: Vec<Cidr>,
     pub etp_local: bool,
     pub itp_local: bool,
@@ -389,12 +455,12 @@ pub(super) fn slice_owner(slice: &EndpointSlice) -> Result<(String, String), Ski
             format!("no {SERVICE_NAME_LABEL} label"),
             false,
         )),
-        (Some(_), "IPv6") | (Some(_), "FQDN") => Err(skip(
+        (Some(_), "FQDN") => Err(skip(
             format!("EndpointSlice {ns}/{name}"),
             format!("address type {} is not served", slice.address_type),
             false,
         )),
-        (Some(svc), "IPv4") => Ok((ns, svc.clone())),
+        (Some(svc), "IPv4" | "IPv6") => Ok((ns, svc.clone())),
         (Some(_), other) => Err(skip(
             format!("EndpointSlice {ns}/{name}"),
             format!("unknown address type {other:?}"),
@@ -470,19 +536,17 @@ fn service_port_infos(
     if cluster_ips.iter().any(|ip| ip == "None") {
         return not_served("headless");
     }
-    let mut v4_cluster_ips = Vec::new();
+    let mut all_cluster_ips = Vec::new();
     for ip in &cluster_ips {
         match address::parse_ip(&object, "clusterIPs", ip) {
-            Some(IpAddr::V4(v4)) => v4_cluster_ips.push(v4),
-            Some(IpAddr::V6(_)) => {}
+            Some(ip) => all_cluster_ips.push(ip),
             None => return invalid(format!("clusterIP {ip:?} is not an IP address")),
         }
     }
     let mut external_ips = Vec::new();
     for ip in spec.external_ips.iter().flatten() {
         match address::parse_ip(&object, "externalIPs", ip) {
-            Some(IpAddr::V4(v4)) => external_ips.push(v4),
-            Some(IpAddr::V6(_)) => {}
+            Some(ip) => external_ips.push(ip),
             None => return invalid(format!("externalIP {ip:?} is not an IP address")),
         }
     }
@@ -501,8 +565,7 @@ fn service_port_infos(
             }
             let Some(ip) = &ing.ip else { continue };
             match address::parse_ip(&object, "status.loadBalancer.ingress", ip) {
-                Some(IpAddr::V4(v4)) => lb_ips.push(v4),
-                Some(IpAddr::V6(_)) => {}
+                Some(ip) => lb_ips.push(ip),
                 None => {
                     return invalid(format!("loadBalancer ingress {ip:?} is not an IP address"))
                 }
@@ -516,6 +579,39 @@ fn service_port_infos(
             Err(e) => return invalid(format!("loadBalancerSourceRanges: {e}")),
         }
     }
+    // The families served: those the Service has a ClusterIP of, primary
+    // first (kube-proxy's proxier of a family ignores a Service without a
+    // ClusterIP of its family). Everything else is split by family.
+    let mut families: Vec<IpFamily> = Vec::new();
+    let mut add = |f: IpFamily| {
+        if !families.contains(&f) {
+            families.push(f);
+        }
+    };
+    if !all_cluster_ips.is_empty() {
+        all_cluster_ips.iter().for_each(|ip| add(IpFamily::of(*ip)));
+    } else {
+        // No ClusterIP (manifests written by hand: the API always
+        // allocates one): the families `ipFamilies` names, else one, the
+        // single-stack default: that of the other addresses, else IPv4.
+        for f in spec.ip_families.iter().flatten() {
+            match f.as_str() {
+                "IPv4" => add(IpFamily::V4),
+                "IPv6" => add(IpFamily::V6),
+                _ => {}
+            }
+        }
+    }
+    if families.is_empty() {
+        let first = external_ips.iter().chain(&lb_ips).next();
+        families.push(first.map_or(IpFamily::V4, |ip| IpFamily::of(*ip)));
+    }
+    let of = |family: IpFamily, ips: &[IpAddr]| -> Vec<IpAddr> {
+        ips.iter()
+            .copied()
+            .filter(|ip| IpFamily::of(*ip) == family)
+            .collect()
+    };
     let affinity_seconds = if spec.session_affinity.as_deref() == Some("ClientIP") {
         let t = spec
             .session_affinity_config
@@ -571,33 +667,40 @@ fn service_port_infos(
                 None => {}
             }
         }
-        let all = endpoints_for(port, protocol, slices, skipped);
-        out.push(ServicePortInfo {
-            service: spn,
-            protocol,
-            service_type: svc_type.to_string(),
-            cluster_ips: v4_cluster_ips.clone(),
-            port: svc_port,
-            node_port,
-            external_ips: external_ips.clone(),
-            lb_ips: lb_ips.clone(),
-            source_ranges: source_ranges.clone(),
-            etp_local,
-            itp_local,
-            affinity_seconds,
-            health_check_node_port: if svc_type == "LoadBalancer" && etp_local {
-                spec.health_check_node_port.and_then(valid_port)
-            } else {
-                None
-            },
-            cluster: select(&all, node, None),
-            local: select(&all, node, Some(&node.name)),
-            draining: all
-                .iter()
-                .filter(|e| !e.serving && protocol == TCP)
-                .map(|e| e.info.clone())
-                .collect(),
-        });
+        for &family in &families {
+            let all = endpoints_for(port, protocol, family, slices, skipped);
+            out.push(ServicePortInfo {
+                service: spn.clone(),
+                protocol,
+                service_type: svc_type.to_string(),
+                family,
+                cluster_ips: of(family, &all_cluster_ips),
+                port: svc_port,
+                node_port,
+                external_ips: of(family, &external_ips),
+                lb_ips: of(family, &lb_ips),
+                source_ranges: source_ranges
+                    .iter()
+                    .copied()
+                    .filter(|c| c.family() == family)
+                    .collect(),
+                etp_local,
+                itp_local,
+                affinity_seconds,
+                health_check_node_port: if svc_type == "LoadBalancer" && etp_local {
+                    spec.health_check_node_port.and_then(valid_port)
+                } else {
+                    None
+                },
+                cluster: select(&all, node, None),
+                local: select(&all, node, Some(&node.name)),
+                draining: all
+                    .iter()
+                    .filter(|e| !e.serving && protocol == TCP)
+                    .map(|e| e.info.clone())
+                    .collect(),
+            });
+        }
     }
     Ok(out)
 }
@@ -617,7 +720,7 @@ fn frontends_of(
         .iter()
         .any(|r| node.ips.iter().any(|ip| r.contains(*ip)))
     {
-        lb_sources.extend(sp.lb_ips.iter().map(|&addr| Cidr { addr, len: 32 }));
+        lb_sources.extend(sp.lb_ips.iter().map(|&addr| Cidr::host(addr)));
     }
     let frontend = |kind: FrontendKind, local_policy: bool| FrontendSpec {
         service: sp.service.clone(),
@@ -647,7 +750,7 @@ fn frontends_of(
             None
         },
     };
-    let key = |ip: Ipv4Addr, p: u16| FrontendKey {
+    let key = |ip: IpAddr, p: u16| FrontendKey {
         addr: SocketAddr::from((ip, p)),
         protocol: sp.protocol,
     };
@@ -659,10 +762,12 @@ fn frontends_of(
         ));
     }
     if let Some(np) = sp.node_port {
-        let node_port_ips = node.ips.iter().copied().filter(|ip| {
-            options.nodeport_addresses.is_empty()
-                || options.nodeport_addresses.iter().any(|c| c.contains(*ip))
-        });
+        let node_port_ips = node
+            .ips
+            .iter()
+            .copied()
+            .filter(|ip| nodeport_address(&options.nodeport_addresses, *ip))
+            .filter(|ip| IpFamily::of(*ip) == sp.family);
         for ip in node_port_ips {
             out.push((key(ip, np), frontend(FrontendKind::NodePort, sp.etp_local)));
         }
@@ -680,6 +785,19 @@ fn frontends_of(
         ));
     }
     out
+}
+
+/// Whether NodePorts are served on node address `ip` under
+/// `--nodeport-addresses`: per family, as kube-proxy's proxier of each
+/// family reads the flag; no CIDR of the address's family (or none at all)
+/// means every address of it.
+pub fn nodeport_address(nodeport_addresses: &[Cidr], ip: IpAddr) -> bool {
+    let family = IpFamily::of(ip);
+    let mut of_family = nodeport_addresses
+        .iter()
+        .filter(|c| c.family() == family)
+        .peekable();
+    of_family.peek().is_none() || of_family.any(|c| c.contains(ip))
 }
 
 fn valid_port(p: i32) -> Option<u16> {
@@ -702,6 +820,7 @@ struct Candidate {
 fn endpoints_for(
     port: &ServicePort,
     protocol: u8,
+    family: IpFamily,
     slices: &[&CompactSlice],
     skipped: &mut Vec<Skipped>,
 ) -> Vec<Candidate> {
@@ -712,6 +831,10 @@ fn endpoints_for(
         endpoints,
     } in slices
     {
+        // Each family's endpoints come from the slices of its address type.
+        if slice.address_type != family.name() {
+            continue;
+        }
         let object = format!(
             "EndpointSlice {}/{}",
             slice.metadata.namespace.as_deref().unwrap_or_default(),
@@ -766,6 +889,7 @@ pub struct CompactSlice {
 impl From<EndpointSlice> for CompactSlice {
     fn from(mut object: EndpointSlice) -> Self {
         let endpoints = std::mem::take(&mut object.endpoints);
+        let family = object.address_type.clone();
         let name = format!(
             "EndpointSlice {}/{}",
             object.metadata.namespace.as_deref().unwrap_or_default(),
@@ -787,7 +911,7 @@ impl From<EndpointSlice> for CompactSlice {
             object,
             endpoints: endpoints
                 .iter()
-                .map(|ep| endpoint_facts(&name, ep, &mut node))
+                .map(|ep| endpoint_facts(&name, &family, ep, &mut node))
                 .collect(),
         }
     }
@@ -802,7 +926,7 @@ impl CompactSlice {
 /// What the rules read of an endpoint (its port comes from the slice).
 #[derive(Clone, Debug, PartialEq)]
 struct EndpointFacts {
-    ip: Ipv4Addr,
+    ip: IpAddr,
     ready: bool,
     serving: bool,
     terminating: bool,
@@ -836,15 +960,21 @@ fn candidate(facts: &EndpointFacts, port: u16) -> Candidate {
 
 fn endpoint_facts(
     object: &str,
+    family: &str,
     ep: &Endpoint,
     node: &mut impl FnMut(&str) -> Arc<str>,
 ) -> Result<EndpointFacts, String> {
     let Some(first) = ep.addresses.first() else {
         return Err("endpoint without addresses".into());
     };
-    let Some(IpAddr::V4(ip)) = address::parse_ip(object, "endpoints.addresses", first) else {
-        return Err(format!("endpoint address {first:?} is not an IPv4 address"));
+    let Some(ip) = address::parse_ip(object, "endpoints.addresses", first) else {
+        return Err(format!("endpoint address {first:?} is not an IP address"));
     };
+    if IpFamily::of(ip).name() != family {
+        return Err(format!(
+            "endpoint address {first:?} is not an {family} address"
+        ));
+    }
     let c = ep.conditions.as_ref();
     let ready = c.and_then(|c| c.ready).unwrap_or(true);
     let serving = c.and_then(|c| c.serving).unwrap_or(ready);

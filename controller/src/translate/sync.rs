@@ -20,7 +20,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
@@ -98,7 +98,7 @@ pub struct BackendSlots {
     /// `sessionAffinity: ClientIP` timeout, seconds.
     pub affinity_seconds: Option<u32>,
     /// `loadBalancerSourceRanges`; empty: every source.
-    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    pub source_ranges: Vec<(IpAddr, u8)>,
 }
 
 /// What the service maps hold, read back (for adoption and inspection).

@@ -35,7 +35,7 @@ impl MemoryMaps {
 fn node() -> NodeInfo {
     NodeInfo {
         name: "node1".into(),
-        ips: vec![Ipv4Addr::new(172, 18, 0, 2)],
+        ips: vec![Ipv4Addr::new(172, 18, 0, 2).into()],
         zone: None,
     }
 }
@@ -447,7 +447,7 @@ fn changes_applied_one_by_one_give_the_maps_a_full_translation_gives() {
                     incremental.remove_slice(&ns, &name);
                 }
                 _ => {
-                    node.ips = vec![Ipv4Addr::new(172, 18, 0, 2 + rng.below(2) as u8)];
+                    node.ips = vec![Ipv4Addr::new(172, 18, 0, 2 + rng.below(2) as u8).into()];
                     node.zone = (rng.below(2) == 0).then(|| "z1".to_string());
                     incremental.set_node(node.clone());
                 }
@@ -507,4 +507,194 @@ fn sctp_service_ports_are_served() {
     ] {
         assert!(summary.contains(line), "{line:?} in\n{summary}");
     }
+}
+
+/// A dual-stack node: kind's docker network, both families.
+fn dual_node() -> NodeInfo {
+    NodeInfo {
+        name: "node1".into(),
+        ips: vec![
+            Ipv4Addr::new(172, 18, 0, 2).into(),
+            "fc00:f853:ccd:e793::2".parse().unwrap(),
+        ],
+        zone: None,
+    }
+}
+
+/// A dual-stack NodePort Service with one slice per family.
+fn dual_stack(v4_endpoints: &str, v6_endpoints: &str) -> (Service, Vec<EndpointSlice>) {
+    let (service, v4) = objects(
+        "dual",
+        "  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  \
+         clusterIP: 10.96.0.30\n  clusterIPs: [10.96.0.30, 'fd00:10:96::30']\n  \
+         ports: [{port: 80, targetPort: 8080, nodePort: 30030}]",
+        v4_endpoints,
+    );
+    let v6: EndpointSlice = serde_norway::from_str(&format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: dual-2, namespace: ns, labels: {{kubernetes.io/service-name: dual}}}}\n\
+         addressType: IPv6\nports: [{{port: 8080}}]\nendpoints:\n{v6_endpoints}"
+    ))
+    .unwrap();
+    (service, vec![v4, v6])
+}
+
+#[test]
+fn a_dual_stack_service_is_served_in_each_family_from_that_familys_endpoints() {
+    let (service, slices) = dual_stack(
+        "- {addresses: [10.244.1.5], nodeName: node1}\n",
+        "- {addresses: ['fd00:10:244:1::5'], nodeName: node1}\n\
+         - {addresses: ['fd00:10:244:2::5'], nodeName: node2}\n",
+    );
+    let state = translate(
+        &[service],
+        &slices,
+        &dual_node(),
+        &TranslateOptions::default(),
+    );
+    assert!(state.skipped.is_empty(), "{:?}", state.skipped);
+    let mut maps = MemoryMaps::default();
+    MapWriter::new().apply(&mut maps, &state).unwrap();
+    for v4 in ["10.96.0.30:80", "172.18.0.2:30030"] {
+        assert_eq!(
+            maps.addrs(&maps.slots(v4).ready),
+            ["10.244.1.5:8080"],
+            "{v4}"
+        );
+    }
+    for v6 in ["[fd00:10:96::30]:80", "[fc00:f853:ccd:e793::2]:30030"] {
+        assert_eq!(
+            maps.addrs(&maps.slots(v6).ready),
+            ["[fd00:10:244:1::5]:8080", "[fd00:10:244:2::5]:8080"],
+            "{v6}: IPv6 endpoints only"
+        );
+    }
+    assert_eq!(maps.frontends.len(), 4);
+}
+
+#[test]
+fn each_family_has_endpoints_of_its_own_or_rejects() {
+    // IPv6 endpoints only: the IPv4 side has none (kube-proxy's IPv4
+    // proxier rejects), the IPv6 side serves.
+    let (service, slices) = dual_stack(
+        "  []\n",
+        "- {addresses: ['fd00:10:244:1::5'], nodeName: node1}\n",
+    );
+    let state = translate(
+        &[service],
+        &slices,
+        &dual_node(),
+        &TranslateOptions::default(),
+    );
+    let mut maps = MemoryMaps::default();
+    MapWriter::new().apply(&mut maps, &state).unwrap();
+    assert!(maps.slots("10.96.0.30:80").ready.is_empty());
+    assert_eq!(maps.slots("[fd00:10:96::30]:80").ready.len(), 1);
+}
+
+#[test]
+fn an_endpoint_of_the_wrong_family_for_its_slice_is_bad_input() {
+    let (service, slices) = dual_stack(
+        "- {addresses: ['fd00:10:244:1::7'], nodeName: node1}\n",
+        "- {addresses: [10.244.1.7], nodeName: node1}\n",
+    );
+    let state = translate(
+        &[service],
+        &slices,
+        &dual_node(),
+        &TranslateOptions::default(),
+    );
+    assert_eq!(state.skipped.len(), 2, "{:?}", state.skipped);
+    assert!(state.skipped.iter().all(|s| s.invalid));
+    let mut maps = MemoryMaps::default();
+    MapWriter::new().apply(&mut maps, &state).unwrap();
+    assert!(maps.slots("10.96.0.30:80").ready.is_empty());
+    assert!(maps.slots("[fd00:10:96::30]:80").ready.is_empty());
+}
+
+#[test]
+fn a_single_stack_ipv6_service_has_ipv6_frontends_only() {
+    let (service, slices) = dual_stack("  []\n", "- {addresses: ['fd00:10:244:1::5']}\n");
+    let mut service = service;
+    let spec = service.spec.as_mut().unwrap();
+    spec.cluster_ip = Some("fd00:10:96::31".into());
+    spec.cluster_ips = Some(vec!["fd00:10:96::31".into()]);
+    spec.ip_families = Some(vec!["IPv6".into()]);
+    spec.external_ips = Some(vec!["198.51.100.7".into(), "2001:db8::7".into()]);
+    let state = translate(
+        &[service],
+        &slices,
+        &dual_node(),
+        &TranslateOptions::default(),
+    );
+    let keys: Vec<String> = state.frontends.keys().map(ToString::to_string).collect();
+    assert_eq!(
+        keys,
+        [
+            "[2001:db8::7]:80/TCP",
+            "[fc00:f853:ccd:e793::2]:30030/TCP",
+            "[fd00:10:96::31]:80/TCP"
+        ],
+        "no IPv4 frontend: the Service has no IPv4 ClusterIP"
+    );
+}
+
+#[test]
+fn nodeport_addresses_apply_per_family() {
+    let (service, slices) = dual_stack("  []\n", "  []\n");
+    let only_v4 = TranslateOptions {
+        nodeport_addresses: vec!["172.18.0.0/16".parse().unwrap()],
+    };
+    let keys = |o: &TranslateOptions| -> Vec<String> {
+        translate(std::slice::from_ref(&service), &slices, &dual_node(), o)
+            .frontends
+            .iter()
+            .filter(|(_, f)| f.kind == super::FrontendKind::NodePort)
+            .map(|(k, _)| k.to_string())
+            .collect()
+    };
+    // No IPv6 CIDR given: every IPv6 node address (kube-proxy reads the
+    // flag per family).
+    assert_eq!(
+        keys(&only_v4),
+        ["172.18.0.2:30030/TCP", "[fc00:f853:ccd:e793::2]:30030/TCP"]
+    );
+    let elsewhere = TranslateOptions {
+        nodeport_addresses: vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "fc00:f853:ccd:e793::/64".parse().unwrap(),
+        ],
+    };
+    assert_eq!(keys(&elsewhere), ["[fc00:f853:ccd:e793::2]:30030/TCP"]);
+}
+
+#[test]
+fn source_ranges_are_split_by_family() {
+    let (service, slices) = dual_stack("  []\n", "  []\n");
+    let mut service = service;
+    let spec = service.spec.as_mut().unwrap();
+    spec.type_ = Some("LoadBalancer".into());
+    spec.load_balancer_source_ranges = Some(vec!["192.0.2.0/24".into(), "2001:db8:1::/48".into()]);
+    service.status = Some(
+        serde_norway::from_str(
+            "loadBalancer: {ingress: [{ip: 203.0.113.9}, {ip: '2001:db8:ff::9'}]}",
+        )
+        .unwrap(),
+    );
+    let state = translate(
+        &[service],
+        &slices,
+        &dual_node(),
+        &TranslateOptions::default(),
+    );
+    let ranges = |key: &str| -> Vec<String> {
+        let (_, f) = state
+            .frontends
+            .iter()
+            .find(|(k, _)| k.to_string() == key)
+            .unwrap_or_else(|| panic!("{key}"));
+        f.source_ranges.iter().map(ToString::to_string).collect()
+    };
+    assert_eq!(ranges("203.0.113.9:80/TCP"), ["192.0.2.0/24"]);
+    assert_eq!(ranges("[2001:db8:ff::9]:80/TCP"), ["2001:db8:1::/48"]);
 }

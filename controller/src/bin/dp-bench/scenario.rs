@@ -201,7 +201,7 @@ impl Input {
 fn node() -> NodeInfo {
     NodeInfo {
         name: "node1".into(),
-        ips: vec![NODE_IP],
+        ips: vec![NODE_IP.into()],
         zone: None,
     }
 }
@@ -209,7 +209,7 @@ fn node() -> NodeInfo {
 pub fn proxy_config() -> ProxyConfig {
     ProxyConfig {
         cluster_cidr: Some("10.244.0.0/16".parse().expect("CIDR")),
-        node_ips: vec![NODE_IP],
+        node_ips: vec![NODE_IP.into()],
         service_cidr: Some("10.96.0.0/16".parse().expect("CIDR")),
         ..ProxyConfig::default()
     }
