@@ -30,9 +30,18 @@
 //! Nodes route each other's pod CIDR (10.244.N.0/24) via the node network.
 //! The client is outside the cluster CIDR (10.244.0.0/16). Nothing connects
 //! to the caller's namespace.
+//!
+//! Dual-stack (`Cluster::new_dual`), as kind builds a cluster with
+//! `ipFamily: dual`: IPv6 too everywhere, from kind's defaults. Nodes
+//! fc00:f853:ccd:e793::N/64 on the node network (the gateway ::1, the
+//! client ::100), pods fd00:10:244:N::M behind the node's pod gateway
+//! fd00:10:244:N::1, the way kindnet's ptp plugin wires IPv6 pods; the
+//! nodes get kind's IPv6 sysctls (`KIND_NODE_SYSCTLS_IPV6`: forwarding on).
+//! Addresses are added without duplicate address detection, as a CNI
+//! waits for it to settle before the pod runs.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::OwnedFd,
 };
 
@@ -42,6 +51,20 @@ pub const CLUSTER_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 244, 0, 0), 16);
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 pub const NODE_NETWORK_GATEWAY: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 1);
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
+/// kind's dual-stack defaults: the pod CIDR (a /64 per node) and the
+/// Service CIDR.
+pub const CLUSTER_CIDR6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 0), 56);
+pub const SERVICE_CIDR6: &str = "fd00:10:96::/112";
+/// The node network's IPv6 prefix (a /64; Docker's IPv6 network for kind).
+pub const NODE_NETWORK6: Ipv6Addr = Ipv6Addr::new(0xfc00, 0xf853, 0xccd, 0xe793, 0, 0, 0, 0);
+pub const NODE_NETWORK_GATEWAY6: Ipv6Addr = node_network6(1);
+pub const CLIENT_IP6: Ipv6Addr = node_network6(0x100);
+
+/// Address `host` of the node network's IPv6 prefix.
+pub const fn node_network6(host: u16) -> Ipv6Addr {
+    let s = NODE_NETWORK6.segments();
+    Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, host)
+}
 
 /// The sysctls of a kind node, set in each node namespace before any device
 /// exists there (devices created later take `default`'s values). From
@@ -73,6 +96,8 @@ pub struct Node {
     /// Namespace role in the topology, e.g. `node1`.
     pub name: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address in a dual-stack cluster.
+    pub ip6: Option<Ipv6Addr>,
     /// The node-facing device.
     pub device: String,
     /// Host-side pod veths on this node.
@@ -84,6 +109,8 @@ pub struct Pod {
     /// Namespace role, e.g. `pod-1-0` (node 1, pod 0).
     pub name: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address in a dual-stack cluster.
+    pub ip6: Option<Ipv6Addr>,
     /// Index into `Cluster::nodes`.
     pub node: usize,
     /// The host-side veth on its node.
@@ -95,6 +122,8 @@ pub struct Cluster {
     pub topo: Topology,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
+    /// Dual-stack: every node, pod and the client have IPv6 too.
+    pub dual: bool,
     /// XDP pass programs on the bridge ports (see `attach_to_bridge`).
     _xdp_links: Vec<OwnedFd>,
 }
@@ -107,11 +136,24 @@ impl Cluster {
 
     /// The same cluster in a topology of the caller's (the lab's, with its
     /// own namespace prefix).
-    pub fn build(mut topo: Topology, pods_per_node: &[usize]) -> Result<Self> {
+    pub fn build(topo: Topology, pods_per_node: &[usize]) -> Result<Self> {
+        Self::build_with(topo, pods_per_node, false)
+    }
+
+    /// A dual-stack cluster (module comment).
+    pub fn new_dual(pods_per_node: &[usize]) -> Result<Self> {
+        Self::build_with(Topology::new()?, pods_per_node, true)
+    }
+
+    /// The cluster in `topo`, dual-stack if `dual`.
+    pub fn build_with(mut topo: Topology, pods_per_node: &[usize], dual: bool) -> Result<Self> {
         topo.add_ns("net")?;
         let net = topo.ns("net");
         net.ip(&["link", "add", "br0", "type", "bridge"])?;
         net.add_addr("br0", &format!("{NODE_NETWORK_GATEWAY}/16"))?;
+        if dual {
+            add_addr6(net, "br0", &format!("{NODE_NETWORK_GATEWAY6}/64"))?;
+        }
         net.ip(&["link", "set", "br0", "up"])?;
 
         let mut nodes = Vec::new();
@@ -125,17 +167,30 @@ impl Cluster {
             for (key, value) in KIND_NODE_SYSCTLS {
                 node.sysctl(key, value)?;
             }
+            if dual {
+                for (key, value) in KIND_NODE_SYSCTLS_IPV6 {
+                    node.sysctl(key, value)?;
+                }
+            }
             xdp_links.push(attach_to_bridge(&topo, &name, ip, &format!("n{}", i + 1))?);
-            topo.ns(&name).ip(&[
+            let node = topo.ns(&name);
+            node.ip(&[
                 "route",
                 "add",
                 "default",
                 "via",
                 &NODE_NETWORK_GATEWAY.to_string(),
             ])?;
+            let ip6 = dual.then(|| node_network6(2 + i as u16));
+            if let Some(ip6) = ip6 {
+                add_addr6(node, "eth0", &format!("{ip6}/64"))?;
+                let gw = NODE_NETWORK_GATEWAY6.to_string();
+                node.ip(&["-6", "route", "add", "default", "via", &gw])?;
+            }
             nodes.push(Node {
                 name,
                 ip,
+                ip6,
                 device: "eth0".into(),
                 pod_devices: Vec::new(),
             });
@@ -143,8 +198,12 @@ impl Cluster {
         for (i, node) in nodes.iter().enumerate() {
             for (j, other) in nodes.iter().enumerate() {
                 if i != j {
-                    topo.ns(&node.name)
-                        .add_route(&format!("10.244.{}.0/24", j + 1), &other.ip.to_string())?;
+                    let ns = topo.ns(&node.name);
+                    ns.add_route(&format!("10.244.{}.0/24", j + 1), &other.ip.to_string())?;
+                    if let Some(via) = other.ip6 {
+                        let net = format!("{}/64", pod_cidr6(j));
+                        ns.ip(&["-6", "route", "add", &net, "via", &via.to_string()])?;
+                    }
                 }
             }
         }
@@ -152,13 +211,19 @@ impl Cluster {
         topo.add_ns("client")?;
         xdp_links.push(attach_to_bridge(&topo, "client", CLIENT_IP, "c0")?);
         // The client reaches services through node1, like a router would.
-        topo.ns("client")
-            .add_route(SERVICE_CIDR, &nodes[0].ip.to_string())?;
+        let client = topo.ns("client");
+        client.add_route(SERVICE_CIDR, &nodes[0].ip.to_string())?;
+        if let Some(node1) = nodes[0].ip6.filter(|_| dual) {
+            add_addr6(client, "eth0", &format!("{CLIENT_IP6}/64"))?;
+            let via = node1.to_string();
+            client.ip(&["-6", "route", "add", SERVICE_CIDR6, "via", &via])?;
+        }
 
         let mut cluster = Cluster {
             topo,
             nodes,
             pods: Vec::new(),
+            dual,
             _xdp_links: xdp_links,
         };
         for (i, count) in pods_per_node.iter().enumerate() {
@@ -204,10 +269,40 @@ impl Cluster {
         let gw = gateway.to_string();
         pod_ns.ip(&["route", "add", &gw, "dev", "eth0", "scope", "link"])?;
         pod_ns.ip(&["route", "add", "default", "via", &gw, "dev", "eth0"])?;
+        // IPv6: the node's pod gateway fd00:10:244:N::1 on the host side,
+        // a /128 route per pod, the pod routing everything through it.
+        let ip6 = self.dual.then(|| pod_address6(node, j));
+        if let Some(ip6) = ip6 {
+            let gw6 = pod_gateway6(node).to_string();
+            let host = self.topo.ns(&node_ns);
+            add_addr6(host, &host_device, &format!("{gw6}/128"))?;
+            host.ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("{ip6}/128"),
+                "dev",
+                &host_device,
+            ])?;
+            let pod_ns = self.topo.ns(&name);
+            pod_ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+                "noprefixroute",
+            ])?;
+            pod_ns.ip(&["-6", "route", "add", &gw6, "dev", "eth0"])?;
+            pod_ns.ip(&["-6", "route", "add", "default", "via", &gw6, "dev", "eth0"])?;
+        }
         self.nodes[node].pod_devices.push(host_device.clone());
         let pod = Pod {
             name,
             ip,
+            ip6,
             node,
             host_device,
         };
@@ -217,14 +312,18 @@ impl Cluster {
 
     /// A TCP echo server on `port` in every pod, each naming its pod in its
     /// replies (`identity_line`), so a client learns which backend answered.
+    /// In a dual-stack cluster, one on each of the pod's addresses.
     pub fn serve_named_tcp(&self, port: u16) -> Result<Vec<crate::TcpEchoServer>> {
         self.pods
             .iter()
-            .map(|pod| {
-                let addr = std::net::SocketAddr::from((pod.ip, port));
+            .flat_map(|pod| {
+                let ips = [Some(IpAddr::V4(pod.ip)), pod.ip6.map(IpAddr::V6)];
+                ips.into_iter().flatten().map(move |ip| (pod, ip))
+            })
+            .map(|(pod, ip)| {
                 crate::TcpEchoServer::start_named(
                     self.pod_ns(&pod.name),
-                    addr,
+                    std::net::SocketAddr::new(ip, port),
                     Some(pod.name.clone()),
                 )
             })
@@ -280,7 +379,7 @@ impl Cluster {
     pub fn node_of(&self, ip: IpAddr) -> Option<&Node> {
         self.pods
             .iter()
-            .find(|p| IpAddr::V4(p.ip) == ip)
+            .find(|p| IpAddr::V4(p.ip) == ip || p.ip6.map(IpAddr::V6) == Some(ip))
             .map(|p| &self.nodes[p.node])
     }
 }
@@ -289,6 +388,27 @@ impl Cluster {
 /// as host-local IPAM gives it to kindnet.
 pub fn pod_gateway(node: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, 1 + node as u8, 1)
+}
+
+/// Node `node`'s (index) IPv6 pod CIDR, fd00:10:244:N::/64 (N from 1).
+pub fn pod_cidr6(node: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, 1 + node as u16, 0, 0, 0, 0)
+}
+
+/// The IPv6 pod gateway of node `node` (index): fd00:10:244:N::1.
+pub fn pod_gateway6(node: usize) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(pod_cidr6(node)) + 1)
+}
+
+/// The IPv6 address of pod `j` of node `node`: fd00:10:244:N::(10+j) in hex
+/// digits, e.g. pod-1-0 is fd00:10:244:1::10.
+pub fn pod_address6(node: usize, j: usize) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(pod_cidr6(node)) + 0x10 + j as u128)
+}
+
+/// An IPv6 address without duplicate address detection (usable at once).
+fn add_addr6(ns: &Netns, ifname: &str, cidr: &str) -> Result<()> {
+    ns.ip(&["-6", "addr", "add", cidr, "dev", ifname, "nodad"])
 }
 
 /// kindnet's host-side veth name for a pod: `veth` and 8 hex digits (the

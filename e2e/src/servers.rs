@@ -199,7 +199,12 @@ pub fn udp_echo_once(
     timeout: Duration,
 ) -> Result<(Vec<u8>, SocketAddr)> {
     ns.run(|| {
-        let sock = UdpSocket::bind("0.0.0.0:0").map_err(io_err("bind udp client"))?;
+        let any = if server.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        };
+        let sock = UdpSocket::bind(any).map_err(io_err("bind udp client"))?;
         sock.connect(server).map_err(io_err("connect udp"))?;
         sock.set_read_timeout(Some(timeout))
             .map_err(io_err("set timeout"))?;

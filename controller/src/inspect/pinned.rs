@@ -697,6 +697,9 @@ fn local_addresses() -> Vec<IpAddr> {
                 out.push(IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(
                     sin.sin_addr.s_addr,
                 ))));
+            } else if !a.is_null() && i32::from((*a).sa_family) == libc::AF_INET6 {
+                let sin6 = &*(a as *const libc::sockaddr_in6);
+                out.push(IpAddr::V6(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
             }
             entry = (*entry).ifa_next;
         }

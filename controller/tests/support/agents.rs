@@ -270,7 +270,28 @@ impl AgentCluster {
     /// With more `dp agent` flags for every agent.
     pub fn new_with(manifests: &[&str], test: &str, agent_args: &[&str]) -> Self {
         e2e::require_root();
-        let cluster = e2e::Cluster::new(&[2, 2]).unwrap();
+        Self::start(
+            e2e::Cluster::new(&[2, 2]).unwrap(),
+            manifests,
+            test,
+            agent_args,
+        )
+    }
+
+    /// The same over a dual-stack cluster (`e2e::Cluster::new_dual`): each
+    /// agent gets its node's IPv6 address and the IPv6 cluster CIDR too.
+    pub fn new_dual(manifests: &[&str], test: &str) -> Self {
+        e2e::require_root();
+        let cluster = e2e::Cluster::new_dual(&[2, 2]).unwrap();
+        let cidr6 = format!(
+            "{}/{}",
+            e2e::cluster::CLUSTER_CIDR6.0,
+            e2e::cluster::CLUSTER_CIDR6.1
+        );
+        Self::start(cluster, manifests, test, &["--cluster-cidr", &cidr6])
+    }
+
+    fn start(cluster: e2e::Cluster, manifests: &[&str], test: &str, agent_args: &[&str]) -> Self {
         let servers = cluster.serve_named_tcp(8080).unwrap();
         let client = cluster.client_ns();
         for net in ["198.51.100.0/24", "203.0.113.0/24"] {
@@ -285,13 +306,18 @@ impl AgentCluster {
             .iter()
             .enumerate()
             .map(|(i, node)| {
+                let ip6 = node.ip6.map(|ip| ip.to_string());
+                let mut args = agent_args.to_vec();
+                if let Some(ip6) = &ip6 {
+                    args.extend(["--node-ip", ip6]);
+                }
                 Agent::start_with_args(
                     cluster.node_ns(i),
                     &node.name,
                     &node.ip.to_string(),
                     ("--manifests", &manifests),
                     &bpffs.node(&node.name),
-                    agent_args,
+                    &args,
                 )
             })
             .collect();
