@@ -121,24 +121,6 @@ fn a_dual_stack_service_answers_on_both_cluster_ips_each_from_its_own_family() {
     assert_eq!(f.packets("node1", "no_node_address"), 0);
 }
 
-/// A TCP connect from `ns` to `addr` is refused within `within`.
-fn refused_within(ns: &e2e::Netns, addr: SocketAddr, within: Duration) -> Duration {
-    let started = std::time::Instant::now();
-    let r = ns
-        .run(|| std::net::TcpStream::connect_timeout(&addr, within))
-        .unwrap();
-    match r {
-        Ok(_) => panic!("{addr} answered from {}", ns.name()),
-        Err(e) => assert_eq!(
-            e.kind(),
-            std::io::ErrorKind::ConnectionRefused,
-            "{addr} from {}: refused, not {e}",
-            ns.name()
-        ),
-    }
-    started.elapsed()
-}
-
 /// Without endpoints, both families reject: ICMPv6 (or ICMP) port
 /// unreachable. UDP and IPv4 TCP fail at once. IPv6 TCP from a pod fails
 /// on the SYN's retransmission, about a second later: the first ICMPv6

@@ -3,7 +3,10 @@
 //! packet's decision record (`trace::start`).
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use common::{proto, reason::is_fault_number, DatapathConfig, Hook, Reason, TraceEvent, Verdict};
+use common::{
+    proto, reason::is_fault_number, trace::FAMILY_IPV6, DatapathConfig, Hook, Reason, TraceEvent,
+    Verdict,
+};
 
 use crate::{
     action::{TcAction, XdpAction},
@@ -41,8 +44,9 @@ pub fn run_tc<const TRACED: bool>(ctx: &TcContext, hook: Hook) -> TcAction {
         trace::arrival(&pkt, ev);
     }
     let action = match ip {
-        Some(ip) if ip.protocol == proto::IPPROTO_ICMP => icmp_error(ctx, hook, ev),
-        Some(ip) if ip.protocol == proto::IPPROTO_ICMPV6 => icmp6_error(ctx, hook, ev),
+        Some(ip) if ip.protocol == proto::IPPROTO_ICMP || ip.protocol == proto::IPPROTO_ICMPV6 => {
+            icmp_error(ctx, hook, ev)
+        }
         Some(_) => service::handle(ctx, hook, cfg, ev),
         None => tc_action(ev),
     };
@@ -75,12 +79,20 @@ pub fn run_xdp(ctx: &XdpContext) -> XdpAction {
     action
 }
 
-/// An ICMP error about a tracked flow is translated like the flow; other
-/// ICMP passes.
+/// An ICMP or ICMPv6 error about a tracked flow is translated like the
+/// flow (`icmp`, `icmp6`); other ICMP and ICMPv6 (echo, neighbour
+/// discovery, ...) passes untouched.
 #[inline(never)]
 fn icmp_error(ctx: &TcContext, hook: Hook, ev: &mut TraceEvent) -> TcAction {
     let l4_off = usize::from(ev.l4_off);
-    match icmp::is_error(ctx, l4_off) {
+    // Read from the record, not passed in: one path to this function.
+    let v6 = ev.original.family == FAMILY_IPV6;
+    let is_error = if v6 {
+        icmp6::is_error(ctx, l4_off)
+    } else {
+        icmp::is_error(ctx, l4_off)
+    };
+    match is_error {
         Ok(true) => {}
         Ok(false) => {
             decide(ev, Verdict::Pass, Reason::UnsupportedProtocol);
@@ -93,49 +105,18 @@ fn icmp_error(ctx: &TcContext, hook: Hook, ev: &mut TraceEvent) -> TcAction {
             return TcAction::Pass;
         }
     }
-    let sent = match icmp::translate_error(ctx, l4_off, ev) {
+    let translated = if v6 {
+        icmp6::translate_error(ctx, l4_off, ev)
+    } else {
+        icmp::translate_error(ctx, l4_off, ev)
+    };
+    let sent = match translated {
         Ok(false) => {
             decide(ev, Verdict::Pass, Reason::UnsupportedProtocol);
             return TcAction::Pass;
         }
         // Sent on as a translated packet of a flow is (the FIB at ingress,
         // a redirect at egress).
-        Ok(true) => service::send_on(ctx, hook, ev, false),
-        Err(reason) => Err(reason),
-    };
-    match sent {
-        Ok(action) => {
-            decide(ev, Verdict::Forward, Reason::IcmpErrorTranslated);
-            action
-        }
-        Err(reason) => {
-            decide(ev, Verdict::Drop, reason);
-            TcAction::Drop
-        }
-    }
-}
-
-/// An ICMPv6 error about a tracked flow is translated like the flow; other
-/// ICMPv6 (neighbour discovery, echo, ...) passes untouched.
-#[inline(never)]
-fn icmp6_error(ctx: &TcContext, hook: Hook, ev: &mut TraceEvent) -> TcAction {
-    let l4_off = usize::from(ev.l4_off);
-    match icmp6::is_error(ctx, l4_off) {
-        Ok(true) => {}
-        Ok(false) => {
-            decide(ev, Verdict::Pass, Reason::UnsupportedProtocol);
-            return TcAction::Pass;
-        }
-        Err(reason) => {
-            decide(ev, Verdict::Pass, reason);
-            return TcAction::Pass;
-        }
-    }
-    let sent = match icmp6::translate_error(ctx, l4_off, ev) {
-        Ok(false) => {
-            decide(ev, Verdict::Pass, Reason::UnsupportedProtocol);
-            return TcAction::Pass;
-        }
         Ok(true) => service::send_on(ctx, hook, ev, false),
         Err(reason) => Err(reason),
     };

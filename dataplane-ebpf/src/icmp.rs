@@ -66,7 +66,9 @@ pub fn is_error(ctx: &TcContext, l4_off: usize) -> Result<bool, Reason> {
 /// rewriting it failed.
 /// The lookup and the rewrite are separate BPF functions, called one after
 /// the other (not nested), to keep the call chain within the 512-byte stack.
-#[inline(always)]
+/// A BPF function of its own: `datapath::icmp_error` serves both families,
+/// and the IPv4 plan kept in its frame took the IPv6 chain past the stack.
+#[inline(never)]
 pub fn translate_error(
     ctx: &TcContext,
     l4_off: usize,

@@ -209,14 +209,7 @@ fn rewrite_v6(
             let payload = u16::from_be_bytes(*((ip + 4) as *const [u8; 2]));
             let sctp_len =
                 (u32::from(payload) + IPV6_HLEN as u32).saturating_sub((l4_off - ETH_HLEN) as u32);
-            let delta =
-                crc32c::port_change((from.sport, from.dport), (to.sport, to.dport), sctp_len);
-            let sum = (l4 + 8) as *mut [u8; 4];
-            let mut i = 0;
-            while i < 4 {
-                (*sum)[i] ^= delta[i];
-                i += 1;
-            }
+            sctp_crc_for_ports(l4, sctp_len, from, to);
         } else {
             let csum_ptr = (l4 + csum_off) as *mut [u8; 2];
             let mut sum = u16::from_be_bytes(*csum_ptr);
@@ -309,16 +302,28 @@ fn rewrite_sctp(
         // SCTP's CRC covers no addresses: the L4 sum is not kept.
         set_addresses(ip, from, to, 0);
         let sctp_len = u32::from(tot_len).saturating_sub((l4_off - ETH_HLEN) as u32);
-        let delta = crc32c::port_change((from.sport, from.dport), (to.sport, to.dport), sctp_len);
-        let sum = (l4 + 8) as *mut [u8; 4];
-        let mut i = 0;
-        while i < 4 {
-            (*sum)[i] ^= delta[i];
-            i += 1;
-        }
+        sctp_crc_for_ports(l4, sctp_len, from, to);
         *(l4 as *mut [u8; 2]) = to.sport.to_be_bytes();
         *((l4 + 2) as *mut [u8; 2]) = to.dport.to_be_bytes();
         *(data as *mut [u8; 12]) = *macs;
     }
     Ok(())
+}
+
+/// SCTP's CRC32c (at `l4 + 8`) changed by what the ports change from
+/// `from`'s to `to`'s, over an SCTP packet of `sctp_len` bytes
+/// (`common::crc32c::port_change`); the ports are the caller's to write.
+///
+/// # Safety
+/// The 12 bytes of the SCTP common header at `l4` lie inside the frame.
+#[inline(always)]
+unsafe fn sctp_crc_for_ports(l4: usize, sctp_len: u32, from: &FlowTuple, to: &FlowTuple) {
+    let delta = crc32c::port_change((from.sport, from.dport), (to.sport, to.dport), sctp_len);
+    let sum = (l4 + 8) as *mut [u8; 4];
+    let mut i = 0;
+    while i < 4 {
+        // SAFETY: within the header, as the caller promises.
+        unsafe { (*sum)[i] ^= delta[i] };
+        i += 1;
+    }
 }

@@ -393,8 +393,15 @@ pub fn assert_dropped(ns: &Netns, addr: SocketAddr) {
 /// Asserts that the connection is refused at once (the datapath rejects
 /// with ICMP port unreachable or a reset), neither answered nor dropped.
 pub fn assert_refused(ns: &Netns, addr: SocketAddr) {
+    refused_within(ns, addr, DROPPED_AFTER);
+}
+
+/// Asserts that a TCP connect from `ns` to `addr` is refused within
+/// `within`; how long it took.
+pub fn refused_within(ns: &Netns, addr: SocketAddr, within: Duration) -> Duration {
+    let started = std::time::Instant::now();
     let r = ns
-        .run(|| std::net::TcpStream::connect_timeout(&addr, DROPPED_AFTER))
+        .run(|| std::net::TcpStream::connect_timeout(&addr, within))
         .unwrap();
     match r {
         Ok(_) => panic!("{addr} answered from {}", ns.name()),
@@ -405,6 +412,7 @@ pub fn assert_refused(ns: &Netns, addr: SocketAddr) {
             ns.name()
         ),
     }
+    started.elapsed()
 }
 
 /// A `dp trace` process in a node's namespace; its stdout lines arrive on

@@ -4,7 +4,7 @@
 
 use etherparse::PacketBuilder;
 
-use super::{fold, sum16, CLIENT_MAC, SERVER_MAC, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN};
+use super::{fold, sum16, CLIENT_MAC, SERVER_MAC, TCP_SYN};
 
 /// A 16-byte IPv6 address from its text form.
 pub fn v6(s: &str) -> [u8; 16] {
@@ -30,27 +30,10 @@ pub fn tcp6(
     ack: u32,
     payload: &[u8],
 ) -> Vec<u8> {
-    let mut b = PacketBuilder::ethernet2(CLIENT_MAC, SERVER_MAC)
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, SERVER_MAC)
         .ipv6(src, dst, 64)
         .tcp(sport, dport, seq, 64240);
-    if flags & TCP_SYN != 0 {
-        b = b.syn();
-    }
-    if flags & TCP_ACK != 0 {
-        b = b.ack(ack);
-    }
-    if flags & TCP_FIN != 0 {
-        b = b.fin();
-    }
-    if flags & TCP_RST != 0 {
-        b = b.rst();
-    }
-    if flags & TCP_PSH != 0 {
-        b = b.psh();
-    }
-    let mut v = Vec::with_capacity(b.size(payload.len()));
-    b.write(&mut v, payload).unwrap();
-    v
+    super::write_tcp(b, flags, ack, payload)
 }
 
 pub fn tcp6_syn(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Vec<u8> {

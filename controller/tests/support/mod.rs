@@ -54,9 +54,19 @@ pub fn tcp(
     ack: u32,
     payload: &[u8],
 ) -> Vec<u8> {
-    let mut b = PacketBuilder::ethernet2(CLIENT_MAC, SERVER_MAC)
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, SERVER_MAC)
         .ipv4(src, dst, 64)
         .tcp(sport, dport, seq, 64240);
+    write_tcp(b, flags, ack, payload)
+}
+
+/// A TCP frame from a builder, with the given flags, ack and payload.
+pub fn write_tcp(
+    mut b: etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+    flags: u8,
+    ack: u32,
+    payload: &[u8],
+) -> Vec<u8> {
     if flags & TCP_SYN != 0 {
         b = b.syn();
     }
