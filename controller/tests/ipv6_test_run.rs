@@ -803,3 +803,154 @@ fn health_check_listeners_of_both_families_share_a_port() {
     })
     .unwrap();
 }
+
+/// Backends 1..=3 (TCP :8080): B1_6, B2_6 and a third on node1's pods.
+fn three_backends(dp: &mut Datapath) -> [&'static str; 3] {
+    let addrs = [B1_6, B2_6, "fd00:10:244:1::7"];
+    for (i, ip) in addrs.iter().enumerate() {
+        dp.set_backend(i as u32 + 1, sa6(ip, 8080), IPPROTO_TCP, false)
+            .unwrap();
+    }
+    addrs
+}
+
+#[test]
+fn ipv6_source_ranges_admit_their_prefixes_only() {
+    let mut dp = setup(&[]);
+    three_backends(&mut dp);
+    let lb = "2001:db8:ff::9";
+    let slots = BackendSlots {
+        ready: vec![1],
+        external: true,
+        source_ranges: vec![(v6("2001:db8:7::").into(), 48)],
+        ..BackendSlots::default()
+    };
+    dp.set_service(&Frontend::tcp(sa6(lb, 443)), 40, &slots)
+        .unwrap();
+    let out = forward6(&dp, &tcp6_syn(v6(OUTSIDE6), 40030, v6(lb), 443));
+    assert_eq!(
+        Ipv6View::new(&out).dst(),
+        v6(B1_6),
+        "2001:db8:7::50 is in the range"
+    );
+    let stranger = tcp6_syn(v6("2001:db8:8::1"), 40031, v6(lb), 443);
+    assert_eq!(
+        run(&dp, Hook::TcIngress, &stranger),
+        (TC_ACT_SHOT, stranger.clone())
+    );
+    assert_eq!(packets(&dp, Hook::TcIngress, Reason::SourceRangeDenied), 1);
+    assert_eq!(
+        dp.read_source_ranges().unwrap().get(&40),
+        Some(&vec![(v6("2001:db8:7::").into(), 48)]),
+        "read back as written"
+    );
+}
+
+#[test]
+fn ipv6_external_local_policy_keeps_the_client_address_and_the_local_backends() {
+    let mut dp = setup(&[]);
+    let addrs = three_backends(&mut dp);
+    // Backend 3 is this node's; pods and the node use all three.
+    let slots = BackendSlots {
+        ready: vec![3],
+        local_only: true,
+        external: true,
+        internal: Some((vec![1, 2, 3], vec![])),
+        ..BackendSlots::default()
+    };
+    dp.set_service(&Frontend::tcp(sa6(NODE6, 30090)), 41, &slots)
+        .unwrap();
+    for port in 0..10 {
+        let out = forward6(&dp, &tcp6_syn(v6(OUTSIDE6), 41000 + port, v6(NODE6), 30090));
+        let v = Ipv6View::new(&out);
+        assert_eq!(v.dst(), v6(addrs[2]), "outside: the local backend only");
+        assert_eq!(v.src(), v6(OUTSIDE6), "the client's address kept");
+    }
+    let mut inside = std::collections::BTreeSet::new();
+    for port in 0..40 {
+        let out = forward6(&dp, &tcp6_syn(v6(CLIENT6), 42000 + port, v6(NODE6), 30090));
+        inside.insert(Ipv6View::new(&out).dst());
+    }
+    assert_eq!(inside.len(), 3, "a pod uses every backend");
+    // Without a local backend, outside traffic is dropped, not rejected.
+    let slots = BackendSlots {
+        ready: vec![],
+        ..slots
+    };
+    dp.set_service(&Frontend::tcp(sa6(NODE6, 30090)), 41, &slots)
+        .unwrap();
+    let syn = tcp6_syn(v6(OUTSIDE6), 43000, v6(NODE6), 30090);
+    assert_eq!(run(&dp, Hook::TcIngress, &syn), (TC_ACT_SHOT, syn.clone()));
+    assert_eq!(packets(&dp, Hook::TcIngress, Reason::NoLocalEndpoints), 1);
+}
+
+#[test]
+fn ipv6_session_affinity_keeps_a_client_on_its_backend() {
+    let mut dp = setup(&[]);
+    three_backends(&mut dp);
+    let slots = BackendSlots {
+        ready: vec![1, 2, 3],
+        affinity_seconds: Some(10_800),
+        ..BackendSlots::default()
+    };
+    dp.set_service(&Frontend::tcp(sa6(VIP6, 80)), 42, &slots)
+        .unwrap();
+    let first = Ipv6View::new(&forward6(&dp, &tcp6_syn(v6(CLIENT6), 44000, v6(VIP6), 80))).dst();
+    for port in 1..20 {
+        let out = forward6(&dp, &tcp6_syn(v6(CLIENT6), 44000 + port, v6(VIP6), 80));
+        assert_eq!(Ipv6View::new(&out).dst(), first, "the same backend");
+    }
+    assert_eq!(packets(&dp, Hook::TcIngress, Reason::NewFlowAffinity), 19);
+}
+
+#[test]
+fn ipv6_terminating_backends_serve_only_when_none_is_ready() {
+    let mut dp = setup(&[]);
+    three_backends(&mut dp);
+    let slots = BackendSlots {
+        ready: vec![],
+        terminating: vec![2],
+        ..BackendSlots::default()
+    };
+    dp.set_service(&Frontend::tcp(sa6(VIP6, 80)), SERVICE_ID, &slots)
+        .unwrap();
+    let out = forward6(&dp, &tcp6_syn(v6(CLIENT6), 45000, v6(VIP6), 80));
+    assert_eq!(
+        Ipv6View::new(&out).dst(),
+        v6(B2_6),
+        "the terminating one, as a fallback"
+    );
+    let slots = BackendSlots {
+        ready: vec![1],
+        ..slots
+    };
+    dp.set_service(&Frontend::tcp(sa6(VIP6, 80)), SERVICE_ID, &slots)
+        .unwrap();
+    for port in 1..10 {
+        let out = forward6(&dp, &tcp6_syn(v6(CLIENT6), 45000 + port, v6(VIP6), 80));
+        assert_eq!(Ipv6View::new(&out).dst(), v6(B1_6), "a ready one exists");
+    }
+}
+
+#[test]
+fn an_ipv6_udp_flow_moves_off_a_removed_backend() {
+    let mut dp = setup(&[(1, B1_6)]);
+    let out = forward6(&dp, &udp6(v6(CLIENT6), 5050, v6(VIP6), 80, b"one"));
+    assert_eq!(Ipv6View::new(&out).dst(), v6(B1_6));
+    set_backends(&mut dp, &[(2, B2_6)]);
+    dp.remove_backend(1).unwrap();
+    let out = forward6(&dp, &udp6(v6(CLIENT6), 5050, v6(VIP6), 80, b"two"));
+    let v = Ipv6View::new(&out);
+    assert_eq!(
+        (v.dst(), v.payload()),
+        (v6(B2_6), &b"two"[..]),
+        "moved, not lost"
+    );
+    assert_eq!(
+        packets(&dp, Hook::TcIngress, Reason::BackendGoneRepicked),
+        1
+    );
+    // Its replies come back from the service address.
+    let reply = forward6(&dp, &udp6(v6(B2_6), 8080, v6(CLIENT6), 5050, b"ok"));
+    assert_eq!(Ipv6View::new(&reply).src(), v6(VIP6));
+}
