@@ -337,9 +337,9 @@ fn proxy_rules(
     let ports = service_ports(&objects.services, &objects.slices, &node_info, &mut skipped);
     assert!(skipped.is_empty() && ports.len() == 1, "{skipped:?}");
     let config = ProxyConfig {
-        cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
+        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
         node_ips: vec![node.into()],
-        service_cidr: Some("10.96.0.0/16".parse().unwrap()),
+        service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
         ..ProxyConfig::default()
     };
     (ports, config)

@@ -134,17 +134,28 @@ enum Command {
         manifests: PathBuf,
         #[arg(long, default_value = "node1")]
         node_name: String,
+        /// The node's addresses, of one or both families (repeat the flag).
         #[arg(long = "node-ip")]
         node_ips: Vec<std::net::IpAddr>,
-        /// detect-local-mode ClusterCIDR.
-        #[arg(long)]
-        cluster_cidr: Option<String>,
-        /// nftables mode: drop traffic to unallocated ClusterIPs in it.
-        #[arg(long)]
-        service_cidr: Option<String>,
+        /// detect-local-mode ClusterCIDR, one per family, comma-separated
+        /// (e.g. `10.244.0.0/16,fd00:10:244::/56`).
+        #[arg(long, value_delimiter = ',')]
+        cluster_cidr: Vec<Cidr>,
+        /// nftables mode: drop traffic to unallocated ClusterIPs in it; one
+        /// per family, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        service_cidr: Vec<Cidr>,
+        /// Which family's rules to print, as kube-proxy's proxier for it
+        /// writes them: `ipv4` (`iptables-restore` input, `table ip
+        /// kube-proxy`) or `ipv6` (`ip6tables-restore` input, `table ip6
+        /// kube-proxy`), from the Service ports of that family. `--apply`
+        /// ignores it and syncs every family the node addresses or the
+        /// Services have.
+        #[arg(long, default_value = "ipv4", value_parser = ["ipv4", "ipv6"])]
+        family: String,
         /// Apply them in this network namespace (a full sync, as kube-proxy
         /// starts) instead of printing; iptables mode uses `iptables-nft`
-        /// unless `--legacy`.
+        /// (`ip6tables-nft` for IPv6) unless `--legacy`.
         #[arg(long)]
         apply: bool,
         #[arg(long)]
@@ -610,6 +621,7 @@ fn main() -> anyhow::Result<()> {
             node_ips,
             cluster_cidr,
             service_cidr,
+            family,
             apply,
             legacy,
         } => {
@@ -633,15 +645,16 @@ fn main() -> anyhow::Result<()> {
             for s in &skipped {
                 eprintln!("skipped {}: {}", s.object, s.reason);
             }
-            let parse = |c: Option<String>| -> anyhow::Result<_> {
-                c.map(|c| c.parse().map_err(|e| anyhow::anyhow!("{c}: {e}")))
-                    .transpose()
-            };
             let config = ProxyConfig {
-                cluster_cidr: parse(cluster_cidr)?,
-                service_cidr: parse(service_cidr)?,
+                cluster_cidrs: one_per_family("--cluster-cidr", cluster_cidr)?,
+                service_cidrs: one_per_family("--service-cidr", service_cidr)?,
                 node_ips,
                 ..ProxyConfig::default()
+            };
+            let family = if family == "ipv6" {
+                dp::translate::IpFamily::V6
+            } else {
+                dp::translate::IpFamily::V4
             };
             let backend = match (mode.as_str(), legacy) {
                 ("iptables", false) => Backend::IptablesNft,
@@ -658,10 +671,12 @@ fn main() -> anyhow::Result<()> {
                     (report.generate + report.apply).as_secs_f64()
                 );
             } else if backend == Backend::Nftables {
-                print!("{}", nftables::transaction(&ports, &config, None).text);
+                let tx = nftables::transaction(&ports, &config, family, None);
+                print!("{}", tx.text);
             } else {
                 let empty = std::collections::BTreeSet::new();
-                print!("{}", iptables::restore(&ports, &config, None, &empty).text);
+                let restore = iptables::restore(&ports, &config, family, None, &empty);
+                print!("{}", restore.text);
             }
             Ok(())
         }

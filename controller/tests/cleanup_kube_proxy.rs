@@ -2,8 +2,10 @@
 //! namespace with kube-proxy's rules as it writes them (`dp
 //! kube-proxy-rules --apply`, iptables mode through iptables-nft and
 //! iptables-legacy, and nftables mode), kubelet's chains, and a CNI's
-//! masquerade chain. Afterwards kube-proxy's chains, jump rules and tables
-//! are gone, the others are as they were, and a second run finds nothing.
+//! masquerade chain, for IPv4 and IPv6 (`ip6tables-*`, `table ip6
+//! kube-proxy`: a dual-stack node's second proxier). Afterwards kube-proxy's
+//! chains, jump rules and tables are gone, the others are as they were, and
+//! a second run finds nothing.
 //! Without the privileges to read a table it fails instead.
 
 use std::path::Path;
@@ -50,6 +52,20 @@ COMMIT
 COMMIT
 ";
 
+/// The same for IPv6.
+const OTHERS6: &str = "*nat
+:KUBE-KUBELET-CANARY - [0:0]
+:KIND-MASQ-AGENT - [0:0]
+-A POSTROUTING -m addrtype ! --dst-type LOCAL -m comment --comment kind-masq-agent -j KIND-MASQ-AGENT
+-A KIND-MASQ-AGENT -d fd00:10:244::/56 -m comment --comment kind-masq-agent -j RETURN
+-A KIND-MASQ-AGENT -m comment --comment kind-masq-agent -j MASQUERADE
+COMMIT
+*filter
+:KUBE-FIREWALL - [0:0]
+-A INPUT -j KUBE-FIREWALL
+COMMIT
+";
+
 #[test]
 fn kube_proxys_leftovers_go_and_everything_else_stays() {
     require_root();
@@ -71,29 +87,68 @@ fn kube_proxys_leftovers_go_and_everything_else_stays() {
         "10.96.0.0/16",
         "--apply",
     ];
+    // IPv6 (and the IPv4 half of its dual-stack Service) first: the runs
+    // after it, on an IPv4-only node, leave the IPv6 rules alone.
+    let ipv6_manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kube_proxy/ipv6");
+    let dual = [
+        "kube-proxy-rules",
+        "--manifests",
+        ipv6_manifests.to_str().unwrap(),
+        "--node-name",
+        "node1",
+        "--node-ip",
+        "172.18.0.2",
+        "--node-ip",
+        "fc00:f853:ccd:e793::2",
+        "--cluster-cidr",
+        "10.244.0.0/16,fd00:10:244::/56",
+        "--service-cidr",
+        "10.96.0.0/16,fd00:10:96::/112",
+        "--apply",
+    ];
+    for mode in [
+        &["--mode", "iptables"][..],
+        &["--mode", "iptables", "--legacy"],
+        &["--mode", "nftables"],
+    ] {
+        dp(ns, &[&dual[..], mode].concat());
+    }
     dp(ns, &[&common[..], &["--mode", "iptables"]].concat());
     dp(
         ns,
         &[&common[..], &["--mode", "iptables", "--legacy"]].concat(),
     );
     dp(ns, &[&common[..], &["--mode", "nftables"]].concat());
-    for tool in ["iptables-nft-restore", "iptables-legacy-restore"] {
+    for (tool, others) in [
+        ("iptables-nft-restore", OTHERS),
+        ("iptables-legacy-restore", OTHERS),
+        ("ip6tables-nft-restore", OTHERS6),
+        ("ip6tables-legacy-restore", OTHERS6),
+    ] {
         let mut child = ns
             .command(tool)
             .arg("--noflush")
             .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        std::io::Write::write_all(&mut child.stdin.take().unwrap(), OTHERS.as_bytes()).unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), others.as_bytes()).unwrap();
         assert!(child.wait().unwrap().success(), "{tool}");
     }
+    let saves = [
+        ("iptables-nft-save", OTHERS),
+        ("iptables-legacy-save", OTHERS),
+        ("ip6tables-nft-save", OTHERS6),
+        ("ip6tables-legacy-save", OTHERS6),
+    ];
     // kube-proxy's rules are there to begin with.
-    for save in ["iptables-nft-save", "iptables-legacy-save"] {
+    for (save, _) in saves {
         let before = chains_and_targets(&in_ns(ns, &[save]));
         assert!(before.iter().any(|c| c.starts_with("KUBE-SVC-")), "{save}");
         assert!(before.iter().any(|c| c == "KUBE-SERVICES"), "{save}");
     }
-    assert!(in_ns(ns, &["nft", "list", "tables"]).contains("table ip kube-proxy"));
+    let tables = in_ns(ns, &["nft", "list", "tables"]);
+    assert!(tables.contains("table ip kube-proxy"), "{tables}");
+    assert!(tables.contains("table ip6 kube-proxy"), "{tables}");
 
     // Without NET_RAW (as in the agent's container) iptables-legacy cannot
     // read its tables: that is an error, never "nothing found".
@@ -124,11 +179,16 @@ fn kube_proxys_leftovers_go_and_everything_else_stays() {
         "removed iptables-nft filter:",
         "removed iptables-legacy nat:",
         "removed iptables-legacy filter:",
+        "removed ip6tables-nft nat:",
+        "removed ip6tables-nft filter:",
+        "removed ip6tables-legacy nat:",
+        "removed ip6tables-legacy filter:",
         "removed nftables: table ip kube-proxy",
+        "removed nftables: table ip6 kube-proxy",
     ] {
         assert!(report.contains(expected), "{expected}: {report}");
     }
-    for save in ["iptables-nft-save", "iptables-legacy-save"] {
+    for (save, others) in saves {
         let listing = in_ns(ns, &[save]);
         let after = chains_and_targets(&listing);
         let kube_proxys: Vec<&String> = after
@@ -138,7 +198,7 @@ fn kube_proxys_leftovers_go_and_everything_else_stays() {
             .collect();
         assert!(kube_proxys.is_empty(), "{save}: {kube_proxys:?}\n{listing}");
         // The others, with every rule.
-        for rule in OTHERS.lines().filter(|l| l.starts_with(['-', ':'])) {
+        for rule in others.lines().filter(|l| l.starts_with(['-', ':'])) {
             assert!(
                 listing.contains(rule.trim_end_matches(" [0:0]")),
                 "{save} lost {rule}\n{listing}"

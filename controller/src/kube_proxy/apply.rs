@@ -3,6 +3,12 @@
 //! first sync, partial syncs after it (only the chains of changed service
 //! ports rewritten), stale chains deleted. Commands run with an optional
 //! prefix (e.g. `nsenter --net=…`), so the rules land where the caller says.
+//!
+//! Each IP family is synced on its own, as kube-proxy's two proxiers of a
+//! dual-stack node do: `iptables-*` and `ip6tables-*` (one restore each),
+//! or one `nft -f` transaction per table. A family is synced when the node
+//! has an address of it or a Service port is of it (`super::families`), and
+//! from then on; an IPv4-only node runs exactly the IPv4 tools.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -13,7 +19,7 @@ use std::{
 };
 
 use super::{categorize, iptables, nftables, ProxyConfig, LARGE_CLUSTER_ENDPOINTS};
-use crate::translate::{ServicePortInfo, ServicePortName};
+use crate::translate::{IpFamily, ServicePortInfo, ServicePortName};
 
 /// Which kernel API and tools carry the rules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -35,10 +41,14 @@ impl Backend {
         }
     }
 
-    fn iptables(self) -> &'static str {
-        match self {
-            Backend::IptablesLegacy => "iptables-legacy",
-            _ => "iptables-nft",
+    /// The iptables front end for `family`'s rules (the `-save` and
+    /// `-restore` tools are named after it).
+    fn iptables(self, family: IpFamily) -> &'static str {
+        match (self, family) {
+            (Backend::IptablesLegacy, IpFamily::V4) => "iptables-legacy",
+            (Backend::IptablesLegacy, IpFamily::V6) => "ip6tables-legacy",
+            (_, IpFamily::V4) => "iptables-nft",
+            (_, IpFamily::V6) => "ip6tables-nft",
         }
     }
 }
@@ -57,7 +67,8 @@ pub enum ApplyError {
     Timeout { command: String, seconds: u64 },
 }
 
-/// What one sync did and cost.
+/// What one sync did and cost (both families together on a dual-stack
+/// node).
 #[derive(Clone, Debug)]
 pub struct SyncReport {
     pub full: bool,
@@ -70,6 +81,24 @@ pub struct SyncReport {
     pub bytes: usize,
 }
 
+impl SyncReport {
+    fn add(&mut self, other: SyncReport) {
+        self.generate += other.generate;
+        self.apply += other.apply;
+        self.rules += other.rules;
+        self.bytes += other.bytes;
+    }
+}
+
+/// What the last sync of one family left.
+#[derive(Default)]
+struct FamilyState {
+    /// Per-service chains (and nftables affinity sets).
+    active_chains: BTreeSet<String>,
+    /// nftables mode: the map and set elements.
+    elements: nftables::Elements,
+}
+
 /// The synced state of one node's kube-proxy rules.
 pub struct Applier {
     pub backend: Backend,
@@ -77,9 +106,11 @@ pub struct Applier {
     prefix: Vec<OsString>,
     /// Longest a tool may run before it is killed (None: no limit).
     pub timeout: Option<Duration>,
-    last: Option<BTreeMap<ServicePortName, ServicePortInfo>>,
-    active_chains: BTreeSet<String>,
-    elements: nftables::Elements,
+    /// The service ports of the last sync, by family and name (a dual-stack
+    /// Service port is one in each family).
+    last: Option<BTreeMap<(IpFamily, ServicePortName), ServicePortInfo>>,
+    /// The families synced so far.
+    families: BTreeMap<IpFamily, FamilyState>,
 }
 
 impl Applier {
@@ -91,35 +122,49 @@ impl Applier {
             prefix,
             timeout: None,
             last: None,
-            active_chains: BTreeSet::new(),
-            elements: nftables::Elements::new(),
+            families: BTreeMap::new(),
         }
     }
 
     /// Makes the rules match `ports`: a full sync the first time (or when
-    /// `force_full`), else a partial one.
+    /// `force_full`), else a partial one; per family (module comment), a
+    /// family synced for the first time in full.
     pub fn sync(
         &mut self,
         ports: &[ServicePortInfo],
         force_full: bool,
     ) -> Result<SyncReport, ApplyError> {
         let full = force_full || self.last.is_none();
-        let changed: BTreeSet<ServicePortName> = match &self.last {
-            Some(last) if !full => ports
-                .iter()
-                .filter(|sp| last.get(&sp.service) != Some(*sp))
-                .map(|sp| sp.service.clone())
-                .collect(),
-            _ => BTreeSet::new(),
+        // A family synced before stays, so its rules follow its last
+        // Service port away.
+        let mut families: BTreeSet<IpFamily> =
+            super::families(ports, &self.config).into_iter().collect();
+        families.extend(self.families.keys());
+        let mut report = SyncReport {
+            full,
+            generate: Duration::ZERO,
+            apply: Duration::ZERO,
+            rules: 0,
+            bytes: 0,
         };
-        let report = match self.backend {
-            Backend::Nftables => self.sync_nft(ports, full, &changed)?,
-            _ => self.sync_iptables(ports, full, &changed)?,
-        };
+        for family in families {
+            let family_full = full || !self.families.contains_key(&family);
+            let changed: BTreeSet<ServicePortName> = match &self.last {
+                Some(last) if !family_full => super::of_family(ports, family)
+                    .filter(|sp| last.get(&(family, sp.service.clone())) != Some(*sp))
+                    .map(|sp| sp.service.clone())
+                    .collect(),
+                _ => BTreeSet::new(),
+            };
+            report.add(match self.backend {
+                Backend::Nftables => self.sync_nft(ports, family, family_full, &changed)?,
+                _ => self.sync_iptables(ports, family, family_full, &changed)?,
+            });
+        }
         self.last = Some(
             ports
                 .iter()
-                .map(|sp| (sp.service.clone(), sp.clone()))
+                .map(|sp| ((sp.family, sp.service.clone()), sp.clone()))
                 .collect(),
         );
         Ok(report)
@@ -128,11 +173,12 @@ impl Applier {
     fn sync_iptables(
         &mut self,
         ports: &[ServicePortInfo],
+        family: IpFamily,
         full: bool,
         changed: &BTreeSet<ServicePortName>,
     ) -> Result<SyncReport, ApplyError> {
         let t = Instant::now();
-        let ipt = self.backend.iptables();
+        let ipt = self.backend.iptables(family);
         if full {
             // Ensured on full syncs only (about 20 execs otherwise).
             for (table, chain, args) in iptables::jump_rules() {
@@ -148,12 +194,14 @@ impl Applier {
                 }
             }
         }
-        let total: usize = ports
-            .iter()
-            .filter(|sp| super::in_family(sp))
+        let total: usize = super::of_family(ports, family)
             .map(|sp| categorize(sp).all.len())
             .sum();
-        let mut stale = self.active_chains.clone();
+        let mut stale = self
+            .families
+            .get(&family)
+            .map(|state| state.active_chains.clone())
+            .unwrap_or_default();
         if !full && total <= LARGE_CLUSTER_ENDPOINTS {
             // kube-proxy scans for stale chains on every sync unless the
             // cluster is large (then once per sync period).
@@ -180,7 +228,13 @@ impl Applier {
         }
         let jumps = t.elapsed();
         let g = Instant::now();
-        let restore = iptables::restore(ports, &self.config, (!full).then_some(changed), &stale);
+        let restore = iptables::restore(
+            ports,
+            &self.config,
+            family,
+            (!full).then_some(changed),
+            &stale,
+        );
         let generate = g.elapsed();
         let a = Instant::now();
         let tool = format!("{ipt}-restore");
@@ -189,7 +243,7 @@ impl Applier {
             &["-w", "5", "-W", "100000", "--noflush", "--counters"],
             Some(&restore.text),
         )?;
-        self.active_chains = restore.active_chains;
+        self.families.entry(family).or_default().active_chains = restore.active_chains;
         Ok(SyncReport {
             full,
             generate,
@@ -202,17 +256,23 @@ impl Applier {
     fn sync_nft(
         &mut self,
         ports: &[ServicePortInfo],
+        family: IpFamily,
         full: bool,
         changed: &BTreeSet<ServicePortName>,
     ) -> Result<SyncReport, ApplyError> {
         let g = Instant::now();
-        let previous = (!full).then_some((&self.active_chains, &self.elements, changed));
-        let tx = nftables::transaction(ports, &self.config, previous);
+        let last = self.families.get(&family);
+        let previous = match last {
+            Some(state) if !full => Some((&state.active_chains, &state.elements, changed)),
+            _ => None,
+        };
+        let tx = nftables::transaction(ports, &self.config, family, previous);
         let generate = g.elapsed();
         let a = Instant::now();
         self.run("nft", &["-f", "-"], Some(&tx.text))?;
-        self.active_chains = tx.active_chains;
-        self.elements = tx.elements;
+        let state = self.families.entry(family).or_default();
+        state.active_chains = tx.active_chains;
+        state.elements = tx.elements;
         Ok(SyncReport {
             full,
             generate,
@@ -223,14 +283,31 @@ impl Applier {
     }
 
     /// Removes every rule and chain this mode wrote (kube-proxy's
-    /// `--cleanup`).
+    /// `--cleanup`): IPv4's always, IPv6's when it was synced or the node
+    /// has an IPv6 address (another process may have synced it).
     pub fn cleanup(&mut self) -> Result<(), ApplyError> {
+        let mut families = vec![IpFamily::V4];
+        if self.families.contains_key(&IpFamily::V6)
+            || !self.config.node_ips_of(IpFamily::V6).is_empty()
+        {
+            families.push(IpFamily::V6);
+        }
+        for family in families {
+            self.cleanup_family(family)?;
+        }
+        self.last = None;
+        self.families.clear();
+        Ok(())
+    }
+
+    fn cleanup_family(&self, family: IpFamily) -> Result<(), ApplyError> {
         match self.backend {
             Backend::Nftables => {
-                let _ = self.run("nft", &["delete", "table", "ip", "kube-proxy"], None);
+                let nft_family = nftables::nft_family(family);
+                let _ = self.run("nft", &["delete", "table", nft_family, "kube-proxy"], None);
             }
             _ => {
-                let ipt = self.backend.iptables();
+                let ipt = self.backend.iptables(family);
                 for (table, chain, args) in iptables::jump_rules() {
                     let mut delete = vec!["-w", "5", "-t", table, "-D", chain];
                     delete.extend(&args);
@@ -261,9 +338,6 @@ impl Applier {
                 self.run(&restore, &["-w", "5", "--noflush"], Some(&input))?;
             }
         }
-        self.last = None;
-        self.active_chains.clear();
-        self.elements.clear();
         Ok(())
     }
 

@@ -7,11 +7,17 @@
 //! `statistic --probability 1/(n-i)`, DNAT in the endpoint chain; REJECT
 //! (DROP for a Local policy without local endpoints) in the filter table
 //! for what has no endpoints.
+//!
+//! One family per restore input, as kube-proxy has one proxier per family:
+//! the IPv6 input (for `ip6tables-restore`) has the same chains, hashes and
+//! shapes with IPv6 addresses (`[ip]:port` endpoints), and none of IPv4's
+//! localhost NodePort parts: no `KUBE-FIREWALL` localnet rule (that guards
+//! `route_localnet`, which IPv6 does not have) and no NodePorts on `::1`.
 
 use std::{collections::BTreeSet, fmt::Write as _};
 
 use super::{categorize, endpoint_string, hash, proto, ProxyConfig, LARGE_CLUSTER_ENDPOINTS};
-use crate::translate::{EndpointInfo, ServicePortInfo, ServicePortName};
+use crate::translate::{EndpointInfo, IpFamily, ServicePortInfo, ServicePortName};
 
 /// `KUBE-SVC-…` and friends share this 16-character hash.
 pub fn service_hash(sp: &ServicePortInfo) -> String {
@@ -103,7 +109,8 @@ pub struct Restore {
     pub rules: usize,
 }
 
-/// The input of one `iptables-restore --noflush`.
+/// The input of one `iptables-restore --noflush` (`ip6tables-restore` for
+/// `IpFamily::V6`), for the service ports of `family`.
 ///
 /// `changed`: None for a full sync; for a partial sync the service ports
 /// whose chains are rewritten (the others' chains are left as they are, the
@@ -111,12 +118,11 @@ pub struct Restore {
 pub fn restore(
     ports: &[ServicePortInfo],
     config: &ProxyConfig,
+    family: IpFamily,
     changed: Option<&BTreeSet<ServicePortName>>,
     stale: &BTreeSet<String>,
 ) -> Restore {
-    let total_endpoints: usize = ports
-        .iter()
-        .filter(|sp| super::in_family(sp))
+    let total_endpoints: usize = super::of_family(ports, family)
         .map(|sp| categorize(sp).all.len())
         .sum();
     let large = total_endpoints > LARGE_CLUSTER_ENDPOINTS;
@@ -125,8 +131,10 @@ pub fn restore(
     let mut nat_chains = String::new();
     let mut nat_rules = String::new();
     let mut active = BTreeSet::new();
+    let ipv4 = family == IpFamily::V4;
+    let localhost_nodeports = serves_localhost_nodeports(family, config);
 
-    if config.localhost_nodeports {
+    if localhost_nodeports {
         filter_rules.push_str("-A KUBE-FIREWALL -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n");
     }
     let _ = writeln!(
@@ -141,7 +149,7 @@ pub fn restore(
     );
     let _ = writeln!(nat_rules, "-A KUBE-MARK-MASQ -j MARK --or-mark {mark}");
 
-    for sp in ports.iter().filter(|sp| super::in_family(sp)) {
+    for sp in super::of_family(ports, family) {
         let write_chains = changed.is_none_or(|c| c.contains(&sp.service));
         let mut chains = String::new();
         let mut rules = String::new();
@@ -161,7 +169,9 @@ pub fn restore(
         }
     }
     let last = "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL";
-    if config.localhost_nodeports {
+    if !ipv4 {
+        let _ = writeln!(nat_rules, "{last} ! -d ::1/128 -j KUBE-NODEPORTS");
+    } else if localhost_nodeports {
         let _ = writeln!(nat_rules, "{last} -j KUBE-NODEPORTS");
     } else {
         let _ = writeln!(nat_rules, "{last} ! -d 127.0.0.0/8 -j KUBE-NODEPORTS");
@@ -179,9 +189,13 @@ pub fn restore(
         "KUBE-FORWARD",
         "KUBE-NODEPORTS",
         "KUBE-PROXY-FIREWALL",
-        "KUBE-FIREWALL",
     ] {
         let _ = writeln!(text, ":{c} - [0:0]");
+    }
+    // IPv6 writes no rule into kubelet's KUBE-FIREWALL, so it leaves the
+    // chain alone (declaring it would flush it).
+    if ipv4 {
+        text.push_str(":KUBE-FIREWALL - [0:0]\n");
     }
     text.push_str(&filter_rules);
     let nfacct = if config.nfacct {
@@ -213,6 +227,13 @@ pub fn restore(
         active_chains: active,
         rules,
     }
+}
+
+/// NodePorts on the loopback addresses: IPv4 only (kube-proxy never serves
+/// them on ::1, which the kernel cannot route to another host), and with
+/// them the rule that guards `route_localnet`.
+fn serves_localhost_nodeports(family: IpFamily, config: &ProxyConfig) -> bool {
+    family == IpFamily::V4 && config.localhost_nodeports
 }
 
 /// Writes one service port's rules. Filter rules and the top-level nat
@@ -278,7 +299,7 @@ fn service_rules(
     }
     if let Some(np) = sp.node_port {
         if c.has_endpoints {
-            if config.localhost_nodeports && config.nfacct {
+            if serves_localhost_nodeports(sp.family, config) && config.nfacct {
                 let _ = writeln!(top, "-A KUBE-NODEPORTS -m comment --comment {spn} {m} -d 127.0.0.0/8 --dport {np} -m nfacct --nfacct-name localhost_nps_accepted_pkts -j {ext}");
             }
             let _ = writeln!(
@@ -318,6 +339,7 @@ fn service_rules(
         declare(&sep_chain(sp, ep));
     }
 
+    let cluster_cidr = config.cluster_cidr(sp.family);
     // Internal traffic: masquerade what does not come from a pod.
     if c.has_internal {
         for ip in &sp.cluster_ips {
@@ -327,7 +349,7 @@ fn service_rules(
             );
             if config.masquerade_all {
                 let _ = writeln!(rules, "{base} -j KUBE-MARK-MASQ");
-            } else if let Some(cidr) = config.cluster_cidr {
+            } else if let Some(cidr) = cluster_cidr {
                 let _ = writeln!(rules, "{base} ! -s {cidr} -j KUBE-MARK-MASQ");
             }
         }
@@ -336,7 +358,7 @@ fn service_rules(
         if !sp.etp_local {
             let _ = writeln!(rules, "-A {ext} -m comment --comment \"masquerade traffic for {spn} external destinations\" -j KUBE-MARK-MASQ");
         } else {
-            if let Some(cidr) = config.cluster_cidr {
+            if let Some(cidr) = cluster_cidr {
                 let _ = writeln!(rules, "-A {ext} -m comment --comment \"pod traffic for {spn} external destinations\" -s {cidr} -j {svc}");
             }
             let _ = writeln!(rules, "-A {ext} -m comment --comment \"masquerade LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ");

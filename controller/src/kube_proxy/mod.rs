@@ -13,6 +13,11 @@
 //! map, so its order is random per sync); `order()` says which service port
 //! a linear rule walk meets last.
 //!
+//! One rule set per IP family, as kube-proxy runs one proxier per family:
+//! the generators take the family and use only the service ports, node IPs
+//! and CIDRs of it (`ip6tables-restore` input and `table ip6 kube-proxy`
+//! for IPv6); the applier syncs each family the node or the Services have.
+//!
 //! Uses: `translate` (the same `ServicePortInfo` dp's frontends come from)
 //! and `error`; never the kernel side, the agent or the lab.
 
@@ -32,18 +37,20 @@ pub const MASQUERADE_MARK: &str = "0x4000";
 pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
 
 /// Node settings that shape the rules (kube-proxy's flags and defaults).
+/// Addresses and CIDRs of both families; each family's rules use its own.
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
-    /// `--cluster-cidr` (detect-local-mode ClusterCIDR); None: no local
-    /// detector, so no "not from a pod" masquerade rules.
-    pub cluster_cidr: Option<Cidr>,
+    /// `--cluster-cidr` (detect-local-mode ClusterCIDR), at most one per
+    /// family; none for a family: no local detector there, so no "not from
+    /// a pod" masquerade rules.
+    pub cluster_cidrs: Vec<Cidr>,
     /// `--masquerade-all`.
     pub masquerade_all: bool,
     /// The node's IPs: nftables mode accepts NodePorts on these.
     pub node_ips: Vec<IpAddr>,
-    /// The Service CIDR: nftables mode drops traffic to unallocated
-    /// ClusterIPs in it.
-    pub service_cidr: Option<Cidr>,
+    /// The Service CIDRs, at most one per family: nftables mode drops
+    /// traffic to unallocated ClusterIPs in them.
+    pub service_cidrs: Vec<Cidr>,
     /// iptables mode: NodePorts on 127.0.0.1 too (kube-proxy's default).
     pub localhost_nodeports: bool,
     /// iptables mode: the nfacct counters exist (kube-proxy creates them when
@@ -56,14 +63,60 @@ pub struct ProxyConfig {
 impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
-            cluster_cidr: None,
+            cluster_cidrs: Vec::new(),
             masquerade_all: false,
             node_ips: Vec::new(),
-            service_cidr: None,
+            service_cidrs: Vec::new(),
             localhost_nodeports: true,
             nfacct: false,
             random_fully: true,
         }
+    }
+}
+
+impl ProxyConfig {
+    /// The cluster CIDR of `family` (the first one given).
+    pub fn cluster_cidr(&self, family: IpFamily) -> Option<Cidr> {
+        self.cluster_cidrs
+            .iter()
+            .copied()
+            .find(|c| c.family() == family)
+    }
+
+    /// The Service CIDR of `family` (the first one given).
+    pub fn service_cidr(&self, family: IpFamily) -> Option<Cidr> {
+        self.service_cidrs
+            .iter()
+            .copied()
+            .find(|c| c.family() == family)
+    }
+
+    /// The node's IPs of `family`, in the order given.
+    pub fn node_ips_of(&self, family: IpFamily) -> Vec<IpAddr> {
+        self.node_ips
+            .iter()
+            .copied()
+            .filter(|ip| IpFamily::of(*ip) == family)
+            .collect()
+    }
+}
+
+/// The families a node's kube-proxy runs a proxier for, given its Service
+/// ports: IPv4 and/or IPv6, each when the node has an address of it or a
+/// Service port is of it (IPv4 alone when neither says, as a node without
+/// addresses configured is an IPv4 one).
+pub fn families(ports: &[ServicePortInfo], config: &ProxyConfig) -> Vec<IpFamily> {
+    let wanted: Vec<IpFamily> = [IpFamily::V4, IpFamily::V6]
+        .into_iter()
+        .filter(|&f| {
+            ports.iter().any(|sp| sp.family == f)
+                || config.node_ips.iter().any(|ip| IpFamily::of(*ip) == f)
+        })
+        .collect();
+    if wanted.is_empty() {
+        vec![IpFamily::V4]
+    } else {
+        wanted
     }
 }
 
@@ -83,7 +136,8 @@ pub fn proto(p: u8) -> &'static str {
     }
 }
 
-/// `ip:port`, the endpoint string kube-proxy sorts and hashes.
+/// `ip:port` (`[ip]:port` for IPv6), the endpoint string kube-proxy sorts
+/// and hashes.
 pub fn endpoint_string(e: &EndpointInfo) -> String {
     e.addr.to_string()
 }
@@ -167,11 +221,13 @@ pub fn firewall_sources(sp: &ServicePortInfo, config: &ProxyConfig) -> Vec<Strin
     allowed
 }
 
-/// Whether the rules of this (IPv4) generator cover a service port: the
-/// IPv6 side of a dual-stack Service is for `ip6tables` and the `ip6`
-/// nftables table, which are not generated yet.
-pub fn in_family(sp: &ServicePortInfo) -> bool {
-    sp.family == IpFamily::V4
+/// The service ports of one family's rules: a dual-stack Service port is
+/// one of them in each family.
+pub fn of_family(
+    ports: &[ServicePortInfo],
+    family: IpFamily,
+) -> impl Iterator<Item = &ServicePortInfo> {
+    ports.iter().filter(move |sp| sp.family == family)
 }
 
 /// Standard base32 (RFC 4648, `A-Z2-7`) without padding.
@@ -212,6 +268,38 @@ mod tests {
         assert_eq!(hash("default/kubernetes:httpstcp", 16), "NPX46M4PTMTKRN6Y");
         assert_eq!(hash("kube-system/kube-dns:dnsudp", 16), "TCOU7JCQXEZGVUNU");
         assert_eq!(hash("ns1/svc1/tcp/p80", 8), "ULMVA6XW");
+    }
+
+    #[test]
+    fn families_follow_node_addresses_and_service_ports() {
+        let config = |ips: &[&str]| ProxyConfig {
+            node_ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            ..ProxyConfig::default()
+        };
+        let v4 = vec![IpFamily::V4];
+        assert_eq!(families(&[], &config(&[])), v4);
+        assert_eq!(families(&[], &config(&["192.168.0.2"])), v4);
+        assert_eq!(
+            families(&[], &config(&["192.168.0.2", "2001:db8::2"])),
+            [IpFamily::V4, IpFamily::V6]
+        );
+        assert_eq!(families(&[], &config(&["2001:db8::2"])), [IpFamily::V6]);
+        let dual = ProxyConfig {
+            cluster_cidrs: vec![
+                "fd00:10::/32".parse().unwrap(),
+                "10.0.0.0/8".parse().unwrap(),
+            ],
+            ..config(&["192.168.0.2", "2001:db8::2"])
+        };
+        assert_eq!(
+            dual.cluster_cidr(IpFamily::V4),
+            Some("10.0.0.0/8".parse().unwrap())
+        );
+        assert_eq!(dual.service_cidr(IpFamily::V6), None);
+        assert_eq!(
+            dual.node_ips_of(IpFamily::V6),
+            ["2001:db8::2".parse::<IpAddr>().unwrap()]
+        );
     }
 
     #[test]

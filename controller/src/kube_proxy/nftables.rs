@@ -1,5 +1,7 @@
 //! kube-proxy's nftables mode: one `nft -f` transaction per sync on
-//! `table ip kube-proxy`.
+//! `table ip kube-proxy`, or `table ip6 kube-proxy` for IPv6 (kube-proxy's
+//! IPv6 proxier: `ip6` matches, `ipv6_addr` sets and maps, endpoint chain
+//! names with the IP's `:` written as `.`).
 //!
 //! Dispatch is by verdict maps (`service-ips`, `service-nodeports`), the
 //! endpoint by `numgen random mod n vmap`; chains `service-`, `local-`,
@@ -14,9 +16,32 @@ use std::{
 };
 
 use super::{categorize, hash, proto, ProxyConfig, MASQUERADE_MARK};
-use crate::translate::{EndpointInfo, ServicePortInfo, ServicePortName};
+use crate::translate::{EndpointInfo, IpFamily, ServicePortInfo, ServicePortName};
 
-const TABLE: &str = "ip kube-proxy";
+/// The nftables family of kube-proxy's table for an IP family: `ip`, `ip6`
+/// (also the keyword of its address matches, `ip daddr`, `ip6 daddr`).
+pub fn nft_family(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "ip",
+        IpFamily::V6 => "ip6",
+    }
+}
+
+/// `ip kube-proxy`, `ip6 kube-proxy`: the table as commands name it.
+fn table(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "ip kube-proxy",
+        IpFamily::V6 => "ip6 kube-proxy",
+    }
+}
+
+/// The type of the family's addresses in sets and maps.
+fn addr_type(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "ipv4_addr",
+        IpFamily::V6 => "ipv6_addr",
+    }
+}
 
 /// `<hash8>-<name>`, cut to 240 characters, as kube-proxy names chains.
 fn hash_and_truncate(name: &str) -> String {
@@ -39,6 +64,8 @@ fn service_base(sp: &ServicePortInfo) -> String {
     ))
 }
 
+/// `ns/svc/proto/port__ip/port`, the base of an endpoint's chain and
+/// affinity set; an IPv6 address with `.` for `:` (names keep `:` out).
 fn endpoint_base(sp: &ServicePortInfo, ep: &EndpointInfo) -> String {
     hash_and_truncate(&format!(
         "{}/{}/{}/{}__{}/{}",
@@ -46,7 +73,7 @@ fn endpoint_base(sp: &ServicePortInfo, ep: &EndpointInfo) -> String {
         sp.service.name,
         proto(sp.protocol),
         sp.service.port,
-        ep.addr.ip(),
+        ep.addr.ip().to_string().replace(':', "."),
         ep.addr.port()
     ))
 }
@@ -76,22 +103,25 @@ pub struct Transaction {
     pub rules: usize,
 }
 
-/// The transaction of one sync. `previous`: None for a full sync; for a
-/// partial sync the state after the last one (its chains and elements) and
+/// The transaction of one sync of `family`'s table, for the service ports
+/// of that family. `previous`: None for a full sync; for a partial sync the
+/// state after the last one of this family (its chains and elements) and
 /// the service ports that changed since.
 pub fn transaction(
     ports: &[ServicePortInfo],
     config: &ProxyConfig,
+    family: IpFamily,
     previous: Option<(&BTreeSet<String>, &Elements, &BTreeSet<ServicePortName>)>,
 ) -> Transaction {
+    let table = table(family);
     let mut out = String::new();
     if previous.is_none() {
-        fixed(config, &mut out);
+        fixed(config, family, &mut out);
     }
     let mut elements = Elements::new();
     let mut active = BTreeSet::new();
     let mut chain_text = String::new();
-    for sp in ports.iter().filter(|sp| super::in_family(sp)) {
+    for sp in super::of_family(ports, family) {
         let write = previous.is_none_or(|(_, _, changed)| changed.contains(&sp.service));
         let mut text = String::new();
         active.extend(service(sp, config, &mut text, &mut elements));
@@ -103,18 +133,18 @@ pub fn transaction(
     match previous {
         None => {
             for ((set, _), value) in &elements {
-                let _ = writeln!(out, "add element {TABLE} {set} {{ {value} }}");
+                let _ = writeln!(out, "add element {table} {set} {{ {value} }}");
             }
         }
         Some((old_chains, old_elements, _)) => {
             for ((set, key), old) in old_elements {
                 if elements.get(&(set.clone(), key.clone())) != Some(old) {
-                    let _ = writeln!(out, "delete element {TABLE} {set} {{ {key} }}");
+                    let _ = writeln!(out, "delete element {table} {set} {{ {key} }}");
                 }
             }
             for ((set, key), value) in &elements {
                 if old_elements.get(&(set.clone(), key.clone())) != Some(value) {
-                    let _ = writeln!(out, "add element {TABLE} {set} {{ {value} }}");
+                    let _ = writeln!(out, "add element {table} {set} {{ {value} }}");
                 }
             }
             // Stale chains: nothing refers to them once their elements are
@@ -122,10 +152,10 @@ pub fn transaction(
             // for older ones).
             for chain in old_chains.iter().filter(|c| !active.contains(*c)) {
                 if let Some(set) = chain.strip_prefix("set ") {
-                    let _ = writeln!(out, "delete set {TABLE} {set}");
+                    let _ = writeln!(out, "delete set {table} {set}");
                 } else {
-                    let _ = writeln!(out, "flush chain {TABLE} {chain}");
-                    let _ = writeln!(out, "delete chain {TABLE} {chain}");
+                    let _ = writeln!(out, "flush chain {table} {chain}");
+                    let _ = writeln!(out, "delete chain {table} {chain}");
                 }
             }
         }
@@ -140,10 +170,11 @@ pub fn transaction(
 }
 
 /// Table, base chains, sets, maps and the fixed rules (a full sync).
-fn fixed(config: &ProxyConfig, out: &mut String) {
+fn fixed(config: &ProxyConfig, family: IpFamily, out: &mut String) {
+    let (table, l3, addr) = (table(family), nft_family(family), addr_type(family));
     let _ = writeln!(
         out,
-        "add table {TABLE} {{ comment \"rules for kube-proxy\" ; }}"
+        "add table {table} {{ comment \"rules for kube-proxy\" ; }}"
     );
     // In kube-proxy's order (nft lists chains in creation order).
     let chains: [(&str, &str); 16] = [
@@ -175,18 +206,19 @@ fn fixed(config: &ProxyConfig, out: &mut String) {
     ];
     for (name, spec) in chains {
         if spec.is_empty() {
-            let _ = writeln!(out, "add chain {TABLE} {name}");
+            let _ = writeln!(out, "add chain {table} {name}");
         } else {
-            let _ = writeln!(out, "add chain {TABLE} {name} {{ {spec} ; }}");
+            let _ = writeln!(out, "add chain {table} {name} {{ {spec} ; }}");
         }
-        let _ = writeln!(out, "flush chain {TABLE} {name}");
+        let _ = writeln!(out, "flush chain {table} {name}");
     }
     let _ = writeln!(
         out,
-        "add set {TABLE} cluster-ips {{ type ipv4_addr ; comment \"Active ClusterIPs\" ; }}"
+        "add set {table} cluster-ips {{ type {addr} ; comment \"Active ClusterIPs\" ; }}"
     );
-    let _ = writeln!(out, "add set {TABLE} nodeport-ips {{ type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }}");
-    let addr_map = "type ipv4_addr . inet_proto . inet_service : verdict";
+    let _ = writeln!(out, "add set {table} nodeport-ips {{ type {addr} ; comment \"IPs that accept NodePort traffic\" ; }}");
+    let addr_map = format!("type {addr} . inet_proto . inet_service : verdict");
+    let addr_map = addr_map.as_str();
     let port_map = "type inet_proto . inet_service : verdict";
     for (name, ty, comment) in [
         (
@@ -213,20 +245,20 @@ fn fixed(config: &ProxyConfig, out: &mut String) {
     ] {
         let _ = writeln!(
             out,
-            "add map {TABLE} {name} {{ {ty} ; comment \"{comment}\" ; }}"
+            "add map {table} {name} {{ {ty} ; comment \"{comment}\" ; }}"
         );
     }
     for set in ELEMENT_CONTAINERS {
         let _ = writeln!(
             out,
-            "flush {} {TABLE} {set}",
+            "flush {} {table} {set}",
             if set == "cluster-ips" { "set" } else { "map" }
         );
     }
-    let _ = writeln!(out, "flush set {TABLE} nodeport-ips");
+    let _ = writeln!(out, "flush set {table} nodeport-ips");
     let mark = MASQUERADE_MARK;
     let mut rule = |chain: &str, body: &str| {
-        let _ = writeln!(out, "add rule {TABLE} {chain} {body}");
+        let _ = writeln!(out, "add rule {table} {chain} {body}");
     };
     for (chain, target) in [
         ("filter-prerouting-pre-dnat", "firewall-check"),
@@ -245,19 +277,21 @@ fn fixed(config: &ProxyConfig, out: &mut String) {
     rule("nat-postrouting", "jump masquerading");
     rule(
         "cluster-ips-check",
-        "ip daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\"",
+        &format!(
+            "{l3} daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\""
+        ),
     );
-    if let Some(cidr) = config.service_cidr {
+    if let Some(cidr) = config.service_cidr(family) {
         rule(
             "cluster-ips-check",
             &format!(
-                "ip daddr {{ {cidr} }} drop comment \"Drop traffic to unallocated ClusterIPs\""
+                "{l3} daddr {{ {cidr} }} drop comment \"Drop traffic to unallocated ClusterIPs\""
             ),
         );
     }
     rule(
         "firewall-check",
-        "ip daddr . meta l4proto . th dport vmap @firewall-ips",
+        &format!("{l3} daddr . meta l4proto . th dport vmap @firewall-ips"),
     );
     rule("mark-for-masquerade", &format!("mark set mark or {mark}"));
     rule("masquerading", &format!("mark and {mark} == 0 return"));
@@ -265,31 +299,30 @@ fn fixed(config: &ProxyConfig, out: &mut String) {
     rule("masquerading", "masquerade fully-random");
     rule(
         "nodeport-endpoints-check",
-        "ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports",
+        &format!("{l3} daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports"),
     );
     rule("reject-chain", "reject");
     rule(
         "services",
-        "ip daddr . meta l4proto . th dport vmap @service-ips",
+        &format!("{l3} daddr . meta l4proto . th dport vmap @service-ips"),
     );
     rule(
         "services",
-        "ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports",
+        &format!("{l3} daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports"),
     );
     rule(
         "service-endpoints-check",
-        "ip daddr . meta l4proto . th dport vmap @no-endpoint-services",
+        &format!("{l3} daddr . meta l4proto . th dport vmap @no-endpoint-services"),
     );
     let ips: Vec<String> = config
-        .node_ips
+        .node_ips_of(family)
         .iter()
-        .filter(|ip| ip.is_ipv4())
         .map(ToString::to_string)
         .collect();
     if !ips.is_empty() {
         let _ = writeln!(
             out,
-            "add element {TABLE} nodeport-ips {{ {} }}",
+            "add element {table} nodeport-ips {{ {} }}",
             ips.join(", ")
         );
     }
@@ -303,6 +336,12 @@ fn service(
     out: &mut String,
     elements: &mut Elements,
 ) -> Vec<String> {
+    let (table, l3, addr) = (
+        table(sp.family),
+        nft_family(sp.family),
+        addr_type(sp.family),
+    );
+    let cluster_cidr = config.cluster_cidr(sp.family);
     let c = categorize(sp);
     let spn = sp.service.to_string();
     let p = proto(sp.protocol);
@@ -404,15 +443,15 @@ fn service(
         chains.push(format!("endpoint-{}", endpoint_base(sp, ep)));
     }
     for chain in &chains {
-        let _ = writeln!(out, "add chain {TABLE} {chain}");
-        let _ = writeln!(out, "flush chain {TABLE} {chain}");
+        let _ = writeln!(out, "add chain {table} {chain}");
+        let _ = writeln!(out, "flush chain {table} {chain}");
     }
     if sp.affinity_seconds.is_some() {
         for ep in &c.all {
             let set = format!("affinity-{}", endpoint_base(sp, ep));
             let _ = writeln!(
                 out,
-                "add set {TABLE} {set} {{ type ipv4_addr ; flags dynamic,timeout ; timeout {}s ; }}",
+                "add set {table} {set} {{ type {addr} ; flags dynamic,timeout ; timeout {}s ; }}",
                 sp.affinity_seconds.unwrap_or_default()
             );
             own.push(format!("set {set}"));
@@ -420,17 +459,17 @@ fn service(
     }
     own.extend(chains);
     let mut rule = |chain: &str, body: String| {
-        let _ = writeln!(out, "add rule {TABLE} {chain} {body}");
+        let _ = writeln!(out, "add rule {table} {chain} {body}");
     };
     let choose = |chain: &str, eps: &[EndpointInfo], rule: &mut dyn FnMut(&str, String)| {
         if c.has_internal && chain == internal_chain {
             for ip in &sp.cluster_ips {
                 if config.masquerade_all {
-                    rule(chain, format!("ip daddr {ip} jump mark-for-masquerade"));
-                } else if let Some(cidr) = config.cluster_cidr {
+                    rule(chain, format!("{l3} daddr {ip} jump mark-for-masquerade"));
+                } else if let Some(cidr) = cluster_cidr {
                     rule(
                         chain,
-                        format!("ip daddr {ip} ip saddr != {cidr} jump mark-for-masquerade"),
+                        format!("{l3} daddr {ip} {l3} saddr != {cidr} jump mark-for-masquerade"),
                     );
                 }
             }
@@ -438,7 +477,7 @@ fn service(
         if sp.affinity_seconds.is_some() {
             for ep in eps {
                 let b = endpoint_base(sp, ep);
-                rule(chain, format!("ip saddr @affinity-{b} goto endpoint-{b}"));
+                rule(chain, format!("{l3} saddr @affinity-{b} goto endpoint-{b}"));
             }
         }
         let targets: Vec<String> = eps
@@ -466,10 +505,10 @@ fn service(
             rule(&ext, "jump mark-for-masquerade".into());
             rule(&ext, format!("goto {svc}"));
         } else {
-            if let Some(cidr) = config.cluster_cidr {
+            if let Some(cidr) = cluster_cidr {
                 rule(
                     &ext,
-                    format!("ip saddr {cidr} goto {svc} comment \"short-circuit pod traffic\""),
+                    format!("{l3} saddr {cidr} goto {svc} comment \"short-circuit pod traffic\""),
                 );
             }
             rule(
@@ -490,7 +529,7 @@ fn service(
         let allowed = super::firewall_sources(sp, config);
         rule(
             &fw,
-            format!("ip saddr != {{ {} }} drop", allowed.join(", ")),
+            format!("{l3} saddr != {{ {} }} drop", allowed.join(", ")),
         );
     }
     for ep in &c.all {
@@ -498,10 +537,10 @@ fn service(
         let chain = format!("endpoint-{b}");
         rule(
             &chain,
-            format!("ip saddr {} jump mark-for-masquerade", ep.addr.ip()),
+            format!("{l3} saddr {} jump mark-for-masquerade", ep.addr.ip()),
         );
         if sp.affinity_seconds.is_some() {
-            rule(&chain, format!("update @affinity-{b} {{ ip saddr }}"));
+            rule(&chain, format!("update @affinity-{b} {{ {l3} saddr }}"));
         }
         rule(&chain, format!("meta l4proto {p} dnat to {}", ep.addr));
     }

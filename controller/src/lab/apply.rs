@@ -50,16 +50,12 @@ impl Lab {
     pub(super) fn apply_rules(&self, state: &State, node: &Member) -> anyhow::Result<()> {
         let (ports, _) = self.service_ports_for(node)?;
         let config = ProxyConfig {
-            cluster_cidr: Some(
-                "10.244.0.0/16"
-                    .parse()
-                    .map_err(|e| anyhow::anyhow!("{e}"))?,
-            ),
-            service_cidr: Some(
-                e2e::cluster::SERVICE_CIDR
-                    .parse()
-                    .map_err(|e| anyhow::anyhow!("{e}"))?,
-            ),
+            cluster_cidrs: vec!["10.244.0.0/16"
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{e}"))?],
+            service_cidrs: vec![e2e::cluster::SERVICE_CIDR
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{e}"))?],
             node_ips: vec![node.ip.into()],
             ..ProxyConfig::default()
         };

@@ -208,9 +208,9 @@ fn node() -> NodeInfo {
 
 pub fn proxy_config() -> ProxyConfig {
     ProxyConfig {
-        cluster_cidr: Some("10.244.0.0/16".parse().expect("CIDR")),
+        cluster_cidrs: vec!["10.244.0.0/16".parse().expect("CIDR")],
         node_ips: vec![NODE_IP.into()],
-        service_cidr: Some("10.96.0.0/16".parse().expect("CIDR")),
+        service_cidrs: vec!["10.96.0.0/16".parse().expect("CIDR")],
         ..ProxyConfig::default()
     }
 }
