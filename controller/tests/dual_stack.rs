@@ -261,3 +261,223 @@ fn a_single_stack_ipv6_udp_service_answers_from_its_cluster_ip() {
         assert!(reply.ends_with(b"ping"), "{reply:?}");
     }
 }
+
+/// IPv6-only Services for the external rules, the client
+/// (`fc00:f853:ccd:e793::100`) reaching 2001:db8::/32 through node1:
+/// - local6: LoadBalancer 2001:db8:1::20, eTP=Local, NodePort 30090,
+///   health check 32190, its endpoint pod-1-1 on node1;
+/// - admin6: LoadBalancer 2001:db8:1::21 open only to the client's /128,
+///   NodePort 30091, its endpoint pod-1-0;
+/// - sticky6: NodePort 30092 with ClientIP affinity (2 s) over pod-1-0 and
+///   pod-2-0;
+/// - sink6: NodePort 30093 over pod-2-1's port 9000 (a test's own server).
+const EXTERNAL6: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: local6, namespace: default}
+spec:
+  type: LoadBalancer
+  ipFamilies: [IPv6]
+  clusterIP: "fd00:10:96::20"
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32190
+  ports: [{port: 80, nodePort: 30090}]
+status: {loadBalancer: {ingress: [{ip: "2001:db8:1::20"}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: local6-1, namespace: default, labels: {kubernetes.io/service-name: local6}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints:
+- {addresses: ["fd00:10:244:1::11"], nodeName: node1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: admin6, namespace: default}
+spec:
+  type: LoadBalancer
+  ipFamilies: [IPv6]
+  clusterIP: "fd00:10:96::21"
+  loadBalancerSourceRanges: ["fc00:f853:ccd:e793::100/128"]
+  ports: [{port: 80, nodePort: 30091}]
+status: {loadBalancer: {ingress: [{ip: "2001:db8:1::21"}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: admin6-1, namespace: default, labels: {kubernetes.io/service-name: admin6}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints:
+- {addresses: ["fd00:10:244:1::10"], nodeName: node1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky6, namespace: default}
+spec:
+  type: NodePort
+  ipFamilies: [IPv6]
+  clusterIP: "fd00:10:96::22"
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}
+  ports: [{port: 80, nodePort: 30092}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: sticky6-1, namespace: default, labels: {kubernetes.io/service-name: sticky6}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints:
+- {addresses: ["fd00:10:244:1::10"], nodeName: node1}
+- {addresses: ["fd00:10:244:2::10"], nodeName: node2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sink6, namespace: default}
+spec:
+  type: NodePort
+  ipFamilies: [IPv6]
+  clusterIP: "fd00:10:96::23"
+  ports: [{port: 80, nodePort: 30093}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: sink6-1, namespace: default, labels: {kubernetes.io/service-name: sink6}}
+addressType: IPv6
+ports: [{port: 9000}]
+endpoints:
+- {addresses: ["fd00:10:244:2::11"], nodeName: node2}
+"#;
+
+fn node6(f: &AgentCluster, i: usize) -> Ipv6Addr {
+    f.cluster.nodes[i].ip6.unwrap()
+}
+
+#[test]
+fn an_ipv6_local_traffic_policy_keeps_the_client_address_and_answers_health_checks() {
+    let f = AgentCluster::new_dual(&[MANIFESTS, EXTERNAL6], "dual-etp-local");
+    let client = f.cluster.client_ns();
+    let client_ip = IpAddr::V6(e2e::cluster::CLIENT_IP6);
+    for addr in [
+        SocketAddr::from((node6(&f, 0), 30090)),
+        SocketAddr::from((v6("2001:db8:1::20"), 80)),
+    ] {
+        let (pod, peer) = whoami(client, addr);
+        assert_eq!(pod, "pod-1-1", "{addr}");
+        assert_eq!(peer.ip(), client_ip, "{addr}: the client's address kept");
+    }
+    // node2 has no local endpoint: external traffic is dropped there...
+    assert_dropped(client, SocketAddr::from((node6(&f, 1), 30090)));
+    assert!(f.packets("node2", "no_local_endpoints") >= 1);
+    // ...while its pods still reach the backend through it.
+    let (pod, _) = whoami(
+        f.cluster.pod_ns("pod-2-0"),
+        SocketAddr::from((node6(&f, 1), 30090)),
+    );
+    assert_eq!(pod, "pod-1-1");
+
+    // The health-check node port on each node's IPv6 address.
+    let at = |i: usize| SocketAddr::from((node6(&f, i), 32190)).to_string();
+    let ok = http_get(client, &at(0), "/healthz");
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(ok.contains("\"localEndpoints\": 1"), "{ok}");
+    let down = http_get(client, &at(1), "/healthz");
+    assert!(down.starts_with("HTTP/1.1 503"), "{down}");
+}
+
+#[test]
+fn ipv6_source_ranges_admit_the_client_and_drop_a_pod_outside_them() {
+    let f = AgentCluster::new_dual(&[MANIFESTS, EXTERNAL6], "dual-ranges");
+    let lb = SocketAddr::from((v6("2001:db8:1::21"), 80));
+    let (pod, _) = whoami(f.cluster.client_ns(), lb);
+    assert_eq!(pod, "pod-1-0", "the client's /128 is in the range");
+    // A pod on node2 is not: node2 drops it.
+    assert_dropped(f.cluster.pod_ns("pod-2-0"), lb);
+    assert!(f.packets("node2", "source_range_denied") >= 1);
+    // The ClusterIP is not subject to the ranges.
+    let (pod, _) = whoami(
+        f.cluster.pod_ns("pod-2-0"),
+        SocketAddr::from((v6("fd00:10:96::21"), 80)),
+    );
+    assert_eq!(pod, "pod-1-0");
+}
+
+#[test]
+fn ipv6_session_affinity_pins_a_client_then_expires() {
+    let f = AgentCluster::new_dual(&[MANIFESTS, EXTERNAL6], "dual-affinity");
+    let client = f.cluster.client_ns();
+    let sticky = SocketAddr::from((node6(&f, 0), 30092));
+    let (first, _) = whoami(client, sticky);
+    for i in 1..30 {
+        assert_eq!(whoami(client, sticky).0, first, "connection {i}");
+    }
+    let fresh = f.packets("node1", "new_flow");
+    let affine = f.packets("node1", "new_flow_affinity");
+    assert_eq!((fresh, affine), (1, 29), "one pick, then affinity");
+    // timeoutSeconds: 2, counted from the last new connection.
+    std::thread::sleep(Duration::from_millis(2_500));
+    whoami(client, sticky);
+    assert_eq!(f.packets("node1", "new_flow"), 2, "picked afresh");
+}
+
+/// The path to the backend narrows to IPv6's minimum MTU at its last hop
+/// (pod-2-1's host-side veth on node2). node2 answers the client's full
+/// sized segments, which node1 masqueraded, with packet too big to node1;
+/// node1 must translate it for the client, or the upload stalls (IPv6
+/// routers never fragment, and the client retransmits full segments
+/// forever).
+#[test]
+fn an_ipv6_packet_too_big_on_the_backends_path_reaches_the_client() {
+    use std::io::{Read, Write};
+    let f = AgentCluster::new_dual(&[MANIFESTS, EXTERNAL6], "dual-ptb");
+    let backend = f.cluster.pod("pod-2-1").clone();
+    f.cluster
+        .node_ns(1)
+        .ip(&["link", "set", &backend.host_device, "mtu", "1280"])
+        .unwrap();
+    // A sink: reads until the client is done, answers with the count.
+    let listen = SocketAddr::from((backend.ip6.unwrap(), 9000));
+    let listener = f
+        .cluster
+        .pod_ns("pod-2-1")
+        .run(move || std::net::TcpListener::bind(listen))
+        .unwrap()
+        .unwrap();
+    let sink = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut data = Vec::new();
+        s.read_to_end(&mut data).unwrap();
+        s.write_all(data.len().to_string().as_bytes()).unwrap();
+    });
+
+    const SENT: usize = 256 * 1024;
+    let entry = node6(&f, 0);
+    let to = SocketAddr::from((entry, 30093));
+    let counted = f
+        .cluster
+        .client_ns()
+        .run(move || -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect_timeout(&to, TIMEOUT)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.set_write_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(&vec![7u8; SENT])?;
+            s.shutdown(std::net::Shutdown::Write)?;
+            let mut reply = String::new();
+            s.read_to_string(&mut reply)?;
+            Ok(reply)
+        })
+        .unwrap()
+        .expect("the upload completes");
+    assert_eq!(counted, SENT.to_string());
+    sink.join().unwrap();
+
+    // The client learnt the path's MTU from the translated error.
+    let route = e2e::stdout_of(f.cluster.client_ns().command("ip").args([
+        "-6",
+        "route",
+        "get",
+        &entry.to_string(),
+    ]));
+    assert!(route.contains("mtu 1280"), "{route}");
+    assert!(f.packets("node1", "icmp_error_translated") >= 1);
+}
