@@ -249,7 +249,7 @@ struct TraceArgs {
     /// Only packets with this source or destination port (as they arrived).
     #[arg(long)]
     port: Option<u16>,
-    /// Only this protocol: tcp, udp, icmp or a number.
+    /// Only this protocol: tcp, udp, sctp, icmp, icmpv6 or a number.
     #[arg(long = "proto")]
     protocol: Option<String>,
     /// Only these verdicts: forwarded, rejected, dropped, passed.
@@ -289,7 +289,7 @@ impl TraceArgs {
             port: self.port,
             protocol: match &self.protocol {
                 Some(p) => Some(parse_protocol(p).ok_or_else(|| {
-                    anyhow::anyhow!("--proto {p}: use tcp, udp, icmp or a number")
+                    anyhow::anyhow!("--proto {p}: use tcp, udp, sctp, icmp, icmpv6 or a number")
                 })?),
                 None => None,
             },
