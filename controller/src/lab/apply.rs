@@ -32,7 +32,7 @@ impl Lab {
         let objects = crate::source::manifests::load_dir(&self.manifests_dir())?;
         let info = crate::translate::NodeInfo {
             name: node.name.clone(),
-            ips: vec![node.ip.into()],
+            ips: node_ips(node),
             zone: None,
         };
         let mut skipped = objects.skipped.clone();
@@ -60,7 +60,7 @@ impl Lab {
                     .parse()
                     .map_err(|e| anyhow::anyhow!("{e}"))?,
             ),
-            node_ips: vec![node.ip.into()],
+            node_ips: node_ips(node),
             ..ProxyConfig::default()
         };
         let backend = if state.mode == Mode::Iptables {
@@ -89,6 +89,7 @@ impl Lab {
     pub fn apply(&self, file: &Path, out: &mut impl Write) -> anyhow::Result<()> {
         let state = self.state()?;
         let text = fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
+        let text = state.ip_family.manifest(&text)?;
         let mut objects = crate::source::manifests::Objects::default();
         crate::source::manifests::load_str(&text, &file.display().to_string(), &mut objects);
         for s in &objects.skipped {
@@ -182,6 +183,13 @@ impl Lab {
         )?;
         Ok(())
     }
+}
+
+/// A node's addresses: IPv4, and IPv6 in an IPv6 or dual-stack lab.
+fn node_ips(node: &Member) -> Vec<std::net::IpAddr> {
+    let mut ips = vec![node.ip.into()];
+    ips.extend(node.ip6.map(std::net::IpAddr::from));
+    ips
 }
 
 /// `Kind namespace/name` of every object.
