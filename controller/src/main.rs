@@ -174,8 +174,13 @@ enum LabCommand {
         nodes: usize,
         #[arg(long, value_enum, default_value = "dp")]
         mode: dp::lab::Mode,
+        /// Address families: members get addresses of each (kind's
+        /// fd00:10:244::/56 pods, fd00:10:96::/112 Services), and the
+        /// dual-stack examples are loaded (`ipv6`: their IPv6 half).
+        #[arg(long, value_enum, default_value = "ipv4")]
+        ip_family: dp::lab::IpFamilies,
         /// A directory of Service/EndpointSlice manifests to serve instead
-        /// of the examples.
+        /// of the examples (`--ip-family ipv6`: their IPv6 half).
         #[arg(long)]
         manifests: Option<PathBuf>,
     },
@@ -260,7 +265,7 @@ struct TraceArgs {
     /// Only packets with this source or destination port (as they arrived).
     #[arg(long)]
     port: Option<u16>,
-    /// Only this protocol: tcp, udp, icmp or a number.
+    /// Only this protocol: tcp, udp, sctp, icmp, icmpv6 or a number.
     #[arg(long = "proto")]
     protocol: Option<String>,
     /// Only these verdicts: forwarded, rejected, dropped, passed.
@@ -300,7 +305,7 @@ impl TraceArgs {
             port: self.port,
             protocol: match &self.protocol {
                 Some(p) => Some(parse_protocol(p).ok_or_else(|| {
-                    anyhow::anyhow!("--proto {p}: use tcp, udp, icmp or a number")
+                    anyhow::anyhow!("--proto {p}: use tcp, udp, sctp, icmp, icmpv6 or a number")
                 })?),
                 None => None,
             },
@@ -757,6 +762,7 @@ fn lab(command: LabCommand) -> anyhow::Result<()> {
             lab,
             nodes,
             mode,
+            ip_family,
             manifests,
         } => {
             let lab = lab.lab()?;
@@ -764,14 +770,20 @@ fn lab(command: LabCommand) -> anyhow::Result<()> {
                 &dp::lab::UpOptions {
                     nodes,
                     mode,
+                    ip_family,
                     manifests,
                 },
                 out,
             )?;
             use std::io::Write;
+            let url = if ip_family == dp::lab::IpFamilies::Ipv4 {
+                "http://10.96.0.80/"
+            } else {
+                "http://[fd00:10:96::80]/"
+            };
             writeln!(
                 out,
-                "try: dp lab exec{} client -- curl -s http://10.96.0.80/   (dp lab status, dp lab down)",
+                "try: dp lab exec{} client -- curl -s {url}   (dp lab status, dp lab down)",
                 if lab.name == dp::lab::DEFAULT_NAME {
                     String::new()
                 } else {

@@ -884,6 +884,38 @@ fn ipv6_external_local_policy_keeps_the_client_address_and_the_local_backends() 
     assert_eq!(packets(&dp, Hook::TcIngress, Reason::NoLocalEndpoints), 1);
 }
 
+/// iTP=Local: a ClusterIP's new flows go to this node's backends only, the
+/// pod's address kept; with none here, dropped (kube-proxy's DROP for
+/// "no local endpoints"), not rejected.
+#[test]
+fn ipv6_internal_local_policy_uses_only_the_nodes_backends() {
+    let mut dp = setup(&[]);
+    let addrs = three_backends(&mut dp);
+    let slots = BackendSlots {
+        ready: vec![3],
+        local_only: true,
+        ..BackendSlots::default()
+    };
+    dp.set_service(&Frontend::tcp(sa6(VIP6, 80)), 43, &slots)
+        .unwrap();
+    for port in 0..10 {
+        let out = forward6(&dp, &tcp6_syn(v6(CLIENT6), 46000 + port, v6(VIP6), 80));
+        let v = Ipv6View::new(&out);
+        assert_eq!(v.dst(), v6(addrs[2]), "the local backend only");
+        assert_eq!(v.src(), v6(CLIENT6), "the pod's address kept");
+    }
+    let slots = BackendSlots {
+        ready: vec![],
+        ..slots
+    };
+    dp.set_service(&Frontend::tcp(sa6(VIP6, 80)), 43, &slots)
+        .unwrap();
+    let syn = tcp6_syn(v6(CLIENT6), 46100, v6(VIP6), 80);
+    assert_eq!(run(&dp, Hook::TcIngress, &syn), (TC_ACT_SHOT, syn.clone()));
+    assert_eq!(packets(&dp, Hook::TcIngress, Reason::NoLocalEndpoints), 1);
+    assert_eq!(packets(&dp, Hook::TcIngress, Reason::NoEndpoints), 0);
+}
+
 #[test]
 fn ipv6_session_affinity_keeps_a_client_on_its_backend() {
     let mut dp = setup(&[]);

@@ -35,13 +35,27 @@ struct TestLab {
 
 impl TestLab {
     fn up(tag: &str, mode: &str) -> TestLab {
+        Self::up_with(tag, mode, "ipv4")
+    }
+
+    /// `dp lab up --mode MODE --ip-family FAMILY`.
+    fn up_with(tag: &str, mode: &str, family: &str) -> TestLab {
         e2e::require_root();
         sweep_dead_test_labs();
         let lab = TestLab {
             name: format!("t{tag}{}", std::process::id()),
         };
-        let out = dp_ok(&["lab", "up", "--name", &lab.name, "--mode", mode]);
-        assert!(out.contains(&format!("({mode} mode)")), "{out}");
+        let out = dp_ok(&[
+            "lab",
+            "up",
+            "--name",
+            &lab.name,
+            "--mode",
+            mode,
+            "--ip-family",
+            family,
+        ]);
+        assert!(out.contains(&format!("({mode} mode")), "{out}");
         lab
     }
 
@@ -53,7 +67,11 @@ impl TestLab {
     }
 
     fn curl(&self, member: &str, url: &str) -> Seen {
-        let out = self.exec(member, &["curl", "-sSv", "--connect-timeout", "1", url]);
+        // IPv6 TCP is refused on the SYN's retransmission, a second in
+        // (the kernel's own REJECT too: see controller/tests/dual_stack.rs),
+        // so a refusal needs longer than one second to show.
+        let timeout = if url.contains('[') { "3" } else { "1" };
+        let out = self.exec(member, &["curl", "-sSv", "--connect-timeout", timeout, url]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         match out.status.code() {
             Some(0) => Seen::answer(&String::from_utf8_lossy(&out.stdout)),
@@ -128,10 +146,10 @@ impl Seen {
                 .unwrap_or_else(|| panic!("no {k} in {line:?}"))
                 .to_string()
         };
-        let client = field("client=");
+        let client: std::net::SocketAddr = field("client=").parse().unwrap();
         Seen::Answer {
             pod: field("pod="),
-            client: as_node(client.split(':').next().unwrap()),
+            client: as_node(&client.ip().to_string()),
         }
     }
 }
@@ -146,7 +164,61 @@ fn as_node(client: &str) -> String {
     let octets: Vec<&str> = client.split('.').collect();
     match octets[..] {
         ["10", "244", n, "1"] => format!("172.18.0.{}", n.parse::<u8>().unwrap() + 1),
-        _ => client.to_string(),
+        // IPv6: fd00:10:244:N::1 stands for fc00:f853:ccd:e793::N+1.
+        _ => match client
+            .strip_prefix("fd00:10:244:")
+            .and_then(|r| r.strip_suffix("::1"))
+        {
+            Some(n) => format!("fc00:f853:ccd:e793::{}", n.parse::<u8>().unwrap() + 1),
+            None => client.to_string(),
+        },
+    }
+}
+
+/// Which family a run of the observations uses: the lab's IPv4 addresses,
+/// or the IPv6 ones of a dual-stack lab (examples/dual-stack/), which
+/// follow them one to one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The address in this family: 10.96.0.X is fd00:10:96::X, 10.244.N.M
+    /// fd00:10:244:N::M, 172.18.0.X fc00:f853:ccd:e793::X, 198.51.100.X
+    /// 2001:db8:100::X.
+    fn ip(self, v4: &str) -> String {
+        if self == Family::V4 {
+            return v4.to_string();
+        }
+        let o: Vec<&str> = v4.split('.').collect();
+        match o[..] {
+            ["10", "96", "0", x] => format!("fd00:10:96::{x}"),
+            ["10", "244", n, m] => format!("fd00:10:244:{n}::{m}"),
+            ["172", "18", "0", x] => format!("fc00:f853:ccd:e793::{x}"),
+            ["198", "51", "100", x] => format!("2001:db8:100::{x}"),
+            _ => panic!("no IPv6 twin for {v4}"),
+        }
+    }
+
+    /// `http://ADDR[:port]/` for the IPv4 `host[:port]`.
+    fn url(self, v4: &str) -> String {
+        let (host, port) = match v4.split_once(':') {
+            Some((h, p)) => (h, format!(":{p}")),
+            None => (v4, String::new()),
+        };
+        match self {
+            Family::V4 => format!("http://{host}{port}/"),
+            Family::V6 => format!("http://[{}]{port}/", self.ip(host)),
+        }
+    }
+
+    fn exercises(self) -> &'static str {
+        match self {
+            Family::V4 => "examples/exercises",
+            Family::V6 => "examples/dual-stack/exercises",
+        }
     }
 }
 
@@ -165,39 +237,39 @@ fn answers(pods: &[&str], client: &str) -> BTreeSet<Seen> {
 }
 
 /// Everything a client sees of the example Services, and of live changes.
-fn observe(lab: &TestLab) -> Vec<(&'static str, BTreeSet<Seen>)> {
+fn observe(lab: &TestLab, f: Family) -> Vec<(&'static str, BTreeSet<Seen>)> {
     // Random over two endpoints: 20 requests miss one with p = 2^-19.
     let mut seen = vec![
         (
             "web from a pod",
-            many(20, || lab.curl("pod-1-1", "http://10.96.0.80/")),
+            many(20, || lab.curl("pod-1-1", &f.url("10.96.0.80"))),
         ),
         (
             "web from the client",
-            many(20, || lab.curl("client", "http://10.96.0.80/")),
+            many(20, || lab.curl("client", &f.url("10.96.0.80"))),
         ),
         (
             "dns from a pod",
-            many(20, || lab.dig("pod-2-1", "10.96.0.10")),
+            many(20, || lab.dig("pod-2-1", &f.ip("10.96.0.10"))),
         ),
         (
             "NodePort eTP=Cluster via node2",
-            many(20, || lab.curl("client", "http://172.18.0.3:30080/")),
+            many(20, || lab.curl("client", &f.url("172.18.0.3:30080"))),
         ),
         (
             "NodePort eTP=Local via node2",
-            many(3, || lab.curl("client", "http://172.18.0.3:30081/")),
+            many(3, || lab.curl("client", &f.url("172.18.0.3:30081"))),
         ),
         (
             "NodePort eTP=Local via node1",
-            many(1, || lab.curl("client", "http://172.18.0.2:30081/")),
+            many(1, || lab.curl("client", &f.url("172.18.0.2:30081"))),
         ),
         (
             "no endpoints",
-            many(2, || lab.curl("pod-1-0", "http://10.96.0.83/")),
+            many(2, || lab.curl("pod-1-0", &f.url("10.96.0.83"))),
         ),
     ];
-    let sticky = many(8, || lab.curl("client", "http://10.96.0.84/"));
+    let sticky = many(8, || lab.curl("client", &f.url("10.96.0.84")));
     assert_eq!(
         sticky.len(),
         1,
@@ -206,19 +278,17 @@ fn observe(lab: &TestLab) -> Vec<(&'static str, BTreeSet<Seen>)> {
     seen.push(("session affinity", any_pod(sticky, "(one)")));
     seen.push((
         "terminating endpoint",
-        many(8, || lab.curl("pod-1-0", "http://10.96.0.85/")),
+        many(8, || lab.curl("pod-1-0", &f.url("10.96.0.85"))),
     ));
 
     seen.push((
         "hairpin",
-        many(2, || lab.curl("pod-1-1", "http://10.96.0.85/")),
+        many(2, || lab.curl("pod-1-1", &f.url("10.96.0.85"))),
     ));
 
     // UDP echo with nc: the reply names the pod, then echoes the datagram.
-    let out = lab.exec(
-        "pod-1-1",
-        &["sh", "-c", "echo hello | nc -u -w1 10.96.0.80 9090"],
-    );
+    let nc = format!("echo hello | nc -u -w1 {} 9090", f.ip("10.96.0.80"));
+    let out = lab.exec("pod-1-1", &["sh", "-c", &nc]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(text.ends_with("hello\n"), "{out:?}");
     let echo = Seen::answer(&text);
@@ -231,8 +301,9 @@ fn observe(lab: &TestLab) -> Vec<(&'static str, BTreeSet<Seen>)> {
     // Live changes: the exercises of docs/lab.md, applied in turn.
     let apply = |exercise: &str| {
         let file = format!(
-            "{}/../examples/exercises/{exercise}.yaml",
-            env!("CARGO_MANIFEST_DIR")
+            "{}/../{}/{exercise}.yaml",
+            env!("CARGO_MANIFEST_DIR"),
+            f.exercises()
         );
         let out = dp_ok(&["lab", "apply", "--name", &lab.name, "-f", &file]);
         assert!(out.contains(&format!("{exercise}.yaml applied")), "{out}");
@@ -247,42 +318,43 @@ fn observe(lab: &TestLab) -> Vec<(&'static str, BTreeSet<Seen>)> {
     // the hairpin on itself (no redirect) and builds its own rejects.
     seen.push((
         "web scaled to zero",
-        many(2, || lab.curl("pod-1-0", "http://10.96.0.80/")),
+        many(2, || lab.curl("pod-1-0", &f.url("10.96.0.80"))),
     ));
     apply("web-one-terminating");
     seen.push((
         "web with one endpoint terminating",
-        many(8, || lab.curl("pod-1-1", "http://10.96.0.80/")),
+        many(8, || lab.curl("pod-1-1", &f.url("10.96.0.80"))),
     ));
     apply("web-all-terminating");
     seen.push((
         "web with every endpoint terminating",
-        many(20, || lab.curl("pod-1-1", "http://10.96.0.80/")),
+        many(20, || lab.curl("pod-1-1", &f.url("10.96.0.80"))),
     ));
     apply("web-all-terminating-not-serving");
     seen.push((
         "web with no endpoint serving",
-        many(2, || lab.curl("pod-1-1", "http://10.96.0.80/")),
+        many(2, || lab.curl("pod-1-1", &f.url("10.96.0.80"))),
     ));
     apply("web-local-cluster");
     seen.push((
         "web-local switched to eTP=Cluster, via node1",
-        many(3, || lab.curl("client", "http://172.18.0.2:30081/")),
+        many(3, || lab.curl("client", &f.url("172.18.0.2:30081"))),
     ));
-    let route = lab.exec(
-        "client",
-        &["ip", "route", "add", "198.51.100.0/24", "via", "172.18.0.2"],
-    );
+    let (lb_net, node1) = match f {
+        Family::V4 => ("198.51.100.0/24", "172.18.0.2"),
+        Family::V6 => ("2001:db8:100::/64", "fc00:f853:ccd:e793::2"),
+    };
+    let route = lab.exec("client", &["ip", "route", "add", lb_net, "via", node1]);
     assert!(route.status.success(), "{route:?}");
     apply("web-lb-other-sources");
     seen.push((
         "LoadBalancer, client not in the source ranges",
-        many(1, || lab.curl("client", "http://198.51.100.10/")),
+        many(1, || lab.curl("client", &f.url("198.51.100.10"))),
     ));
     apply("web-lb");
     seen.push((
         "LoadBalancer, client in the source ranges",
-        many(20, || lab.curl("client", "http://198.51.100.10/")),
+        many(20, || lab.curl("client", &f.url("198.51.100.10"))),
     ));
     seen
 }
@@ -301,7 +373,8 @@ fn any_pod(seen: BTreeSet<Seen>, label: &str) -> BTreeSet<Seen> {
         .collect()
 }
 
-fn expected() -> Vec<(&'static str, BTreeSet<Seen>)> {
+fn expected(f: Family) -> Vec<(&'static str, BTreeSet<Seen>)> {
+    let answers = |pods: &[&str], client: &str| answers(pods, &f.ip(client));
     let one = |pod: &str, client: &str| answers(&[pod], client);
     vec![
         (
@@ -417,7 +490,7 @@ fn clients_see_the_same_in_dp_and_iptables_mode() {
     let status = dp_ok(&["lab", "status", "--name", &dp_lab.name]);
     assert!(status.contains("dp mode"), "{status}");
     assert_eq!(status.matches("running").count(), 6, "{status}");
-    let with_dp = observe(&dp_lab);
+    let with_dp = observe(&dp_lab, Family::V4);
     for node in ["node1", "node2"] {
         assert_eq!(
             rp_filter_drops(&dp_lab, node),
@@ -434,13 +507,70 @@ fn clients_see_the_same_in_dp_and_iptables_mode() {
         rules.contains("-A KUBE-SERVICES -d 10.96.0.80/32 -p tcp"),
         "{rules}"
     );
-    let with_iptables = observe(&ipt_lab);
+    let with_iptables = observe(&ipt_lab, Family::V4);
     drop(ipt_lab);
 
     for ((what, dp), (_, ipt)) in with_dp.iter().zip(&with_iptables) {
         assert_eq!(dp, ipt, "{what}: dp against iptables");
     }
-    assert_eq!(with_dp, expected());
+    assert_eq!(with_dp, expected(Family::V4));
+}
+
+/// Every exercise of docs/lab.md over IPv6, in a dual-stack lab (`dp lab
+/// up --ip-family dual`, examples/dual-stack/): clients see what they see
+/// over IPv4, in the IPv6 twins of the same addresses.
+#[test]
+fn every_exercise_runs_over_ipv6_in_a_dual_stack_lab() {
+    let lab = TestLab::up_with("dual", "dp", "dual");
+    for node in ["node1", "node2"] {
+        assert_kind_sysctls(&lab, node);
+    }
+    let status = dp_ok(&["lab", "status", "--name", &lab.name]);
+    assert!(status.contains("dp mode, dual"), "{status}");
+    assert!(status.contains("10.244.1.10 fd00:10:244:1::10"), "{status}");
+    assert!(status.contains("[fd00:10:96::80]:80"), "{status}");
+    let with_dp = observe(&lab, Family::V6);
+    assert_eq!(with_dp, expected(Family::V6));
+    // The IPv4 side of the same Services answers too (web-nodeport's
+    // ClusterIP; the exercises left web without endpoints).
+    let (pod, client) = answered(lab.curl("pod-1-0", "http://10.96.0.81/"));
+    assert!(pod == "pod-1-1" || pod == "pod-2-1", "{pod}");
+    assert_eq!(client, "10.244.1.10");
+}
+
+/// `--ip-family ipv6`: the IPv6 half of the dual-stack examples, and
+/// nothing of their IPv4 side.
+#[test]
+fn an_ipv6_lab_serves_the_ipv6_half_of_the_examples() {
+    let lab = TestLab::up_with("six", "dp", "ipv6");
+    let out = lab.exec("node1", &["dp", "service", "list", "-o", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let services: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let frontends: Vec<&str> = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["frontend"].as_str().unwrap())
+        .collect();
+    assert!(
+        frontends.contains(&"[fd00:10:96::80]:80/TCP"),
+        "{frontends:?}"
+    );
+    assert!(
+        frontends.iter().all(|f| f.starts_with('[')),
+        "IPv6 only: {frontends:?}"
+    );
+    let (pod, client) = answered(lab.curl("pod-1-1", &Family::V6.url("10.96.0.80")));
+    assert!(pod == "pod-1-0" || pod == "pod-2-0", "{pod}");
+    assert_eq!(client, "fd00:10:244:1::11");
+}
+
+/// (pod, client) of an answer.
+fn answered(seen: Seen) -> (String, String) {
+    match seen {
+        Seen::Answer { pod, client } => (pod, client),
+        other => panic!("no answer: {other:?}"),
+    }
 }
 
 #[test]

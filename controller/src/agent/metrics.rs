@@ -151,13 +151,43 @@ pub fn render(m: &AgentMetrics, writer: &MapWriter, dp: &Datapath) -> String {
         "Backends programmed",
         writer.backend_count().to_string(),
     );
-    let ct = dp.ct_entries().map_or(0, |e| e.len());
+    let entries = dp.ct_entries().unwrap_or_default();
     gauge(
         &mut out,
         "dp_conntrack_entries",
         "Conntrack entries (two per flow)",
-        ct.to_string(),
+        entries.len().to_string(),
     );
+    // The same three per family, labelled as kube-proxy labels its
+    // per-family metrics.
+    let ct_v6 = entries
+        .iter()
+        .filter(|(k, _)| !common::addr::is_v4_mapped(&k.saddr))
+        .count();
+    let by_family = [
+        (
+            "dp_frontends_by_family",
+            "Service frontends programmed, per IP family",
+            writer.frontends_by_family(),
+        ),
+        (
+            "dp_backends_by_family",
+            "Backends programmed, per IP family",
+            writer.backends_by_family(),
+        ),
+        (
+            "dp_conntrack_entries_by_family",
+            "Conntrack entries (two per flow), per IP family",
+            (entries.len() - ct_v6, ct_v6),
+        ),
+    ];
+    for (name, help, (v4, v6)) in by_family {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n\
+             {name}{{ip_family=\"IPv4\"}} {v4}\n{name}{{ip_family=\"IPv6\"}} {v6}"
+        );
+    }
     // Against dp_conntrack_entries: how close the table is to evicting.
     gauge(
         &mut out,

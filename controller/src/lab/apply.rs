@@ -32,7 +32,7 @@ impl Lab {
         let objects = crate::source::manifests::load_dir(&self.manifests_dir())?;
         let info = crate::translate::NodeInfo {
             name: node.name.clone(),
-            ips: vec![node.ip.into()],
+            ips: node_ips(node),
             zone: None,
         };
         let mut skipped = objects.skipped.clone();
@@ -50,13 +50,18 @@ impl Lab {
     pub(super) fn apply_rules(&self, state: &State, node: &Member) -> anyhow::Result<()> {
         let (ports, _) = self.service_ports_for(node)?;
         let config = ProxyConfig {
-            cluster_cidrs: vec!["10.244.0.0/16"
-                .parse()
-                .map_err(|e| anyhow::anyhow!("{e}"))?],
-            service_cidrs: vec![e2e::cluster::SERVICE_CIDR
-                .parse()
-                .map_err(|e| anyhow::anyhow!("{e}"))?],
-            node_ips: vec![node.ip.into()],
+            cluster_cidrs: parse_cidrs(state.ip_family.cluster_cidrs())?,
+            service_cidrs: parse_cidrs(state.ip_family.service_cidrs())?,
+            node_ips: node_ips(node)
+                .into_iter()
+                .filter(|ip| {
+                    if ip.is_ipv4() {
+                        state.ip_family.has_ipv4()
+                    } else {
+                        state.ip_family.has_ipv6()
+                    }
+                })
+                .collect(),
             ..ProxyConfig::default()
         };
         let backend = if state.mode == Mode::Iptables {
@@ -85,6 +90,7 @@ impl Lab {
     pub fn apply(&self, file: &Path, out: &mut impl Write) -> anyhow::Result<()> {
         let state = self.state()?;
         let text = fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
+        let text = state.ip_family.manifest(&text)?;
         let mut objects = crate::source::manifests::Objects::default();
         crate::source::manifests::load_str(&text, &file.display().to_string(), &mut objects);
         for s in &objects.skipped {
@@ -178,6 +184,20 @@ impl Lab {
         )?;
         Ok(())
     }
+}
+
+/// A node's addresses: IPv4, and IPv6 in an IPv6 or dual-stack lab.
+fn node_ips(node: &Member) -> Vec<std::net::IpAddr> {
+    let mut ips = vec![node.ip.into()];
+    ips.extend(node.ip6.map(std::net::IpAddr::from));
+    ips
+}
+
+fn parse_cidrs(cidrs: Vec<String>) -> anyhow::Result<Vec<crate::translate::Cidr>> {
+    cidrs
+        .iter()
+        .map(|c| c.parse().map_err(|e| anyhow::anyhow!("{c}: {e}")))
+        .collect()
 }
 
 /// `Kind namespace/name` of every object.

@@ -263,6 +263,7 @@ pub fn run(out: &mut impl Write) -> anyhow::Result<()> {
             &UpOptions {
                 nodes: 2,
                 mode,
+                ip_family: super::IpFamilies::Ipv4,
                 manifests: None,
             },
             out,

@@ -18,7 +18,8 @@
 //!
 //! Files: `up` (build and start), `apply` (new manifests), `status` (exec,
 //! status), `down` (remove), `process` (the lab's processes and logs),
-//! `demo`, `probe` (the demo's clients), `serve` (the pods' servers).
+//! `demo`, `probe` (the demo's clients), `serve` (the pods' servers),
+//! `family` (the IPv6 half of dual-stack manifests).
 //!
 //! Uses: `kube_proxy`, `kernel` (pins), `source` (manifests), `translate`,
 //! and `e2e`'s namespace topology (`Cluster`); it is the top layer.
@@ -26,6 +27,7 @@
 mod apply;
 pub mod demo;
 mod down;
+mod family;
 pub mod probe;
 mod process;
 pub mod serve;
@@ -34,12 +36,13 @@ mod up;
 
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use anyhow::{ensure, Context as _};
+pub use family::ipv6_half;
 use process::is_lab_role;
 use serde::{Deserialize, Serialize};
 
@@ -77,6 +80,106 @@ pub const EXAMPLES: &[(&str, &str)] = &[
     ("web.yaml", include_str!("../../../examples/web.yaml")),
 ];
 
+/// The dual-stack example manifests (`examples/dual-stack/`): the same
+/// Services in both families. `--ip-family ipv6` serves their IPv6 half.
+pub const EXAMPLES_DUAL_STACK: &[(&str, &str)] = &[
+    (
+        "dns.yaml",
+        include_str!("../../../examples/dual-stack/dns.yaml"),
+    ),
+    (
+        "draining.yaml",
+        include_str!("../../../examples/dual-stack/draining.yaml"),
+    ),
+    (
+        "no-endpoints.yaml",
+        include_str!("../../../examples/dual-stack/no-endpoints.yaml"),
+    ),
+    (
+        "sticky.yaml",
+        include_str!("../../../examples/dual-stack/sticky.yaml"),
+    ),
+    (
+        "web-local.yaml",
+        include_str!("../../../examples/dual-stack/web-local.yaml"),
+    ),
+    (
+        "web-nodeport.yaml",
+        include_str!("../../../examples/dual-stack/web-nodeport.yaml"),
+    ),
+    (
+        "web.yaml",
+        include_str!("../../../examples/dual-stack/web.yaml"),
+    ),
+];
+
+/// The address families of the lab's members and Services (kind's
+/// `networking.ipFamily`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IpFamilies {
+    /// IPv4 addresses and Services.
+    #[default]
+    Ipv4,
+    /// IPv6 Services: the IPv6 half of the dual-stack examples. The
+    /// members keep their IPv4 addresses for the lab's own plumbing.
+    Ipv6,
+    /// Both: every member has an address of each family, Services both
+    /// ClusterIPs.
+    Dual,
+}
+
+impl IpFamilies {
+    pub fn name(self) -> &'static str {
+        match self {
+            IpFamilies::Ipv4 => "ipv4",
+            IpFamilies::Ipv6 => "ipv6",
+            IpFamilies::Dual => "dual",
+        }
+    }
+
+    pub fn has_ipv4(self) -> bool {
+        self != IpFamilies::Ipv6
+    }
+
+    pub fn has_ipv6(self) -> bool {
+        self != IpFamilies::Ipv4
+    }
+
+    /// The cluster CIDRs (kind's defaults), one per family served.
+    pub fn cluster_cidrs(self) -> Vec<String> {
+        let (v6, len) = e2e::cluster::CLUSTER_CIDR6;
+        self.pick("10.244.0.0/16".into(), format!("{v6}/{len}"))
+    }
+
+    /// The Service CIDRs (kind's defaults), one per family served.
+    pub fn service_cidrs(self) -> Vec<String> {
+        self.pick(
+            e2e::cluster::SERVICE_CIDR.into(),
+            e2e::cluster::SERVICE_CIDR6.into(),
+        )
+    }
+
+    fn pick(self, v4: String, v6: String) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.has_ipv4() {
+            out.push(v4);
+        }
+        if self.has_ipv6() {
+            out.push(v6);
+        }
+        out
+    }
+
+    /// A manifest file as the lab serves it: as written, or its IPv6 half.
+    pub fn manifest(self, text: &str) -> anyhow::Result<String> {
+        match self {
+            IpFamilies::Ipv6 => ipv6_half(text),
+            _ => Ok(text.to_string()),
+        }
+    }
+}
+
 /// Each node's dataplane.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -113,6 +216,22 @@ pub struct Member {
     /// this node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_gateway: Option<Ipv4Addr>,
+    /// The IPv6 address, in an IPv6 or dual-stack lab.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
+    /// A node's IPv6 pod gateway (fd00:10:244:N::1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_gateway6: Option<Ipv6Addr>,
+}
+
+impl Member {
+    /// Its addresses, IPv4 then IPv6: `10.244.1.10 fd00:10:244:1::10`.
+    pub fn addresses(&self) -> String {
+        match self.ip6 {
+            Some(ip6) => format!("{} {ip6}", self.ip),
+            None => self.ip.to_string(),
+        }
+    }
 }
 
 /// A process the lab started.
@@ -130,6 +249,9 @@ pub struct Process {
 pub struct State {
     pub name: String,
     pub mode: Mode,
+    /// Labs from before dual-stack are IPv4.
+    #[serde(default)]
+    pub ip_family: IpFamilies,
     pub nodes: Vec<Member>,
     pub pods: Vec<Member>,
     pub client: Member,
@@ -161,6 +283,7 @@ impl State {
 pub struct UpOptions {
     pub nodes: usize,
     pub mode: Mode,
+    pub ip_family: IpFamilies,
     /// Manifests to serve instead of the examples.
     pub manifests: Option<PathBuf>,
 }
@@ -311,5 +434,57 @@ mod tests {
         let embedded: std::collections::BTreeSet<String> =
             EXAMPLES.iter().map(|(n, _)| n.to_string()).collect();
         assert_eq!(files, embedded, "every examples/*.yaml is embedded");
+    }
+
+    #[test]
+    fn the_dual_stack_examples_mirror_the_ipv4_ones_in_both_families() {
+        let names = |list: &[(&str, &str)]| -> Vec<String> {
+            list.iter().map(|(n, _)| n.to_string()).collect()
+        };
+        assert_eq!(names(EXAMPLES), names(EXAMPLES_DUAL_STACK));
+        let mut objects = crate::source::manifests::Objects::default();
+        for (name, text) in EXAMPLES_DUAL_STACK {
+            crate::source::manifests::load_str(text, name, &mut objects);
+        }
+        assert!(objects.skipped.is_empty(), "{:?}", objects.skipped);
+        // A slice per family for every Service.
+        assert_eq!(objects.slices.len(), 2 * objects.services.len());
+        let node = crate::translate::NodeInfo {
+            name: "node1".into(),
+            ips: vec![
+                "172.18.0.2".parse().unwrap(),
+                "fc00:f853:ccd:e793::2".parse().unwrap(),
+            ],
+            zone: None,
+        };
+        let mut skipped = Vec::new();
+        let ports = crate::translate::service_ports(
+            &objects.services,
+            &objects.slices,
+            &node,
+            &mut skipped,
+        );
+        let families = |f| ports.iter().filter(|p| p.family == f).count();
+        use crate::translate::IpFamily;
+        assert_eq!(families(IpFamily::V4), families(IpFamily::V6));
+        assert!(families(IpFamily::V6) > 0);
+    }
+
+    #[test]
+    fn the_ipv6_half_of_a_dual_stack_manifest_is_single_stack_ipv6() {
+        let text = EXAMPLES_DUAL_STACK
+            .iter()
+            .map(|(_, t)| *t)
+            .collect::<Vec<_>>()
+            .join("\n---\n");
+        let v6 = ipv6_half(&text).unwrap();
+        let mut objects = crate::source::manifests::Objects::default();
+        crate::source::manifests::load_str(&v6, "v6", &mut objects);
+        assert!(objects.skipped.is_empty(), "{:?}", objects.skipped);
+        assert_eq!(objects.services.len(), EXAMPLES.len());
+        assert_eq!(objects.slices.len(), EXAMPLES.len(), "IPv4 slices dropped");
+        assert!(!v6.contains("10.96.0."), "{v6}");
+        assert!(!v6.contains("addressType: IPv4"), "{v6}");
+        assert!(v6.contains("clusterIP: fd00:10:96::80"), "{v6}");
     }
 }

@@ -10,7 +10,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -26,8 +26,10 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// The line every reply starts with.
+    /// The line every reply starts with; an IPv4 client as IPv4, also
+    /// when a dual-stack socket saw it as `::ffff:a.b.c.d`.
     pub fn line(&self, client: SocketAddr) -> String {
+        let client = SocketAddr::new(client.ip().to_canonical(), client.port());
         format!("pod={} node={} client={client}", self.pod, self.node)
     }
 }
@@ -35,10 +37,17 @@ impl Identity {
 /// Binds all three servers, prints `ready` on stdout (and nothing after),
 /// then serves until killed.
 pub fn run(identity: Identity) -> anyhow::Result<()> {
-    let any = Ipv4Addr::UNSPECIFIED;
-    let http = TcpListener::bind((any, HTTP_PORT)).context("binding HTTP")?;
-    let echo = UdpSocket::bind((any, UDP_ECHO_PORT)).context("binding UDP echo")?;
-    let dns = UdpSocket::bind((any, DNS_PORT)).context("binding DNS")?;
+    // `[::]` takes both families (IPv4 as mapped addresses, shown as IPv4
+    // again); `0.0.0.0` where the namespace has no IPv6.
+    let any = |port| -> [SocketAddr; 2] {
+        [
+            (Ipv6Addr::UNSPECIFIED, port).into(),
+            (Ipv4Addr::UNSPECIFIED, port).into(),
+        ]
+    };
+    let http = TcpListener::bind(&any(HTTP_PORT)[..]).context("binding HTTP")?;
+    let echo = UdpSocket::bind(&any(UDP_ECHO_PORT)[..]).context("binding UDP echo")?;
+    let dns = UdpSocket::bind(&any(DNS_PORT)[..]).context("binding DNS")?;
     let own_ip = local_ip().unwrap_or(Ipv4Addr::UNSPECIFIED);
     eprintln!(
         "{} serving http :{HTTP_PORT}, udp echo :{UDP_ECHO_PORT}, dns :{DNS_PORT} as {own_ip}",

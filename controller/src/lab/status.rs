@@ -47,7 +47,13 @@ impl Lab {
     /// `dp lab status`.
     pub fn status(&self, out: &mut impl Write) -> anyhow::Result<()> {
         let state = self.state()?;
-        writeln!(out, "lab {:?}: {} mode", state.name, state.mode.name())?;
+        writeln!(
+            out,
+            "lab {:?}: {} mode, {}",
+            state.name,
+            state.mode.name(),
+            state.ip_family.name()
+        )?;
         for m in state.members() {
             let present = self.netns_path(&m.name).exists();
             let processes: Vec<String> = state
@@ -67,7 +73,7 @@ impl Lab {
                 out,
                 "  {:<8} {:<13} {}{}",
                 m.name,
-                m.ip,
+                m.addresses(),
                 if present { "" } else { "namespace MISSING " },
                 processes.join(", ")
             )?;
@@ -78,7 +84,7 @@ impl Lab {
             let mut addrs: Vec<String> = p
                 .cluster_ips
                 .iter()
-                .map(|ip| format!("{ip}:{}", p.port))
+                .map(|ip| std::net::SocketAddr::new(*ip, p.port).to_string())
                 .collect();
             if let Some(node_port) = p.node_port {
                 addrs.push(format!("nodePort {node_port}"));

@@ -35,10 +35,15 @@ impl Lab {
             Ok(state) => {
                 writeln!(
                     out,
-                    "lab {:?} up in {:.1} s ({} mode)",
+                    "lab {:?} up in {:.1} s ({} mode{})",
                     self.name,
                     started.elapsed().as_secs_f64(),
-                    opts.mode.name()
+                    opts.mode.name(),
+                    match opts.ip_family {
+                        IpFamilies::Ipv4 => "",
+                        IpFamilies::Ipv6 => ", IPv6",
+                        IpFamilies::Dual => ", dual-stack",
+                    }
                 )?;
                 Ok(state)
             }
@@ -56,14 +61,17 @@ impl Lab {
         let links = self.bpffs().join("lab");
         fs::create_dir_all(&links)?;
 
-        let cluster = e2e::Cluster::build(
+        let family = opts.ip_family;
+        let cluster = e2e::Cluster::build_with(
             e2e::Topology::named(&self.prefix()),
             &vec![PODS_PER_NODE; opts.nodes],
+            family.has_ipv6(),
         )
         .context("creating the namespaces")?;
         let mut state = State {
             name: self.name.clone(),
             mode: opts.mode,
+            ip_family: family,
             nodes: cluster
                 .nodes
                 .iter()
@@ -73,6 +81,8 @@ impl Lab {
                     ip: n.ip,
                     node: None,
                     pod_gateway: Some(e2e::cluster::pod_gateway(i)),
+                    ip6: n.ip6,
+                    pod_gateway6: n.ip6.map(|_| e2e::cluster::pod_gateway6(i)),
                 })
                 .collect(),
             pods: cluster
@@ -83,6 +93,8 @@ impl Lab {
                     ip: p.ip,
                     node: Some(cluster.nodes[p.node].name.clone()),
                     pod_gateway: None,
+                    ip6: p.ip6,
+                    pod_gateway6: None,
                 })
                 .collect(),
             client: Member {
@@ -90,6 +102,8 @@ impl Lab {
                 ip: e2e::cluster::CLIENT_IP,
                 node: None,
                 pod_gateway: None,
+                ip6: family.has_ipv6().then_some(e2e::cluster::CLIENT_IP6),
+                pod_gateway6: None,
             },
             processes: Vec::new(),
         };
@@ -100,14 +114,22 @@ impl Lab {
                 .pods
                 .iter()
                 .filter(|p| p.node.as_deref() == Some(&node.name))
-                .map(|p| format!("{} {}", p.name, p.ip))
+                .map(|p| format!("{} {}", p.name, p.addresses()))
                 .collect();
-            writeln!(out, "  {} {}: {}", node.name, node.ip, pods.join(", "))?;
+            writeln!(
+                out,
+                "  {} {}: {}",
+                node.name,
+                node.addresses(),
+                pods.join(", ")
+            )?;
         }
         writeln!(
             out,
-            "  client {} (outside the cluster CIDR 10.244.0.0/16; routes 10.96.0.0/16 via node1)",
-            state.client.ip
+            "  client {} (outside the cluster CIDR {}; routes the service CIDR {} via node1)",
+            state.client.addresses(),
+            family.cluster_cidrs().join(","),
+            family.service_cidrs().join(","),
         )?;
 
         match &opts.manifests {
@@ -116,20 +138,33 @@ impl Lab {
                 for entry in fs::read_dir(dir).with_context(|| format!("{}", dir.display()))? {
                     let path = entry?.path();
                     if crate::source::manifests::is_manifest(&path) {
-                        fs::copy(&path, self.manifests_dir().join(path.file_name().unwrap()))?;
+                        let text = fs::read_to_string(&path)
+                            .with_context(|| format!("{}", path.display()))?;
+                        let name = path.file_name().unwrap();
+                        fs::write(self.manifests_dir().join(name), family.manifest(&text)?)?;
                         n += 1;
                     }
                 }
                 writeln!(out, "  {n} manifest files from {}", dir.display())?;
             }
             None => {
-                for (name, text) in EXAMPLES {
-                    fs::write(self.manifests_dir().join(name), text)?;
+                let (examples, dir) = if family == IpFamilies::Ipv4 {
+                    (EXAMPLES, "examples/")
+                } else {
+                    (EXAMPLES_DUAL_STACK, "examples/dual-stack/")
+                };
+                for (name, text) in examples {
+                    fs::write(self.manifests_dir().join(name), family.manifest(text)?)?;
                 }
                 writeln!(
                     out,
-                    "  the {} example manifests (examples/)",
-                    EXAMPLES.len()
+                    "  the {} example manifests ({dir}{})",
+                    examples.len(),
+                    if family == IpFamilies::Ipv6 {
+                        ", their IPv6 half"
+                    } else {
+                        ""
+                    }
                 )?;
             }
         }
@@ -151,7 +186,7 @@ impl Lab {
         match opts.mode {
             Mode::Dp => {
                 for node in state.nodes.clone() {
-                    let pid = self.start_agent(&node)?;
+                    let pid = self.start_agent(&node, family)?;
                     state.processes.push(Process {
                         pid,
                         member: node.name.clone(),
@@ -215,8 +250,13 @@ impl Lab {
     }
 
     /// `dp agent` in a node's namespace, reading the lab's manifests.
-    pub(super) fn start_agent(&self, node: &Member) -> anyhow::Result<u32> {
+    pub(super) fn start_agent(&self, node: &Member, family: IpFamilies) -> anyhow::Result<u32> {
         let exe = std::env::current_exe()?;
+        let mut node_ips = Vec::new();
+        if family.has_ipv4() {
+            node_ips.push(node.ip.to_string());
+        }
+        node_ips.extend(node.ip6.map(|ip| ip.to_string()));
         let child = self
             .detached(&node.name, &exe, &self.log(&node.name, "agent"))?
             .arg("agent")
@@ -224,10 +264,10 @@ impl Lab {
             .arg(self.manifests_dir())
             .arg("--bpffs")
             .arg(self.node_bpffs(&node.name))
-            .args(["--node-name", &node.name, "--node-ip", &node.ip.to_string()])
+            .args(["--node-name", &node.name, "--node-ip", &node_ips.join(",")])
             .args(["--devices", "eth0"])
-            .args(["--cluster-cidr", "10.244.0.0/16"])
-            .args(["--service-cidr", e2e::cluster::SERVICE_CIDR])
+            .args(["--cluster-cidr", &family.cluster_cidrs().join(",")])
+            .args(["--service-cidr", &family.service_cidrs().join(",")])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())

@@ -190,6 +190,17 @@ impl BackendUsers {
     }
 }
 
+/// How many of `addrs` are (IPv4, IPv6).
+fn split_by_family(addrs: impl Iterator<Item = SocketAddr>) -> (usize, usize) {
+    addrs.fold((0, 0), |(v4, v6), a| {
+        if a.is_ipv4() {
+            (v4 + 1, v6)
+        } else {
+            (v4, v6 + 1)
+        }
+    })
+}
+
 /// The agent's record of what it programmed.
 #[derive(Debug, Default)]
 pub struct MapWriter {
@@ -360,6 +371,16 @@ impl MapWriter {
 
     pub fn backend_count(&self) -> usize {
         self.backends.len()
+    }
+
+    /// (IPv4, IPv6) frontends programmed.
+    pub fn frontends_by_family(&self) -> (usize, usize) {
+        split_by_family(self.frontends.keys().map(|k| k.addr))
+    }
+
+    /// (IPv4, IPv6) backends programmed.
+    pub fn backends_by_family(&self) -> (usize, usize) {
+        split_by_family(self.backends.keys().map(|k| k.0))
     }
 
     pub fn apply(

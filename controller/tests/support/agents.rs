@@ -297,6 +297,14 @@ impl AgentCluster {
         for net in ["198.51.100.0/24", "203.0.113.0/24"] {
             client.add_route(net, "172.18.0.2").unwrap();
         }
+        // IPv6 external and LoadBalancer IPs (documentation prefix) through
+        // node1 too.
+        if let Some(node1) = cluster.nodes[0].ip6 {
+            let via = node1.to_string();
+            client
+                .ip(&["-6", "route", "add", "2001:db8::/32", "via", &via])
+                .unwrap();
+        }
         let yaml = manifests.join("\n---\n");
         let manifests = manifests_dir(test);
         fs::write(manifests.join("services.yaml"), yaml).unwrap();

@@ -23,6 +23,8 @@ pub fn protocol_name(protocol: u8) -> String {
         proto::IPPROTO_TCP => "TCP".into(),
         proto::IPPROTO_UDP => "UDP".into(),
         proto::IPPROTO_ICMP => "ICMP".into(),
+        proto::IPPROTO_ICMPV6 => "ICMPv6".into(),
+        proto::IPPROTO_SCTP => "SCTP".into(),
         p => format!("proto-{p}"),
     }
 }

@@ -52,12 +52,15 @@ pub fn parse_reason(s: &str) -> Option<Reason> {
     }
 }
 
-/// `IPPROTO_*` of a `--proto` value.
+/// `IPPROTO_*` of a `--proto` value: tcp, udp, sctp, icmp, icmpv6 (or
+/// icmp6, ipv6-icmp) or a number.
 pub fn parse_protocol(s: &str) -> Option<u8> {
     match s.to_ascii_lowercase().as_str() {
         "tcp" => Some(proto::IPPROTO_TCP),
         "udp" => Some(proto::IPPROTO_UDP),
         "icmp" => Some(proto::IPPROTO_ICMP),
+        "icmpv6" | "icmp6" | "ipv6-icmp" => Some(proto::IPPROTO_ICMPV6),
+        "sctp" => Some(proto::IPPROTO_SCTP),
         n => n.parse().ok(),
     }
 }
