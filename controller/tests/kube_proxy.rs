@@ -641,49 +641,9 @@ fn refused_within(ns: &Netns, to: SocketAddr, limit: Duration) -> bool {
         == Some(std::io::ErrorKind::ConnectionRefused)
 }
 
-/// Waits until no IPv6 address in `ns` is tentative. A new device's
-/// link-local address goes through duplicate address detection for a second
-/// or two, and until then IPv6 to the next namespace does not work (the
-/// cluster's own addresses skip it, those the kernel adds do not). The
-/// address monitor starts before the first look, so the event that ends
-/// detection cannot be missed.
-fn wait_for_dad(ns: &Netns) {
-    use std::io::BufRead as _;
-    let mut monitor = std::process::Command::new("ip")
-        .args(["-n", ns.name(), "-6", "monitor", "address"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let events = monitor.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for _ in std::io::BufReader::new(events).lines() {
-            if tx.send(()).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !output(ns, "ip", &["-6", "addr", "show", "tentative"])
-        .trim()
-        .is_empty()
-    {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        rx.recv_timeout(left)
-            .unwrap_or_else(|_| panic!("{}: addresses still tentative", ns.name()));
-    }
-    let _ = monitor.kill();
-    let _ = monitor.wait();
-}
-
 fn ipv6_traffic_in_mode(backend: Backend) {
     let cluster = Cluster::new_dual(&[3]).unwrap();
     let _servers = cluster.serve_named_tcp(8080).unwrap();
-    let roles = cluster.nodes.iter().map(|n| &n.name);
-    let roles = roles.chain(cluster.pods.iter().map(|p| &p.name));
-    for role in roles.map(String::as_str).chain(["net", "client"]) {
-        wait_for_dad(cluster.ns(role));
-    }
     let node = cluster.node_ns(0);
     let node_ip6 = e2e::cluster::node_network6(2);
     let config = ProxyConfig {

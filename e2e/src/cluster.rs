@@ -231,7 +231,25 @@ impl Cluster {
                 cluster.add_pod(i)?;
             }
         }
+        if dual {
+            cluster.wait_for_ipv6()?;
+        }
         Ok(cluster)
+    }
+
+    /// Waits until no address in the cluster is tentative. The addresses
+    /// the cluster gives skip duplicate address detection (`nodad`), but
+    /// the link-local ones the kernel adds to every device go through it
+    /// for a second or two, and until then IPv6 between the namespaces
+    /// loses packets (a node still detecting forwards nothing to its
+    /// pods). A pod added later needs the same wait: [`wait_for_dad`].
+    pub fn wait_for_ipv6(&self) -> Result<()> {
+        let roles = self.nodes.iter().map(|n| n.name.as_str());
+        let roles = roles.chain(self.pods.iter().map(|p| p.name.as_str()));
+        for role in roles.chain(["net", "client"]) {
+            wait_for_dad(self.ns(role))?;
+        }
+        Ok(())
     }
 
     /// Adds a pod to node `node` (index): `pod-<node+1>-<n>` at
@@ -407,6 +425,45 @@ pub fn pod_address6(node: usize, j: usize) -> Ipv6Addr {
 }
 
 /// An IPv6 address without duplicate address detection (usable at once).
+/// Waits until `ns` has no tentative IPv6 address. The address monitor
+/// starts before the first look, so the event that ends detection cannot
+/// be missed.
+pub fn wait_for_dad(ns: &Netns) -> Result<()> {
+    use std::io::BufRead as _;
+    let mut monitor = ns
+        .command("ip")
+        .args(["-6", "monitor", "address"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(crate::io_err("ip -6 monitor address"))?;
+    let events = monitor.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for _ in std::io::BufReader::new(events).lines() {
+            if tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let result = loop {
+        let tentative = ns.exec("ip", &["-6", "addr", "show", "tentative"])?;
+        if String::from_utf8_lossy(&tentative.stdout).trim().is_empty() {
+            break Ok(());
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if rx.recv_timeout(left).is_err() {
+            break Err(crate::Error::Setup(format!(
+                "{}: IPv6 addresses still tentative after 10 s",
+                ns.name()
+            )));
+        }
+    };
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    result
+}
+
 fn add_addr6(ns: &Netns, ifname: &str, cidr: &str) -> Result<()> {
     ns.ip(&["-6", "addr", "add", cidr, "dev", ifname, "nodad"])
 }

@@ -10,6 +10,8 @@
 //!   once), externalTrafficPolicy: Local (served with the client's address
 //!   on the node with the endpoint, dropped on the other), and `dp trace`
 //!   in a dp pod showing the flows.
+//!   On a dual-stack cluster (`up --ip-family dual`, cluster-dual.yaml)
+//!   the Service checks run in each family.
 //! - `down`: deletes the cluster.
 //!
 //! Each needs a Docker engine, kind and kubectl; without them it says what
@@ -117,24 +119,54 @@ pub fn require_kernel() -> Result<()> {
     Ok(())
 }
 
-pub fn up(ws: &Path) -> Result<()> {
+/// The kind config and, for a dual-stack cluster, the agents' CIDR pairs
+/// (kind's defaults, as in the config).
+fn cluster_config(dual: bool) -> (&'static str, Option<[&'static str; 2]>) {
+    if dual {
+        (
+            "e2e/kind/cluster-dual.yaml",
+            Some([
+                "DP_CLUSTER_CIDR=10.244.0.0/16,fd00:10:244::/56",
+                "DP_SERVICE_CIDR=10.96.0.0/16,fd00:10:96::/112",
+            ]),
+        )
+    } else {
+        ("e2e/kind/cluster.yaml", None)
+    }
+}
+
+pub fn up(ws: &Path, dual: bool) -> Result<()> {
     require_kernel()?;
     require_tools()?;
+    let (config, cidrs) = cluster_config(dual);
     let clusters = output(Command::new("kind").args(["get", "clusters"]))?;
     if clusters.lines().any(|c| c == CLUSTER) {
-        crate::step("kind cluster dp: exists");
+        crate::step("kind cluster dp: exists (kept with its address families)");
     } else {
-        crate::step("kind create cluster (no kube-proxy)");
+        crate::step(&format!(
+            "kind create cluster --config {config} (no kube-proxy)"
+        ));
         crate::run(
             Command::new("kind")
                 .args(["create", "cluster", "--config"])
-                .arg(ws.join("e2e/kind/cluster.yaml")),
+                .arg(ws.join(config)),
         )?;
     }
     crate::image::build(ws)?;
     load_image(ws)?;
     crate::step("kubectl apply -k deploy/");
     crate::run(kubectl().arg("apply").arg("-k").arg(ws.join("deploy")))?;
+    if let Some(cidrs) = cidrs {
+        // deploy/'s ConfigMap has kind's IPv4 defaults; a dual-stack
+        // cluster's agents need a CIDR of each family (env overrides
+        // envFrom). The node addresses come from the Node objects.
+        crate::step("kubectl set env: both families' cluster and service CIDRs");
+        crate::run(
+            kubectl()
+                .args(["-n", "dp-system", "set", "env", "daemonset/dp-agent"])
+                .args(cidrs),
+        )?;
+    }
     // A new image under the same tag: the pods must start again.
     crate::run(kubectl().args([
         "-n",
@@ -244,11 +276,42 @@ fn jsonpath(args: &[&str], path: &str) -> Result<String> {
     )
 }
 
-fn node_ip(node: &str) -> Result<String> {
-    jsonpath(
+/// A node's InternalIP of one family (a dual-stack node has one of each).
+fn node_ip(node: &str, v6: bool) -> Result<String> {
+    let all = jsonpath(
         &["get", "node", node],
         "{.status.addresses[?(@.type==\"InternalIP\")].address}",
-    )
+    )?;
+    all.split_whitespace()
+        .find(|ip| ip.contains(':') == v6)
+        .map(str::to_string)
+        .with_context(|| format!("{node} has no {} InternalIP ({all})", family(v6)))
+}
+
+fn family(v6: bool) -> &'static str {
+    if v6 {
+        "IPv6"
+    } else {
+        "IPv4"
+    }
+}
+
+/// An address as a URL or `agnhost connect` writes it: IPv6 in brackets.
+fn host(ip: &str) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    }
+}
+
+/// A Service's ClusterIPs (one per family on a dual-stack cluster).
+fn cluster_ips(service: &str) -> Result<Vec<String>> {
+    let ips = jsonpath(
+        &["-n", NAMESPACE, "get", "service", service],
+        "{.spec.clusterIPs[*]}",
+    )?;
+    Ok(ips.split_whitespace().map(str::to_string).collect())
 }
 
 /// `curl` from a kind node (a client outside the cluster's pods).
@@ -287,10 +350,8 @@ pub fn test(ws: &Path) -> Result<()> {
         "--timeout=300s",
     ]))?;
 
-    let web_ip = jsonpath(
-        &["-n", NAMESPACE, "get", "service", "web"],
-        "{.spec.clusterIP}",
-    )?;
+    let web_ips = cluster_ips("web")?;
+    let web_ip = web_ips.first().context("web has no ClusterIP")?.clone();
     let web_pods: BTreeSet<String> = jsonpath(
         &["-n", NAMESPACE, "get", "pods", "-l", "app=web"],
         "{.items[*].metadata.name}",
@@ -298,27 +359,43 @@ pub fn test(ws: &Path) -> Result<()> {
     .split_whitespace()
     .map(str::to_string)
     .collect();
-    let nodes = Nodes {
-        worker: node_ip("dp-worker")?,
-        worker2: node_ip("dp-worker2")?,
-        control_plane: node_ip("dp-control-plane")?,
-    };
-
     let agents = agent_pods()?;
     wait_until_programmed(&agents)?;
 
     let mut checks = Checks { failed: Vec::new() };
-    checks.check(
-        "ClusterIP reaches both web pods",
-        cluster_ip(&web_ip, &web_pods),
-    );
+    // Each family of the (PreferDualStack) Services: one on an IPv4
+    // cluster, both on a dual-stack one.
+    for ip in &web_ips {
+        let v6 = ip.contains(':');
+        // Named by family where there are two.
+        let fam = if web_ips.len() > 1 {
+            format!("{}: ", family(v6))
+        } else {
+            String::new()
+        };
+        let nodes = Nodes {
+            worker: node_ip("dp-worker", v6)?,
+            worker2: node_ip("dp-worker2", v6)?,
+            control_plane: node_ip("dp-control-plane", v6)?,
+        };
+        checks.check(
+            &format!("{fam}ClusterIP reaches both web pods"),
+            cluster_ip(ip, &web_pods),
+        );
+        checks.check(
+            &format!("{fam}NodePort from another node"),
+            node_port(&nodes, &web_pods),
+        );
+        checks.check(
+            &format!("{fam}a Service without endpoints is refused at once"),
+            no_endpoints(v6),
+        );
+        checks.check(
+            &format!("{fam}externalTrafficPolicy: Local"),
+            local_policy(&nodes),
+        );
+    }
     checks.check("DNS through the kube-dns Service", dns(&web_ip));
-    checks.check("NodePort from another node", node_port(&nodes, &web_pods));
-    checks.check(
-        "a Service without endpoints is refused at once",
-        no_endpoints(),
-    );
-    checks.check("externalTrafficPolicy: Local", local_policy(&nodes));
     checks.check(
         "dp trace in a dp pod shows the flows",
         trace_in_a_dp_pod(&web_ip),
@@ -480,7 +557,7 @@ struct Nodes {
 
 /// `curl` from the client pod to `web`'s ClusterIP until both pods answered.
 fn cluster_ip(web_ip: &str, web_pods: &BTreeSet<String>) -> Result<String> {
-    let url = format!("http://{web_ip}/hostname");
+    let url = format!("http://{}/hostname", host(web_ip));
     let mut seen = BTreeSet::new();
     for _ in 0..30 {
         seen.insert(retried(|| {
@@ -506,7 +583,7 @@ fn dns(web_ip: &str) -> Result<String> {
 /// From the control-plane node to dp-worker2's NodePort: its local pod and
 /// the remote one both answer.
 fn node_port(nodes: &Nodes, web_pods: &BTreeSet<String>) -> Result<String> {
-    let url = format!("http://{}:30080/hostname", nodes.worker2);
+    let url = format!("http://{}:30080/hostname", host(&nodes.worker2));
     let mut seen = BTreeSet::new();
     for _ in 0..30 {
         seen.insert(retried(|| {
@@ -519,17 +596,19 @@ fn node_port(nodes: &Nodes, web_pods: &BTreeSet<String>) -> Result<String> {
     bail!("only {seen:?} answered (a local and a remote backend expected)")
 }
 
-/// kube-proxy's REJECT: refused, well before the 5 s timeout.
-fn no_endpoints() -> Result<String> {
-    let ip = jsonpath(
-        &["-n", NAMESPACE, "get", "service", "empty"],
-        "{.spec.clusterIP}",
-    )?;
+/// kube-proxy's REJECT: refused, well before the 5 s timeout (IPv6 TCP
+/// about a second in, on the SYN's retransmission: docs/deploy.md).
+fn no_endpoints(v6: bool) -> Result<String> {
+    let ips = cluster_ips("empty")?;
+    let ip = ips
+        .iter()
+        .find(|ip| ip.contains(':') == v6)
+        .with_context(|| format!("empty has no {} ClusterIP: {ips:?}", family(v6)))?;
     let started = Instant::now();
     let out = in_client(&[
         "/agnhost",
         "connect",
-        &format!("{ip}:80"),
+        &format!("{}:80", host(ip)),
         "--timeout=5s",
         "--protocol=tcp",
     ])
@@ -549,10 +628,11 @@ fn no_endpoints() -> Result<String> {
 /// dp-worker (the endpoint's node) keeps the client's address; dp-worker2
 /// (none) drops, so curl times out.
 fn local_policy(nodes: &Nodes) -> Result<String> {
-    let url = format!("http://{}:30081/clientip", nodes.worker);
+    let url = format!("http://{}:30081/clientip", host(&nodes.worker));
     // agnhost answers `IP:port`.
     let seen = retried(|| output(&mut curl_from_node("dp-control-plane", &url, 5)))?;
     let seen_ip = seen.rsplit_once(':').map_or(seen.as_str(), |(ip, _)| ip);
+    let seen_ip = seen_ip.trim_start_matches('[').trim_end_matches(']');
     if seen_ip != nodes.control_plane {
         bail!(
             "the backend saw {seen}, not the client {}",
@@ -561,7 +641,7 @@ fn local_policy(nodes: &Nodes) -> Result<String> {
     }
     // Dropped: curl times out (exit 28). Refused (7) would mean the
     // NodePort is not programmed at all.
-    let other = format!("http://{}:30081/clientip", nodes.worker2);
+    let other = format!("http://{}:30081/clientip", host(&nodes.worker2));
     let status = curl_from_node("dp-control-plane", &other, 3)
         .output()?
         .status;
@@ -614,7 +694,7 @@ fn trace_in_a_dp_pod(web_ip: &str) -> Result<String> {
         "-sS",
         "--max-time",
         "5",
-        &format!("http://{web_ip}/hostname"),
+        &format!("http://{}/hostname", host(web_ip)),
     ]))?;
     let out = trace.0.take().unwrap().wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -636,5 +716,34 @@ impl Drop for KillOnDrop {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agents' CIDR pairs are the ones the kind config gives the
+    /// cluster, so dp and the cluster agree on what is a pod.
+    #[test]
+    fn the_dual_stack_config_and_the_agents_cidrs_agree() {
+        let ws = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let (file, cidrs) = cluster_config(true);
+        let config = std::fs::read_to_string(ws.join(file)).unwrap();
+        assert!(config.contains("ipFamily: dual"), "{config}");
+        assert!(config.contains("kubeProxyMode: \"none\""), "{config}");
+        let [cluster, service] = cidrs.unwrap();
+        let value = |kv: &str| kv.split_once('=').unwrap().1.to_string();
+        assert!(config.contains(&format!("podSubnet: {}", value(cluster))));
+        assert!(config.contains(&format!("serviceSubnet: {}", value(service))));
+        let (file, cidrs) = cluster_config(false);
+        assert!(ws.join(file).exists());
+        assert!(cidrs.is_none());
+    }
+
+    #[test]
+    fn ipv6_hosts_are_bracketed() {
+        assert_eq!(host("10.96.0.1"), "10.96.0.1");
+        assert_eq!(host("fd00:10:96::1"), "[fd00:10:96::1]");
     }
 }

@@ -137,6 +137,11 @@ enum Task {
         /// BPF_PROG_TEST_RUN, control plane, NodePort rate, trace cost).
         #[arg(long)]
         micro: bool,
+        /// `ipv4`, `ipv6` or `both` (default): the IPv6 pass measures
+        /// N = 1 and 1 000 (its own section of BENCHMARKS.md,
+        /// docs/bench/ipv6/) against ip6tables and `table ip6`.
+        #[arg(long, default_value = "both", value_parser = ["ipv4", "ipv6", "both"])]
+        ip_family: String,
         /// Extra arguments: for dp-bench (e.g. `--services 1,1000`) or, with
         /// --micro, for criterion (e.g. a filter such as `new_flow`).
         #[arg(last = true)]
@@ -164,9 +169,15 @@ enum Task {
 enum KindCommand {
     /// Create the cluster without kube-proxy, build and load the image,
     /// deploy dp, wait until it serves.
-    Up,
+    Up {
+        /// `ipv4` (e2e/kind/cluster.yaml) or `dual` (cluster-dual.yaml:
+        /// kind's `ipFamily: dual`, dp given both cluster CIDRs).
+        #[arg(long, default_value = "ipv4", value_parser = ["ipv4", "dual"])]
+        ip_family: String,
+    },
     /// Run workloads and check ClusterIP, DNS, NodePort, no endpoints,
-    /// externalTrafficPolicy: Local and `dp trace`.
+    /// externalTrafficPolicy: Local and `dp trace`; on a dual-stack
+    /// cluster the Service checks run in both families.
     Test,
     /// Delete the cluster.
     Down,
@@ -268,7 +279,7 @@ fn main() -> Result<()> {
             }
         },
         Task::Kind { command } => match command {
-            KindCommand::Up => kind::up(&workspace()),
+            KindCommand::Up { ip_family } => kind::up(&workspace(), ip_family == "dual"),
             KindCommand::Test => kind::test(&workspace()),
             KindCommand::Down => kind::down(),
         },
@@ -277,12 +288,13 @@ fn main() -> Result<()> {
             quick,
             with_30k,
             micro,
+            ip_family,
             args,
         } => {
             if micro {
                 micro_bench(&args)
             } else {
-                bench(quick, with_30k, &args)
+                bench(quick, with_30k, &ip_family, &args)
             }
         }
     }
@@ -458,7 +470,7 @@ fn test() -> Result<()> {
     Ok(())
 }
 
-fn bench(quick: bool, with_30k: bool, args: &[String]) -> Result<()> {
+fn bench(quick: bool, with_30k: bool, ip_family: &str, args: &[String]) -> Result<()> {
     require_root("cargo xtask bench")?;
     setup(false)?;
     let ws = workspace();
@@ -485,36 +497,62 @@ fn bench(quick: bool, with_30k: bool, args: &[String]) -> Result<()> {
             typed.push_str(flag);
         }
     }
+    if ip_family != "both" {
+        typed.push_str(&format!(" --ip-family {ip_family}"));
+    }
     if !args.is_empty() {
         typed.push_str(" -- ");
         typed.push_str(&args.join(" "));
     }
-    let mut cmd = Command::new(cargo());
-    cmd.current_dir(&ws)
-        .args([
-            "run",
-            "--release",
-            "-q",
-            "-p",
-            "dp",
-            "--bin",
-            "dp-bench",
-            "--",
-        ])
-        .args(["--command", &typed]);
-    if quick {
-        cmd.args(["--quick", "--out", "target/dp-bench-quick"]);
-    } else {
-        cmd.args(["--out", "docs/bench", "--update-markdown", "BENCHMARKS.md"]);
+    let dp_bench = |family: &str| {
+        let mut cmd = Command::new(cargo());
+        cmd.current_dir(&ws)
+            .args([
+                "run",
+                "--release",
+                "-q",
+                "-p",
+                "dp",
+                "--bin",
+                "dp-bench",
+                "--",
+            ])
+            .args(["--command", &typed, "--ip-family", family]);
+        let out = match (quick, family) {
+            (true, "ipv6") => "target/dp-bench-quick-ipv6",
+            (true, _) => "target/dp-bench-quick",
+            (false, "ipv6") => "docs/bench/ipv6",
+            (false, _) => "docs/bench",
+        };
+        cmd.args(["--out", out]);
+        if quick {
+            cmd.arg("--quick");
+        } else {
+            cmd.args(["--update-markdown", "BENCHMARKS.md"]);
+        }
+        cmd
+    };
+    if ip_family != "ipv6" {
+        let mut cmd = dp_bench("ipv4");
+        if with_30k {
+            cmd.arg("--with-30k");
+        }
+        step(&format!(
+            "{typed}: dp vs kube-proxy (iptables nft/legacy, nftables) vs direct"
+        ));
+        run(cmd.args(args))?;
     }
-    if with_30k {
-        cmd.arg("--with-30k");
+    if ip_family != "ipv4" {
+        let mut cmd = dp_bench("ipv6");
+        if !args.iter().any(|a| a.starts_with("--services")) {
+            cmd.args(["--services", "1,1000"]);
+        }
+        step(&format!(
+            "{typed}: over IPv6, dp vs kube-proxy (ip6tables nft/legacy, table ip6) vs direct"
+        ));
+        run(cmd.args(args))?;
     }
-    step(&format!(
-        "{typed}: dp vs kube-proxy (iptables nft/legacy, nftables) vs direct"
-    ));
-    run(cmd.args(args))?;
-    if quick {
+    if quick || ip_family == "ipv6" {
         return Ok(());
     }
     // The sender is not the bottleneck there: CPU per forwarded packet at a

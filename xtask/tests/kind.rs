@@ -134,6 +134,47 @@ fn kind_up_falls_back_to_an_image_archive_when_kind_load_docker_image_fails() {
     assert!(lines[archive].contains("dp-image.tar --name dp"), "{log}");
 }
 
+/// `kind up --ip-family dual`: kind's dual-stack config, and the agents
+/// told both families' cluster and service CIDRs after deploy/ is applied.
+#[test]
+fn kind_up_dual_creates_a_dual_stack_cluster_and_gives_the_agents_both_cidrs() {
+    let calls = std::env::temp_dir().join(format!("dp-xtask-dual-calls-{}", std::process::id()));
+    let _ = fs::remove_file(&calls);
+    let record = format!("echo \"${{0##*/}} $*\" >> {}", calls.display());
+    let tools = bin_dir(
+        "dual",
+        &[
+            ("docker", &format!("{record}\nexit 0")),
+            ("kind", &format!("{record}\nexit 0")),
+            ("kubectl", &format!("{record}\nexit 0")),
+        ],
+    );
+    let (ok, text) = xtask(&tools, &["kind", "up", "--ip-family", "dual"]);
+    let log = fs::read_to_string(&calls).unwrap_or_default();
+    let _ = fs::remove_file(&calls);
+    assert!(ok, "{text}\n{log}");
+    let lines: Vec<&str> = log.lines().collect();
+    let at = |needle: &str| {
+        lines
+            .iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in {log}"))
+    };
+    at("kind create cluster --config ");
+    assert!(
+        lines[at("kind create cluster")].ends_with("e2e/kind/cluster-dual.yaml"),
+        "{log}"
+    );
+    let apply = at("apply -k ");
+    let env = at("set env daemonset/dp-agent");
+    assert!(apply < env, "{log}");
+    assert!(
+        lines[env].contains("DP_CLUSTER_CIDR=10.244.0.0/16,fd00:10:244::/56")
+            && lines[env].contains("DP_SERVICE_CIDR=10.96.0.0/16,fd00:10:96::/112"),
+        "{log}"
+    );
+}
+
 #[test]
 fn a_docker_client_without_an_engine_is_named_as_such() {
     let client_only = bin_dir(
@@ -168,7 +209,50 @@ fn a_docker_client_without_an_engine_is_named_as_such() {
 /// (recent drops, counters, status) and the node's drop counters.
 #[test]
 fn kind_test_waits_for_the_agents_retries_and_prints_diagnostics_on_failure() {
-    let calls = std::env::temp_dir().join(format!("dp-xtask-test-calls-{}", std::process::id()));
+    let (text, _) = kind_test_with("10.96.1.1", "10.96.1.2", "172.18.0.3");
+    for expected in [
+        "FAIL  ClusterIP reaches both web pods",
+        "FAIL  NodePort from another node",
+    ] {
+        assert!(text.contains(expected), "no {expected:?} in {text}");
+    }
+}
+
+/// On a dual-stack cluster every Service check runs in each family, IPv6
+/// addresses bracketed in URLs.
+#[test]
+fn kind_test_checks_both_families_of_a_dual_stack_cluster() {
+    let (text, called) = kind_test_with(
+        "10.96.1.1 fd00:10:96::1",
+        "10.96.1.2 fd00:10:96::2",
+        "172.18.0.3 fc00:f853:ccd:e793::3",
+    );
+    for expected in [
+        "FAIL  IPv4: ClusterIP reaches both web pods",
+        "FAIL  IPv6: ClusterIP reaches both web pods",
+        "FAIL  IPv6: NodePort from another node",
+        "FAIL  IPv6: a Service without endpoints is refused at once",
+        "FAIL  IPv6: externalTrafficPolicy: Local",
+        "curl -sS --max-time 5 http://[fc00:f853:ccd:e793::3]:30080/hostname",
+    ] {
+        assert!(text.contains(expected), "no {expected:?} in {text}");
+    }
+    assert!(
+        called.contains("curl -sS --max-time 5 http://[fd00:10:96::1]/hostname"),
+        "{called}"
+    );
+    assert!(called.contains("connect [fd00:10:96::2]:80"), "{called}");
+}
+
+/// `cargo xtask kind test` against a fake kubectl and docker whose
+/// Services have the ClusterIPs `web` and `empty` and whose nodes the
+/// InternalIPs `node` (space-separated): (output, kubectl's calls).
+fn kind_test_with(web: &str, empty: &str, node: &str) -> (String, String) {
+    let calls = std::env::temp_dir().join(format!(
+        "dp-xtask-test-calls-{}-{}",
+        std::process::id(),
+        web.len()
+    ));
     let _ = fs::remove_file(&calls);
     let log = calls.display().to_string();
     let kubectl = format!(
@@ -186,17 +270,17 @@ case "$*" in
   *"dp trace --service"*) exit 1 ;;
   *"field-selector"*) printf 'dp-a' ;;
   *"range .items"*) printf 'dp-a dp-worker\n' ;;
-  *"get service web "*) printf '10.96.1.1' ;;
-  *"get service empty "*) printf '10.96.1.2' ;;
+  *"get service web "*) printf '{web}' ;;
+  *"get service empty "*) printf '{empty}' ;;
   *"get pods -l app=web"*) printf 'web-a web-b' ;;
-  *"get node "*) printf '172.18.0.3' ;;
+  *"get node "*) printf '{node}' ;;
   *" exec client "*) echo "curl: (7) Failed to connect" >&2; exit 7 ;;
 esac
 exit 0"#
     );
     let docker = r#"case "$1" in exec) echo "curl: (7) Failed" >&2; exit 7 ;; esac; exit 0"#;
     let tools = bin_dir(
-        "test",
+        &format!("test{}", web.len()),
         &[
             ("docker", docker),
             ("kind", "exit 0"),
@@ -217,7 +301,6 @@ exit 0"#
         "dp-a (dp-worker): programmed",
         "attempt 1/3",
         "attempt 3/3",
-        "FAIL  ClusterIP reaches both web pods",
         "==> dp-worker (dp-a)",
         "--- dp trace --since 5m --verdict dropped,rejected --explain",
         "TRACE: dropped no_route_to_backend",
@@ -232,4 +315,5 @@ exit 0"#
         called.contains("-c agent -- nstat -asz TcpExtIPReversePathFilter IpInAddrErrors"),
         "{called}"
     );
+    (text, called)
 }

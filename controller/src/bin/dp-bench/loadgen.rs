@@ -3,7 +3,7 @@
 
 use std::{
     io::{self, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -49,7 +49,7 @@ impl Servers {
     /// namespace and starts serving them. With `cpu`, the serving thread is
     /// pinned to that CPU.
     pub fn start(
-        pods: &[(&e2e::Netns, Ipv4Addr)],
+        pods: &[(&e2e::Netns, std::net::IpAddr)],
         tcp_port: u16,
         udp_port: u16,
         cpu: Option<usize>,
@@ -85,8 +85,8 @@ impl Servers {
             .with_context(|| format!("pin the server thread to CPU {cpu:?}"))?;
 
         for (ns, ip) in pods {
-            let tcp_addr = SocketAddrV4::new(*ip, tcp_port);
-            let udp_addr = SocketAddrV4::new(*ip, udp_port);
+            let tcp_addr = SocketAddr::new(*ip, tcp_port);
+            let udp_addr = SocketAddr::new(*ip, udp_port);
             let (tcp, udp) = ns
                 .run(move || -> io::Result<_> {
                     let tcp = std::net::TcpListener::bind(tcp_addr)?;

@@ -71,6 +71,11 @@ struct Args {
     /// The command line to record in the results (what the user typed).
     #[arg(long, default_value = "cargo xtask bench")]
     command: String,
+    /// `ipv6`: single-stack IPv6 Services on a dual-stack cluster, against
+    /// kube-proxy's ip6tables rules and `table ip6`; its own section of the
+    /// markdown file.
+    #[arg(long, default_value = "ipv4", value_parser = ["ipv4", "ipv6"])]
+    ip_family: String,
 }
 
 #[derive(clap::Subcommand)]
@@ -268,7 +273,14 @@ pub struct Results {
     pub started: String,
     pub machine: Machine,
     pub settings: Settings,
+    /// `ipv4` (results of earlier runs) or `ipv6`.
+    #[serde(default = "ipv4")]
+    pub ip_family: String,
     pub points: Vec<Point>,
+}
+
+fn ipv4() -> String {
+    "ipv4".into()
 }
 
 fn main() -> Result<()> {
@@ -289,6 +301,7 @@ fn main() -> Result<()> {
         return input.write_dir(dir);
     }
     e2e::require_root();
+    scenario::use_ipv6(args.ip_family == "ipv6");
     if let Some(Action::Tail {
         services,
         dataplanes,
@@ -359,6 +372,7 @@ fn main() -> Result<()> {
         started: jiff::Timestamp::now().to_string(),
         machine: machine(nproc),
         settings: settings.clone(),
+        ip_family: args.ip_family.clone(),
         points: Vec::new(),
     };
     let earlier = args.out.join("results.json");
@@ -366,6 +380,9 @@ fn main() -> Result<()> {
         let old = report::read(&earlier).context("reading the earlier results")?;
         if old.quick != args.quick {
             bail!("--resume: the earlier run's --quick differs");
+        }
+        if old.ip_family != args.ip_family {
+            bail!("--resume: the earlier run's --ip-family differs");
         }
         results.started = old.started;
         results.settings = old.settings;
@@ -538,7 +555,7 @@ fn targets(dataplane: Dataplane, n: usize, rng: &mut Rng) -> Targets {
         .collect();
     let node_ports: Vec<SocketAddr> = (0..n)
         .filter_map(node_port)
-        .map(|p| SocketAddr::from((NODE_IP, p)))
+        .map(|p| SocketAddr::from((node_ip(), p)))
         .collect();
     Targets {
         last: last_service(n),
@@ -546,7 +563,7 @@ fn targets(dataplane: Dataplane, n: usize, rng: &mut Rng) -> Targets {
         udp: SocketAddr::from((Input::udp_cluster_ip(), UDP_PORT)),
         node_port_last: last_node_port(n),
         node_port_random: rng.pick(&node_ports, 2000),
-        node_port_udp: SocketAddr::from((NODE_IP, UDP_NODE_PORT)),
+        node_port_udp: SocketAddr::from((node_ip(), UDP_NODE_PORT)),
     }
 }
 
@@ -717,14 +734,25 @@ impl Prepared {
         work: &std::path::Path,
         load_timeout: Duration,
     ) -> Result<std::result::Result<Self, Point>> {
-        let cluster = e2e::Cluster::new(&[scenario::ENDPOINTS + 1])?;
+        let cluster = if scenario::ipv6() {
+            e2e::Cluster::new_dual(&[scenario::ENDPOINTS + 1])?
+        } else {
+            e2e::Cluster::new(&[scenario::ENDPOINTS + 1])?
+        };
         // The floor's external client reaches pods through the node.
+        let via = scenario::node_ip().to_string();
         cluster
             .client_ns()
-            .add_route("10.244.0.0/16", &scenario::NODE_IP.to_string())?;
-        let pods: Vec<(&e2e::Netns, std::net::Ipv4Addr)> = cluster.pods[1..]
+            .ip(&["route", "add", &scenario::cluster_cidr(), "via", &via])?;
+        let pods: Vec<(&e2e::Netns, std::net::IpAddr)> = cluster.pods[1..]
             .iter()
-            .map(|p| (cluster.pod_ns(&p.name), p.ip))
+            .map(|p| {
+                let ip = match p.ip6 {
+                    Some(ip6) if scenario::ipv6() => ip6.into(),
+                    _ => p.ip.into(),
+                };
+                (cluster.pod_ns(&p.name), ip)
+            })
             .collect();
         let servers = Servers::start(
             &pods,

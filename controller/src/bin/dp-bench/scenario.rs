@@ -7,10 +7,11 @@ use std::{
     fmt::Write as _,
     fs,
     io::{BufRead, BufReader},
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
+    sync::OnceLock,
     time::{Duration, Instant},
 };
 
@@ -31,7 +32,49 @@ pub const TARGET_PORT: u16 = 8080;
 pub const UDP_PORT: u16 = 53;
 pub const UDP_TARGET_PORT: u16 = 5353;
 pub const UDP_NODE_PORT: u16 = 32000;
-pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
+const NODE_IP4: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
+const NODE_IP6: Ipv6Addr = e2e::cluster::node_network6(2);
+
+/// The family every service, endpoint and client of this run uses
+/// (`--ip-family`); set once, at the start.
+static IPV6: OnceLock<bool> = OnceLock::new();
+
+/// Runs this process's measurements over IPv6 (single-stack IPv6 Services
+/// on a dual-stack cluster, kube-proxy's ip6tables and `ip6` table).
+pub fn use_ipv6(on: bool) {
+    let _ = IPV6.set(on);
+}
+
+pub fn ipv6() -> bool {
+    IPV6.get().copied().unwrap_or(false)
+}
+
+/// node1's address in the run's family.
+pub fn node_ip() -> IpAddr {
+    if ipv6() {
+        NODE_IP6.into()
+    } else {
+        NODE_IP4.into()
+    }
+}
+
+/// The pods' CIDR in the run's family (kind's).
+pub fn cluster_cidr() -> String {
+    if ipv6() {
+        let (net, len) = e2e::cluster::CLUSTER_CIDR6;
+        format!("{net}/{len}")
+    } else {
+        "10.244.0.0/16".into()
+    }
+}
+
+fn service_cidr() -> &'static str {
+    if ipv6() {
+        e2e::cluster::SERVICE_CIDR6
+    } else {
+        e2e::cluster::SERVICE_CIDR
+    }
+}
 /// Every 20th service is a NodePort (the range holds 2 768 ports).
 const NODEPORT_EVERY: usize = 20;
 const SERVICES_PER_FILE: usize = 500;
@@ -81,14 +124,36 @@ impl Dataplane {
 }
 
 /// The backend pods: `pod-1-1` .. `pod-1-10`; `pod-1-0` is the client pod.
-pub fn backend_ips() -> Vec<Ipv4Addr> {
+pub fn backend_ips() -> Vec<IpAddr> {
     (0..ENDPOINTS)
-        .map(|e| Ipv4Addr::new(10, 244, 1, 11 + e as u8))
+        .map(|e| {
+            if ipv6() {
+                e2e::cluster::pod_address6(0, 1 + e).into()
+            } else {
+                Ipv4Addr::new(10, 244, 1, 11 + e as u8).into()
+            }
+        })
         .collect()
 }
 
-pub fn cluster_ip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::from(0x0a60_0000 + i as u32 + 1) // 10.96.x.y
+pub fn cluster_ip(i: usize) -> IpAddr {
+    if ipv6() {
+        // fd00:10:96::/112 holds 65 535: more than the largest N.
+        let base = u128::from(Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0));
+        Ipv6Addr::from(base + i as u128 + 1).into()
+    } else {
+        Ipv4Addr::from(0x0a60_0000 + i as u32 + 1).into() // 10.96.x.y
+    }
+}
+
+/// An address nobody answers on, for endpoint change `version`.
+fn moved_ip(version: usize) -> IpAddr {
+    let v = (version % 60_000) as u32 + 1;
+    if ipv6() {
+        Ipv6Addr::new(0xfd00, 0x10, 0x250, 0, 0, 0, 0, v as u16).into()
+    } else {
+        Ipv4Addr::from(0x0afa_0000 + v).into()
+    }
 }
 
 pub fn node_port(i: usize) -> Option<u16> {
@@ -106,17 +171,30 @@ pub struct Input {
 }
 
 impl Input {
-    pub fn udp_cluster_ip() -> Ipv4Addr {
-        Ipv4Addr::new(10, 96, 255, 253)
+    pub fn udp_cluster_ip() -> IpAddr {
+        if ipv6() {
+            Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0xfffd).into()
+        } else {
+            Ipv4Addr::new(10, 96, 255, 253).into()
+        }
     }
 
-    fn endpoints(&self, i: usize) -> Vec<Ipv4Addr> {
+    fn endpoints(&self, i: usize) -> Vec<IpAddr> {
         let mut ips = backend_ips();
         if let Some((_, version)) = self.moved.iter().rev().find(|(s, _)| *s == i) {
             // An address nobody answers on: the change is what is measured.
-            ips[0] = Ipv4Addr::from(0x0afa_0000 + (*version as u32 % 60_000) + 1);
+            ips[0] = moved_ip(*version);
         }
         ips
+    }
+
+    /// `ipFamilies` and `addressType` of the run's family.
+    fn family_yaml() -> (&'static str, &'static str) {
+        if ipv6() {
+            (", ipFamilies: [IPv6]", "IPv6")
+        } else {
+            ("", "IPv4")
+        }
     }
 
     fn service_yaml(&self, i: usize, out: &mut String) {
@@ -126,33 +204,35 @@ impl Input {
             "ClusterIP"
         };
         let np = node_port(i).map_or(String::new(), |p| format!(", nodePort: {p}"));
+        let (families, address_type) = Self::family_yaml();
         let _ = write!(
             out,
             "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i:05}, namespace: bench}}\n\
-             spec: {{type: {ty}, clusterIP: {}, ports: [{{name: http, port: {TCP_PORT}, targetPort: {TARGET_PORT}{np}}}]}}\n---\n\
+             spec: {{type: {ty}, clusterIP: \"{}\"{families}, ports: [{{name: http, port: {TCP_PORT}, targetPort: {TARGET_PORT}{np}}}]}}\n---\n\
              apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
              metadata: {{name: svc-{i:05}-1, namespace: bench, labels: {{kubernetes.io/service-name: svc-{i:05}}}}}\n\
-             addressType: IPv4\nports: [{{name: http, port: {TARGET_PORT}}}]\nendpoints:\n",
+             addressType: {address_type}\nports: [{{name: http, port: {TARGET_PORT}}}]\nendpoints:\n",
             cluster_ip(i)
         );
         for ip in self.endpoints(i) {
-            let _ = writeln!(out, "- {{addresses: [{ip}], nodeName: node1}}");
+            let _ = writeln!(out, "- {{addresses: [\"{ip}\"], nodeName: node1}}");
         }
         out.push_str("---\n");
     }
 
     fn udp_yaml(out: &mut String) {
+        let (families, address_type) = Self::family_yaml();
         let _ = write!(
             out,
             "apiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: bench}}\n\
-             spec: {{type: NodePort, clusterIP: {}, ports: [{{name: dns, protocol: UDP, port: {UDP_PORT}, targetPort: {UDP_TARGET_PORT}, nodePort: {UDP_NODE_PORT}}}]}}\n---\n\
+             spec: {{type: NodePort, clusterIP: \"{}\"{families}, ports: [{{name: dns, protocol: UDP, port: {UDP_PORT}, targetPort: {UDP_TARGET_PORT}, nodePort: {UDP_NODE_PORT}}}]}}\n---\n\
              apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
              metadata: {{name: dns-1, namespace: bench, labels: {{kubernetes.io/service-name: dns}}}}\n\
-             addressType: IPv4\nports: [{{name: dns, protocol: UDP, port: {UDP_TARGET_PORT}}}]\nendpoints:\n",
+             addressType: {address_type}\nports: [{{name: dns, protocol: UDP, port: {UDP_TARGET_PORT}}}]\nendpoints:\n",
             Self::udp_cluster_ip()
         );
         for ip in backend_ips() {
-            let _ = writeln!(out, "- {{addresses: [{ip}], nodeName: node1}}");
+            let _ = writeln!(out, "- {{addresses: [\"{ip}\"], nodeName: node1}}");
         }
         out.push_str("---\n");
     }
@@ -201,16 +281,18 @@ impl Input {
 fn node() -> NodeInfo {
     NodeInfo {
         name: "node1".into(),
-        ips: vec![NODE_IP.into()],
+        ips: vec![node_ip()],
         zone: None,
     }
 }
 
+/// kube-proxy's settings for node1, in the run's family only (its other
+/// family has no Services, so no rules are written for it).
 pub fn proxy_config() -> ProxyConfig {
     ProxyConfig {
-        cluster_cidrs: vec!["10.244.0.0/16".parse().expect("CIDR")],
-        node_ips: vec![NODE_IP.into()],
-        service_cidrs: vec!["10.96.0.0/16".parse().expect("CIDR")],
+        cluster_cidrs: vec![cluster_cidr().parse().expect("CIDR")],
+        node_ips: vec![node_ip()],
+        service_cidrs: vec![service_cidr().parse().expect("CIDR")],
         ..ProxyConfig::default()
     }
 }
@@ -544,7 +626,7 @@ pub fn last_service(n: usize) -> SocketAddr {
 
 pub fn last_node_port(n: usize) -> SocketAddr {
     let i = (0..n).rev().find(|i| node_port(*i).is_some()).unwrap_or(0);
-    SocketAddr::from((NODE_IP, node_port(i).unwrap_or(30000)))
+    SocketAddr::from((node_ip(), node_port(i).unwrap_or(30000)))
 }
 
 /// The fake API server process (`e2e`'s `fake-apiserver`, built next to
@@ -712,9 +794,10 @@ fn agent_command(node_ns: &e2e::Netns, n: usize, enter: Option<&str>) -> Command
         cmd.args(["sh", "-c", script, "sh"]);
     }
     cmd.arg(dp_binary())
-        .args(["agent", "--node-name", "node1", "--node-ip", "172.18.0.2"])
+        .args(["agent", "--node-name", "node1", "--node-ip"])
+        .arg(node_ip().to_string())
         .args(["--devices", "eth0"])
-        .args(["--cluster-cidr", "10.244.0.0/16"])
+        .args(["--cluster-cidr", &cluster_cidr()])
         .args([
             "--map-size-services",
             &services.max(common::map_sizes::SERVICES).to_string(),
