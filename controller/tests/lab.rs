@@ -518,7 +518,8 @@ fn clients_see_the_same_in_dp_and_iptables_mode() {
 
 /// Every exercise of docs/lab.md over IPv6, in a dual-stack lab (`dp lab
 /// up --ip-family dual`, examples/dual-stack/): clients see what they see
-/// over IPv4, in the IPv6 twins of the same addresses.
+/// over IPv4, in the IPv6 twins of the same addresses, with dp and with
+/// kube-proxy's IPv6 rules (ip6tables-nft).
 #[test]
 fn every_exercise_runs_over_ipv6_in_a_dual_stack_lab() {
     let lab = TestLab::up_with("dual", "dp", "dual");
@@ -530,12 +531,27 @@ fn every_exercise_runs_over_ipv6_in_a_dual_stack_lab() {
     assert!(status.contains("10.244.1.10 fd00:10:244:1::10"), "{status}");
     assert!(status.contains("[fd00:10:96::80]:80"), "{status}");
     let with_dp = observe(&lab, Family::V6);
-    assert_eq!(with_dp, expected(Family::V6));
     // The IPv4 side of the same Services answers too (web-nodeport's
     // ClusterIP; the exercises left web without endpoints).
     let (pod, client) = answered(lab.curl("pod-1-0", "http://10.96.0.81/"));
     assert!(pod == "pod-1-1" || pod == "pod-2-1", "{pod}");
     assert_eq!(client, "10.244.1.10");
+    drop(lab);
+
+    // kube-proxy's IPv6 rules (ip6tables-nft) in the same lab: the same.
+    let ipt = TestLab::up_with("dual6i", "iptables", "dual");
+    let out = ipt.exec("node1", &["ip6tables-nft-save", "-t", "nat"]);
+    let rules = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        rules.contains("-A KUBE-SERVICES -d fd00:10:96::80/128 -p tcp"),
+        "{rules}"
+    );
+    let with_iptables = observe(&ipt, Family::V6);
+    drop(ipt);
+    for ((what, dp), (_, ipt)) in with_dp.iter().zip(&with_iptables) {
+        assert_eq!(dp, ipt, "{what}: dp against ip6tables");
+    }
+    assert_eq!(with_dp, expected(Family::V6));
 }
 
 /// `--ip-family ipv6`: the IPv6 half of the dual-stack examples, and
