@@ -273,14 +273,18 @@ pub struct Results {
     pub started: String,
     pub machine: Machine,
     pub settings: Settings,
-    /// `ipv4` (results of earlier runs) or `ipv6`.
-    #[serde(default = "ipv4")]
+    /// `ipv4` (left out, as in results of earlier runs) or `ipv6`.
+    #[serde(default = "ipv4", skip_serializing_if = "is_ipv4")]
     pub ip_family: String,
     pub points: Vec<Point>,
 }
 
 fn ipv4() -> String {
     "ipv4".into()
+}
+
+fn is_ipv4(family: &str) -> bool {
+    family == "ipv4"
 }
 
 fn main() -> Result<()> {

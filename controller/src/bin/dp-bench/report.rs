@@ -1235,6 +1235,26 @@ mod tests {
         assert_eq!(labels(Axis::fit(&[3e5, 1.2e6]))[1], "200000");
     }
 
+    /// The committed IPv6 run (`--ip-family ipv6`, N = 1 and 1 000): the
+    /// same, its family kept in the results.
+    #[test]
+    fn committed_ipv6_results_render_as_committed() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench/ipv6");
+        let r = read(&dir.join("results.json")).expect("docs/bench/ipv6/results.json");
+        assert_eq!(r.ip_family, "ipv6");
+        assert_eq!(
+            serde_json::to_string_pretty(&r).expect("json"),
+            fs::read_to_string(dir.join("results.json")).expect("read")
+        );
+        assert_eq!(
+            tables(&r),
+            fs::read_to_string(dir.join("tables.md")).expect("tables.md")
+        );
+        for c in charts() {
+            assert_balanced(&chart(&r, &c).expect("renders"));
+        }
+    }
+
     /// The committed run: tables.md and results.json come out byte for byte
     /// as committed (the charts are the only part of the report that
     /// changed), and every chart renders.
