@@ -194,3 +194,16 @@ pub struct RevNatValue {
     pub port: u16,
     pub _pad: [u8; 2],
 }
+
+/// Value of `DP_SOCK_PEERS` (key: the socket's cookie, `u64`): the service
+/// address a socket connected to before socket-level load balancing
+/// pointed it at a backend; getpeername() shows it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockPeer {
+    /// The service address (`addr::v4_mapped` for IPv4).
+    pub addr: [u8; 16],
+    /// The service port, host order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}

@@ -57,6 +57,12 @@ pub mod map_names {
     pub const LAYOUTS: &str = "DP_LAYOUTS";
     /// Per-CPU token bucket of the replies the datapath builds.
     pub const REPLY_BUDGET: &str = "DP_REPLY_BUDGET";
+    /// Socket-level load balancing: socket cookie -> the service address
+    /// the socket asked for (`lb::SockPeer`), for getpeername().
+    pub const SOCK_PEERS: &str = "DP_SOCK_PEERS";
+    /// Socket-level load balancing: the one network namespace (cookie)
+    /// whose sockets are served, 0 for all (`--socket-lb host|all`).
+    pub const SOCK_SCOPE: &str = "DP_SOCK_SCOPE";
 }
 
 /// Default capacities of the maps; userspace may set others at load time
@@ -100,6 +106,9 @@ pub mod map_sizes {
     /// Devices the programs are attached to (node devices and pod veths;
     /// allocated on use).
     pub const DEVICES: u32 = 4_096;
+    /// Sockets socket-level load balancing remembers the service address
+    /// of (for getpeername); the oldest are forgotten first.
+    pub const SOCK_PEERS: u32 = 65_536;
 }
 
 /// Names of the programs in the dp object.
@@ -133,6 +142,7 @@ mod user {
     unsafe impl aya::Pod for crate::AffinityValue {}
     unsafe impl aya::Pod for crate::MemberKey {}
     unsafe impl aya::Pod for crate::SourceRangeKey {}
+    unsafe impl aya::Pod for crate::lb::SockPeer {}
     unsafe impl aya::Pod for crate::DeviceInfo {}
     unsafe impl aya::Pod for crate::config::ReplyBudget {}
     unsafe impl aya::Pod for crate::layout::LayoutKey {}

@@ -15,12 +15,20 @@ pub enum Hook {
     TcEgress = 1,
     /// XDP on an interface's receive path.
     Xdp = 2,
+    /// The cgroup connect4 hook (socket-level load balancing): a socket's
+    /// connect() to an IPv4 address, before any packet.
+    SockConnect4 = 3,
 }
 
 impl Hook {
     /// Number of hooks: the counter map has one block of reasons per hook.
-    pub const COUNT: u32 = 3;
-    pub const ALL: [Hook; 3] = [Hook::TcIngress, Hook::TcEgress, Hook::Xdp];
+    pub const COUNT: u32 = 4;
+    pub const ALL: [Hook; 4] = [
+        Hook::TcIngress,
+        Hook::TcEgress,
+        Hook::Xdp,
+        Hook::SockConnect4,
+    ];
 
     pub fn from_u8(v: u8) -> Option<Self> {
         Self::ALL.into_iter().find(|h| *h as u8 == v)
@@ -31,6 +39,7 @@ impl Hook {
             Hook::TcIngress => "tc/ingress",
             Hook::TcEgress => "tc/egress",
             Hook::Xdp => "xdp",
+            Hook::SockConnect4 => "sock/connect4",
         }
     }
 }
@@ -181,11 +190,17 @@ pub enum Reason {
     /// packet's family (an IPv6 flow on a node without an IPv6 address
     /// configured): dropped.
     NoNodeAddress = 37,
+    /// Socket-level load balancing left a connection to a Service to the
+    /// tc programs: its rules need the packet (session affinity and source
+    /// ranges need the client's address; external frontends and local
+    /// policies without a local endpoint keep kube-proxy's per-packet
+    /// behaviour). The connect() goes ahead untranslated.
+    SockLeftToTc = 38,
 }
 
 impl Reason {
     /// Every reason, in number order.
-    pub const ALL: [Reason; 37] = [
+    pub const ALL: [Reason; 38] = [
         Reason::NotIpv4,
         Reason::NoService,
         Reason::UnsupportedProtocol,
@@ -223,6 +238,7 @@ impl Reason {
         Reason::NotIp,
         Reason::Ipv6HeaderChainTooLong,
         Reason::NoNodeAddress,
+        Reason::SockLeftToTc,
     ];
 
     pub fn from_u32(v: u32) -> Option<Self> {
@@ -287,6 +303,7 @@ impl Reason {
             Reason::NotIp => "not_ip",
             Reason::Ipv6HeaderChainTooLong => "ipv6_header_chain_too_long",
             Reason::NoNodeAddress => "no_node_address",
+            Reason::SockLeftToTc => "sock_left_to_tc",
         }
     }
 
@@ -334,6 +351,7 @@ impl Reason {
             Reason::NotIp => "not IP",
             Reason::Ipv6HeaderChainTooLong => "more IPv6 extension headers than the datapath walks",
             Reason::NoNodeAddress => "masquerade needs a node address of this family, none set",
+            Reason::SockLeftToTc => "left to the tc programs by socket-level load balancing",
         }
     }
 }
@@ -408,6 +426,7 @@ mod tests {
                 "ipv6_header_chain_too_long",
             ),
             (Reason::NoNodeAddress, 37, "no_node_address"),
+            (Reason::SockLeftToTc, 38, "sock_left_to_tc"),
         ];
         assert_eq!(Reason::ALL.len(), expected.len(), "update this list");
         for (reason, number, id) in expected {

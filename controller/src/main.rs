@@ -433,6 +433,16 @@ struct AgentArgs {
     /// where the kernel has it).
     #[arg(long, env = "DP_TC_ATTACH", value_enum, default_value = "auto")]
     tc_attach: dp::agent::TcAttachChoice,
+    /// Socket-level load balancing: `host` points the node's own sockets
+    /// (its processes, hostNetwork pods) at a backend at connect(), so tc
+    /// translates none of their packets; `all` pods' sockets too; `off`
+    /// leaves every connection to tc. ClusterIPs only so far (docs/deploy.md).
+    #[arg(long, env = "DP_SOCKET_LB", value_enum, default_value = "off")]
+    socket_lb: dp::agent::SocketLb,
+    /// The cgroup v2 directory the socket hooks attach to (default: the
+    /// hierarchy's root, from /proc/self/mounts).
+    #[arg(long, env = "DP_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
     /// kube-proxy's --cluster-cidr, one per family, comma-separated (e.g.
     /// `10.244.0.0/16,fd00:10:244::/56`): service traffic from outside the
     /// CIDR of its family is masqueraded.
@@ -711,6 +721,8 @@ fn main() -> anyhow::Result<()> {
                 pod_devices: Some(a.pod_devices),
                 xdp: a.xdp,
                 tc_attach: a.tc_attach,
+                socket_lb: a.socket_lb,
+                cgroup_root: a.cgroup_root,
                 cluster_cidrs: one_per_family("--cluster-cidr", a.cluster_cidr)?,
                 nodeport_addresses: a.nodeport_addresses,
                 service_cidrs: a.service_cidr.into_iter().flatten().collect(),

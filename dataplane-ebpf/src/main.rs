@@ -26,6 +26,7 @@ mod packet;
 mod parse;
 mod reject;
 mod service;
+mod sock;
 mod stats;
 mod trace;
 mod xdp;
@@ -33,8 +34,8 @@ mod zero;
 
 use action::TcAction;
 use aya_ebpf::{
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use common::Hook;
 
@@ -58,6 +59,19 @@ pub fn dp_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn dp_tc_untraced(ctx: TcContext) -> i32 {
     datapath::run_tc::<false>(&ctx, Hook::TcIngress) as i32
+}
+
+/// Socket-level load balancing: a connect() to a ClusterIP goes to a
+/// backend (`sock.rs`).
+#[cgroup_sock_addr(connect4)]
+pub fn dp_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::connect4(&ctx)
+}
+
+/// Socket-level load balancing: getpeername() shows the service address.
+#[cgroup_sock_addr(getpeername4)]
+pub fn dp_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::getpeername4(&ctx)
 }
 
 /// Does nothing: the floor the benchmarks compare the datapath with.

@@ -135,3 +135,14 @@ const TRACE_RING_BYTES: u32 = 1 << 20;
 const _: () = assert!(core::mem::size_of::<TraceEvent>() % 8 == 0);
 // One ring buffer per session slot.
 const _: () = assert!(common::trace::TRACE_SESSIONS == 4);
+
+/// Socket-level load balancing: socket cookie -> the service address it
+/// connected to, for getpeername(). LRU: a closed socket's entry ages out.
+#[map(name = "DP_SOCK_PEERS")]
+pub static DP_SOCK_PEERS: LruHashMap<u64, common::lb::SockPeer> =
+    LruHashMap::with_max_entries(map_sizes::SOCK_PEERS, 0);
+
+/// Socket-level load balancing: slot 0 is the network namespace cookie
+/// whose sockets are served (0: every namespace).
+#[map(name = "DP_SOCK_SCOPE")]
+pub static DP_SOCK_SCOPE: Array<u64> = Array::with_max_entries(1, 0);

@@ -80,6 +80,59 @@ pub struct AgentOptions {
     pub healthz_addr: SocketAddr,
     /// Map capacities (a pinned map keeps the size it was created with).
     pub map_sizes: MapSizes,
+    /// `--socket-lb`: connect() to a ClusterIP translated at the socket.
+    pub socket_lb: SocketLb,
+    /// `--cgroup-root`: where the socket hooks attach (default: the root
+    /// of the cgroup v2 hierarchy).
+    pub cgroup_root: Option<PathBuf>,
+}
+
+/// Socket-level load balancing (`--socket-lb`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SocketLb {
+    /// Every connection is translated per packet by tc.
+    Off,
+    /// Sockets of the node's own network namespace (its processes,
+    /// hostNetwork pods) are pointed at a backend at connect(); pods keep
+    /// tc.
+    Host,
+    /// Every network namespace's sockets under the cgroup root, pods' too.
+    All,
+}
+
+/// The cgroup v2 hierarchy's mount point, from `/proc/self/mounts`
+/// (`/sys/fs/cgroup` on a unified host, `/sys/fs/cgroup/unified` on a
+/// hybrid one).
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(path))
+    })
+}
+
+/// The cookie of this process's network namespace (`SO_NETNS_COOKIE`),
+/// as the socket hooks see it (`bpf_get_netns_cookie`).
+pub fn own_netns_cookie() -> std::io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let s = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket and an out buffer of the size given.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 /// Where the health check node ports listen: all addresses of each family
@@ -260,6 +313,21 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         agent.attached.insert(dev);
     }
     agent.attach_pod_devices(&mut dp);
+    if agent.opts.socket_lb != SocketLb::Off {
+        let cgroup = agent
+            .opts
+            .cgroup_root
+            .clone()
+            .or_else(cgroup2_root)
+            .context("--socket-lb: no cgroup v2 hierarchy is mounted (give --cgroup-root)")?;
+        let netns = match agent.opts.socket_lb {
+            SocketLb::Host => Some(own_netns_cookie().context("this network namespace's cookie")?),
+            _ => None,
+        };
+        dp.attach_socket_lb(&cgroup, netns)
+            .with_context(|| format!("attaching the socket hooks to {}", cgroup.display()))?;
+        info!(cgroup = %cgroup.display(), scope = ?agent.opts.socket_lb, "socket-level load balancing attached");
+    }
     // Every link runs the new programs: a migration begun at load ends.
     match dp.finish_migration() {
         Ok(converted) if !converted.is_empty() => {

@@ -190,7 +190,7 @@ fn tc_attach_type(hook: Hook) -> Option<TcAttachType> {
     match hook {
         Hook::TcIngress => Some(TcAttachType::Ingress),
         Hook::TcEgress => Some(TcAttachType::Egress),
-        Hook::Xdp => None,
+        Hook::Xdp | Hook::SockConnect4 => None,
     }
 }
 
@@ -1042,7 +1042,7 @@ fn tc_program_name(hook: Hook) -> Option<&'static str> {
     match hook {
         Hook::TcIngress => Some(program_names::TC_INGRESS),
         Hook::TcEgress => Some(program_names::TC_EGRESS),
-        Hook::Xdp => None,
+        Hook::Xdp | Hook::SockConnect4 => None,
     }
 }
 
@@ -1240,6 +1240,52 @@ pub fn ifindex(ifname: &str) -> Result<u32> {
     match unsafe { libc::if_nametoindex(c.as_ptr()) } {
         0 => Err(Error::NoSuchInterface(ifname.to_string())),
         i => Ok(i),
+    }
+}
+
+/// `--socket-lb`'s programs, in the order they attach.
+const SOCKET_LB_PROGRAMS: [&str; 2] = ["dp_sock_connect4", "dp_sock_getpeername4"];
+
+impl Datapath {
+    /// Socket-level load balancing: loads the cgroup sock_addr programs
+    /// and attaches them to the cgroup v2 directory `cgroup` (they act on
+    /// the sockets of its processes and its descendants'). With
+    /// `netns_cookie`, only sockets of that network namespace are served
+    /// (`--socket-lb host`); without, every namespace's (`all`). The hooks
+    /// stay attached while this `Datapath` lives; after it, every
+    /// connection is left to tc again.
+    pub fn attach_socket_lb(
+        &mut self,
+        cgroup: &std::path::Path,
+        netns_cookie: Option<u64>,
+    ) -> Result<()> {
+        let name = map_names::SOCK_SCOPE;
+        let mut scope: aya::maps::Array<&mut MapData, u64> = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::MissingMap(name))?
+            .try_into()
+            .map_err(|source| Error::Map { name, source })?;
+        scope
+            .set(0, netns_cookie.unwrap_or(0), 0)
+            .map_err(|source| Error::Map { name, source })?;
+        for name in SOCKET_LB_PROGRAMS {
+            let prog: &mut aya::programs::CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(Error::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| Error::Program { name, source })?;
+            prog.load()
+                .map_err(|source| Error::Program { name, source })?;
+            let dir = std::fs::File::open(cgroup).map_err(|source| Error::Io {
+                context: format!("opening the cgroup {}", cgroup.display()),
+                source,
+            })?;
+            prog.attach(dir, aya::programs::CgroupAttachMode::Single)
+                .map_err(|source| Error::Program { name, source })?;
+        }
+        Ok(())
     }
 }
 

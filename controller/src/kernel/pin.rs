@@ -33,6 +33,8 @@ pub fn link_pin(bpffs: &Path, device: &str, hook: Hook) -> PathBuf {
         Hook::TcIngress => "tc-ingress",
         Hook::TcEgress => "tc-egress",
         Hook::Xdp => "xdp",
+        // Not a device's: the socket hooks attach to a cgroup.
+        Hook::SockConnect4 => "sock-connect4",
     };
     links_dir(bpffs).join(format!("{}@{hook}", device.replace('.', "_")))
 }
