@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 use common::{
     addr,
-    lb::{SockPeer, SCOPE_INTERNAL, SERVICE_FLAG_EXTERNAL},
+    lb::{SockPeer, SERVICE_FLAG_EXTERNAL},
     rules::{self, Frontend},
     Hook, Reason,
 };
@@ -55,7 +55,7 @@ enum Decision {
 
 #[inline(always)]
 fn decide(daddr: &[u8; 16], dport: u16, protocol: u8) -> Decision {
-    let (mut key, mut master) = match lb::lookup(daddr, dport, protocol) {
+    let (key, master) = match lb::lookup(daddr, dport, protocol) {
         Frontend::NotAService => return Decision::Leave(Reason::NoService),
         Frontend::PortNotServed => return Decision::Refuse(Reason::PortNotServed),
         Frontend::Found(found) => found,
@@ -66,21 +66,9 @@ fn decide(daddr: &[u8; 16], dport: u16, protocol: u8) -> Decision {
     {
         return Decision::Leave(Reason::SockLeftToTc);
     }
-    // A process of this node: the cluster-wide backends of an
-    // internal-scope frontend, as tc gives host traffic.
-    let host = rules::Origin {
-        from_host: true,
-        from_pod: false,
-        local_process: true,
-        cluster_cidr_known: true,
-    };
-    if rules::internal_scope(&master, host) {
-        key = key.with_scope(SCOPE_INTERNAL);
-        master = match lb::master(&key) {
-            Some(m) => m,
-            None => return Decision::Leave(Reason::SockLeftToTc),
-        };
-    }
+    // A ClusterIP: its backends are the same for every client (with
+    // internalTrafficPolicy Local, this node's), so the pick needs nothing
+    // of the packet. (Only external frontends have an internal scope.)
     match lb::select_backend(&key, &master) {
         Ok((_, b)) => Decision::Connect(b.addr, b.port),
         Err(Reason::NoEndpoints) => match rules::no_endpoints(&master) {
