@@ -150,9 +150,10 @@ pub mod versions {
     /// `cluster_cidr6`, `cluster_cidr6_len`; zero means not set).
     pub const CONFIG: u32 = 3;
     /// 2: a block of reasons for the socket hook (`Hook::SockConnect4`),
-    /// four blocks instead of three. Counters start empty when their map
-    /// is replaced (`starts_empty`), so nothing converts.
-    pub const COUNTERS: u32 = 2;
+    /// four blocks instead of three. 3: one for `Hook::SockConnect6`.
+    /// Counters start empty when their map is replaced (`starts_empty`),
+    /// so nothing converts.
+    pub const COUNTERS: u32 = 3;
     pub const TRACE_SESSIONS: u32 = 1;
     /// 2: `l4_off` (was padding; zero means not known).
     pub const TRACE_RING: u32 = 2;

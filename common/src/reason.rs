@@ -18,16 +18,19 @@ pub enum Hook {
     /// The cgroup connect4 hook (socket-level load balancing): a socket's
     /// connect() to an IPv4 address, before any packet.
     SockConnect4 = 3,
+    /// The same for IPv6 (and IPv4-mapped) addresses: connect6.
+    SockConnect6 = 4,
 }
 
 impl Hook {
     /// Number of hooks: the counter map has one block of reasons per hook.
-    pub const COUNT: u32 = 4;
-    pub const ALL: [Hook; 4] = [
+    pub const COUNT: u32 = 5;
+    pub const ALL: [Hook; 5] = [
         Hook::TcIngress,
         Hook::TcEgress,
         Hook::Xdp,
         Hook::SockConnect4,
+        Hook::SockConnect6,
     ];
 
     pub fn from_u8(v: u8) -> Option<Self> {
@@ -40,6 +43,7 @@ impl Hook {
             Hook::TcEgress => "tc/egress",
             Hook::Xdp => "xdp",
             Hook::SockConnect4 => "sock/connect4",
+            Hook::SockConnect6 => "sock/connect6",
         }
     }
 }

@@ -64,6 +64,35 @@ endpoints:
 - {addresses: [10.244.1.10], nodeName: node1}
 "#;
 
+/// IPv6: web6 (fd00:10:96::10, 80/TCP) over pod-1-0 and pod-2-0; none6
+/// (fd00:10:96::11) without endpoints.
+const MANIFESTS6: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web6, namespace: default}
+spec:
+  ipFamilies: [IPv6]
+  clusterIP: "fd00:10:96::10"
+  ports: [{port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web6-1, namespace: default, labels: {kubernetes.io/service-name: web6}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints:
+- {addresses: ["fd00:10:244:1::10"], nodeName: node1}
+- {addresses: ["fd00:10:244:2::10"], nodeName: node2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: none6, namespace: default}
+spec:
+  ipFamilies: [IPv6]
+  clusterIP: "fd00:10:96::11"
+  ports: [{port: 80}]
+"#;
+
 /// A cgroup v2 directory of this test, removed when dropped (its
 /// processes are gone by then: each client exits).
 struct TestCgroup(PathBuf);
@@ -97,8 +126,18 @@ struct Fixture {
 
 impl Fixture {
     fn new(test: &str) -> Fixture {
+        Self::build(test, false)
+    }
+
+    /// On a dual-stack cluster (kind's IPv6 addresses), with `MANIFESTS6`
+    /// too and each agent given its node's IPv6 address.
+    fn build(test: &str, dual: bool) -> Fixture {
         e2e::require_root();
-        let cluster = e2e::Cluster::new(&[2, 2]).unwrap();
+        let cluster = if dual {
+            e2e::Cluster::new_dual(&[2, 2]).unwrap()
+        } else {
+            e2e::Cluster::new(&[2, 2]).unwrap()
+        };
         let servers = cluster.serve_named_tcp(8080).unwrap();
         let udp = ["pod-1-0", "pod-2-0"]
             .iter()
@@ -114,6 +153,9 @@ impl Fixture {
             .collect();
         let manifests = manifests_dir(test);
         std::fs::write(manifests.join("services.yaml"), MANIFESTS).unwrap();
+        if dual {
+            std::fs::write(manifests.join("services6.yaml"), MANIFESTS6).unwrap();
+        }
         let bpffs = Bpffs::new(test);
         let cgroups: Vec<TestCgroup> = cluster
             .nodes
@@ -126,13 +168,18 @@ impl Fixture {
             .enumerate()
             .map(|(i, node)| {
                 let cg = cgroups[i].0.to_str().unwrap().to_string();
+                let ip6 = node.ip6.map(|ip| ip.to_string());
+                let mut args = vec!["--socket-lb", "host", "--cgroup-root", &cg];
+                if let Some(ip6) = &ip6 {
+                    args.extend(["--node-ip", ip6]);
+                }
                 Agent::start_with_args(
                     cluster.node_ns(i),
                     &node.name,
                     &node.ip.to_string(),
                     ("--manifests", &manifests),
                     &bpffs.node(&node.name),
-                    &["--socket-lb", "host", "--cgroup-root", &cg],
+                    &args,
                 )
             })
             .collect::<Vec<_>>();
@@ -197,11 +244,12 @@ fn client(
     let py = format!(
         "import socket\n\
          udp = {udp}\n\
-         s = socket.socket(type=socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)\n\
+         family = socket.AF_INET6 if ':' in '{ip}' else socket.AF_INET\n\
+         s = socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)\n\
          s.settimeout(3)\n\
          try:\n    s.connect(('{ip}', {port}))\n\
          except OSError as e:\n    print('ERR', e.errno); raise SystemExit\n\
-         ip, port = s.getpeername()\n\
+         ip, port = s.getpeername()[:2]\n\
          print('PEER', ip, port)\n\
          if not udp:\n    s.sendall(b'hi'); print('REPLY', s.recv(200).decode().split()[0])\n",
         udp = if udp_only { "True" } else { "False" },
@@ -335,4 +383,47 @@ fn one_nodes_socket_hook_leaves_other_namespaces_and_processes_alone() {
         f.counted("node1", "tc/egress", "new_flow") >= 1,
         "tc served node1's other process"
     );
+}
+
+/// connect6: the same over IPv6. A refusal comes at once here, where the
+/// ICMPv6 reject at tc takes a second to show (docs/deploy.md).
+#[test]
+fn an_ipv6_cluster_ip_is_served_through_the_socket_hook_too() {
+    let f = Fixture::build("sock6", true);
+    let (node1, cg1) = (f.cluster.node_ns(0), &f.cgroups[0].0);
+    let web6: SocketAddr = "[fd00:10:96::10]:80".parse().unwrap();
+    let mut pods = BTreeSet::new();
+    for _ in 0..20 {
+        let out = client(Some(cg1), Some(node1), web6, false);
+        assert!(out.contains("PEER fd00:10:96::10 80"), "{out}");
+        let pod = out
+            .lines()
+            .find_map(|l| l.strip_prefix("REPLY "))
+            .unwrap_or_else(|| panic!("no reply: {out}"));
+        pods.insert(pod.to_string());
+    }
+    assert_eq!(pods, ["pod-1-0".to_string(), "pod-2-0".to_string()].into());
+    assert_eq!(f.counted("node1", "sock/connect6", "new_flow"), 20);
+    assert_eq!(
+        f.counted("node1", "tc/egress", "new_flow") + f.counted("node1", "tc/ingress", "new_flow"),
+        0,
+        "no packet translated by tc"
+    );
+    let started = Instant::now();
+    let out = client(
+        Some(cg1),
+        Some(node1),
+        "[fd00:10:96::11]:80".parse().unwrap(),
+        false,
+    );
+    assert_eq!(out.trim(), "ERR 111", "ECONNREFUSED");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "at once: {:?}",
+        started.elapsed()
+    );
+    // IPv4 on the same node still goes through connect4.
+    let out = client(Some(cg1), Some(node1), WEB.parse().unwrap(), false);
+    assert!(out.contains("PEER 10.96.0.10 80"), "{out}");
+    assert_eq!(f.counted("node1", "sock/connect4", "new_flow"), 1);
 }

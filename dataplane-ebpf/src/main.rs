@@ -65,13 +65,23 @@ pub fn dp_tc_untraced(ctx: TcContext) -> i32 {
 /// backend (`sock.rs`).
 #[cgroup_sock_addr(connect4)]
 pub fn dp_sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::connect4(&ctx)
+    sock::connect(&ctx, Hook::SockConnect4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn dp_sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::connect(&ctx, Hook::SockConnect6)
 }
 
 /// Socket-level load balancing: getpeername() shows the service address.
 #[cgroup_sock_addr(getpeername4)]
 pub fn dp_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::getpeername4(&ctx)
+    sock::getpeername(&ctx, false)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn dp_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::getpeername(&ctx, true)
 }
 
 /// Does nothing: the floor the benchmarks compare the datapath with.

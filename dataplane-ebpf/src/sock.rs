@@ -1,7 +1,8 @@
-//! Socket-level load balancing (cgroup sock_addr hooks): a connect() to a
-//! ClusterIP goes to a backend's address instead, once, before any packet
-//! exists, so no packet of the connection is translated (tc sees a pod
-//! address and passes it). getpeername() shows the service address again.
+//! Socket-level load balancing (cgroup sock_addr hooks, IPv4 and IPv6): a
+//! connect() to a ClusterIP goes to a backend's address instead, once,
+//! before any packet exists, so no packet of the connection is translated
+//! (tc sees a pod address and passes it). getpeername() shows the service
+//! address again.
 //!
 //! Served here: ClusterIP frontends with ready (or serving-terminating)
 //! backends, and the reject of one without endpoints (connect() fails
@@ -14,6 +15,7 @@
 //! host traffic to a ClusterIP would make it.
 
 use aya_ebpf::{
+    bindings::bpf_sock_addr,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
     EbpfContext,
@@ -79,17 +81,44 @@ fn decide(daddr: &[u8; 16], dport: u16, protocol: u8) -> Decision {
     }
 }
 
-/// connect4: a ClusterIP becomes a backend's address.
+/// The destination address of a sock_addr call, 16 bytes (IPv4 mapped).
 #[inline(always)]
-pub fn connect4(ctx: &SockAddrContext) -> i32 {
+fn dest_addr(sa: &bpf_sock_addr, v6: bool) -> [u8; 16] {
+    if v6 {
+        let w = sa.user_ip6;
+        let mut a = [0u8; 16];
+        for (i, word) in w.iter().enumerate() {
+            a[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        a
+    } else {
+        addr::v4_mapped(sa.user_ip4.to_ne_bytes())
+    }
+}
+
+/// Sets the destination address (an IPv6 socket gets an IPv4 backend as
+/// its mapped form, as it would connect to one itself).
+#[inline(always)]
+fn set_dest_addr(sa: &mut bpf_sock_addr, v6: bool, a: &[u8; 16]) {
+    let word = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    if v6 {
+        sa.user_ip6 = [word(0), word(4), word(8), word(12)];
+    } else {
+        sa.user_ip4 = word(12);
+    }
+}
+
+/// connect4 and connect6: a ClusterIP becomes a backend's address.
+#[inline(always)]
+pub fn connect(ctx: &SockAddrContext, hook: Hook) -> i32 {
     if !in_scope(ctx) {
         return ALLOW;
     }
+    let v6 = hook == Hook::SockConnect6;
     // SAFETY: the context pointer the kernel passed.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let ip = u32::from_be(sa.user_ip4);
+    let daddr = dest_addr(sa, v6);
     let port = u16::from_be(sa.user_port as u16);
-    let daddr = addr::v4_mapped(ip.to_be_bytes());
     match decide(&daddr, port, sa.protocol as u8) {
         Decision::Connect(baddr, bport) => {
             let peer = SockPeer {
@@ -97,43 +126,41 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
                 port,
                 _pad: [0; 6],
             };
-            sa.user_ip4 = u32::from_ne_bytes([baddr[12], baddr[13], baddr[14], baddr[15]]);
+            set_dest_addr(sa, v6, &baddr);
             sa.user_port = u32::from(bport.to_be());
             // SAFETY: a helper of sock_addr programs.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             // Without the record getpeername() shows the backend: the
             // connection itself is right either way.
             let _ = DP_SOCK_PEERS.insert(&cookie, &peer, 0);
-            stats::count(Hook::SockConnect4, Reason::NewFlow, 0);
+            stats::count(hook, Reason::NewFlow, 0);
             ALLOW
         }
         Decision::Refuse(reason) => {
-            stats::count(Hook::SockConnect4, reason, 0);
+            stats::count(hook, reason, 0);
             // SAFETY: a helper of cgroup programs.
             unsafe { bpf_set_retval(-ECONNREFUSED) };
             DENY
         }
         Decision::Leave(reason) => {
-            stats::count(Hook::SockConnect4, reason, 0);
+            stats::count(hook, reason, 0);
             ALLOW
         }
     }
 }
 
-/// getpeername4: a socket connect4 pointed at a backend shows the service
-/// address it asked for.
+/// getpeername4 and getpeername6: a socket `connect` pointed at a backend
+/// shows the service address it asked for.
 #[inline(always)]
-pub fn getpeername4(ctx: &SockAddrContext) -> i32 {
+pub fn getpeername(ctx: &SockAddrContext, v6: bool) -> i32 {
     // SAFETY: a helper of sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the map value is copied out at once.
     if let Some(peer) = unsafe { DP_SOCK_PEERS.get(&cookie) }.copied() {
-        if let Some(v4) = addr::as_v4(&peer.addr) {
-            // SAFETY: the context pointer the kernel passed.
-            let sa = unsafe { &mut *ctx.sock_addr };
-            sa.user_ip4 = u32::from_ne_bytes(v4);
-            sa.user_port = u32::from(peer.port.to_be());
-        }
+        // SAFETY: the context pointer the kernel passed.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        set_dest_addr(sa, v6, &peer.addr);
+        sa.user_port = u32::from(peer.port.to_be());
     }
     ALLOW
 }

@@ -190,7 +190,7 @@ fn tc_attach_type(hook: Hook) -> Option<TcAttachType> {
     match hook {
         Hook::TcIngress => Some(TcAttachType::Ingress),
         Hook::TcEgress => Some(TcAttachType::Egress),
-        Hook::Xdp | Hook::SockConnect4 => None,
+        Hook::Xdp | Hook::SockConnect4 | Hook::SockConnect6 => None,
     }
 }
 
@@ -1042,7 +1042,7 @@ fn tc_program_name(hook: Hook) -> Option<&'static str> {
     match hook {
         Hook::TcIngress => Some(program_names::TC_INGRESS),
         Hook::TcEgress => Some(program_names::TC_EGRESS),
-        Hook::Xdp | Hook::SockConnect4 => None,
+        Hook::Xdp | Hook::SockConnect4 | Hook::SockConnect6 => None,
     }
 }
 
@@ -1244,7 +1244,12 @@ pub fn ifindex(ifname: &str) -> Result<u32> {
 }
 
 /// `--socket-lb`'s programs, in the order they attach.
-const SOCKET_LB_PROGRAMS: [&str; 2] = ["dp_sock_connect4", "dp_sock_getpeername4"];
+const SOCKET_LB_PROGRAMS: [&str; 4] = [
+    "dp_sock_connect4",
+    "dp_sock_connect6",
+    "dp_sock_getpeername4",
+    "dp_sock_getpeername6",
+];
 
 impl Datapath {
     /// Socket-level load balancing: loads the cgroup sock_addr programs

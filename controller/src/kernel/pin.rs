@@ -35,6 +35,7 @@ pub fn link_pin(bpffs: &Path, device: &str, hook: Hook) -> PathBuf {
         Hook::Xdp => "xdp",
         // Not a device's: the socket hooks attach to a cgroup.
         Hook::SockConnect4 => "sock-connect4",
+        Hook::SockConnect6 => "sock-connect6",
     };
     links_dir(bpffs).join(format!("{}@{hook}", device.replace('.', "_")))
 }
