@@ -269,20 +269,15 @@ fn client(
     String::from_utf8(out.stdout).unwrap()
 }
 
-const WEB: &str = "10.96.0.10:80";
-
-#[test]
-fn a_node_process_reaches_cluster_ips_through_the_socket_hook() {
-    let f = Fixture::new("socklb");
-    let (node1, cg1) = (f.cluster.node_ns(0), &f.cgroups[0].0);
-    let web: SocketAddr = WEB.parse().unwrap();
-
-    // Spread over the local and the remote backend; the application sees
-    // the ClusterIP as its peer; tc translated none of these packets.
+/// 20 connections from node1 (in `cg`) to `to`: each reaches the local
+/// or the remote backend (both do) with `to` as its peer, `hook` counts
+/// them all, and tc translated none of their packets.
+fn served_at_the_socket(f: &Fixture, cg: &Path, to: SocketAddr, hook: &str) {
     let mut pods = BTreeSet::new();
     for _ in 0..20 {
-        let out = client(Some(cg1), Some(node1), web, false);
-        assert!(out.contains("PEER 10.96.0.10 80"), "{out}");
+        let out = client(Some(cg), Some(f.cluster.node_ns(0)), to, false);
+        let peer = format!("PEER {} {}", to.ip(), to.port());
+        assert!(out.contains(&peer), "{out}");
         let pod = out
             .lines()
             .find_map(|l| l.strip_prefix("REPLY "))
@@ -294,27 +289,40 @@ fn a_node_process_reaches_cluster_ips_through_the_socket_hook() {
         ["pod-1-0".to_string(), "pod-2-0".to_string()].into(),
         "local and remote backends"
     );
-    assert_eq!(f.counted("node1", "sock/connect4", "new_flow"), 20);
+    assert_eq!(f.counted("node1", hook, "new_flow"), 20);
     assert_eq!(
         f.counted("node1", "tc/egress", "new_flow") + f.counted("node1", "tc/ingress", "new_flow"),
         0,
         "no packet translated by tc"
     );
+}
 
-    // No endpoints: refused at once, by the hook.
+/// A connect from `ns` (in `cg`) to `to` fails with ECONNREFUSED within a
+/// second.
+fn refused_at_once(cg: &Path, ns: &e2e::Netns, to: SocketAddr) {
     let started = Instant::now();
-    let out = client(
-        Some(cg1),
-        Some(node1),
-        "10.96.0.11:80".parse().unwrap(),
-        false,
-    );
-    assert_eq!(out.trim(), "ERR 111", "ECONNREFUSED");
+    let out = client(Some(cg), Some(ns), to, false);
+    assert_eq!(out.trim(), "ERR 111", "ECONNREFUSED from {to}");
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(1),
         "at once: {:?}",
         started.elapsed()
     );
+}
+
+const WEB: &str = "10.96.0.10:80";
+
+#[test]
+fn a_node_process_reaches_cluster_ips_through_the_socket_hook() {
+    let f = Fixture::new("socklb");
+    let (node1, cg1) = (f.cluster.node_ns(0), &f.cgroups[0].0);
+    let web: SocketAddr = WEB.parse().unwrap();
+
+    // Spread over the local and the remote backend; the application sees
+    // the ClusterIP as its peer; tc translated none of these packets.
+    served_at_the_socket(&f, cg1, web, "sock/connect4");
+    // No endpoints: refused at once, by the hook.
+    refused_at_once(cg1, node1, "10.96.0.11:80".parse().unwrap());
     assert_eq!(f.counted("node1", "sock/connect4", "no_endpoints"), 1);
 
     // Session affinity needs the client's address: left to tc, which
@@ -392,36 +400,8 @@ fn an_ipv6_cluster_ip_is_served_through_the_socket_hook_too() {
     let f = Fixture::build("sock6", true);
     let (node1, cg1) = (f.cluster.node_ns(0), &f.cgroups[0].0);
     let web6: SocketAddr = "[fd00:10:96::10]:80".parse().unwrap();
-    let mut pods = BTreeSet::new();
-    for _ in 0..20 {
-        let out = client(Some(cg1), Some(node1), web6, false);
-        assert!(out.contains("PEER fd00:10:96::10 80"), "{out}");
-        let pod = out
-            .lines()
-            .find_map(|l| l.strip_prefix("REPLY "))
-            .unwrap_or_else(|| panic!("no reply: {out}"));
-        pods.insert(pod.to_string());
-    }
-    assert_eq!(pods, ["pod-1-0".to_string(), "pod-2-0".to_string()].into());
-    assert_eq!(f.counted("node1", "sock/connect6", "new_flow"), 20);
-    assert_eq!(
-        f.counted("node1", "tc/egress", "new_flow") + f.counted("node1", "tc/ingress", "new_flow"),
-        0,
-        "no packet translated by tc"
-    );
-    let started = Instant::now();
-    let out = client(
-        Some(cg1),
-        Some(node1),
-        "[fd00:10:96::11]:80".parse().unwrap(),
-        false,
-    );
-    assert_eq!(out.trim(), "ERR 111", "ECONNREFUSED");
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "at once: {:?}",
-        started.elapsed()
-    );
+    served_at_the_socket(&f, cg1, web6, "sock/connect6");
+    refused_at_once(cg1, node1, "[fd00:10:96::11]:80".parse().unwrap());
     // IPv4 on the same node still goes through connect4.
     let out = client(Some(cg1), Some(node1), WEB.parse().unwrap(), false);
     assert!(out.contains("PEER 10.96.0.10 80"), "{out}");
