@@ -151,9 +151,10 @@ pub mod versions {
     pub const CONFIG: u32 = 3;
     /// 2: a block of reasons for the socket hook (`Hook::SockConnect4`),
     /// four blocks instead of three. 3: one for `Hook::SockConnect6`.
+    /// 4: two more, `Hook::SockSendmsg4` and `Hook::SockSendmsg6`.
     /// Counters start empty when their map is replaced (`starts_empty`),
     /// so nothing converts.
-    pub const COUNTERS: u32 = 3;
+    pub const COUNTERS: u32 = 4;
     pub const TRACE_SESSIONS: u32 = 1;
     /// 2: `l4_off` (was padding; zero means not known).
     pub const TRACE_RING: u32 = 2;

@@ -207,3 +207,46 @@ pub struct SockPeer {
     pub port: u16,
     pub _pad: [u8; 6],
 }
+
+/// Key of `DP_SOCK_BACKENDS` and `DP_SOCK_REVNAT`: a socket (its cookie)
+/// and an address it sent to or heard from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockAddrKey {
+    pub cookie: u64,
+    /// `addr::v4_mapped` for IPv4.
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Value of `DP_SOCK_BACKENDS` (key: the socket and the service address
+/// it sends to): the backend an unconnected UDP socket's datagrams to
+/// that service go to, kept while the backend stays the service's, as
+/// conntrack keeps a UDP flow's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockBackend {
+    pub backend_id: u32,
+    /// The service port whose member it must stay (`MemberKey`).
+    pub service_id: u32,
+}
+
+/// `DP_SOCK_SCOPE` index: the node's network namespace cookie (its
+/// sockets are the host's: node processes, hostNetwork pods).
+pub const SOCK_SCOPE_NODE_NETNS: u32 = 0;
+/// `DP_SOCK_SCOPE` index: non-zero when sockets of every namespace in the
+/// cgroup are served (`--socket-lb all`), zero for the node's only.
+pub const SOCK_SCOPE_ALL: u32 = 1;
+
+/// The session-affinity client of a socket outside the node's network
+/// namespace (a pod's, `--socket-lb all`): its address is not known at
+/// connect(), so the namespace stands for it, as an address in the IPv6
+/// discard prefix `100::/64` (RFC 6666) that no packet carries.
+pub const fn sock_affinity_client(netns_cookie: u64) -> [u8; 16] {
+    let c = netns_cookie.to_be_bytes();
+    [
+        0x01, 0x00, 0, 0, 0, 0, 0, 0, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
+    ]
+}

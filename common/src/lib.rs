@@ -60,9 +60,16 @@ pub mod map_names {
     /// Socket-level load balancing: socket cookie -> the service address
     /// the socket asked for (`lb::SockPeer`), for getpeername().
     pub const SOCK_PEERS: &str = "DP_SOCK_PEERS";
-    /// Socket-level load balancing: the one network namespace (cookie)
-    /// whose sockets are served, 0 for all (`--socket-lb host|all`).
+    /// Socket-level load balancing: the node's network namespace (cookie)
+    /// and whether other namespaces' sockets are served too
+    /// (`--socket-lb host|all`; `lb::SOCK_SCOPE_*`).
     pub const SOCK_SCOPE: &str = "DP_SOCK_SCOPE";
+    /// Socket-level load balancing of unconnected UDP: (socket, service
+    /// address) -> the backend its datagrams go to (`lb::SockBackend`).
+    pub const SOCK_BACKENDS: &str = "DP_SOCK_BACKENDS";
+    /// Socket-level load balancing of UDP: (socket, backend address) -> the
+    /// service address replies appear to come from (`lb::SockPeer`).
+    pub const SOCK_REVNAT: &str = "DP_SOCK_REVNAT";
 }
 
 /// Default capacities of the maps; userspace may set others at load time
@@ -109,6 +116,8 @@ pub mod map_sizes {
     /// Sockets socket-level load balancing remembers the service address
     /// of (for getpeername); the oldest are forgotten first.
     pub const SOCK_PEERS: u32 = 65_536;
+    pub const SOCK_BACKENDS: u32 = 65_536;
+    pub const SOCK_REVNAT: u32 = 65_536;
 }
 
 /// Names of the programs in the dp object.

@@ -20,17 +20,24 @@ pub enum Hook {
     SockConnect4 = 3,
     /// The same for IPv6 (and IPv4-mapped) addresses: connect6.
     SockConnect6 = 4,
+    /// The cgroup sendmsg4 hook: a datagram sent on an unconnected UDP
+    /// socket to an IPv4 address (sendto), before the packet exists.
+    SockSendmsg4 = 5,
+    /// The same for IPv6: sendmsg6.
+    SockSendmsg6 = 6,
 }
 
 impl Hook {
     /// Number of hooks: the counter map has one block of reasons per hook.
-    pub const COUNT: u32 = 5;
-    pub const ALL: [Hook; 5] = [
+    pub const COUNT: u32 = 7;
+    pub const ALL: [Hook; Self::COUNT as usize] = [
         Hook::TcIngress,
         Hook::TcEgress,
         Hook::Xdp,
         Hook::SockConnect4,
         Hook::SockConnect6,
+        Hook::SockSendmsg4,
+        Hook::SockSendmsg6,
     ];
 
     pub fn from_u8(v: u8) -> Option<Self> {
@@ -44,9 +51,30 @@ impl Hook {
             Hook::Xdp => "xdp",
             Hook::SockConnect4 => "sock/connect4",
             Hook::SockConnect6 => "sock/connect6",
+            Hook::SockSendmsg4 => "sock/sendmsg4",
+            Hook::SockSendmsg6 => "sock/sendmsg6",
         }
     }
+
+    /// A socket hook (no packet: the decision is made for a socket call).
+    pub fn is_socket(self) -> bool {
+        matches!(
+            self,
+            Hook::SockConnect4 | Hook::SockConnect6 | Hook::SockSendmsg4 | Hook::SockSendmsg6
+        )
+    }
 }
+
+// Every hook is in `ALL` once, in number order: the counter map's blocks
+// and the tools' tables are built from it.
+const _: () = {
+    let mut i = 0;
+    while i < Hook::ALL.len() {
+        assert!(Hook::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
 
 /// What happened to the packet.
 #[repr(u8)]

@@ -24,7 +24,7 @@ use crate::{
 static EMPTY_CONFIG: DatapathConfig = unsafe { core::mem::zeroed() };
 
 #[inline(always)]
-fn config() -> &'static DatapathConfig {
+pub(crate) fn config() -> &'static DatapathConfig {
     DP_CONFIG.get(0).unwrap_or(&EMPTY_CONFIG)
 }
 

@@ -61,27 +61,50 @@ pub fn dp_tc_untraced(ctx: TcContext) -> i32 {
     datapath::run_tc::<false>(&ctx, Hook::TcIngress) as i32
 }
 
-/// Socket-level load balancing: a connect() to a ClusterIP goes to a
+/// Socket-level load balancing: a connect() to a Service goes to a
 /// backend (`sock.rs`).
 #[cgroup_sock_addr(connect4)]
 pub fn dp_sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::connect(&ctx, Hook::SockConnect4)
+    sock::connect::<false>(&ctx)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn dp_sock_connect6(ctx: SockAddrContext) -> i32 {
-    sock::connect(&ctx, Hook::SockConnect6)
+    sock::connect::<true>(&ctx)
+}
+
+/// Unconnected UDP: a datagram to a Service goes to a backend
+/// (`sock.rs`).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn dp_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg::<false>(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn dp_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg::<true>(&ctx)
+}
+
+/// UDP replies from a backend show the service address as their sender.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn dp_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::recvmsg::<false>(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn dp_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::recvmsg::<true>(&ctx)
 }
 
 /// Socket-level load balancing: getpeername() shows the service address.
 #[cgroup_sock_addr(getpeername4)]
 pub fn dp_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::getpeername(&ctx, false)
+    sock::getpeername::<false>(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn dp_sock_getpeername6(ctx: SockAddrContext) -> i32 {
-    sock::getpeername(&ctx, true)
+    sock::getpeername::<true>(&ctx)
 }
 
 /// Does nothing: the floor the benchmarks compare the datapath with.

@@ -142,7 +142,21 @@ const _: () = assert!(common::trace::TRACE_SESSIONS == 4);
 pub static DP_SOCK_PEERS: LruHashMap<u64, common::lb::SockPeer> =
     LruHashMap::with_max_entries(map_sizes::SOCK_PEERS, 0);
 
-/// Socket-level load balancing: slot 0 is the network namespace cookie
-/// whose sockets are served (0: every namespace).
+/// Socket-level load balancing: the node's network namespace cookie and
+/// whether every namespace is served (`common::lb::SOCK_SCOPE_*`).
 #[map(name = "DP_SOCK_SCOPE")]
-pub static DP_SOCK_SCOPE: Array<u64> = Array::with_max_entries(1, 0);
+pub static DP_SOCK_SCOPE: Array<u64> = Array::with_max_entries(2, 0);
+
+/// Socket-level load balancing of unconnected UDP: (socket, service
+/// address) -> its backend, so a socket's datagrams to a service keep
+/// going to one backend while it stays the service's. LRU: entries of
+/// closed sockets age out.
+#[map(name = "DP_SOCK_BACKENDS")]
+pub static DP_SOCK_BACKENDS: LruHashMap<common::lb::SockAddrKey, common::lb::SockBackend> =
+    LruHashMap::with_max_entries(map_sizes::SOCK_BACKENDS, 0);
+
+/// Socket-level load balancing of UDP: (socket, backend address) -> the
+/// service address, for recvmsg() to show replies coming from it.
+#[map(name = "DP_SOCK_REVNAT")]
+pub static DP_SOCK_REVNAT: LruHashMap<common::lb::SockAddrKey, common::lb::SockPeer> =
+    LruHashMap::with_max_entries(map_sizes::SOCK_REVNAT, 0);

@@ -249,6 +249,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let health_ips = health_check_ips(&opts.nodeport_addresses, &node.ips);
     let options = TranslateOptions {
         nodeport_addresses: opts.nodeport_addresses.clone(),
+        loopback_nodeports: opts.socket_lb != SocketLb::Off,
     };
     let mut agent = Agent {
         translation: IncrementalTranslation::new(node.clone(), options),
@@ -320,11 +321,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             .clone()
             .or_else(cgroup2_root)
             .context("--socket-lb: no cgroup v2 hierarchy is mounted (give --cgroup-root)")?;
-        let netns = match agent.opts.socket_lb {
-            SocketLb::Host => Some(own_netns_cookie().context("this network namespace's cookie")?),
-            _ => None,
-        };
-        dp.attach_socket_lb(&cgroup, netns)
+        let netns = own_netns_cookie().context("this network namespace's cookie")?;
+        dp.attach_socket_lb(&cgroup, netns, agent.opts.socket_lb == SocketLb::All)
             .with_context(|| format!("attaching the socket hooks to {}", cgroup.display()))?;
         info!(cgroup = %cgroup.display(), scope = ?agent.opts.socket_lb, "socket-level load balancing attached");
     }

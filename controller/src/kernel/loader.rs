@@ -190,7 +190,11 @@ fn tc_attach_type(hook: Hook) -> Option<TcAttachType> {
     match hook {
         Hook::TcIngress => Some(TcAttachType::Ingress),
         Hook::TcEgress => Some(TcAttachType::Egress),
-        Hook::Xdp | Hook::SockConnect4 | Hook::SockConnect6 => None,
+        Hook::Xdp
+        | Hook::SockConnect4
+        | Hook::SockConnect6
+        | Hook::SockSendmsg4
+        | Hook::SockSendmsg6 => None,
     }
 }
 
@@ -1042,7 +1046,11 @@ fn tc_program_name(hook: Hook) -> Option<&'static str> {
     match hook {
         Hook::TcIngress => Some(program_names::TC_INGRESS),
         Hook::TcEgress => Some(program_names::TC_EGRESS),
-        Hook::Xdp | Hook::SockConnect4 | Hook::SockConnect6 => None,
+        Hook::Xdp
+        | Hook::SockConnect4
+        | Hook::SockConnect6
+        | Hook::SockSendmsg4
+        | Hook::SockSendmsg6 => None,
     }
 }
 
@@ -1244,9 +1252,13 @@ pub fn ifindex(ifname: &str) -> Result<u32> {
 }
 
 /// `--socket-lb`'s programs, in the order they attach.
-const SOCKET_LB_PROGRAMS: [&str; 4] = [
+const SOCKET_LB_PROGRAMS: [&str; 8] = [
     "dp_sock_connect4",
     "dp_sock_connect6",
+    "dp_sock_sendmsg4",
+    "dp_sock_sendmsg6",
+    "dp_sock_recvmsg4",
+    "dp_sock_recvmsg6",
     "dp_sock_getpeername4",
     "dp_sock_getpeername6",
 ];
@@ -1254,15 +1266,16 @@ const SOCKET_LB_PROGRAMS: [&str; 4] = [
 impl Datapath {
     /// Socket-level load balancing: loads the cgroup sock_addr programs
     /// and attaches them to the cgroup v2 directory `cgroup` (they act on
-    /// the sockets of its processes and its descendants'). With
-    /// `netns_cookie`, only sockets of that network namespace are served
-    /// (`--socket-lb host`); without, every namespace's (`all`). The hooks
-    /// stay attached while this `Datapath` lives; after it, every
-    /// connection is left to tc again.
+    /// the sockets of its processes and its descendants'). Sockets of the
+    /// node's network namespace (`node_netns`, its cookie) are served, and
+    /// with `all` every other namespace's too (`--socket-lb all`: pods).
+    /// The hooks stay attached while this `Datapath` lives; after it,
+    /// every connection is left to tc again.
     pub fn attach_socket_lb(
         &mut self,
         cgroup: &std::path::Path,
-        netns_cookie: Option<u64>,
+        node_netns: u64,
+        all: bool,
     ) -> Result<()> {
         let name = map_names::SOCK_SCOPE;
         let mut scope: aya::maps::Array<&mut MapData, u64> = self
@@ -1272,7 +1285,8 @@ impl Datapath {
             .try_into()
             .map_err(|source| Error::Map { name, source })?;
         scope
-            .set(0, netns_cookie.unwrap_or(0), 0)
+            .set(common::lb::SOCK_SCOPE_NODE_NETNS, node_netns, 0)
+            .and_then(|()| scope.set(common::lb::SOCK_SCOPE_ALL, u64::from(all), 0))
             .map_err(|source| Error::Map { name, source })?;
         for name in SOCKET_LB_PROGRAMS {
             let prog: &mut aya::programs::CgroupSockAddr = self

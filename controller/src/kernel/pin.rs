@@ -36,6 +36,8 @@ pub fn link_pin(bpffs: &Path, device: &str, hook: Hook) -> PathBuf {
         // Not a device's: the socket hooks attach to a cgroup.
         Hook::SockConnect4 => "sock-connect4",
         Hook::SockConnect6 => "sock-connect6",
+        Hook::SockSendmsg4 => "sock-sendmsg4",
+        Hook::SockSendmsg6 => "sock-sendmsg6",
     };
     links_dir(bpffs).join(format!("{}@{hook}", device.replace('.', "_")))
 }

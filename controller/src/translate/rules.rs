@@ -200,6 +200,11 @@ pub struct TranslateOptions {
     /// `--nodeport-addresses`: NodePorts only on node IPs in these CIDRs;
     /// empty: on all node IPs.
     pub nodeport_addresses: Vec<Cidr>,
+    /// NodePorts on 127.0.0.1 too (where `nodeport_addresses` allows it),
+    /// as kube-proxy's iptables mode serves them: only socket-level load
+    /// balancing can (a packet to 127.0.0.1 never reaches tc on a node
+    /// device), so the agent sets it with `--socket-lb`.
+    pub loopback_nodeports: bool,
 }
 
 /// `namespace/name:port-name` (or `namespace/name` for an unnamed port), as
@@ -770,6 +775,17 @@ fn frontends_of(
             .filter(|ip| IpFamily::of(*ip) == sp.family);
         for ip in node_port_ips {
             out.push((key(ip, np), frontend(FrontendKind::NodePort, sp.etp_local)));
+        }
+        // IPv4 only: kube-proxy never serves NodePorts on ::1.
+        let loopback = IpAddr::from(std::net::Ipv4Addr::LOCALHOST);
+        if options.loopback_nodeports
+            && sp.family == IpFamily::of(loopback)
+            && nodeport_address(&options.nodeport_addresses, loopback)
+        {
+            out.push((
+                key(loopback, np),
+                frontend(FrontendKind::NodePort, sp.etp_local),
+            ));
         }
     }
     for ip in &sp.external_ips {

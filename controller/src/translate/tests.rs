@@ -644,6 +644,7 @@ fn nodeport_addresses_apply_per_family() {
     let (service, slices) = dual_stack("  []\n", "  []\n");
     let only_v4 = TranslateOptions {
         nodeport_addresses: vec!["172.18.0.0/16".parse().unwrap()],
+        ..Default::default()
     };
     let keys = |o: &TranslateOptions| -> Vec<String> {
         translate(std::slice::from_ref(&service), &slices, &dual_node(), o)
@@ -664,8 +665,31 @@ fn nodeport_addresses_apply_per_family() {
             "10.0.0.0/8".parse().unwrap(),
             "fc00:f853:ccd:e793::/64".parse().unwrap(),
         ],
+        ..Default::default()
     };
     assert_eq!(keys(&elsewhere), ["[fc00:f853:ccd:e793::2]:30030/TCP"]);
+    // With socket-level load balancing, 127.0.0.1 too (never ::1), unless
+    // the flag's IPv4 CIDRs leave loopback out.
+    let loopback = TranslateOptions {
+        loopback_nodeports: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        keys(&loopback),
+        [
+            "127.0.0.1:30030/TCP",
+            "172.18.0.2:30030/TCP",
+            "[fc00:f853:ccd:e793::2]:30030/TCP"
+        ]
+    );
+    let without = TranslateOptions {
+        loopback_nodeports: true,
+        ..only_v4
+    };
+    assert_eq!(
+        keys(&without),
+        ["172.18.0.2:30030/TCP", "[fc00:f853:ccd:e793::2]:30030/TCP"]
+    );
 }
 
 #[test]
