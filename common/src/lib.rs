@@ -152,6 +152,8 @@ mod user {
     unsafe impl aya::Pod for crate::MemberKey {}
     unsafe impl aya::Pod for crate::SourceRangeKey {}
     unsafe impl aya::Pod for crate::lb::SockPeer {}
+    unsafe impl aya::Pod for crate::lb::SockAddrKey {}
+    unsafe impl aya::Pod for crate::lb::SockBackend {}
     unsafe impl aya::Pod for crate::DeviceInfo {}
     unsafe impl aya::Pod for crate::config::ReplyBudget {}
     unsafe impl aya::Pod for crate::layout::LayoutKey {}

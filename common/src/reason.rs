@@ -75,7 +75,6 @@ const _: () = {
     }
 };
 
-
 /// What happened to the packet.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -22,7 +22,9 @@ use std::{
 use support::agents::*;
 
 /// web: ClusterIP 10.96.0.10 (80/TCP, 53/UDP) over pod-1-0 and pod-2-0.
-/// none: no endpoints. sticky: ClientIP affinity over pod-1-0.
+/// none: no endpoints. sticky: ClientIP affinity over both pods. np:
+/// NodePort 30080 over both; nplocal: NodePort 30081, eTP=Local, on
+/// pod-2-0 (node2) only. self: 10.96.0.13 on pod-1-0 only (hairpin).
 const MANIFESTS: &str = r#"
 apiVersion: v1
 kind: Service
@@ -58,6 +60,56 @@ spec:
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {name: sticky-1, namespace: default, labels: {kubernetes.io/service-name: sticky}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.10], nodeName: node1}
+- {addresses: [10.244.2.10], nodeName: node2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.20
+  ports: [{port: 80, nodePort: 30080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: np-1, namespace: default, labels: {kubernetes.io/service-name: np}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.10], nodeName: node1}
+- {addresses: [10.244.2.10], nodeName: node2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: nplocal, namespace: default}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  clusterIP: 10.96.0.21
+  ports: [{port: 80, nodePort: 30081}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: nplocal-1, namespace: default, labels: {kubernetes.io/service-name: nplocal}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.2.10], nodeName: node2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: self, namespace: default}
+spec:
+  clusterIP: 10.96.0.13
+  ports: [{port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: self-1, namespace: default, labels: {kubernetes.io/service-name: self}}
 addressType: IPv4
 ports: [{port: 8080}]
 endpoints:
@@ -115,10 +167,10 @@ impl Drop for TestCgroup {
 /// The cluster, an agent per node with `--socket-lb host` on the node's
 /// test cgroup. Field order is drop order: agents (and their hooks) first.
 struct Fixture {
-    _agents: Vec<Agent>,
+    agents: Vec<Agent>,
     cgroups: Vec<TestCgroup>,
     bpffs: Bpffs,
-    _manifests: ManifestsDir,
+    manifests: ManifestsDir,
     _servers: Vec<e2e::TcpEchoServer>,
     _udp: Vec<e2e::UdpEchoServer>,
     cluster: e2e::Cluster,
@@ -126,12 +178,13 @@ struct Fixture {
 
 impl Fixture {
     fn new(test: &str) -> Fixture {
-        Self::build(test, false)
+        Self::build(test, false, "host")
     }
 
-    /// On a dual-stack cluster (kind's IPv6 addresses), with `MANIFESTS6`
-    /// too and each agent given its node's IPv6 address.
-    fn build(test: &str, dual: bool) -> Fixture {
+    /// With `--socket-lb <mode>`; on a dual-stack cluster (kind's IPv6
+    /// addresses), with `MANIFESTS6` too and each agent given its node's
+    /// IPv6 address.
+    fn build(test: &str, dual: bool, mode: &str) -> Fixture {
         e2e::require_root();
         let cluster = if dual {
             e2e::Cluster::new_dual(&[2, 2]).unwrap()
@@ -169,7 +222,7 @@ impl Fixture {
             .map(|(i, node)| {
                 let cg = cgroups[i].0.to_str().unwrap().to_string();
                 let ip6 = node.ip6.map(|ip| ip.to_string());
-                let mut args = vec!["--socket-lb", "host", "--cgroup-root", &cg];
+                let mut args = vec!["--socket-lb", mode, "--cgroup-root", &cg];
                 if let Some(ip6) = &ip6 {
                     args.extend(["--node-ip", ip6]);
                 }
@@ -189,10 +242,10 @@ impl Fixture {
             a.wait_for(&["synced"]);
         }
         Fixture {
-            _agents: agents,
+            agents,
             cgroups,
             bpffs,
-            _manifests: manifests,
+            manifests,
             _servers: servers,
             _udp: udp,
             cluster,
@@ -251,7 +304,7 @@ fn client(
          except OSError as e:\n    print('ERR', e.errno); raise SystemExit\n\
          ip, port = s.getpeername()[:2]\n\
          print('PEER', ip, port)\n\
-         if not udp:\n    s.sendall(b'hi'); print('REPLY', s.recv(200).decode().split()[0])\n",
+         if not udp:\n    s.sendall(b'hi'); print('REPLY', *s.recv(200).decode().split()[:2])\n",
         udp = if udp_only { "True" } else { "False" },
         ip = to.ip(),
         port = to.port()
@@ -269,32 +322,43 @@ fn client(
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// 20 connections from node1 (in `cg`) to `to`: each reaches the local
-/// or the remote backend (both do) with `to` as its peer, `hook` counts
-/// them all, and tc translated none of their packets.
-fn served_at_the_socket(f: &Fixture, cg: &Path, to: SocketAddr, hook: &str) {
+/// 20 connections from `ns` (on node1, in `cg`) to `to`: each reaches
+/// the local or the remote backend (both do) with `to` as its peer, `hook`
+/// counts them all, and tc translated none of their packets.
+fn served_at_the_socket(f: &Fixture, cg: &Path, ns: &e2e::Netns, to: SocketAddr, hook: &str) {
+    let new_flows = |hook| f.counted("node1", hook, "new_flow");
+    let (before, tc_before) = (
+        new_flows(hook),
+        new_flows("tc/egress") + new_flows("tc/ingress"),
+    );
     let mut pods = BTreeSet::new();
     for _ in 0..20 {
-        let out = client(Some(cg), Some(f.cluster.node_ns(0)), to, false);
+        let out = client(Some(cg), Some(ns), to, false);
         let peer = format!("PEER {} {}", to.ip(), to.port());
         assert!(out.contains(&peer), "{out}");
-        let pod = out
-            .lines()
-            .find_map(|l| l.strip_prefix("REPLY "))
-            .unwrap_or_else(|| panic!("no reply: {out}"));
-        pods.insert(pod.to_string());
+        pods.insert(reply_from(&out).0);
     }
     assert_eq!(
         pods,
         ["pod-1-0".to_string(), "pod-2-0".to_string()].into(),
         "local and remote backends"
     );
-    assert_eq!(f.counted("node1", hook, "new_flow"), 20);
+    assert_eq!(new_flows(hook) - before, 20);
     assert_eq!(
-        f.counted("node1", "tc/egress", "new_flow") + f.counted("node1", "tc/ingress", "new_flow"),
-        0,
+        new_flows("tc/egress") + new_flows("tc/ingress"),
+        tc_before,
         "no packet translated by tc"
     );
+}
+
+/// The backend that answered a `client` and the peer it saw.
+fn reply_from(out: &str) -> (String, SocketAddr) {
+    let reply = out
+        .lines()
+        .find_map(|l| l.strip_prefix("REPLY "))
+        .unwrap_or_else(|| panic!("no reply: {out}"));
+    let (pod, peer) = reply.split_once(' ').unwrap();
+    (pod.to_string(), peer.parse().unwrap())
 }
 
 /// A connect from `ns` (in `cg`) to `to` fails with ECONNREFUSED within a
@@ -320,26 +384,22 @@ fn a_node_process_reaches_cluster_ips_through_the_socket_hook() {
 
     // Spread over the local and the remote backend; the application sees
     // the ClusterIP as its peer; tc translated none of these packets.
-    served_at_the_socket(&f, cg1, web, "sock/connect4");
+    served_at_the_socket(&f, cg1, node1, web, "sock/connect4");
     // No endpoints: refused at once, by the hook.
     refused_at_once(cg1, node1, "10.96.0.11:80".parse().unwrap());
     assert_eq!(f.counted("node1", "sock/connect4", "no_endpoints"), 1);
 
-    // Session affinity needs the client's address: left to tc, which
-    // serves it as before.
-    let out = client(
-        Some(cg1),
-        Some(node1),
-        "10.96.0.12:80".parse().unwrap(),
-        false,
-    );
-    assert!(out.contains("REPLY pod-1-0"), "{out}");
-    assert_eq!(f.counted("node1", "sock/connect4", "sock_left_to_tc"), 1);
-    assert_eq!(
-        f.counted("node1", "tc/egress", "new_flow_affinity")
-            + f.counted("node1", "tc/egress", "new_flow"),
-        1
-    );
+    // Session affinity: the node's address is the client, so every
+    // connection from the node goes to the backend the first one got.
+    let sticky: SocketAddr = "10.96.0.12:80".parse().unwrap();
+    let first = reply_from(&client(Some(cg1), Some(node1), sticky, false)).0;
+    for _ in 0..9 {
+        let out = client(Some(cg1), Some(node1), sticky, false);
+        assert_eq!(reply_from(&out).0, first, "{out}");
+    }
+    assert_eq!(f.counted("node1", "sock/connect4", "new_flow"), 30);
+    assert_eq!(f.counted("node1", "sock/connect4", "sock_left_to_tc"), 0);
+    assert_eq!(f.counted("node1", "tc/egress", "new_flow_affinity"), 0);
 
     // A connected UDP socket gets a backend too (connect sends nothing).
     let out = client(
@@ -349,7 +409,7 @@ fn a_node_process_reaches_cluster_ips_through_the_socket_hook() {
         true,
     );
     assert!(out.contains("PEER 10.96.0.10 53"), "{out}");
-    assert_eq!(f.counted("node1", "sock/connect4", "new_flow"), 21);
+    assert_eq!(f.counted("node1", "sock/connect4", "new_flow"), 31);
 }
 
 #[test]
@@ -397,13 +457,240 @@ fn one_nodes_socket_hook_leaves_other_namespaces_and_processes_alone() {
 /// ICMPv6 reject at tc takes a second to show (docs/deploy.md).
 #[test]
 fn an_ipv6_cluster_ip_is_served_through_the_socket_hook_too() {
-    let f = Fixture::build("sock6", true);
+    let f = Fixture::build("sock6", true, "host");
     let (node1, cg1) = (f.cluster.node_ns(0), &f.cgroups[0].0);
     let web6: SocketAddr = "[fd00:10:96::10]:80".parse().unwrap();
-    served_at_the_socket(&f, cg1, web6, "sock/connect6");
+    served_at_the_socket(&f, cg1, node1, web6, "sock/connect6");
     refused_at_once(cg1, node1, "[fd00:10:96::11]:80".parse().unwrap());
     // IPv4 on the same node still goes through connect4.
     let out = client(Some(cg1), Some(node1), WEB.parse().unwrap(), false);
     assert!(out.contains("PEER 10.96.0.10 80"), "{out}");
     assert_eq!(f.counted("node1", "sock/connect4", "new_flow"), 1);
+}
+
+/// A sysctl of `ns`.
+fn sysctl(ns: &e2e::Netns, key: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns.name(), "sysctl", "-n", key])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sysctl {key}");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// NodePorts from the node itself, at the socket: on 127.0.0.1 (as
+/// kube-proxy's iptables mode serves them) and on the node's address
+/// (a packet to which tc never sees: it goes over loopback), spread over
+/// the local and the remote backend; eTP=Local serves the node's own
+/// traffic from every endpoint in the cluster (kube-proxy's rule for
+/// local traffic). All on kind's sysctls: `accept_local` stays off.
+#[test]
+fn node_ports_from_the_node_are_served_at_the_socket() {
+    let f = Fixture::new("socknp");
+    let (node1, cg1) = (f.cluster.node_ns(0), &f.cgroups[0].0);
+    for key in [
+        "net.ipv4.conf.all.accept_local",
+        "net.ipv4.conf.eth0.accept_local",
+    ] {
+        assert_eq!(sysctl(node1, key), "0", "{key} as on a kind node");
+    }
+    let node_ip = f.cluster.nodes[0].ip;
+    served_at_the_socket(
+        &f,
+        cg1,
+        node1,
+        "127.0.0.1:30080".parse().unwrap(),
+        "sock/connect4",
+    );
+    served_at_the_socket(
+        &f,
+        cg1,
+        node1,
+        SocketAddr::from((node_ip, 30080)),
+        "sock/connect4",
+    );
+    // eTP=Local, its only endpoint on node2: the node's own connection
+    // still gets it.
+    for to in [
+        "127.0.0.1:30081".parse().unwrap(),
+        SocketAddr::from((node_ip, 30081)),
+    ] {
+        let out = client(Some(cg1), Some(node1), to, false);
+        assert_eq!(reply_from(&out).0, "pod-2-0", "{out}");
+    }
+    // Without the hook (a process outside the cgroup) nothing listens on
+    // 127.0.0.1:30080: the hook is what serves it.
+    let out = client(None, Some(node1), "127.0.0.1:30080".parse().unwrap(), false);
+    assert_eq!(out.trim(), "ERR 111", "{out}");
+}
+
+/// A UDP client in a node's namespace and cgroup, driven line by line:
+/// each `send` sends one datagram to the service and prints `FROM ip port
+/// REPLY pod` (or `ERR errno`; a connected socket then connects again);
+/// `new` does the same on a new socket.
+struct UdpClient {
+    child: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl UdpClient {
+    fn start(cg: &Path, ns: &e2e::Netns, to: SocketAddr, connected: bool) -> UdpClient {
+        let py = format!(
+            "import socket, sys\n\
+             to = ('{ip}', {port})\n\
+             def fresh():\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    s.settimeout(2)\n    \
+                 {connect}\n    return s\n\
+             s = fresh()\n\
+             for line in sys.stdin:\n    \
+                 if line.strip() == 'new':\n        s = fresh()\n    \
+                 try:\n        \
+                     s.send(b'hi') if {connected} else s.sendto(b'hi', to)\n        \
+                     data, frm = s.recvfrom(200)\n        \
+                     print('FROM', frm[0], frm[1], 'REPLY', data.decode().split()[0], flush=True)\n    \
+                 except OSError as e:\n        print('ERR', e.errno, flush=True)\n        s = fresh()\n",
+            ip = to.ip(),
+            port = to.port(),
+            connect = if connected { "s.connect(to)" } else { "pass" },
+            connected = if connected { "True" } else { "False" },
+        );
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec ip netns exec {} python3 -c \"$0\"",
+            cg.display(),
+            ns.name()
+        );
+        let mut child = Command::new("sh")
+            .args(["-c", &script, &py])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        use std::io::BufRead;
+        UdpClient {
+            child,
+            lines: std::io::BufReader::new(stdout).lines(),
+        }
+    }
+
+    fn cmd(&mut self, what: &str) -> String {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{what}").unwrap();
+        stdin.flush().unwrap();
+        self.lines.next().expect("the client answers").unwrap()
+    }
+}
+
+impl Drop for UdpClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The pod that answered a `UdpClient` round, checking that the reply
+/// came from the service address.
+fn udp_reply(line: &str) -> String {
+    let rest = line
+        .strip_prefix("FROM 10.96.0.10 53 REPLY ")
+        .unwrap_or_else(|| panic!("a reply from the service address: {line}"));
+    rest.to_string()
+}
+
+/// UDP at the socket: an unconnected socket's datagrams to a ClusterIP
+/// (sendmsg4) keep one backend, their replies come from the service
+/// address (recvmsg4); when that backend is removed the next datagram
+/// goes to another, and a connected socket pointed at it is destroyed
+/// (it fails once, connects again and gets a live backend) rather than
+/// sending into the void.
+#[test]
+fn udp_sockets_move_off_a_removed_backend() {
+    let f = Fixture::new("sockudp");
+    let (node1, cg1) = (f.cluster.node_ns(0), &f.cgroups[0].0);
+    let dns: SocketAddr = "10.96.0.10:53".parse().unwrap();
+    let mut connected = UdpClient::start(cg1, node1, dns, true);
+    let gone = udp_reply(&connected.cmd("send"));
+    // An unconnected socket whose backend is the same one.
+    let mut unconnected = UdpClient::start(cg1, node1, dns, false);
+    let mut picked = udp_reply(&unconnected.cmd("new"));
+    for _ in 0..30 {
+        if picked == gone {
+            break;
+        }
+        picked = udp_reply(&unconnected.cmd("new"));
+    }
+    assert_eq!(picked, gone, "30 new sockets never picked {gone}");
+    for _ in 0..5 {
+        assert_eq!(
+            udp_reply(&unconnected.cmd("send")),
+            gone,
+            "one backend per socket"
+        );
+    }
+    assert!(f.counted("node1", "sock/sendmsg4", "established") >= 5);
+
+    let gone_ip = f.cluster.pod(&gone).ip;
+    let line = format!("- {{addresses: [{gone_ip}], nodeName: node");
+    let at = MANIFESTS.find(&line).unwrap();
+    let end = at + MANIFESTS[at..].find('\n').unwrap() + 1;
+    let without = format!("{}{}", &MANIFESTS[..at], &MANIFESTS[end..]);
+    let tmp = f.manifests.join(".services.yaml.tmp");
+    std::fs::write(&tmp, without).unwrap();
+    std::fs::rename(&tmp, f.manifests.join("services.yaml")).unwrap();
+    f.agents[0].wait_for(&["destroyed sockets whose backend is gone", "sockets=1"]);
+    f.agents[0].wait_for(&["synced"]);
+
+    let other = udp_reply(&unconnected.cmd("send"));
+    assert_ne!(other, gone, "the unconnected socket moved off");
+    assert!(
+        connected.cmd("send").starts_with("ERR "),
+        "the destroyed socket fails once"
+    );
+    assert_eq!(
+        udp_reply(&connected.cmd("send")),
+        other,
+        "connected again, to a live backend"
+    );
+}
+
+/// `--socket-lb all`: a pod's connections are served at the socket too;
+/// a pod's connection to a service whose backend is itself (hairpin) and
+/// one kube-proxy masquerades (a NodePort with eTP=Cluster) are left to
+/// tc, which masquerades them.
+#[test]
+fn with_all_pods_are_served_at_the_socket_and_hairpin_stays_masqueraded() {
+    let f = Fixture::build("sockall", false, "all");
+    let cg1 = &f.cgroups[0].0;
+    let pod = f.cluster.pod_ns("pod-1-1");
+    served_at_the_socket(&f, cg1, pod, WEB.parse().unwrap(), "sock/connect4");
+
+    let node_ip = f.cluster.nodes[0].ip;
+    let out = client(
+        Some(cg1),
+        Some(f.cluster.pod_ns("pod-1-0")),
+        "10.96.0.13:80".parse().unwrap(),
+        false,
+    );
+    let (backend, seen) = reply_from(&out);
+    assert_eq!(backend, "pod-1-0");
+    assert_eq!(
+        seen.ip(),
+        std::net::IpAddr::V4(node_ip),
+        "hairpin masqueraded: {out}"
+    );
+    assert_eq!(f.counted("node1", "sock/connect4", "sock_left_to_tc"), 1);
+
+    let out = client(
+        Some(cg1),
+        Some(pod),
+        SocketAddr::from((node_ip, 30080)),
+        false,
+    );
+    let (_, seen) = reply_from(&out);
+    assert_eq!(
+        seen.ip(),
+        std::net::IpAddr::V4(node_ip),
+        "NodePort masqueraded: {out}"
+    );
+    assert_eq!(f.counted("node1", "sock/connect4", "sock_left_to_tc"), 2);
 }

@@ -20,8 +20,8 @@
 //! address, as kube-proxy's masquerade of host traffic would make it.
 
 use aya_ebpf::{
-    cty::c_void,
     bindings::{bpf_sock_addr, bpf_sock_tuple, BPF_F_CURRENT_NETNS},
+    cty::c_void,
     helpers::{
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval, bpf_sk_lookup_tcp,
         bpf_sk_lookup_udp, bpf_sk_release,
@@ -32,8 +32,8 @@ use aya_ebpf::{
 use common::{
     addr,
     lb::{
-        sock_affinity_client, SockAddrKey, SockBackend, SockPeer, SCOPE_INTERNAL,
-        SOCK_SCOPE_ALL, SOCK_SCOPE_NODE_NETNS,
+        sock_affinity_client, SockAddrKey, SockBackend, SockPeer, SCOPE_INTERNAL, SOCK_SCOPE_ALL,
+        SOCK_SCOPE_NODE_NETNS,
     },
     proto::IPPROTO_TCP,
     rules::{self, Frontend, Origin},
@@ -208,9 +208,8 @@ fn listens_here(ctx: *mut c_void, b: &Backend, protocol: u8) -> bool {
         tuple.__bindgen_anon_1.ipv4.dport = b.port.to_be();
         12
     } else {
-        let word = |i: usize| {
-            u32::from_ne_bytes([b.addr[i], b.addr[i + 1], b.addr[i + 2], b.addr[i + 3]])
-        };
+        let word =
+            |i: usize| u32::from_ne_bytes([b.addr[i], b.addr[i + 1], b.addr[i + 2], b.addr[i + 3]]);
         tuple.__bindgen_anon_1.ipv6.daddr = [word(0), word(4), word(8), word(12)];
         tuple.__bindgen_anon_1.ipv6.dport = b.port.to_be();
         36

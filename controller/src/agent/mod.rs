@@ -18,5 +18,6 @@ pub mod healthcheck;
 pub mod links;
 pub mod metrics;
 mod run;
+pub mod sock_lb;
 
 pub use run::*;

@@ -266,6 +266,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         health_checks: HealthCheckServer::new(health_ips, requests.clone()),
         api_service_cidrs: None,
         retry: None,
+        socket_lb_cgroup: None,
         opts,
     };
     agent.configure(&mut dp)?;
@@ -325,6 +326,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         dp.attach_socket_lb(&cgroup, netns, agent.opts.socket_lb == SocketLb::All)
             .with_context(|| format!("attaching the socket hooks to {}", cgroup.display()))?;
         info!(cgroup = %cgroup.display(), scope = ?agent.opts.socket_lb, "socket-level load balancing attached");
+        agent.socket_lb_cgroup = Some(cgroup);
     }
     // Every link runs the new programs: a migration begun at load ends.
     match dp.finish_migration() {
@@ -605,6 +607,8 @@ struct Agent {
     /// When the next retry of a failed (or partial) sync is due, and which
     /// attempt it is.
     retry: Option<(tokio::time::Instant, u32)>,
+    /// The cgroup the socket hooks are attached to (`--socket-lb`).
+    socket_lb_cgroup: Option<PathBuf>,
 }
 
 impl Agent {
@@ -893,6 +897,9 @@ impl Agent {
                     self.metrics.count_sync_error("not_programmed");
                     Some(next_retry(self.retry))
                 };
+                if !changes.frontends.is_empty() {
+                    self.close_stale_sockets(dp);
+                }
                 if self.health_checks_pending {
                     // Logs what it cannot bind; tried again next sync.
                     let report = self.health_checks.sync(desired);
@@ -942,6 +949,26 @@ impl Agent {
                 self.retry = Some(next_retry(self.retry));
                 warn!(error = %e, cause = e.cause(), "programming the maps failed");
             }
+        }
+    }
+
+    /// Socket LB: destroys the sockets pointed at a backend that is no
+    /// longer their frontend's (`sock_lb`).
+    fn close_stale_sockets(&self, dp: &Datapath) {
+        let Some(cgroup) = &self.socket_lb_cgroup else {
+            return;
+        };
+        let peers = match dp.sock_peers() {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "reading the socket LB peers");
+                return;
+            }
+        };
+        let all = self.opts.socket_lb == SocketLb::All;
+        let closed = super::sock_lb::close_stale(&peers, self.translation.desired(), all, cgroup);
+        if closed > 0 {
+            info!(sockets = closed, "destroyed sockets whose backend is gone");
         }
     }
 

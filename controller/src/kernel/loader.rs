@@ -1251,6 +1251,16 @@ pub fn ifindex(ifname: &str) -> Result<u32> {
     }
 }
 
+impl Datapath {
+    /// Socket LB: the sockets the hooks pointed at a backend (socket
+    /// cookie -> the service address they asked for).
+    pub fn sock_peers(&self) -> Result<std::collections::HashMap<u64, common::lb::SockPeer>> {
+        let name = map_names::SOCK_PEERS;
+        let map: aya::maps::HashMap<&MapData, u64, common::lb::SockPeer> = self.map_ref(name)?;
+        Ok(map.iter().filter_map(|r| r.ok()).collect())
+    }
+}
+
 /// `--socket-lb`'s programs, in the order they attach.
 const SOCKET_LB_PROGRAMS: [&str; 8] = [
     "dp_sock_connect4",

@@ -27,6 +27,7 @@ pub mod pin;
 pub mod rawmap;
 pub mod ring;
 pub mod sizing;
+pub mod sock_diag;
 pub mod upgrade;
 
 pub use loader::{Counters, Datapath, MapSizes, TcAttach};
