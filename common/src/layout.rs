@@ -156,11 +156,13 @@ pub mod versions {
     /// so nothing converts.
     pub const COUNTERS: u32 = 4;
     pub const TRACE_SESSIONS: u32 = 1;
-    /// 2: `l4_off` (was padding; zero means not known).
-    pub const TRACE_RING: u32 = 2;
+    /// 2: `l4_off` (was padding; zero means not known). 3: `pid_tgid`,
+    /// `comm` and `netns_cookie` of socket hook events (32 bytes more).
+    pub const TRACE_RING: u32 = 3;
     pub const TRACE_LOST: u32 = 1;
-    /// 2: `TraceEvent::l4_off` (was padding; zero means not known).
-    pub const RECENT: u32 = 2;
+    /// 2: `TraceEvent::l4_off` (was padding; zero means not known). 3:
+    /// `pid_tgid`, `comm`, `netns_cookie`. Starts empty when replaced.
+    pub const RECENT: u32 = 3;
     pub const RECENT_HEAD: u32 = 1;
     pub const NAMES: u32 = 1;
     pub const AFFINITY: u32 = 1;
@@ -277,6 +279,9 @@ fn trace_event(d: &mut Description) {
             headers_len,
             l4_off,
             sent_ifindex,
+            pid_tgid,
+            comm,
+            netns_cookie,
             headers,
         ]
     );

@@ -68,6 +68,14 @@ pub struct TraceEvent {
     /// Where the program sent the packet itself (`bpf_redirect*`): the
     /// device's ifindex; 0 when it was left to the stack (or dropped).
     pub sent_ifindex: u32,
+    /// Socket hooks (no packet, no interface): the calling thread's
+    /// `bpf_get_current_pid_tgid()` (process id in the upper 32 bits,
+    /// thread id in the lower), 0 otherwise.
+    pub pid_tgid: u64,
+    /// Socket hooks: the calling process's command name (NUL-padded).
+    pub comm: [u8; 16],
+    /// Socket hooks: the socket's network namespace cookie.
+    pub netns_cookie: u64,
     /// The first bytes of the frame as it arrived, before any rewrite:
     /// Ethernet, IP and L4 headers (for `dp trace -w`).
     pub headers: [u8; TRACE_HEADER_BYTES],

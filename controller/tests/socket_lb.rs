@@ -389,6 +389,48 @@ fn a_node_process_reaches_cluster_ips_through_the_socket_hook() {
     refused_at_once(cg1, node1, "10.96.0.11:80".parse().unwrap());
     assert_eq!(f.counted("node1", "sock/connect4", "no_endpoints"), 1);
 
+    // `dp trace` shows a socket decision like a packet's: the hook, the
+    // process, the Service and the backend; a refusal with its reason.
+    let trace = TraceProcess::start(node1, &f.pins("node1"), &["--service", "default/web"]);
+    let out = client(Some(cg1), Some(node1), web, false);
+    let (pod, _) = reply_from(&out);
+    let line = trace
+        .next_line(Duration::from_secs(5))
+        .expect("dp trace shows the connect");
+    assert!(
+        line.contains("sock/connect4 pid ")
+            && line.contains("(python3) -> default/web:http (10.96.0.10:80) TCP FORWARDED")
+            && line.contains(&format!("=> {}:8080", f.cluster.pod(&pod).ip)),
+        "{line}"
+    );
+    drop(trace);
+    // The refusal was kept (`--since`), with the process that was refused.
+    let mut later = TraceProcess::start(
+        node1,
+        &f.pins("node1"),
+        &[
+            "-o",
+            "json",
+            "--since",
+            "1m",
+            "--reason",
+            "no_endpoints",
+            "--count",
+            "1",
+        ],
+    );
+    let kept: serde_json::Value = serde_json::from_str(
+        &later
+            .next_line(Duration::from_secs(5))
+            .expect("the kept refusal"),
+    )
+    .unwrap();
+    assert_eq!(kept["hook"], "sock/connect4", "{kept}");
+    assert_eq!(kept["verdict"], "rejected", "{kept}");
+    assert_eq!(kept["process"]["command"], "python3", "{kept}");
+    assert_eq!(kept["service"]["name"], "default/none", "{kept}");
+    assert!(later.interrupt().success());
+
     // Session affinity: the node's address is the client, so every
     // connection from the node goes to the backend the first one got.
     let sticky: SocketAddr = "10.96.0.12:80".parse().unwrap();
@@ -397,7 +439,8 @@ fn a_node_process_reaches_cluster_ips_through_the_socket_hook() {
         let out = client(Some(cg1), Some(node1), sticky, false);
         assert_eq!(reply_from(&out).0, first, "{out}");
     }
-    assert_eq!(f.counted("node1", "sock/connect4", "new_flow"), 30);
+    // 20 + the traced one + 10.
+    assert_eq!(f.counted("node1", "sock/connect4", "new_flow"), 31);
     assert_eq!(f.counted("node1", "sock/connect4", "sock_left_to_tc"), 0);
     assert_eq!(f.counted("node1", "tc/egress", "new_flow_affinity"), 0);
 
@@ -409,7 +452,7 @@ fn a_node_process_reaches_cluster_ips_through_the_socket_hook() {
         true,
     );
     assert!(out.contains("PEER 10.96.0.10 53"), "{out}");
-    assert_eq!(f.counted("node1", "sock/connect4", "new_flow"), 31);
+    assert_eq!(f.counted("node1", "sock/connect4", "new_flow"), 32);
 }
 
 #[test]

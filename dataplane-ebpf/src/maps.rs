@@ -155,6 +155,12 @@ pub static DP_SOCK_SCOPE: Array<u64> = Array::with_max_entries(2, 0);
 pub static DP_SOCK_BACKENDS: LruHashMap<common::lb::SockAddrKey, common::lb::SockBackend> =
     LruHashMap::with_max_entries(map_sizes::SOCK_BACKENDS, 0);
 
+/// The trace event of a socket call, built per CPU (a `TraceEvent` is too
+/// large for the BPF stack of the socket hooks' call chain). Not
+/// `DP_DECISION`: tc may run on this CPU in the middle of a socket hook.
+#[map(name = "DP_SOCK_EVENT")]
+pub static DP_SOCK_EVENT: PerCpuArray<TraceEvent> = PerCpuArray::with_max_entries(1, 0);
+
 /// Socket-level load balancing of UDP: (socket, backend address) -> the
 /// service address, for recvmsg() to show replies coming from it.
 #[map(name = "DP_SOCK_REVNAT")]

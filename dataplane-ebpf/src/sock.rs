@@ -23,8 +23,9 @@ use aya_ebpf::{
     bindings::{bpf_sock_addr, bpf_sock_tuple, BPF_F_CURRENT_NETNS},
     cty::c_void,
     helpers::{
-        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval, bpf_sk_lookup_tcp,
-        bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
+        bpf_get_socket_cookie, bpf_set_retval, bpf_sk_lookup_tcp, bpf_sk_lookup_udp,
+        bpf_sk_release,
     },
     programs::SockAddrContext,
     EbpfContext,
@@ -37,15 +38,19 @@ use common::{
     },
     proto::IPPROTO_TCP,
     rules::{self, Frontend, Origin},
-    Backend, DatapathConfig, Hook, MemberKey, Reason, ServiceKey, ServiceValue, Verdict,
+    trace::{FAMILY_IPV4, FAMILY_IPV6},
+    Backend, DatapathConfig, Hook, MemberKey, Reason, ServiceKey, ServiceValue, TraceEvent,
+    Verdict,
 };
 
 use crate::{
     conntrack::now_ns,
     datapath::config,
     lb,
-    maps::{DP_MEMBERS, DP_SOCK_BACKENDS, DP_SOCK_PEERS, DP_SOCK_REVNAT, DP_SOCK_SCOPE},
-    stats,
+    maps::{
+        DP_MEMBERS, DP_SOCK_BACKENDS, DP_SOCK_EVENT, DP_SOCK_PEERS, DP_SOCK_REVNAT, DP_SOCK_SCOPE,
+    },
+    stats, trace,
 };
 
 const ECONNREFUSED: i32 = 111;
@@ -86,8 +91,10 @@ struct Picked {
 /// call left as it is.
 enum Decision {
     Connect(Picked),
-    Refuse(Reason),
-    Leave(Reason),
+    /// Refused for this reason; the service port's id (0: none).
+    Refuse(Reason, u32),
+    /// Left as it is for this reason; the service port's id (0: none).
+    Leave(Reason, u32),
 }
 
 /// The rules' view of a socket's flow: from the host (a local process)
@@ -123,12 +130,13 @@ struct Request {
 fn decide(r: &Request) -> Decision {
     let (daddr, protocol, c) = (&r.daddr, r.protocol, r.client);
     let (mut key, mut master) = match lb::lookup(daddr, r.dport, protocol) {
-        Frontend::NotAService => return Decision::Leave(Reason::NoService),
-        Frontend::PortNotServed => return Decision::Refuse(Reason::PortNotServed),
+        Frontend::NotAService => return Decision::Leave(Reason::NoService, 0),
+        Frontend::PortNotServed => return Decision::Refuse(Reason::PortNotServed, 0),
         Frontend::Found(found) => found,
     };
+    let id = master.service_id;
     if rules::source_ranges_apply(&master) {
-        return Decision::Leave(Reason::SockLeftToTc);
+        return Decision::Leave(Reason::SockLeftToTc, id);
     }
     let cfg = config();
     let v6 = !addr::is_v4_mapped(daddr);
@@ -137,19 +145,19 @@ fn decide(r: &Request) -> Decision {
     // backend must see the node's address, not the pod's. The host's own
     // flows leave with a node address as their source anyway.
     if !c.host && rules::masquerade(cfg, master.flags, origin, false, false) {
-        return Decision::Leave(Reason::SockLeftToTc);
+        return Decision::Leave(Reason::SockLeftToTc, id);
     }
     if rules::internal_scope(&master, origin) {
         key = key.with_scope(SCOPE_INTERNAL);
         master = match lb::master(&key) {
             Some(m) => m,
-            None => return Decision::Leave(Reason::SockLeftToTc),
+            None => return Decision::Leave(Reason::SockLeftToTc, id),
         };
     }
     match pick(&key, &master, &c, v6) {
         // Hairpin: kube-proxy masquerades a pod's flow to itself.
         Ok((_, backend)) if !c.host && listens_here(r.ctx, &backend, protocol) => {
-            Decision::Leave(Reason::SockLeftToTc)
+            Decision::Leave(Reason::SockLeftToTc, id)
         }
         Ok((backend_id, backend)) => Decision::Connect(Picked {
             backend_id,
@@ -157,10 +165,10 @@ fn decide(r: &Request) -> Decision {
             service_id: master.service_id,
         }),
         Err(Reason::NoEndpoints) => match rules::no_endpoints(&master) {
-            (Verdict::Reject, why) => Decision::Refuse(why),
-            _ => Decision::Leave(Reason::SockLeftToTc),
+            (Verdict::Reject, why) => Decision::Refuse(why, id),
+            _ => Decision::Leave(Reason::SockLeftToTc, id),
         },
-        Err(_) => Decision::Leave(Reason::SockLeftToTc),
+        Err(_) => Decision::Leave(Reason::SockLeftToTc, id),
     }
 }
 
@@ -297,13 +305,103 @@ fn remember_revnat(cookie: u64, b: &Backend, service: [u8; 16], port: u16) {
 }
 
 /// Fails the call with ECONNREFUSED, as a REJECT makes a TCP connect or a
-/// UDP send fail.
-#[inline(always)]
-fn refuse(hook: Hook, reason: Reason) -> i32 {
+/// UDP send fail. Kept for `dp trace --since`, as tc keeps its rejects.
+/// Its own BPF function (as `leave` and `forwarded`): the hook's frame
+/// stays small, `decide`'s chain needs the room.
+#[inline(never)]
+fn refuse(hook: Hook, r: &Request, reason: Reason, service_id: u32) -> i32 {
     stats::count(hook, reason, 0);
+    let outcome = Outcome {
+        verdict: Verdict::Reject,
+        reason,
+        service_id,
+        backend: None,
+    };
+    trace_call(hook, r, &outcome);
     // SAFETY: a helper of cgroup programs.
     unsafe { bpf_set_retval(-ECONNREFUSED) };
     DENY
+}
+
+/// Lets the call go ahead untranslated (tc's to serve, or not a service).
+#[inline(never)]
+fn leave(hook: Hook, r: &Request, reason: Reason, service_id: u32) -> i32 {
+    stats::count(hook, reason, 0);
+    // Calls to no service at all are not news: only those left to tc are
+    // traced.
+    if service_id != 0 && trace::any_session() {
+        let outcome = Outcome {
+            verdict: Verdict::Pass,
+            reason,
+            service_id,
+            backend: None,
+        };
+        trace_call(hook, r, &outcome);
+    }
+    ALLOW
+}
+
+/// What a socket call came to, for its trace event.
+struct Outcome {
+    verdict: Verdict,
+    reason: Reason,
+    service_id: u32,
+    backend: Option<(u32, Backend)>,
+}
+
+/// The trace event of a socket call: the hook, the process (id, command,
+/// network namespace), the service address as the destination and the
+/// backend as the translation. No packet exists yet: no interface, no
+/// source address (the kernel picks it later), no headers. Sent to the
+/// open sessions it matches; a refusal is also kept in `DP_RECENT`.
+///
+/// Built in this CPU's `DP_SOCK_EVENT`: socket hooks run in process
+/// context, and a task preempted inside one could let another task's hook
+/// on the same CPU rewrite the record; the cost is at worst one garbled
+/// trace event, never a decision.
+#[inline(never)]
+fn trace_call(hook: Hook, r: &Request, o: &Outcome) {
+    let reject = o.verdict == Verdict::Reject;
+    if !reject && !trace::any_session() {
+        return;
+    }
+    let Some(ev) = DP_SOCK_EVENT.get_ptr_mut(0) else {
+        return;
+    };
+    const WORDS: usize = core::mem::size_of::<TraceEvent>() / 8;
+    // SAFETY: a per-CPU map value of exactly `WORDS` words, 8-byte aligned.
+    unsafe { crate::zero::words64::<WORDS>(ev.cast::<u64>()) };
+    // SAFETY: the map value, all zero: a valid `TraceEvent`.
+    let ev = unsafe { &mut *ev };
+    ev.hook = hook as u8;
+    ev.verdict = o.verdict as u8;
+    ev.reason = o.reason as u32;
+    ev.service_id = o.service_id;
+    ev.original.daddr = r.daddr;
+    ev.original.dport = r.dport;
+    ev.original.protocol = r.protocol;
+    ev.original.family = if addr::is_v4_mapped(&r.daddr) {
+        FAMILY_IPV4
+    } else {
+        FAMILY_IPV6
+    };
+    ev.translated = ev.original;
+    if let Some((id, b)) = &o.backend {
+        ev.backend_id = *id;
+        ev.translated.daddr = b.addr;
+        ev.translated.dport = b.port;
+    }
+    // SAFETY: helpers of sock_addr programs.
+    unsafe {
+        ev.pid_tgid = bpf_get_current_pid_tgid();
+        ev.comm = bpf_get_current_comm().unwrap_or_default();
+        ev.netns_cookie = bpf_get_netns_cookie(r.ctx);
+    }
+    ev.timestamp_ns = now_ns();
+    trace::emit_built(ev);
+    if reject {
+        trace::remember(ev);
+    }
 }
 
 /// The request of a socket call to `sa`'s destination.
@@ -335,11 +433,8 @@ pub fn connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     let r = request(ctx, unsafe { &*ctx.sock_addr }, v6, c);
     match decide(&r) {
         Decision::Connect(p) => connect_to::<V6>(ctx, hook, &r, &p),
-        Decision::Refuse(reason) => refuse(hook, reason),
-        Decision::Leave(reason) => {
-            stats::count(hook, reason, 0);
-            ALLOW
-        }
+        Decision::Refuse(reason, id) => refuse(hook, &r, reason, id),
+        Decision::Leave(reason, id) => leave(hook, &r, reason, id),
     }
 }
 
@@ -364,7 +459,22 @@ fn connect_to<const V6: bool>(ctx: &SockAddrContext, hook: Hook, r: &Request, p:
     if r.protocol != IPPROTO_TCP {
         remember_revnat(cookie, &p.backend, r.daddr, r.dport);
     }
+    forwarded(hook, r, p)
+}
+
+/// Counts and traces a call pointed at a backend.
+#[inline(never)]
+fn forwarded(hook: Hook, r: &Request, p: &Picked) -> i32 {
     stats::count(hook, Reason::NewFlow, 0);
+    if trace::any_session() {
+        let outcome = Outcome {
+            verdict: Verdict::Forward,
+            reason: Reason::NewFlow,
+            service_id: p.service_id,
+            backend: Some((p.backend_id, p.backend)),
+        };
+        trace_call(hook, r, &outcome);
+    }
     ALLOW
 }
 
@@ -405,11 +515,8 @@ pub fn sendmsg<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     let r = request(ctx, unsafe { &*ctx.sock_addr }, v6, c);
     match decide(&r) {
         Decision::Connect(p) => send_to::<V6>(ctx, hook, &r, &p),
-        Decision::Refuse(reason) => refuse(hook, reason),
-        Decision::Leave(reason) => {
-            stats::count(hook, reason, 0);
-            ALLOW
-        }
+        Decision::Refuse(reason, id) => refuse(hook, &r, reason, id),
+        Decision::Leave(reason, id) => leave(hook, &r, reason, id),
     }
 }
 
@@ -449,8 +556,7 @@ fn send_to<const V6: bool>(ctx: &SockAddrContext, hook: Hook, r: &Request, p: &P
     // Without the record the next datagram picks again.
     let _ = DP_SOCK_BACKENDS.insert(&sock_key(cookie, r.daddr, r.dport), &kept, 0);
     remember_revnat(cookie, &p.backend, r.daddr, r.dport);
-    stats::count(hook, Reason::NewFlow, 0);
-    ALLOW
+    forwarded(hook, r, p)
 }
 
 /// recvmsg4 and recvmsg6 (UDP): a datagram from a backend this socket

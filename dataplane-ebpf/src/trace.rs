@@ -70,6 +70,31 @@ pub fn arrival<P: Packet>(pkt: &P, ev: &mut TraceEvent) {
     ev.trace_sessions = sessions as u8;
 }
 
+/// Whether any `dp trace` session is open: the socket hooks build their
+/// record only then (or for a refusal, which `remember` keeps).
+#[inline(always)]
+pub fn any_session() -> bool {
+    let mut slot = 0;
+    while slot < common::trace::TRACE_SESSIONS {
+        if DP_TRACE_SESS.get(slot).is_some_and(|s| s.active != 0) {
+            return true;
+        }
+        slot += 1;
+    }
+    false
+}
+
+/// Sends a record built whole (a socket hook's: no packet arrives first)
+/// to the sessions whose filters it passes.
+#[inline(always)]
+pub fn emit_built(ev: &mut TraceEvent) {
+    let sessions = candidates(ev);
+    if sessions != 0 {
+        ev.trace_sessions = sessions as u8;
+        emit(ev);
+    }
+}
+
 #[inline(always)]
 fn candidates(ev: &TraceEvent) -> u32 {
     let mut mask = 0;

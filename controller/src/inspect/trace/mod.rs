@@ -68,6 +68,7 @@ mod tests {
             nat: None,
             sent_to: None,
             packet_len: 74,
+            process: None,
             explain: None,
         }
     }

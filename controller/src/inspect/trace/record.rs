@@ -58,6 +58,20 @@ pub struct TraceRecord {
     /// With `--explain`, for drops and rejects.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub explain: Option<Hint>,
+    /// Socket hooks (`sock/*`): the process whose call it was. No packet
+    /// exists yet, so no interface and no source address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process: Option<Process>,
+}
+
+/// The process a socket hook ran for.
+#[derive(Clone, Debug, Serialize)]
+pub struct Process {
+    pub pid: u32,
+    /// Its command name (`comm`).
+    pub command: String,
+    /// Its network namespace's cookie (the node's or a pod's).
+    pub netns_cookie: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -204,6 +218,7 @@ impl TraceNames {
         self.refresh_for(ev);
         let verdict = Verdict::from_u8(ev.verdict);
         let reason = Reason::from_u32(ev.reason);
+        let socket_hook = Hook::from_u8(ev.hook).is_some_and(Hook::is_socket);
         let t = &ev.original;
         let l4 = matches!(t.protocol, proto::IPPROTO_TCP | proto::IPPROTO_UDP);
         let peer = |addr: &[u8; 16], port: u16, names: &Self| {
@@ -272,7 +287,11 @@ impl TraceNames {
             time: clock.rfc3339(ev.timestamp_ns),
             monotonic_ns: ev.timestamp_ns,
             hook: Hook::from_u8(ev.hook).map_or("unknown", Hook::name),
-            interface: self.interface(ev.ifindex),
+            interface: if socket_hook {
+                "-".to_string()
+            } else {
+                self.interface(ev.ifindex)
+            },
             ifindex: ev.ifindex,
             protocol: match t.family {
                 0 => "non-IP".to_string(),
@@ -283,7 +302,15 @@ impl TraceNames {
             } else {
                 vec![]
             },
-            source: peer(&t.saddr, t.sport, self),
+            source: if socket_hook {
+                Peer {
+                    ip: None,
+                    port: None,
+                    pod: None,
+                }
+            } else {
+                peer(&t.saddr, t.sport, self)
+            },
             destination: peer(&t.daddr, t.dport, self),
             verdict: verdict_id,
             reason: reason.map_or("unknown", Reason::id),
@@ -296,6 +323,13 @@ impl TraceNames {
             sent_to: (ev.sent_ifindex != 0).then(|| self.interface(ev.sent_ifindex)),
             packet_len: ev.packet_len,
             explain: None,
+            process: socket_hook.then(|| Process {
+                pid: (ev.pid_tgid >> 32) as u32,
+                command: String::from_utf8_lossy(&ev.comm)
+                    .trim_end_matches('\0')
+                    .to_string(),
+                netns_cookie: ev.netns_cookie,
+            }),
         };
         record.detail = reason.and_then(|r| self.detail(r, &record));
         if explain && matches!(verdict, Some(Verdict::Drop | Verdict::Reject)) {

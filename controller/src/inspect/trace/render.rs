@@ -86,13 +86,13 @@ pub fn line(r: &TraceRecord) -> String {
         (Some(s), true) => format!("{} ({})", s.name, peer(&r.destination)),
         _ => peer(&r.destination),
     };
-    let mut out = format!(
-        "{time} {} {} {} -> {dst} {}",
-        r.hook,
-        r.interface,
-        peer(&r.source),
-        r.protocol
-    );
+    // A socket hook's event names the process instead of an interface
+    // and a source address (no packet exists yet).
+    let from = match &r.process {
+        Some(p) => format!("pid {} ({})", p.pid, p.command),
+        None => format!("{} {}", r.interface, peer(&r.source)),
+    };
+    let mut out = format!("{time} {} {from} -> {dst} {}", r.hook, r.protocol);
     if !r.tcp_flags.is_empty() {
         out.push(' ');
         out.push_str(&r.tcp_flags.join("|"));

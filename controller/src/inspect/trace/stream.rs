@@ -114,7 +114,8 @@ pub fn stream(
             writeln!(out, "{}", line(&record))?;
         }
         out.flush()?;
-        if let Some(w) = pcap.as_mut() {
+        // A socket hook's event has no packet to write.
+        if let Some(w) = pcap.as_mut().filter(|_| record.process.is_none()) {
             let data = &ev.headers[..usize::from(ev.headers_len).min(ev.headers.len())];
             w.packet(
                 ev.ifindex,
