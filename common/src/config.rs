@@ -7,6 +7,12 @@ use crate::ct::CtTimeouts;
 /// `DatapathConfig::flags`: masquerade all service traffic
 /// (kube-proxy `--masquerade-all`).
 pub const CONFIG_MASQUERADE_ALL: u32 = 1 << 0;
+/// `DatapathConfig::flags`: the agent attached the socket hooks for the
+/// node's own sockets (`--socket-lb host` or `all`). Read by the tools
+/// (`dp explain`), not by the programs.
+pub const CONFIG_SOCKET_LB_HOST: u32 = 1 << 1;
+/// `DatapathConfig::flags`: ... and for every namespace's (`all`: pods).
+pub const CONFIG_SOCKET_LB_ALL: u32 = 1 << 2;
 
 /// The single value of the `DP_CONFIG` array (index 0).
 #[repr(C)]

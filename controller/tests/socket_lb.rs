@@ -511,6 +511,20 @@ fn an_ipv6_cluster_ip_is_served_through_the_socket_hook_too() {
     assert_eq!(f.counted("node1", "sock/connect4", "new_flow"), 1);
 }
 
+/// `dp explain --from <from> --to <to>`, run in node1's namespace (where
+/// it tells the node's own addresses).
+fn explain_on_node1(f: &Fixture, from: &str, to: &str) -> serde_json::Value {
+    let out = e2e::stdout_of(
+        Command::new("ip")
+            .args(["netns", "exec", f.cluster.node_ns(0).name()])
+            .arg(env!("CARGO_BIN_EXE_dp"))
+            .args(["explain", "--from", from, "--to", to, "--bpffs"])
+            .arg(f.pins("node1"))
+            .args(["-o", "json"]),
+    );
+    serde_json::from_str(&out).unwrap()
+}
+
 /// A sysctl of `ns`.
 fn sysctl(ns: &e2e::Netns, key: &str) -> String {
     let out = Command::new("ip")
@@ -561,6 +575,21 @@ fn node_ports_from_the_node_are_served_at_the_socket() {
         let out = client(Some(cg1), Some(node1), to, false);
         assert_eq!(reply_from(&out).0, "pod-2-0", "{out}");
     }
+    // `dp explain` says which path each source takes: the node's own
+    // address at the socket, a pod's (with `host`) at tc.
+    let node = node_ip.to_string();
+    let e = explain_on_node1(&f, &node, "127.0.0.1:30080");
+    assert_eq!(
+        (e["verdict"].as_str(), e["path"].as_str()),
+        (Some("forward"), Some("socket")),
+        "{e}"
+    );
+    let e = explain_on_node1(&f, &node, WEB);
+    assert_eq!(e["path"], "socket", "{e}");
+    let pod = f.cluster.pod("pod-1-1").ip.to_string();
+    let e = explain_on_node1(&f, &pod, WEB);
+    assert_eq!(e["path"], "tc", "{e}");
+
     // Without the hook (a process outside the cgroup) nothing listens on
     // 127.0.0.1:30080: the hook is what serves it.
     let out = client(None, Some(node1), "127.0.0.1:30080".parse().unwrap(), false);
@@ -706,6 +735,10 @@ fn with_all_pods_are_served_at_the_socket_and_hairpin_stays_masqueraded() {
     let cg1 = &f.cgroups[0].0;
     let pod = f.cluster.pod_ns("pod-1-1");
     served_at_the_socket(&f, cg1, pod, WEB.parse().unwrap(), "sock/connect4");
+
+    let pod_ip = f.cluster.pod("pod-1-1").ip.to_string();
+    let e = explain_on_node1(&f, &pod_ip, WEB);
+    assert_eq!(e["path"], "socket", "with all, pods too: {e}");
 
     let node_ip = f.cluster.nodes[0].ip;
     let out = client(

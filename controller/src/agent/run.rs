@@ -613,6 +613,9 @@ struct Agent {
 
 impl Agent {
     fn configure(&self, dp: &mut Datapath) -> anyhow::Result<()> {
+        // Set again when the hooks attach; a restart without them clears it.
+        dp.set_socket_lb_flags(false, false)
+            .context("configuring the datapath")?;
         // Each family: the node's first address of it (the masquerade
         // source; none: all zero, and the datapath drops what it would have
         // to masquerade) and the cluster CIDR of it.

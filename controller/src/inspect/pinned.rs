@@ -468,6 +468,11 @@ pub struct Explanation {
     /// The client is one of the possible backends (hairpin: masqueraded
     /// when it picks itself).
     pub hairpin_possible: bool,
+    /// Where the decision is made: `socket` (the agent's socket hooks
+    /// translate a connect() or sendto() from this source once, no packet
+    /// is translated) or `tc` (every packet, at the node's and pods'
+    /// devices).
+    pub path: &'static str,
 }
 
 impl PinnedMaps {
@@ -506,7 +511,16 @@ impl PinnedMaps {
             backends: vec![],
             masquerade: false,
             hairpin_possible: false,
+            path: "tc",
         };
+        // Which sockets the agent's socket hooks serve: the node's own
+        // (a source that is one of its addresses), with `all` pods' too.
+        let local = local_addresses();
+        let socket_host =
+            cfg.flags & common::config::CONFIG_SOCKET_LB_HOST != 0 && local.contains(&from);
+        let socket_pod = cfg.flags & common::config::CONFIG_SOCKET_LB_ALL != 0
+            && !local.contains(&from)
+            && Origin::of(&cfg, &addr16(from), false).from_pod;
         // A tracked flow decides first.
         if let Some(sport) = from_port {
             let key = CtKey {
@@ -554,14 +568,17 @@ impl PinnedMaps {
             Frontend::PortNotServed => {
                 out.verdict = "reject";
                 out.reason = Reason::PortNotServed.id();
+                if socket_host || socket_pod {
+                    out.path = "socket";
+                }
                 return Ok(out);
             }
         };
         out.service = spn(m.service_id);
         // This node to its own address goes over `lo`, where no program
-        // runs: the node's stack answers (a reset), not the service.
-        let local = local_addresses();
-        if local.contains(&from) && local.contains(&to.ip()) {
+        // runs: the node's stack answers (a reset), not the service;
+        // unless the socket hooks translate it first.
+        if local.contains(&from) && local.contains(&to.ip()) && !socket_host {
             out.verdict = "pass";
             out.reason = Reason::NodeToOwnAddress.id();
             return Ok(out);
@@ -614,6 +631,10 @@ impl PinnedMaps {
             out.verdict = if verdict == Verdict::Drop {
                 "drop"
             } else {
+                // Refused at connect() by the socket hooks; a drop is tc's.
+                if socket_host || socket_pod {
+                    out.path = "socket";
+                }
                 "reject"
             };
             out.reason = reason.id();
@@ -634,6 +655,13 @@ impl PinnedMaps {
             .all(|b| rules::reaches_this_node(&cfg, &addr16(b.0.ip()), origin));
         let hairpin = out.hairpin_possible && out.backends.len() == 1;
         out.masquerade = rules::masquerade(&cfg, frontend_flags, origin, hairpin, to_this_node);
+        // The socket hooks serve the node's own flows, and a pod's unless
+        // kube-proxy would masquerade it (a pod that picks itself, the
+        // hairpin case, is left to tc too: see `hairpin_possible`).
+        let pod_masqueraded = rules::masquerade(&cfg, frontend_flags, origin, false, false);
+        if socket_host || (socket_pod && !pod_masqueraded) {
+            out.path = "socket";
+        }
         Ok(out)
     }
 
@@ -972,17 +1000,23 @@ pub mod text {
         if e.hairpin_possible {
             out.push_str("hairpin:    the client is one of the backends\n");
         }
+        out.push_str(match e.path {
+            "socket" => {
+                "path:       socket (translated once at connect()/sendto(), no packet translated)\n"
+            }
+            _ => "path:       tc (every packet, at the devices)\n",
+        });
         out
     }
 
     pub fn stats(rows: &[StatsRow]) -> String {
         let mut out = format!(
-            "{:<11} {:<24} {:>12} {:>14}\n",
+            "{:<13} {:<24} {:>12} {:>14}\n",
             "hook", "reason", "packets", "bytes"
         );
         for r in rows {
             out.push_str(&format!(
-                "{:<11} {:<24} {:>12} {:>14}\n",
+                "{:<13} {:<24} {:>12} {:>14}\n",
                 r.hook, r.reason, r.packets, r.bytes
             ));
         }

@@ -810,6 +810,21 @@ impl Datapath {
         })
     }
 
+    /// Records in the configuration which sockets the socket hooks serve
+    /// (for `dp explain`; the programs read `DP_SOCK_SCOPE`).
+    pub fn set_socket_lb_flags(&mut self, host: bool, all: bool) -> Result<()> {
+        use common::config::{CONFIG_SOCKET_LB_ALL, CONFIG_SOCKET_LB_HOST};
+        self.update_config(|c| {
+            c.flags &= !(CONFIG_SOCKET_LB_HOST | CONFIG_SOCKET_LB_ALL);
+            if host {
+                c.flags |= CONFIG_SOCKET_LB_HOST;
+            }
+            if all {
+                c.flags |= CONFIG_SOCKET_LB_ALL;
+            }
+        })
+    }
+
     /// Limits the replies the datapath builds (ICMP port unreachable, TCP
     /// resets) to `rate_per_s` per CPU (0: no limit) with bursts of `burst`.
     pub fn set_reply_limit(&mut self, rate_per_s: u32, burst: u32) -> Result<()> {
@@ -1298,6 +1313,7 @@ impl Datapath {
             .set(common::lb::SOCK_SCOPE_NODE_NETNS, node_netns, 0)
             .and_then(|()| scope.set(common::lb::SOCK_SCOPE_ALL, u64::from(all), 0))
             .map_err(|source| Error::Map { name, source })?;
+        self.set_socket_lb_flags(true, all)?;
         for name in SOCKET_LB_PROGRAMS {
             let prog: &mut aya::programs::CgroupSockAddr = self
                 .ebpf
