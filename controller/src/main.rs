@@ -434,9 +434,11 @@ struct AgentArgs {
     #[arg(long, env = "DP_TC_ATTACH", value_enum, default_value = "auto")]
     tc_attach: dp::agent::TcAttachChoice,
     /// Socket-level load balancing: `host` points the node's own sockets
-    /// (its processes, hostNetwork pods) at a backend at connect(), so tc
-    /// translates none of their packets; `all` pods' sockets too; `off`
-    /// leaves every connection to tc. ClusterIPs only so far (docs/deploy.md).
+    /// (its processes, hostNetwork pods) at a backend at connect() or
+    /// sendto(), so tc translates none of their packets, and serves
+    /// NodePorts on 127.0.0.1; `all` pods' sockets too (what kube-proxy
+    /// masquerades stays with tc); `off` leaves every connection to tc
+    /// (docs/deploy.md).
     #[arg(long, env = "DP_SOCKET_LB", value_enum, default_value = "off")]
     socket_lb: dp::agent::SocketLb,
     /// The cgroup v2 directory the socket hooks attach to (default: the

@@ -80,7 +80,8 @@ pub struct AgentOptions {
     pub healthz_addr: SocketAddr,
     /// Map capacities (a pinned map keeps the size it was created with).
     pub map_sizes: MapSizes,
-    /// `--socket-lb`: connect() to a ClusterIP translated at the socket.
+    /// `--socket-lb`: connect() and sendto() to a Service translated at
+    /// the socket.
     pub socket_lb: SocketLb,
     /// `--cgroup-root`: where the socket hooks attach (default: the root
     /// of the cgroup v2 hierarchy).
