@@ -16,18 +16,29 @@ const MAX_SHARE_PERCENT: u32 = 60;
 
 #[test]
 fn every_program_keeps_headroom_under_the_verifier_limit() {
-    let dp = support::load();
+    let mut dp = support::load();
+    // The socket hooks load only with `--socket-lb`; verified here too.
+    dp.load_socket_programs().expect("the socket hooks load");
+    let text = |r: Result<aya::programs::ProgramInfo, aya::programs::ProgramError>| {
+        r.map_err(|e| e.to_string())
+    };
     let programs = [
         (
             "dp_tc_ingress",
-            dp.tc_program(Hook::TcIngress).unwrap().info(),
+            text(dp.tc_program(Hook::TcIngress).unwrap().info()),
         ),
         (
             "dp_tc_egress",
-            dp.tc_program(Hook::TcEgress).unwrap().info(),
+            text(dp.tc_program(Hook::TcEgress).unwrap().info()),
         ),
-        ("dp_xdp", dp.xdp_program().unwrap().info()),
-    ];
+        ("dp_xdp", text(dp.xdp_program().unwrap().info())),
+    ]
+    .into_iter()
+    .chain(
+        dp.socket_programs()
+            .into_iter()
+            .map(|(name, info)| (name, info.map_err(|e| e.to_string()))),
+    );
     let mut over = Vec::new();
     for (name, info) in programs {
         let n = info

@@ -493,6 +493,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 // kube-proxy's periodic resync: the maps are read back and
                 // whatever differs from the desired state is written again.
                 agent.resync(&mut dp);
+                // A socket the hooks pointed at a backend just before a
+                // sync removed it may have connected after that sync's
+                // sweep: the periodic one finds it.
+                agent.close_stale_sockets(&dp);
             }
             changed = links.changed() => match changed {
                 Ok(()) => agent.attach_pod_devices(&mut dp),

@@ -1314,15 +1314,9 @@ impl Datapath {
             .and_then(|()| scope.set(common::lb::SOCK_SCOPE_ALL, u64::from(all), 0))
             .map_err(|source| Error::Map { name, source })?;
         self.set_socket_lb_flags(true, all)?;
+        self.load_socket_programs()?;
         for name in SOCKET_LB_PROGRAMS {
-            let prog: &mut aya::programs::CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(Error::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| Error::Program { name, source })?;
-            prog.load()
-                .map_err(|source| Error::Program { name, source })?;
+            let prog = self.socket_program_mut(name)?;
             let dir = std::fs::File::open(cgroup).map_err(|source| Error::Io {
                 context: format!("opening the cgroup {}", cgroup.display()),
                 source,
@@ -1331,6 +1325,50 @@ impl Datapath {
                 .map_err(|source| Error::Program { name, source })?;
         }
         Ok(())
+    }
+
+    /// Loads (verifies) the socket hook programs, without attaching them;
+    /// once.
+    pub fn load_socket_programs(&mut self) -> Result<()> {
+        for name in SOCKET_LB_PROGRAMS {
+            let prog = self.socket_program_mut(name)?;
+            if prog.fd().is_err() {
+                prog.load()
+                    .map_err(|source| Error::Program { name, source })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The socket hook programs by name, with their kernel info once
+    /// loaded (`load_socket_programs`).
+    pub fn socket_programs(&self) -> Vec<(&'static str, Result<aya::programs::ProgramInfo>)> {
+        SOCKET_LB_PROGRAMS
+            .iter()
+            .map(|&name| {
+                let info = self
+                    .ebpf
+                    .program(name)
+                    .ok_or(Error::MissingProgram(name))
+                    .and_then(|p| {
+                        <&aya::programs::CgroupSockAddr>::try_from(p)
+                            .map_err(|source| Error::Program { name, source })
+                    })
+                    .and_then(|p| p.info().map_err(|source| Error::Program { name, source }));
+                (name, info)
+            })
+            .collect()
+    }
+
+    fn socket_program_mut(
+        &mut self,
+        name: &'static str,
+    ) -> Result<&mut aya::programs::CgroupSockAddr> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(Error::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| Error::Program { name, source })
     }
 }
 
