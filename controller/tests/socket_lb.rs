@@ -125,13 +125,13 @@ metadata: {name: web6, namespace: default}
 spec:
   ipFamilies: [IPv6]
   clusterIP: "fd00:10:96::10"
-  ports: [{port: 80}]
+  ports: [{name: http, port: 80}, {name: dns, port: 53, protocol: UDP}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {name: web6-1, namespace: default, labels: {kubernetes.io/service-name: web6}}
 addressType: IPv6
-ports: [{port: 8080}]
+ports: [{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}]
 endpoints:
 - {addresses: ["fd00:10:244:1::10"], nodeName: node1}
 - {addresses: ["fd00:10:244:2::10"], nodeName: node2}
@@ -194,12 +194,21 @@ impl Fixture {
         let servers = cluster.serve_named_tcp(8080).unwrap();
         let udp = ["pod-1-0", "pod-2-0"]
             .iter()
-            .map(|p| {
+            .flat_map(|p| {
                 let pod = cluster.pod(p);
+                let ips = [
+                    Some(std::net::IpAddr::V4(pod.ip)),
+                    pod.ip6.map(std::net::IpAddr::V6),
+                ];
+                ips.into_iter()
+                    .flatten()
+                    .map(move |ip| (p, ip, pod.name.clone()))
+            })
+            .map(|(p, ip, name)| {
                 e2e::UdpEchoServer::start_named(
                     cluster.pod_ns(p),
-                    SocketAddr::from((pod.ip, 5353)),
-                    Some(pod.name.clone()),
+                    SocketAddr::new(ip, 5353),
+                    Some(name),
                 )
                 .unwrap()
             })
@@ -505,6 +514,15 @@ fn an_ipv6_cluster_ip_is_served_through_the_socket_hook_too() {
     let web6: SocketAddr = "[fd00:10:96::10]:80".parse().unwrap();
     served_at_the_socket(&f, cg1, node1, web6, "sock/connect6");
     refused_at_once(cg1, node1, "[fd00:10:96::11]:80".parse().unwrap());
+    // Unconnected UDP over IPv6: sendmsg6 picks a backend and keeps it,
+    // recvmsg6 shows the service as the sender.
+    let mut udp = UdpClient::start(cg1, node1, "[fd00:10:96::10]:53".parse().unwrap(), false);
+    let first = udp_reply_from(&udp.cmd("send"), "fd00:10:96::10");
+    for _ in 0..3 {
+        assert_eq!(udp_reply_from(&udp.cmd("send"), "fd00:10:96::10"), first);
+    }
+    assert_eq!(f.counted("node1", "sock/sendmsg6", "new_flow"), 1);
+    assert_eq!(f.counted("node1", "sock/sendmsg6", "established"), 3);
     // IPv4 on the same node still goes through connect4.
     let out = client(Some(cg1), Some(node1), WEB.parse().unwrap(), false);
     assert!(out.contains("PEER 10.96.0.10 80"), "{out}");
@@ -610,7 +628,8 @@ impl UdpClient {
         let py = format!(
             "import socket, sys\n\
              to = ('{ip}', {port})\n\
-             def fresh():\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    s.settimeout(2)\n    \
+             family = socket.AF_INET6 if ':' in to[0] else socket.AF_INET\n\
+             def fresh():\n    s = socket.socket(family, socket.SOCK_DGRAM)\n    s.settimeout(2)\n    \
                  {connect}\n    return s\n\
              s = fresh()\n\
              for line in sys.stdin:\n    \
@@ -661,10 +680,14 @@ impl Drop for UdpClient {
 }
 
 /// The pod that answered a `UdpClient` round, checking that the reply
-/// came from the service address.
+/// came from the service address `10.96.0.10:53`.
 fn udp_reply(line: &str) -> String {
+    udp_reply_from(line, "10.96.0.10")
+}
+
+fn udp_reply_from(line: &str, service: &str) -> String {
     let rest = line
-        .strip_prefix("FROM 10.96.0.10 53 REPLY ")
+        .strip_prefix(&format!("FROM {service} 53 REPLY "))
         .unwrap_or_else(|| panic!("a reply from the service address: {line}"));
     rest.to_string()
 }
