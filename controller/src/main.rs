@@ -179,6 +179,11 @@ enum LabCommand {
         /// dual-stack examples are loaded (`ipv6`: their IPv6 half).
         #[arg(long, value_enum, default_value = "ipv4")]
         ip_family: dp::lab::IpFamilies,
+        /// The agents' socket-level load balancing (dp mode): each node's
+        /// hooks on a cgroup of its own, which `dp lab exec <node>` (with
+        /// `all`, also `<pod>`) runs in.
+        #[arg(long, value_enum, default_value = "off")]
+        socket_lb: dp::agent::SocketLb,
         /// A directory of Service/EndpointSlice manifests to serve instead
         /// of the examples (`--ip-family ipv6`: their IPv6 half).
         #[arg(long)]
@@ -777,6 +782,7 @@ fn lab(command: LabCommand) -> anyhow::Result<()> {
             nodes,
             mode,
             ip_family,
+            socket_lb,
             manifests,
         } => {
             let lab = lab.lab()?;
@@ -785,6 +791,7 @@ fn lab(command: LabCommand) -> anyhow::Result<()> {
                     nodes,
                     mode,
                     ip_family,
+                    socket_lb,
                     manifests,
                 },
                 out,

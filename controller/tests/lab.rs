@@ -581,6 +581,60 @@ fn an_ipv6_lab_serves_the_ipv6_half_of_the_examples() {
     assert_eq!(client, "fd00:10:244:1::11");
 }
 
+/// `dp lab up --socket-lb host`: a node's curl (run by `dp lab exec` in
+/// the node's cgroup) reaches a ClusterIP and the NodePort on 127.0.0.1
+/// through the socket hook, a Service without endpoints is refused there,
+/// `dp explain` and `dp stats` say so, and `dp lab down` leaves no cgroup.
+#[test]
+fn a_lab_with_socket_lb_serves_node_clients_at_the_socket() {
+    e2e::require_root();
+    sweep_dead_test_labs();
+    let lab = TestLab {
+        name: format!("tsock{}", std::process::id()),
+    };
+    let out = dp_ok(&["lab", "up", "--name", &lab.name, "--socket-lb", "host"]);
+    assert!(out.contains("socket-level load balancing"), "{out}");
+    let status = dp_ok(&["lab", "status", "--name", &lab.name]);
+    assert!(status.contains("socket LB for the nodes"), "{status}");
+
+    answered(lab.curl("node1", "http://10.96.0.80/"));
+    answered(lab.curl("node1", "http://127.0.0.1:30080/"));
+    assert_eq!(lab.curl("node1", "http://10.96.0.83/"), Seen::Refused);
+    let out = lab.exec("node1", &["dp", "stats", "-o", "json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let at = |reason: &str| -> u64 {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["hook"] == "sock/connect4" && r["reason"] == reason)
+            .map(|r| r["packets"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!((at("new_flow"), at("no_endpoints")), (2, 1), "{rows}");
+    let out = lab.exec(
+        "node1",
+        &[
+            "dp",
+            "explain",
+            "--from",
+            "172.18.0.2",
+            "--to",
+            "127.0.0.1:30080",
+            "-o",
+            "json",
+        ],
+    );
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["path"], "socket", "{e}");
+
+    let cgroup = dp::agent::cgroup2_root()
+        .unwrap()
+        .join(format!("dp-lab-{}-node1", lab.name));
+    assert!(cgroup.exists());
+    drop(lab);
+    assert!(!cgroup.exists(), "dp lab down removed {}", cgroup.display());
+}
+
 /// (pod, client) of an answer.
 fn answered(seen: Seen) -> (String, String) {
     match seen {

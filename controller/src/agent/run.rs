@@ -89,9 +89,21 @@ pub struct AgentOptions {
 }
 
 /// Socket-level load balancing (`--socket-lb`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum SocketLb {
     /// Every connection is translated per packet by tc.
+    #[default]
     Off,
     /// Sockets of the node's own network namespace (its processes,
     /// hostNetwork pods) are pointed at a backend at connect(); pods keep

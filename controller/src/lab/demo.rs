@@ -264,6 +264,7 @@ pub fn run(out: &mut impl Write) -> anyhow::Result<()> {
                 nodes: 2,
                 mode,
                 ip_family: super::IpFamilies::Ipv4,
+                socket_lb: crate::agent::SocketLb::Off,
                 manifests: None,
             },
             out,

@@ -36,6 +36,15 @@ impl Lab {
         pids.dedup();
         removed.processes = stop_processes(&pids);
 
+        // The nodes' cgroups (socket LB), empty once their processes are
+        // gone; a lab without them has none to remove.
+        if let Ok(state) = self.state() {
+            for node in &state.nodes {
+                if let Some(cgroup) = self.node_cgroup(&node.name) {
+                    let _ = fs::remove_dir(cgroup);
+                }
+            }
+        }
         let bpffs = self.bpffs();
         if crate::kernel::pin::is_bpffs(&bpffs) {
             if let Ok(entries) = fs::read_dir(&bpffs) {

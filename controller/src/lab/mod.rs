@@ -252,6 +252,10 @@ pub struct State {
     /// Labs from before dual-stack are IPv4.
     #[serde(default)]
     pub ip_family: IpFamilies,
+    /// `dp lab up --socket-lb`: the agents' socket hooks, each on its
+    /// node's cgroup (`Lab::node_cgroup`); labs from before have none.
+    #[serde(default)]
+    pub socket_lb: crate::agent::SocketLb,
     pub nodes: Vec<Member>,
     pub pods: Vec<Member>,
     pub client: Member,
@@ -284,6 +288,8 @@ pub struct UpOptions {
     pub nodes: usize,
     pub mode: Mode,
     pub ip_family: IpFamilies,
+    /// The agents' `--socket-lb` (dp mode).
+    pub socket_lb: crate::agent::SocketLb,
     /// Manifests to serve instead of the examples.
     pub manifests: Option<PathBuf>,
 }
@@ -338,6 +344,13 @@ impl Lab {
     }
 
     /// A node agent's `--bpffs` directory.
+    /// The cgroup v2 directory of a node's processes (its agent's socket
+    /// hooks attach there; `dp lab exec <node>` runs in it), if the host
+    /// has a cgroup v2 hierarchy.
+    pub fn node_cgroup(&self, node: &str) -> Option<PathBuf> {
+        crate::agent::cgroup2_root().map(|r| r.join(format!("dp-lab-{}-{node}", self.name)))
+    }
+
     pub fn node_bpffs(&self, node: &str) -> PathBuf {
         self.bpffs().join(node)
     }

@@ -23,8 +23,20 @@ impl Lab {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.netns_path(&m.name).display()))
             .arg(program);
-        if state.nodes.iter().any(|n| n.name == member) {
+        let is_node = state.nodes.iter().any(|n| n.name == member);
+        if is_node {
             cmd.env("DP_BPFFS", self.node_bpffs(member));
+        }
+        // With socket LB, a node's processes (and with `all` its pods')
+        // run in the node's cgroup, where its agent's hooks are.
+        let cgroup_of = match state.socket_lb {
+            crate::agent::SocketLb::Host if is_node => Some(member),
+            crate::agent::SocketLb::All if is_node => Some(member),
+            crate::agent::SocketLb::All => m.node.as_deref(),
+            _ => None,
+        };
+        if let Some(cgroup) = cgroup_of.and_then(|n| self.node_cgroup(n)) {
+            enter_cgroup(&mut cmd, &cgroup)?;
         }
         let exe_dir = std::env::current_exe()?
             .parent()
@@ -49,10 +61,15 @@ impl Lab {
         let state = self.state()?;
         writeln!(
             out,
-            "lab {:?}: {} mode, {}",
+            "lab {:?}: {} mode, {}{}",
             state.name,
             state.mode.name(),
-            state.ip_family.name()
+            state.ip_family.name(),
+            match state.socket_lb {
+                crate::agent::SocketLb::Off => "",
+                crate::agent::SocketLb::Host => ", socket LB for the nodes",
+                crate::agent::SocketLb::All => ", socket LB for nodes and pods",
+            }
         )?;
         for m in state.members() {
             let present = self.netns_path(&m.name).exists();
@@ -112,4 +129,28 @@ impl Lab {
         }
         Ok(())
     }
+}
+
+/// Makes `cmd` start in the cgroup v2 directory `cgroup` (it writes its
+/// own pid to `cgroup.procs` before it runs the program).
+fn enter_cgroup(cmd: &mut Command, cgroup: &Path) -> anyhow::Result<()> {
+    use std::os::unix::{ffi::OsStrExt, process::CommandExt};
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())?;
+    // SAFETY: between fork and exec only async-signal-safe calls: open,
+    // write (the "0" that means the writing process), close.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if written != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }

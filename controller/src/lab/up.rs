@@ -72,6 +72,7 @@ impl Lab {
             name: self.name.clone(),
             mode: opts.mode,
             ip_family: family,
+            socket_lb: opts.socket_lb,
             nodes: cluster
                 .nodes
                 .iter()
@@ -186,7 +187,7 @@ impl Lab {
         match opts.mode {
             Mode::Dp => {
                 for node in state.nodes.clone() {
-                    let pid = self.start_agent(&node, family)?;
+                    let pid = self.start_agent(&node, family, opts.socket_lb)?;
                     state.processes.push(Process {
                         pid,
                         member: node.name.clone(),
@@ -200,6 +201,13 @@ impl Lab {
                     "  dataplane: a dp agent per node (pins under {})",
                     self.bpffs().display()
                 )?;
+                if opts.socket_lb != crate::agent::SocketLb::Off {
+                    writeln!(
+                        out,
+                        "  socket-level load balancing ({:?}): each node's hooks on its cgroup; `dp lab exec <node>` runs in it",
+                        opts.socket_lb
+                    )?;
+                }
             }
             Mode::Iptables | Mode::Nftables => {
                 for node in &state.nodes {
@@ -250,16 +258,35 @@ impl Lab {
     }
 
     /// `dp agent` in a node's namespace, reading the lab's manifests.
-    pub(super) fn start_agent(&self, node: &Member, family: IpFamilies) -> anyhow::Result<u32> {
+    pub(super) fn start_agent(
+        &self,
+        node: &Member,
+        family: IpFamilies,
+        socket_lb: crate::agent::SocketLb,
+    ) -> anyhow::Result<u32> {
         let exe = std::env::current_exe()?;
         let mut node_ips = Vec::new();
         if family.has_ipv4() {
             node_ips.push(node.ip.to_string());
         }
         node_ips.extend(node.ip6.map(|ip| ip.to_string()));
-        let child = self
-            .detached(&node.name, &exe, &self.log(&node.name, "agent"))?
-            .arg("agent")
+        let mut cmd = self.detached(&node.name, &exe, &self.log(&node.name, "agent"))?;
+        cmd.arg("agent");
+        if socket_lb != crate::agent::SocketLb::Off {
+            let cgroup = self
+                .node_cgroup(&node.name)
+                .context("--socket-lb: no cgroup v2 hierarchy is mounted")?;
+            fs::create_dir_all(&cgroup)
+                .with_context(|| format!("creating {}", cgroup.display()))?;
+            let mode = match socket_lb {
+                crate::agent::SocketLb::All => "all",
+                _ => "host",
+            };
+            cmd.args(["--socket-lb", mode])
+                .arg("--cgroup-root")
+                .arg(&cgroup);
+        }
+        let child = cmd
             .arg("--manifests")
             .arg(self.manifests_dir())
             .arg("--bpffs")
