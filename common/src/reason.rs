@@ -221,11 +221,12 @@ pub enum Reason {
     /// packet's family (an IPv6 flow on a node without an IPv6 address
     /// configured): dropped.
     NoNodeAddress = 37,
-    /// Socket-level load balancing left a connection to a Service to the
-    /// tc programs: its rules need the packet (session affinity and source
-    /// ranges need the client's address; external frontends and local
-    /// policies without a local endpoint keep kube-proxy's per-packet
-    /// behaviour). The connect() goes ahead untranslated.
+    /// Socket-level load balancing left a flow to a Service to the tc
+    /// programs: its rules need the packet (source ranges need the
+    /// client's address; a local policy without a local endpoint drops; a
+    /// pod's flow that kube-proxy masquerades, hairpin included, must
+    /// reach the backend from the node's address). The connect() or
+    /// sendto() goes ahead untranslated.
     SockLeftToTc = 38,
 }
 
