@@ -13,7 +13,11 @@ use std::{
 
 use e2e::Netns;
 
-pub const TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a test waits for an agent's log line: a deadline, not a
+/// pause. An agent syncs about 1.3 s after it starts here; with four
+/// starting at once on a busy two-CPU machine the verifier alone took
+/// over 5 s (a CI run's `dual_stack` tests, 2026-11-30).
+pub const TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A `dp agent` running in a node's namespace; killed when dropped.
 pub struct Agent {
