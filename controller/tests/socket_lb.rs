@@ -299,10 +299,6 @@ fn client(
     to: SocketAddr,
     udp_only: bool,
 ) -> String {
-    let enter = cgroup.map_or(String::new(), |c| {
-        format!("echo $$ > {}/cgroup.procs && ", c.display())
-    });
-    let netns = netns.map_or(String::new(), |n| format!("ip netns exec {} ", n.name()));
     let py = format!(
         "import socket\n\
          udp = {udp}\n\
@@ -318,9 +314,19 @@ fn client(
         ip = to.ip(),
         port = to.port()
     );
+    run_python(cgroup, netns, &py)
+}
+
+/// Runs the Python program `py` in network namespace `netns` (None: the
+/// root one), inside `cgroup` (None: this test's own); its stdout.
+fn run_python(cgroup: Option<&Path>, netns: Option<&e2e::Netns>, py: &str) -> String {
+    let enter = cgroup.map_or(String::new(), |c| {
+        format!("echo $$ > {}/cgroup.procs && ", c.display())
+    });
+    let netns = netns.map_or(String::new(), |n| format!("ip netns exec {} ", n.name()));
     let script = format!("{enter}exec {netns}python3 -c \"$0\"");
     let out = Command::new("sh")
-        .args(["-c", &script, &py])
+        .args(["-c", &script, py])
         .output()
         .unwrap();
     assert!(
@@ -462,6 +468,23 @@ fn a_node_process_reaches_cluster_ips_through_the_socket_hook() {
     );
     assert!(out.contains("PEER 10.96.0.10 53"), "{out}");
     assert_eq!(f.counted("node1", "sock/connect4", "new_flow"), 32);
+
+    // The same UDP socket connected again, to a pod address: its peer is
+    // that address now, not the Service (the record is forgotten, so the
+    // agent's sweep of sockets on removed backends leaves it alone too).
+    let pod = f.cluster.pod("pod-2-0").ip;
+    let out = run_python(
+        Some(cg1),
+        Some(node1),
+        &format!(
+            "import socket\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             s.connect(('10.96.0.10', 53)); print('FIRST', *s.getpeername())\n\
+             s.connect(('{pod}', 5353)); print('THEN', *s.getpeername())\n"
+        ),
+    );
+    assert!(out.contains("FIRST 10.96.0.10 53"), "{out}");
+    assert!(out.contains(&format!("THEN {pod} 5353")), "{out}");
 }
 
 #[test]

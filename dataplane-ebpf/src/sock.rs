@@ -129,6 +129,11 @@ struct Request {
 #[inline(never)]
 fn decide(r: &Request) -> Decision {
     let (daddr, protocol, c) = (&r.daddr, r.protocol, r.client);
+    // A pod's loopback is its own (kube-proxy has no rules in a pod's
+    // namespace): only the node's 127.0.0.1 has NodePorts.
+    if !c.host && addr::is_v4_mapped(daddr) && daddr[12] == 127 {
+        return Decision::Leave(Reason::NoService, 0);
+    }
     let (mut key, mut master) = match lb::lookup(daddr, r.dport, protocol) {
         Frontend::NotAService => return Decision::Leave(Reason::NoService, 0),
         Frontend::PortNotServed => return Decision::Refuse(Reason::PortNotServed, 0),
@@ -433,9 +438,26 @@ pub fn connect<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     let r = request(ctx, unsafe { &*ctx.sock_addr }, v6, c);
     match decide(&r) {
         Decision::Connect(p) => connect_to::<V6>(ctx, hook, &r, &p),
-        Decision::Refuse(reason, id) => refuse(hook, &r, reason, id),
-        Decision::Leave(reason, id) => leave(hook, &r, reason, id),
+        Decision::Refuse(reason, id) => {
+            forget_peer(ctx);
+            refuse(hook, &r, reason, id)
+        }
+        Decision::Leave(reason, id) => {
+            forget_peer(ctx);
+            leave(hook, &r, reason, id)
+        }
     }
+}
+
+/// A socket that connects again, not to a backend this time (a UDP
+/// socket may), has no service peer any more: getpeername() shows what it
+/// connected to, and the agent's sweep of sockets on removed backends
+/// (`agent::sock_lb`) leaves it alone.
+#[inline(always)]
+fn forget_peer(ctx: &SockAddrContext) {
+    // SAFETY: a helper of sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = DP_SOCK_PEERS.remove(&cookie);
 }
 
 /// Points a connecting socket at the picked backend. Its own BPF

@@ -584,14 +584,20 @@ impl PinnedMaps {
             return Ok(out);
         }
         let from16 = addr16(from);
-        if rules::source_ranges_apply(&m) && !self.source_allowed(m.service_id, from)? {
+        // The socket hooks leave frontends with source ranges to tc.
+        let source_ranges = rules::source_ranges_apply(&m);
+        if source_ranges && !self.source_allowed(m.service_id, from)? {
             out.verdict = "drop";
             out.reason = Reason::SourceRangeDenied.id();
             return Ok(out);
         }
         // `dp explain` has no hook: a host source is taken as the node's
         // address arriving, not a local process at tc egress.
-        let origin = Origin::of(&cfg, &from16, false);
+        let mut origin = Origin::of(&cfg, &from16, false);
+        // The socket hooks take any local source as the host (127.0.0.1,
+        // another of its addresses), as kube-proxy's rules for local
+        // traffic do.
+        origin.from_host |= socket_host;
         let frontend_flags = m.flags;
         let frontend = crate::translate::sync::Frontend { addr: to, protocol };
         let slots = programmed
@@ -631,8 +637,10 @@ impl PinnedMaps {
             out.verdict = if verdict == Verdict::Drop {
                 "drop"
             } else {
-                // Refused at connect() by the socket hooks; a drop is tc's.
-                if socket_host || socket_pod {
+                // Refused at connect() by the socket hooks (a drop is
+                // tc's), unless they leave the frontend to tc anyway.
+                let pod_masqueraded = rules::masquerade(&cfg, frontend_flags, origin, false, false);
+                if !source_ranges && (socket_host || (socket_pod && !pod_masqueraded)) {
                     out.path = "socket";
                 }
                 "reject"
@@ -659,7 +667,7 @@ impl PinnedMaps {
         // kube-proxy would masquerade it (a pod that picks itself, the
         // hairpin case, is left to tc too: see `hairpin_possible`).
         let pod_masqueraded = rules::masquerade(&cfg, frontend_flags, origin, false, false);
-        if socket_host || (socket_pod && !pod_masqueraded) {
+        if !source_ranges && (socket_host || (socket_pod && !pod_masqueraded)) {
             out.path = "socket";
         }
         Ok(out)

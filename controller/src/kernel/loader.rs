@@ -1313,7 +1313,6 @@ impl Datapath {
             .set(common::lb::SOCK_SCOPE_NODE_NETNS, node_netns, 0)
             .and_then(|()| scope.set(common::lb::SOCK_SCOPE_ALL, u64::from(all), 0))
             .map_err(|source| Error::Map { name, source })?;
-        self.set_socket_lb_flags(true, all)?;
         self.load_socket_programs()?;
         for name in SOCKET_LB_PROGRAMS {
             let prog = self.socket_program_mut(name)?;
@@ -1324,7 +1323,8 @@ impl Datapath {
             prog.attach(dir, aya::programs::CgroupAttachMode::Single)
                 .map_err(|source| Error::Program { name, source })?;
         }
-        Ok(())
+        // Only once every hook is attached: the tools read it as a fact.
+        self.set_socket_lb_flags(true, all)
     }
 
     /// Loads (verifies) the socket hook programs, without attaching them;

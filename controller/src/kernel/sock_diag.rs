@@ -141,7 +141,18 @@ fn receive(fd: &OwnedFd, mut each: impl FnMut(&[u8])) -> io::Result<()> {
             }
             let payload = &rest[HEADER_LEN..len];
             match kind {
-                NLMSG_DONE => return Ok(()),
+                // A dump that failed partway ends with its error here:
+                // a partial list must not pass for the whole one.
+                NLMSG_DONE => {
+                    let errno = payload
+                        .get(0..4)
+                        .map_or(0, |b| i32::from_ne_bytes(b.try_into().unwrap()));
+                    return if errno < 0 {
+                        Err(io::Error::from_raw_os_error(-errno))
+                    } else {
+                        Ok(())
+                    };
+                }
                 NLMSG_ERROR => {
                     let errno = i32::from_ne_bytes(payload[0..4].try_into().unwrap());
                     return if errno == 0 {

@@ -36,15 +36,9 @@ impl Lab {
         pids.dedup();
         removed.processes = stop_processes(&pids);
 
-        // The nodes' cgroups (socket LB), empty once their processes are
-        // gone; a lab without them has none to remove.
-        if let Ok(state) = self.state() {
-            for node in &state.nodes {
-                if let Some(cgroup) = self.node_cgroup(&node.name) {
-                    let _ = fs::remove_dir(cgroup);
-                }
-            }
-        }
+        // The nodes' cgroups (socket LB), found by name (also after a
+        // crash that lost the state file).
+        self.remove_node_cgroups()?;
         let bpffs = self.bpffs();
         if crate::kernel::pin::is_bpffs(&bpffs) {
             if let Ok(entries) = fs::read_dir(&bpffs) {
@@ -69,6 +63,42 @@ impl Lab {
             self.name
         );
         Ok(removed)
+    }
+
+    /// Removes the lab's node cgroups (`Lab::node_cgroup`): what still runs
+    /// in one is killed (`cgroup.kill`) and the directory goes once the
+    /// kernel says it is empty (`cgroup.events`).
+    fn remove_node_cgroups(&self) -> anyhow::Result<()> {
+        let Some(root) = crate::agent::cgroup2_root() else {
+            return Ok(());
+        };
+        let prefix = format!("dp-lab-{}-node", self.name);
+        let Ok(entries) = fs::read_dir(&root) else {
+            return Ok(());
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ours = name
+                .strip_prefix(&prefix)
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            if !ours {
+                continue;
+            }
+            let dir = e.path();
+            let _ = fs::write(dir.join("cgroup.kill"), "1");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while fs::read_to_string(dir.join("cgroup.events"))
+                .is_ok_and(|ev| ev.lines().any(|l| l == "populated 1"))
+                && std::time::Instant::now() < deadline
+            {
+                // cgroup.events can be polled for changes, but a killed
+                // process leaves within milliseconds: a short wait suffices.
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            fs::remove_dir(&dir)
+                .with_context(|| format!("removing the cgroup {}", dir.display()))?;
+        }
+        Ok(())
     }
 
     /// Whether `pid` runs a command this lab started (by its command line).
