@@ -158,11 +158,13 @@ pub mod versions {
     pub const TRACE_SESSIONS: u32 = 1;
     /// 2: `l4_off` (was padding; zero means not known). 3: `pid_tgid`,
     /// `comm` and `netns_cookie` of socket hook events (32 bytes more).
-    pub const TRACE_RING: u32 = 3;
+    /// 4: those three moved after `headers`, out of tc's per-packet reset.
+    pub const TRACE_RING: u32 = 4;
     pub const TRACE_LOST: u32 = 1;
     /// 2: `TraceEvent::l4_off` (was padding; zero means not known). 3:
-    /// `pid_tgid`, `comm`, `netns_cookie`. Starts empty when replaced.
-    pub const RECENT: u32 = 3;
+    /// `pid_tgid`, `comm`, `netns_cookie`. 4: those after `headers`.
+    /// Starts empty when replaced.
+    pub const RECENT: u32 = 4;
     pub const RECENT_HEAD: u32 = 1;
     pub const NAMES: u32 = 1;
     pub const AFFINITY: u32 = 1;
@@ -279,10 +281,10 @@ fn trace_event(d: &mut Description) {
             headers_len,
             l4_off,
             sent_ifindex,
+            headers,
             pid_tgid,
             comm,
             netns_cookie,
-            headers,
         ]
     );
 }

@@ -68,6 +68,11 @@ pub struct TraceEvent {
     /// Where the program sent the packet itself (`bpf_redirect*`): the
     /// device's ifindex; 0 when it was left to the stack (or dropped).
     pub sent_ifindex: u32,
+    /// The first bytes of the frame as it arrived, before any rewrite:
+    /// Ethernet, IP and L4 headers (for `dp trace -w`).
+    pub headers: [u8; TRACE_HEADER_BYTES],
+    // After `headers`: tc's per-packet reset of the record stops there, and
+    // tc never writes these, so they cost it nothing.
     /// Socket hooks (no packet, no interface): the calling thread's
     /// `bpf_get_current_pid_tgid()` (process id in the upper 32 bits,
     /// thread id in the lower), 0 otherwise.
@@ -76,9 +81,6 @@ pub struct TraceEvent {
     pub comm: [u8; 16],
     /// Socket hooks: the socket's network namespace cookie.
     pub netns_cookie: u64,
-    /// The first bytes of the frame as it arrived, before any rewrite:
-    /// Ethernet, IP and L4 headers (for `dp trace -w`).
-    pub headers: [u8; TRACE_HEADER_BYTES],
 }
 
 impl Default for TraceEvent {
