@@ -34,8 +34,8 @@ mod zero;
 
 use action::TcAction;
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, classifier, xdp},
-    programs::{SockAddrContext, TcContext, XdpContext},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
 use common::Hook;
 
@@ -105,6 +105,12 @@ pub fn dp_sock_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn dp_sock_getpeername6(ctx: SockAddrContext) -> i32 {
     sock::getpeername::<true>(&ctx)
+}
+
+/// A socket closes: its service peer goes (`sock.rs`).
+#[cgroup_sock(sock_release)]
+pub fn dp_sock_release(ctx: SockContext) -> i32 {
+    sock::release(&ctx)
 }
 
 /// Does nothing: the floor the benchmarks compare the datapath with.

@@ -981,12 +981,13 @@ impl Agent {
         let peers = match dp.sock_peers() {
             Ok(p) => p,
             Err(e) => {
-                warn!(error = %e, "reading the socket LB peers");
+                warn!(error = %e, "opening the socket LB peers");
                 return;
             }
         };
+        let peer_of = |cookie: u64| peers.get(&cookie, 0).ok();
         let all = self.opts.socket_lb == SocketLb::All;
-        let closed = super::sock_lb::close_stale(&peers, self.translation.desired(), all, cgroup);
+        let closed = super::sock_lb::close_stale(&peer_of, self.translation.desired(), all, cgroup);
         if closed > 0 {
             info!(sockets = closed, "destroyed sockets whose backend is gone");
         }

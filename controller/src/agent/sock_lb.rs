@@ -14,7 +14,7 @@
 //! endpoint keeps its connections, as kube-proxy leaves them).
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::BTreeSet,
     net::{IpAddr, Ipv6Addr, SocketAddr},
     os::fd::AsRawFd,
     path::Path,
@@ -27,18 +27,18 @@ use crate::{
     translate::{DesiredState, FrontendKey},
 };
 
-/// The sockets of `sockets` to destroy: translated by the hooks (a
-/// cookie in `peers`) and no longer pointed at one of their frontend's
-/// backends.
+/// The sockets of `sockets` to destroy: translated by the hooks (their
+/// cookie has a service peer, `peer_of`) and no longer pointed at one of
+/// their frontend's backends.
 pub fn stale(
     sockets: &[Socket],
-    peers: &HashMap<u64, SockPeer>,
+    peer_of: &dyn Fn(u64) -> Option<SockPeer>,
     desired: &DesiredState,
 ) -> Vec<Socket> {
     sockets
         .iter()
         .filter(|s| {
-            let Some(peer) = peers.get(&s.cookie) else {
+            let Some(peer) = peer_of(s.cookie) else {
                 return false;
             };
             let service = IpAddr::V6(Ipv6Addr::from(peer.addr)).to_canonical();
@@ -125,46 +125,61 @@ fn in_namespace<T: Send>(
 /// serve: this one, and with `all` every one in `cgroup`. Returns how
 /// many were destroyed; a namespace that cannot be read is skipped with a
 /// warning.
+///
+/// The live sockets are listed first and their cookies looked up in
+/// `DP_SOCK_PEERS` (`peer_of`), not the other way round: that LRU map keeps
+/// the entries of closed sockets until it evicts them, so after a burst of
+/// short connections it holds tens of thousands, and reading it whole took
+/// the agent's sync 120 ms (BENCHMARKS.md, socket-level load balancing).
 pub fn close_stale(
-    peers: &HashMap<u64, SockPeer>,
+    peer_of: &dyn Fn(u64) -> Option<SockPeer>,
     desired: &DesiredState,
     all: bool,
     cgroup: &Path,
 ) -> usize {
-    if peers.is_empty() {
-        return 0;
-    }
-    let sweep = || -> std::io::Result<usize> {
-        let sockets = sock_diag::connected_sockets()?;
-        let mut closed = 0;
-        for s in stale(&sockets, peers, desired) {
-            match sock_diag::destroy(&s) {
-                Ok(()) => {
-                    tracing::info!(
-                        local = %s.local,
-                        remote = %s.remote,
-                        protocol = s.protocol,
-                        "destroyed a socket whose backend is gone"
-                    );
-                    closed += 1;
-                }
-                Err(e) => tracing::warn!(error = %e, remote = %s.remote, "destroying a socket"),
-            }
+    let mut closed = match sock_diag::connected_sockets() {
+        Ok(sockets) => destroy(&stale(&sockets, peer_of, desired)),
+        Err(e) => {
+            tracing::warn!(error = %e, "listing this namespace's sockets");
+            0
         }
-        Ok(closed)
     };
-    let mut closed = sweep().unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "listing this namespace's sockets");
-        0
-    });
     if all {
         for ns in namespaces_in(cgroup) {
-            match in_namespace(&ns, sweep) {
+            let swept = in_namespace(&ns, sock_diag::connected_sockets).and_then(|sockets| {
+                let doomed = stale(&sockets, peer_of, desired);
+                if doomed.is_empty() {
+                    return Ok(0);
+                }
+                in_namespace(&ns, || Ok(destroy(&doomed)))
+            });
+            match swept {
                 Ok(n) => closed += n,
                 Err(e) => {
                     tracing::warn!(error = %e, ns = %ns.display(), "listing a namespace's sockets")
                 }
             }
+        }
+    }
+    closed
+}
+
+/// `SOCK_DESTROY` for each socket (of the calling thread's namespace);
+/// how many went.
+fn destroy(sockets: &[Socket]) -> usize {
+    let mut closed = 0;
+    for s in sockets {
+        match sock_diag::destroy(s) {
+            Ok(()) => {
+                tracing::info!(
+                    local = %s.local,
+                    remote = %s.remote,
+                    protocol = s.protocol,
+                    "destroyed a socket whose backend is gone"
+                );
+                closed += 1;
+            }
+            Err(e) => tracing::warn!(error = %e, remote = %s.remote, "destroying a socket"),
         }
     }
     closed

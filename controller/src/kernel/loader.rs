@@ -1269,10 +1269,8 @@ pub fn ifindex(ifname: &str) -> Result<u32> {
 impl Datapath {
     /// Socket LB: the sockets the hooks pointed at a backend (socket
     /// cookie -> the service address they asked for).
-    pub fn sock_peers(&self) -> Result<std::collections::HashMap<u64, common::lb::SockPeer>> {
-        let name = map_names::SOCK_PEERS;
-        let map: aya::maps::HashMap<&MapData, u64, common::lb::SockPeer> = self.map_ref(name)?;
-        Ok(map.iter().filter_map(|r| r.ok()).collect())
+    pub fn sock_peers(&self) -> Result<aya::maps::HashMap<&MapData, u64, common::lb::SockPeer>> {
+        self.map_ref(map_names::SOCK_PEERS)
     }
 }
 
@@ -1287,6 +1285,10 @@ const SOCKET_LB_PROGRAMS: [&str; 8] = [
     "dp_sock_getpeername4",
     "dp_sock_getpeername6",
 ];
+
+/// The cgroup sock program that forgets a closing socket's service peer
+/// (a `cgroup/sock_release` hook, not a sock_addr one).
+const SOCKET_RELEASE_PROGRAM: &str = "dp_sock_release";
 
 impl Datapath {
     /// Socket-level load balancing: loads the cgroup sock_addr programs
@@ -1314,13 +1316,21 @@ impl Datapath {
             .and_then(|()| scope.set(common::lb::SOCK_SCOPE_ALL, u64::from(all), 0))
             .map_err(|source| Error::Map { name, source })?;
         self.load_socket_programs()?;
-        for name in SOCKET_LB_PROGRAMS {
-            let prog = self.socket_program_mut(name)?;
-            let dir = std::fs::File::open(cgroup).map_err(|source| Error::Io {
+        let open = || {
+            std::fs::File::open(cgroup).map_err(|source| Error::Io {
                 context: format!("opening the cgroup {}", cgroup.display()),
                 source,
-            })?;
-            prog.attach(dir, aya::programs::CgroupAttachMode::Single)
+            })
+        };
+        // The release hook first: no socket gets a peer entry that its
+        // close would not remove.
+        let name = SOCKET_RELEASE_PROGRAM;
+        self.release_program_mut()?
+            .attach(open()?, aya::programs::CgroupAttachMode::Single)
+            .map_err(|source| Error::Program { name, source })?;
+        for name in SOCKET_LB_PROGRAMS {
+            let prog = self.socket_program_mut(name)?;
+            prog.attach(open()?, aya::programs::CgroupAttachMode::Single)
                 .map_err(|source| Error::Program { name, source })?;
         }
         // Only once every hook is attached: the tools read it as a fact.
@@ -1336,6 +1346,12 @@ impl Datapath {
                 prog.load()
                     .map_err(|source| Error::Program { name, source })?;
             }
+        }
+        let name = SOCKET_RELEASE_PROGRAM;
+        let prog = self.release_program_mut()?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| Error::Program { name, source })?;
         }
         Ok(())
     }
@@ -1357,7 +1373,29 @@ impl Datapath {
                     .and_then(|p| p.info().map_err(|source| Error::Program { name, source }));
                 (name, info)
             })
+            .chain(std::iter::once({
+                let name = SOCKET_RELEASE_PROGRAM;
+                let info = self
+                    .ebpf
+                    .program(name)
+                    .ok_or(Error::MissingProgram(name))
+                    .and_then(|p| {
+                        <&aya::programs::CgroupSock>::try_from(p)
+                            .map_err(|source| Error::Program { name, source })
+                    })
+                    .and_then(|p| p.info().map_err(|source| Error::Program { name, source }));
+                (name, info)
+            }))
             .collect()
+    }
+
+    fn release_program_mut(&mut self) -> Result<&mut aya::programs::CgroupSock> {
+        let name = SOCKET_RELEASE_PROGRAM;
+        self.ebpf
+            .program_mut(name)
+            .ok_or(Error::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| Error::Program { name, source })
     }
 
     fn socket_program_mut(

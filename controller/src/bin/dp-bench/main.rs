@@ -51,7 +51,7 @@ struct Args {
     /// Repetitions of every traffic measurement (default 3; --quick 2).
     #[arg(long)]
     runs: Option<usize>,
-    /// Dataplanes (default all: direct,dp,iptables-nft,iptables-legacy,nftables).
+    /// Dataplanes (default all: direct,dp,dp-socket-lb,iptables-nft,iptables-legacy,nftables).
     #[arg(long, value_delimiter = ',')]
     dataplanes: Option<Vec<String>>,
     /// Where results.json, tables.md and the plots go.
@@ -157,6 +157,24 @@ pub struct Traffic {
     pub errors: u64,
 }
 
+impl Traffic {
+    /// Not measured (results of runs before this entry point existed).
+    pub fn is_empty(&self) -> bool {
+        self.first_packet_last.p50.is_none() && self.connections_per_second.is_none()
+    }
+}
+
+/// dp-socket-lb only: the socket hooks' connect decisions over the whole
+/// run (`dp stats`' `sock/connect4`/`sock/connect6` rows), the proof that
+/// its clients were served at the socket and not by tc.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SocketConnects {
+    /// `new_flow` and `new_flow_affinity`: the connect went to a backend.
+    pub translated: u64,
+    /// `sock_left_to_tc`: served by tc instead (none expected here).
+    pub left_to_tc: u64,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ChangeFigures {
     pub changes: usize,
@@ -209,6 +227,12 @@ pub struct Point {
     pub agent_rss_bytes: Option<u64>,
     pub cluster_ip: Traffic,
     pub node_port: Traffic,
+    /// ClusterIP from a process in the node's network namespace (a host
+    /// client); left out in results of runs before it was measured.
+    #[serde(default, skip_serializing_if = "Traffic::is_empty")]
+    pub from_node: Traffic,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_connects: Option<SocketConnects>,
     pub endpoint_change: Option<ChangeFigures>,
     /// dp only: the same changes as watch events from the (fake) API server
     /// to an agent with `--kubeconfig`, measured from the event to the
@@ -249,6 +273,8 @@ impl Point {
             agent_rss_bytes: None,
             cluster_ip: Traffic::default(),
             node_port: Traffic::default(),
+            from_node: Traffic::default(),
+            socket_connects: None,
             endpoint_change: None,
             endpoint_change_watch: None,
             load_seconds_watch: None,
@@ -362,6 +388,7 @@ fn main() -> Result<()> {
         None => vec![
             Dataplane::Direct,
             Dataplane::Dp,
+            Dataplane::DpSocketLb,
             Dataplane::IptablesNft,
             Dataplane::IptablesLegacy,
             Dataplane::Nftables,
@@ -526,7 +553,8 @@ impl Rng {
     }
 }
 
-/// What the clients connect to for one dataplane.
+/// What the clients connect to for one dataplane (the client pod and a
+/// process on the node alike: the ClusterIPs, or for `direct` the pods).
 struct Targets {
     last: SocketAddr,
     random: Vec<SocketAddr>,
@@ -723,6 +751,7 @@ struct Prepared {
     loaded: scenario::Loaded,
     cluster_runs: TrafficRuns,
     node_port_runs: TrafficRuns,
+    from_node_runs: TrafficRuns,
     // Dropped after the dataplane, before the cluster (field order).
     _servers: Servers,
     cluster: e2e::Cluster,
@@ -785,7 +814,7 @@ impl Prepared {
             "    loaded in {:.2} s ({} {}, kernel memory {:.1} MiB)",
             loaded.load_seconds,
             loaded.objects,
-            if dataplane == Dataplane::Dp {
+            if dataplane.is_dp() {
                 "frontends"
             } else {
                 "rules"
@@ -796,14 +825,27 @@ impl Prepared {
         let t = targets(dataplane, n, &mut rng);
         let client = cluster.pod_ns(&cluster.pods[0].name);
         // Fails loudly if the dataplane does not carry traffic at all.
-        let probe = loadgen::first_packet(client, &[t.last], 3, None)?;
+        let (probe, probe_node) = {
+            let _joined = loaded
+                .socket_cgroup
+                .as_ref()
+                .map(|c| c.join())
+                .transpose()?;
+            (
+                loadgen::first_packet(client, &[t.last], 3, None)?,
+                loadgen::first_packet(cluster.node_ns(0), &[t.last], 3, None)?,
+            )
+        };
         let probe_np = loadgen::first_packet(cluster.client_ns(), &[t.node_port_last], 3, None)?;
-        if probe.errors > 0 || probe_np.errors > 0 {
+        if probe.errors > 0 || probe_node.errors > 0 || probe_np.errors > 0 {
             bail!(
-                "{} does not answer {} / {}",
+                "{} does not answer {} (from the pod: {} errors, from the node: {}) / {} ({})",
                 dataplane.name(),
                 t.last,
-                t.node_port_last
+                probe.errors,
+                probe_node.errors,
+                t.node_port_last,
+                probe_np.errors
             );
         }
         Ok(Ok(Prepared {
@@ -814,18 +856,37 @@ impl Prepared {
             loaded,
             cluster_runs: TrafficRuns::default(),
             node_port_runs: TrafficRuns::default(),
+            from_node_runs: TrafficRuns::default(),
             _servers: servers,
             cluster,
         }))
     }
 
     /// One run of every traffic measurement: ClusterIP from the client pod,
-    /// then NodePort from the external client.
+    /// ClusterIP from the node, then NodePort from the external client. For
+    /// dp-socket-lb the first two from inside its socket cgroup, the
+    /// external client's from outside (no node's hooks see its sockets).
     fn traffic_run(&mut self, s: &Settings) -> Result<()> {
         let t = &self.targets;
         let client = self.cluster.pod_ns(&self.cluster.pods[0].name);
-        self.cluster_runs
-            .measure(client, &t.last, Some(&t.random), &t.random, t.udp, s)?;
+        {
+            let _joined = self
+                .loaded
+                .socket_cgroup
+                .as_ref()
+                .map(|c| c.join())
+                .transpose()?;
+            self.cluster_runs
+                .measure(client, &t.last, Some(&t.random), &t.random, t.udp, s)?;
+            self.from_node_runs.measure(
+                self.cluster.node_ns(0),
+                &t.last,
+                Some(&t.random),
+                &t.random,
+                t.udp,
+                s,
+            )?;
+        }
         self.node_port_runs.measure(
             self.cluster.client_ns(),
             &t.node_port_last,
@@ -839,6 +900,17 @@ impl Prepared {
     /// The one-endpoint changes, then the point; the cluster goes.
     fn finish(mut self, s: &Settings, work: &std::path::Path) -> Result<Point> {
         let (dataplane, n) = (self.dataplane, self.n);
+        // Before the changes: only the traffic runs' connects.
+        let socket_connects = if dataplane == Dataplane::DpSocketLb {
+            self.loaded
+                .socket_connects()?
+                .map(|(translated, left_to_tc)| SocketConnects {
+                    translated,
+                    left_to_tc,
+                })
+        } else {
+            None
+        };
         let endpoint_change = if dataplane == Dataplane::Direct {
             None
         } else {
@@ -867,6 +939,8 @@ impl Prepared {
             agent_rss_bytes: self.loaded.agent_rss_bytes,
             cluster_ip: std::mem::take(&mut self.cluster_runs).finish(),
             node_port: std::mem::take(&mut self.node_port_runs).finish(),
+            from_node: std::mem::take(&mut self.from_node_runs).finish(),
+            socket_connects,
             endpoint_change,
             endpoint_change_watch: None,
             load_seconds_watch: None,

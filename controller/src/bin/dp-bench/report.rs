@@ -229,6 +229,7 @@ fn color(d: Dataplane) -> RGBColor {
     match d {
         Dataplane::Direct => RGBColor(0x7f, 0x7f, 0x7f),
         Dataplane::Dp => RGBColor(0xd6, 0x27, 0x28),
+        Dataplane::DpSocketLb => RGBColor(0xff, 0x7f, 0x0e),
         Dataplane::IptablesNft => RGBColor(0x1f, 0x77, 0xb4),
         Dataplane::IptablesLegacy => RGBColor(0x17, 0xbe, 0xcf),
         Dataplane::Nftables => RGBColor(0x2c, 0xa0, 0x2c),
@@ -721,6 +722,76 @@ fn traffic_rows(
     }
 }
 
+/// One entry point's figures of a point.
+type Entry = fn(&Point) -> &Traffic;
+/// One figure of an entry point.
+type Figure = fn(Option<&Point>, Entry) -> Option<f64>;
+
+/// Socket-level load balancing against issue 20's target (its flows at
+/// least 0.97x direct's new connections/s, at most 1.05x direct's first
+/// connection p50, at every N), dp's tc path beside it. Only for runs
+/// that measured dp-socket-lb.
+fn socket_lb_targets(s: &mut String, results: &Results) {
+    if !results
+        .points
+        .iter()
+        .any(|p| p.dataplane == Dataplane::DpSocketLb && p.load_finished)
+    {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "#### Socket-level load balancing against direct (target: new conn/s >= 0.97x, first connection p50 <= 1.05x)\n\n\
+         | N | clients | dp-socket-lb: new conn/s vs direct | dp-socket-lb: p50 vs direct (last / random service) | target | dp (tc): new conn/s vs direct | dp (tc): p50 vs direct (last / random) | connects translated at the socket / left to tc |\n\
+         | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |"
+    );
+    let rate: Figure = |p, entry| p.and_then(|p| entry(p).connections_per_second.map(|s| s.median));
+    let last: Figure = |p, entry| p.and_then(|p| p50(&entry(p).first_packet_last));
+    let random: Figure = |p, entry| p.and_then(|p| p50(&entry(p).first_packet_random));
+    for n in sizes(results) {
+        let floor = find(results, Dataplane::Direct, n);
+        let sock = find(results, Dataplane::DpSocketLb, n).filter(|p| p.load_finished);
+        let tc = find(results, Dataplane::Dp, n).filter(|p| p.load_finished);
+        let entries: [(&str, Entry); 2] = [
+            ("from the node", |p| &p.from_node),
+            ("from a pod", |p| &p.cluster_ip),
+        ];
+        for (clients, entry) in entries {
+            let ratio_of = |p, f: Figure| match (f(p, entry), f(floor, entry)) {
+                (Some(v), Some(b)) if b > 0.0 => Some(v / b),
+                _ => None,
+            };
+            let show = |r: Option<f64>| r.map_or("–".into(), |r| format!("{r:.2}x"));
+            let (sock_rate, sock_last, sock_random) = (
+                ratio_of(sock, rate),
+                ratio_of(sock, last),
+                ratio_of(sock, random),
+            );
+            let target = match (sock_rate, sock_last, sock_random) {
+                (Some(r), Some(l), Some(x)) if r >= 0.97 && l <= 1.05 && x <= 1.05 => "met",
+                (Some(_), Some(_), Some(_)) => "missed",
+                _ => "–",
+            };
+            let connects = sock
+                .and_then(|p| p.socket_connects.as_ref())
+                .map_or("–".into(), |c| {
+                    format!("{} / {}", c.translated, c.left_to_tc)
+                });
+            let _ = writeln!(
+                s,
+                "| {n} | {clients} | {} | {} / {} | {target} | {} | {} / {} | {connects} |",
+                show(sock_rate),
+                show(sock_last),
+                show(sock_random),
+                show(ratio_of(tc, rate)),
+                show(ratio_of(tc, last)),
+                show(ratio_of(tc, random)),
+            );
+        }
+    }
+    s.push('\n');
+}
+
 pub fn tables(results: &Results) -> String {
     let mut s = String::new();
     let m = &results.machine;
@@ -771,8 +842,18 @@ pub fn tables(results: &Results) -> String {
              | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
         );
         traffic_rows(&mut s, results, n, |p| &p.node_port, false);
+        if results.points.iter().any(|p| !p.from_node.is_empty()) {
+            let _ = writeln!(
+                s,
+                "\n#### {family}{n} services x 10 endpoints: ClusterIP from the node (a host process)\n\n\
+                 | dataplane | new conn, last service: p50 / p90 / p99 µs | p50 vs iptables-nft | p50 vs direct | new conn, random service: p50 / p90 / p99 µs | new conn/s | established RR: p50 / p99 µs | UDP packets/s |\n\
+                 | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            );
+            traffic_rows(&mut s, results, n, |p| &p.from_node, true);
+        }
         s.push('\n');
     }
+    socket_lb_targets(&mut s, results);
     let _ = writeln!(
         s,
         "#### Control plane and memory\n\n\
@@ -886,6 +967,8 @@ mod tests {
                 ..Traffic::default()
             },
             node_port: Traffic::default(),
+            from_node: Traffic::default(),
+            socket_connects: None,
             endpoint_change: (d != Dataplane::Direct).then(|| ChangeFigures {
                 changes: 10,
                 p50_ms: n as f64 / 10.0,
@@ -1233,6 +1316,59 @@ mod tests {
             ["0.002", "0.005", "0.01", "0.02", "0.05", "0.1", "0.2", "0.5"]
         );
         assert_eq!(labels(Axis::fit(&[3e5, 1.2e6]))[1], "200000");
+    }
+
+    /// The socket LB table: ratios to direct per client, judged against
+    /// the target, and only for runs that measured dp-socket-lb.
+    #[test]
+    fn socket_lb_rows_are_judged_against_direct() {
+        let with_random = |mut p: Point, from_node: (f64, f64)| {
+            p.cluster_ip.first_packet_random = p.cluster_ip.first_packet_last.clone();
+            p.from_node = p.cluster_ip.clone();
+            p.from_node.first_packet_last.p50 = summary(from_node.0, from_node.0, from_node.0);
+            p.from_node.first_packet_random = p.from_node.first_packet_last.clone();
+            p.from_node.connections_per_second = summary(from_node.1, from_node.1, from_node.1);
+            p
+        };
+        let mut sock = with_random(
+            point(Dataplane::DpSocketLb, 1, 41.0, None, 9_800.0),
+            (50.0, 9_000.0),
+        );
+        sock.socket_connects = Some(crate::SocketConnects {
+            translated: 1234,
+            left_to_tc: 0,
+        });
+        let r = results(vec![
+            with_random(
+                point(Dataplane::Direct, 1, 40.0, None, 10_000.0),
+                (40.0, 10_000.0),
+            ),
+            with_random(
+                point(Dataplane::Dp, 1, 44.0, None, 9_000.0),
+                (60.0, 8_000.0),
+            ),
+            sock,
+        ]);
+        let t = tables(&r);
+        assert!(
+            t.contains("ClusterIP from the node (a host process)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| 1 | from the node | 0.90x | 1.25x / 1.25x | missed | 0.80x | 1.50x / 1.50x | 1234 / 0 |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| 1 | from a pod | 0.98x | 1.02x / 1.02x | met | 0.90x | 1.10x / 1.10x | 1234 / 0 |"),
+            "{t}"
+        );
+        let without: Vec<Point> = r
+            .points
+            .iter()
+            .filter(|p| p.dataplane != Dataplane::DpSocketLb)
+            .cloned()
+            .collect();
+        assert!(!tables(&results(without)).contains("Socket-level load balancing"));
     }
 
     /// The committed IPv6 run (`--ip-family ipv6`, N = 1 and 1 000): the

@@ -85,6 +85,10 @@ pub enum Dataplane {
     /// No service: the client talks to pod IPs (the floor).
     Direct,
     Dp,
+    /// dp with socket-level load balancing for every socket of the node
+    /// (`--socket-lb all`, attached to a cgroup of the run's own that the
+    /// clients join while they measure this dataplane).
+    DpSocketLb,
     IptablesNft,
     IptablesLegacy,
     Nftables,
@@ -95,6 +99,7 @@ impl Dataplane {
         match self {
             Dataplane::Direct => "direct",
             Dataplane::Dp => "dp",
+            Dataplane::DpSocketLb => "dp-socket-lb",
             Dataplane::IptablesNft => "iptables-nft",
             Dataplane::IptablesLegacy => "iptables-legacy",
             Dataplane::Nftables => "nftables",
@@ -105,12 +110,18 @@ impl Dataplane {
         [
             Dataplane::Direct,
             Dataplane::Dp,
+            Dataplane::DpSocketLb,
             Dataplane::IptablesNft,
             Dataplane::IptablesLegacy,
             Dataplane::Nftables,
         ]
         .into_iter()
         .find(|d| d.name() == s)
+    }
+
+    /// A dp agent (with or without socket LB).
+    pub fn is_dp(self) -> bool {
+        matches!(self, Dataplane::Dp | Dataplane::DpSocketLb)
     }
 
     fn backend(self) -> Option<Backend> {
@@ -382,9 +393,13 @@ fn remove_stale(cgroup_base: &Path) {
             if is_cgroup {
                 let _ = fs::remove_dir(entry.path());
             } else {
-                let bpffs = entry.path().join("bpffs");
-                let _ = dp::kernel::pin::cleanup(&bpffs);
-                dp::kernel::pin::unmount_bpffs(&bpffs);
+                // Each agent's bpffs: `<dataplane>-bpffs`, `bpffs-watch`.
+                for sub in fs::read_dir(entry.path()).into_iter().flatten().flatten() {
+                    if sub.file_name().to_string_lossy().contains("bpffs") {
+                        let _ = dp::kernel::pin::cleanup(&sub.path());
+                        dp::kernel::pin::unmount_bpffs(&sub.path());
+                    }
+                }
                 let _ = fs::remove_dir_all(entry.path());
             }
         }
@@ -408,6 +423,72 @@ pub struct Loaded {
     pub agent_rss_bytes: Option<u64>,
     state: State,
     _cgroup: Option<MemoryCgroup>,
+    /// dp-socket-lb: where its socket hooks are attached.
+    pub socket_cgroup: Option<SocketCgroup>,
+}
+
+/// The cgroup (v2) that dp-socket-lb's agent attaches its socket hooks to:
+/// they see only sockets that a process inside it creates. The clients join
+/// it (`join`) for that dataplane's measurements from the node and the pod,
+/// and leave it for the external client's and the other dataplanes'.
+pub struct SocketCgroup {
+    path: PathBuf,
+    /// This process's own cgroup, to go back to.
+    home: PathBuf,
+}
+
+/// This process inside a `SocketCgroup`, until dropped.
+pub struct Joined<'a> {
+    cgroup: &'a SocketCgroup,
+}
+
+impl SocketCgroup {
+    pub fn create() -> Result<Self> {
+        let root = dp::agent::cgroup2_root()
+            .context("no cgroup v2 hierarchy mounted: dp-socket-lb needs one")?;
+        let own = fs::read_to_string("/proc/self/cgroup")?;
+        let home = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .map(|p| root.join(p.trim_start_matches('/')))
+            .context("this process has no cgroup v2 path")?;
+        remove_stale(&root);
+        let path = root.join(format!("dp-bench-{}-sock", std::process::id()));
+        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(SocketCgroup { path, home })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Moves this process (all its threads: cgroup v2 moves a process
+    /// whole) into the cgroup; sockets it creates from then on, in any
+    /// namespace, are the socket hooks'. Sockets created before keep their
+    /// cgroup (the servers' are never the hooks').
+    pub fn join(&self) -> Result<Joined<'_>> {
+        move_to(&self.path)?;
+        Ok(Joined { cgroup: self })
+    }
+}
+
+fn move_to(cgroup: &Path) -> Result<()> {
+    fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+        .with_context(|| format!("moving dp-bench into {}", cgroup.display()))
+}
+
+impl Drop for Joined<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = move_to(&self.cgroup.home) {
+            panic!("dp-bench cannot leave the socket LB cgroup: {e:#}");
+        }
+    }
+}
+
+impl Drop for SocketCgroup {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.path);
+    }
 }
 
 enum State {
@@ -436,6 +517,7 @@ pub fn load(
         agent_rss_bytes: None,
         state: State::None,
         _cgroup: None,
+        socket_cgroup: None,
     };
     if dataplane == Dataplane::Direct {
         return Ok(loaded);
@@ -459,14 +541,25 @@ pub fn load(
         loaded.objects = report.rules;
         loaded.state = State::Rules(applier);
     } else {
-        let dir = work.join("manifests");
-        let bpffs = work.join("bpffs");
+        // Each agent its own: dp and dp-socket-lb are loaded side by side.
+        let dir = work.join(format!("{}-manifests", dataplane.name()));
+        let bpffs = work.join(format!("{}-bpffs", dataplane.name()));
         let _ = fs::remove_dir_all(&dir);
         input.write_dir(&dir)?;
-        let frontends = expected_frontends(input.n);
+        let frontends = if dataplane == Dataplane::DpSocketLb {
+            expected_frontends_socket_lb(input.n)
+        } else {
+            expected_frontends(input.n)
+        };
         let started = Instant::now();
         let mut cmd = agent_command(node_ns, input.n, Some(&cgroup.enter_script()));
         cmd.arg("--manifests").arg(&dir).arg("--bpffs").arg(&bpffs);
+        if dataplane == Dataplane::DpSocketLb {
+            let socket_cgroup = SocketCgroup::create()?;
+            cmd.args(["--socket-lb", "all", "--cgroup-root"])
+                .arg(socket_cgroup.path());
+            loaded.socket_cgroup = Some(socket_cgroup);
+        }
         let (child, log) = spawn_logged(cmd).context("starting dp agent")?;
         let line = wait_synced(&log, Duration::from_secs(600))?;
         loaded.load_seconds = started.elapsed().as_secs_f64();
@@ -583,6 +676,25 @@ impl Loaded {
                 }
             }
         }
+    }
+
+    /// dp's socket hooks' connect decisions so far (None for the other
+    /// dataplanes): (translated to a backend, left to tc).
+    pub fn socket_connects(&self) -> Result<Option<(u64, u64)>> {
+        let State::Agent { bpffs, .. } = &self.state else {
+            return Ok(None);
+        };
+        let rows = dp::inspect::pinned::PinnedMaps::open(bpffs)?.stats()?;
+        let count = |reasons: &[&str]| {
+            rows.iter()
+                .filter(|r| r.hook.starts_with("sock/connect") && reasons.contains(&r.reason))
+                .map(|r| r.packets)
+                .sum::<u64>()
+        };
+        Ok(Some((
+            count(&["new_flow", "new_flow_affinity"]),
+            count(&["sock_left_to_tc"]),
+        )))
     }
 
     pub fn unload(mut self) -> Result<()> {
@@ -823,6 +935,12 @@ fn agent_command(node_ns: &e2e::Netns, n: usize, enter: Option<&str>) -> Command
 /// NodePorts, and `bench/dns`'s two.
 fn expected_frontends(n: usize) -> usize {
     n + node_ports(n) + 2
+}
+
+/// With socket LB on, every NodePort on 127.0.0.1 too (TCP ones and
+/// `bench/dns`'s UDP one).
+fn expected_frontends_socket_lb(n: usize) -> usize {
+    expected_frontends(n) + node_ports(n) + 1
 }
 
 /// Starts `cmd` and forwards its stderr lines to the returned receiver.
