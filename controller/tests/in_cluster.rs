@@ -101,6 +101,15 @@ fn in_pod(ns: &Netns, service_account: Option<&Path>, args: &[&str]) -> Command 
 
 struct TempDir(PathBuf);
 
+/// A cgroup v2 directory of the test, removed when dropped.
+struct TestCgroup(PathBuf);
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
@@ -127,10 +136,20 @@ fn the_agent_runs_as_in_its_pod_with_the_in_cluster_config_and_the_listed_capabi
     fs::write(sa.0.join("namespace"), "dp-system").unwrap();
 
     let bpffs = Bpffs::new("in-cluster");
+    // The DaemonSet's DP_CGROUP_ROOT is the node's cgroup v2 root; here a
+    // cgroup of this test's (the ConfigMap turns socket LB on), which no
+    // process joins: the hooks attach and translate nothing.
+    let cgroup = TestCgroup(
+        dp::agent::cgroup2_root()
+            .expect("a cgroup v2 hierarchy")
+            .join(format!("dp-test-{}-in-cluster", std::process::id())),
+    );
+    fs::create_dir_all(&cgroup.0).unwrap();
     let mut agent_cmd = in_pod(node1, Some(&sa.0), &["agent"]);
     // The ConfigMap, except where the API server is: this test's.
     agent_cmd
         .envs(configmap_env())
+        .env("DP_CGROUP_ROOT", &cgroup.0)
         .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
         .env("KUBERNETES_SERVICE_PORT", api.addr().port().to_string())
         .env("NODE_NAME", "node1")
@@ -142,6 +161,8 @@ fn the_agent_runs_as_in_its_pod_with_the_in_cluster_config_and_the_listed_capabi
     for _ in 0..2 {
         agent.wait_for(&["attached tc to pod device"]);
     }
+    // deploy/'s socket LB (`host`), with the DaemonSet's capabilities only.
+    agent.wait_for(&["socket-level load balancing attached", "scope=Host"]);
     agent.wait_for(&["node addresses from the Node object", "172.18.0.2"]);
     agent.wait_for(&["synced", "frontends=1"]);
 

@@ -817,12 +817,11 @@ fn with_all_pods_are_served_at_the_socket_and_hairpin_stays_masqueraded() {
     assert_eq!(f.counted("node1", "sock/connect4", "sock_left_to_tc"), 2);
 }
 
-/// Whether node `i`'s agent has a service peer for socket `cookie` in
-/// its `DP_SOCK_PEERS` (read with bpftool: the socket maps are not
-/// pinned; the map is the one among the agent's open map fds).
-fn has_sock_peer(f: &Fixture, i: usize, cookie: u64) -> bool {
+/// The id of node `i`'s agent's map `name` (the socket maps are not
+/// pinned: the one among the agent's open map fds), for bpftool.
+fn agent_map_id(f: &Fixture, i: usize, name: &str) -> String {
     let pid = f.agents[i].child.id();
-    let map_ids: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
         .unwrap()
         .flatten()
         .filter_map(|e| std::fs::read_to_string(e.path()).ok())
@@ -831,83 +830,121 @@ fn has_sock_peer(f: &Fixture, i: usize, cookie: u64) -> bool {
                 .find_map(|l| l.strip_prefix("map_id:"))
                 .map(|id| id.trim().to_string())
         })
-        .collect();
-    let id = map_ids
-        .into_iter()
         .find(|id| {
             let out = Command::new("bpftool")
                 .args(["-j", "map", "show", "id", id])
                 .output()
                 .expect("run bpftool");
             serde_json::from_slice::<serde_json::Value>(&out.stdout)
-                .is_ok_and(|m| m["name"] == "DP_SOCK_PEERS")
+                .is_ok_and(|m| m["name"] == name)
         })
-        .expect("the agent's DP_SOCK_PEERS");
-    let key: Vec<String> = cookie.to_le_bytes().iter().map(|b| b.to_string()).collect();
-    let out = Command::new("bpftool")
-        .args(["map", "lookup", "id", &id, "key"])
-        .args(&key)
-        .output()
-        .expect("run bpftool");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    match out.status.success() {
-        true => true,
-        false if text.contains("Not found") => false,
-        false => panic!("bpftool map lookup: {text}"),
-    }
+        .unwrap_or_else(|| panic!("the agent's {name}"))
 }
 
-/// A translated socket's service peer (getpeername's answer, the sweep's
-/// key) lives as long as the socket: the release hook removes it at
-/// close(). Without it the LRU map fills with closed sockets' entries, and
-/// every connect() pays for an eviction (1.6 µs instead of 0.6 µs per
+/// The entries of node `i`'s agent's map `name` whose key starts with
+/// socket `cookie` (`DP_SOCK_PEERS` is keyed by it, `DP_SOCK_REVNAT` by
+/// it and a backend).
+fn entries_of_socket(f: &Fixture, i: usize, name: &str, cookie: u64) -> usize {
+    let id = agent_map_id(f, i, name);
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "id", &id])
+        .output()
+        .expect("run bpftool");
+    assert!(out.status.success(), "bpftool map dump {name}");
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool's JSON");
+    entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            let key: Vec<u8> = e["key"]
+                .as_array()
+                .expect("the key's bytes")
+                .iter()
+                .map(|b| {
+                    u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+                })
+                .collect();
+            key[..8] == cookie.to_le_bytes()
+        })
+        .count()
+}
+
+/// A translated socket's records live as long as the socket: the
+/// release hook removes its service peer (getpeername's answer, the
+/// sweep's key) and, for connected UDP, its reverse entry (recvmsg's) at
+/// close(). Without it these LRU maps fill with closed sockets' entries,
+/// and every connect() pays for an eviction (1.6 µs instead of 0.6 µs per
 /// connect4 here; BENCHMARKS.md).
 #[test]
-fn a_closed_sockets_service_peer_goes_with_it() {
+fn a_closed_sockets_records_go_with_it() {
     let f = Fixture::new("sockrel");
     let (node1, cg1) = (f.cluster.node_ns(0), &f.cgroups[0].0);
-    let py = format!(
-        "import socket, sys\n\
-         s = socket.create_connection(('{ip}', {port}), 2)\n\
-         print(int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 57, 8), 'little'), s.getpeername()[0], flush=True)\n\
-         sys.stdin.readline()\n\
-         s.close()\n\
-         print('closed', flush=True)\n\
-         sys.stdin.readline()\n",
-        ip = WEB.split(':').next().unwrap(),
-        port = WEB.split(':').nth(1).unwrap(),
-    );
-    let script = format!(
-        "echo $$ > {}/cgroup.procs && exec ip netns exec {} python3 -c \"$0\"",
-        cg1.display(),
-        node1.name()
-    );
-    let mut child = Command::new("sh")
-        .args(["-c", &script, &py])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::{BufRead, Write};
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().expect("the client connects").unwrap();
-    let (cookie, peer) = first.split_once(' ').expect("cookie and peer");
-    let cookie: u64 = cookie.parse().unwrap();
-    // Translated at the socket: the application sees the ClusterIP.
-    assert_eq!(peer, WEB.split(':').next().unwrap());
-    assert!(
-        has_sock_peer(&f, 0, cookie),
-        "an open socket keeps its peer"
-    );
-    let stdin = child.stdin.as_mut().unwrap();
-    writeln!(stdin).unwrap();
-    stdin.flush().unwrap();
-    assert_eq!(lines.next().expect("the client closes").unwrap(), "closed");
-    assert!(
-        !has_sock_peer(&f, 0, cookie),
-        "a closed socket's peer is gone"
-    );
-    let _ = child.kill();
-    let _ = child.wait();
+    // Killed on the way out, also when an assertion fails: the test
+    // cgroup goes only once its processes have.
+    struct Client(std::process::Child);
+    impl Drop for Client {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    for (kind, port, revnat) in [("SOCK_STREAM", 80, 0), ("SOCK_DGRAM", 53, 1)] {
+        let py = format!(
+            "import socket, sys\n\
+             s = socket.socket(socket.AF_INET, socket.{kind})\n\
+             s.settimeout(2)\n\
+             s.connect(('10.96.0.10', {port}))\n\
+             print(int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 57, 8), 'little'), s.getpeername()[0], flush=True)\n\
+             sys.stdin.readline()\n\
+             s.close()\n\
+             print('closed', flush=True)\n\
+             sys.stdin.readline()\n"
+        );
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec ip netns exec {} python3 -c \"$0\"",
+            cg1.display(),
+            node1.name()
+        );
+        let mut client = Client(
+            Command::new("sh")
+                .args(["-c", &script, &py])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let child = &mut client.0;
+        use std::io::{BufRead, Write};
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().expect("the client connects").unwrap();
+        let (cookie, peer) = first.split_once(' ').expect("cookie and peer");
+        let cookie: u64 = cookie.parse().unwrap();
+        // Translated at the socket: the application sees the ClusterIP.
+        assert_eq!(peer, "10.96.0.10", "{kind}");
+        assert_eq!(
+            entries_of_socket(&f, 0, "DP_SOCK_PEERS", cookie),
+            1,
+            "{kind}"
+        );
+        assert_eq!(
+            entries_of_socket(&f, 0, "DP_SOCK_REVNAT", cookie),
+            revnat,
+            "{kind}"
+        );
+        let stdin = child.stdin.as_mut().unwrap();
+        writeln!(stdin).unwrap();
+        stdin.flush().unwrap();
+        assert_eq!(lines.next().expect("the client closes").unwrap(), "closed");
+        assert_eq!(
+            entries_of_socket(&f, 0, "DP_SOCK_PEERS", cookie),
+            0,
+            "{kind}: closed"
+        );
+        assert_eq!(
+            entries_of_socket(&f, 0, "DP_SOCK_REVNAT", cookie),
+            0,
+            "{kind}: closed"
+        );
+    }
 }

@@ -137,7 +137,8 @@ const _: () = assert!(core::mem::size_of::<TraceEvent>() % 8 == 0);
 const _: () = assert!(common::trace::TRACE_SESSIONS == 4);
 
 /// Socket-level load balancing: socket cookie -> the service address it
-/// connected to, for getpeername(). LRU: a closed socket's entry ages out.
+/// connected to, for getpeername() and the agent's sweep. The entry goes
+/// when the socket closes (`dp_sock_release`); LRU as a bound only.
 #[map(name = "DP_SOCK_PEERS")]
 pub static DP_SOCK_PEERS: LruHashMap<u64, common::lb::SockPeer> =
     LruHashMap::with_max_entries(map_sizes::SOCK_PEERS, 0);
@@ -162,7 +163,9 @@ pub static DP_SOCK_BACKENDS: LruHashMap<common::lb::SockAddrKey, common::lb::Soc
 pub static DP_SOCK_EVENT: PerCpuArray<TraceEvent> = PerCpuArray::with_max_entries(1, 0);
 
 /// Socket-level load balancing of UDP: (socket, backend address) -> the
-/// service address, for recvmsg() to show replies coming from it.
+/// service address, for recvmsg() to show replies coming from it. A
+/// connected socket's entry goes when it closes (`dp_sock_release`), an
+/// unconnected one's ages out (LRU).
 #[map(name = "DP_SOCK_REVNAT")]
 pub static DP_SOCK_REVNAT: LruHashMap<common::lb::SockAddrKey, common::lb::SockPeer> =
     LruHashMap::with_max_entries(map_sizes::SOCK_REVNAT, 0);

@@ -36,7 +36,7 @@ use common::{
         sock_affinity_client, SockAddrKey, SockBackend, SockPeer, SCOPE_INTERNAL, SOCK_SCOPE_ALL,
         SOCK_SCOPE_NODE_NETNS,
     },
-    proto::IPPROTO_TCP,
+    proto::{IPPROTO_TCP, IPPROTO_UDP},
     rules::{self, Frontend, Origin},
     trace::{FAMILY_IPV4, FAMILY_IPV6},
     Backend, DatapathConfig, Hook, MemberKey, Reason, ServiceKey, ServiceValue, TraceEvent,
@@ -615,17 +615,68 @@ pub fn getpeername<const V6: bool>(ctx: &SockAddrContext) -> i32 {
 }
 
 /// sock_release: a closing socket's service peer (`DP_SOCK_PEERS`) goes
-/// with it. Bookkeeping, not a decision: nothing is counted or traced.
+/// with it, and a connected UDP socket's reverse entry (`DP_SOCK_REVNAT`,
+/// keyed by the backend it is connected to). Bookkeeping, not a decision:
+/// nothing is counted or traced.
 ///
-/// Without it the map fills with the entries of closed sockets and every
-/// connect() pays for an LRU eviction: 1.6 µs per connect4 call instead
+/// Without it these LRU maps fill with the entries of closed sockets and
+/// every connect() pays for an eviction: 1.6 µs per connect4 call instead
 /// of 0.6 µs, and 0.1 µs here (BENCHMARKS.md, socket-level load
 /// balancing); and a long-lived socket's entry could be evicted by later
-/// short ones.
+/// short ones. An unconnected UDP socket's entries (one per service and
+/// backend it sent to) are not known here: they age out of their LRUs.
 #[inline(always)]
 pub fn release(ctx: &SockContext) -> i32 {
     // SAFETY: a helper of cgroup sock programs; the context is the socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = DP_SOCK_PEERS.remove(&cookie);
+    if DP_SOCK_PEERS.remove(&cookie).is_err() {
+        // Never pointed at a backend by connect().
+        return ALLOW;
+    }
+    let sk = ctx.sock;
+    // Each context field is read whole, at its own offset: the verifier
+    // refuses loads through a ctx pointer moved to a field.
+    // SAFETY: the context pointer the kernel passed; read-only fields.
+    let field = |f: *const u32| unsafe { core::ptr::read_volatile(f) };
+    // SAFETY: as above.
+    let (protocol, family) = unsafe {
+        (
+            field(core::ptr::addr_of!((*sk).protocol)),
+            field(core::ptr::addr_of!((*sk).family)),
+        )
+    };
+    if protocol != u32::from(IPPROTO_UDP) {
+        return ALLOW;
+    }
+    // Both families' fields are read before choosing: LLVM merges two
+    // branches' loads into one through a selected ctx pointer otherwise.
+    // SAFETY: as above.
+    let (v4, w) = unsafe {
+        (
+            field(core::ptr::addr_of!((*sk).dst_ip4)),
+            [
+                field(core::ptr::addr_of!((*sk).dst_ip6[0])),
+                field(core::ptr::addr_of!((*sk).dst_ip6[1])),
+                field(core::ptr::addr_of!((*sk).dst_ip6[2])),
+                field(core::ptr::addr_of!((*sk).dst_ip6[3])),
+            ],
+        )
+    };
+    let backend = if family == AF_INET6 {
+        let mut a = [0u8; 16];
+        for (i, word) in w.iter().enumerate() {
+            a[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        a
+    } else {
+        addr::v4_mapped(v4.to_ne_bytes())
+    };
+    // SAFETY: as above (a 2-byte field: its own load).
+    let port =
+        u16::from_be(unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*sk).dst_port)) });
+    let _ = DP_SOCK_REVNAT.remove(&sock_key(cookie, backend, port));
     ALLOW
 }
+
+/// `AF_INET6`, as `bpf_sock.family` has it.
+const AF_INET6: u32 = 10;

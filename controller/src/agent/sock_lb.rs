@@ -127,10 +127,12 @@ fn in_namespace<T: Send>(
 /// warning.
 ///
 /// The live sockets are listed first and their cookies looked up in
-/// `DP_SOCK_PEERS` (`peer_of`), not the other way round: that LRU map keeps
-/// the entries of closed sockets until it evicts them, so after a burst of
-/// short connections it holds tens of thousands, and reading it whole took
-/// the agent's sync 120 ms (BENCHMARKS.md, socket-level load balancing).
+/// `DP_SOCK_PEERS` (`peer_of`), not the other way round: a sync's cost
+/// then follows the sockets that exist, not the map's size. (Before the
+/// release hook removed closed sockets' entries the map held tens of
+/// thousands after a burst of short connections, and reading it whole
+/// took the agent's sync 119 ms; BENCHMARKS.md, socket-level load
+/// balancing.)
 pub fn close_stale(
     peer_of: &dyn Fn(u64) -> Option<SockPeer>,
     desired: &DesiredState,

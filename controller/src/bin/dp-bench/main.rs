@@ -117,6 +117,19 @@ enum Action {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// What each of dp's programs costs per new connection: the kernel's
+    /// BPF run-time statistics (on only while this runs: BPF_ENABLE_STATS)
+    /// over the connection-rate load from the client pod and from the
+    /// node, per program of each dataplane's agent, printed as a table.
+    HookCost {
+        #[arg(long, default_value_t = 1)]
+        services: usize,
+        #[arg(long, value_delimiter = ',', default_value = "dp,dp-socket-lb")]
+        dataplanes: Vec<String>,
+        /// Seconds of load per client.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
 }
 
 /// How much of each measurement one run does.
@@ -341,6 +354,14 @@ fn main() -> Result<()> {
     {
         return tail(*services, dataplanes, *samples, *rounds);
     }
+    if let Some(Action::HookCost {
+        services,
+        dataplanes,
+        seconds,
+    }) = &args.action
+    {
+        return hook_cost(*services, dataplanes, *seconds);
+    }
     let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (client_cpu, server_cpu) = pinned_cpus();
     let settings = if args.quick {
@@ -385,14 +406,25 @@ fn main() -> Result<()> {
             .iter()
             .map(|d| Dataplane::parse(d).with_context(|| format!("unknown dataplane {d}")))
             .collect::<Result<_>>()?,
-        None => vec![
-            Dataplane::Direct,
-            Dataplane::Dp,
-            Dataplane::DpSocketLb,
-            Dataplane::IptablesNft,
-            Dataplane::IptablesLegacy,
-            Dataplane::Nftables,
-        ],
+        None => {
+            // Socket LB attaches to a cgroup v2 directory: without the
+            // hierarchy the others are still measured.
+            let socket_lb = dp::agent::cgroup2_root().is_some();
+            if !socket_lb {
+                progress("no cgroup v2 hierarchy mounted: dp-socket-lb is left out");
+            }
+            [
+                Dataplane::Direct,
+                Dataplane::Dp,
+                Dataplane::DpSocketLb,
+                Dataplane::IptablesNft,
+                Dataplane::IptablesLegacy,
+                Dataplane::Nftables,
+            ]
+            .into_iter()
+            .filter(|d| socket_lb || *d != Dataplane::DpSocketLb)
+            .collect()
+        }
     };
     std::fs::create_dir_all(&args.out)?;
     let work = std::env::temp_dir().join(format!("dp-bench-{}", std::process::id()));
@@ -716,6 +748,13 @@ fn tail(n: usize, dataplanes: &[String], samples: usize, rounds: usize) -> Resul
                 l.errors
             );
         };
+        // dp-socket-lb's clients in its cgroup, as in the main run.
+        let _joined = p
+            .loaded
+            .socket_cgroup
+            .as_ref()
+            .map(|c| c.join())
+            .transpose()?;
         let before = loadgen::first_packet(client, &[p.targets.last], samples, s.client_cpu)?;
         row("before the load", &before);
         let rate = loadgen::connection_rate(
@@ -739,6 +778,150 @@ fn tail(n: usize, dataplanes: &[String], samples: usize, rounds: usize) -> Resul
     drop(ready);
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
+}
+
+/// Per program (run time, runs), connections, rates per round and failed
+/// connections of one client's load to one set of targets.
+type Sums = (
+    std::collections::BTreeMap<String, (u64, u64)>,
+    u64,
+    Vec<f64>,
+    u64,
+);
+
+/// `dp-bench hook-cost`: see `Action::HookCost`.
+fn hook_cost(n: usize, dataplanes: &[String], seconds: f64) -> Result<()> {
+    const ROUNDS: usize = 3;
+    let (client_cpu, server_cpu) = pinned_cpus();
+    let s = Settings {
+        runs: 1,
+        first_packets: 0,
+        rr_round_trips: 0,
+        rate_seconds: seconds,
+        udp_seconds: 0.0,
+        client_threads: 4,
+        changes: 0,
+        client_cpu,
+        server_cpu,
+        interleaved: true,
+    };
+    let work = std::env::temp_dir().join(format!("dp-bench-hooks-{}", std::process::id()));
+    // Counted while this descriptor is open, machine-wide, then off again.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("enabling BPF run-time statistics (BPF_ENABLE_STATS)")?;
+    println!(
+        "| dataplane | client | to | new conn/s (median of {ROUNDS}) | program | runs per connection | ns per run | ns per connection |"
+    );
+    println!("| --- | --- | --- | ---: | --- | ---: | ---: | ---: |");
+    let pods: Vec<SocketAddr> = scenario::backend_ips()
+        .into_iter()
+        .map(|ip| SocketAddr::from((ip, scenario::TARGET_PORT)))
+        .collect();
+    for d in dataplanes {
+        let d = Dataplane::parse(d).with_context(|| format!("unknown dataplane {d}"))?;
+        if !d.is_dp() {
+            bail!(
+                "{}: only dp's dataplanes have programs to measure",
+                d.name()
+            );
+        }
+        let p = match Prepared::load(d, n, &s, &work, Duration::from_secs(600))? {
+            Ok(p) => p,
+            Err(_) => bail!("{} did not load", d.name()),
+        };
+        let pid = p.loaded.agent_pid().context("the agent's pid")?;
+        let clients = [
+            ("pod", p.cluster.pod_ns(&p.cluster.pods[0].name)),
+            ("node", p.cluster.node_ns(0)),
+        ];
+        for (client, ns) in clients {
+            let _joined = p
+                .loaded
+                .socket_cgroup
+                .as_ref()
+                .map(|c| c.join())
+                .transpose()?;
+            // Services and the pods behind them alternately, on the same
+            // cluster and programs: what translating costs on top of the
+            // programs every packet meets anyway.
+            let targets: [(&str, &[SocketAddr]); 2] =
+                [("ClusterIPs", &p.targets.random), ("pod IPs", &pods)];
+            let mut sums: [Sums; 2] = std::array::from_fn(|_| Default::default());
+            for _ in 0..ROUNDS {
+                for (i, (_, to)) in targets.iter().enumerate() {
+                    let before = program_stats(pid)?;
+                    let rate = loadgen::connection_rate(
+                        ns,
+                        to,
+                        s.client_threads,
+                        Duration::from_secs_f64(seconds),
+                        s.client_cpu.map(|c| vec![c]),
+                    )?;
+                    let after = program_stats(pid)?;
+                    let (programs, connections, rates, errors) = &mut sums[i];
+                    for (name, &(time, runs)) in &after {
+                        let (time0, runs0) = before.get(name).copied().unwrap_or_default();
+                        let sum: &mut (u64, u64) = programs.entry(name.clone()).or_default();
+                        sum.0 += time - time0;
+                        sum.1 += runs - runs0;
+                    }
+                    *connections += rate.total;
+                    *errors += rate.errors;
+                    rates.push(rate.per_second);
+                }
+            }
+            for ((to, _), (programs, connections, rates, errors)) in targets.iter().zip(&sums) {
+                let rate = summary(rates).median;
+                let connections = (*connections).max(1) as f64;
+                let mut total_ns = 0.0;
+                for (name, &(time, runs)) in programs {
+                    if runs == 0 {
+                        continue;
+                    }
+                    total_ns += time as f64 / connections;
+                    println!(
+                        "| {} | {client} | {to} | {rate:.0} | {name} | {:.2} | {:.0} | {:.0} |",
+                        d.name(),
+                        runs as f64 / connections,
+                        time as f64 / runs as f64,
+                        time as f64 / connections
+                    );
+                }
+                println!(
+                    "| {} | {client} | {to} | {rate:.0} | all ({errors} connections failed) | | | {total_ns:.0} |",
+                    d.name()
+                );
+            }
+        }
+        drop(p);
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// Run time (ns) and runs per program name, over the programs process
+/// `pid` holds open (an agent's).
+fn program_stats(pid: u32) -> Result<std::collections::BTreeMap<String, (u64, u64)>> {
+    let ids: std::collections::BTreeSet<u32> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|id| id.trim().parse().ok())
+        })
+        .collect();
+    let mut out = std::collections::BTreeMap::new();
+    for info in aya::programs::loaded_programs().flatten() {
+        if !ids.contains(&info.id()) {
+            continue;
+        }
+        let name = info.name_as_str().unwrap_or("?").to_string();
+        let entry: &mut (u64, u64) = out.entry(name).or_default();
+        entry.0 += info.run_time().as_nanos() as u64;
+        entry.1 += info.run_count();
+    }
+    Ok(out)
 }
 
 /// One dataplane loaded on its own cluster, with its servers and the

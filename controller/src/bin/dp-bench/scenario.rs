@@ -478,9 +478,16 @@ fn move_to(cgroup: &Path) -> Result<()> {
 }
 
 impl Drop for Joined<'_> {
+    /// Left in the cgroup, every later measurement of another dataplane
+    /// would be translated by these hooks: that stops the run (a second
+    /// panic while one unwinds would abort, so then only a word).
     fn drop(&mut self) {
         if let Err(e) = move_to(&self.cgroup.home) {
-            panic!("dp-bench cannot leave the socket LB cgroup: {e:#}");
+            if std::thread::panicking() {
+                eprintln!("dp-bench cannot leave the socket LB cgroup: {e:#}");
+            } else {
+                panic!("dp-bench cannot leave the socket LB cgroup: {e:#}");
+            }
         }
     }
 }
@@ -561,7 +568,18 @@ pub fn load(
             loaded.socket_cgroup = Some(socket_cgroup);
         }
         let (child, log) = spawn_logged(cmd).context("starting dp agent")?;
-        let line = wait_synced(&log, Duration::from_secs(600))?;
+        let pid = agent_pid(&child);
+        // Owned by `loaded` at once: an error below stops the agent too.
+        loaded.state = State::Agent {
+            child,
+            log,
+            dir,
+            bpffs,
+        };
+        let State::Agent { log, .. } = &loaded.state else {
+            unreachable!("set above")
+        };
+        let line = wait_synced(log, Duration::from_secs(600))?;
         loaded.load_seconds = started.elapsed().as_secs_f64();
         loaded.objects = field(&line, "frontends=").unwrap_or(0) as usize;
         if loaded.objects != frontends {
@@ -570,18 +588,12 @@ pub fn load(
                 loaded.objects
             );
         }
-        let status = fs::read_to_string(format!("/proc/{}/status", agent_pid(&child)))?;
+        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
         loaded.agent_rss_bytes = status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .map(|kb| kb * 1024);
-        loaded.state = State::Agent {
-            child,
-            log,
-            dir,
-            bpffs,
-        };
     }
     loaded.kernel_bytes = cgroup.kernel_bytes()?;
     loaded._cgroup = Some(cgroup);
@@ -675,6 +687,14 @@ impl Loaded {
                     }
                 }
             }
+        }
+    }
+
+    /// The agent's pid (dp only).
+    pub fn agent_pid(&self) -> Option<u32> {
+        match &self.state {
+            State::Agent { child, .. } => Some(agent_pid(child)),
+            _ => None,
         }
     }
 
@@ -938,9 +958,14 @@ fn expected_frontends(n: usize) -> usize {
 }
 
 /// With socket LB on, every NodePort on 127.0.0.1 too (TCP ones and
-/// `bench/dns`'s UDP one).
+/// `bench/dns`'s UDP one); IPv4 only: kube-proxy never serves NodePorts
+/// on `::1`.
 fn expected_frontends_socket_lb(n: usize) -> usize {
-    expected_frontends(n) + node_ports(n) + 1
+    if ipv6() {
+        expected_frontends(n)
+    } else {
+        expected_frontends(n) + node_ports(n) + 1
+    }
 }
 
 /// Starts `cmd` and forwards its stderr lines to the returned receiver.
