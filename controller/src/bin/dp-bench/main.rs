@@ -413,17 +413,10 @@ fn main() -> Result<()> {
             if !socket_lb {
                 progress("no cgroup v2 hierarchy mounted: dp-socket-lb is left out");
             }
-            [
-                Dataplane::Direct,
-                Dataplane::Dp,
-                Dataplane::DpSocketLb,
-                Dataplane::IptablesNft,
-                Dataplane::IptablesLegacy,
-                Dataplane::Nftables,
-            ]
-            .into_iter()
-            .filter(|d| socket_lb || *d != Dataplane::DpSocketLb)
-            .collect()
+            Dataplane::ALL
+                .into_iter()
+                .filter(|d| socket_lb || *d != Dataplane::DpSocketLb)
+                .collect()
         }
     };
     std::fs::create_dir_all(&args.out)?;
@@ -749,12 +742,7 @@ fn tail(n: usize, dataplanes: &[String], samples: usize, rounds: usize) -> Resul
             );
         };
         // dp-socket-lb's clients in its cgroup, as in the main run.
-        let _joined = p
-            .loaded
-            .socket_cgroup
-            .as_ref()
-            .map(|c| c.join())
-            .transpose()?;
+        let _joined = p.loaded.join_socket_cgroup()?;
         let before = loadgen::first_packet(client, &[p.targets.last], samples, s.client_cpu)?;
         row("before the load", &before);
         let rate = loadgen::connection_rate(
@@ -835,12 +823,7 @@ fn hook_cost(n: usize, dataplanes: &[String], seconds: f64) -> Result<()> {
             ("node", p.cluster.node_ns(0)),
         ];
         for (client, ns) in clients {
-            let _joined = p
-                .loaded
-                .socket_cgroup
-                .as_ref()
-                .map(|c| c.join())
-                .transpose()?;
+            let _joined = p.loaded.join_socket_cgroup()?;
             // Services and the pods behind them alternately, on the same
             // cluster and programs: what translating costs on top of the
             // programs every packet meets anyway.
@@ -1009,11 +992,7 @@ impl Prepared {
         let client = cluster.pod_ns(&cluster.pods[0].name);
         // Fails loudly if the dataplane does not carry traffic at all.
         let (probe, probe_node) = {
-            let _joined = loaded
-                .socket_cgroup
-                .as_ref()
-                .map(|c| c.join())
-                .transpose()?;
+            let _joined = loaded.join_socket_cgroup()?;
             (
                 loadgen::first_packet(client, &[t.last], 3, None)?,
                 loadgen::first_packet(cluster.node_ns(0), &[t.last], 3, None)?,
@@ -1053,12 +1032,7 @@ impl Prepared {
         let t = &self.targets;
         let client = self.cluster.pod_ns(&self.cluster.pods[0].name);
         {
-            let _joined = self
-                .loaded
-                .socket_cgroup
-                .as_ref()
-                .map(|c| c.join())
-                .transpose()?;
+            let _joined = self.loaded.join_socket_cgroup()?;
             self.cluster_runs
                 .measure(client, &t.last, Some(&t.random), &t.random, t.udp, s)?;
             self.from_node_runs.measure(

@@ -106,17 +106,18 @@ impl Dataplane {
         }
     }
 
+    /// Every dataplane, in the tables' order.
+    pub const ALL: [Dataplane; 6] = [
+        Dataplane::Direct,
+        Dataplane::Dp,
+        Dataplane::DpSocketLb,
+        Dataplane::IptablesNft,
+        Dataplane::IptablesLegacy,
+        Dataplane::Nftables,
+    ];
+
     pub fn parse(s: &str) -> Option<Self> {
-        [
-            Dataplane::Direct,
-            Dataplane::Dp,
-            Dataplane::DpSocketLb,
-            Dataplane::IptablesNft,
-            Dataplane::IptablesLegacy,
-            Dataplane::Nftables,
-        ]
-        .into_iter()
-        .find(|d| d.name() == s)
+        Self::ALL.into_iter().find(|d| d.name() == s)
     }
 
     /// A dp agent (with or without socket LB).
@@ -688,6 +689,12 @@ impl Loaded {
                 }
             }
         }
+    }
+
+    /// This process inside dp-socket-lb's socket cgroup until the guard
+    /// drops; nothing for the other dataplanes.
+    pub fn join_socket_cgroup(&self) -> Result<Option<Joined<'_>>> {
+        self.socket_cgroup.as_ref().map(|c| c.join()).transpose()
     }
 
     /// The agent's pid (dp only).
