@@ -1361,31 +1361,16 @@ impl Datapath {
     pub fn socket_programs(&self) -> Vec<(&'static str, Result<aya::programs::ProgramInfo>)> {
         SOCKET_LB_PROGRAMS
             .iter()
-            .map(|&name| {
+            .copied()
+            .chain([SOCKET_RELEASE_PROGRAM])
+            .map(|name| {
                 let info = self
                     .ebpf
                     .program(name)
                     .ok_or(Error::MissingProgram(name))
-                    .and_then(|p| {
-                        <&aya::programs::CgroupSockAddr>::try_from(p)
-                            .map_err(|source| Error::Program { name, source })
-                    })
                     .and_then(|p| p.info().map_err(|source| Error::Program { name, source }));
                 (name, info)
             })
-            .chain(std::iter::once({
-                let name = SOCKET_RELEASE_PROGRAM;
-                let info = self
-                    .ebpf
-                    .program(name)
-                    .ok_or(Error::MissingProgram(name))
-                    .and_then(|p| {
-                        <&aya::programs::CgroupSock>::try_from(p)
-                            .map_err(|source| Error::Program { name, source })
-                    })
-                    .and_then(|p| p.info().map_err(|source| Error::Program { name, source }));
-                (name, info)
-            }))
             .collect()
     }
 
