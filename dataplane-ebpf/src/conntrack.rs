@@ -31,7 +31,18 @@ pub fn key(t: &FlowTuple) -> CtKey {
 /// The live entry for `key`; an expired entry counts as absent.
 #[inline(always)]
 pub fn lookup(key: &CtKey, now: u64) -> Option<*mut CtEntry> {
-    let e = DP_CT.get_ptr_mut(key)?;
+    live(get(key)?, now)
+}
+
+/// The entry for `key`, live or not (`live` judges it).
+#[inline(always)]
+pub fn get(key: &CtKey) -> Option<*mut CtEntry> {
+    DP_CT.get_ptr_mut(key)
+}
+
+/// `e` if it is still live at `now`.
+#[inline(always)]
+pub fn live(e: *mut CtEntry, now: u64) -> Option<*mut CtEntry> {
     // SAFETY: map value pointer.
     rules::ct_live(unsafe { &*e }, now).then_some(e)
 }

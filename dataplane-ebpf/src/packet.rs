@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use common::{proto, Reason};
 
-use crate::parse::{ETH_HLEN, MAX_HEADERS_LEN, MAX_HEADERS_LEN_V6};
+use crate::parse::{SctpHdr, TcpHdr, UdpHdr, ETH_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, MAX_HEADERS_LEN};
 
 /// Direct packet access to a frame's linear bytes `[data, data_end)`.
 pub trait Packet {
@@ -29,36 +29,63 @@ pub struct SkbPacket<'a> {
 }
 
 impl<'a> SkbPacket<'a> {
-    /// Makes sure the headers the datapath reads are in the linear area, so the
-    /// parser never mistakes a paged skb for a truncated packet. IPv6 frames
-    /// get room for their extension headers; IPv4 ones pull no more than
-    /// they did before IPv6 was served.
+    /// Makes sure the headers the parser reads in place are in the linear
+    /// area, so it never mistakes a paged skb for a truncated packet.
+    ///
+    /// Only those: a pull of more (into the payload) costs a packet from a
+    /// local TCP socket a copy of its head, since TCP keeps a clone for
+    /// retransmission and its payload is in pages. Pulling a fixed 94 bytes
+    /// did that to every data segment a pod or the node sent, service or
+    /// not (BENCHMARKS.md, "What a tc program on the path costs").
     #[inline(always)]
     pub fn new(ctx: &'a TcContext) -> Self {
         let linear = ctx.data_end().saturating_sub(ctx.data());
         let len = ctx.len() as usize;
-        let most = if is_ipv6(ctx) {
-            MAX_HEADERS_LEN_V6
-        } else {
-            MAX_HEADERS_LEN
-        };
-        let want = if len < most { len } else { most };
+        let need = read_in_place(ctx);
+        let want = if len < need { len } else { need };
         let pull_failed = linear < want && ctx.pull_data(want as u32).is_err();
         Self { ctx, pull_failed }
     }
 }
 
-/// Whether the frame's ethertype is IPv6 (the Ethernet header is always in
-/// the linear area in tc).
+/// How many of the frame's first bytes the parser reads in place: the
+/// Ethernet header, the IPv4 header with its options and the fixed part of
+/// the TCP, UDP or SCTP header; for IPv6 the fixed header (the extension
+/// headers and the L4 header are read with the load helper, `walk_v6`).
+/// Where the linear area does not even hold an IPv4 header, the most the
+/// parser could read.
 #[inline(always)]
-fn is_ipv6(ctx: &TcContext) -> bool {
+fn read_in_place(ctx: &TcContext) -> usize {
     let (data, end) = (ctx.data(), ctx.data_end());
+    // The Ethernet header is always in the linear area in tc.
     if data + ETH_HLEN > end {
-        return false;
+        return MAX_HEADERS_LEN;
     }
     // SAFETY: the 14 bytes at `data` are in bounds (checked above).
-    let ty = unsafe { *((data + 12) as *const [u8; 2]) };
-    u16::from_be_bytes(ty) == proto::ETH_P_IPV6
+    let ty = u16::from_be_bytes(unsafe { *((data + 12) as *const [u8; 2]) });
+    if ty == proto::ETH_P_IPV6 {
+        return ETH_HLEN + IPV6_HLEN;
+    }
+    if ty != proto::ETH_P_IP {
+        return ETH_HLEN;
+    }
+    if data + ETH_HLEN + IPV4_MIN_HLEN > end {
+        return MAX_HEADERS_LEN;
+    }
+    // SAFETY: the IPv4 fixed header is in bounds (checked above).
+    let (version_ihl, protocol) = unsafe {
+        (
+            *((data + ETH_HLEN) as *const u8),
+            *((data + ETH_HLEN + 9) as *const u8),
+        )
+    };
+    let l4 = match protocol {
+        proto::IPPROTO_TCP => size_of::<TcpHdr>(),
+        proto::IPPROTO_UDP => size_of::<UdpHdr>(),
+        proto::IPPROTO_SCTP => size_of::<SctpHdr>(),
+        _ => 0,
+    };
+    ETH_HLEN + usize::from(version_ihl & 0x0f) * 4 + l4
 }
 
 impl Packet for SkbPacket<'_> {

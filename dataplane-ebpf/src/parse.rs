@@ -23,10 +23,11 @@ pub const IP_DST_OFF: usize = ETH_HLEN + 16;
 pub const SCTP_CSUM_OFF: usize = 8;
 /// ICMP header: type, code, checksum, 4 bytes that depend on the type.
 pub const ICMP_HLEN: usize = 8;
-const IPV4_MIN_HLEN: usize = 20;
+pub const IPV4_MIN_HLEN: usize = 20;
 const IPV4_MAX_HLEN: usize = 60;
 const TCP_MIN_HLEN: usize = 20;
-/// Most header bytes the datapath reads: Ethernet, IPv4 with options, TCP.
+/// Most header bytes the parser reads in place: Ethernet, IPv4 with options,
+/// TCP.
 pub const MAX_HEADERS_LEN: usize = ETH_HLEN + IPV4_MAX_HLEN + TCP_MIN_HLEN;
 
 /// Offsets of the IPv6 header's addresses in a frame.
@@ -42,8 +43,6 @@ pub const IPV6_MAX_EXT_HEADERS: usize = 4;
 pub const IPV6_MAX_EXT_LEN: usize = 128;
 /// Largest L4 offset of an IPv6 packet the datapath handles.
 pub const IPV6_MAX_L4_OFF: usize = ETH_HLEN + IPV6_HLEN + IPV6_MAX_EXT_LEN;
-/// Most header bytes the datapath reads of an IPv6 frame.
-pub const MAX_HEADERS_LEN_V6: usize = IPV6_MAX_L4_OFF + TCP_MIN_HLEN;
 
 /// Fragment offset bits of the IPv4 `frag_off` field.
 const IP_OFFSET_MASK: u16 = 0x1fff;

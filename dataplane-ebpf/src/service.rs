@@ -48,7 +48,18 @@ const NAT_PORT_TRIES: u32 = 128;
 pub struct Flow<'a> {
     pub hook: Hook,
     pub cfg: &'a DatapathConfig,
+    /// Read from the clock once a packet turns out to be a tracked flow's
+    /// or a service's (`first_step`, `new_flow`); 0 before. Most packets
+    /// at a node are neither and never need it: a clock read is a good
+    /// part of their cost in a VM.
     pub now: u64,
+}
+
+impl Flow<'_> {
+    #[inline(always)]
+    pub fn new(hook: Hook, cfg: &DatapathConfig) -> Flow<'_> {
+        Flow { hook, cfg, now: 0 }
+    }
 }
 
 /// What a step decided, in no hook's terms; the hook's `handle` carries it
@@ -79,8 +90,16 @@ pub enum Step {
 
 /// The first decision for a packet: conntrack, then the service maps.
 #[inline(always)]
-pub fn first_step(f: &Flow, ev: &mut TraceEvent) -> Step {
-    match ct::lookup(&ct::key(&ev.original), f.now) {
+pub fn first_step(f: &mut Flow, ev: &mut TraceEvent) -> Step {
+    let key = ct::key(&ev.original);
+    let found = match ct::get(&key) {
+        Some(e) => {
+            f.now = now_ns();
+            ct::live(e, f.now)
+        }
+        None => None,
+    };
+    match found {
         // SAFETY: map value pointer from a successful lookup.
         Some(e) if unsafe { (*e).direction } == CT_DIR_REPLY => reply(f, ev, e),
         // A new connection reusing the tuple of one that is closing or whose
@@ -95,14 +114,10 @@ pub fn first_step(f: &Flow, ev: &mut TraceEvent) -> Step {
 #[inline(never)]
 pub fn handle(ctx: &TcContext, hook: Hook, cfg: &DatapathConfig, ev: &mut TraceEvent) -> TcAction {
     let l4_off = usize::from(ev.l4_off);
-    let f = Flow {
-        hook,
-        cfg,
-        now: now_ns(),
-    };
-    let mut step = first_step(&f, ev);
+    let mut f = Flow::new(hook, cfg);
+    let mut step = first_step(&mut f, ev);
     step = match step {
-        Step::Reopen => new_flow(&f, ev),
+        Step::Reopen => new_flow(&mut f, ev),
         other => other,
     };
     step = match step {
@@ -171,15 +186,25 @@ pub fn syn_reopens(ev: &TraceEvent, e: *mut CtEntry) -> bool {
 
 /// No conntrack entry: a new flow to a service, a reject, or not a service.
 #[inline(never)]
-pub fn new_flow(f: &Flow, ev: &mut TraceEvent) -> Step {
+pub fn new_flow(f: &mut Flow, ev: &mut TraceEvent) -> Step {
     let t = &ev.original;
-    let (mut key, mut master) = match lb::lookup(&t.daddr, t.dport, t.protocol) {
-        Frontend::NotAService if rules::unallocated_cluster_ip(f.cfg, &t.daddr) => {
-            return Step::Drop(Reason::UnallocatedClusterIp)
-        }
-        Frontend::NotAService => return Step::Pass(Reason::NoService),
-        Frontend::PortNotServed => return Step::Reject(Reason::PortNotServed),
+    let frontend = lb::lookup(&t.daddr, t.dport, t.protocol);
+    if let Frontend::NotAService = frontend {
+        return if rules::unallocated_cluster_ip(f.cfg, &t.daddr) {
+            Step::Drop(Reason::UnallocatedClusterIp)
+        } else {
+            Step::Pass(Reason::NoService)
+        };
+    }
+    // A service's: from here on every step may need the time (affinity,
+    // conntrack deadlines, the reject budget).
+    if f.now == 0 {
+        f.now = now_ns();
+    }
+    let (mut key, mut master) = match frontend {
         Frontend::Found(found) => found,
+        Frontend::PortNotServed => return Step::Reject(Reason::PortNotServed),
+        Frontend::NotAService => return Step::Pass(Reason::NoService),
     };
     ev.service_id = master.service_id;
     if rules::source_ranges_apply(&master) && !lb::source_allowed(master.service_id, &t.saddr) {

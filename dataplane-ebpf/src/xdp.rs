@@ -21,7 +21,6 @@ use common::{
 
 use crate::{
     action::XdpAction,
-    conntrack::now_ns,
     csum::replace16,
     fib,
     parse::{ETH_HLEN, IPV6_HLEN, IPV6_MAX_L4_OFF},
@@ -36,12 +35,8 @@ const MAX_L4_OFF: usize = ETH_HLEN + 60;
 #[inline(never)]
 pub fn handle(ctx: &XdpContext, cfg: &DatapathConfig, ev: &mut TraceEvent) -> XdpAction {
     let l4_off = usize::from(ev.l4_off);
-    let f = Flow {
-        hook: Hook::Xdp,
-        cfg,
-        now: now_ns(),
-    };
-    let (reason, track_flags) = match service::first_step(&f, ev) {
+    let mut f = Flow::new(Hook::Xdp, cfg);
+    let (reason, track_flags) = match service::first_step(&mut f, ev) {
         Step::Pass(reason) => {
             decide(ev, Verdict::Pass, reason);
             return XdpAction::Pass;

@@ -415,8 +415,22 @@ impl Datapath {
     /// the calling thread's network namespace: as the last tcx program, or
     /// as dp's netlink filter (`TcAttach`).
     pub fn attach_tc(&mut self, ifname: &str, hook: Hook) -> Result<()> {
-        let (Some(name), Some(attach_type)) = (tc_program_name(hook), tc_attach_type(hook)) else {
+        let Some(name) = tc_program_name(hook) else {
             return self.attach_xdp(ifname);
+        };
+        self.attach_tc_program(name, ifname, hook)
+    }
+
+    /// Attaches `dp_tc_noop` (returns `TC_ACT_OK`, nothing else) where
+    /// `attach_tc` would attach dp's program for `hook`: the benchmarks'
+    /// floor of what any tc program on the path costs.
+    pub fn attach_noop_tc(&mut self, ifname: &str, hook: Hook) -> Result<()> {
+        self.attach_tc_program(program_names::TC_NOOP, ifname, hook)
+    }
+
+    fn attach_tc_program(&mut self, name: &'static str, ifname: &str, hook: Hook) -> Result<()> {
+        let Some(attach_type) = tc_attach_type(hook) else {
+            return Err(Error::NotTcHook(hook));
         };
         let ifindex = ifindex(ifname)?;
         let options = match self.tc_attach {

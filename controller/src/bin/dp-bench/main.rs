@@ -130,6 +130,48 @@ enum Action {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
+    /// Socket LB's target judged on pairs: each dataplane on its own
+    /// cluster, all loaded at once; many short rounds over them in a
+    /// rotating order, each measuring new connections/s and the first
+    /// connection's p50 (to the last service and to random ones) from the
+    /// client pod and from the node; every figure compared with the first
+    /// dataplane's (`direct`) of the same round, and the median of those
+    /// ratios (with their quartiles) printed. The machine's speed drifts
+    /// between rounds by more than the target's margin: the main run's
+    /// medians of three runs cannot say met or missed within 3%.
+    Pair {
+        #[arg(long, default_value_t = 1)]
+        services: usize,
+        /// The first is the reference.
+        #[arg(long, value_delimiter = ',', default_value = "direct,dp,dp-socket-lb")]
+        dataplanes: Vec<String>,
+        #[arg(long, default_value_t = 21)]
+        rounds: usize,
+        /// Seconds of connection-rate load per client, dataplane and round.
+        #[arg(long, default_value_t = 1.5)]
+        seconds: f64,
+        /// First connections per client, dataplane and round (each to the
+        /// last service, then as many to random ones).
+        #[arg(long, default_value_t = 200)]
+        first: usize,
+    },
+    /// What a tc program on every device of the path costs a new
+    /// connection, whatever it does: on one cluster without a dataplane,
+    /// connections from the node and from a pod straight to the pods, in
+    /// rounds with nothing attached, with a no-op tc program (`dp_tc_noop`),
+    /// with dp's tc programs (no services: every packet is a pass-through)
+    /// on the devices the agent attaches to, and with those and dp's socket
+    /// hooks (`--socket-lb all`, on a cgroup of the run's own that the
+    /// clients join). Printed as a table of new connections/s and their
+    /// ratio to nothing attached in the same round.
+    TcFloor {
+        /// Rounds over the four.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds of load per client and round.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
 }
 
 /// How much of each measurement one run does.
@@ -361,6 +403,19 @@ fn main() -> Result<()> {
     }) = &args.action
     {
         return hook_cost(*services, dataplanes, *seconds);
+    }
+    if let Some(Action::Pair {
+        services,
+        dataplanes,
+        rounds,
+        seconds,
+        first,
+    }) = &args.action
+    {
+        return pair(*services, dataplanes, *rounds, *seconds, *first);
+    }
+    if let Some(Action::TcFloor { rounds, seconds }) = &args.action {
+        return tc_floor(*rounds, *seconds);
     }
     let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (client_cpu, server_cpu) = pinned_cpus();
@@ -878,6 +933,267 @@ fn hook_cost(n: usize, dataplanes: &[String], seconds: f64) -> Result<()> {
         }
         drop(p);
     }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// `dp-bench pair`: see `Action::Pair`.
+fn pair(n: usize, dataplanes: &[String], rounds: usize, seconds: f64, first: usize) -> Result<()> {
+    let (client_cpu, server_cpu) = pinned_cpus();
+    let s = Settings {
+        runs: rounds,
+        first_packets: first,
+        rr_round_trips: 0,
+        rate_seconds: seconds,
+        udp_seconds: 0.0,
+        client_threads: 4,
+        changes: 0,
+        client_cpu,
+        server_cpu,
+        interleaved: true,
+    };
+    let dataplanes: Vec<Dataplane> = dataplanes
+        .iter()
+        .map(|d| Dataplane::parse(d).with_context(|| format!("unknown dataplane {d}")))
+        .collect::<Result<_>>()?;
+    if dataplanes.len() < 2 {
+        bail!("pair: a reference and at least one dataplane to compare with it");
+    }
+    let work = std::env::temp_dir().join(format!("dp-bench-pair-{}", std::process::id()));
+    let mut ready = Vec::new();
+    for &d in &dataplanes {
+        progress(&format!("  {} with {n} services: loading", d.name()));
+        match Prepared::load(d, n, &s, &work, Duration::from_secs(900))? {
+            Ok(p) => ready.push(p),
+            Err(_) => bail!("{} did not load", d.name()),
+        }
+    }
+    const CLIENTS: [&str; 2] = ["node", "pod"];
+    const FIGURES: usize = 3; // conn/s, p50 last, p50 random
+                              // [dataplane][client][figure] -> one value per round.
+    let mut values: Vec<[[Vec<f64>; FIGURES]; 2]> = (0..ready.len())
+        .map(|_| std::array::from_fn(|_| std::array::from_fn(|_| Vec::new())))
+        .collect();
+    // Failed connections (counted, as the main run does, not fatal: the
+    // table says how many).
+    let mut failed = vec![[0u64; 2]; ready.len()];
+    for round in 0..rounds {
+        progress(&format!("  round {}/{rounds}", round + 1));
+        for k in 0..ready.len() {
+            let i = (k + round) % ready.len();
+            let p = &ready[i];
+            let _joined = p.loaded.join_socket_cgroup()?;
+            for (c, client) in CLIENTS.iter().enumerate() {
+                let ns = if *client == "node" {
+                    p.cluster.node_ns(0)
+                } else {
+                    p.cluster.pod_ns(&p.cluster.pods[0].name)
+                };
+                let t = &p.targets;
+                let mut p50 = |targets: &[SocketAddr]| -> Result<f64> {
+                    let l = loadgen::first_packet(ns, targets, first, s.client_cpu)?;
+                    failed[i][c] += l.errors;
+                    l.percentile(50.0).context("no first connection succeeded")
+                };
+                let last = p50(std::slice::from_ref(&t.last))?;
+                let random = p50(&t.random)?;
+                let rate = loadgen::connection_rate(
+                    ns,
+                    &t.random,
+                    s.client_threads,
+                    Duration::from_secs_f64(seconds),
+                    s.client_cpu.map(|c| vec![c]),
+                )?;
+                failed[i][c] += rate.errors;
+                let v = &mut values[i][c];
+                v[0].push(rate.per_second);
+                v[1].push(last);
+                v[2].push(random);
+            }
+        }
+    }
+    let reference = dataplanes[0].name();
+    println!(
+        "N = {n}, {rounds} rounds of {seconds} s and {first} + {first} first connections per client and dataplane; ratios to {reference} of the same round: median (quartiles)\n"
+    );
+    println!(
+        "| N | client | dataplane | new conn/s | vs {reference} | first conn p50, last service (µs) | vs {reference} | p50, random services (µs) | vs {reference} | socket LB target (>= 0.97x, <= 1.05x) | failed connections |"
+    );
+    println!("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |");
+    for (c, client) in CLIENTS.iter().enumerate() {
+        for (i, d) in dataplanes.iter().enumerate() {
+            let mut cells = Vec::new();
+            let mut ratios_median = [0.0; FIGURES];
+            for f in 0..FIGURES {
+                let mine = &values[i][c][f];
+                let mut ratios: Vec<f64> = mine
+                    .iter()
+                    .zip(&values[0][c][f])
+                    .map(|(x, b)| x / b)
+                    .collect();
+                ratios.sort_by(f64::total_cmp);
+                let q = |at: f64| ratios[((ratios.len() - 1) as f64 * at).round() as usize];
+                ratios_median[f] = q(0.5);
+                let digits = if f == 0 { 0 } else { 1 };
+                cells.push(format!("{:.digits$}", summary(mine).median));
+                cells.push(format!(
+                    "{:.3}x ({:.3}x - {:.3}x)",
+                    q(0.5),
+                    q(0.25),
+                    q(0.75)
+                ));
+            }
+            let target = if i == 0 {
+                ""
+            } else if ratios_median[0] >= 0.97
+                && ratios_median[1] <= 1.05
+                && ratios_median[2] <= 1.05
+            {
+                "met"
+            } else {
+                "missed"
+            };
+            println!(
+                "| {n} | {client} | {} | {} | {target} | {} |",
+                d.name(),
+                cells.join(" | "),
+                failed[i][c]
+            );
+        }
+    }
+    drop(ready);
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// `dp-bench tc-floor`: see `Action::TcFloor`.
+fn tc_floor(rounds: usize, seconds: f64) -> Result<()> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Attached {
+        Nothing,
+        Noop,
+        Dp,
+        DpSockets,
+    }
+    const VARIANTS: [(Attached, &str); 4] = [
+        (Attached::Nothing, "nothing"),
+        (Attached::Noop, "no-op tc program"),
+        (Attached::Dp, "dp's tc programs, no services"),
+        (
+            Attached::DpSockets,
+            "dp's tc programs and socket hooks (all), no services",
+        ),
+    ];
+    let (client_cpu, server_cpu) = pinned_cpus();
+    let s = Settings {
+        runs: 1,
+        first_packets: 0,
+        rr_round_trips: 0,
+        rate_seconds: seconds,
+        udp_seconds: 0.0,
+        client_threads: 4,
+        changes: 0,
+        client_cpu,
+        server_cpu,
+        interleaved: true,
+    };
+    let work = std::env::temp_dir().join(format!("dp-bench-floor-{}", std::process::id()));
+    let p = match Prepared::load(Dataplane::Direct, 1, &s, &work, Duration::from_secs(60))? {
+        Ok(p) => p,
+        Err(_) => bail!("the cluster did not come up"),
+    };
+    let mut dp = dp::kernel::loader::Datapath::load().context("loading dp's programs")?;
+    // The socket hooks of a second datapath, on a cgroup of this run's own
+    // that dp-bench joins only while measuring that variant.
+    let sockets = scenario::SocketCgroup::create()?;
+    let mut dp_sockets = dp::kernel::loader::Datapath::load().context("loading dp's programs")?;
+    let node_netns = p
+        .cluster
+        .node_ns(0)
+        .run(dp::agent::own_netns_cookie)?
+        .context("the node's network namespace cookie")?;
+    dp_sockets
+        .attach_socket_lb(sockets.path(), node_netns, true)
+        .context("attaching the socket hooks")?;
+    let node = &p.cluster.nodes[0];
+    let devices: Vec<String> = std::iter::once(node.device.clone())
+        .chain(node.pod_devices.iter().cloned())
+        .collect();
+    let pods: Vec<SocketAddr> = scenario::backend_ips()
+        .into_iter()
+        .map(|ip| SocketAddr::from((ip, scenario::TARGET_PORT)))
+        .collect();
+    let clients = [
+        ("node", p.cluster.node_ns(0)),
+        ("pod", p.cluster.pod_ns(&p.cluster.pods[0].name)),
+    ];
+    // (variant, client) -> rates of each round.
+    let mut rates: std::collections::BTreeMap<(usize, usize), Vec<f64>> = Default::default();
+    for round in 0..rounds {
+        for k in 0..VARIANTS.len() {
+            // Rotated per round: no variant always follows the same one.
+            let v = (k + round) % VARIANTS.len();
+            let (attached, _) = VARIANTS[v];
+            dp.detach_all().context("detaching")?;
+            if attached != Attached::Nothing {
+                p.cluster.node_ns(0).run(|| -> Result<()> {
+                    for dev in &devices {
+                        for hook in [common::Hook::TcIngress, common::Hook::TcEgress] {
+                            match attached {
+                                Attached::Noop => dp.attach_noop_tc(dev, hook)?,
+                                _ => dp.attach_tc(dev, hook)?,
+                            }
+                        }
+                    }
+                    Ok(())
+                })??;
+            }
+            let _joined = match attached {
+                Attached::DpSockets => Some(sockets.join()?),
+                _ => None,
+            };
+            for (c, (_, ns)) in clients.iter().enumerate() {
+                let rate = loadgen::connection_rate(
+                    ns,
+                    &pods,
+                    s.client_threads,
+                    Duration::from_secs_f64(seconds),
+                    s.client_cpu.map(|c| vec![c]),
+                )?;
+                if rate.errors != 0 {
+                    bail!("{} connections failed", rate.errors);
+                }
+                rates.entry((v, c)).or_default().push(rate.per_second);
+            }
+        }
+    }
+    dp.detach_all().context("detaching")?;
+    drop(dp_sockets);
+    // The machine's speed drifts between rounds more than these differ:
+    // each round's rate is compared with the same round's `nothing`, and
+    // the median of those ratios is the figure.
+    println!(
+        "| client | attached to {} devices (ingress and egress) | new conn/s (median of {rounds} rounds) | vs nothing, same round (median; quartiles) |",
+        devices.len()
+    );
+    println!("| --- | --- | ---: | ---: |");
+    for (c, (client, _)) in clients.iter().enumerate() {
+        let base = &rates[&(0, c)];
+        for (v, (_, name)) in VARIANTS.iter().enumerate() {
+            let r = &rates[&(v, c)];
+            let mut ratios: Vec<f64> = r.iter().zip(base).map(|(x, b)| x / b).collect();
+            ratios.sort_by(f64::total_cmp);
+            let q = |f: f64| ratios[((ratios.len() - 1) as f64 * f).round() as usize];
+            println!(
+                "| {client} | {name} | {:.0} | {:.3}x ({:.3}x - {:.3}x) |",
+                summary(r).median,
+                q(0.5),
+                q(0.25),
+                q(0.75)
+            );
+        }
+    }
+    drop(p);
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
