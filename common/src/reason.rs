@@ -228,11 +228,19 @@ pub enum Reason {
     /// reach the backend from the node's address). The connect() or
     /// sendto() goes ahead untranslated.
     SockLeftToTc = 38,
+    /// A TCP SYN-ACK matched the reply entry of a service flow that is
+    /// closing or closed: it answers a new connection from the same client
+    /// port straight to the backend (a pod's service flows are not
+    /// masqueraded, so their reply entries are keyed backend -> pod:port).
+    /// netfilter gives such a connection another source port; dp deletes
+    /// the stale entry and passes the SYN-ACK untouched, instead of
+    /// rewriting it to the service address (which the client would reset).
+    StaleReplyEntry = 39,
 }
 
 impl Reason {
     /// Every reason, in number order.
-    pub const ALL: [Reason; 38] = [
+    pub const ALL: [Reason; 39] = [
         Reason::NotIpv4,
         Reason::NoService,
         Reason::UnsupportedProtocol,
@@ -271,6 +279,7 @@ impl Reason {
         Reason::Ipv6HeaderChainTooLong,
         Reason::NoNodeAddress,
         Reason::SockLeftToTc,
+        Reason::StaleReplyEntry,
     ];
 
     pub fn from_u32(v: u32) -> Option<Self> {
@@ -336,6 +345,7 @@ impl Reason {
             Reason::Ipv6HeaderChainTooLong => "ipv6_header_chain_too_long",
             Reason::NoNodeAddress => "no_node_address",
             Reason::SockLeftToTc => "sock_left_to_tc",
+            Reason::StaleReplyEntry => "stale_reply_entry",
         }
     }
 
@@ -384,6 +394,9 @@ impl Reason {
             Reason::Ipv6HeaderChainTooLong => "more IPv6 extension headers than the datapath walks",
             Reason::NoNodeAddress => "masquerade needs a node address of this family, none set",
             Reason::SockLeftToTc => "left to the tc programs by socket-level load balancing",
+            Reason::StaleReplyEntry => {
+                "a new connection's SYN-ACK met a closed service flow's reply entry: entry deleted, passed untouched"
+            }
         }
     }
 }
@@ -459,6 +472,7 @@ mod tests {
             ),
             (Reason::NoNodeAddress, 37, "no_node_address"),
             (Reason::SockLeftToTc, 38, "sock_left_to_tc"),
+            (Reason::StaleReplyEntry, 39, "stale_reply_entry"),
         ];
         assert_eq!(Reason::ALL.len(), expected.len(), "update this list");
         for (reason, number, id) in expected {

@@ -384,6 +384,16 @@ fn backend_gone(f: &Flow, ev: &mut TraceEvent) -> Step {
 pub fn reply(f: &Flow, ev: &mut TraceEvent, e: *mut CtEntry) -> Step {
     // SAFETY: map value pointer from the lookup in `handle`.
     let entry = unsafe { &*e };
+    // A closed flow's reply direction does not see a SYN-ACK: this one
+    // answers a new connection to the backend itself from the same client
+    // port (`Reason::StaleReplyEntry`).
+    if ev.original.protocol == proto::IPPROTO_TCP
+        && ev.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
+        && rules::ct_closing(entry.state)
+    {
+        ct::remove(&ct::key(&ev.original));
+        return Step::Pass(Reason::StaleReplyEntry);
+    }
     ev.service_id = entry.service_id;
     ev.backend_id = entry.backend_id;
     let Some(frontend) = DP_REVNAT.get_ptr(&entry.service_id) else {
