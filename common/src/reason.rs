@@ -228,13 +228,13 @@ pub enum Reason {
     /// reach the backend from the node's address). The connect() or
     /// sendto() goes ahead untranslated.
     SockLeftToTc = 38,
-    /// A TCP SYN-ACK matched the reply entry of a service flow that is
-    /// closing or closed: it answers a new connection from the same client
-    /// port straight to the backend (a pod's service flows are not
-    /// masqueraded, so their reply entries are keyed backend -> pod:port).
-    /// netfilter gives such a connection another source port; dp deletes
-    /// the stale entry and passes the SYN-ACK untouched, instead of
-    /// rewriting it to the service address (which the client would reset).
+    /// A TCP SYN to no service opens a connection from a client port whose
+    /// reversed tuple is still the reply entry of a service flow that is
+    /// closing or closed (a pod's service flows are not masqueraded, so
+    /// their reply entries are keyed backend -> pod:port): the SYN passes
+    /// untouched and the stale entry is deleted, so the new connection's
+    /// replies are not rewritten to the service address (which the client
+    /// would reset). netfilter gives such a connection another source port.
     StaleReplyEntry = 39,
 }
 
@@ -395,7 +395,7 @@ impl Reason {
             Reason::NoNodeAddress => "masquerade needs a node address of this family, none set",
             Reason::SockLeftToTc => "left to the tc programs by socket-level load balancing",
             Reason::StaleReplyEntry => {
-                "a new connection's SYN-ACK met a closed service flow's reply entry: entry deleted, passed untouched"
+                "a new connection's SYN reuses a closing service flow's reply tuple: that entry deleted, SYN passed untouched"
             }
         }
     }

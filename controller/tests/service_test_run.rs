@@ -536,6 +536,7 @@ fn a_direct_connection_from_a_closed_service_flows_port_gets_its_syn_ack_untouch
     );
     let reply_key = ct_key(B1, 8080, CLIENT, 40030, 6);
     assert!(ct_get(&dp, &reply_key).is_some(), "closed, not gone yet");
+    let counted = |r| dp.counters().unwrap().packets(Hook::TcIngress, r);
 
     let direct_syn = tcp_syn(CLIENT, 40030, B1, 8080);
     assert_eq!(
@@ -543,15 +544,14 @@ fn a_direct_connection_from_a_closed_service_flows_port_gets_its_syn_ack_untouch
         direct_syn,
         "no service: untouched"
     );
+    assert_eq!(counted(Reason::StaleReplyEntry), 1);
+    assert!(ct_get(&dp, &reply_key).is_none(), "the stale entry is gone");
     let direct_syn_ack = tcp(B1, 8080, CLIENT, 40030, TCP_SYN | TCP_ACK, 9000, 1001, &[]);
     assert_eq!(
         forward(&dp, &direct_syn_ack),
         direct_syn_ack,
         "from the backend, as the client's socket expects"
     );
-    let counted = |r| dp.counters().unwrap().packets(Hook::TcIngress, r);
-    assert_eq!(counted(Reason::StaleReplyEntry), 1);
-    assert!(ct_get(&dp, &reply_key).is_none(), "the stale entry is gone");
     let data = tcp(
         B1,
         8080,
@@ -568,6 +568,30 @@ fn a_direct_connection_from_a_closed_service_flows_port_gets_its_syn_ack_untouch
         1,
         "only the service flow's"
     );
+}
+
+/// The SYN is what proves a new connection, not a SYN-ACK: a late
+/// duplicate SYN-ACK of a flow the client has half closed (its FIN went
+/// out) is still that flow's, and stays translated; so do its later
+/// replies. And a direct SYN from another port leaves the entry alone.
+#[test]
+fn a_late_syn_ack_of_a_half_closed_service_flow_stays_translated() {
+    let dp = setup(&[(1, B1)], &[]);
+    forward(&dp, &tcp_syn(CLIENT, 40031, VIP, 80));
+    let syn_ack = tcp(B1, 8080, CLIENT, 40031, TCP_SYN | TCP_ACK, 5000, 1001, &[]);
+    forward(&dp, &syn_ack);
+    forward(
+        &dp,
+        &tcp(CLIENT, 40031, VIP, 80, TCP_FIN | TCP_ACK, 1001, 5001, &[]),
+    );
+    forward(&dp, &tcp_syn(CLIENT, 40032, B1, 8080));
+    let out = forward(&dp, &syn_ack);
+    assert_eq!(Ipv4View::new(&out).src(), VIP, "still the service flow's");
+    let fin = tcp(B1, 8080, CLIENT, 40031, TCP_FIN | TCP_ACK, 5001, 1002, &[]);
+    assert_eq!(Ipv4View::new(&forward(&dp, &fin)).src(), VIP);
+    let counted = |r| dp.counters().unwrap().packets(Hook::TcIngress, r);
+    assert_eq!(counted(Reason::ReplyReverseNat), 3);
+    assert_eq!(counted(Reason::StaleReplyEntry), 0);
 }
 
 #[test]

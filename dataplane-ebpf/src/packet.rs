@@ -73,13 +73,17 @@ fn read_in_place(ctx: &TcContext) -> usize {
         return MAX_HEADERS_LEN;
     }
     // SAFETY: the IPv4 fixed header is in bounds (checked above).
-    let (version_ihl, protocol) = unsafe {
+    let (version_ihl, frag_off, protocol) = unsafe {
         (
             *((data + ETH_HLEN) as *const u8),
+            *((data + ETH_HLEN + 6) as *const [u8; 2]),
             *((data + ETH_HLEN + 9) as *const u8),
         )
     };
+    // A later fragment carries no L4 header (the parser reads none).
+    let later_fragment = u16::from_be_bytes(frag_off) & 0x1fff != 0;
     let l4 = match protocol {
+        _ if later_fragment => 0,
         proto::IPPROTO_TCP => size_of::<TcpHdr>(),
         proto::IPPROTO_UDP => size_of::<UdpHdr>(),
         proto::IPPROTO_SCTP => size_of::<SctpHdr>(),

@@ -193,14 +193,14 @@ pub fn new_flow(f: &mut Flow, ev: &mut TraceEvent) -> Step {
         return if rules::unallocated_cluster_ip(f.cfg, &t.daddr) {
             Step::Drop(Reason::UnallocatedClusterIp)
         } else {
-            Step::Pass(Reason::NoService)
+            direct_connection(ev)
         };
     }
     // A service's: from here on every step may need the time (affinity,
-    // conntrack deadlines, the reject budget).
-    if f.now == 0 {
-        f.now = now_ns();
-    }
+    // conntrack deadlines, the reject budget). Read unconditionally: a
+    // branch on `f.now` here let LLVM merge paths the verifier then
+    // refused (a register read before it was written).
+    f.now = now_ns();
     let (mut key, mut master) = match frontend {
         Frontend::Found(found) => found,
         Frontend::PortNotServed => return Step::Reject(Reason::PortNotServed),
@@ -266,6 +266,36 @@ pub fn new_flow(f: &mut Flow, ev: &mut TraceEvent) -> Step {
     }
     let hairpin = if hairpin { CT_FLAG_HAIRPIN } else { 0 };
     Step::Track(CT_FLAG_SNAT | hairpin | affinity, reason)
+}
+
+/// A packet to no service: it passes untouched. When it opens a TCP
+/// connection (SYN without ACK) from a client port whose reversed tuple is
+/// still a closing service flow's reply entry, that entry goes
+/// (`Reason::StaleReplyEntry`): a pod's service flows are not masqueraded,
+/// so their reply entries are keyed (backend -> pod:port), and the new
+/// connection's replies would otherwise be taken for the old flow's and
+/// rewritten to the service address (the client resets them). netfilter
+/// gives such a connection another source port; dp has no NAT on this
+/// path, and the client's new SYN is the proof the old flow is over. The
+/// SYN is the trigger, not the reply: a late duplicate SYN-ACK of the old
+/// flow itself (after the client's FIN) stays translated.
+#[inline(never)]
+fn direct_connection(ev: &TraceEvent) -> Step {
+    let t = &ev.original;
+    if t.protocol != proto::IPPROTO_TCP || ev.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return Step::Pass(Reason::NoService);
+    }
+    let reply_key = reversed_key(t);
+    let stale = ct::get(&reply_key).is_some_and(|e| {
+        // SAFETY: map value pointer from a successful lookup.
+        let (direction, state) = unsafe { ((*e).direction, (*e).state) };
+        direction == CT_DIR_REPLY && rules::ct_closing(state)
+    });
+    if !stale {
+        return Step::Pass(Reason::NoService);
+    }
+    ct::remove(&reply_key);
+    Step::Pass(Reason::StaleReplyEntry)
 }
 
 /// Creates the conntrack entries of a new flow (`ev.original` ->
@@ -384,16 +414,6 @@ fn backend_gone(f: &Flow, ev: &mut TraceEvent) -> Step {
 pub fn reply(f: &Flow, ev: &mut TraceEvent, e: *mut CtEntry) -> Step {
     // SAFETY: map value pointer from the lookup in `handle`.
     let entry = unsafe { &*e };
-    // A closed flow's reply direction does not see a SYN-ACK: this one
-    // answers a new connection to the backend itself from the same client
-    // port (`Reason::StaleReplyEntry`).
-    if ev.original.protocol == proto::IPPROTO_TCP
-        && ev.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
-        && rules::ct_closing(entry.state)
-    {
-        ct::remove(&ct::key(&ev.original));
-        return Step::Pass(Reason::StaleReplyEntry);
-    }
     ev.service_id = entry.service_id;
     ev.backend_id = entry.backend_id;
     let Some(frontend) = DP_REVNAT.get_ptr(&entry.service_id) else {

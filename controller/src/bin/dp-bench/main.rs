@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
@@ -190,6 +190,28 @@ pub struct Settings {
     /// results of earlier runs, which measured one dataplane after another).
     #[serde(default, skip_serializing_if = "is_false")]
     pub interleaved: bool,
+}
+
+impl Settings {
+    /// The settings of a tool run (`tail`, `hook-cost`, `pair`,
+    /// `tc-floor`): TCP connections only, no round trips on established
+    /// ones, no UDP, no endpoint changes; the client and the servers on
+    /// CPUs of their own as in the main run.
+    fn for_tool(runs: usize, first_packets: usize, rate_seconds: f64) -> Self {
+        let (client_cpu, server_cpu) = pinned_cpus();
+        Settings {
+            runs,
+            first_packets,
+            rr_round_trips: 0,
+            rate_seconds,
+            udp_seconds: 0.0,
+            client_threads: 4,
+            changes: 0,
+            client_cpu,
+            server_cpu,
+            interleaved: true,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -756,20 +778,8 @@ fn pinned_cpus() -> (Option<usize>, Option<usize>) {
 
 /// `dp-bench tail`: see `Action::Tail`.
 fn tail(n: usize, dataplanes: &[String], samples: usize, rounds: usize) -> Result<()> {
-    let (client_cpu, server_cpu) = pinned_cpus();
-    let s = Settings {
-        runs: rounds,
-        first_packets: samples,
-        rr_round_trips: 0,
-        rate_seconds: 10.0,
-        udp_seconds: 0.0,
-        client_threads: 4,
-        changes: 0,
-        client_cpu,
-        server_cpu,
-        interleaved: true,
-    };
-    let work = std::env::temp_dir().join(format!("dp-bench-tail-{}", std::process::id()));
+    let s = Settings::for_tool(rounds, samples, 10.0);
+    let work = WorkDir::new("tail");
     let mut ready = Vec::new();
     for d in dataplanes {
         let d = Dataplane::parse(d).with_context(|| format!("unknown dataplane {d}"))?;
@@ -819,7 +829,6 @@ fn tail(n: usize, dataplanes: &[String], samples: usize, rounds: usize) -> Resul
         Ok(())
     })?;
     drop(ready);
-    let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
 
@@ -835,20 +844,8 @@ type Sums = (
 /// `dp-bench hook-cost`: see `Action::HookCost`.
 fn hook_cost(n: usize, dataplanes: &[String], seconds: f64) -> Result<()> {
     const ROUNDS: usize = 3;
-    let (client_cpu, server_cpu) = pinned_cpus();
-    let s = Settings {
-        runs: 1,
-        first_packets: 0,
-        rr_round_trips: 0,
-        rate_seconds: seconds,
-        udp_seconds: 0.0,
-        client_threads: 4,
-        changes: 0,
-        client_cpu,
-        server_cpu,
-        interleaved: true,
-    };
-    let work = std::env::temp_dir().join(format!("dp-bench-hooks-{}", std::process::id()));
+    let s = Settings::for_tool(1, 0, seconds);
+    let work = WorkDir::new("hooks");
     // Counted while this descriptor is open, machine-wide, then off again.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("enabling BPF run-time statistics (BPF_ENABLE_STATS)")?;
@@ -933,25 +930,35 @@ fn hook_cost(n: usize, dataplanes: &[String], seconds: f64) -> Result<()> {
         }
         drop(p);
     }
-    let _ = std::fs::remove_dir_all(&work);
     Ok(())
+}
+
+/// A tool run's scratch directory under the temporary directory, removed
+/// when the run ends, whichever way.
+struct WorkDir(std::path::PathBuf);
+
+impl WorkDir {
+    fn new(tool: &str) -> Self {
+        WorkDir(std::env::temp_dir().join(format!("dp-bench-{tool}-{}", std::process::id())))
+    }
+}
+
+impl std::ops::Deref for WorkDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// `dp-bench pair`: see `Action::Pair`.
 fn pair(n: usize, dataplanes: &[String], rounds: usize, seconds: f64, first: usize) -> Result<()> {
-    let (client_cpu, server_cpu) = pinned_cpus();
-    let s = Settings {
-        runs: rounds,
-        first_packets: first,
-        rr_round_trips: 0,
-        rate_seconds: seconds,
-        udp_seconds: 0.0,
-        client_threads: 4,
-        changes: 0,
-        client_cpu,
-        server_cpu,
-        interleaved: true,
-    };
+    let s = Settings::for_tool(rounds, first, seconds);
     let dataplanes: Vec<Dataplane> = dataplanes
         .iter()
         .map(|d| Dataplane::parse(d).with_context(|| format!("unknown dataplane {d}")))
@@ -959,7 +966,8 @@ fn pair(n: usize, dataplanes: &[String], rounds: usize, seconds: f64, first: usi
     if dataplanes.len() < 2 {
         bail!("pair: a reference and at least one dataplane to compare with it");
     }
-    let work = std::env::temp_dir().join(format!("dp-bench-pair-{}", std::process::id()));
+    ensure!(rounds >= 1, "pair: at least one round");
+    let work = WorkDir::new("pair");
     let mut ready = Vec::new();
     for &d in &dataplanes {
         progress(&format!("  {} with {n} services: loading", d.name()));
@@ -1062,12 +1070,12 @@ fn pair(n: usize, dataplanes: &[String], rounds: usize, seconds: f64, first: usi
         }
     }
     drop(ready);
-    let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
 
 /// `dp-bench tc-floor`: see `Action::TcFloor`.
 fn tc_floor(rounds: usize, seconds: f64) -> Result<()> {
+    ensure!(rounds >= 1, "tc-floor: at least one round");
     #[derive(Clone, Copy, PartialEq)]
     enum Attached {
         Nothing,
@@ -1084,20 +1092,8 @@ fn tc_floor(rounds: usize, seconds: f64) -> Result<()> {
             "dp's tc programs and socket hooks (all), no services",
         ),
     ];
-    let (client_cpu, server_cpu) = pinned_cpus();
-    let s = Settings {
-        runs: 1,
-        first_packets: 0,
-        rr_round_trips: 0,
-        rate_seconds: seconds,
-        udp_seconds: 0.0,
-        client_threads: 4,
-        changes: 0,
-        client_cpu,
-        server_cpu,
-        interleaved: true,
-    };
-    let work = std::env::temp_dir().join(format!("dp-bench-floor-{}", std::process::id()));
+    let s = Settings::for_tool(1, 0, seconds);
+    let work = WorkDir::new("floor");
     let p = match Prepared::load(Dataplane::Direct, 1, &s, &work, Duration::from_secs(60))? {
         Ok(p) => p,
         Err(_) => bail!("the cluster did not come up"),
@@ -1194,7 +1190,6 @@ fn tc_floor(rounds: usize, seconds: f64) -> Result<()> {
         }
     }
     drop(p);
-    let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
 
