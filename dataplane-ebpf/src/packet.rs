@@ -36,7 +36,7 @@ impl<'a> SkbPacket<'a> {
     /// local TCP socket a copy of its head, since TCP keeps a clone for
     /// retransmission and its payload is in pages. Pulling a fixed 94 bytes
     /// did that to every data segment a pod or the node sent, service or
-    /// not (BENCHMARKS.md, "What a tc program on the path costs").
+    /// not (BENCHMARKS.md, "Two cuts to the pass-through").
     #[inline(always)]
     pub fn new(ctx: &'a TcContext) -> Self {
         let linear = ctx.data_end().saturating_sub(ctx.data());
