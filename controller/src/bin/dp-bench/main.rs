@@ -956,6 +956,38 @@ impl Drop for WorkDir {
     }
 }
 
+/// Round-by-round ratios of one series to another (`pair`, `tc-floor`):
+/// their median and quartiles (nearest rank). The machine's speed drifts
+/// between rounds more than the setups differ, so each value is compared
+/// with the reference's of the same round.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Paired {
+    median: f64,
+    q1: f64,
+    q3: f64,
+}
+
+impl Paired {
+    /// `values[i] / base[i]` for each round `i` both have (at least one).
+    fn of(values: &[f64], base: &[f64]) -> Self {
+        let mut ratios: Vec<f64> = values.iter().zip(base).map(|(x, b)| x / b).collect();
+        assert!(!ratios.is_empty(), "no rounds to compare");
+        ratios.sort_by(f64::total_cmp);
+        let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
+        Paired {
+            median: at(0.5),
+            q1: at(0.25),
+            q3: at(0.75),
+        }
+    }
+}
+
+impl std::fmt::Display for Paired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.3}x ({:.3}x - {:.3}x)", self.median, self.q1, self.q3)
+    }
+}
+
 /// `dp-bench pair`: see `Action::Pair`.
 fn pair(n: usize, dataplanes: &[String], rounds: usize, seconds: f64, first: usize) -> Result<()> {
     let s = Settings::for_tool(rounds, first, seconds);
@@ -977,8 +1009,9 @@ fn pair(n: usize, dataplanes: &[String], rounds: usize, seconds: f64, first: usi
         }
     }
     const CLIENTS: [&str; 2] = ["node", "pod"];
-    const FIGURES: usize = 3; // conn/s, p50 last, p50 random
-                              // [dataplane][client][figure] -> one value per round.
+    // Figures: conn/s, p50 last, p50 random.
+    const FIGURES: usize = 3;
+    // [dataplane][client][figure] -> one value per round.
     let mut values: Vec<[[Vec<f64>; FIGURES]; 2]> = (0..ready.len())
         .map(|_| std::array::from_fn(|_| std::array::from_fn(|_| Vec::new())))
         .collect();
@@ -1034,22 +1067,11 @@ fn pair(n: usize, dataplanes: &[String], rounds: usize, seconds: f64, first: usi
             let mut ratios_median = [0.0; FIGURES];
             for f in 0..FIGURES {
                 let mine = &values[i][c][f];
-                let mut ratios: Vec<f64> = mine
-                    .iter()
-                    .zip(&values[0][c][f])
-                    .map(|(x, b)| x / b)
-                    .collect();
-                ratios.sort_by(f64::total_cmp);
-                let q = |at: f64| ratios[((ratios.len() - 1) as f64 * at).round() as usize];
-                ratios_median[f] = q(0.5);
+                let ratios = Paired::of(mine, &values[0][c][f]);
+                ratios_median[f] = ratios.median;
                 let digits = if f == 0 { 0 } else { 1 };
                 cells.push(format!("{:.digits$}", summary(mine).median));
-                cells.push(format!(
-                    "{:.3}x ({:.3}x - {:.3}x)",
-                    q(0.5),
-                    q(0.25),
-                    q(0.75)
-                ));
+                cells.push(ratios.to_string());
             }
             let target = if i == 0 {
                 ""
@@ -1177,15 +1199,10 @@ fn tc_floor(rounds: usize, seconds: f64) -> Result<()> {
         let base = &rates[&(0, c)];
         for (v, (_, name)) in VARIANTS.iter().enumerate() {
             let r = &rates[&(v, c)];
-            let mut ratios: Vec<f64> = r.iter().zip(base).map(|(x, b)| x / b).collect();
-            ratios.sort_by(f64::total_cmp);
-            let q = |f: f64| ratios[((ratios.len() - 1) as f64 * f).round() as usize];
             println!(
-                "| {client} | {name} | {:.0} | {:.3}x ({:.3}x - {:.3}x) |",
+                "| {client} | {name} | {:.0} | {} |",
                 summary(r).median,
-                q(0.5),
-                q(0.25),
-                q(0.75)
+                Paired::of(r, base)
             );
         }
     }
@@ -1553,5 +1570,25 @@ impl TrafficRuns {
             udp_packets_per_second: (!self.udp.is_empty()).then(|| summary(&self.udp)),
             errors: self.errors,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Paired;
+
+    #[test]
+    fn paired_ratios_are_taken_round_by_round() {
+        // Rates that drift together: every ratio is 0.9 or 1.0, although
+        // the series' own medians are far apart from round to round.
+        let base = [100.0, 200.0, 300.0, 400.0, 500.0];
+        let mine = [90.0, 180.0, 300.0, 360.0, 450.0];
+        let p = Paired::of(&mine, &base);
+        assert_eq!((p.q1, p.median, p.q3), (0.9, 0.9, 0.9));
+        assert_eq!(p.to_string(), "0.900x (0.900x - 0.900x)");
+        let one = Paired::of(&[50.0], &[100.0]);
+        assert_eq!((one.q1, one.median, one.q3), (0.5, 0.5, 0.5));
+        let spread = Paired::of(&[1.0, 2.0, 3.0, 4.0, 5.0], &[1.0; 5]);
+        assert_eq!((spread.q1, spread.median, spread.q3), (2.0, 3.0, 4.0));
     }
 }
