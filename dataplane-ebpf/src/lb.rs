@@ -25,6 +25,31 @@ pub fn lookup(daddr: &[u8; 16], dport: u16, protocol: u8) -> Frontend<(ServiceKe
     })
 }
 
+/// `lookup` for the socket hooks, where most calls that reach a lookup are
+/// to a Service: the master entry first, and the wildcard only when there
+/// is none (to tell a port a ClusterIP does not serve from no service).
+/// One lookup fewer per translated connect(), the same answers: the
+/// agent writes a frontend's wildcard after its master and deletes it
+/// after the last master of the address, so a master found has complete
+/// slots whether its wildcard is written yet or not (ARCHITECTURE.md, "A
+/// service in the maps, and the write order").
+#[inline(always)]
+pub fn lookup_master_first(
+    daddr: &[u8; 16],
+    dport: u16,
+    protocol: u8,
+) -> Frontend<(ServiceKey, ServiceValue)> {
+    let key = ServiceKey::master(*daddr, dport, protocol);
+    if let Some(m) = master(&key) {
+        return Frontend::Found((key, m));
+    }
+    // SAFETY: map value pointer from a successful lookup.
+    let wildcard = DP_SERVICES
+        .get_ptr(&ServiceKey::wildcard(*daddr))
+        .map(|v| unsafe { (*v).flags });
+    rules::frontend(wildcard, || None::<(ServiceKey, ServiceValue)>)
+}
+
 /// The master entry at `key` (any scope), copied out.
 #[inline(always)]
 pub fn master(key: &ServiceKey) -> Option<ServiceValue> {

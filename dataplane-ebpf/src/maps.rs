@@ -139,9 +139,14 @@ const _: () = assert!(common::trace::TRACE_SESSIONS == 4);
 /// Socket-level load balancing: socket cookie -> the service address it
 /// connected to, for getpeername() and the agent's sweep. The entry goes
 /// when the socket closes (`dp_sock_release`); LRU as a bound only.
+/// Per-CPU LRU lists, as the other socket maps: an insert takes its free
+/// entry from its own CPU's list. With the shared list every connect()
+/// took the list's lock (`bpf_lru_pop_free`), and the insert was a sixth
+/// of the connect hook's time (BENCHMARKS.md, "Where the socket path's
+/// time goes").
 #[map(name = "DP_SOCK_PEERS")]
 pub static DP_SOCK_PEERS: LruHashMap<u64, common::lb::SockPeer> =
-    LruHashMap::with_max_entries(map_sizes::SOCK_PEERS, 0);
+    LruHashMap::with_max_entries(map_sizes::SOCK_PEERS, map_sizes::BPF_F_NO_COMMON_LRU);
 
 /// Socket-level load balancing: the node's network namespace cookie and
 /// whether every namespace is served (`common::lb::SOCK_SCOPE_*`).
@@ -154,7 +159,7 @@ pub static DP_SOCK_SCOPE: Array<u64> = Array::with_max_entries(2, 0);
 /// closed sockets age out.
 #[map(name = "DP_SOCK_BACKENDS")]
 pub static DP_SOCK_BACKENDS: LruHashMap<common::lb::SockAddrKey, common::lb::SockBackend> =
-    LruHashMap::with_max_entries(map_sizes::SOCK_BACKENDS, 0);
+    LruHashMap::with_max_entries(map_sizes::SOCK_BACKENDS, map_sizes::BPF_F_NO_COMMON_LRU);
 
 /// The trace event of a socket call, built per CPU (a `TraceEvent` is too
 /// large for the BPF stack of the socket hooks' call chain). Not
@@ -168,4 +173,4 @@ pub static DP_SOCK_EVENT: PerCpuArray<TraceEvent> = PerCpuArray::with_max_entrie
 /// unconnected one's ages out (LRU).
 #[map(name = "DP_SOCK_REVNAT")]
 pub static DP_SOCK_REVNAT: LruHashMap<common::lb::SockAddrKey, common::lb::SockPeer> =
-    LruHashMap::with_max_entries(map_sizes::SOCK_REVNAT, 0);
+    LruHashMap::with_max_entries(map_sizes::SOCK_REVNAT, map_sizes::BPF_F_NO_COMMON_LRU);

@@ -134,7 +134,7 @@ fn decide(r: &Request) -> Decision {
     if !c.host && addr::is_v4_mapped(daddr) && daddr[12] == 127 {
         return Decision::Leave(Reason::NoService, 0);
     }
-    let (mut key, mut master) = match lb::lookup(daddr, r.dport, protocol) {
+    let (mut key, mut master) = match lb::lookup_master_first(daddr, r.dport, protocol) {
         Frontend::NotAService => return Decision::Leave(Reason::NoService, 0),
         Frontend::PortNotServed => return Decision::Refuse(Reason::PortNotServed, 0),
         Frontend::Found(found) => found,
