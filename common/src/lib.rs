@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod layout;
 pub mod lb;
 pub mod names;
+pub mod prefilter;
 pub mod proto;
 pub mod reason;
 pub mod rules;
@@ -70,6 +71,9 @@ pub mod map_names {
     /// Socket-level load balancing of UDP: (socket, backend address) -> the
     /// service address replies appear to come from (`lb::SockPeer`).
     pub const SOCK_REVNAT: &str = "DP_SOCK_REVNAT";
+    /// The pass-through filter's bit sets (`prefilter`): frontend
+    /// addresses and backends, as hashed bits, and whether it is on.
+    pub const PREFILTER: &str = "DP_PREFILTER";
 }
 
 /// Default capacities of the maps; userspace may set others at load time

@@ -24,6 +24,7 @@ mod maps;
 mod nat;
 mod packet;
 mod parse;
+mod prefilter;
 mod reject;
 mod service;
 mod sock;

@@ -174,3 +174,9 @@ pub static DP_SOCK_EVENT: PerCpuArray<TraceEvent> = PerCpuArray::with_max_entrie
 #[map(name = "DP_SOCK_REVNAT")]
 pub static DP_SOCK_REVNAT: LruHashMap<common::lb::SockAddrKey, common::lb::SockPeer> =
     LruHashMap::with_max_entries(map_sizes::SOCK_REVNAT, map_sizes::BPF_F_NO_COMMON_LRU);
+
+/// The pass-through filter (`common::prefilter`): word 0 says whether it
+/// is on, then the frontend-address bits, then the backend bits. Written by
+/// the agent only; not pinned: each agent fills its own at start.
+#[map(name = "DP_PREFILTER")]
+pub static DP_PREFILTER: Array<u64> = Array::with_max_entries(common::prefilter::WORDS, 0);

@@ -28,7 +28,9 @@ use crate::{
     conntrack::{self as ct, now_ns},
     fib, lb,
     maps::DP_REVNAT,
-    nat, reject,
+    nat,
+    prefilter::{self, Filtered},
+    reject,
     trace::{decide, decide_drop},
 };
 
@@ -91,6 +93,16 @@ pub enum Step {
 /// The first decision for a packet: conntrack, then the service maps.
 #[inline(always)]
 pub fn first_step(f: &mut Flow, ev: &mut TraceEvent) -> Step {
+    // Most packets at a node are neither a tracked flow's nor a
+    // frontend's (a socket-LB flow's, pod to pod, the node's own): the
+    // filter lets them pass without the two hash lookups.
+    let filtered = prefilter::check(f.cfg, &ev.original, ev.tcp_flags);
+    let frontend_possible = match filtered {
+        Filtered::LookUp => true,
+        Filtered::ConntrackOnly => false,
+        Filtered::NoService => return Step::Pass(Reason::NoService),
+        Filtered::SynToBackend => return direct_connection(ev),
+    };
     let key = ct::key(&ev.original);
     let found = match ct::get(&key) {
         Some(e) => {
@@ -106,7 +118,9 @@ pub fn first_step(f: &mut Flow, ev: &mut TraceEvent) -> Step {
         // backend is gone: a new flow, as netfilter conntrack does.
         Some(e) if syn_reopens(ev, e) => Step::Reopen,
         Some(e) => established(f, ev, e),
-        None => new_flow(f, ev),
+        None if frontend_possible => new_flow(f, ev),
+        // No frontend has the destination: what `new_flow` would end in.
+        None => direct_connection(ev),
     }
 }
 

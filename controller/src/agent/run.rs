@@ -355,6 +355,21 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         // them again.
         Err(e) => warn!(error = %e, "finishing the migration of the pinned maps"),
     }
+    // The pass-through filter: only this agent's programs write conntrack
+    // now, so its bits can be set from what the maps hold, then turned on.
+    // Without it every packet takes the lookups, as before.
+    match dp.fill_prefilter().and_then(|filled| {
+        dp.enable_prefilter()?;
+        Ok(filled)
+    }) {
+        Ok(filled) => info!(
+            frontend_addresses = filled.frontend_addresses,
+            backends = filled.backends,
+            conntrack_entries = filled.conntrack_entries,
+            "pass-through filter on"
+        ),
+        Err(e) => warn!(error = %e, "pass-through filter left off: every packet takes the lookups"),
+    }
 
     // Manifest changes wake the loop through `tx`, API watch events come
     // through `kube_tx`; `_watcher` must live.

@@ -72,6 +72,11 @@ impl Datapath {
         if services.get(&wildcard, 0).is_ok_and(|v| v.flags == flags) {
             return Ok(());
         }
+        // The filter admits the address before the wildcard makes it a
+        // frontend to tc and XDP.
+        self.prefilter_frontend(&addr)?;
+        let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+            self.map_mut(map_names::SERVICES)?;
         let marker = ServiceValue {
             flags,
             ..ServiceValue::default()
@@ -430,6 +435,8 @@ impl ServiceMaps for Datapath {
                 0
             },
         };
+        // Its replies are looked up in conntrack from now on.
+        self.prefilter_backend(addr, protocol)?;
         let mut map: HashMap<&mut MapData, u32, Backend> = self.map_mut(map_names::BACKENDS)?;
         map.insert(id, backend, 0)
             .map_err(map_err(map_names::BACKENDS))

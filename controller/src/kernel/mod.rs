@@ -5,6 +5,8 @@
 //! - `maps`: programs services, backends and names into the maps in an
 //!   order no packet sees half-written; implements `translate::sync`'s
 //!   `ServiceMaps`; reads conntrack and the services back.
+//! - `prefilter`: the pass-through filter's bits (`common::prefilter`),
+//!   set by `maps` before each write and at start from the adopted state.
 //! - `pin`: the bpffs layout, so CLI commands open what the agent pinned.
 //! - `ring`: trace sessions and their ring buffers.
 //! - `host`: kernel release and sysctls of the node.
@@ -24,6 +26,7 @@ pub mod loader;
 pub mod maps;
 pub mod migrate;
 pub mod pin;
+pub mod prefilter;
 pub mod rawmap;
 pub mod ring;
 pub mod sizing;

@@ -172,6 +172,29 @@ enum Action {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
+    /// Socket LB's target on one cluster: `pair` compares clusters, and
+    /// two clusters without any dataplane differ by more than the target's
+    /// margin. Here one cluster without a dataplane serves both sides of
+    /// each round, in a rotating order: `direct` (nothing attached, the
+    /// clients connect to the pods) and `dp-socket-lb` (dp's programs, as
+    /// the agent attaches them with `--socket-lb all`, with the N Services'
+    /// ClusterIPs and the pass-through filter on; the clients connect to
+    /// the ClusterIPs from the socket hooks' cgroup). New connections/s and
+    /// the first connection's p50 from the node and from the client pod,
+    /// each compared with `direct` of the same round.
+    SocketDirect {
+        #[arg(long, default_value_t = 1)]
+        services: usize,
+        #[arg(long, default_value_t = 21)]
+        rounds: usize,
+        /// Seconds of connection-rate load per client, side and round.
+        #[arg(long, default_value_t = 1.5)]
+        seconds: f64,
+        /// First connections per client, side and round (to random
+        /// services, or for `direct` random pods).
+        #[arg(long, default_value_t = 200)]
+        first: usize,
+    },
 }
 
 /// How much of each measurement one run does.
@@ -438,6 +461,15 @@ fn main() -> Result<()> {
     }
     if let Some(Action::TcFloor { rounds, seconds }) = &args.action {
         return tc_floor(*rounds, *seconds);
+    }
+    if let Some(Action::SocketDirect {
+        services,
+        rounds,
+        seconds,
+        first,
+    }) = &args.action
+    {
+        return socket_direct(*services, *rounds, *seconds, *first);
     }
     let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (client_cpu, server_cpu) = pinned_cpus();
@@ -1203,6 +1235,153 @@ fn tc_floor(rounds: usize, seconds: f64) -> Result<()> {
                 "| {client} | {name} | {:.0} | {} |",
                 summary(r).median,
                 Paired::of(r, base)
+            );
+        }
+    }
+    drop(p);
+    Ok(())
+}
+
+/// `dp-bench socket-direct`: see `Action::SocketDirect`.
+fn socket_direct(n: usize, rounds: usize, seconds: f64, first: usize) -> Result<()> {
+    use dp::ServiceMaps;
+    ensure!(rounds >= 1, "socket-direct: at least one round");
+    ensure!(
+        (1..=10_000).contains(&n),
+        "socket-direct: 1 to 10 000 services"
+    );
+    ensure!(!scenario::ipv6(), "socket-direct: IPv4 only");
+    let s = Settings::for_tool(1, first, seconds);
+    let work = WorkDir::new("socket-direct");
+    let p = match Prepared::load(Dataplane::Direct, n, &s, &work, Duration::from_secs(60))? {
+        Ok(p) => p,
+        Err(_) => bail!("the cluster did not come up"),
+    };
+    // dp as the agent programs it: the node, the ClusterIPs with the ten
+    // pods as backends, the tc programs on the node's devices, the socket
+    // hooks (all) on a cgroup of the run's own, the filter on.
+    let sizes = dp::MapSizes {
+        services: ((n * (scenario::ENDPOINTS + 2)) as u32)
+            .next_power_of_two()
+            .max(common::map_sizes::SERVICES),
+        ..dp::MapSizes::default()
+    };
+    let mut dp = dp::kernel::loader::Datapath::load_with(sizes).context("loading dp")?;
+    let cidr = scenario::cluster_cidr();
+    let (net, len) = cidr.split_once('/').context("cluster CIDR")?;
+    dp.set_node(
+        scenario::node_ip(),
+        Some((net.parse()?, len.parse()?)),
+        false,
+    )?;
+    let pods: Vec<SocketAddr> = scenario::backend_ips()
+        .into_iter()
+        .map(|ip| SocketAddr::from((ip, scenario::TARGET_PORT)))
+        .collect();
+    for (i, pod) in pods.iter().enumerate() {
+        dp.set_backend(i as u32 + 1, *pod, common::proto::IPPROTO_TCP, false)?;
+    }
+    let slots = dp::BackendSlots {
+        ready: (1..=pods.len() as u32).collect(),
+        ..dp::BackendSlots::default()
+    };
+    progress(&format!("  writing {n} ClusterIPs"));
+    let vips: Vec<SocketAddr> = (0..n)
+        .map(|i| SocketAddr::from((scenario::cluster_ip(i), scenario::TCP_PORT)))
+        .collect();
+    for (i, vip) in vips.iter().enumerate() {
+        dp.set_service(&dp::Frontend::tcp(*vip), i as u32 + 1, &slots)?;
+    }
+    dp.fill_prefilter()?;
+    dp.enable_prefilter()?;
+    let sockets = scenario::SocketCgroup::create()?;
+    let node_netns = p
+        .cluster
+        .node_ns(0)
+        .run(dp::agent::own_netns_cookie)?
+        .context("the node's network namespace cookie")?;
+    dp.attach_socket_lb(sockets.path(), node_netns, true)
+        .context("attaching the socket hooks")?;
+    let node = &p.cluster.nodes[0];
+    let devices: Vec<String> = std::iter::once(node.device.clone())
+        .chain(node.pod_devices.iter().cloned())
+        .collect();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ n as u64);
+    let targets = [rng.pick(&pods, 2000), rng.pick(&vips, 2000)];
+    let clients = [
+        ("node", p.cluster.node_ns(0)),
+        ("pod", p.cluster.pod_ns(&p.cluster.pods[0].name)),
+    ];
+    const SIDES: [&str; 2] = ["direct", "dp-socket-lb"];
+    // [side][client] -> (rates, p50s), one per round.
+    let mut values = [
+        [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())],
+        [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())],
+    ];
+    for round in 0..rounds {
+        progress(&format!("  round {}/{rounds}", round + 1));
+        for k in 0..SIDES.len() {
+            let side = (k + round) % SIDES.len();
+            dp.detach_all().context("detaching")?;
+            if side == 1 {
+                p.cluster.node_ns(0).run(|| -> Result<()> {
+                    for dev in &devices {
+                        for hook in [common::Hook::TcIngress, common::Hook::TcEgress] {
+                            dp.attach_tc(dev, hook)?;
+                        }
+                    }
+                    for dev in &node.pod_devices {
+                        dp.mark_pod_device(dev)?;
+                    }
+                    Ok(())
+                })??;
+            }
+            let _joined = if side == 1 {
+                Some(sockets.join()?)
+            } else {
+                None
+            };
+            for (c, (_, ns)) in clients.iter().enumerate() {
+                let l = loadgen::first_packet(ns, &targets[side], first, s.client_cpu)?;
+                let rate = loadgen::connection_rate(
+                    ns,
+                    &targets[side],
+                    s.client_threads,
+                    Duration::from_secs_f64(seconds),
+                    s.client_cpu.map(|c| vec![c]),
+                )?;
+                if l.errors + rate.errors != 0 {
+                    bail!("{} connections failed", l.errors + rate.errors);
+                }
+                let v = &mut values[side][c];
+                v.0.push(rate.per_second);
+                v.1.push(l.percentile(50.0).context("no first connection")?);
+            }
+        }
+    }
+    dp.detach_all().context("detaching")?;
+    drop(dp);
+    println!(
+        "N = {n}, one cluster, {rounds} rounds of {seconds} s and {first} first connections per client and side; ratios to direct of the same round: median (quartiles)\n"
+    );
+    println!(
+        "| N | client | side | new conn/s | vs direct | first conn p50 (µs) | vs direct | target (>= 0.97x, <= 1.05x) |"
+    );
+    println!("| ---: | --- | --- | ---: | ---: | ---: | ---: | --- |");
+    for (c, (client, _)) in clients.iter().enumerate() {
+        for (side, name) in SIDES.iter().enumerate() {
+            let (rate, p50) = &values[side][c];
+            let (base_rate, base_p50) = &values[0][c];
+            let (r, l) = (Paired::of(rate, base_rate), Paired::of(p50, base_p50));
+            let target = match side {
+                0 => "",
+                _ if r.median >= 0.97 && l.median <= 1.05 => "met",
+                _ => "missed",
+            };
+            println!(
+                "| {n} | {client} | {name} | {:.0} | {r} | {:.1} | {l} | {target} |",
+                summary(rate).median,
+                summary(p50).median,
             );
         }
     }
