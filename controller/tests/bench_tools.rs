@@ -1,6 +1,7 @@
 //! dp-bench's measuring tools besides the main run: `pair` (socket LB's
-//! target judged on paired rounds), `tc-floor` (what any tc program on the
-//! path costs) and `hook-cost` (BPF run time per program and connection).
+//! target judged on paired rounds), `socket-direct` (that target on one
+//! cluster), `tc-floor` (what any tc program on the path costs) and
+//! `hook-cost` (BPF run time per program and connection).
 //! Each runs once, briefly, on its real clusters and programs, and must
 //! print its whole table with figures in it. Figures are not judged here
 //! (speed is for the benchmarks, not for tests).
@@ -116,5 +117,35 @@ fn pair_tc_floor_and_hook_cost_print_their_tables() {
         assert!(number(by_program("dp_sock_connect")[5]) >= 1.0, "{cost}");
         assert!(number(by_program("dp_tc_ingress")[5]) > 0.0, "{cost}");
         assert!(number(by_program("dp_tc_egress")[5]) > 0.0, "{cost}");
+    }
+}
+
+#[test]
+fn socket_direct_prints_its_table() {
+    e2e::require_root();
+    // Connections to the ClusterIPs fail on a cluster without a dataplane:
+    // the tool stops at the first failed one, so a table means dp's socket
+    // hooks translated every one.
+    let out = dp_bench(&[
+        "socket-direct",
+        "--services",
+        "2",
+        "--rounds",
+        "2",
+        "--seconds",
+        "0.3",
+        "--first",
+        "20",
+    ]);
+    for client in ["node", "pod"] {
+        let direct = rows(&out, &["2", client, "direct"]);
+        assert_eq!(direct.len(), 1, "{out}");
+        assert_eq!(number(direct[0][4]), 1.0, "{out}");
+        let sock = rows(&out, &["2", client, "dp-socket-lb"]);
+        assert_eq!(sock.len(), 1, "{out}");
+        for cell in &sock[0][3..7] {
+            assert!(number(cell) > 0.0, "{out}");
+        }
+        assert!(sock[0][7] == "met" || sock[0][7] == "missed", "{out}");
     }
 }

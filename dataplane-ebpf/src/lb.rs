@@ -28,11 +28,14 @@ pub fn lookup(daddr: &[u8; 16], dport: u16, protocol: u8) -> Frontend<(ServiceKe
 /// `lookup` for the socket hooks, where most calls that reach a lookup are
 /// to a Service: the master entry first, and the wildcard only when there
 /// is none (to tell a port a ClusterIP does not serve from no service).
-/// One lookup fewer per translated connect(), the same answers: the
-/// agent writes a frontend's wildcard after its master and deletes it
-/// after the last master of the address, so a master found has complete
-/// slots whether its wildcard is written yet or not (ARCHITECTURE.md, "A
-/// service in the maps, and the write order").
+/// One lookup fewer per translated connect(), and the same answers once
+/// a frontend's entries are written: the agent writes a frontend's
+/// wildcard after its master and deletes it after the last master of the
+/// address, so a master found has complete slots whether its wildcard is
+/// written yet or not (ARCHITECTURE.md, "A service in the maps, and the
+/// write order"); until the wildcard is there (a moment, or until the
+/// agent's retry of a failed sync) the socket hooks serve a frontend tc
+/// does not yet.
 #[inline(always)]
 pub fn lookup_master_first(
     daddr: &[u8; 16],

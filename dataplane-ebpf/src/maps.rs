@@ -138,15 +138,16 @@ const _: () = assert!(common::trace::TRACE_SESSIONS == 4);
 
 /// Socket-level load balancing: socket cookie -> the service address it
 /// connected to, for getpeername() and the agent's sweep. The entry goes
-/// when the socket closes (`dp_sock_release`); LRU as a bound only.
-/// Per-CPU LRU lists, as the other socket maps: an insert takes its free
-/// entry from its own CPU's list. With the shared list every connect()
-/// took the list's lock (`bpf_lru_pop_free`), and the insert was a sixth
-/// of the connect hook's time (BENCHMARKS.md, "Where the socket path's
-/// time goes").
+/// when the socket closes (`dp_sock_release`), so a plain hash map: an
+/// insert takes a free entry from per-CPU free lists that borrow from
+/// each other, with no shared lock (the LRU's one shared list was a lock
+/// per connect(), BENCHMARKS.md, "Where the socket path's time goes"), and
+/// no CPU's share of the capacity runs out before the map does (as with
+/// per-CPU LRU lists). Full, a new socket goes unrecorded (getpeername()
+/// shows its backend) rather than a live one losing its record.
 #[map(name = "DP_SOCK_PEERS")]
-pub static DP_SOCK_PEERS: LruHashMap<u64, common::lb::SockPeer> =
-    LruHashMap::with_max_entries(map_sizes::SOCK_PEERS, map_sizes::BPF_F_NO_COMMON_LRU);
+pub static DP_SOCK_PEERS: HashMap<u64, common::lb::SockPeer> =
+    HashMap::with_max_entries(map_sizes::SOCK_PEERS, 0);
 
 /// Socket-level load balancing: the node's network namespace cookie and
 /// whether every namespace is served (`common::lb::SOCK_SCOPE_*`).
@@ -159,7 +160,7 @@ pub static DP_SOCK_SCOPE: Array<u64> = Array::with_max_entries(2, 0);
 /// closed sockets age out.
 #[map(name = "DP_SOCK_BACKENDS")]
 pub static DP_SOCK_BACKENDS: LruHashMap<common::lb::SockAddrKey, common::lb::SockBackend> =
-    LruHashMap::with_max_entries(map_sizes::SOCK_BACKENDS, map_sizes::BPF_F_NO_COMMON_LRU);
+    LruHashMap::with_max_entries(map_sizes::SOCK_BACKENDS, 0);
 
 /// The trace event of a socket call, built per CPU (a `TraceEvent` is too
 /// large for the BPF stack of the socket hooks' call chain). Not
@@ -173,7 +174,7 @@ pub static DP_SOCK_EVENT: PerCpuArray<TraceEvent> = PerCpuArray::with_max_entrie
 /// unconnected one's ages out (LRU).
 #[map(name = "DP_SOCK_REVNAT")]
 pub static DP_SOCK_REVNAT: LruHashMap<common::lb::SockAddrKey, common::lb::SockPeer> =
-    LruHashMap::with_max_entries(map_sizes::SOCK_REVNAT, map_sizes::BPF_F_NO_COMMON_LRU);
+    LruHashMap::with_max_entries(map_sizes::SOCK_REVNAT, 0);
 
 /// The pass-through filter (`common::prefilter`): word 0 says whether it
 /// is on, then the frontend-address bits, then the backend bits. Written by

@@ -355,9 +355,12 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         // them again.
         Err(e) => warn!(error = %e, "finishing the migration of the pinned maps"),
     }
-    // The pass-through filter: only this agent's programs write conntrack
-    // now, so its bits can be set from what the maps hold, then turned on.
-    // Without it every packet takes the lookups, as before.
+    // The pass-through filter: its bits are set from what the adopted maps
+    // and conntrack hold (what this agent writes from now on sets its own
+    // first), then it is turned on. Without it every packet takes the
+    // lookups, as before. (Programs an earlier agent left on a device this
+    // one no longer attaches to keep that agent's filter, which no longer
+    // learns new frontends: `dp cleanup` or a restart with the device.)
     match dp.fill_prefilter().and_then(|filled| {
         dp.enable_prefilter()?;
         Ok(filled)

@@ -56,25 +56,31 @@ impl Datapath {
     /// Sets the bits of everything already in the maps: service addresses
     /// (their wildcard entries), backends, and both sides of every
     /// conntrack entry (a flow may outlive its service and backend). Call
-    /// once the programs that serve from these maps are attached and no
-    /// older program writes conntrack any more (after `finish_migration`),
-    /// then `enable_prefilter`.
+    /// once this datapath's programs are on the links (after
+    /// `finish_migration`), then `enable_prefilter`. Entries written later
+    /// by older programs still attached elsewhere are covered as long as
+    /// they are keyed on frontends and backends of the shared maps, which
+    /// every writer announces first.
     pub fn fill_prefilter(&mut self) -> Result<Filled> {
+        // Any entry that cannot be read fails the fill (and the filter
+        // stays off): a bit missed here would never be set later, since
+        // the writers skip what the adopted maps already hold.
         let mut filled = Filled::default();
+        let read_err = |name: &'static str| move |source| Error::Map { name, source };
         let services: HashMap<&MapData, ServiceKey, ServiceValue> =
             self.map_ref(map_names::SERVICES)?;
-        let addresses: Vec<[u8; 16]> = services
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| *k == ServiceKey::wildcard(k.addr))
-            .map(|k| k.addr)
-            .collect();
-        let backends: HashMap<&MapData, u32, Backend> = self.map_ref(map_names::BACKENDS)?;
-        let backends: Vec<Backend> = backends
-            .iter()
-            .filter_map(|e| e.ok())
-            .map(|e| e.1)
-            .collect();
+        let mut addresses = Vec::new();
+        for key in services.keys() {
+            let key = key.map_err(read_err(map_names::SERVICES))?;
+            if key == ServiceKey::wildcard(key.addr) {
+                addresses.push(key.addr);
+            }
+        }
+        let backend_map: HashMap<&MapData, u32, Backend> = self.map_ref(map_names::BACKENDS)?;
+        let mut backends = Vec::new();
+        for entry in backend_map.iter() {
+            backends.push(entry.map_err(read_err(map_names::BACKENDS))?.1);
+        }
         let ct = self.ct_entries()?;
         for addr in &addresses {
             self.prefilter_set(frontend_slot(addr))?;
