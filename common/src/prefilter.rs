@@ -6,22 +6,28 @@
 //! - Frontend addresses: a bit per hashed service address (every address
 //!   with a wildcard entry in `DP_SERVICES`). Every conntrack entry of the
 //!   original direction is keyed on its frontend as destination.
-//! - Backends: a bit per hashed (address, port, protocol) of a backend.
-//!   Every reply entry is keyed on its backend as source.
+//! - Tracked backends: a word per hashed (address, port, protocol), set to
+//!   1 by the datapath before it writes a reply entry keyed on that
+//!   backend as source (every reply entry is). Only backends with flows
+//!   that tc or XDP track get one: the replies of a socket-LB flow, whose
+//!   backend nobody reaches through tc, skip conntrack too. A whole word,
+//!   not a bit, so that two CPUs marking at once cannot undo each other
+//!   (a read-modify-write of shared bits could; BPF atomics would raise the
+//!   kernel floor above 5.10).
 //!
 //! A packet whose destination has no frontend bit (and is in no Service
-//! CIDR: those are dropped as unallocated ClusterIPs) and whose source has
-//! no backend bit matches no conntrack entry and no frontend. A TCP SYN to
-//! a backend still looks for a closing reply entry to clear
+//! CIDR: those are dropped as unallocated ClusterIPs) and whose source is
+//! no tracked backend matches no conntrack entry and no frontend. A TCP
+//! SYN to a tracked backend still looks for a closing reply entry to clear
 //! (`StaleReplyEntry`).
 //!
-//! Bits are only ever set (a hash bit may be shared, so it cannot be
+//! Marks are only ever set (two addresses may share one, so none can be
 //! cleared on its own): the agent sets a frontend's bit before its wildcard
-//! entry and a backend's before its `DP_BACKENDS` entry, and at start from
-//! the maps and conntrack it adopted, then turns the filter on
-//! (`ENABLED_WORD`). Until then, and in any map not filled so (tests, the
-//! benchmarks' bare datapaths), every packet takes the lookups. A stale bit
-//! costs a lookup, never a decision.
+//! entry, the datapath a backend's word before the reply entry; at start
+//! the agent sets those of what the maps and conntrack it adopted hold,
+//! then turns the filter on (`ENABLED_WORD`). Until then, and in any map
+//! not filled so (tests, the benchmarks' bare datapaths), every packet
+//! takes the lookups. A stale mark costs a lookup, never a decision.
 //!
 //! The hashes are here, once, for the datapath and the agent alike.
 
@@ -31,14 +37,16 @@ pub const ENABLED_WORD: u32 = 0;
 /// pass as possible frontends with 10 000 service addresses, 9% with
 /// 100 000 (with 2^16 bits, 78%: the filter did nothing there).
 pub const FRONTEND_BITS_LOG2: u32 = 20;
-/// 2^20 backend bits (128 KiB), likewise for backends.
-pub const BACKEND_BITS_LOG2: u32 = 20;
+/// 2^17 tracked-backend words (1 MiB).
+pub const BACKEND_SLOTS_LOG2: u32 = 17;
 /// First word of the frontend bits.
 pub const FRONTEND_BASE: u32 = 1;
-/// First word of the backend bits.
-pub const BACKEND_BASE: u32 = FRONTEND_BASE + (1 << (FRONTEND_BITS_LOG2 - 6));
+/// Words of frontend bits.
+pub const FRONTEND_WORDS: u32 = 1 << (FRONTEND_BITS_LOG2 - 6);
+/// First tracked-backend word.
+pub const BACKEND_BASE: u32 = FRONTEND_BASE + FRONTEND_WORDS;
 /// Words of `DP_PREFILTER` (an array of `u64`).
-pub const WORDS: u32 = BACKEND_BASE + (1 << (BACKEND_BITS_LOG2 - 6));
+pub const WORDS: u32 = BACKEND_BASE + (1 << BACKEND_SLOTS_LOG2);
 
 /// A 64-bit mix of a 16-byte address and one more word (a few multiplies:
 /// cheap in BPF).
@@ -50,11 +58,14 @@ fn mix(addr: &[u8; 16], extra: u64) -> u64 {
     let hi = u64::from_le_bytes([
         addr[8], addr[9], addr[10], addr[11], addr[12], addr[13], addr[14], addr[15],
     ]);
-    let mut h =
-        lo.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ hi ^ extra.wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
-    h ^= h >> 31;
-    h = h.wrapping_mul(0xd6e8_feb8_6659_fd93);
-    h ^= h >> 32;
+    // murmur3's 64-bit finaliser over the folded words: a bijection whose
+    // top bits spread neighbouring addresses evenly.
+    let mut h = lo ^ hi.rotate_left(32) ^ extra.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
     h
 }
 
@@ -71,11 +82,11 @@ pub fn frontend_slot(addr: &[u8; 16]) -> (u32, u64) {
     slot(mix(addr, 0), FRONTEND_BITS_LOG2, FRONTEND_BASE)
 }
 
-/// The backend bit of a backend's address, port and protocol.
+/// The tracked-backend word of a backend's address, port and protocol.
 #[inline(always)]
-pub fn backend_slot(addr: &[u8; 16], port: u16, protocol: u8) -> (u32, u64) {
+pub fn backend_word(addr: &[u8; 16], port: u16, protocol: u8) -> u32 {
     let extra = (u64::from(port) << 8) | u64::from(protocol) | (1 << 40);
-    slot(mix(addr, extra), BACKEND_BITS_LOG2, BACKEND_BASE)
+    BACKEND_BASE + (mix(addr, extra) >> (64 - BACKEND_SLOTS_LOG2)) as u32
 }
 
 #[cfg(test)]
@@ -90,9 +101,8 @@ mod tests {
             let (w, m) = frontend_slot(&a);
             assert!((FRONTEND_BASE..BACKEND_BASE).contains(&w));
             assert_eq!(m.count_ones(), 1);
-            let (w, m) = backend_slot(&a, 8080, 6);
+            let w = backend_word(&a, 8080, 6);
             assert!((BACKEND_BASE..WORDS).contains(&w));
-            assert_eq!(m.count_ones(), 1);
         }
     }
 
@@ -105,13 +115,14 @@ mod tests {
         for i in 0..10_000u32 {
             let a = v4_mapped((0x0a60_0000 + i).to_be_bytes());
             frontend.insert(frontend_slot(&a));
-            backend.insert(backend_slot(&a, 8080, 6));
+            backend.insert(backend_word(&a, 8080, 6));
         }
         assert!(frontend.len() > 9_900, "{}", frontend.len());
-        assert!(backend.len() > 9_800, "{}", backend.len());
+        // m (1 - e^(-n/m)) of m = 2^17: 9 636.
+        assert!(backend.len() > 9_500, "{}", backend.len());
         // Ports and protocols of one address differ too.
         let a = v4_mapped([10, 244, 1, 11]);
-        assert_ne!(backend_slot(&a, 8080, 6), backend_slot(&a, 8080, 17));
-        assert_ne!(backend_slot(&a, 8080, 6), backend_slot(&a, 8081, 6));
+        assert_ne!(backend_word(&a, 8080, 6), backend_word(&a, 8080, 17));
+        assert_ne!(backend_word(&a, 8080, 6), backend_word(&a, 8081, 6));
     }
 }

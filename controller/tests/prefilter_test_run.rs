@@ -71,8 +71,8 @@ fn with_the_filter_on_a_tuple_without_bits_skips_conntrack_until_a_fill_finds_it
     e2e::require_root();
     let bpffs = Bpffs::new("prefilter-skip");
     let mut dp = setup(&bpffs);
-    // A reply entry for a backend no writer announced (as if its service
-    // was removed while the flow lived on): OTHER:9090 -> CLIENT:40300.
+    // A reply entry the datapath did not write (an older agent's programs
+    // did, which did not mark its backend): OTHER:9090 -> CLIENT:40300.
     conntrack(&bpffs)
         .insert(
             ct_key(OTHER, 9090, CLIENT, 40300, 6),
@@ -100,7 +100,6 @@ fn with_the_filter_on_a_tuple_without_bits_skips_conntrack_until_a_fill_finds_it
     // admitted, its replies are translated again.
     let filled = dp.fill_prefilter().unwrap();
     assert_eq!(filled.conntrack_entries, 1);
-    assert_eq!(filled.backends, 1);
     assert_eq!(filled.frontend_addresses, 1);
     let v = forward(&dp, &reply);
     assert_eq!(Ipv4View::new(&v).src(), VIP, "admitted by the fill");
@@ -163,4 +162,32 @@ fn with_the_filter_on_services_flows_rejects_and_stale_entries_are_decided_as_be
     let (ret, out) = run(&dp, Hook::TcIngress, &from_backend);
     assert_eq!((ret, out), (TC_ACT_OK, from_backend));
     assert_eq!(count(&dp, Reason::NoService), 2);
+}
+
+#[test]
+fn a_backend_is_marked_when_tc_tracks_a_flow_to_it_not_before() {
+    e2e::require_root();
+    let bpffs = Bpffs::new("prefilter-tracked");
+    let mut dp = setup(&bpffs);
+    dp.fill_prefilter().unwrap();
+    dp.enable_prefilter().unwrap();
+    // B1 is a backend, but no flow to it went through tc (a socket-LB
+    // flow's packets are addressed to B1 already): a reply entry for it
+    // written behind the datapath's back is not looked for.
+    let key = ct_key(B1, 8080, CLIENT, 40800, 6);
+    conntrack(&bpffs)
+        .insert(key, reply_entry(CT_STATE_ESTABLISHED), 0)
+        .unwrap();
+    let reply = tcp(B1, 8080, CLIENT, 40800, TCP_ACK, 7000, 1000, b"hi");
+    let (ret, out) = run(&dp, Hook::TcIngress, &reply);
+    assert_eq!((ret, &out), (TC_ACT_OK, &reply), "B1 not marked yet");
+    assert_eq!(count(&dp, Reason::NoService), 1);
+
+    // tc tracks a flow to the ClusterIP, to B1: B1 is marked before its
+    // reply entry is written, and from then on its replies are looked up.
+    let out = forward(&dp, &tcp_syn(CLIENT, 40801, VIP, 80));
+    assert_eq!(Ipv4View::new(&out).dst(), B1);
+    let out = forward(&dp, &reply);
+    assert_eq!(Ipv4View::new(&out).src(), VIP, "marked by the new flow");
+    assert_eq!(count(&dp, Reason::ReplyReverseNat), 1);
 }

@@ -2,9 +2,9 @@
 //! the conntrack and service lookups.
 
 use common::{
-    prefilter::{backend_slot, frontend_slot, ENABLED_WORD},
+    prefilter::{backend_word, frontend_slot, ENABLED_WORD},
     proto::{IPPROTO_TCP, TCP_ACK, TCP_SYN},
-    rules, DatapathConfig, FlowTuple,
+    rules, CtKey, DatapathConfig, FlowTuple,
 };
 
 use crate::maps::DP_PREFILTER;
@@ -13,19 +13,41 @@ use crate::maps::DP_PREFILTER;
 pub enum Filtered {
     /// It may be a tracked flow's or a frontend's: look it up.
     LookUp,
-    /// Its source may be a backend: it may be a tracked flow's reply, but
-    /// its destination is no frontend: conntrack only.
+    /// Its source may be a tracked backend: it may be a tracked flow's
+    /// reply, but its destination is no frontend: conntrack only.
     ConntrackOnly,
     /// No conntrack entry and no frontend can match it.
     NoService,
-    /// As `NoService`, but a TCP SYN to a backend: a closing reply entry
-    /// on its reversed tuple may need clearing (`StaleReplyEntry`).
+    /// As `NoService`, but a TCP SYN to a tracked backend: a closing reply
+    /// entry on its reversed tuple may need clearing (`StaleReplyEntry`).
     SynToBackend,
 }
 
+/// A mark that cannot be read counts as set: the lookups decide.
 #[inline(always)]
 fn has(slot: (u32, u64)) -> bool {
     DP_PREFILTER.get(slot.0).is_none_or(|w| w & slot.1 != 0)
+}
+
+#[inline(always)]
+fn tracked(word: u32) -> bool {
+    DP_PREFILTER.get(word).is_none_or(|w| *w != 0)
+}
+
+/// Marks the backend a reply entry at `reply_key` is keyed on (its
+/// source), before the entry is written. A plain store of 1: idempotent,
+/// so CPUs marking at once cannot lose a mark.
+#[inline(always)]
+pub fn mark_backend(reply_key: &CtKey) {
+    let word = backend_word(&reply_key.saddr, reply_key.sport, reply_key.protocol);
+    if let Some(w) = DP_PREFILTER.get_ptr_mut(word) {
+        // SAFETY: an array map value, 8-byte aligned.
+        unsafe {
+            if *w == 0 {
+                *w = 1;
+            }
+        }
+    }
 }
 
 /// Its own BPF function: three outcomes, one call site's worth of
@@ -38,11 +60,11 @@ pub fn check(cfg: &DatapathConfig, t: &FlowTuple, tcp_flags: u8) -> Filtered {
     if has(frontend_slot(&t.daddr)) || rules::unallocated_cluster_ip(cfg, &t.daddr) {
         return Filtered::LookUp;
     }
-    if has(backend_slot(&t.saddr, t.sport, t.protocol)) {
+    if tracked(backend_word(&t.saddr, t.sport, t.protocol)) {
         return Filtered::ConntrackOnly;
     }
     let syn = t.protocol == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if syn && has(backend_slot(&t.daddr, t.dport, t.protocol)) {
+    if syn && tracked(backend_word(&t.daddr, t.dport, t.protocol)) {
         Filtered::SynToBackend
     } else {
         Filtered::NoService

@@ -330,6 +330,7 @@ pub fn track(f: &Flow, ev: &mut TraceEvent, flags: u8, reason: Reason) -> Step {
         ..CtEntry::default()
     };
     let reply_key = reversed_key(x);
+    prefilter::mark_backend(&reply_key);
     if let Err(reason) = ct::insert(&reply_key, &entry) {
         return Step::Drop(reason);
     }
@@ -416,7 +417,9 @@ fn backend_gone(f: &Flow, ev: &mut TraceEvent) -> Step {
         direction: CT_DIR_REPLY,
         ..*entry
     };
-    if let Err(reason) = ct::insert(&reversed_key(&ev.translated), &reply_entry) {
+    let reply_key = reversed_key(&ev.translated);
+    prefilter::mark_backend(&reply_key);
+    if let Err(reason) = ct::insert(&reply_key, &reply_entry) {
         return Step::Drop(reason);
     }
     Step::Forward(Reason::BackendGoneRepicked)

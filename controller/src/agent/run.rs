@@ -367,7 +367,6 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     }) {
         Ok(filled) => info!(
             frontend_addresses = filled.frontend_addresses,
-            backends = filled.backends,
             conntrack_entries = filled.conntrack_entries,
             "pass-through filter on"
         ),

@@ -223,8 +223,9 @@ pub struct Datapath {
     /// programs until the swap (`finish_migration`).
     migrated: Vec<Migrated>,
     maps_dir: Option<std::path::PathBuf>,
-    /// What `DP_PREFILTER` holds (this datapath's own map, created empty):
-    /// a bit already set costs no syscall (`kernel::prefilter`).
+    /// What `DP_PREFILTER`'s frontend words hold (this datapath's own map,
+    /// created empty; only userspace writes them): a bit already set costs
+    /// no syscall (`kernel::prefilter`).
     pub(crate) prefilter: Vec<u64>,
 }
 
@@ -376,7 +377,7 @@ impl Datapath {
             retire_removed_backends: false,
             migrated,
             maps_dir: maps_dir.map(|d| d.to_path_buf()),
-            prefilter: vec![0; common::prefilter::WORDS as usize],
+            prefilter: vec![0; common::prefilter::FRONTEND_WORDS as usize],
         };
         if !pinned {
             datapath.set_config(DatapathConfig::default())?;

@@ -435,8 +435,6 @@ impl ServiceMaps for Datapath {
                 0
             },
         };
-        // Its replies are looked up in conntrack from now on.
-        self.prefilter_backend(addr, protocol)?;
         let mut map: HashMap<&mut MapData, u32, Backend> = self.map_mut(map_names::BACKENDS)?;
         map.insert(id, backend, 0)
             .map_err(map_err(map_names::BACKENDS))

@@ -5,8 +5,9 @@
 //! - `maps`: programs services, backends and names into the maps in an
 //!   order no packet sees half-written; implements `translate::sync`'s
 //!   `ServiceMaps`; reads conntrack and the services back.
-//! - `prefilter`: the pass-through filter's bits (`common::prefilter`),
-//!   set by `maps` before each write and at start from the adopted state.
+//! - `prefilter`: the pass-through filter's marks (`common::prefilter`):
+//!   frontends, set by `maps` before each wildcard write; at start, those
+//!   of the adopted state.
 //! - `pin`: the bpffs layout, so CLI commands open what the agent pinned.
 //! - `ring`: trace sessions and their ring buffers.
 //! - `host`: kernel release and sysctls of the node.

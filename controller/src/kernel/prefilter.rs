@@ -1,33 +1,42 @@
-//! The pass-through filter's bit sets (`common::prefilter`), from the
-//! agent's side: bits are set before what they admit is written, and at
-//! start from the state adopted, then the filter is turned on.
-
-use std::net::SocketAddr;
+//! The pass-through filter (`common::prefilter`), from the agent's side:
+//! a frontend's bit is set before its wildcard entry is written; at start
+//! the marks of what the adopted maps and conntrack hold, then the filter
+//! is turned on. (The datapath marks the backends of the flows it tracks.)
 
 use aya::maps::{Array, HashMap, MapData};
 use common::{
-    addr::addr16,
+    ct::CT_DIR_REPLY,
     map_names,
-    prefilter::{backend_slot, frontend_slot, ENABLED_WORD},
-    Backend, ServiceKey, ServiceValue,
+    prefilter::{backend_word, frontend_slot, ENABLED_WORD, FRONTEND_BASE},
+    ServiceKey, ServiceValue,
 };
 
 use super::loader::Datapath;
 use crate::error::{Error, Result};
 
-/// How many bits a fill set, for the agent's log.
+/// What a fill marked, for the agent's log.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Filled {
     pub frontend_addresses: usize,
-    pub backends: usize,
     pub conntrack_entries: usize,
 }
 
+fn map_err(source: aya::maps::MapError) -> Error {
+    Error::Map {
+        name: map_names::PREFILTER,
+        source,
+    }
+}
+
 impl Datapath {
-    /// Sets the word holding `slot`'s bit, unless it already has it (the
-    /// copy in `self.prefilter` saves the syscall).
-    fn prefilter_set(&mut self, (word, bit): (u32, u64)) -> Result<()> {
-        let Some(w) = self.prefilter.get_mut(word as usize) else {
+    /// Sets the frontend bit `bit` of word `word`, unless it already has
+    /// it (`self.prefilter` mirrors the frontend words, which only
+    /// userspace writes: a bit already set costs no syscall).
+    fn prefilter_frontend_bit(&mut self, (word, bit): (u32, u64)) -> Result<()> {
+        let Some(w) = self
+            .prefilter
+            .get_mut(word.wrapping_sub(FRONTEND_BASE) as usize)
+        else {
             return Ok(());
         };
         if *w & bit != 0 {
@@ -35,37 +44,29 @@ impl Datapath {
         }
         let value = *w | bit;
         let mut map: Array<&mut MapData, u64> = self.map_mut(map_names::PREFILTER)?;
-        map.set(word, value, 0).map_err(|source| Error::Map {
-            name: map_names::PREFILTER,
-            source,
-        })?;
-        self.prefilter[word as usize] = value;
+        map.set(word, value, 0).map_err(map_err)?;
+        self.prefilter[(word - FRONTEND_BASE) as usize] = value;
         Ok(())
     }
 
     /// Admits a service address; before its wildcard entry is written.
     pub(crate) fn prefilter_frontend(&mut self, addr: &[u8; 16]) -> Result<()> {
-        self.prefilter_set(frontend_slot(addr))
+        self.prefilter_frontend_bit(frontend_slot(addr))
     }
 
-    /// Admits a backend; before its `DP_BACKENDS` entry is written.
-    pub(crate) fn prefilter_backend(&mut self, addr: SocketAddr, protocol: u8) -> Result<()> {
-        self.prefilter_set(backend_slot(&addr16(addr.ip()), addr.port(), protocol))
-    }
-
-    /// Sets the bits of everything already in the maps: service addresses
-    /// (their wildcard entries), backends, and both sides of every
-    /// conntrack entry (a flow may outlive its service and backend). Call
-    /// once this datapath's programs are on the links (after
-    /// `finish_migration`), then `enable_prefilter`. Entries written later
-    /// by older programs still attached elsewhere are covered as long as
-    /// they are keyed on frontends and backends of the shared maps, which
-    /// every writer announces first.
+    /// Sets the marks of everything already in the maps: service addresses
+    /// (their wildcard entries), and of every conntrack entry its frontend
+    /// (original direction) or its backend (reply direction): a flow may
+    /// outlive its service and backend, and older programs did not mark.
+    /// Call once this datapath's programs are on the links (after
+    /// `finish_migration`), then `enable_prefilter`. Entries that older
+    /// programs still attached elsewhere write later are keyed on
+    /// frontends of the shared maps, which the agent marks first; their
+    /// backends those programs do not mark (their filter is their own).
     pub fn fill_prefilter(&mut self) -> Result<Filled> {
         // Any entry that cannot be read fails the fill (and the filter
-        // stays off): a bit missed here would never be set later, since
-        // the writers skip what the adopted maps already hold.
-        let mut filled = Filled::default();
+        // stays off): a frontend missed here would never be marked later,
+        // since the writers skip what the adopted maps already hold.
         let read_err = |name: &'static str| move |source| Error::Map { name, source };
         let services: HashMap<&MapData, ServiceKey, ServiceValue> =
             self.map_ref(map_names::SERVICES)?;
@@ -76,40 +77,29 @@ impl Datapath {
                 addresses.push(key.addr);
             }
         }
-        let backend_map: HashMap<&MapData, u32, Backend> = self.map_ref(map_names::BACKENDS)?;
-        let mut backends = Vec::new();
-        for entry in backend_map.iter() {
-            backends.push(entry.map_err(read_err(map_names::BACKENDS))?.1);
-        }
         let ct = self.ct_entries()?;
         for addr in &addresses {
-            self.prefilter_set(frontend_slot(addr))?;
-        }
-        for b in &backends {
-            self.prefilter_set(backend_slot(&b.addr, b.port, b.protocol))?;
+            self.prefilter_frontend_bit(frontend_slot(addr))?;
         }
         for (key, entry) in &ct {
-            let slot = if entry.direction == common::ct::CT_DIR_REPLY {
-                backend_slot(&key.saddr, key.sport, key.protocol)
+            if entry.direction == CT_DIR_REPLY {
+                let word = backend_word(&key.saddr, key.sport, key.protocol);
+                let mut map: Array<&mut MapData, u64> = self.map_mut(map_names::PREFILTER)?;
+                map.set(word, 1, 0).map_err(map_err)?;
             } else {
-                frontend_slot(&key.daddr)
-            };
-            self.prefilter_set(slot)?;
+                self.prefilter_frontend_bit(frontend_slot(&key.daddr))?;
+            }
         }
-        filled.frontend_addresses = addresses.len();
-        filled.backends = backends.len();
-        filled.conntrack_entries = ct.len();
-        Ok(filled)
+        Ok(Filled {
+            frontend_addresses: addresses.len(),
+            conntrack_entries: ct.len(),
+        })
     }
 
-    /// Turns the filter on: from now on a packet whose bits are not set
-    /// skips the lookups. Everything written since goes through the
-    /// bit-setting writers (`kernel::maps`).
+    /// Turns the filter on: from now on a packet without marks skips the
+    /// lookups.
     pub fn enable_prefilter(&mut self) -> Result<()> {
         let mut map: Array<&mut MapData, u64> = self.map_mut(map_names::PREFILTER)?;
-        map.set(ENABLED_WORD, 1, 0).map_err(|source| Error::Map {
-            name: map_names::PREFILTER,
-            source,
-        })
+        map.set(ENABLED_WORD, 1, 0).map_err(map_err)
     }
 }
