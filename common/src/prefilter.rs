@@ -118,7 +118,7 @@ mod tests {
             backend.insert(backend_word(&a, 8080, 6));
         }
         assert!(frontend.len() > 9_900, "{}", frontend.len());
-        // m (1 - e^(-n/m)) of m = 2^17: 9 636.
+        // m (1 - e^(-n/m)) of m = 2^17: 9 628.
         assert!(backend.len() > 9_500, "{}", backend.len());
         // Ports and protocols of one address differ too.
         let a = v4_mapped([10, 244, 1, 11]);

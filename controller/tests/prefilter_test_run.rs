@@ -156,8 +156,9 @@ fn with_the_filter_on_services_flows_rejects_and_stale_entries_are_decided_as_be
     assert_eq!((ret, out), (TC_ACT_OK, direct));
     assert_eq!(count(&dp, Reason::NoService), 1);
 
-    // From a backend's port, but of no tracked flow (a socket-LB flow's
-    // reply): conntrack is looked up, finds nothing, the packet passes.
+    // From a tracked backend's port (B1, since the 40400 flow) but of no
+    // flow: conntrack is looked up, finds nothing, the packet passes as
+    // what no service has (not dropped, not rejected).
     let from_backend = tcp(B1, 8080, OTHER, 40700, TCP_ACK, 1, 1, b"y");
     let (ret, out) = run(&dp, Hook::TcIngress, &from_backend);
     assert_eq!((ret, out), (TC_ACT_OK, from_backend));
@@ -190,4 +191,39 @@ fn a_backend_is_marked_when_tc_tracks_a_flow_to_it_not_before() {
     let out = forward(&dp, &reply);
     assert_eq!(Ipv4View::new(&out).src(), VIP, "marked by the new flow");
     assert_eq!(count(&dp, Reason::ReplyReverseNat), 1);
+}
+
+#[test]
+fn a_udp_flow_moved_to_another_backend_marks_that_backend() {
+    e2e::require_root();
+    let bpffs = Bpffs::new("prefilter-repick");
+    let mut dp = setup(&bpffs);
+    const B2: [u8; 4] = [10, 244, 2, 8];
+    dp.set_backend(2, sa(B1, 5353), 17, false).unwrap();
+    let udp_vip = Frontend::udp(sa(VIP, 53));
+    let slots = |id| BackendSlots {
+        ready: vec![id],
+        ..BackendSlots::default()
+    };
+    dp.set_service(&udp_vip, SERVICE_ID + 1, &slots(2)).unwrap();
+    dp.fill_prefilter().unwrap();
+    dp.enable_prefilter().unwrap();
+    let query = udp(CLIENT, 40900, VIP, 53, b"q");
+    assert_eq!(Ipv4View::new(&forward(&dp, &query)).dst(), B1);
+
+    // B1 leaves the service, B2 (never tracked) joins: the flow's next
+    // datagram moves to B2, which the re-pick marks before its reply
+    // entry, so B2's answers are translated back.
+    dp.set_backend(3, sa(B2, 5353), 17, false).unwrap();
+    dp.set_service(&udp_vip, SERVICE_ID + 1, &slots(3)).unwrap();
+    dp.remove_backend(2).unwrap();
+    assert_eq!(Ipv4View::new(&forward(&dp, &query)).dst(), B2);
+    assert_eq!(count(&dp, Reason::BackendGoneRepicked), 1);
+    let answer = udp(B2, 5353, CLIENT, 40900, b"a");
+    let out = forward(&dp, &answer);
+    assert_eq!(
+        (Ipv4View::new(&out).src(), Ipv4View::new(&out).sport()),
+        (VIP, 53),
+        "B2 marked by the re-pick"
+    );
 }

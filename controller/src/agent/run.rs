@@ -359,8 +359,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // and conntrack hold (what this agent writes from now on sets its own
     // first), then it is turned on. Without it every packet takes the
     // lookups, as before. (Programs an earlier agent left on a device this
-    // one no longer attaches to keep that agent's filter, which no longer
-    // learns new frontends: `dp cleanup` or a restart with the device.)
+    // one no longer attaches to keep that agent's filter and mark nothing
+    // in this one: see `fill_prefilter`.)
     match dp.fill_prefilter().and_then(|filled| {
         dp.enable_prefilter()?;
         Ok(filled)

@@ -59,10 +59,11 @@ impl Datapath {
     /// (original direction) or its backend (reply direction): a flow may
     /// outlive its service and backend, and older programs did not mark.
     /// Call once this datapath's programs are on the links (after
-    /// `finish_migration`), then `enable_prefilter`. Entries that older
-    /// programs still attached elsewhere write later are keyed on
-    /// frontends of the shared maps, which the agent marks first; their
-    /// backends those programs do not mark (their filter is their own).
+    /// `finish_migration`), then `enable_prefilter`. Programs of an older
+    /// agent still attached to a device this datapath is not on mark
+    /// nothing here: the replies of flows they track after this fill are
+    /// not translated where this datapath's programs meet them (a known
+    /// limit: `dp cleanup` removes such links, ARCHITECTURE.md).
     pub fn fill_prefilter(&mut self) -> Result<Filled> {
         // Any entry that cannot be read fails the fill (and the filter
         // stays off): a frontend missed here would never be marked later,
@@ -81,14 +82,19 @@ impl Datapath {
         for addr in &addresses {
             self.prefilter_frontend_bit(frontend_slot(addr))?;
         }
+        // Each backend word once (a node's conntrack holds many flows per
+        // backend): one syscall per word, not per entry.
+        let mut backend_words = std::collections::BTreeSet::new();
         for (key, entry) in &ct {
             if entry.direction == CT_DIR_REPLY {
-                let word = backend_word(&key.saddr, key.sport, key.protocol);
-                let mut map: Array<&mut MapData, u64> = self.map_mut(map_names::PREFILTER)?;
-                map.set(word, 1, 0).map_err(map_err)?;
+                backend_words.insert(backend_word(&key.saddr, key.sport, key.protocol));
             } else {
                 self.prefilter_frontend_bit(frontend_slot(&key.daddr))?;
             }
+        }
+        let mut map: Array<&mut MapData, u64> = self.map_mut(map_names::PREFILTER)?;
+        for word in backend_words {
+            map.set(word, 1, 0).map_err(map_err)?;
         }
         Ok(Filled {
             frontend_addresses: addresses.len(),
