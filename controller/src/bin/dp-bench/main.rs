@@ -145,15 +145,9 @@ enum Action {
         /// The first is the reference.
         #[arg(long, value_delimiter = ',', default_value = "direct,dp,dp-socket-lb")]
         dataplanes: Vec<String>,
-        #[arg(long, default_value_t = 21)]
-        rounds: usize,
-        /// Seconds of connection-rate load per client, dataplane and round.
-        #[arg(long, default_value_t = 1.5)]
-        seconds: f64,
-        /// First connections per client, dataplane and round (each to the
-        /// last service, then as many to random ones).
-        #[arg(long, default_value_t = 200)]
-        first: usize,
+        // `--first`: each to the last service, then as many to random ones.
+        #[command(flatten)]
+        rounds: Rounds,
     },
     /// What a tc program on every device of the path costs a new
     /// connection, whatever it does: on one cluster without a dataplane,
@@ -185,16 +179,23 @@ enum Action {
     SocketDirect {
         #[arg(long, default_value_t = 1)]
         services: usize,
-        #[arg(long, default_value_t = 21)]
-        rounds: usize,
-        /// Seconds of connection-rate load per client, side and round.
-        #[arg(long, default_value_t = 1.5)]
-        seconds: f64,
-        /// First connections per client, side and round (to random
-        /// services, or for `direct` random pods).
-        #[arg(long, default_value_t = 200)]
-        first: usize,
+        // `--first`: to random services, or for `direct` random pods.
+        #[command(flatten)]
+        rounds: Rounds,
     },
+}
+
+/// The rounds of `pair` and `socket-direct`.
+#[derive(clap::Args, Clone, Copy, Debug)]
+struct Rounds {
+    #[arg(long, default_value_t = 21)]
+    rounds: usize,
+    /// Seconds of connection-rate load per client, side and round.
+    #[arg(long, default_value_t = 1.5)]
+    seconds: f64,
+    /// First connections per client, side and round.
+    #[arg(long, default_value_t = 200)]
+    first: usize,
 }
 
 /// How much of each measurement one run does.
@@ -453,23 +454,15 @@ fn main() -> Result<()> {
         services,
         dataplanes,
         rounds,
-        seconds,
-        first,
     }) = &args.action
     {
-        return pair(*services, dataplanes, *rounds, *seconds, *first);
+        return pair(*services, dataplanes, *rounds);
     }
     if let Some(Action::TcFloor { rounds, seconds }) = &args.action {
         return tc_floor(*rounds, *seconds);
     }
-    if let Some(Action::SocketDirect {
-        services,
-        rounds,
-        seconds,
-        first,
-    }) = &args.action
-    {
-        return socket_direct(*services, *rounds, *seconds, *first);
+    if let Some(Action::SocketDirect { services, rounds }) = &args.action {
+        return socket_direct(*services, *rounds);
     }
     let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (client_cpu, server_cpu) = pinned_cpus();
@@ -885,10 +878,7 @@ fn hook_cost(n: usize, dataplanes: &[String], seconds: f64) -> Result<()> {
         "| dataplane | client | to | new conn/s (median of {ROUNDS}) | program | runs per connection | ns per run | ns per connection |"
     );
     println!("| --- | --- | --- | ---: | --- | ---: | ---: | ---: |");
-    let pods: Vec<SocketAddr> = scenario::backend_ips()
-        .into_iter()
-        .map(|ip| SocketAddr::from((ip, scenario::TARGET_PORT)))
-        .collect();
+    let pods = pod_targets();
     for d in dataplanes {
         let d = Dataplane::parse(d).with_context(|| format!("unknown dataplane {d}"))?;
         if !d.is_dp() {
@@ -1021,7 +1011,12 @@ impl std::fmt::Display for Paired {
 }
 
 /// `dp-bench pair`: see `Action::Pair`.
-fn pair(n: usize, dataplanes: &[String], rounds: usize, seconds: f64, first: usize) -> Result<()> {
+fn pair(n: usize, dataplanes: &[String], r: Rounds) -> Result<()> {
+    let Rounds {
+        rounds,
+        seconds,
+        first,
+    } = r;
     let s = Settings::for_tool(rounds, first, seconds);
     let dataplanes: Vec<Dataplane> = dataplanes
         .iter()
@@ -1148,35 +1143,19 @@ fn tc_floor(rounds: usize, seconds: f64) -> Result<()> {
     ];
     let s = Settings::for_tool(1, 0, seconds);
     let work = WorkDir::new("floor");
-    let p = match Prepared::load(Dataplane::Direct, 1, &s, &work, Duration::from_secs(60))? {
-        Ok(p) => p,
-        Err(_) => bail!("the cluster did not come up"),
-    };
+    let p = Prepared::bare(1, &s, &work)?;
     let mut dp = dp::kernel::loader::Datapath::load().context("loading dp's programs")?;
     // The socket hooks of a second datapath, on a cgroup of this run's own
     // that dp-bench joins only while measuring that variant.
     let sockets = scenario::SocketCgroup::create()?;
     let mut dp_sockets = dp::kernel::loader::Datapath::load().context("loading dp's programs")?;
-    let node_netns = p
-        .cluster
-        .node_ns(0)
-        .run(dp::agent::own_netns_cookie)?
-        .context("the node's network namespace cookie")?;
+    let node_netns = p.node_netns_cookie()?;
     dp_sockets
         .attach_socket_lb(sockets.path(), node_netns, true)
         .context("attaching the socket hooks")?;
-    let node = &p.cluster.nodes[0];
-    let devices: Vec<String> = std::iter::once(node.device.clone())
-        .chain(node.pod_devices.iter().cloned())
-        .collect();
-    let pods: Vec<SocketAddr> = scenario::backend_ips()
-        .into_iter()
-        .map(|ip| SocketAddr::from((ip, scenario::TARGET_PORT)))
-        .collect();
-    let clients = [
-        ("node", p.cluster.node_ns(0)),
-        ("pod", p.cluster.pod_ns(&p.cluster.pods[0].name)),
-    ];
+    let devices = p.node_devices();
+    let pods = pod_targets();
+    let clients = p.clients();
     // (variant, client) -> rates of each round.
     let mut rates: std::collections::BTreeMap<(usize, usize), Vec<f64>> = Default::default();
     for round in 0..rounds {
@@ -1243,7 +1222,12 @@ fn tc_floor(rounds: usize, seconds: f64) -> Result<()> {
 }
 
 /// `dp-bench socket-direct`: see `Action::SocketDirect`.
-fn socket_direct(n: usize, rounds: usize, seconds: f64, first: usize) -> Result<()> {
+fn socket_direct(n: usize, r: Rounds) -> Result<()> {
+    let Rounds {
+        rounds,
+        seconds,
+        first,
+    } = r;
     use dp::ServiceMaps;
     ensure!(rounds >= 1, "socket-direct: at least one round");
     ensure!(
@@ -1253,10 +1237,7 @@ fn socket_direct(n: usize, rounds: usize, seconds: f64, first: usize) -> Result<
     ensure!(!scenario::ipv6(), "socket-direct: IPv4 only");
     let s = Settings::for_tool(1, first, seconds);
     let work = WorkDir::new("socket-direct");
-    let p = match Prepared::load(Dataplane::Direct, n, &s, &work, Duration::from_secs(60))? {
-        Ok(p) => p,
-        Err(_) => bail!("the cluster did not come up"),
-    };
+    let p = Prepared::bare(n, &s, &work)?;
     // dp as the agent programs it: the node, the ClusterIPs with the ten
     // pods as backends, the tc programs on the node's devices, the socket
     // hooks (all) on a cgroup of the run's own, the filter on.
@@ -1295,23 +1276,13 @@ fn socket_direct(n: usize, rounds: usize, seconds: f64, first: usize) -> Result<
     dp.fill_prefilter()?;
     dp.enable_prefilter()?;
     let sockets = scenario::SocketCgroup::create()?;
-    let node_netns = p
-        .cluster
-        .node_ns(0)
-        .run(dp::agent::own_netns_cookie)?
-        .context("the node's network namespace cookie")?;
+    let node_netns = p.node_netns_cookie()?;
     dp.attach_socket_lb(sockets.path(), node_netns, true)
         .context("attaching the socket hooks")?;
-    let node = &p.cluster.nodes[0];
-    let devices: Vec<String> = std::iter::once(node.device.clone())
-        .chain(node.pod_devices.iter().cloned())
-        .collect();
+    let devices = p.node_devices();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ n as u64);
     let targets = [rng.pick(&pods, 2000), rng.pick(&vips, 2000)];
-    let clients = [
-        ("node", p.cluster.node_ns(0)),
-        ("pod", p.cluster.pod_ns(&p.cluster.pods[0].name)),
-    ];
+    let clients = p.clients();
     const SIDES: [&str; 2] = ["direct", "dp-socket-lb"];
     // [side][client] -> (rates, p50s), one per round.
     let mut values = [
@@ -1330,7 +1301,7 @@ fn socket_direct(n: usize, rounds: usize, seconds: f64, first: usize) -> Result<
                             dp.attach_tc(dev, hook)?;
                         }
                     }
-                    for dev in &node.pod_devices {
+                    for dev in &p.cluster.nodes[0].pod_devices {
                         dp.mark_pod_device(dev)?;
                     }
                     Ok(())
@@ -1387,6 +1358,49 @@ fn socket_direct(n: usize, rounds: usize, seconds: f64, first: usize) -> Result<
     }
     drop(p);
     Ok(())
+}
+
+/// The ten pods' TCP servers, straight.
+fn pod_targets() -> Vec<SocketAddr> {
+    scenario::backend_ips()
+        .into_iter()
+        .map(|ip| SocketAddr::from((ip, scenario::TARGET_PORT)))
+        .collect()
+}
+
+impl Prepared {
+    /// A cluster without a dataplane, for the tools that attach dp's
+    /// programs themselves (`tc-floor`, `socket-direct`).
+    fn bare(n: usize, s: &Settings, work: &std::path::Path) -> Result<Prepared> {
+        match Prepared::load(Dataplane::Direct, n, s, work, Duration::from_secs(60))? {
+            Ok(p) => Ok(p),
+            Err(_) => bail!("the cluster did not come up"),
+        }
+    }
+
+    /// The node's network namespace cookie: the socket hooks' "host".
+    fn node_netns_cookie(&self) -> Result<u64> {
+        self.cluster
+            .node_ns(0)
+            .run(dp::agent::own_netns_cookie)?
+            .context("the node's network namespace cookie")
+    }
+
+    /// The node's devices the agent attaches to: `eth0`, then the pod veths.
+    fn node_devices(&self) -> Vec<String> {
+        let node = &self.cluster.nodes[0];
+        std::iter::once(node.device.clone())
+            .chain(node.pod_devices.iter().cloned())
+            .collect()
+    }
+
+    /// The two clients: a process on the node and the client pod.
+    fn clients(&self) -> [(&'static str, &e2e::Netns); 2] {
+        [
+            ("node", self.cluster.node_ns(0)),
+            ("pod", self.cluster.pod_ns(&self.cluster.pods[0].name)),
+        ]
+    }
 }
 
 /// Run time (ns) and runs per program name, over the programs process
