@@ -50,7 +50,7 @@ pub fn mark_backend(reply_key: &CtKey) {
     }
 }
 
-/// Its own BPF function: three outcomes, one call site's worth of
+/// Its own BPF function: four outcomes, one call site's worth of
 /// verification.
 #[inline(never)]
 pub fn check(cfg: &DatapathConfig, t: &FlowTuple, tcp_flags: u8) -> Filtered {

@@ -90,7 +90,8 @@ pub enum Step {
     Reopen,
 }
 
-/// The first decision for a packet: conntrack, then the service maps.
+/// The first decision for a packet: the pass-through filter, then
+/// conntrack, then the service maps.
 #[inline(always)]
 pub fn first_step(f: &mut Flow, ev: &mut TraceEvent) -> Step {
     // Most packets at a node are neither a tracked flow's nor a
