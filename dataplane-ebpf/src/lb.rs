@@ -15,11 +15,7 @@ use crate::maps::{DP_AFFINITY, DP_BACKENDS, DP_MEMBERS, DP_SERVICES, DP_SRC_RANG
 /// address and stop after one lookup.
 #[inline(always)]
 pub fn lookup(daddr: &[u8; 16], dport: u16, protocol: u8) -> Frontend<(ServiceKey, ServiceValue)> {
-    // SAFETY: map value pointer from a successful lookup.
-    let wildcard = DP_SERVICES
-        .get_ptr(&ServiceKey::wildcard(*daddr))
-        .map(|v| unsafe { (*v).flags });
-    rules::frontend(wildcard, || {
+    rules::frontend(wildcard_flags(daddr), || {
         let key = ServiceKey::master(*daddr, dport, protocol);
         master(&key).map(|m| (key, m))
     })
@@ -46,11 +42,16 @@ pub fn lookup_master_first(
     if let Some(m) = master(&key) {
         return Frontend::Found((key, m));
     }
+    rules::frontend(wildcard_flags(daddr), || None::<(ServiceKey, ServiceValue)>)
+}
+
+/// The flags of the address's wildcard entry, if it is a service address.
+#[inline(always)]
+fn wildcard_flags(daddr: &[u8; 16]) -> Option<u16> {
     // SAFETY: map value pointer from a successful lookup.
-    let wildcard = DP_SERVICES
+    DP_SERVICES
         .get_ptr(&ServiceKey::wildcard(*daddr))
-        .map(|v| unsafe { (*v).flags });
-    rules::frontend(wildcard, || None::<(ServiceKey, ServiceValue)>)
+        .map(|v| unsafe { (*v).flags })
 }
 
 /// The master entry at `key` (any scope), copied out.
