@@ -6,9 +6,10 @@
 //! - Frontend addresses: a bit per hashed service address (every address
 //!   with a wildcard entry in `DP_SERVICES`). Every conntrack entry of the
 //!   original direction is keyed on its frontend as destination.
-//! - Tracked backends: a word per hashed (address, port, protocol), set to
-//!   1 by the datapath before it writes a reply entry keyed on that
-//!   backend as source (every reply entry is). Only backends with flows
+//! - Tracked backends: a word per hashed (address, port, protocol), and
+//!   one per hashed address alone (read first, see
+//!   `backend_address_word`), set to 1 by the datapath before it writes a
+//!   reply entry keyed on that backend as source (every reply entry is). Only backends with flows
 //!   that tc or XDP track get one: the replies of a socket-LB flow, whose
 //!   backend nobody reaches through tc, skip conntrack too. A whole word,
 //!   not a bit, so that two CPUs marking at once cannot undo each other
@@ -39,14 +40,19 @@ pub const ENABLED_WORD: u32 = 0;
 pub const FRONTEND_BITS_LOG2: u32 = 20;
 /// 2^17 tracked-backend words (1 MiB).
 pub const BACKEND_SLOTS_LOG2: u32 = 17;
+/// 2^13 tracked-backend-address words (64 KiB), read first: see
+/// `backend_address_word`.
+pub const BACKEND_ADDRESS_SLOTS_LOG2: u32 = 13;
 /// First word of the frontend bits.
 pub const FRONTEND_BASE: u32 = 1;
 /// Words of frontend bits.
 pub const FRONTEND_WORDS: u32 = 1 << (FRONTEND_BITS_LOG2 - 6);
 /// First tracked-backend word.
 pub const BACKEND_BASE: u32 = FRONTEND_BASE + FRONTEND_WORDS;
+/// First tracked-backend-address word.
+pub const BACKEND_ADDRESS_BASE: u32 = BACKEND_BASE + (1 << BACKEND_SLOTS_LOG2);
 /// Words of `DP_PREFILTER` (an array of `u64`).
-pub const WORDS: u32 = BACKEND_BASE + (1 << BACKEND_SLOTS_LOG2);
+pub const WORDS: u32 = BACKEND_ADDRESS_BASE + (1 << BACKEND_ADDRESS_SLOTS_LOG2);
 
 /// A 64-bit mix of a 16-byte address and one more word (a few multiplies:
 /// cheap in BPF).
@@ -89,6 +95,19 @@ pub fn backend_word(addr: &[u8; 16], port: u16, protocol: u8) -> u32 {
     BACKEND_BASE + (mix(addr, extra) >> (64 - BACKEND_SLOTS_LOG2)) as u32
 }
 
+/// The tracked-backend-address word of a backend's address alone, marked
+/// with its `backend_word` and read before it. A packet's source port is
+/// a client's ephemeral port on half of all packets, so its
+/// `backend_word` is a different word of 1 MiB for every connection: a
+/// cache miss in real traffic (`dp-bench tc-floor --run-time`:
+/// BENCHMARKS.md). A node sees few source addresses, so their words here
+/// stay in cache, and a source that is no tracked backend's address never
+/// reads the port's word.
+#[inline(always)]
+pub fn backend_address_word(addr: &[u8; 16]) -> u32 {
+    BACKEND_ADDRESS_BASE + (mix(addr, 2 << 40) >> (64 - BACKEND_ADDRESS_SLOTS_LOG2)) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,7 +121,9 @@ mod tests {
             assert!((FRONTEND_BASE..BACKEND_BASE).contains(&w));
             assert_eq!(m.count_ones(), 1);
             let w = backend_word(&a, 8080, 6);
-            assert!((BACKEND_BASE..WORDS).contains(&w));
+            assert!((BACKEND_BASE..BACKEND_ADDRESS_BASE).contains(&w));
+            let w = backend_address_word(&a);
+            assert!((BACKEND_ADDRESS_BASE..WORDS).contains(&w));
         }
     }
 
@@ -112,14 +133,18 @@ mod tests {
         // perfect hash would (m (1 - e^(-n/m)) of m = 2^20: 9 952).
         let mut frontend = std::collections::HashSet::new();
         let mut backend = std::collections::HashSet::new();
+        let mut backend_address = std::collections::HashSet::new();
         for i in 0..10_000u32 {
             let a = v4_mapped((0x0a60_0000 + i).to_be_bytes());
             frontend.insert(frontend_slot(&a));
             backend.insert(backend_word(&a, 8080, 6));
+            backend_address.insert(backend_address_word(&a));
         }
         assert!(frontend.len() > 9_900, "{}", frontend.len());
         // m (1 - e^(-n/m)) of m = 2^17: 9 628.
         assert!(backend.len() > 9_500, "{}", backend.len());
+        // Of m = 2^13: 5 955 (1 000 pods' addresses: 940).
+        assert!(backend_address.len() > 5_800, "{}", backend_address.len());
         // Ports and protocols of one address differ too.
         let a = v4_mapped([10, 244, 1, 11]);
         assert_ne!(backend_word(&a, 8080, 6), backend_word(&a, 8080, 17));

@@ -80,7 +80,14 @@ fn pair_tc_floor_and_hook_cost_print_their_tables() {
         assert!(row[9] == "met" || row[9] == "missed", "{pair}");
     }
 
-    let floor = dp_bench(&["tc-floor", "--rounds", "1", "--seconds", "0.3"]);
+    let floor = dp_bench(&[
+        "tc-floor",
+        "--rounds",
+        "1",
+        "--seconds",
+        "0.3",
+        "--run-time",
+    ]);
     for client in ["node", "pod"] {
         for variant in [
             "nothing",
@@ -92,6 +99,11 @@ fn pair_tc_floor_and_hook_cost_print_their_tables() {
             assert_eq!(r.len(), 1, "{client} {variant}: {floor}");
             assert!(number(r[0][2]) > 0.0, "{floor}");
             assert!(number(r[0][3]) > 0.0, "{floor}");
+            // BPF time per tc run and per connection: none with nothing
+            // attached, some with any program.
+            let expect_time = variant != "nothing";
+            assert_eq!(number(r[0][4]) > 0.0, expect_time, "{floor}");
+            assert_eq!(number(r[0][5]) > 0.0, expect_time, "{floor}");
         }
     }
 

@@ -2,7 +2,7 @@
 //! the conntrack and service lookups.
 
 use common::{
-    prefilter::{backend_word, frontend_slot, ENABLED_WORD},
+    prefilter::{backend_address_word, backend_word, frontend_slot, ENABLED_WORD},
     proto::{IPPROTO_TCP, TCP_ACK, TCP_SYN},
     rules, CtKey, DatapathConfig, FlowTuple,
 };
@@ -34,12 +34,28 @@ fn tracked(word: u32) -> bool {
     DP_PREFILTER.get(word).is_none_or(|w| *w != 0)
 }
 
+/// Whether (address, port, protocol) may be a tracked backend: its
+/// address's word first (few, in cache), the port's word only then.
+#[inline(always)]
+fn tracked_backend(addr: &[u8; 16], port: u16, protocol: u8) -> bool {
+    tracked(backend_address_word(addr)) && tracked(backend_word(addr, port, protocol))
+}
+
 /// Marks the backend a reply entry at `reply_key` is keyed on (its
 /// source), before the entry is written. A plain store of 1: idempotent,
 /// so CPUs marking at once cannot lose a mark.
 #[inline(always)]
 pub fn mark_backend(reply_key: &CtKey) {
-    let word = backend_word(&reply_key.saddr, reply_key.sport, reply_key.protocol);
+    mark(backend_address_word(&reply_key.saddr));
+    mark(backend_word(
+        &reply_key.saddr,
+        reply_key.sport,
+        reply_key.protocol,
+    ));
+}
+
+#[inline(always)]
+fn mark(word: u32) {
     if let Some(w) = DP_PREFILTER.get_ptr_mut(word) {
         // SAFETY: an array map value, 8-byte aligned.
         unsafe {
@@ -60,11 +76,11 @@ pub fn check(cfg: &DatapathConfig, t: &FlowTuple, tcp_flags: u8) -> Filtered {
     if has(frontend_slot(&t.daddr)) || rules::unallocated_cluster_ip(cfg, &t.daddr) {
         return Filtered::LookUp;
     }
-    if tracked(backend_word(&t.saddr, t.sport, t.protocol)) {
+    if tracked_backend(&t.saddr, t.sport, t.protocol) {
         return Filtered::ConntrackOnly;
     }
     let syn = t.protocol == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if syn && tracked(backend_word(&t.daddr, t.dport, t.protocol)) {
+    if syn && tracked_backend(&t.daddr, t.dport, t.protocol) {
         Filtered::SynToBackend
     } else {
         Filtered::NoService

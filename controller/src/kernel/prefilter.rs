@@ -7,7 +7,7 @@ use aya::maps::{Array, HashMap, MapData};
 use common::{
     ct::CT_DIR_REPLY,
     map_names,
-    prefilter::{backend_word, frontend_slot, ENABLED_WORD, FRONTEND_BASE},
+    prefilter::{backend_address_word, backend_word, frontend_slot, ENABLED_WORD, FRONTEND_BASE},
     ServiceKey, ServiceValue,
 };
 
@@ -87,6 +87,7 @@ impl Datapath {
         let mut backend_words = std::collections::BTreeSet::new();
         for (key, entry) in &ct {
             if entry.direction == CT_DIR_REPLY {
+                backend_words.insert(backend_address_word(&key.saddr));
                 backend_words.insert(backend_word(&key.saddr, key.sport, key.protocol));
             } else {
                 self.prefilter_frontend_bit(frontend_slot(&key.daddr))?;

@@ -153,8 +153,9 @@ enum Action {
     /// connection, whatever it does: on one cluster without a dataplane,
     /// connections from the node and from a pod straight to the pods, in
     /// rounds with nothing attached, with a no-op tc program (`dp_tc_noop`),
-    /// with dp's tc programs (no services: every packet is a pass-through)
-    /// on the devices the agent attaches to, and with those and dp's socket
+    /// with dp's tc programs (no services: every packet is a pass-through;
+    /// the pass-through filter on, as the agent runs them) on the devices
+    /// the agent attaches to, and with those and dp's socket
     /// hooks (`--socket-lb all`, on a cgroup of the run's own that the
     /// clients join). Printed as a table of new connections/s and their
     /// ratio to nothing attached in the same round.
@@ -165,6 +166,13 @@ enum Action {
         /// Seconds of load per client and round.
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
+        /// Also the kernel's BPF run-time statistics (`BPF_ENABLE_STATS`,
+        /// on for the whole run): ns per program run and per connection,
+        /// the no-op's beside dp's. The statistics' own clock reads add to
+        /// every variant with a program, so the rates of such a run are not
+        /// those of one without.
+        #[arg(long)]
+        run_time: bool,
     },
     /// Socket LB's target on one cluster: `pair` compares clusters, and
     /// two clusters without any dataplane differ by more than the target's
@@ -458,8 +466,13 @@ fn main() -> Result<()> {
     {
         return pair(*services, dataplanes, *rounds);
     }
-    if let Some(Action::TcFloor { rounds, seconds }) = &args.action {
-        return tc_floor(*rounds, *seconds);
+    if let Some(Action::TcFloor {
+        rounds,
+        seconds,
+        run_time,
+    }) = &args.action
+    {
+        return tc_floor(*rounds, *seconds, *run_time);
     }
     if let Some(Action::SocketDirect { services, rounds }) = &args.action {
         return socket_direct(*services, *rounds);
@@ -1123,8 +1136,17 @@ fn pair(n: usize, dataplanes: &[String], r: Rounds) -> Result<()> {
 }
 
 /// `dp-bench tc-floor`: see `Action::TcFloor`.
-fn tc_floor(rounds: usize, seconds: f64) -> Result<()> {
+fn tc_floor(rounds: usize, seconds: f64, run_time: bool) -> Result<()> {
     ensure!(rounds >= 1, "tc-floor: at least one round");
+    // Counted while this descriptor is open, machine-wide, then off again.
+    let _stats = if run_time {
+        Some(
+            aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                .context("enabling BPF run-time statistics (BPF_ENABLE_STATS)")?,
+        )
+    } else {
+        None
+    };
     #[derive(Clone, Copy, PartialEq)]
     enum Attached {
         Nothing,
@@ -1145,6 +1167,10 @@ fn tc_floor(rounds: usize, seconds: f64) -> Result<()> {
     let work = WorkDir::new("floor");
     let p = Prepared::bare(1, &s, &work)?;
     let mut dp = dp::kernel::loader::Datapath::load().context("loading dp's programs")?;
+    // As the agent runs them: the pass-through filter on (nothing marked:
+    // no Service, no tracked flow).
+    dp.fill_prefilter()?;
+    dp.enable_prefilter()?;
     // The socket hooks of a second datapath, on a cgroup of this run's own
     // that dp-bench joins only while measuring that variant.
     let sockets = scenario::SocketCgroup::create()?;
@@ -1158,6 +1184,9 @@ fn tc_floor(rounds: usize, seconds: f64) -> Result<()> {
     let clients = p.clients();
     // (variant, client) -> rates of each round.
     let mut rates: std::collections::BTreeMap<(usize, usize), Vec<f64>> = Default::default();
+    // (variant, client) -> (BPF ns, of which tc, tc runs, connections), summed.
+    let mut bpf: std::collections::BTreeMap<(usize, usize), [u64; 4]> = Default::default();
+    let me = std::process::id();
     for round in 0..rounds {
         for k in 0..VARIANTS.len() {
             // Rotated per round: no variant always follows the same one.
@@ -1182,6 +1211,11 @@ fn tc_floor(rounds: usize, seconds: f64) -> Result<()> {
                 _ => None,
             };
             for (c, (_, ns)) in clients.iter().enumerate() {
+                let before = if run_time {
+                    program_stats(me)?
+                } else {
+                    Default::default()
+                };
                 let rate = loadgen::connection_rate(
                     ns,
                     &pods,
@@ -1193,6 +1227,18 @@ fn tc_floor(rounds: usize, seconds: f64) -> Result<()> {
                     bail!("{} connections failed", rate.errors);
                 }
                 rates.entry((v, c)).or_default().push(rate.per_second);
+                if run_time {
+                    let sum = bpf.entry((v, c)).or_default();
+                    for (name, &(time, runs)) in &program_stats(me)? {
+                        let (time0, runs0) = before.get(name).copied().unwrap_or_default();
+                        sum[0] += time - time0;
+                        if name.starts_with("dp_tc_") {
+                            sum[1] += time - time0;
+                            sum[2] += runs - runs0;
+                        }
+                    }
+                    sum[3] += rate.total;
+                }
             }
         }
     }
@@ -1201,17 +1247,35 @@ fn tc_floor(rounds: usize, seconds: f64) -> Result<()> {
     // The machine's speed drifts between rounds more than these differ:
     // each round's rate is compared with the same round's `nothing`, and
     // the median of those ratios is the figure.
+    let stats_head = if run_time {
+        (
+            " BPF ns per tc run | BPF ns per connection |",
+            " ---: | ---: |",
+        )
+    } else {
+        ("", "")
+    };
     println!(
-        "| client | attached to {} devices (ingress and egress) | new conn/s (median of {rounds} rounds) | vs nothing, same round (median; quartiles) |",
-        devices.len()
+        "| client | attached to {} devices (ingress and egress) | new conn/s (median of {rounds} rounds) | vs nothing, same round (median; quartiles) |{}",
+        devices.len(),
+        stats_head.0
     );
-    println!("| --- | --- | ---: | ---: |");
+    println!("| --- | --- | ---: | ---: |{}", stats_head.1);
     for (c, (client, _)) in clients.iter().enumerate() {
         let base = &rates[&(0, c)];
         for (v, (_, name)) in VARIANTS.iter().enumerate() {
             let r = &rates[&(v, c)];
+            let stats = match bpf.get(&(v, c)) {
+                Some(&[time, tc_time, tc_runs, connections]) if run_time => format!(
+                    " {:.0} | {:.0} |",
+                    tc_time as f64 / tc_runs.max(1) as f64,
+                    time as f64 / connections.max(1) as f64
+                ),
+                _ if run_time => " – | – |".to_string(),
+                _ => String::new(),
+            };
             println!(
-                "| {client} | {name} | {:.0} | {} |",
+                "| {client} | {name} | {:.0} | {} |{stats}",
                 summary(r).median,
                 Paired::of(r, base)
             );
