@@ -167,8 +167,9 @@ enum Action {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
         /// Also the kernel's BPF run-time statistics (`BPF_ENABLE_STATS`,
-        /// on for the whole run): ns per program run and per connection,
-        /// the no-op's beside dp's. The statistics' own clock reads add to
+        /// on for the whole run): ns per tc program run (tc programs only)
+        /// and per connection (every program, socket hooks included), the
+        /// no-op's beside dp's. The statistics' own clock reads add to
         /// every variant with a program, so the rates of such a run are not
         /// those of one without.
         #[arg(long)]
