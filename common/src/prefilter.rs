@@ -1,6 +1,7 @@
-//! The pass-through filter (`DP_PREFILTER`): marks that tell tc and XDP, before any hash lookup, that a packet can belong to no tracked flow
-//! and to no frontend, so it passes (`NoService`) without the conntrack and
-//! service lookups.
+//! The pass-through filter (`DP_PREFILTER`): marks that tell tc and XDP,
+//! before any hash lookup, that a packet can belong to no tracked flow and to no
+//! frontend, so it passes (`NoService`) without the conntrack and service
+//! lookups.
 //!
 //! - Frontend addresses: a bit per hashed service address (every address
 //!   with a wildcard entry in `DP_SERVICES`). Every conntrack entry of the
@@ -8,26 +9,25 @@
 //! - Tracked backends: a word per hashed (address, port, protocol), and
 //!   one per hashed address alone (read first, see
 //!   `backend_address_word`), set to 1 by the datapath before it writes a
-//!   reply entry keyed on that backend as source (every reply entry is). Only backends with flows
-//!   that tc or XDP track get one: the replies of a socket-LB flow, whose
-//!   backend nobody reaches through tc, skip conntrack too. A whole word,
-//!   not a bit, so that two CPUs marking at once cannot undo each other
-//!   (a read-modify-write of shared bits could; BPF atomics would raise the
-//!   kernel floor above 5.10).
+//!   reply entry keyed on that backend as source (every reply entry is).
+//!   Only backends with flows that tc or XDP track get them: the replies
+//!   of a socket-LB flow, whose backend nobody reaches through tc, skip
+//!   conntrack too. Whole words, not bits, so that two CPUs marking at
+//!   once cannot undo each other (a read-modify-write of shared bits
+//!   could; BPF atomics would raise the kernel floor above 5.10).
 //!
-//! A packet whose destination has no frontend bit (and is in no Service
-//! CIDR: those are dropped as unallocated ClusterIPs) and whose source is
-//! no tracked backend matches no conntrack entry and no frontend. A TCP
-//! SYN to a tracked backend still looks for a closing reply entry to clear
-//! (`StaleReplyEntry`).
+//! A packet whose destination has no frontend bit (and is in no Service CIDR:
+//! those are dropped as unallocated ClusterIPs) and whose source is no tracked
+//! backend matches no conntrack entry and no frontend. A TCP SYN to a tracked
+//! backend still looks for a closing reply entry to clear (`StaleReplyEntry`).
 //!
-//! Marks are only ever set (two addresses may share one, so none can be
-//! cleared on its own): the agent sets a frontend's bit before its wildcard
-//! entry, the datapath a backend's word before the reply entry; at start
-//! the agent sets those of what the maps and conntrack it adopted hold,
-//! then turns the filter on (`ENABLED_WORD`). Until then, and in any map
-//! not filled so (tests, the benchmarks' bare datapaths), every packet
-//! takes the lookups. A stale mark costs a lookup, never a decision.
+//! Marks are only ever set (two addresses may share one, so none can be cleared
+//! on its own): the agent sets a frontend's bit before its wildcard entry, the
+//! datapath a backend's word before the reply entry; at start the agent sets
+//! those of what the maps and conntrack it adopted hold, then turns the filter
+//! on (`ENABLED_WORD`). Until then, and in any map not filled so (tests, the
+//! benchmarks' bare datapaths), every packet takes the lookups. A stale mark
+//! costs a lookup, never a decision.
 //!
 //! The hashes are here, once, for the datapath and the agent alike.
 
