@@ -178,8 +178,9 @@ pub static DP_SOCK_REVNAT: LruHashMap<common::lb::SockAddrKey, common::lb::SockP
 
 /// The pass-through filter (`common::prefilter`): word 0 says whether it
 /// is on, then the frontend-address bits (written by the agent), then the
-/// tracked-backend words (marked by the datapath before each reply entry,
-/// and by the agent at start for the conntrack it adopts). Not pinned:
+/// tracked-backend words and the tracked-backend-address words (marked by
+/// the datapath before each reply entry, and by the agent at start for the
+/// conntrack it adopts). Not pinned:
 /// each agent fills its own at start.
 #[map(name = "DP_PREFILTER")]
 pub static DP_PREFILTER: Array<u64> = Array::with_max_entries(common::prefilter::WORDS, 0);

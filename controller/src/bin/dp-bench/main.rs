@@ -928,13 +928,12 @@ fn hook_cost(n: usize, dataplanes: &[String], seconds: f64) -> Result<()> {
                         Duration::from_secs_f64(seconds),
                         s.client_cpu.map(|c| vec![c]),
                     )?;
-                    let after = program_stats(pid)?;
+                    let spent = program_stats_since(pid, &before)?;
                     let (programs, connections, rates, errors) = &mut sums[i];
-                    for (name, &(time, runs)) in &after {
-                        let (time0, runs0) = before.get(name).copied().unwrap_or_default();
-                        let sum: &mut (u64, u64) = programs.entry(name.clone()).or_default();
-                        sum.0 += time - time0;
-                        sum.1 += runs - runs0;
+                    for (name, (time, runs)) in spent {
+                        let sum: &mut (u64, u64) = programs.entry(name).or_default();
+                        sum.0 += time;
+                        sum.1 += runs;
                     }
                     *connections += rate.total;
                     *errors += rate.errors;
@@ -1230,12 +1229,11 @@ fn tc_floor(rounds: usize, seconds: f64, run_time: bool) -> Result<()> {
                 rates.entry((v, c)).or_default().push(rate.per_second);
                 if run_time {
                     let sum = bpf.entry((v, c)).or_default();
-                    for (name, &(time, runs)) in &program_stats(me)? {
-                        let (time0, runs0) = before.get(name).copied().unwrap_or_default();
-                        sum[0] += time - time0;
+                    for (name, (time, runs)) in program_stats_since(me, &before)? {
+                        sum[0] += time;
                         if name.starts_with("dp_tc_") {
-                            sum[1] += time - time0;
-                            sum[2] += runs - runs0;
+                            sum[1] += time;
+                            sum[2] += runs;
                         }
                     }
                     sum[3] += rate.total;
@@ -1468,8 +1466,23 @@ impl Prepared {
     }
 }
 
+/// Run time (ns) and runs per program name since `before` (an earlier
+/// `program_stats(pid)`).
+fn program_stats_since(
+    pid: u32,
+    before: &std::collections::BTreeMap<String, (u64, u64)>,
+) -> Result<std::collections::BTreeMap<String, (u64, u64)>> {
+    Ok(program_stats(pid)?
+        .into_iter()
+        .map(|(name, (time, runs))| {
+            let (time0, runs0) = before.get(&name).copied().unwrap_or_default();
+            (name, (time - time0, runs - runs0))
+        })
+        .collect())
+}
+
 /// Run time (ns) and runs per program name, over the programs process
-/// `pid` holds open (an agent's).
+/// `pid` holds open (an agent's, or dp-bench's own).
 fn program_stats(pid: u32) -> Result<std::collections::BTreeMap<String, (u64, u64)>> {
     let ids: std::collections::BTreeSet<u32> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?
         .flatten()
